@@ -1,0 +1,261 @@
+"""Image bytes -> RGB images -> pixel values, and video bytes -> sampled frames; no transformers here.
+
+Owns: decoding untrusted image bytes (format allow-list, size checked before any pixel is decoded),
+the model card's preprocessing for V1-1 and the card's video frame sampling (`get_index`).
+
+The card's image path is `img.convert('RGB').resize((448, 448))` (PIL's default filter, BICUBIC)
+followed by `CLIPImageProcessor` from preprocessor_config.json: resize the shortest edge to 448
+(bicubic; PIL returns an unchanged copy at the same size), centre-crop 448 (a no-op at 448x448),
+rescale by 1/255 and normalise with the checkpoint's mean/std (ImageNet's for V1-1). `to_pixel_values`
+does exactly that arithmetic (uint8 * (1/255) in float64 cast to float32, then (x - mean) / std in
+float32, as transformers' image_transforms do); tests/unit/test_imageproc.py checks it against
+transformers' CLIPImageProcessor. No dynamic tiling or thumbnail: V1-1 uses one 448 tile per image.
+EXIF orientation is not applied (the card does not).
+
+Does not own: the prompt (prompt.py), the vision model.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import io
+import json
+import math
+import multiprocessing
+import os
+import warnings
+from typing import NamedTuple, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# Formats we decode; anything else (EPS, which shells out to Ghostscript, PSD, ...) is refused.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO (camera JPEGs)
+DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # width * height of one decoded image
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class InvalidImage(ValueError):
+    """Image bytes that cannot be used; the message says why."""
+
+
+class InvalidVideo(ValueError):
+    """Video bytes that cannot be used; the message says why."""
+
+
+class PreprocessorConfig(NamedTuple):
+    """preprocessor_config.json, the parts the V1-1 path uses (unpacks as (size, mean, std))."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def _edge(value, name: str, path: str) -> int:
+    # transformers writes sizes as an int or as {"shortest_edge": n} / {"height": n, "width": n}
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict):
+        if "shortest_edge" in value:
+            return int(value["shortest_edge"])
+        if value.get("height") == value.get("width") and isinstance(value.get("height"), int):
+            return value["height"]
+    raise ValueError(f"{path}: unsupported {name} {value!r} (expected a square size such as 448)")
+
+
+def load_preprocessor_config(folder: str | os.PathLike) -> PreprocessorConfig:
+    """Read preprocessor_config.json; V1-1's (CLIPImageProcessor, size = crop_size = 448) is expected.
+
+    Raises ValueError (naming the field) for a config this module's fixed pipeline would not reproduce.
+    """
+    path = os.path.join(os.fspath(folder), "preprocessor_config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing (the image mean/std come from it)") from None
+    size = _edge(cfg.get("size", 448), "size", path)
+    crop = _edge(cfg.get("crop_size", size), "crop_size", path)
+    if crop != size:
+        raise ValueError(f"{path}: crop_size {crop} != size {size}; only the square V1-1 pipeline is supported")
+    for flag in ("do_resize", "do_center_crop", "do_normalize", "do_rescale"):
+        if cfg.get(flag, True) is not True:
+            raise ValueError(f"{path}: {flag}={cfg[flag]!r} is not supported (V1-1 sets it true)")
+    if cfg.get("resample", 3) != 3:
+        raise ValueError(f"{path}: resample={cfg['resample']!r} is not supported (V1-1 uses 3, bicubic)")
+    if not math.isclose(cfg.get("rescale_factor", 1 / 255), 1 / 255):
+        raise ValueError(f"{path}: rescale_factor={cfg['rescale_factor']!r} is not supported (1/255)")
+    mean = tuple(float(x) for x in cfg.get("image_mean", IMAGENET_MEAN))
+    std = tuple(float(x) for x in cfg.get("image_std", IMAGENET_STD))
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"{path}: image_mean / image_std must be 3 numbers (std > 0), got {mean} / {std}")
+    return PreprocessorConfig(size, mean, std)
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Encoded image bytes -> an RGB PIL image (`.convert('RGB')`, GIF: first frame).
+
+    Raises InvalidImage for empty, non-image, unsupported, corrupt or truncated data and for images
+    above max_pixels (checked from the header, before any pixel is decoded).
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidImage(f"image data must be bytes, got {type(data).__name__}")
+    if len(data) == 0:
+        raise InvalidImage("image data is empty")
+    with warnings.catch_warnings():
+        # we enforce max_pixels ourselves; PIL's own warning threshold is not ours
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(bytes(data)), formats=ALLOWED_FORMATS)
+        except Image.DecompressionBombError as e:
+            raise InvalidImage(f"image is too large to decode ({e})") from None
+        except UnidentifiedImageError:
+            raise InvalidImage(f"image data is not a supported image ({len(data)} bytes; supported formats: "
+                               f"{', '.join(ALLOWED_FORMATS)})") from None
+        except Exception as e:  # a header PIL chokes on
+            raise InvalidImage(f"image header is corrupt: {e}") from None
+        width, height = img.size
+        if width < 1 or height < 1:
+            raise InvalidImage(f"image has no pixels ({width}x{height})")
+        if width * height > max_pixels:
+            raise InvalidImage(f"image is {width}x{height} = {width * height} pixels, above the limit of "
+                               f"{max_pixels} pixels")
+        try:
+            img.seek(0)
+            img.load()
+            return img.convert("RGB")
+        except Image.DecompressionBombError as e:
+            raise InvalidImage(f"image is too large to decode ({e})") from None
+        except Exception as e:  # truncated / corrupt data: OSError, SyntaxError, ValueError, ...
+            raise InvalidImage(f"image data is corrupt or truncated ({img.format}: {e})") from None
+
+
+def to_pixel_values(images: Sequence[Image.Image], size: int = 448, mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+    """RGB images -> (N, 3, size, size) float32: the card's resize then CLIPImageProcessor's arithmetic."""
+    if len(images) == 0:
+        return np.zeros((0, 3, size, size), dtype=np.float32)
+    # card: .convert('RGB').resize((448, 448)) with PIL's default filter (BICUBIC for RGB)
+    pixels = np.stack([np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC),
+                                  dtype=np.uint8) for img in images])          # (N, S, S, 3) uint8
+    # CLIPImageProcessor: shortest-edge resize and centre crop are no-ops at (size, size);
+    # rescale: uint8 * (1/255) -> float32; normalize: float32 (x - mean) / std, channels last
+    x = (pixels * (1 / 255)).astype(np.float32)
+    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))                       # (N, 3, S, S)
+
+
+# ---- video ---------------------------------------------------------------------------------------------
+def get_frame_indices(bound: Sequence[float] | None, fps: float, max_frame: int, first_idx: int = 0,
+                      num_segments: int = 32) -> list[int]:
+    """The card's get_index: the middle frame of each of num_segments equal segments of [start, end].
+
+    bound = (start_s, end_s) in seconds or None (the whole video); max_frame = len(video) - 1.
+    """
+    if bound:
+        start, end = bound[0], bound[1]
+    else:
+        start, end = -100000, 100000
+    start_idx = max(first_idx, round(start * fps))
+    end_idx = min(round(end * fps), max_frame)
+    seg_size = float(end_idx - start_idx) / num_segments
+    return [int(start_idx + (seg_size / 2) + np.round(seg_size * idx)) for idx in range(num_segments)]
+
+
+def sample_video_frames(data: bytes | str | os.PathLike, num_segments: int = 8,
+                        bound: Sequence[float] | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                        isolate: bool = True, timeout_s: float = 120.0) -> list[Image.Image]:
+    """Decode a video (bytes or a path) with decord and return num_segments RGB frames (card's get_index).
+
+    Raises InvalidVideo for empty or undecodable data, a video without frames or frame rate, frames
+    above max_pixels, and num_segments < 1. decord (ffmpeg) can crash the whole process on some
+    malformed files (a truncated AVI does), so by default it runs in a forked child process: a crash
+    or a decode slower than timeout_s becomes InvalidVideo instead of taking the server down.
+    """
+    if num_segments < 1:
+        raise InvalidVideo(f"num_segments must be >= 1, got {num_segments}")
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        if len(data) == 0:
+            raise InvalidVideo("video data is empty")
+        data = bytes(data)
+    else:
+        data = os.fspath(data)
+        if not os.path.isfile(data):
+            raise InvalidVideo(f"video file {data!r} does not exist")
+    args = (data, num_segments, bound, max_pixels)
+    arrays = _run_isolated(_decode_video_frames, args, timeout_s) if isolate else _decode_video_frames(*args)
+    return [Image.fromarray(a).convert("RGB") for a in arrays]
+
+
+def _decode_video_frames(data: bytes | str, num_segments: int, bound: Sequence[float] | None,
+                         max_pixels: int) -> list[np.ndarray]:
+    """The card's load_video frame loop: decord VideoReader(ctx=cpu(0), num_threads=1), vr[i] per index."""
+    try:
+        from decord import VideoReader, cpu
+    except ImportError as e:  # the optional 'video' extra
+        raise RuntimeError("video input needs the decord package (pip install decord)") from e
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
+    try:
+        vr = VideoReader(source, ctx=cpu(0), num_threads=1)
+        num_frames = len(vr)
+        fps = float(vr.get_avg_fps())
+    except Exception as e:  # decord raises DECORDError, RuntimeError or AssertionError
+        raise InvalidVideo(f"video data could not be decoded ({type(e).__name__}: {str(e)[:200]})") from None
+    if num_frames < 1:
+        raise InvalidVideo("video has no frames")
+    if not math.isfinite(fps) or fps <= 0:
+        raise InvalidVideo(f"video reports no usable frame rate ({fps})")
+    frames = []
+    for index in get_frame_indices(bound, fps, num_frames - 1, first_idx=0, num_segments=num_segments):
+        try:
+            array = vr[index].asnumpy()                                            # (H, W, 3) uint8
+        except Exception as e:
+            raise InvalidVideo(f"video frame {index} could not be decoded "
+                               f"({type(e).__name__}: {str(e)[:200]})") from None
+        if array.shape[0] * array.shape[1] > max_pixels:
+            raise InvalidVideo(f"video frames are {array.shape[1]}x{array.shape[0]}, above the limit of "
+                               f"{max_pixels} pixels")
+        frames.append(array)
+    return frames
+
+
+def _child_main(conn, fn, args) -> None:
+    faulthandler.disable()  # a decoder crash is expected and reported by the parent, not dumped here
+    try:
+        conn.send(("ok", fn(*args)))
+    except InvalidVideo as e:
+        conn.send(("invalid", str(e)))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        conn.close()
+
+
+def _run_isolated(fn, args: tuple, timeout_s: float):
+    """fn(*args) in a forked child; its death or a timeout becomes InvalidVideo. (fork: no re-import,
+    no interpreter executable needed, the argument bytes are shared copy-on-write.)"""
+    ctx = multiprocessing.get_context("fork")
+    receiver, sender = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child_main, args=(sender, fn, args), daemon=True, name="video-decode")
+    child.start()
+    sender.close()
+    try:
+        if not receiver.poll(timeout_s):
+            raise InvalidVideo(f"video decoding took longer than {timeout_s:g} s")
+        try:
+            status, payload = receiver.recv()
+        except EOFError:
+            child.join(5)
+            raise InvalidVideo(f"the video decoder crashed on this data (exit code {child.exitcode}): the file is "
+                               f"corrupt, truncated or unsupported") from None
+    finally:
+        receiver.close()
+        if child.is_alive():
+            child.kill()
+        child.join()
+    if status == "invalid":
+        raise InvalidVideo(payload)
+    if status == "error":
+        raise RuntimeError(f"video decoding failed: {payload}")
+    return payload

@@ -1,0 +1,597 @@
+"""The checkpoint's slow LlamaTokenizer, re-implemented on the `sentencepiece` library.
+
+InternVL-Chat-V1-1 was trained and documented with transformers==4.37.2's *slow* `LlamaTokenizer`
+(`use_fast=False`). transformers 5.x no longer ships that class, so this module reproduces its
+behaviour token for token (checked against 4.37.2 by tests/unit/fixtures/tokenizer_ids_transformers437.json,
+made by scripts/dev/make_tokenizer_fixture.py):
+
+- encode: split the text on the added tokens (leftmost, longest first; honouring each token's
+  lstrip/rstrip/single_word flags), encode every other chunk with sentencepiece, prepend BOS.
+  legacy=True (4.37.2's default when the config has no `legacy`) encodes each chunk on its own, so a
+  chunk after a special token gets sentencepiece's dummy-prefix "▁" again. legacy=False adds one "▁" to
+  the whole text and none after special tokens.
+- decode: 4.37.2's `PreTrainedTokenizer._decode` (skip the special ids, render the other added tokens
+  verbatim separated by spaces, `convert_tokens_to_string` for the rest).
+
+Every id comes from the checkpoint's files (tokenizer.model, tokenizer_config.json, special_tokens_map.json,
+added_tokens.json) as 4.37.2's `from_pretrained` reads them. This module also trains the tiny tokenizer the
+tests use (`make_tiny_tokenizer`). It does not build prompts (prompt.py) and does not batch or pad.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import sentencepiece as spm
+
+IMG_START_TOKEN = "<img>"
+IMG_END_TOKEN = "</img>"
+IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+QUAD_START_TOKEN, QUAD_END_TOKEN = "<quad>", "</quad>"
+REF_START_TOKEN, REF_END_TOKEN = "<ref>", "</ref>"
+BOX_START_TOKEN, BOX_END_TOKEN = "<box>", "</box>"
+# The tokens InternVL's fine-tuning added to the LLaMA vocabulary, in the order it added them.
+INTERNVL_ADDED_TOKENS = (
+    IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN, QUAD_START_TOKEN, QUAD_END_TOKEN,
+    REF_START_TOKEN, REF_END_TOKEN, BOX_START_TOKEN, BOX_END_TOKEN,
+)
+SPIECE_UNDERLINE = "\u2581"  # "▁", sentencepiece's visible space
+
+_NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_DEFAULT_NAMED = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}  # LlamaTokenizer.__init__
+
+
+class TokenizerError(Exception):
+    """The tokenizer folder is missing a file or holds an inconsistent one."""
+
+
+@dataclass(frozen=True)
+class AddedToken:
+    """A token matched in the raw text before sentencepiece runs (transformers' AddedToken)."""
+
+    content: str
+    lstrip: bool = False
+    rstrip: bool = False
+    single_word: bool = False
+    normalized: bool = False
+    special: bool = True
+
+    @classmethod
+    def from_json(cls, value: str | dict, *, special: bool = True) -> "AddedToken":
+        if isinstance(value, str):
+            return cls(value, special=special)
+        value = {k: v for k, v in value.items() if k != "__type"}
+        value.setdefault("special", special)
+        return cls(**value)
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The ids the server needs, all read from the checkpoint."""
+
+    bos_id: int
+    eos_id: int
+    unk_id: int
+    pad_id: int | None
+    img_start_id: int
+    img_end_id: int
+    img_context_id: int
+
+
+class InternVLTokenizer:
+    """transformers 4.37.2 `LlamaTokenizer` (slow) behaviour on a sentencepiece model.
+
+    Build it with `load_tokenizer(folder)`. `added_tokens` maps id -> AddedToken (including the named
+    special tokens that live inside the sentencepiece vocabulary, such as <s>).
+    """
+
+    def __init__(
+        self,
+        sp_model_proto: bytes,
+        *,
+        added_tokens: dict[int, AddedToken],
+        named_special_tokens: dict[str, str],
+        additional_special_tokens: Sequence[str] = (),
+        add_bos_token: bool = True,
+        add_eos_token: bool = False,
+        legacy: bool = True,
+        clean_up_tokenization_spaces: bool = False,
+        split_special_tokens: bool = False,
+    ):
+        self.legacy = legacy
+        self.add_bos_token = add_bos_token
+        self.add_eos_token = add_eos_token
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+        self.split_special_tokens = split_special_tokens
+        # legacy=False: 4.37.2 turns sentencepiece's add_dummy_prefix off and adds the "▁" itself.
+        proto = sp_model_proto if legacy else _without_dummy_prefix(sp_model_proto)
+        self.sp_model = spm.SentencePieceProcessor()
+        self.sp_model.LoadFromSerializedProto(proto)
+
+        self._added_decoder: dict[int, AddedToken] = dict(sorted(added_tokens.items()))
+        self._added_encoder: dict[str, int] = {t.content: i for i, t in self._added_decoder.items()}
+        self._named = dict(named_special_tokens)  # e.g. {"bos_token": "<s>", ...}; pad may be absent
+        self.all_special_tokens: list[str] = []
+        for tok in list(self._named.values()) + list(additional_special_tokens):
+            if tok not in self.all_special_tokens:
+                self.all_special_tokens.append(tok)
+        self.all_special_ids: set[int] = {self.convert_tokens_to_ids(t) for t in self.all_special_tokens}
+        self._special_set = set(self.all_special_tokens)
+        self._split_re = _leftmost_longest_regex(self._added_encoder)
+        # 4.37.2 _decode: added tokens that are not special (plus special ones above the sp vocabulary)
+        # are rendered verbatim, as separate pieces joined by spaces.
+        self._verbatim_added = (set(self._added_encoder) - self._special_set) | {
+            t for t in additional_special_tokens if self.convert_tokens_to_ids(t) >= self.vocab_size
+        }
+        self._unk_token_length = len(self.sp_model.encode(self._named["unk_token"]))
+
+    # ---- sizes and ids ---------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Size of the sentencepiece vocabulary, without added tokens (4.37.2 semantics)."""
+        return self.sp_model.get_piece_size()
+
+    def __len__(self) -> int:
+        # 4.37.2: len(set(get_vocab().keys())): sp pieces plus added tokens that are not sp pieces
+        extra = sum(1 for t in self._added_encoder if self.sp_model.piece_to_id(t) == self.sp_model.unk_id()
+                    and t != self.sp_model.id_to_piece(self.sp_model.unk_id()))
+        return self.vocab_size + extra
+
+    def _named_id(self, name: str) -> int | None:
+        tok = self._named.get(name)
+        return None if tok is None else self.convert_tokens_to_ids(tok)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._named_id("bos_token")
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._named_id("eos_token")
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self._named_id("unk_token")
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._named_id("pad_token")
+
+    @property
+    def eos_token(self) -> str:
+        return self._named["eos_token"]
+
+    @property
+    def special_tokens(self) -> SpecialTokens:
+        img = [self._added_id(t) for t in (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)]
+        return SpecialTokens(self.bos_token_id, self.eos_token_id, self.unk_token_id, self.pad_token_id, *img)
+
+    def _added_id(self, token: str) -> int:
+        if token not in self._added_encoder:
+            raise TokenizerError(f"the tokenizer has no added token {token!r} (added_tokens.json / "
+                                 f"tokenizer_config.json added_tokens_decoder)")
+        return self._added_encoder[token]
+
+    def convert_tokens_to_ids(self, tokens: str | Iterable[str]) -> int | list[int]:
+        if isinstance(tokens, str):
+            if tokens in self._added_encoder:
+                return self._added_encoder[tokens]
+            return self.sp_model.piece_to_id(tokens)
+        return [self.convert_tokens_to_ids(t) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids: int | Iterable[int], skip_special_tokens: bool = False):
+        if isinstance(ids, int):
+            return self._id_to_token(ids)
+        return [self._id_to_token(int(i)) for i in ids
+                if not (skip_special_tokens and int(i) in self.all_special_ids)]
+
+    def _id_to_token(self, index: int) -> str:
+        if index in self._added_decoder:
+            return self._added_decoder[index].content
+        if not 0 <= index < self.vocab_size:
+            raise IndexError(f"token id {index} is outside the vocabulary (size {len(self)})")
+        return self.sp_model.id_to_piece(index)
+
+    # ---- encode ----------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[str]:
+        """Text -> token strings (no BOS/EOS), as 4.37.2 `LlamaTokenizer.tokenize`."""
+        if self.legacy or not text:
+            return self._tokenize_with_added(text)
+        tokens = self._tokenize_with_added(SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " "))
+        if len(tokens) > 1 and tokens[0] == SPIECE_UNDERLINE and tokens[1] in self._special_set:
+            tokens = tokens[1:]
+        return tokens
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Text -> ids; with add_special_tokens, BOS (and EOS) as add_bos_token / add_eos_token say."""
+        ids = self.convert_tokens_to_ids(self.tokenize(text))
+        if add_special_tokens:
+            if self.add_bos_token:
+                ids = [self.bos_token_id] + ids
+            if self.add_eos_token:
+                ids = ids + [self.eos_token_id]
+        return ids
+
+    def _split_on_added(self, text: str) -> list[str]:
+        if self.split_special_tokens or self._split_re is None:
+            return [text]
+        return [piece for piece in self._split_re.split(text) if piece]
+
+    def _tokenize_with_added(self, text: str) -> list[str]:
+        # 4.37.2 PreTrainedTokenizer.tokenize: split on added tokens, apply their strip flags, then
+        # sentencepiece on every remaining chunk.
+        chunks = self._split_on_added(text)
+        for i, chunk in enumerate(chunks):
+            tok = self._added_decoder.get(self._added_encoder[chunk]) if chunk in self._added_encoder else None
+            if tok is None:
+                continue
+            left = chunks[i - 1] if i > 0 else None
+            right = chunks[i + 1] if i < len(chunks) - 1 else None
+            if tok.rstrip and right:
+                chunks[i + 1] = right.lstrip()
+            if tok.lstrip and left:
+                chunks[i - 1] = left.rstrip()
+            if tok.single_word and left and left[-1] != " ":
+                chunks[i - 1] += chunk
+                chunks[i] = ""
+            elif tok.single_word and right and right[0] != " ":
+                chunks[i + 1] = chunk + chunks[i + 1]
+                chunks[i] = ""
+        tokens: list[str] = []
+        for chunk in chunks:
+            if not chunk:
+                continue
+            if chunk in self._added_encoder and not self.split_special_tokens:
+                tokens.append(chunk)
+            else:
+                tokens.extend(self._sp_tokenize(chunk))
+        return tokens
+
+    def _sp_tokenize(self, text: str) -> list[str]:
+        tokens = self.sp_model.encode(text, out_type=str)
+        if self.legacy or not text.startswith((SPIECE_UNDERLINE, " ")):
+            return tokens
+        # without the dummy prefix sentencepiece drops a leading "▁": encode "<unk>" + text, cut the unk
+        tokens = self.sp_model.encode(self._named["unk_token"] + text, out_type=str)
+        return tokens[self._unk_token_length:] if len(tokens) >= self._unk_token_length else tokens
+
+    # ---- decode ----------------------------------------------------------------------------------
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """Ids -> text, as 4.37.2 `decode` / `batch_decode(...)[i]` (spaces_between_special_tokens=True)."""
+        tokens = self.convert_ids_to_tokens([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        sub_texts: list[str] = []
+        current: list[str] = []
+        for token in tokens:
+            if token in self._verbatim_added:
+                if current:
+                    text = self._convert_tokens_to_string(current)
+                    if text:
+                        sub_texts.append(text)
+                    current = []
+                sub_texts.append(token)
+            else:
+                current.append(token)
+        if current:
+            sub_texts.append(self._convert_tokens_to_string(current))
+        text = " ".join(sub_texts)
+        return _clean_up_tokenization(text) if self.clean_up_tokenization_spaces else text
+
+    def batch_decode(self, sequences: Iterable[Iterable[int]], skip_special_tokens: bool = True) -> list[str]:
+        return [self.decode(seq, skip_special_tokens=skip_special_tokens) for seq in sequences]
+
+    def _convert_tokens_to_string(self, tokens: list[str]) -> str:
+        # 4.37.2 LlamaTokenizer.convert_tokens_to_string
+        tokens = list(tokens)
+        if tokens[0].startswith(SPIECE_UNDERLINE):
+            tokens[0] = tokens[0][1:]
+        out, current, prev_is_special = "", [], False
+        for i, token in enumerate(tokens):
+            if token in self._special_set:
+                if not prev_is_special and i != 0 and self.legacy:
+                    out += " "
+                out += self.sp_model.decode(current) + token
+                prev_is_special, current = True, []
+            else:
+                current.append(token)
+                prev_is_special = False
+        return out + self.sp_model.decode(current)
+
+
+def _leftmost_longest_regex(tokens: Iterable[str]) -> re.Pattern | None:
+    """A splitting regex equivalent to transformers' Trie.split: leftmost match, longest at that position."""
+    tokens = sorted(set(tokens), key=lambda t: (-len(t), t))
+    if not tokens:
+        return None
+    return re.compile("(" + "|".join(re.escape(t) for t in tokens) + ")")
+
+
+def _clean_up_tokenization(text: str) -> str:
+    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(a, b)
+    return text
+
+
+# ---- the ModelProto edit legacy=False needs (sentencepiece's pb2 wants a newer protobuf) -------------
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _fields(data: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """(field number, wire type, raw bytes of the whole field) of a serialized protobuf message."""
+    pos = 0
+    while pos < len(data):
+        start = pos
+        key, pos = _varint(data, pos)
+        wire = key & 7
+        if wire == 0:
+            _, pos = _varint(data, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 2:
+            length, pos = _varint(data, pos)
+            pos += length
+        elif wire == 5:
+            pos += 4
+        else:
+            raise TokenizerError(f"tokenizer.model: unsupported protobuf wire type {wire}")
+        yield key >> 3, wire, data[start:pos]
+
+
+def _without_dummy_prefix(model_proto: bytes) -> bytes:
+    """ModelProto with normalizer_spec.add_dummy_prefix = false (what 4.37.2 does for legacy=False)."""
+    out, found = bytearray(), False
+    for number, wire, raw in _fields(model_proto):
+        if number == 3 and wire == 2:  # ModelProto.normalizer_spec
+            found = True
+            _, pos = _varint(raw, 0)
+            _, pos = _varint(raw, pos)
+            spec = b"".join(r for n, _, r in _fields(raw[pos:]) if n != 3)  # drop add_dummy_prefix
+            spec += bytes([3 << 3 | 0, 0])  # add_dummy_prefix (field 3, varint) = false
+            raw = bytes([3 << 3 | 2]) + _encode_varint(len(spec)) + spec
+        out += raw
+    if not found:
+        out += bytes([3 << 3 | 2, 2, 3 << 3 | 0, 0])
+    return bytes(out)
+
+
+# ---- loading ---------------------------------------------------------------------------------------
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"{path}: not valid JSON ({e})") from e
+
+
+def load_tokenizer(folder: str | os.PathLike) -> InternVLTokenizer:
+    """Load the checkpoint folder's tokenizer the way 4.37.2 `LlamaTokenizer.from_pretrained` does.
+
+    With `added_tokens_decoder` in tokenizer_config.json (written by transformers >= 4.34) that is the
+    source of the added tokens and tokenizer_config.json names the special tokens; otherwise (older
+    folders) special_tokens_map.json overrides tokenizer_config.json and added_tokens.json lists the
+    added tokens. Raises TokenizerError when tokenizer.model is missing.
+    """
+    folder = os.fspath(folder)
+    model_path = os.path.join(folder, "tokenizer.model")
+    if not os.path.isfile(model_path):
+        raise TokenizerError(f"{folder}: no tokenizer.model (a slow LLaMA sentencepiece tokenizer is expected)")
+    with open(model_path, "rb") as f:
+        proto = f.read()
+    config_path = os.path.join(folder, "tokenizer_config.json")
+    config = _read_json(config_path) if os.path.isfile(config_path) else {}
+    map_path = os.path.join(folder, "special_tokens_map.json")
+    added_path = os.path.join(folder, "added_tokens.json")
+
+    added: dict[int, AddedToken] = {}
+    specials: dict[str, str | dict | None] = {k: config[k] for k in _NAMED_SPECIALS if k in config}
+    additional: list[str | dict] = list(config.get("additional_special_tokens") or [])
+    from_decoder = "added_tokens_decoder" in config
+    if from_decoder:
+        for idx, tok in config["added_tokens_decoder"].items():
+            added[int(idx)] = AddedToken.from_json(tok)
+    else:
+        if os.path.isfile(map_path):
+            for key, value in _read_json(map_path).items():
+                if key == "additional_special_tokens" and isinstance(value, list):
+                    for tok in value:
+                        if _content(tok) not in [_content(t) for t in additional]:
+                            additional.append(tok)
+                elif key in _NAMED_SPECIALS:
+                    specials[key] = value
+        if os.path.isfile(added_path):
+            special_strings = {_content(v) for v in specials.values() if v is not None}
+            special_strings |= {_content(t) for t in additional}
+            for content, idx in _read_json(added_path).items():
+                is_special = content in special_strings
+                added[int(idx)] = AddedToken(content, normalized=not is_special, special=is_special)
+    by_content = {t.content: t for t in added.values()}
+
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(proto)
+    next_id = sp.get_piece_size() + sum(1 for t in by_content if sp.piece_to_id(t) == sp.unk_id()
+                                        and t != sp.id_to_piece(sp.unk_id()))
+
+    named: dict[str, str] = {}
+    for key in _NAMED_SPECIALS:
+        value = specials.get(key, _DEFAULT_NAMED.get(key))
+        if value is None:
+            continue
+        content = _content(value)
+        named[key] = content
+        # PreTrainedTokenizer.__init__ registers every special token as an added token (in the sp vocab
+        # or appended). Its flags: the added_tokens_decoder entry when there is one, else its definition.
+        if from_decoder and content in by_content:
+            token = by_content[content]
+        else:
+            token = AddedToken.from_json(value)
+        idx = _token_id(content, added, sp)
+        if idx is None:
+            idx, next_id = next_id, next_id + 1
+        added[idx] = token
+        by_content[content] = token
+    additional_strings: list[str] = []
+    for value in additional:
+        content = _content(value)
+        additional_strings.append(content)
+        idx = _token_id(content, added, sp)
+        if idx is None:
+            idx, next_id = next_id, next_id + 1
+        if isinstance(value, dict) or idx not in added:
+            added[idx] = AddedToken.from_json(value)
+
+    return InternVLTokenizer(
+        proto,
+        added_tokens=added,
+        named_special_tokens=named,
+        additional_special_tokens=additional_strings,
+        add_bos_token=bool(config.get("add_bos_token", True)),
+        add_eos_token=bool(config.get("add_eos_token", False)),
+        legacy=True if config.get("legacy") is None else bool(config["legacy"]),
+        clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+        split_special_tokens=bool(config.get("split_special_tokens", False)),
+    )
+
+
+def _content(value: str | dict) -> str:
+    return value if isinstance(value, str) else value["content"]
+
+
+def _token_id(content: str, added: dict[int, AddedToken], sp: spm.SentencePieceProcessor) -> int | None:
+    for idx, tok in added.items():
+        if tok.content == content:
+            return idx
+    idx = sp.piece_to_id(content)
+    if idx != sp.unk_id() or content == sp.id_to_piece(sp.unk_id()):
+        return idx
+    return None
+
+
+# ---- the tiny tokenizer the tests and the tiny checkpoint use -----------------------------------------
+_TINY_EN = (
+    "the a an image picture photo video frame shows describe what is in this please detail answer question "
+    "man woman child dog cat car tree house street city sky water river mountain red green blue white black "
+    "small large two three many people standing sitting walking running on under near with and of to from "
+    "there are it looks like color left right top bottom background foreground scene text number count "
+    "first second combined separate difference between similar both images frames happening"
+).split()
+_TINY_ZH_CHARS = (
+    "这是一张图片请描述中的内容详细回答问题男人女人孩子狗猫汽车树房子街道城市天空水河山红绿蓝白黑小大两三很多"
+    "人站坐走跑在上下旁边和从有看起来像颜色左右顶部底部背景前景场景文字数量视频帧什么哪里为谁你好我们他她它"
+)
+_TINY_ZH_PHRASES = ("这是一张图片", "请描述这张图片", "图片中有什么", "视频中发生了什么", "你好", "详细描述")
+
+
+def _tiny_corpus() -> Iterator[str]:
+    """A fixed corpus: English, Chinese and digits (random.Random(0): the same on every Python 3)."""
+    r = random.Random(0)
+    for i in range(3000):
+        kind = i % 4
+        if kind == 0:
+            words = [r.choice(_TINY_EN) for _ in range(r.randint(3, 14))]
+            yield " ".join(words).capitalize() + r.choice([".", "?", "!", ","])
+        elif kind == 1:
+            yield "".join(r.choice(_TINY_ZH_CHARS) for _ in range(r.randint(4, 20))) + r.choice("。？，！")
+        elif kind == 2:
+            yield r.choice(_TINY_ZH_PHRASES) + r.choice(["。", "？", ""]) + r.choice(_TINY_ZH_PHRASES)
+        else:
+            yield (f"{r.choice(_TINY_EN)} {r.randint(0, 99999)} {r.choice(_TINY_ZH_CHARS)}"
+                   f"{r.choice(_TINY_ZH_CHARS)} {r.randint(0, 9)}.{r.randint(0, 99)}")
+
+
+def train_tiny_sentencepiece(vocab_size: int = 1000) -> bytes:
+    """Train the tiny LLaMA-style BPE sentencepiece model; the same bytes on every call."""
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_tiny_corpus(), model_writer=buf,
+        model_type="bpe", vocab_size=vocab_size, character_coverage=1.0,
+        byte_fallback=True, split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", allow_whitespace_only_pieces=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        num_threads=1, shuffle_input_sentence=False, input_sentence_size=0, max_sentence_length=4192,
+        minloglevel=2,
+    )
+    return buf.getvalue()
+
+
+def _json_bytes(obj) -> bytes:
+    # the layout transformers' save_pretrained writes
+    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def make_tiny_tokenizer(out_folder: str | os.PathLike, vocab_size: int = 1000) -> int:
+    """Write a tiny LLaMA slow-tokenizer folder (with InternVL's 9 added tokens); return its length.
+
+    The files mirror what transformers 4.37.2 `LlamaTokenizer.save_pretrained` writes after InternVL's
+    `tokenizer.add_tokens(token_list, special_tokens=True)`. Deterministic bytes for the same arguments.
+    """
+    os.makedirs(out_folder, exist_ok=True)
+    proto = train_tiny_sentencepiece(vocab_size)
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(proto)
+    base = sp.get_piece_size()
+    added_ids = {tok: base + i for i, tok in enumerate(INTERNVL_ADDED_TOKENS)}
+
+    def entry(content: str) -> dict:
+        return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+
+    decoder = {str(sp.unk_id()): entry("<unk>"), str(sp.bos_id()): entry("<s>"), str(sp.eos_id()): entry("</s>")}
+    decoder.update({str(i): entry(t) for t, i in added_ids.items()})
+    for value in decoder.values():
+        value["special"] = True
+    config = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "added_tokens_decoder": decoder,
+        "additional_special_tokens": list(INTERNVL_ADDED_TOKENS),
+        "bos_token": "<s>",
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "</s>",
+        "legacy": True,
+        "model_max_length": 4096,
+        "pad_token": None,
+        "sp_model_kwargs": {},
+        "spaces_between_special_tokens": False,
+        "tokenizer_class": "LlamaTokenizer",
+        "unk_token": "<unk>",
+        "use_default_system_prompt": False,
+    }
+    special_map = {
+        "additional_special_tokens": [entry(t) for t in INTERNVL_ADDED_TOKENS],
+        "bos_token": entry("<s>"),
+        "eos_token": entry("</s>"),
+        "unk_token": entry("<unk>"),
+    }
+    files = {
+        "tokenizer.model": proto,
+        "added_tokens.json": _json_bytes(added_ids),
+        "special_tokens_map.json": _json_bytes(special_map),
+        "tokenizer_config.json": _json_bytes(config),
+    }
+    for name, data in files.items():
+        with open(os.path.join(out_folder, name), "wb") as f:
+            f.write(data)
+    return base + len(INTERNVL_ADDED_TOKENS)

@@ -1,0 +1,252 @@
+"""internvl_serve.imageproc: the card's pixel path (vs transformers' CLIPImageProcessor), decoding of
+untrusted image bytes, and the card's video frame sampling."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from internvl_serve.imageproc import (
+    InvalidImage, InvalidVideo, PreprocessorConfig, decode_image, get_frame_indices, load_preprocessor_config,
+    sample_video_frames, to_pixel_values,
+)
+
+V1_1_PREPROCESSOR = {  # the checkpoint's preprocessor_config.json (model sheet section 4)
+    "crop_size": 448, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+    "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225], "resample": 3, "size": 448,
+}
+
+
+@pytest.fixture(scope="module")
+def preprocessor_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("preprocessor")
+    (folder / "preprocessor_config.json").write_text(json.dumps(V1_1_PREPROCESSOR))
+    return folder
+
+
+def sample_images() -> list[Image.Image]:
+    r = np.random.RandomState(0)
+    images = [Image.fromarray(r.randint(0, 256, (h, w, 3), dtype=np.uint8))
+              for w, h in [(448, 448), (640, 480), (300, 500), (1, 1), (17, 999), (449, 447)]]
+    x = np.linspace(0, 255, 800)
+    gradient = np.stack(np.meshgrid(x, x[:600]) + [np.full((600, 800), 128.0)], -1).astype(np.uint8)
+    images.append(Image.fromarray(gradient))
+    images.append(Image.fromarray(r.randint(0, 256, (50, 70, 4), dtype=np.uint8), "RGBA"))
+    images.append(Image.fromarray(r.randint(0, 256, (50, 70), dtype=np.uint8), "L"))
+    return images
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+# ---- pixel values --------------------------------------------------------------------------------------
+def test_matches_clip_image_processor_exactly(preprocessor_dir):
+    """The card: img.convert('RGB').resize((448, 448)) then CLIPImageProcessor.from_pretrained(path)."""
+    import transformers
+    cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    processor = cls.from_pretrained(preprocessor_dir)
+    size, mean, std = load_preprocessor_config(preprocessor_dir)
+    images = sample_images()
+    ours = to_pixel_values(images, size=size, mean=mean, std=std)
+    assert ours.shape == (len(images), 3, 448, 448) and ours.dtype == np.float32
+    for i, img in enumerate(images):
+        card = processor(images=img.convert("RGB").resize((448, 448)), return_tensors="np").pixel_values
+        card = np.asarray(card)
+        assert card.shape == (1, 3, 448, 448)
+        assert np.array_equal(ours[i], card[0]), (i, float(np.abs(ours[i] - card[0]).max()))
+
+
+def test_clip_resize_and_crop_are_no_ops_at_448():
+    """What makes our shortcut valid: at 448x448, PIL's bicubic resize to 448 returns the same pixels."""
+    img = sample_images()[1].convert("RGB").resize((448, 448))
+    assert np.array_equal(np.asarray(img.resize((448, 448), Image.Resampling.BICUBIC)), np.asarray(img))
+
+
+def test_pixel_values_normalisation_by_hand():
+    img = Image.new("RGB", (10, 20), (255, 0, 128))
+    out = to_pixel_values([img], size=448)
+    want = (np.array([1.0, 0.0, 128 / 255]) - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    assert np.allclose(out[0, :, 0, 0], want, atol=1e-6)
+    assert np.allclose(out[0], out[0, :, :1, :1])  # a solid image stays solid
+    assert to_pixel_values([], size=448).shape == (0, 3, 448, 448)
+
+
+def test_load_preprocessor_config(preprocessor_dir, tmp_path):
+    cfg = load_preprocessor_config(preprocessor_dir)
+    assert cfg == PreprocessorConfig(448, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    size, mean, std = cfg
+    assert size == 448
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**V1_1_PREPROCESSOR, "crop_size": 224}))
+    with pytest.raises(ValueError, match="crop_size 224 != size 448"):
+        load_preprocessor_config(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**V1_1_PREPROCESSOR, "resample": 2}))
+    with pytest.raises(ValueError, match="resample=2"):
+        load_preprocessor_config(tmp_path)
+    with pytest.raises(ValueError, match="missing"):
+        load_preprocessor_config(tmp_path / "nowhere")
+
+
+# ---- decoding --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt, mode, kw", [
+    ("JPEG", "RGB", {"quality": 90}), ("JPEG", "L", {}), ("JPEG", "CMYK", {}),
+    ("PNG", "RGB", {}), ("PNG", "RGBA", {}), ("PNG", "P", {}), ("PNG", "LA", {}), ("PNG", "I;16", {}),
+    ("PNG", "1", {}), ("WEBP", "RGB", {"lossless": True}), ("WEBP", "RGBA", {"lossless": True}),
+    ("BMP", "RGB", {}), ("TIFF", "RGB", {}), ("TIFF", "CMYK", {}), ("GIF", "P", {}),
+])
+def test_decode_formats_and_modes_like_convert_rgb(fmt, mode, kw):
+    r = np.random.RandomState(1)
+    base = Image.fromarray(r.randint(0, 256, (40, 60, 3), dtype=np.uint8))
+    if mode == "I;16":
+        img = Image.fromarray((r.randint(0, 65536, (40, 60))).astype(np.uint16))
+    else:
+        img = base.convert(mode)
+    data = encode(img, fmt, **kw)
+    out = decode_image(data)
+    assert out.mode == "RGB" and out.size == (60, 40)
+    assert np.array_equal(np.asarray(out), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+
+
+def test_gif_first_frame():
+    frames = [Image.new("RGB", (16, 16), c) for c in [(255, 0, 0), (0, 0, 255), (0, 255, 0)]]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+    out = np.asarray(decode_image(data))
+    assert tuple(out[0, 0]) == (255, 0, 0)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width x height, with a tiny (truncated) IDAT: no pixel memory needed to read."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + \
+        chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "empty"),
+    (b"hello, this is not an image at all", "not a supported image"),
+    (b"\x89PNG\r\n\x1a\n", "not a supported image|corrupt"),
+])
+def test_decode_rejects_non_images(data, message):
+    with pytest.raises(InvalidImage, match=message):
+        decode_image(data)
+
+
+def test_decode_rejects_non_bytes():
+    with pytest.raises(InvalidImage, match="must be bytes"):
+        decode_image("a string")  # type: ignore[arg-type]
+
+
+def test_decode_rejects_unsupported_formats():
+    img = Image.new("RGB", (8, 8), (1, 2, 3))
+    for fmt in ("PPM", "TGA", "PCX"):
+        with pytest.raises(InvalidImage, match="not a supported image"):
+            decode_image(encode(img, fmt))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "TIFF"])
+def test_decode_rejects_truncated(fmt):
+    r = np.random.RandomState(2)
+    data = encode(Image.fromarray(r.randint(0, 256, (64, 64, 3), dtype=np.uint8)), fmt)
+    with pytest.raises(InvalidImage, match="corrupt|truncated|not a supported image"):
+        decode_image(data[: len(data) // 2])
+
+
+def test_decode_rejects_corrupt_body():
+    r = np.random.RandomState(3)
+    data = bytearray(encode(Image.fromarray(r.randint(0, 256, (64, 64, 3), dtype=np.uint8)), "PNG"))
+    data[100:140] = b"\xff" * 40  # inside the IDAT: zlib / CRC failure
+    with pytest.raises(InvalidImage, match="corrupt"):
+        decode_image(bytes(data))
+
+
+def test_decode_rejects_too_many_pixels_before_decoding():
+    start = time.perf_counter()
+    with pytest.raises(InvalidImage, match="8000x6000 = 48000000 pixels, above the limit of 1000000"):
+        decode_image(png_header_only(8000, 6000), max_pixels=1_000_000)
+    # within our limit but above PIL's own decompression-bomb threshold (2 * 89.5M pixels)
+    with pytest.raises(InvalidImage, match="too large|above the limit"):
+        decode_image(png_header_only(20000, 20000), max_pixels=10**12)
+    assert time.perf_counter() - start < 2.0  # nothing was decoded
+    # the limit is inclusive and applies to the pixel count
+    ok = encode(Image.new("RGB", (100, 10)), "PNG")
+    assert decode_image(ok, max_pixels=1000).size == (100, 10)
+    with pytest.raises(InvalidImage, match="above the limit of 999"):
+        decode_image(ok, max_pixels=999)
+
+
+# ---- video -------------------------------------------------------------------------------------------------
+def test_get_frame_indices_card_values():
+    # whole video: 300 frames at 30 fps, 8 segments of 37.375 frames; np.round(149.5) == 150 (to even)
+    assert get_frame_indices(None, 30.0, 299, num_segments=8) == [18, 55, 93, 130, 168, 205, 242, 280]
+    # bound (1 s, 2 s) at 10 fps -> frames 10..20 in 4 segments of 2.5; np.round(2.5) == 2, np.round(7.5) == 8
+    assert get_frame_indices((1.0, 2.0), 10.0, 99, num_segments=4) == [11, 13, 16, 19]
+    # bound past the end is clipped to max_frame; first_idx raises the start
+    assert get_frame_indices((0, 1000), 10.0, 19, first_idx=4, num_segments=3) == [6, 11, 16]
+    # more segments than frames repeats frames (the card does not refuse)
+    assert get_frame_indices(None, 10.0, 1, num_segments=4) == [0, 0, 0, 1]
+
+
+def test_sample_video_frames(tiny_video_bytes, tiny_video_frame_colors, tmp_path):
+    frames = sample_video_frames(tiny_video_bytes, num_segments=4)
+    want = get_frame_indices(None, 10.0, 19, num_segments=4)
+    assert want == [2, 7, 12, 16]
+    assert [f.size for f in frames] == [(64, 48)] * 4 and all(f.mode == "RGB" for f in frames)
+    for frame, index in zip(frames, want):
+        mean = np.asarray(frame, dtype=np.float64).reshape(-1, 3).mean(0)
+        assert np.abs(mean - tiny_video_frame_colors[index]).max() < 4, (index, mean)
+    path = tmp_path / "v.avi"
+    path.write_bytes(tiny_video_bytes)
+    from_path = sample_video_frames(path, num_segments=4)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(frames, from_path))
+    eight = sample_video_frames(tiny_video_bytes)  # the card's num_segments=8
+    assert len(eight) == 8
+    bounded = sample_video_frames(tiny_video_bytes, num_segments=2, bound=(1.0, 1.5))  # frames 10..15
+    means = [np.asarray(f, dtype=np.float64).reshape(-1, 3).mean(0) for f in bounded]
+    for mean, index in zip(means, get_frame_indices((1.0, 1.5), 10.0, 19, num_segments=2)):
+        assert np.abs(mean - tiny_video_frame_colors[index]).max() < 4
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "empty"),
+    (b"\x00\x01 definitely not a video" * 10, "could not be decoded"),
+])
+def test_sample_video_rejects_bad_data(data, message):
+    with pytest.raises(InvalidVideo, match=message):
+        sample_video_frames(data)
+
+
+def test_sample_video_rejects_bad_arguments(tiny_video_bytes, tmp_path):
+    with pytest.raises(InvalidVideo, match="num_segments must be >= 1"):
+        sample_video_frames(tiny_video_bytes, num_segments=0)
+    with pytest.raises(InvalidVideo, match="does not exist"):
+        sample_video_frames(tmp_path / "missing.mp4")
+    with pytest.raises(InvalidVideo, match="above the limit of 100 pixels"):
+        sample_video_frames(tiny_video_bytes, max_pixels=100)
+    with pytest.raises(InvalidVideo, match="above the limit of 100 pixels"):
+        sample_video_frames(tiny_video_bytes, max_pixels=100, isolate=False)
+
+
+def test_a_decoder_crash_becomes_invalid_video(tiny_video_bytes):
+    """decord segfaults on this truncated AVI; the forked decoder turns that into InvalidVideo."""
+    with pytest.raises(InvalidVideo, match="crashed|could not be decoded"):
+        sample_video_frames(tiny_video_bytes[: len(tiny_video_bytes) // 8])
+    frames = sample_video_frames(tiny_video_bytes, num_segments=2)  # and the next call still works
+    assert len(frames) == 2
+
+
+def test_isolated_and_in_process_decoding_agree(tiny_video_bytes):
+    a = sample_video_frames(tiny_video_bytes, num_segments=3)
+    b = sample_video_frames(tiny_video_bytes, num_segments=3, isolate=False)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
