@@ -1,0 +1,277 @@
+"""GPU micro-benchmark of internvl_serve.kernels against their torch baselines.
+
+    python bench/kernels_bench.py            # the tables
+    python bench/kernels_bench.py --sweep    # also try other tile configs / partition sizes
+
+Decode attention (Hq = Hkv = 40, D = 128, block size 16, bf16): the flash-decoding kernel with a
+block table as wide as the context, and with the engine-wide table of 256 blocks (4096 tokens: the
+grid is fixed by the table, so shorter contexts pay for empty partitions), against the batched SDPA
+gather (`paged_decode_attention_torch`, tight table).
+Int8 linears: `int8_linear` against bf16 F.linear (cuBLAS) at the LLaMA-2-13B projection shapes.
+
+GB/s counts the fewest bytes each op must move (K/V read once; weight, input and output once).
+The copy row is a device-to-device copy, bytes read plus written: the ceiling for those numbers.
+Every kernel is checked against a float64 reference first; a wrong result exits non-zero.
+Times: per call, median of 7 replays of one CUDA graph of >= 20 calls (no launch gaps, as in the
+engine's captured decode step), cycling over enough input sets (>= 256 MB) that every call reads
+its weights / KV from DRAM, not from the 50 MB L2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import triton  # noqa: E402
+
+from internvl_serve.kernels.int8_linear import Int8MatmulConfig, default_config, int8_linear, quantize_weight  # noqa: E402
+from internvl_serve.kernels.paged_attention import (  # noqa: E402
+    default_decode_tiles,
+    paged_decode_attention,
+    paged_decode_attention_ref,
+    paged_decode_attention_torch,
+)
+
+H, D, BS, ENGINE_BLOCKS = 40, 128, 16, 256
+LINEAR_SHAPES = [(5120, 5120), (13824, 5120), (5120, 13824)]  # (N, K): o/qkv-part, gate/up, down
+
+
+class WrongResult(SystemExit):
+    pass
+
+
+class Rows(list):
+    """A table's lines, echoed to stderr as they come (a run cut off at its time limit still shows
+    what it measured); main() prints the whole table again at the end."""
+
+    def __init__(self, header: list[str]) -> None:
+        super().__init__()
+        for line in header:
+            self.append(line)
+
+    def append(self, line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+        super().append(line)
+
+
+def check(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float = 1e-2, *,
+          sub: slice = slice(None)) -> float:
+    """Exit non-zero unless out[sub] is finite and within `tol` (relative L2) of the float64 ref."""
+    out, ref = out[sub].double(), ref.double()
+    if not torch.isfinite(out).all():
+        raise WrongResult(f"WRONG RESULT {name}: NaN/inf in the output")
+    err = ((out - ref).norm() / ref.norm()).item()
+    if not err < tol:
+        raise WrongResult(f"WRONG RESULT {name}: rel err {err:.2e} >= {tol}")
+    return err
+
+
+ROTATE_BYTES = 256 << 20  # inputs cycled per timing: 5x the H100's 50 MB L2, so every call reads DRAM
+
+
+def graph_us(calls: list, iters: int | None = None) -> float:
+    """Median microseconds per call of a CUDA graph that replays `calls` round-robin.
+
+    calls: zero-argument callables, one per input set (several sets whose bytes add up past the L2,
+    so each call reads its inputs from DRAM as a decode step does). One graph of `iters` calls, no
+    launch gaps: what the engine's captured decode step sees. Each call runs once first (compiles).
+    """
+    for c in calls:
+        c()
+    if iters is None:
+        iters = max(len(calls), 20)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(g, stream=s):
+            for i in range(iters):
+                calls[i % len(calls)]()
+    torch.cuda.current_stream().wait_stream(s)
+    g.replay()
+    times = []
+    for _ in range(7):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / iters)
+    del g
+    return sorted(times)[len(times) // 2]
+
+
+def ceilings() -> tuple[float, float]:
+    """(copy GB/s counting read + write, read-only GB/s) over 512 MiB, outside and inside a graph;
+    the best of each (a captured copy_ can become a copy-engine memcpy node, which runs slower)."""
+    x = torch.randn(1 << 28, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    nbytes = x.numel() * 2
+    copy_us = min(graph_us([lambda: y.copy_(x)], iters=5), graph_us([lambda: torch.mul(x, 1, out=y)], iters=5),
+                  events_us(lambda: y.copy_(x)))
+    read_us = min(graph_us([lambda: x.sum()], iters=5), events_us(lambda: x.sum()))
+    return 2 * nbytes / copy_us / 1e3, nbytes / read_us / 1e3
+
+
+def events_us(fn, iters: int = 10) -> float:
+    """Microseconds per call of `iters` back-to-back eager calls (for large ops only)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / iters
+
+
+def paged_inputs(B: int, ctx: int, table_blocks: int):
+    """Every sequence at `ctx` tokens; blocks shuffled over the cache; table `table_blocks` wide."""
+    need = triton.cdiv(ctx, BS)
+    num_blocks = B * need
+    k = torch.randn(num_blocks, BS, H, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    perm = torch.randperm(num_blocks, device="cuda").int().view(B, need)
+    table = torch.zeros(B, table_blocks, dtype=torch.int32, device="cuda")
+    table[:, :need] = perm
+    q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16)
+    lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
+    return q, k, v, table, lens
+
+
+def attention_table(bw: float, sweep: bool) -> list[str]:
+    rows = Rows([f"{'B':>3} {'ctx':>5} | {'triton us':>9} {'GB/s':>6} {'%copy':>5} | {'tbl256 us':>9} {'%copy':>5} | "
+                 f"{'sdpa us':>8} {'GB/s':>6} | {'speedup':>7} | tiles"])
+    scale = D**-0.5
+    for ctx in (512, 2048):
+        for B in (1, 8, 32, 64):
+            nbytes = 2 * B * ctx * H * D * 2 + 2 * B * H * D * 2  # K and V once, q and out
+            sets = []
+            for _ in range(max(1, min(16, ROTATE_BYTES // nbytes))):
+                q, k, v, table, lens = paged_inputs(B, ctx, ENGINE_BLOCKS)
+                sets.append((q, k, v, table, table[:, : triton.cdiv(ctx, BS)].contiguous(), lens))
+            q, k, v, table, tight, lens = sets[0]
+            sub = slice(0, min(B, 8))  # the float64 reference loops over the batch
+            ref = paged_decode_attention_ref(q[sub], k, v, tight[sub], lens[sub], scale, out_dtype=torch.float64)
+            for name, tbl in (("tight", tight), ("tbl256", table)):
+                out = torch.full_like(q, float("nan"))
+                paged_decode_attention(q, k, v, tbl, lens, scale, out=out)
+                check(f"attention {name} B={B} ctx={ctx}", out, ref, sub=sub)
+            check(f"sdpa B={B} ctx={ctx}", paged_decode_attention_torch(q, k, v, tight, lens, scale), ref, sub=sub)
+
+            def timed(tight_table: bool, fn=paged_decode_attention, **kw) -> float:
+                return graph_us([
+                    (lambda s=s: fn(s[0], s[1], s[2], s[4] if tight_table else s[3], s[5], scale, **kw))
+                    for s in sets
+                ])
+
+            t_tri, t_256, t_sdpa = timed(True), timed(False), timed(True, paged_decode_attention_torch)
+            tiles = default_decode_tiles(B, H)
+            gb = lambda t: nbytes / t / 1e3
+            rows.append(
+                f"{B:>3} {ctx:>5} | {t_tri:>9.1f} {gb(t_tri):>6.0f} {100 * gb(t_tri) / bw:>5.0f} | "
+                f"{t_256:>9.1f} {100 * gb(t_256) / bw:>5.0f} | {t_sdpa:>8.1f} {gb(t_sdpa):>6.0f} | "
+                f"{t_sdpa / t_tri:>6.1f}x | p{tiles.partition_size}/n{tiles.block_n}/w{tiles.num_warps}"
+            )
+            if sweep:  # the engine-wide table, other partition sizes / tiles / warps
+                res = []
+                for part, bn in ((32, 32), (64, 32), (64, 64), (128, 64), (128, 128), (256, 64), (256, 128)):
+                    for nw in (4, 8):
+                        out = paged_decode_attention(q, k, v, table, lens, scale, partition_size=part, block_n=bn,
+                                                     num_warps=nw)
+                        check(f"attention part={part} bn={bn} nw={nw}", out, ref, sub=sub)
+                        t = timed(False, partition_size=part, block_n=bn, num_warps=nw)
+                        res.append((t, f"p{part}/n{bn}/w{nw}"))
+                res.sort()
+                rows.append("      sweep tbl256 " + " ".join(f"{n}:{t:.1f}" for t, n in res))
+            del sets, q, k, v, table, tight
+    return rows
+
+
+def sweep_configs(M: int) -> list[Int8MatmulConfig]:
+    bm = max(16, triton.next_power_of_2(M))
+    tiles = ((16, 128), (16, 256), (16, 512), (32, 128), (32, 256), (64, 128), (64, 256))
+    dots = [Int8MatmulConfig(bm, bn, bk, sk, 4, 4) for bn, bk in tiles for sk in (1, 2, 4)]
+    dots += [Int8MatmulConfig(bm, bn, 128, sk, 4, ns) for bn in (32, 64) for sk in (1, 4) for ns in (3, 5)]
+    dots += [Int8MatmulConfig(bm, 128, 128, sk, 8, 4) for sk in (1, 2)]
+    if M > 8:
+        return dots
+    gemv_tiles = ((4, 1024), (8, 1024), (8, 512), (8, 256), (16, 256), (16, 512), (32, 256), (32, 128), (64, 128))
+    gemvs = [Int8MatmulConfig(1, bn, bk, sk, 4, 1, gemv=True) for bn, bk in gemv_tiles for sk in (1, 2, 4)]
+    gemvs += [Int8MatmulConfig(1, 8, 512, 1, nw, 1, gemv=True) for nw in (2, 8)]
+    return dots + gemvs
+
+
+def config_name(c: Int8MatmulConfig) -> str:
+    return f"{'gemv' if c.gemv else f'm{c.block_m}'} n{c.block_n} k{c.block_k} s{c.split_k} w{c.num_warps} st{c.num_stages}"
+
+
+def linear_table(bw: float, sweep: bool) -> list[str]:
+    rows = Rows([f"{'M':>3} {'N':>6} {'K':>6} | {'int8 us':>8} {'GB/s':>6} {'%copy':>5} | {'bf16 us':>8} {'GB/s':>6} "
+                 f"{'%copy':>5} | {'speedup':>7} | config"])
+    for N, K in LINEAR_SHAPES:
+        n_sets = max(1, ROTATE_BYTES // (N * K))
+        ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(max(1, n_sets // 2))]
+        qs = [quantize_weight(ws[i % len(ws)] + 0.001 * i) for i in range(n_sets)]
+        for M in (1, 8, 32, 64):
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            w_int8, scale = qs[0]
+            ref = x.double() @ (w_int8.double() * scale.double()[:, None]).t()
+            cfg = default_config(M, N, K)
+            check(f"int8_linear M={M} N={N} K={K}", int8_linear(x, w_int8, scale, use_triton=True), ref, 1e-2)
+            check(f"bf16 linear M={M} N={N} K={K}", torch.nn.functional.linear(x, ws[0]),
+                  x.double() @ ws[0].double().t(), 1e-2)
+            t8 = graph_us([lambda q=q: int8_linear(x, q[0], q[1], use_triton=True) for q in qs])
+            t16 = graph_us([lambda w=w: torch.nn.functional.linear(x, w) for w in ws])
+            io = M * K * 2 + M * N * 2
+            b8, b16 = N * K + N * 4 + io, 2 * N * K + io
+            rows.append(
+                f"{M:>3} {N:>6} {K:>6} | {t8:>8.1f} {b8 / t8 / 1e3:>6.0f} {100 * b8 / t8 / 1e3 / bw:>5.0f} | "
+                f"{t16:>8.1f} {b16 / t16 / 1e3:>6.0f} {100 * b16 / t16 / 1e3 / bw:>5.0f} | {t16 / t8:>6.2f}x | "
+                + config_name(cfg)
+            )
+            if sweep:
+                res = []
+                for c in sweep_configs(M):
+                    try:
+                        out = int8_linear(x, w_int8, scale, use_triton=True, config=c)
+                    except Exception as e:  # e.g. out of shared memory: a config, not a result, fails
+                        res.append((float("inf"), f"{c} {type(e).__name__}"))
+                        continue
+                    check(f"int8_linear {c}", out, ref, 1e-2)
+                    t = graph_us([lambda q=q: int8_linear(x, q[0], q[1], use_triton=True, config=c) for q in qs])
+                    res.append((t, config_name(c).replace(" ", "")))
+                res.sort(key=lambda r: r[0])
+                rows.append("      sweep " + " ".join(f"{n}:{t:.1f}" for t, n in res[:12]))
+        del ws, qs
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sweep", action="store_true", help="also time other tile configs / partition sizes")
+    ap.add_argument("--only", choices=["attention", "linear"], default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("kernels_bench needs a CUDA GPU")
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    props = torch.cuda.get_device_properties(0)
+    bw, read_bw = ceilings()
+    lines = [f"device {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
+             f"triton {triton.__version__}; copy bandwidth {bw:.0f} GB/s (read + write; %copy below is "
+             f"against it); read-only (sum) {read_bw:.0f} GB/s"]
+    if args.only in (None, "attention"):
+        lines += ["", "decode attention, Hq=Hkv=40, D=128, bf16; every sequence at ctx"] + attention_table(bw, args.sweep)
+    if args.only in (None, "linear"):
+        lines += ["", "weight-only int8 linear vs bf16 F.linear"] + linear_table(bw, args.sweep)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

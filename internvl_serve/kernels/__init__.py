@@ -1,0 +1,39 @@
+"""GPU kernels for the serving engine (Triton), each with a plain-torch reference and CPU fallback.
+
+- paged_attention: flash-decoding attention of one new token per sequence over a block-paged KV
+  cache of any strides, and the KV-cache write (`write_kv`).
+- int8_linear: weight-only int8 linears (per-output-channel scales) for the language model.
+
+Every public function takes `use_triton=None` (Triton on CUDA tensors, torch elsewhere), so the
+engine calls the same function on the CPU test machines and on the GPU.
+"""
+
+from internvl_serve.kernels.int8_linear import (
+    Int8Linear,
+    LogitError,
+    compare_logits,
+    int8_linear,
+    logit_error,
+    quantize_llama_linears,
+    quantize_weight,
+)
+from internvl_serve.kernels.paged_attention import (
+    paged_decode_attention,
+    paged_decode_attention_ref,
+    paged_decode_attention_torch,
+    write_kv,
+)
+
+__all__ = [
+    "Int8Linear",
+    "LogitError",
+    "compare_logits",
+    "int8_linear",
+    "logit_error",
+    "paged_decode_attention",
+    "paged_decode_attention_ref",
+    "paged_decode_attention_torch",
+    "quantize_llama_linears",
+    "quantize_weight",
+    "write_kv",
+]

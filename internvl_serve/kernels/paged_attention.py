@@ -1,0 +1,404 @@
+"""Decode attention over a paged KV cache (flash-decoding), and the KV-cache write.
+
+Owns: the Triton kernels for one-query-token-per-sequence attention over a block-paged KV cache,
+the kernel that writes new tokens' K/V into their slots, and plain-torch versions of both (used as
+test references and as the CPU fallback). Does not own: the cache allocation, the block tables or the
+slot mapping (the engine's block manager builds those), nor prefill attention.
+
+Cache layout: one K and one V tensor per layer, each with the logical dims
+(num_blocks, block_size, num_kv_heads, head_dim) and ANY strides (the strides are passed to the
+kernels), so a cache stored as (num_blocks, num_kv_heads, block_size, head_dim) is handed over as a
+permuted view. head_dim stride 1 gives 16-byte loads on the GPU.
+
+Flash-decoding: the context of each (sequence, query head) is cut into partitions of
+`partition_size` tokens; one program per (sequence, query head, partition) runs an online softmax
+over its tokens and writes a partial output with its running max and sum; a second kernel merges
+the partitions. The grid depends only on B, Hq and block_tables.shape[1], never on data
+(context_lens is read inside the kernels), so a launch can be captured in a CUDA graph and replayed
+with other context lengths and block tables.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU-only install has no triton: the torch paths below still work
+    triton = None
+    tl = None
+
+_LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------------------
+# torch versions: references and CPU fallback
+# --------------------------------------------------------------------------------------------------
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Reference: per sequence, gather its tokens and run softmax attention in float64.
+
+    q (B, Hq, D); caches (num_blocks, block_size, Hkv, D); returns (B, Hq, D) in out_dtype (q's
+    dtype by default). A sequence with context length 0 gets zeros. Loops over the batch: for tests.
+    """
+    B, Hq, D = q.shape
+    block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    out = torch.zeros(B, Hq, D, dtype=torch.float64, device=q.device)
+    for b in range(B):
+        n = int(context_lens[b])
+        if n == 0:
+            continue
+        blocks = block_tables[b, : (n + block_size - 1) // block_size].long()
+        k = k_cache[blocks].reshape(-1, Hkv, D)[:n].double()  # (n, Hkv, D)
+        v = v_cache[blocks].reshape(-1, Hkv, D)[:n].double()
+        k = k.repeat_interleave(group, dim=1)  # (n, Hq, D)
+        v = v.repeat_interleave(group, dim=1)
+        s = torch.einsum("hd,nhd->hn", q[b].double(), k) * scale  # (Hq, n)
+        out[b] = torch.einsum("hn,nhd->hd", s.softmax(dim=-1), v)
+    return out.to(out_dtype or q.dtype)
+
+
+def paged_decode_attention_torch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Batched torch version: gather all of block_tables' blocks, mask past context_lens, SDPA.
+
+    Shape-static (no host sync), so it is the CPU fallback and the baseline the benchmark beats.
+    Reads max_blocks * block_size tokens per sequence whatever the context length.
+    """
+    B, Hq, D = q.shape
+    block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
+    T = block_tables.shape[1] * block_size
+    bt = block_tables.long().clamp(0, k_cache.shape[0] - 1)  # unused table slots may hold junk
+    k = k_cache[bt].reshape(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+    v = v_cache[bt].reshape(B, T, Hkv, D).transpose(1, 2)
+    valid = torch.arange(T, device=q.device)[None, :] < context_lens.to(q.device)[:, None]  # (B, T)
+    # Slots past a context may hold anything (torch.empty, NaN bit patterns): 0 * NaN would leak.
+    k = torch.where(valid[:, None, :, None], k, 0)
+    v = torch.where(valid[:, None, :, None], v, 0)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None, :], k, v, attn_mask=valid[:, None, None, :], scale=scale,
+        enable_gqa=Hq != Hkv,
+    )  # (B, Hq, 1, D); a row with no valid token comes out NaN
+    out = out[:, :, 0, :]
+    return torch.where((context_lens.to(q.device) > 0)[:, None, None], out, torch.zeros_like(out))
+
+
+def write_kv_ref(
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Reference: k_cache[slot // block_size, slot % block_size] = k_new; slots < 0 are skipped."""
+    block_size = k_cache.shape[1]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache[slots // block_size, slots % block_size] = k_new[keep].to(k_cache.dtype)
+    v_cache[slots // block_size, slots % block_size] = v_new[keep].to(v_cache.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_partition_kernel(
+        q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr,
+        out_ptr, part_o_ptr, part_m_ptr, part_l_ptr,
+        qk_scale,  # softmax scale * log2(e): the kernel works in base 2
+        stride_qb, stride_qh, stride_qd,
+        stride_kn, stride_kt, stride_kh, stride_kd,
+        stride_vn, stride_vt, stride_vh, stride_vd,
+        stride_btb, stride_btn,
+        stride_ob, stride_oh, stride_od,
+        block_size,
+        max_tokens,  # block_tables.shape[1] * block_size: longer contexts are cut there
+        NUM_PARTS,  # partitions per (sequence, head): a run-time value, so table widths share a compile
+        GROUP: tl.constexpr,  # query heads per KV head
+        PART_TOKENS: tl.constexpr,  # tokens per partition, a multiple of BLOCK_N
+        BLOCK_N: tl.constexpr,  # tokens per loop step
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of 2
+        SINGLE: tl.constexpr,  # NUM_PARTS == 1: normalise and write the output directly
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        part = tl.program_id(2)
+        kvh = h // GROUP
+        ctx = tl.minimum(tl.load(lens_ptr + b), max_tokens)  # never read past the table's row
+        start = part * PART_TOKENS
+        end = tl.minimum(start + PART_TOKENS, ctx)
+
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < HEAD_DIM
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d * stride_qd, mask=mask_d, other=0.0)
+        q = q.to(tl.float32) * qk_scale  # (BLOCK_D,)
+
+        m_i = tl.full((), -float("inf"), tl.float32)
+        l_i = tl.full((), 0.0, tl.float32)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        # An empty partition (start >= ctx) runs no iteration and leaves m=-inf, l=0.
+        for t0 in range(start, end, BLOCK_N):
+            offs_t = t0 + tl.arange(0, BLOCK_N)
+            mask_t = offs_t < end
+            blk = tl.load(bt_ptr + b * stride_btb + (offs_t // block_size) * stride_btn, mask=mask_t, other=0)
+            blk = blk.to(tl.int64)  # block * stride can pass 2**31 elements in a large cache
+            slot = offs_t % block_size
+            mask_td = mask_t[:, None] & mask_d[None, :]
+            k = tl.load(
+                k_ptr + blk[:, None] * stride_kn + slot[:, None] * stride_kt + kvh * stride_kh
+                + offs_d[None, :] * stride_kd,
+                mask=mask_td, other=0.0,
+            )  # (BLOCK_N, BLOCK_D)
+            v = tl.load(
+                v_ptr + blk[:, None] * stride_vn + slot[:, None] * stride_vt + kvh * stride_vh
+                + offs_d[None, :] * stride_vd,
+                mask=mask_td, other=0.0,
+            )
+            s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # (BLOCK_N,) in log2 units
+            s = tl.where(mask_t, s, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))  # finite: the first step has a valid token
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new)
+            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            m_i = m_new
+
+        if SINGLE:
+            o = acc / tl.where(l_i > 0, l_i, 1.0)  # context length 0: acc = 0 gives zeros, not NaN
+            tl.store(
+                out_ptr + b * stride_ob + h * stride_oh + offs_d * stride_od,
+                o.to(out_ptr.dtype.element_ty), mask=mask_d,
+            )
+        else:
+            row = (b * tl.num_programs(1) + h) * NUM_PARTS + part
+            o = acc / tl.where(l_i > 0, l_i, 1.0)
+            tl.store(part_o_ptr + row * BLOCK_D + offs_d, o)
+            tl.store(part_m_ptr + row, m_i)
+            tl.store(part_l_ptr + row, l_i)
+
+    @triton.jit
+    def _decode_reduce_kernel(
+        out_ptr, part_o_ptr, part_m_ptr, part_l_ptr, lens_ptr,
+        stride_ob, stride_oh, stride_od,
+        max_tokens,
+        NUM_PARTS: tl.constexpr,
+        BLOCK_P: tl.constexpr,  # NUM_PARTS rounded up to a power of 2
+        PART_TOKENS: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        ctx = tl.minimum(tl.load(lens_ptr + b), max_tokens)
+        n_parts = tl.cdiv(ctx, PART_TOKENS)  # partitions past the context wrote nothing useful
+        offs_p = tl.arange(0, BLOCK_P)
+        mask_p = offs_p < n_parts
+        row0 = (b * tl.num_programs(1) + h) * NUM_PARTS
+        m = tl.load(part_m_ptr + row0 + offs_p, mask=mask_p, other=-float("inf"))
+        l = tl.load(part_l_ptr + row0 + offs_p, mask=mask_p, other=0.0)
+        m_max = tl.max(m, axis=0)
+        m_max = tl.where(m_max > -float("inf"), m_max, 0.0)  # all partitions empty: no -inf - -inf
+        w = tl.where(l > 0, tl.exp2(m - m_max) * l, 0.0)  # (BLOCK_P,)
+        w_sum = tl.sum(w, axis=0)
+        offs_d = tl.arange(0, BLOCK_D)
+        o = tl.load(
+            part_o_ptr + (row0 + offs_p)[:, None] * BLOCK_D + offs_d[None, :],
+            mask=mask_p[:, None], other=0.0,
+        )  # (BLOCK_P, BLOCK_D)
+        o = tl.sum(o * w[:, None], axis=0)
+        o = o / tl.where(w_sum > 0, w_sum, 1.0)
+        tl.store(
+            out_ptr + b * stride_ob + h * stride_oh + offs_d * stride_od,
+            o.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM,
+        )
+
+    @triton.jit
+    def _write_kv_kernel(
+        k_new_ptr, v_new_ptr, k_ptr, v_ptr, slot_ptr,
+        stride_knt, stride_knh, stride_knd,
+        stride_vnt, stride_vnh, stride_vnd,
+        stride_kn, stride_kt, stride_kh, stride_kd,
+        stride_vn, stride_vt, stride_vh, stride_vd,
+        block_size,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        if slot >= 0:  # a padded row of a captured batch carries slot -1
+            blk = slot // block_size
+            off = slot % block_size
+            offs_d = tl.arange(0, BLOCK_D)
+            mask_d = offs_d < HEAD_DIM
+            k = tl.load(k_new_ptr + t * stride_knt + h * stride_knh + offs_d * stride_knd, mask=mask_d)
+            v = tl.load(v_new_ptr + t * stride_vnt + h * stride_vnh + offs_d * stride_vnd, mask=mask_d)
+            tl.store(
+                k_ptr + blk * stride_kn + off * stride_kt + h * stride_kh + offs_d * stride_kd,
+                k.to(k_ptr.dtype.element_ty), mask=mask_d,
+            )
+            tl.store(
+                v_ptr + blk * stride_vn + off * stride_vt + h * stride_vh + offs_d * stride_vd,
+                v.to(v_ptr.dtype.element_ty), mask=mask_d,
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms_of(device: torch.device) -> int:
+    """Multiprocessor count of a CUDA device (132 on an H100 SXM), 132 for anything else."""
+    device = torch.device(device)
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+@dataclass(frozen=True)
+class DecodeTiles:
+    partition_size: int  # tokens per program (split-K partition)
+    block_n: int  # tokens per loop step
+    num_warps: int
+
+
+def default_decode_tiles(batch: int, num_heads: int, num_sms: int = 132) -> DecodeTiles:
+    """Split-K tiles from the grid's static size only (never from context lengths).
+
+    Measured on an H100 (bench/kernels_bench.py --sweep, Hq=40, D=128, ctx 512..2048, table of 256
+    blocks): with few (sequence, head) pairs, 128-token partitions in one loop step of 8 warps; once
+    the pairs alone fill the SMs ~8 deep, 256-token partitions of 4 warps (2.7 TB/s at B=64, ctx 2048).
+    Each was within ~10% of the best of 14 tilings on every measured shape.
+    """
+    if batch * num_heads >= 8 * num_sms:
+        return DecodeTiles(partition_size=256, block_n=128, num_warps=4)
+    return DecodeTiles(partition_size=128, block_n=128, num_warps=8)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    partition_size: int | None = None,
+    use_triton: bool | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """Attention of one new token per sequence over its paged context.
+
+    q (B, Hq, D); k_cache, v_cache with logical dims (num_blocks, block_size, Hkv, D), any strides;
+    block_tables (B, max_blocks) int32, entries past a sequence's last block never read;
+    context_lens (B,) int32, the new token's K/V already in the cache (0 gives a zero output;
+    the kernels cut a length past max_blocks * block_size there instead of reading out of bounds).
+    Returns (B, Hq, D) in q's dtype (written into `out` when given). Hq must be a multiple of Hkv.
+    use_triton: None runs the Triton kernels on CUDA tensors and the torch version elsewhere.
+    partition_size (tokens per split, a power of 2 >= 16), block_n (tokens per loop step) and
+    num_warps: tuning knobs; None takes default_decode_tiles(B, Hq).
+    """
+    B, Hq, D = q.shape
+    num_blocks, block_size, Hkv, Dk = k_cache.shape
+    assert v_cache.shape == k_cache.shape and Dk == D, (q.shape, k_cache.shape, v_cache.shape)
+    assert Hq % Hkv == 0, f"query heads {Hq} not a multiple of KV heads {Hkv}"
+    assert block_tables.shape[0] == B and context_lens.shape == (B,)
+    if use_triton is None:
+        use_triton = q.is_cuda and triton is not None
+    if not use_triton:
+        res = paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
+        if out is None:
+            return res
+        out.copy_(res)
+        return out
+    if out is None:
+        out = torch.empty_like(q)
+    max_tokens = block_tables.shape[1] * block_size
+    tiles = default_decode_tiles(B, Hq, num_sms_of(q.device))
+    partition_size = partition_size or tiles.partition_size
+    num_warps = num_warps or tiles.num_warps
+    assert partition_size >= 16 and partition_size & (partition_size - 1) == 0, partition_size
+    block_n = min(block_n or tiles.block_n, partition_size)
+    num_parts = triton.cdiv(max_tokens, partition_size)
+    block_d = triton.next_power_of_2(D)
+    single = num_parts == 1
+    if single:
+        part_o = part_m = part_l = out  # unused
+    else:
+        part_o = torch.empty(B * Hq * num_parts, block_d, dtype=torch.float32, device=q.device)
+        part_m = torch.empty(B * Hq * num_parts, dtype=torch.float32, device=q.device)
+        part_l = torch.empty(B * Hq * num_parts, dtype=torch.float32, device=q.device)
+    _decode_partition_kernel[(B, Hq, num_parts)](
+        q, k_cache, v_cache, block_tables, context_lens,
+        out, part_o, part_m, part_l,
+        scale * _LOG2E,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
+        block_size, max_tokens, num_parts,
+        GROUP=Hq // Hkv, PART_TOKENS=partition_size, BLOCK_N=block_n,
+        HEAD_DIM=D, BLOCK_D=block_d, SINGLE=single,
+        num_warps=num_warps,
+    )
+    if not single:
+        _decode_reduce_kernel[(B, Hq)](
+            out, part_o, part_m, part_l, context_lens,
+            *out.stride(), max_tokens,
+            NUM_PARTS=num_parts, BLOCK_P=triton.next_power_of_2(num_parts), PART_TOKENS=partition_size,
+            HEAD_DIM=D, BLOCK_D=block_d,
+            num_warps=4,
+        )
+    return out
+
+
+def write_kv(
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    use_triton: bool | None = None,
+) -> None:
+    """Write new tokens' K/V into the cache in place: token t goes to block slot_mapping[t] //
+    block_size, offset slot_mapping[t] % block_size. Slots < 0 are skipped (padding of a captured
+    batch), with no host sync. k_new, v_new (T, Hkv, D); caches as in paged_decode_attention.
+    """
+    T, Hkv, D = k_new.shape
+    assert v_new.shape == k_new.shape and k_cache.shape[2:] == (Hkv, D) and slot_mapping.shape == (T,)
+    if use_triton is None:
+        use_triton = k_new.is_cuda and triton is not None
+    if not use_triton:
+        write_kv_ref(k_new, v_new, k_cache, v_cache, slot_mapping)
+        return
+    if T == 0:
+        return
+    _write_kv_kernel[(T, Hkv)](
+        k_new, v_new, k_cache, v_cache, slot_mapping,
+        *k_new.stride(), *v_new.stride(), *k_cache.stride(), *v_cache.stride(),
+        k_cache.shape[1],
+        HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D),
+        num_warps=1,
+    )
