@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from . import random_weights
 from .config import InternVLChatConfig
 from .model.internvl import PARTS, build_model, normalize_parts
 from .model.language import is_ignored_key, reset_rotary_buffers
@@ -96,6 +97,8 @@ def find_weights(folder: str | Path) -> WeightFiles:
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a directory")
+    if random_weights.is_random_checkpoint(folder):      # benchmark-only: see random_weights.py
+        return WeightFiles(folder, "random", {k: random_weights.MARKER for k in random_weights.real_shapes(folder)})
     if (folder / SAFE_INDEX).is_file():
         return WeightFiles(folder, "safetensors", _read_index(folder / SAFE_INDEX))
     if (folder / SAFE_SINGLE).is_file():
@@ -133,6 +136,8 @@ def open_shard(path: Path, fmt: str):
     """A dict-like shard (key -> tensor). .bin shards are memory-mapped: nothing is read until used."""
     if not path.is_file():
         raise CheckpointError(f"{path.name}: shard listed in the index is missing from {path.parent}")
+    if fmt == "random":
+        return random_weights.RandomShard(path.parent)
     try:
         if fmt == "safetensors":
             return _SafetensorsShard(path)
@@ -153,7 +158,9 @@ def open_shard(path: Path, fmt: str):
 
 
 def _shape(shard, key: str) -> tuple[int, ...]:
-    return shard.shape(key) if isinstance(shard, _SafetensorsShard) else tuple(shard[key].shape)
+    if isinstance(shard, (_SafetensorsShard, random_weights.RandomShard)):
+        return tuple(shard.shape(key))
+    return tuple(shard[key].shape)
 
 
 def _convert(t: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
@@ -192,6 +199,10 @@ def _read_tensors(files: WeightFiles, keys: list[str], dtype: torch.dtype, devic
                     raise CheckpointError(f"{name}: mis-shaped keys (expected vs got): " + "; ".join(wrong[:10]) + more)
             for k in shard_keys:
                 try:
+                    if isinstance(shard, random_weights.RandomShard):
+                        out[k] = shard.make(k, dtype, device)     # drawn on the device, no CPU copy
+                        bar.update(1)
+                        continue
                     out[k] = _convert(shard[k], dtype, device)
                 except CheckpointError:
                     raise

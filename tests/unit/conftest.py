@@ -6,43 +6,7 @@ import copy
 
 import pytest
 
-# The full-size InternVL-Chat-V1-1 config as the model sheet gives it (48 ViT blocks, select_layer -4,
-# vocab 41840: the values that reproduce the official 19,113,663,360 parameters).
-V1_1_CONFIG = {
-    "architectures": ["InternVLChatModel"],
-    "auto_map": {
-        "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
-        "AutoModel": "modeling_internvl_chat.InternVLChatModel",
-        "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel",
-    },
-    "downsample_ratio": 0.5,
-    "dynamic_image_size": False,
-    "force_image_size": 448,
-    "model_type": "internvl_chat",
-    "ps_version": "v1",
-    "select_layer": -4,
-    "system_message": "",
-    "template": "internvl_zh",
-    "use_thumbnail": False,
-    "max_dynamic_patch": 6,
-    "min_dynamic_patch": 1,
-    "vision_config": {
-        "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
-        "hidden_size": 3200, "num_attention_heads": 25, "intermediate_size": 12800, "num_hidden_layers": 48,
-        "patch_size": 14, "image_size": 448, "num_channels": 3, "qkv_bias": False, "qk_normalization": True,
-        "hidden_act": "gelu", "layer_norm_eps": 1e-6, "norm_type": "rms_norm", "initializer_factor": 0.1,
-        "initializer_range": 1e-10, "drop_path_rate": 0.0, "dropout": 0.0, "attention_dropout": 0.0,
-        "use_flash_attn": True,
-    },
-    "llm_config": {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": 41840, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
-        "num_attention_heads": 40, "num_key_value_heads": 40, "max_position_embeddings": 4096,
-        "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_scaling": None,
-        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "tie_word_embeddings": False,
-        "attention_bias": False, "initializer_range": 0.02, "max_length": 20,
-    },
-}
+from internvl_serve.random_weights import V1_1_SHEET_CONFIG as V1_1_CONFIG  # noqa: E402
 
 
 @pytest.fixture
