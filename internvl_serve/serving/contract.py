@@ -1,0 +1,450 @@
+"""The `internvl_chat` ensemble's contract as data, and the Triton-free parsing of its requests.
+
+Owns: the tensor table (names, Triton datatypes, dims, defaults, meaning) that the config.pbtxt tests,
+the README and clients read; `ServingLimits` (request size limits, overridable from config.pbtxt
+`parameters`); turning a dict of numpy arrays (what an adapter pulls out of a Triton request) into a
+typed `ChatRequest` / `GenerationRequest`, raising `InvalidInput` with a message that names the tensor
+and says what is allowed; and the numpy form of a response. Does not own: the prompt rules (prompt.py),
+image decoding (imageproc.py), sampling-parameter ranges (engine/sampling.py validates them; their
+errors are re-raised here naming the tensor), or anything that imports Triton or torch.
+
+Images may be sent raw (the encoded file bytes) or, for JSON clients such as HTTP `generate_stream`,
+as a `data:image/<type>;base64,<payload>` string; a video likewise as raw bytes or `data:video/...`.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from internvl_serve.engine import InvalidRequest, SamplingParams  # torch-free
+
+# Model names in model_repository/ (the Triton names users see).
+ENSEMBLE = "internvl_chat"
+PREPROCESS = "preprocess"
+VISION = "vision"
+LLM = "llm"
+
+IMAGE_SIZE = 448  # the checkpoint's force_image_size; each image (or video frame) is one 448x448 tile
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a model's interface. `dims` as in config.pbtxt (-1: any length)."""
+
+    name: str
+    datatype: str  # Triton wire name: BYTES, INT32, FP32, UINT64, BOOL
+    dims: tuple[int, ...]
+    optional: bool = True
+    default: Any = None
+    doc: str = ""
+
+    @property
+    def config_type(self) -> str:
+        """The config.pbtxt data_type, e.g. TYPE_STRING for BYTES."""
+        return "TYPE_STRING" if self.datatype == "BYTES" else f"TYPE_{self.datatype}"
+
+
+_NUMPY_DTYPES = {"INT32": np.int32, "FP32": np.float32, "UINT64": np.uint64, "BOOL": np.bool_}
+
+# Inputs the preprocess model reads (the chat).
+CHAT_INPUTS: tuple[TensorSpec, ...] = (
+    TensorSpec("text_input", "BYTES", (1,), optional=False,
+               doc="the question, UTF-8; may hold `<image>` placeholders"),
+    TensorSpec("images", "BYTES", (-1,), default=(),
+               doc="encoded images (JPEG, PNG, WebP, GIF first frame, BMP, ...) or "
+                   "`data:image/...;base64,` strings, one per element"),
+    TensorSpec("video", "BYTES", (1,),
+               doc="an encoded video file (or a `data:video/...;base64,` string); "
+                   "frames sampled as the card's get_index"),
+    TensorSpec("num_segments", "INT32", (1,), default=8, doc="frames to sample from the video"),
+    TensorSpec("history", "BYTES", (1,),
+               doc="JSON list of earlier [question, answer] pairs (questions as sent, with their `<image>`)"),
+    TensorSpec("num_patches_list", "INT32", (-1,),
+               doc="the card's num_patches_list: images per `<image>` placeholder (default: derived)"),
+)
+
+# Inputs that shape generation (read by llm, and validated early by preprocess).
+GENERATION_INPUTS: tuple[TensorSpec, ...] = (
+    TensorSpec("max_tokens", "INT32", (1,), default=1024,
+               doc="new tokens at most (capped by the context window)"),
+    TensorSpec("temperature", "FP32", (1,), default=0.0, doc="0 means greedy (the card's do_sample=False)"),
+    TensorSpec("top_p", "FP32", (1,), default=1.0, doc="nucleus sampling, in (0, 1]"),
+    TensorSpec("top_k", "INT32", (1,), default=0, doc="0 means off"),
+    TensorSpec("repetition_penalty", "FP32", (1,), default=1.0,
+               doc="> 0; HF semantics, over generated tokens"),
+    TensorSpec("seed", "UINT64", (1,), default=0, doc="seed of this request's sampler"),
+    TensorSpec("stop_words", "BYTES", (-1,), default=(), doc="extra stop strings; `</s>` always stops"),
+    TensorSpec("ignore_eos", "BOOL", (1,), default=False,
+               doc="keep generating past `</s>` up to max_tokens (benchmarks)"),
+    TensorSpec("stream", "BOOL", (1,), default=False,
+               doc="true: one response per text delta; false: one response"),
+    TensorSpec("exclude_input_in_output", "BOOL", (1,), default=True,
+               doc="false: the first text_output starts with text_input"),
+)
+
+ENSEMBLE_INPUTS: tuple[TensorSpec, ...] = CHAT_INPUTS + GENERATION_INPUTS
+
+OUTPUTS: tuple[TensorSpec, ...] = (
+    TensorSpec("text_output", "BYTES", (1,), optional=False,
+               doc="the new text: a delta when streaming, the whole answer otherwise"),
+    TensorSpec("finish_reason", "BYTES", (1,), optional=False,
+               doc='"" until the last response, then "stop", "length" or "cancelled"'),
+    TensorSpec("num_input_tokens", "INT32", (1,), optional=False,
+               doc="prompt tokens, image tokens included"),
+    TensorSpec("num_output_tokens", "INT32", (1,), optional=False, doc="tokens generated so far"),
+)
+
+# Tensors between the composing models (not visible to clients).
+INPUT_IDS = TensorSpec("input_ids", "INT32", (-1,), optional=False, doc="prompt token ids, images expanded")
+PIXEL_VALUES = TensorSpec("pixel_values", "FP32", (1, -1, 3, IMAGE_SIZE, IMAGE_SIZE), optional=False,
+                          doc="normalized image tiles of one request (leading 1: one request)")
+IMAGE_EMBEDS = TensorSpec("image_embeds", "FP32", (1, -1, -1), optional=False,
+                          doc="(1, images * num_image_token, llm hidden size)")
+
+# The vision model batches requests: its own dims leave out the batch dimension (max_batch_size > 0).
+VISION_INPUT_DIMS = (-1, 3, IMAGE_SIZE, IMAGE_SIZE)
+VISION_OUTPUT_DIMS = (-1, -1)
+
+FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
+
+SPECS: dict[str, TensorSpec] = {s.name: s for s in ENSEMBLE_INPUTS + OUTPUTS}
+
+
+def contract_table_markdown() -> str:
+    """The ensemble's inputs and outputs as a Markdown table (the README's)."""
+    rows = ["| name | type | dims | default | meaning |", "|---|---|---|---|---|"]
+    for s in ENSEMBLE_INPUTS + OUTPUTS:
+        if not s.optional:
+            default = "required" if s in ENSEMBLE_INPUTS else "always"
+        elif s.default is None or s.default == ():
+            default = "none"
+        else:
+            default = json.dumps(s.default)
+        dims = "[" + ",".join(str(d) for d in s.dims) + "]"
+        rows.append(f"| {s.name} | {s.datatype} | {dims} | {default} | {s.doc} |")
+    return "\n".join(rows)
+
+
+class InvalidInput(ValueError):
+    """A request the client must fix; the message names the tensor and says what is allowed."""
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """Per-request size limits. Production defaults; each can be overridden by a config.pbtxt
+    parameter of the same name (string value, a positive integer)."""
+
+    max_images: int = 12  # 256 tokens each: 12 images use 3072 of V1-1's 4096-token context
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 36_000_000  # width * height after decoding (decompression bombs)
+    max_video_bytes: int = 64 * 1024 * 1024
+    max_frames: int = 12  # num_segments at most
+    max_question_bytes: int = 32 * 1024
+    max_history_bytes: int = 256 * 1024
+    max_stop_words: int = 16
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, str]) -> "ServingLimits":
+        """Defaults overridden by the keys of `parameters` that name a field; other keys are ignored."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in parameters:
+                continue
+            raw = str(parameters[f.name]).strip()
+            try:
+                value = int(raw)
+            except ValueError:
+                value = 0
+            if value <= 0:
+                raise ValueError(f"parameter {f.name!r} must be a positive integer, got {raw!r}")
+            values[f.name] = value
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """What the preprocess model turns into a prompt and pixel values."""
+
+    question: str
+    images: list[bytes] = field(default_factory=list)  # encoded files, data URLs already decoded
+    video: bytes | None = None
+    num_segments: int = 8
+    history: list[tuple[str, str]] | None = None  # None: no history tensor sent
+    num_patches_list: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What the llm model needs besides the prompt: sampling and response shaping."""
+
+    sampling: SamplingParams  # validated
+    stream: bool = False
+    exclude_input_in_output: bool = True
+
+
+# ---- checking one tensor -------------------------------------------------------------------------
+
+
+def _numpy_datatype(array: np.ndarray) -> str:
+    if array.dtype == object or array.dtype.kind in "SU":
+        return "BYTES"
+    names = {np.dtype(v): k for k, v in _NUMPY_DTYPES.items()}
+    names.update({np.dtype(np.int64): "INT64", np.dtype(np.float64): "FP64", np.dtype(np.float16): "FP16",
+                  np.dtype(np.int8): "INT8", np.dtype(np.int16): "INT16", np.dtype(np.uint8): "UINT8",
+                  np.dtype(np.uint32): "UINT32", np.dtype(np.int64): "INT64"})
+    return names.get(array.dtype, str(array.dtype))
+
+
+def _shape_text(dims) -> str:
+    return "[" + ",".join(str(d) for d in dims) + "]"
+
+
+def _checked(inputs: Mapping[str, np.ndarray], spec: TensorSpec) -> np.ndarray | None:
+    """The tensor named by `spec`, after checking its datatype and shape; None when absent."""
+    array = inputs.get(spec.name)
+    if array is None:
+        if not spec.optional:
+            raise InvalidInput(f"input '{spec.name}' is required ({spec.datatype} {_shape_text(spec.dims)})")
+        return None
+    array = np.asarray(array)
+    got = _numpy_datatype(array)
+    if got != spec.datatype:
+        raise InvalidInput(f"input '{spec.name}' must be {spec.datatype}, got {got}")
+    if len(array.shape) != len(spec.dims) or any(d != -1 and d != n for d, n in zip(spec.dims, array.shape)):
+        raise InvalidInput(f"input '{spec.name}' must have shape {_shape_text(spec.dims)}, "
+                           f"got {_shape_text(array.shape)}")
+    return array
+
+
+def _as_bytes(name: str, value: Any) -> bytes:
+    if isinstance(value, (bytes, np.bytes_)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    raise InvalidInput(f"input '{name}' must hold bytes, got {type(value).__name__}")
+
+
+def _as_text(name: str, value: Any) -> str:
+    raw = _as_bytes(name, value)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidInput(f"input '{name}' is not valid UTF-8 (bad byte at offset {e.start})") from None
+
+
+def _scalar(inputs: Mapping[str, np.ndarray], spec: TensorSpec) -> Any:
+    array = _checked(inputs, spec)
+    if array is None:
+        return spec.default
+    return array.reshape(-1)[0].item() if spec.datatype != "BYTES" else array.reshape(-1)[0]
+
+
+_DATA_URL = re.compile(rb"^data:(?P<kind>[a-z]+)/[A-Za-z0-9.+-]+(?:;[A-Za-z0-9.+-]+=[^;,]*)*;base64,", re.I)
+
+
+def decode_data_url(name: str, value: bytes, kind: str, max_bytes: int) -> bytes:
+    """`value` itself, or the payload of a `data:<kind>/<type>;base64,<payload>` URL."""
+    if not value[:5].lower() == b"data:":
+        return value
+    match = _DATA_URL.match(value)
+    if match is None or match.group("kind").lower() != kind.encode():
+        raise InvalidInput(f"input '{name}' starts with 'data:' but is not a '{kind}' data URL; "
+                           f"expected data:{kind}/<type>;base64,<payload>")
+    payload = re.sub(rb"\s+", b"", value[match.end():])
+    if len(payload) > (max_bytes + 2) // 3 * 4:
+        raise InvalidInput(f"input '{name}' decodes to more than {max_bytes} bytes")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput(f"input '{name}' has a data URL whose payload is not valid base64") from None
+
+
+# ---- the chat -----------------------------------------------------------------------------------
+
+
+def _parse_question(inputs, limits: ServingLimits) -> str:
+    spec = SPECS["text_input"]
+    raw = _as_bytes(spec.name, _scalar(inputs, spec))
+    if len(raw) > limits.max_question_bytes:
+        raise InvalidInput(f"input 'text_input' is {len(raw)} bytes; at most {limits.max_question_bytes} allowed")
+    question = _as_text(spec.name, raw)
+    if not question.strip():
+        raise InvalidInput("input 'text_input' is empty: send a non-blank question")
+    return question
+
+
+def _parse_images(inputs, limits: ServingLimits) -> list[bytes]:
+    array = _checked(inputs, SPECS["images"])
+    if array is None:
+        return []
+    if array.shape[0] > limits.max_images:
+        raise InvalidInput(f"input 'images' holds {array.shape[0]} images; at most {limits.max_images} allowed")
+    images = []
+    for i, value in enumerate(array.reshape(-1)):
+        name = f"images[{i}]"
+        data = decode_data_url(name, _as_bytes(name, value), "image", limits.max_image_bytes)
+        if not data:
+            raise InvalidInput(f"input '{name}' is empty: send an encoded image file")
+        if len(data) > limits.max_image_bytes:
+            raise InvalidInput(f"input '{name}' is {len(data)} bytes; at most {limits.max_image_bytes} allowed")
+        images.append(data)
+    return images
+
+
+def _parse_video(inputs, limits: ServingLimits) -> bytes | None:
+    spec = SPECS["video"]
+    if _checked(inputs, spec) is None:
+        return None
+    data = decode_data_url(spec.name, _as_bytes(spec.name, _scalar(inputs, spec)), "video", limits.max_video_bytes)
+    if not data:
+        raise InvalidInput("input 'video' is empty: send an encoded video file")
+    if len(data) > limits.max_video_bytes:
+        raise InvalidInput(f"input 'video' is {len(data)} bytes; at most {limits.max_video_bytes} allowed")
+    return data
+
+
+_HISTORY_HELP = 'a JSON list of [question, answer] string pairs, e.g. [["<image>\\nWhat is it?", "A cat."]]'
+
+
+def _parse_history(inputs, limits: ServingLimits) -> list[tuple[str, str]] | None:
+    spec = SPECS["history"]
+    if _checked(inputs, spec) is None:
+        return None
+    raw = _as_bytes(spec.name, _scalar(inputs, spec))
+    if len(raw) > limits.max_history_bytes:
+        raise InvalidInput(f"input 'history' is {len(raw)} bytes; at most {limits.max_history_bytes} allowed")
+    text = _as_text(spec.name, raw)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidInput(f"input 'history' is not valid JSON ({e.msg} at char {e.pos}); "
+                           f"expected {_HISTORY_HELP}") from None
+    if not isinstance(value, list):
+        raise InvalidInput(f"input 'history' must be {_HISTORY_HELP}; got a JSON {type(value).__name__}")
+    pairs = []
+    for i, pair in enumerate(value):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
+            raise InvalidInput(f"input 'history' entry {i} must be a [question, answer] pair of strings; "
+                               f"expected {_HISTORY_HELP}")
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+def _parse_num_patches_list(inputs) -> list[int] | None:
+    array = _checked(inputs, SPECS["num_patches_list"])
+    if array is None:
+        return None
+    values = [int(v) for v in array.reshape(-1)]
+    if not values or any(v < 1 for v in values):
+        raise InvalidInput(f"input 'num_patches_list' must list one positive count per <image> placeholder, "
+                           f"got {values}")
+    return values
+
+
+def parse_chat_request(inputs: Mapping[str, np.ndarray], limits: ServingLimits = ServingLimits()) -> ChatRequest:
+    """The chat part of a request; raises InvalidInput. Unknown names are Triton's to reject."""
+    question = _parse_question(inputs, limits)
+    images = _parse_images(inputs, limits)
+    video = _parse_video(inputs, limits)
+    num_segments = int(_scalar(inputs, SPECS["num_segments"]))
+    if video is not None:
+        if images:
+            raise InvalidInput("send either 'images' or 'video', not both")
+        if not 1 <= num_segments <= limits.max_frames:
+            raise InvalidInput(f"input 'num_segments' must be between 1 and {limits.max_frames}, got {num_segments}")
+    num_patches_list = _parse_num_patches_list(inputs)
+    if num_patches_list is not None and video is not None:
+        raise InvalidInput("input 'num_patches_list' does not apply to a video (one frame per <image>)")
+    return ChatRequest(question=question, images=images, video=video, num_segments=num_segments,
+                       history=_parse_history(inputs, limits), num_patches_list=num_patches_list)
+
+
+# ---- generation ---------------------------------------------------------------------------------
+
+# SamplingParams field -> the tensor that sets it (for error messages)
+_SAMPLING_TENSOR = {"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                    "repetition_penalty": "repetition_penalty", "seed": "seed", "stop": "stop_words",
+                    "ignore_eos": "ignore_eos"}
+
+
+def _parse_stop_words(inputs, limits: ServingLimits) -> tuple[str, ...]:
+    array = _checked(inputs, SPECS["stop_words"])
+    if array is None:
+        return ()
+    if array.shape[0] > limits.max_stop_words:
+        raise InvalidInput(f"input 'stop_words' holds {array.shape[0]} strings; at most {limits.max_stop_words} allowed")
+    words = tuple(_as_text(f"stop_words[{i}]", v) for i, v in enumerate(array.reshape(-1)))
+    if any(not w for w in words):
+        raise InvalidInput("input 'stop_words' must not hold empty strings")
+    return words
+
+
+def parse_generation_request(inputs: Mapping[str, np.ndarray],
+                             limits: ServingLimits = ServingLimits()) -> GenerationRequest:
+    """Sampling parameters and response options; raises InvalidInput naming the offending tensor."""
+    values = {name: _scalar(inputs, SPECS[name]) for name in
+              ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "ignore_eos")}
+    kwargs = dict(max_tokens=int(values["max_tokens"]), temperature=float(values["temperature"]),
+                  top_p=float(values["top_p"]), top_k=int(values["top_k"]),
+                  repetition_penalty=float(values["repetition_penalty"]), seed=int(values["seed"]),
+                  stop=_parse_stop_words(inputs, limits))
+    stream = bool(_scalar(inputs, SPECS["stream"]))
+    exclude_input = bool(_scalar(inputs, SPECS["exclude_input_in_output"]))
+    fields = {f.name for f in dataclasses.fields(SamplingParams)}
+    if "ignore_eos" in fields:
+        kwargs["ignore_eos"] = bool(values["ignore_eos"])
+    elif values["ignore_eos"]:
+        raise InvalidInput("input 'ignore_eos' is not supported by this engine")
+    try:
+        sampling = SamplingParams(**kwargs)
+        sampling.validate()
+    except InvalidRequest as e:
+        message = str(e)
+        field_name = re.match(r"[a-z_]+", message)
+        tensor = _SAMPLING_TENSOR.get(field_name.group(0)) if field_name else None
+        raise InvalidInput(f"input '{tensor}': {message}" if tensor else message) from None
+    return GenerationRequest(sampling=sampling, stream=stream, exclude_input_in_output=exclude_input)
+
+
+# ---- the llm model's request ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LLMRequest:
+    """What the llm model receives from preprocess and vision, plus the client's generation inputs."""
+
+    input_ids: np.ndarray  # (T,) int32
+    image_embeds: np.ndarray | None  # (images * num_image_token, hidden) float32; None without images
+    text_input: str
+    generation: GenerationRequest
+
+
+def parse_llm_request(inputs: Mapping[str, np.ndarray], limits: ServingLimits = ServingLimits()) -> LLMRequest:
+    ids = _checked(inputs, INPUT_IDS)
+    if ids.size == 0:
+        raise InvalidInput("input 'input_ids' is empty")
+    embeds = _checked(inputs, IMAGE_EMBEDS)
+    embeds = embeds.reshape(embeds.shape[1:]) if embeds.shape[1] else None
+    text = _as_text("text_input", _scalar(inputs, SPECS["text_input"]))
+    return LLMRequest(input_ids=ids, image_embeds=embeds, text_input=text,
+                      generation=parse_generation_request(inputs, limits))
+
+
+# ---- responses ----------------------------------------------------------------------------------
+
+
+def response_arrays(text: str, finish_reason: str, num_input_tokens: int, num_output_tokens: int) -> dict:
+    """One response's output tensors as numpy arrays, named and typed as OUTPUTS."""
+    return {
+        "text_output": np.array([text.encode("utf-8")], dtype=object),
+        "finish_reason": np.array([finish_reason.encode("utf-8")], dtype=object),
+        "num_input_tokens": np.array([num_input_tokens], dtype=np.int32),
+        "num_output_tokens": np.array([num_output_tokens], dtype=np.int32),
+    }

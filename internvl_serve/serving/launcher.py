@@ -1,0 +1,401 @@
+"""Start the real Triton Inference Server (the binary inside the `nvidia-pytriton` wheel) on
+`model_repository/`.
+
+Owns: finding `tritonserver` and its Python backend in the installed wheel; preparing (once, cached) a
+`--backend-directory` whose `python/` holds the stub built for the running Python; the environment the
+Python backend needs (the venv's `bin/` first on PATH so the stub embeds this interpreter,
+LD_LIBRARY_PATH with libpython's folder and the wheel's bundled libraries, INTERNVL_CHECKPOINT for the
+models); production flags; waiting for readiness (failing fast, with the log's tail, if the server
+dies); stopping it (SIGTERM, then SIGKILL of its process group). Does not own: the models (the
+repository's adapters) or any client.
+
+CLI:  python -m internvl_serve.serving.launcher [--checkpoint DIR] [--host 127.0.0.1] [--grpc-port 8001]
+      [--http-port 8000] [--metrics-port 8002] [--log-verbose N] [--model-repository DIR]
+API:  with TritonServer(checkpoint=..., grpc_port=None) as server: server.grpc_url ...  (None: a free port)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "tiny"
+CHECKPOINT_ENV = "INTERNVL_CHECKPOINT"  # read by the models' initialize()
+
+
+class LaunchError(RuntimeError):
+    """The server could not be found, prepared, started or made ready."""
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    server: Path  # the tritonserver binary
+    backends: Path  # a --backend-directory holding python/ for this interpreter
+    library_dirs: tuple[Path, ...]  # to put on LD_LIBRARY_PATH
+
+
+def _python_version() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def _default_cache() -> Path:
+    """Where prepared backend folders live: inside the venv when writable, else ~/.cache."""
+    venv = Path(sys.prefix) / "var" / "internvl-serve"
+    try:
+        venv.mkdir(parents=True, exist_ok=True)
+        if os.access(venv, os.W_OK):
+            return venv
+    except OSError:
+        pass
+    return Path.home() / ".cache" / "internvl-serve"
+
+
+def prepare_backend_directory(wheel_root: Path, cache: Path | None = None) -> Path:
+    """A backend folder with python/{libtriton_python.so, triton_python_backend_utils.py,
+    triton_python_backend_stub (for this Python)}; made once per wheel version and Python version."""
+    version = _python_version()
+    source = wheel_root / "backends" / "python"
+    stub = wheel_root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    files = [source / "libtriton_python.so", source / "triton_python_backend_utils.py", stub]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise LaunchError(f"the nvidia-pytriton wheel lacks {', '.join(missing)} (Python {version} supported?)")
+    try:
+        wheel_version = importlib.metadata.version("nvidia-pytriton")
+    except importlib.metadata.PackageNotFoundError:
+        wheel_version = "unknown"
+    target = (cache or _default_cache()) / f"triton-backends-pytriton{wheel_version}-py{version}"
+    python = target / "python"
+    if all((python / f.name).is_file() and (python / f.name).stat().st_size == f.stat().st_size for f in files):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    (staging / "python").mkdir()
+    for f in files:
+        shutil.copy2(f, staging / "python" / f.name)
+    shutil.rmtree(target, ignore_errors=True)
+    try:
+        os.replace(staging, target)
+    except OSError:  # another process won the race: its copy is the same
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def find_triton(tritonserver: str | Path | None = None, backend_directory: str | Path | None = None) -> TritonInstall:
+    """The server from the installed nvidia-pytriton wheel, or the given binary and backend folder.
+    Without the wheel, $TRITONSERVER and $TRITON_BACKENDS (as .carry/bootstrap.sh exports them)."""
+    library_dirs = [Path(sysconfig.get_config_var("LIBDIR") or sys.base_prefix + "/lib")]
+    spec = importlib.util.find_spec("pytriton")
+    wheel_root = None
+    if spec is not None and spec.submodule_search_locations:
+        package = Path(list(spec.submodule_search_locations)[0])
+        wheel_root = package / "tritonserver"
+        library_dirs.append(package.parent / "nvidia_pytriton.libs")
+    if wheel_root is None:  # no wheel: a server unpacked elsewhere (the GPU machine's .carry/bootstrap.sh)
+        tritonserver = tritonserver or os.environ.get("TRITONSERVER")
+        backend_directory = backend_directory or os.environ.get("TRITON_BACKENDS")
+    if tritonserver is None:
+        if wheel_root is None:
+            raise LaunchError("nvidia-pytriton is not installed in this Python; run scripts/setup.sh, "
+                              "or pass --tritonserver and --backend-directory")
+        tritonserver = wheel_root / "bin" / "tritonserver"
+    server = Path(tritonserver)
+    if not (server.is_file() and os.access(server, os.X_OK)):
+        raise LaunchError(f"no executable tritonserver at {server}")
+    if backend_directory is None:
+        if wheel_root is None:
+            raise LaunchError("pass --backend-directory (a folder holding python/ for this Python)")
+        backend_directory = prepare_backend_directory(wheel_root)
+    return TritonInstall(server=server, backends=Path(backend_directory),
+                         library_dirs=tuple(d for d in library_dirs if d.is_dir()))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def server_environment(install: TritonInstall, checkpoint: Path, base: dict | None = None) -> dict:
+    """The environment tritonserver (and the Python backend's stubs) must run in."""
+    env = dict(os.environ if base is None else base)
+    venv_bin = str(Path(sys.prefix) / "bin")  # the stub takes sys.prefix from the first python3 on PATH
+    env["PATH"] = os.pathsep.join([venv_bin] + [p for p in env.get("PATH", "").split(os.pathsep) if p and p != venv_bin])
+    libs = [str(d) for d in install.library_dirs] + [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(dict.fromkeys(libs))
+    env[CHECKPOINT_ENV] = str(checkpoint)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def ensure_default_checkpoint(path: Path = DEFAULT_CHECKPOINT) -> Path:
+    """checkpoints/tiny, made with make_tiny_checkpoint when missing or incomplete (it is idempotent
+    and writes atomically)."""
+    from internvl_serve.tiny import make_tiny_checkpoint
+
+    if not (path / "config.json").is_file():
+        print(f"launcher: making the tiny checkpoint at {path}", file=sys.stderr)
+    return make_tiny_checkpoint(path, fmt="bin", seed=0)
+
+
+def _kill_group(leader: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    """SIGKILL every process of the leader's group and wait (bounded) until none is left."""
+    deadline = time.monotonic() + timeout_s
+    tick = threading.Event()
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(leader.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return
+        leader.poll()  # reap the leader (our child); the others are reaped by init
+        tick.wait(0.05)
+
+
+class TritonServer:
+    """tritonserver as a child process: start() waits until ready, stop() always cleans up.
+
+    Ports given as None are picked free at start (and picked again if the server loses a race for one).
+    """
+
+    def __init__(self, checkpoint: str | Path, *, model_repository: str | Path = DEFAULT_MODEL_REPOSITORY,
+                 host: str = "127.0.0.1", grpc_port: int | None = None, http_port: int | None = None,
+                 metrics_port: int | None = None, log_verbose: int = 0, log_file: str | Path | None = None,
+                 exit_timeout_s: int = 30, ready_timeout_s: float = 900.0,
+                 tritonserver: str | Path | None = None, backend_directory: str | Path | None = None,
+                 extra_args: tuple[str, ...] = ()):
+        self.checkpoint = Path(checkpoint).resolve()
+        self.model_repository = Path(model_repository).resolve()
+        self.host = host
+        self._ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
+        self.ports: dict[str, int] = {}
+        self.log_verbose = log_verbose
+        self.log_file = Path(log_file) if log_file else None
+        self.exit_timeout_s = exit_timeout_s
+        self.ready_timeout_s = ready_timeout_s
+        self._install_args = (tritonserver, backend_directory)
+        self.extra_args = tuple(extra_args)
+        self._proc: subprocess.Popen | None = None
+        self._log = None
+
+    # -- addresses
+    @property
+    def client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else ("[::1]" if self.host == "::" else self.host)
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.client_host}:{self.ports['grpc']}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.client_host}:{self.ports['http']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.client_host}:{self.ports['metrics']}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def command(self, install: TritonInstall) -> list[str]:
+        p = self.ports
+        return [
+            str(install.server),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={install.backends}",
+            "--model-control-mode=none",  # serve exactly the checked-in repository
+            "--disable-auto-complete-config",  # configs are literal; nothing is filled in
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
+            f"--grpc-address={self.host}", f"--grpc-port={p['grpc']}",
+            f"--http-address={self.host}", f"--http-port={p['http']}",
+            "--allow-metrics=true", f"--metrics-address={self.host}", f"--metrics-port={p['metrics']}",
+            # tensors cross to the Python stubs through shared memory: start big enough for a few images
+            "--backend-config=python,shm-default-byte-size=33554432",
+            "--backend-config=python,shm-growth-byte-size=33554432",
+            f"--log-verbose={self.log_verbose}",
+            *self.extra_args,
+        ]
+
+    # -- life cycle
+    def start(self) -> "TritonServer":
+        if self._proc is not None:
+            raise LaunchError("already started")
+        if not (self.checkpoint / "config.json").is_file():
+            raise LaunchError(f"{self.checkpoint} is not a checkpoint folder (no config.json)")
+        if not self.model_repository.is_dir():
+            raise LaunchError(f"no model repository at {self.model_repository}")
+        install = find_triton(*self._install_args)
+        env = server_environment(install, self.checkpoint)
+        if self.log_file is None:
+            self.log_file = Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
+        for attempt in range(3):
+            self.ports = {k: v if v is not None else free_port(self.host if self.host else "127.0.0.1")
+                          for k, v in self._ports.items()}
+            self._log = open(self.log_file, "ab")
+            self._proc = subprocess.Popen(self.command(install), stdout=self._log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            try:
+                self.wait_ready()
+                return self
+            except LaunchError:
+                lost_port_race = "already in use" in self.log_tail(200) and None in self._ports.values()
+                self.stop()
+                if not lost_port_race or attempt == 2:
+                    raise
+                self.log_file.write_bytes(b"")
+        return self
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Returns when /v2/health/ready answers 200; raises LaunchError (with the log's tail) if the
+        process exits first or the time runs out."""
+        deadline = time.monotonic() + (self.ready_timeout_s if timeout_s is None else timeout_s)
+        url = f"http://{self.client_host}:{self.ports['http']}/v2/health/ready"
+        while True:
+            if self._proc is None or self._proc.poll() is not None:
+                code = None if self._proc is None else self._proc.returncode
+                raise LaunchError(f"tritonserver exited (code {code}) before it was ready; "
+                                  f"log {self.log_file}, last lines:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise LaunchError(f"tritonserver not ready after {self.ready_timeout_s:.0f}s; "
+                                  f"log {self.log_file}, last lines:\n{self.log_tail()}")
+            try:  # wait for the process to exit, at most a quarter second, then ask again
+                self._proc.wait(timeout=0.25)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self.log_file is None or not self.log_file.exists():
+            return ""
+        with open(self.log_file, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 200 * lines))
+            text = f.read().decode("utf-8", "replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def terminate(self) -> None:
+        """Ask for a graceful shutdown (SIGTERM): in-flight requests get exit_timeout_s to finish."""
+        if self.is_running():
+            self._proc.send_signal(signal.SIGTERM)
+
+    def stop(self) -> int | None:
+        """Stop the server and everything it started (its process group); returns its exit code."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return None
+        try:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=self.exit_timeout_s + 15)
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            _kill_group(proc)  # the Python backend's stubs are in the server's group
+            proc.wait()
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+        return proc.returncode
+
+    def wait(self) -> int:
+        """Block until the server exits by itself (or by a signal someone sent it)."""
+        return self._proc.wait() if self._proc else 0
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m internvl_serve.serving.launcher", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help=f"checkpoint folder (default: {DEFAULT_CHECKPOINT.relative_to(REPO_ROOT)}, made if missing)")
+    p.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument("--log-file", type=Path, default=None, help="server log (default: a temporary file)")
+    p.add_argument("--exit-timeout-secs", type=int, default=30, help="grace time for in-flight requests on stop")
+    p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for the models to load")
+    p.add_argument("--tritonserver", type=Path, default=None, help="a tritonserver binary (default: the wheel's)")
+    p.add_argument("--backend-directory", type=Path, default=None,
+                   help="a backend folder with python/ for this Python (default: prepared from the wheel)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        checkpoint = args.checkpoint or ensure_default_checkpoint()
+        server = TritonServer(checkpoint, model_repository=args.model_repository, host=args.host,
+                              grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port,
+                              log_verbose=args.log_verbose, log_file=args.log_file,
+                              exit_timeout_s=args.exit_timeout_secs, ready_timeout_s=args.ready_timeout,
+                              tritonserver=args.tritonserver, backend_directory=args.backend_directory)
+    except LaunchError as e:
+        print(f"launcher: {e}", file=sys.stderr)
+        return 2
+    stopping = []
+
+    def on_signal(signum, frame):  # first signal: graceful stop; second: kill
+        if stopping and server.pid:
+            os.killpg(server.pid, signal.SIGKILL)  # (the main thread's stop() reaps what is left)
+        stopping.append(signum)
+        server.terminate()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    print(f"launcher: starting tritonserver on {checkpoint} (log: {server.log_file or 'a temporary file'})",
+          file=sys.stderr, flush=True)
+    try:
+        server.start()
+    except LaunchError as e:
+        print(f"launcher: {e}", file=sys.stderr)
+        server.stop()
+        return 0 if stopping else 1
+    print(f"launcher: ready. gRPC {server.grpc_url}  HTTP {server.http_url}  metrics {server.metrics_url}\n"
+          f"launcher: model 'internvl_chat' (streaming over gRPC, or POST {server.http_url}"
+          f"/v2/models/internvl_chat/generate_stream); server log {server.log_file}; Ctrl-C stops",
+          flush=True)
+    code = server.wait()
+    if not stopping:
+        print(f"launcher: tritonserver exited by itself (code {code}); last log lines:\n{server.log_tail()}",
+              file=sys.stderr)
+    server.stop()
+    return 0 if stopping and code in (0, -signal.SIGTERM) else (code or 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""The generation service behind the decoupled `llm` Triton model.
+
+Owns: loading only the checkpoint's language_model.* weights into the engine's ModelRunner; the
+engine thread (in-flight batching across requests); turning one request's RequestOutputs into the
+responses its client sees (`ResponseStream`: text deltas or one whole text, the card's strip(),
+the echo of text_input, finish reasons, token counts); watching for cancelled requests and aborting
+them in the engine (the engine frees their KV blocks at its next step). Does not own: Triton (the
+adapter in model_repository/llm implements `ResponseSink` over a response sender) or the engine.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Protocol
+
+import numpy as np
+import torch
+
+from internvl_serve.serving.contract import FINISH_REASONS, LLMRequest, response_arrays
+from internvl_serve.serving.device import default_dtype, resolve_device
+
+
+class ResponseSink(Protocol):
+    """Where one request's responses go (a Triton response sender in the adapter)."""
+
+    def send(self, response: dict[str, np.ndarray], final: bool) -> None: ...
+
+    def fail(self, message: str) -> None: ...  # a final error response
+
+    def is_cancelled(self) -> bool: ...
+
+
+class ResponseStream:
+    """One request's engine outputs -> response dicts (contract.OUTPUTS), or None when there is
+    nothing to send yet.
+
+    The text is the card's `answer.strip()`: leading whitespace is dropped, trailing whitespace is
+    held back until more text follows (and dropped at the end), so the deltas concatenate to exactly
+    the stripped answer. stream=False: one response with the whole text at the end.
+    """
+
+    def __init__(self, text_input: str, *, stream: bool, exclude_input_in_output: bool = True):
+        self.stream = stream
+        self._echo = "" if exclude_input_in_output else text_input
+        self._started = False
+        self._held = ""
+        self._parts: list[str] = []
+        self.finished = False
+
+    def _strip(self, delta: str) -> str:
+        if not self._started:
+            delta = delta.lstrip()
+            self._started = bool(delta)
+        if not delta:
+            return ""
+        text = self._held + delta
+        kept = text.rstrip()
+        self._held = text[len(kept):]
+        return kept
+
+    def add(self, text_delta: str, *, finished: bool, finish_reason: str | None, num_input_tokens: int,
+            num_output_tokens: int) -> dict[str, np.ndarray] | None:
+        if self.finished:
+            raise RuntimeError("output after the final one")
+        delta = self._strip(text_delta)
+        if self.stream:
+            if not delta and not finished:
+                return None
+            text = delta
+        else:
+            self._parts.append(delta)
+            if not finished:
+                return None
+            text = "".join(self._parts)
+        text, self._echo = self._echo + text, ""
+        self.finished = finished
+        reason = FINISH_REASONS.get(finish_reason or "", finish_reason or "") if finished else ""
+        return response_arrays(text, reason, num_input_tokens, num_output_tokens)
+
+
+@dataclass
+class _Active:
+    """One request in flight. `lock` serialises the sink: once the final response is sent (`closed`),
+    the sink is never touched again; Triton 2.51's Python backend frees the response factory on the
+    final response, and asking it is_cancelled() after that crashes the server."""
+
+    sink: ResponseSink
+    stream: ResponseStream
+    cancelled: bool = False
+    closed: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Engine knobs, from the llm model's config.pbtxt parameters (string values). None: the engine's
+    default (num_blocks: sized from free GPU memory on CUDA, a fixed pool on CPU)."""
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, str]) -> "EngineOptions":
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = str(parameters.get(f.name, "")).strip()
+            if not raw:
+                continue
+            try:
+                if f.name == "enable_prefix_caching":
+                    if raw.lower() not in ("true", "false"):
+                        raise ValueError
+                    values[f.name] = raw.lower() == "true"
+                elif f.name == "gpu_memory_utilization":
+                    values[f.name] = float(raw)
+                    if not 0 < values[f.name] <= 1:
+                        raise ValueError
+                else:
+                    values[f.name] = int(raw)
+                    if values[f.name] < 1:
+                        raise ValueError
+            except ValueError:
+                raise ValueError(f"parameter {f.name!r}: {raw!r} is not a valid {f.type}") from None
+        return cls(**values)
+
+
+class LLMService:
+    """submit(request_id, LLMRequest, sink) -> responses flow to sink from the engine thread."""
+
+    def __init__(self, checkpoint: str | Path, *, device: str = "auto", dtype: torch.dtype | None = None,
+                 engine_options: Mapping[str, str] | None = None, cancel_poll_s: float = 0.05,
+                 log: Callable[[str], None] | None = None):
+        from internvl_serve.checkpoint import load_state_dict
+        from internvl_serve.config import InternVLChatConfig
+        from internvl_serve.engine import EngineThread, LLMEngine, ModelRunner, SchedulerConfig
+        from internvl_serve.tokenizer import load_tokenizer
+
+        self.device = resolve_device(device)
+        self.dtype = dtype or default_dtype(self.device)
+        self.config = InternVLChatConfig.from_pretrained(checkpoint)
+        self.tokenizer = load_tokenizer(checkpoint)
+        state_dict = load_state_dict(checkpoint, prefixes=("language_model.",), dtype=self.dtype,
+                                     device=self.device, progress=False)
+        options = EngineOptions.from_parameters(engine_options or {})
+        runner = ModelRunner(self.config, state_dict, device=self.device, dtype=self.dtype,
+                             block_size=options.block_size, num_blocks=options.num_blocks,
+                             gpu_memory_utilization=options.gpu_memory_utilization,
+                             max_num_batched_tokens=options.max_num_batched_tokens,
+                             max_num_seqs=options.max_num_seqs)
+        del state_dict  # the runner holds the weights now
+        scheduler = SchedulerConfig(max_num_seqs=options.max_num_seqs,
+                                    max_num_batched_tokens=options.max_num_batched_tokens,
+                                    enable_prefix_caching=options.enable_prefix_caching).validate()
+        self.engine = LLMEngine(runner, tokenizer=self.tokenizer, scheduler_config=scheduler)
+        self.thread = EngineThread(self.engine)
+        self._active: dict[str, _Active] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._stopping = threading.Event()
+        self._cancel_poll_s = cancel_poll_s
+        self._log = log or (lambda message: None)
+        self._watcher = threading.Thread(target=self._watch_cancellations, name="llm-cancel-watch", daemon=True)
+        self._watcher.start()
+
+    def new_request_id(self, hint: str = "") -> str:
+        return f"{hint or 'req'}#{next(self._ids)}"  # unique even when clients reuse ids
+
+    def submit(self, request_id: str, request: LLMRequest, sink: ResponseSink) -> None:
+        """Queue the request; raises the engine's InvalidRequest for a request it refuses."""
+        from internvl_serve.engine import Request
+
+        gen = request.generation
+        active = _Active(sink, ResponseStream(request.text_input, stream=gen.stream,
+                                              exclude_input_in_output=gen.exclude_input_in_output))
+        embeds = None if request.image_embeds is None else torch.from_numpy(np.ascontiguousarray(request.image_embeds))
+        engine_request = Request(request_id=request_id, prompt_token_ids=request.input_ids.tolist(),
+                                 image_embeds=embeds, sampling=gen.sampling)
+        with self._lock:
+            self._active[request_id] = active
+        try:
+            self.thread.submit(engine_request, lambda output: self._on_output(request_id, output))
+        except Exception:
+            with self._lock:
+                self._active.pop(request_id, None)
+            raise
+
+    def _on_output(self, request_id: str, output) -> None:
+        """Engine thread: one RequestOutput of `request_id` -> at most one response."""
+        with self._lock:
+            active = self._active.get(request_id)
+        if active is None:
+            return
+        with active.lock:
+            if not active.closed and output.error is not None:  # the engine failed this request
+                active.closed = True
+                self._fail(active.sink, f"llm: generation failed: {output.error}")
+            elif not active.closed:
+                try:
+                    response = active.stream.add(output.text_delta, finished=output.finished,
+                                                 finish_reason=output.finish_reason,
+                                                 num_input_tokens=output.num_prompt_tokens,
+                                                 num_output_tokens=output.num_output_tokens)
+                    if response is not None:
+                        active.closed = output.finished
+                        active.sink.send(response, final=output.finished)
+                except Exception as e:  # the response could not be built or sent: end the request
+                    if not active.closed:
+                        active.closed = True
+                        self._fail(active.sink, f"llm: {type(e).__name__}: {e}")
+                    if not output.finished:
+                        self.thread.abort(request_id)
+            done = active.closed
+        if done or output.finished:
+            with self._lock:
+                self._active.pop(request_id, None)
+
+    @staticmethod
+    def _fail(sink: ResponseSink, message: str) -> None:
+        try:
+            sink.fail(message)
+        except Exception:
+            pass
+
+    def _watch_cancellations(self) -> None:
+        """Triton checks cancellation only between ensemble steps: ask each sender, abort in the engine."""
+        while not self._stopping.wait(self._cancel_poll_s):
+            with self._lock:
+                active = [(rid, a) for rid, a in self._active.items() if not a.cancelled]
+            for request_id, a in active:
+                with a.lock:
+                    if a.closed:
+                        continue
+                    try:
+                        a.cancelled = a.sink.is_cancelled()
+                    except Exception:
+                        a.cancelled = True
+                if a.cancelled:
+                    self._log(f"llm: request {request_id} cancelled by the client; aborting it")
+                    self.thread.abort(request_id)
+
+    @property
+    def num_active(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+    def shutdown(self) -> None:
+        """Stop the engine; requests still running get a final error response."""
+        self._stopping.set()
+        self.thread.shutdown()
+        self._watcher.join(timeout=5)

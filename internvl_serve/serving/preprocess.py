@@ -1,0 +1,75 @@
+"""The preprocess service behind the `preprocess` Triton model: a ChatRequest -> prompt token ids and
+pixel tiles, following the model card's chat().
+
+Owns: decoding the images (or sampling the video's frames), the card's placeholder rules (through
+prompt.py), tokenizing the prompt, and refusing a prompt that does not fit the context window.
+Does not own: parsing tensors (contract.py), the template itself (prompt.py), pixel math (imageproc.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from internvl_serve.config import InternVLChatConfig
+from internvl_serve.imageproc import (InvalidImage, InvalidVideo, decode_image, load_preprocessor_config,
+                                     sample_video_frames, to_pixel_values)
+from internvl_serve.prompt import build_prompt, count_image_placeholders, resolve_num_patches_list, video_question
+from internvl_serve.serving.contract import ChatRequest, InvalidInput, ServingLimits
+from internvl_serve.tokenizer import load_tokenizer
+
+
+@dataclass(frozen=True)
+class Preprocessed:
+    input_ids: np.ndarray  # (T,) int32, <IMG_CONTEXT> * num_image_token per image, BOS first
+    pixel_values: np.ndarray  # (N, 3, S, S) float32, N = images or frames (0 for text)
+
+
+class Preprocessor:
+    def __init__(self, checkpoint: str | Path, limits: ServingLimits = ServingLimits()):
+        self.config = InternVLChatConfig.from_pretrained(checkpoint)
+        self.tokenizer = load_tokenizer(checkpoint)
+        self.size, self.mean, self.std = load_preprocessor_config(checkpoint)
+        self.limits = limits
+        self.context_window = self.config.llm_config.max_position_embeddings
+
+    def __call__(self, request: ChatRequest) -> Preprocessed:
+        question, num_patches_list = request.question, request.num_patches_list
+        if request.video is not None:
+            try:
+                images = sample_video_frames(request.video, num_segments=request.num_segments,
+                                             max_pixels=self.limits.max_image_pixels)
+            except InvalidVideo as e:
+                raise InvalidInput(f"input 'video': {e}") from None
+            if not count_image_placeholders("", request.history):  # later rounds: the history has the frames
+                question = video_question(question, len(images))
+            num_patches_list = [1] * len(images)
+        else:
+            images = [self._decode(i, data) for i, data in enumerate(request.images)]
+        question, num_patches_list = resolve_num_patches_list(question, request.history, len(images),
+                                                              num_patches_list)
+        prompt = build_prompt(question, request.history, num_patches_list, self.config.num_image_token,
+                              self.config.template, system_message=self.config.system_message)
+        ids = self.tokenizer.encode(prompt)
+        if len(ids) >= self.context_window:
+            raise InvalidInput(f"the prompt is {len(ids)} tokens ({len(images)} images of "
+                               f"{self.config.num_image_token} tokens each); the context window is "
+                               f"{self.context_window}: send fewer images or a shorter history")
+        pixel_values = to_pixel_values(images, size=self.size, mean=self.mean, std=self.std)  # (N, 3, S, S)
+        return Preprocessed(np.asarray(ids, dtype=np.int32), np.ascontiguousarray(pixel_values, dtype=np.float32))
+
+    def _decode(self, index: int, data: bytes):
+        try:
+            return decode_image(data, max_pixels=self.limits.max_image_pixels)
+        except InvalidImage as e:
+            raise InvalidInput(f"input 'images[{index}]': {e}") from None
+
+
+def client_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that mean "the request is wrong" (answered INVALID_ARG), not "the server failed"."""
+    from internvl_serve.engine import InvalidRequest
+    from internvl_serve.imageproc import InvalidImage, InvalidVideo
+    from internvl_serve.prompt import PromptError
+
+    return (InvalidInput, PromptError, InvalidImage, InvalidVideo, InvalidRequest)

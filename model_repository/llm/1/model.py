@@ -1,0 +1,66 @@
+"""Triton adapter for internvl_serve.serving.llm.LLMService (decoupled).
+
+execute() parses each request and submits it to the engine, then returns None; the engine thread
+sends the responses through the request's response sender. Exactly one response per request carries
+the FINAL flag: the last data response, or an error response (a refused request, or a failure after
+the start). Cancelled requests are aborted in the engine (LLMService polls is_cancelled())."""
+import json
+import os
+import sys
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+try:
+    import internvl_serve  # noqa: F401  (installed in the serving venv)
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
+from internvl_serve.serving.contract import parse_llm_request
+from internvl_serve.serving.llm import LLMService
+from internvl_serve.serving.preprocess import client_errors
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class TritonSink:
+    """internvl_serve.serving.llm.ResponseSink over one request's response sender."""
+
+    def __init__(self, sender):
+        self.sender = sender
+
+    def send(self, response, final):
+        tensors = [pb_utils.Tensor(name, value) for name, value in response.items()]
+        self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if final else 0)
+
+    def fail(self, message, code=None):  # pb_utils.TritonError exists only once the stub runs
+        code = pb_utils.TritonError.INTERNAL if code is None else code
+        self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=FINAL)
+
+    def is_cancelled(self):
+        return self.sender.is_cancelled()
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
+        device = params.pop("device", "auto")
+        self.service = LLMService(os.environ["INTERNVL_CHECKPOINT"], device=device, engine_options=params,
+                                  log=pb_utils.Logger.log_info)
+        self.client_errors = client_errors()
+        pb_utils.Logger.log_info(f"llm: {self.service.device} {self.service.dtype}")
+
+    def execute(self, requests):
+        for request in requests:
+            sink = TritonSink(request.get_response_sender())
+            try:
+                parsed = parse_llm_request({t.name(): t.as_numpy() for t in request.inputs()})
+                self.service.submit(self.service.new_request_id(request.request_id()), parsed, sink)
+            except self.client_errors as e:
+                sink.fail(str(e), pb_utils.TritonError.INVALID_ARG)
+            except Exception as e:
+                sink.fail(f"llm: {type(e).__name__}: {e}")
+        return None
+
+    def finalize(self):
+        self.service.shutdown()

@@ -1,0 +1,43 @@
+"""Triton adapter for internvl_serve.serving.preprocess.Preprocessor: request tensors -> input_ids
+(T,) and pixel_values (1, N, 3, 448, 448). A bad request gets INVALID_ARG with a message naming the
+input; the other requests of the same execute() are unaffected."""
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+try:
+    import internvl_serve  # noqa: F401  (installed in the serving venv)
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
+from internvl_serve.serving.contract import ServingLimits, parse_chat_request, parse_generation_request
+from internvl_serve.serving.preprocess import Preprocessor, client_errors
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
+        self.limits = ServingLimits.from_parameters(params)
+        self.preprocessor = Preprocessor(os.environ["INTERNVL_CHECKPOINT"], self.limits)
+        self.client_errors = client_errors()
+
+    def execute(self, requests):
+        return [self._one(request) for request in requests]
+
+    def _one(self, request):
+        inputs = {t.name(): t.as_numpy() for t in request.inputs()}
+        try:
+            chat = parse_chat_request(inputs, self.limits)
+            parse_generation_request(inputs, self.limits)  # fail before the vision model runs
+            out = self.preprocessor(chat)
+        except self.client_errors as e:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
+        except Exception as e:
+            error = pb_utils.TritonError(f"preprocess: {type(e).__name__}: {e}", pb_utils.TritonError.INTERNAL)
+            return pb_utils.InferenceResponse(error=error)
+        return pb_utils.InferenceResponse([pb_utils.Tensor("input_ids", out.input_ids),
+                                           pb_utils.Tensor("pixel_values", out.pixel_values[np.newaxis])])

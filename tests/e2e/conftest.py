@@ -1,0 +1,24 @@
+"""End-to-end fixtures: a real tritonserver (the nvidia-pytriton wheel's) serving model_repository/
+on the tiny checkpoint, started once per test module on free ports and always stopped."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from internvl_serve.serving.launcher import TritonServer
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from internvl_serve.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("checkpoint") / "tiny", fmt="bin", seed=0)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory) -> TritonServer:
+    log = tmp_path_factory.mktemp("triton") / "server.log"
+    # Leaving the with-block (also on errors and interrupts) stops the server and its process group.
+    with TritonServer(tiny_checkpoint, log_file=log, exit_timeout_s=5, ready_timeout_s=300) as s:
+        yield s

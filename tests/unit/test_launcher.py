@@ -1,0 +1,71 @@
+"""The launcher's Triton-free parts: the backend folder it prepares, the environment it sets, ports."""
+import os
+import socket
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from internvl_serve.serving import launcher
+from internvl_serve.serving.launcher import LaunchError, TritonServer
+
+
+def test_find_triton_uses_the_wheel(tmp_path, monkeypatch):
+    monkeypatch.setattr(launcher, "_default_cache", lambda: tmp_path)
+    install = launcher.find_triton()
+    assert install.server.name == "tritonserver" and os.access(install.server, os.X_OK)
+    python = install.backends / "python"
+    assert {p.name for p in python.iterdir()} >= {"libtriton_python.so", "triton_python_backend_utils.py",
+                                                 "triton_python_backend_stub"}
+    assert os.access(python / "triton_python_backend_stub", os.X_OK)
+    assert any(d.name == "nvidia_pytriton.libs" for d in install.library_dirs)
+
+
+def test_backend_folder_is_prepared_once(tmp_path):
+    wheel = launcher.find_triton().server.parents[1]  # .../pytriton/tritonserver
+    first = launcher.prepare_backend_directory(wheel, tmp_path)
+    stub = first / "python" / "triton_python_backend_stub"
+    mtime = stub.stat().st_mtime_ns
+    second = launcher.prepare_backend_directory(wheel, tmp_path)
+    assert second == first and stub.stat().st_mtime_ns == mtime
+    assert f"py{sys.version_info.major}.{sys.version_info.minor}" in first.name
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no staging folders left behind
+
+
+def test_backend_folder_needs_the_stub_for_this_python(tmp_path):
+    fake = tmp_path / "wheel"
+    (fake / "backends" / "python").mkdir(parents=True)
+    with pytest.raises(LaunchError, match="lacks"):
+        launcher.prepare_backend_directory(fake, tmp_path / "cache")
+
+
+def test_server_environment(tmp_path):
+    install = launcher.TritonInstall(server=Path("/bin/true"), backends=tmp_path,
+                                     library_dirs=(Path(sysconfig.get_config_var("LIBDIR")),))
+    env = launcher.server_environment(install, tmp_path, base={"PATH": "/usr/bin:/bin", "LD_LIBRARY_PATH": "/x"})
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.prefix) / "bin")
+    assert env["LD_LIBRARY_PATH"].split(os.pathsep) == [sysconfig.get_config_var("LIBDIR"), "/x"]
+    assert env["INTERNVL_CHECKPOINT"] == str(tmp_path)
+
+
+def test_free_port_is_bindable():
+    port = launcher.free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+def test_command_has_the_production_flags(tmp_path):
+    server = TritonServer(tmp_path, host="0.0.0.0", grpc_port=1, http_port=2, metrics_port=3, exit_timeout_s=7)
+    server.ports = {"grpc": 1, "http": 2, "metrics": 3}
+    cmd = server.command(launcher.TritonInstall(Path("/bin/tritonserver"), tmp_path, ()))
+    for flag in ("--model-control-mode=none", "--disable-auto-complete-config", "--strict-readiness=true",
+                 "--exit-timeout-secs=7", "--grpc-address=0.0.0.0", "--grpc-port=1", "--http-address=0.0.0.0",
+                 "--http-port=2", "--metrics-port=3", f"--backend-directory={tmp_path}"):
+        assert flag in cmd
+    assert server.grpc_url == "127.0.0.1:1" and server.http_url == "http://127.0.0.1:2"
+
+
+def test_start_refuses_a_folder_without_a_checkpoint(tmp_path):
+    with pytest.raises(LaunchError, match="not a checkpoint folder"):
+        TritonServer(tmp_path).start()

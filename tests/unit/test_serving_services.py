@@ -1,0 +1,298 @@
+"""The Triton-free services behind the model repository's adapters, on the tiny checkpoint:
+Preprocessor, VisionService, LLMService (with a recording sink in place of a response sender)."""
+from __future__ import annotations
+
+import io
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from internvl_serve.prompt import PromptError
+from internvl_serve.serving.contract import ChatRequest, InvalidInput, LLMRequest, ServingLimits, \
+    parse_generation_request
+from internvl_serve.tokenizer import IMG_CONTEXT_TOKEN
+
+WAIT_S = 60
+
+
+def png(seed: int, size=(64, 48)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def preprocessor(tiny_checkpoint):
+    from internvl_serve.serving.preprocess import Preprocessor
+
+    return Preprocessor(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def vision(tiny_checkpoint):
+    from internvl_serve.serving.vision import VisionService
+
+    return VisionService(tiny_checkpoint, device="cpu", max_images_per_forward=2)
+
+
+@pytest.fixture(scope="module")
+def full_model(tiny_checkpoint):
+    from internvl_serve.checkpoint import load_model
+
+    return load_model(tiny_checkpoint, dtype=torch.float32, parts=("vision", "language"), progress=False)
+
+
+# ---- preprocess -------------------------------------------------------------------------------------
+
+
+def count_context(preprocessor, ids) -> int:
+    return int((ids == preprocessor.tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)).sum())
+
+
+def test_text_only(preprocessor):
+    out = preprocessor(ChatRequest(question="Hello, who are you?"))
+    assert out.input_ids.dtype == np.int32 and out.input_ids.ndim == 1
+    assert out.input_ids[0] == preprocessor.tokenizer.bos_token_id
+    assert out.pixel_values.shape == (0, 3, 448, 448) and out.pixel_values.dtype == np.float32
+    assert count_context(preprocessor, out.input_ids) == 0
+
+
+def test_images_expand_to_their_tokens(preprocessor):
+    n_tok = preprocessor.config.num_image_token
+    out = preprocessor(ChatRequest(question="Describe.", images=[png(1), png(2)]))  # combined: one block
+    assert out.pixel_values.shape == (2, 3, 448, 448)
+    assert count_context(preprocessor, out.input_ids) == 2 * n_tok
+    separate = preprocessor(ChatRequest(question="Image-1: <image>\nImage-2: <image>\nCompare.",
+                                        images=[png(1), png(2)], num_patches_list=[1, 1]))
+    assert count_context(preprocessor, separate.input_ids) == 2 * n_tok
+    assert len(separate.input_ids) > len(out.input_ids)  # two <img></img> blocks and the labels
+
+
+def test_video_frames(preprocessor, tiny_video_bytes):
+    out = preprocessor(ChatRequest(question="What happens?", video=tiny_video_bytes, num_segments=4))
+    assert out.pixel_values.shape == (4, 3, 448, 448)
+    assert count_context(preprocessor, out.input_ids) == 4 * preprocessor.config.num_image_token
+    text = preprocessor.tokenizer.decode(out.input_ids.tolist(), skip_special_tokens=True)
+    assert "Frame4:" in text and "Frame5:" not in text
+
+
+def test_video_later_round_keeps_the_history_frames(preprocessor, tiny_video_bytes):
+    first = "".join(f"Frame{i}: <image>\n" for i in range(1, 5)) + "What happens?"
+    out = preprocessor(ChatRequest(question="And then?", video=tiny_video_bytes, num_segments=4,
+                                   history=[(first, "A cat.")]))
+    assert count_context(preprocessor, out.input_ids) == 4 * preprocessor.config.num_image_token
+
+
+def test_bad_images_name_the_element(preprocessor):
+    with pytest.raises(InvalidInput, match=r"^input 'images\[1\]': image data is not a supported image"):
+        preprocessor(ChatRequest(question="Describe.", images=[png(1), b"not an image"]))
+    with pytest.raises(InvalidInput, match=r"^input 'video': video data could not be decoded"):
+        preprocessor(ChatRequest(question="Describe.", video=b"not a video"))
+
+
+def test_placeholder_mismatch_is_a_prompt_error(preprocessor):
+    with pytest.raises(PromptError, match="placeholders"):
+        preprocessor(ChatRequest(question="<image>\n<image>\nTwo?", images=[png(1), png(2), png(3)]))
+    with pytest.raises(PromptError, match="no images were sent"):
+        preprocessor(ChatRequest(question="<image>\nWhat?"))
+
+
+def test_prompt_longer_than_the_context_window(preprocessor):
+    history = [("word " * 3000, "answer")]
+    with pytest.raises(InvalidInput, match=r"the prompt is \d+ tokens .* the context window is 4096"):
+        preprocessor(ChatRequest(question="And?", history=history))
+
+
+def test_image_pixel_limit(tiny_checkpoint):
+    from internvl_serve.serving.preprocess import Preprocessor
+
+    small = Preprocessor(tiny_checkpoint, ServingLimits(max_image_pixels=1000))
+    with pytest.raises(InvalidInput, match=r"^input 'images\[0\]': image is 64x48 = 3072 pixels"):
+        small(ChatRequest(question="Describe.", images=[png(1)]))
+
+
+# ---- vision -----------------------------------------------------------------------------------------
+
+
+def test_vision_batches_requests_and_splits_them_back(vision, full_model, preprocessor):
+    requests = [preprocessor(ChatRequest(question="q", images=[png(s) for s in seeds])).pixel_values
+                for seeds in ((1, 2), (), (3,), (4, 5))]
+    embeds = vision.embed(requests)  # 5 images in chunks of 2
+    n_tok, hidden = vision.num_image_token, vision.hidden_size
+    assert [e.shape for e in embeds] == [(2 * n_tok, hidden), (0, hidden), (n_tok, hidden), (2 * n_tok, hidden)]
+    assert all(e.dtype == np.float32 for e in embeds)
+    with torch.inference_mode():
+        for pixels, got in zip(requests, embeds):
+            if len(pixels):
+                want = full_model.extract_feature(torch.from_numpy(pixels)).reshape(-1, hidden)
+                torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_vision_device_choice():
+    from internvl_serve.serving.device import default_dtype, resolve_device
+
+    assert resolve_device("cpu").type == "cpu" and default_dtype(torch.device("cpu")) == torch.float32
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="device must be auto, cpu or cuda"):
+        resolve_device("tpu")
+
+
+# ---- llm --------------------------------------------------------------------------------------------
+
+
+class RecordingSink:
+    """What a Triton response sender sees; `cancel_after` responses it reports is_cancelled()."""
+
+    def __init__(self, cancel_after: int | None = None, fail_send: bool = False):
+        self.responses: list[tuple[dict, bool]] = []
+        self.errors: list[str] = []
+        self.calls_after_final: list[str] = []
+        self.cancel_after = cancel_after
+        self.fail_send = fail_send
+        self.done = threading.Event()
+
+    def _check_open(self, what: str) -> None:
+        if self.done.is_set():
+            self.calls_after_final.append(what)
+
+    def send(self, response, final):
+        self._check_open("send")
+        if self.fail_send:
+            raise RuntimeError("client went away")
+        self.responses.append((response, final))
+        if final:
+            self.done.set()
+
+    def fail(self, message):
+        self._check_open("fail")
+        self.errors.append(message)
+        self.done.set()
+
+    def is_cancelled(self):
+        self._check_open("is_cancelled")
+        return self.cancel_after is not None and len(self.responses) >= self.cancel_after
+
+    def wait(self):
+        assert self.done.wait(WAIT_S), "no final response"
+
+    @property
+    def texts(self):
+        return [r["text_output"][0].decode() for r, _ in self.responses]
+
+    @property
+    def reasons(self):
+        return [r["finish_reason"][0].decode() for r, _ in self.responses]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint):
+    from internvl_serve.serving.llm import LLMService
+
+    service = LLMService(tiny_checkpoint, device="cpu", engine_options={"max_num_seqs": "8"}, cancel_poll_s=0.01)
+    yield service
+    service.shutdown()
+
+
+def llm_request(preprocessor, question: str, **generation) -> LLMRequest:
+    out = preprocessor(ChatRequest(question=question))
+    arrays = {k: np.array([v], dtype={int: np.int32, bool: np.bool_, float: np.float32}[type(v)])
+              for k, v in generation.items()}
+    return LLMRequest(out.input_ids, None, question, parse_generation_request(arrays))
+
+
+def reference_answer(full_model, tokenizer, question, max_tokens):
+    from internvl_serve import reference
+
+    with torch.inference_mode():
+        return reference.chat(full_model, tokenizer, None, question, dict(max_new_tokens=max_tokens, do_sample=False))
+
+
+def test_llm_streams_the_reference_answer(llm, preprocessor, full_model):
+    sink = RecordingSink()
+    llm.submit(llm.new_request_id("t1"), llm_request(preprocessor, "Hello, who are you?", max_tokens=10,
+                                                     stream=True), sink)
+    sink.wait()
+    assert "".join(sink.texts) == reference_answer(full_model, preprocessor.tokenizer, "Hello, who are you?", 10)
+    assert [final for _, final in sink.responses] == [False] * (len(sink.responses) - 1) + [True]
+    assert sink.reasons[-1] in ("stop", "length") and not any(sink.reasons[:-1])
+    assert not sink.errors and not sink.calls_after_final
+
+
+def test_llm_single_response_with_echo(llm, preprocessor, full_model):
+    sink = RecordingSink()
+    request = llm_request(preprocessor, "Say it.", max_tokens=6, exclude_input_in_output=False)
+    llm.submit(llm.new_request_id(), request, sink)
+    sink.wait()
+    assert len(sink.responses) == 1 and sink.responses[0][1] is True
+    assert sink.texts[0] == "Say it." + reference_answer(full_model, preprocessor.tokenizer, "Say it.", 6)
+    assert int(sink.responses[0][0]["num_output_tokens"][0]) <= 6
+
+
+def test_llm_aborts_a_cancelled_request_and_never_asks_after_the_final(llm, preprocessor):
+    sink = RecordingSink(cancel_after=1)
+    llm.submit(llm.new_request_id(), llm_request(preprocessor, "Talk.", max_tokens=3000, stream=True), sink)
+    sink.wait()
+    assert sink.reasons[-1] == "cancelled" and sink.responses[-1][1] is True
+    assert int(sink.responses[-1][0]["num_output_tokens"][0]) < 3000
+    assert not sink.calls_after_final
+    assert llm.num_active == 0
+
+
+def test_llm_a_failing_sender_ends_the_request(llm, preprocessor):
+    sink = RecordingSink(fail_send=True)
+    llm.submit(llm.new_request_id(), llm_request(preprocessor, "Talk.", max_tokens=3000, stream=True), sink)
+    sink.wait()
+    assert len(sink.errors) == 1 and "client went away" in sink.errors[0]
+    assert not sink.calls_after_final
+    assert llm.num_active == 0
+
+
+def test_llm_refuses_what_the_engine_refuses(llm, preprocessor):
+    from internvl_serve.engine import InvalidRequest
+
+    request = llm_request(preprocessor, "Hi")
+    bad = LLMRequest(request.input_ids, np.zeros((3, llm.config.llm_config.hidden_size), np.float32), "Hi",
+                     request.generation)
+    with pytest.raises(InvalidRequest, match="image_embeds has 3 rows"):
+        llm.submit(llm.new_request_id(), bad, RecordingSink())
+    assert llm.num_active == 0
+
+
+def test_llm_requests_run_concurrently(llm, preprocessor, full_model):
+    questions = [f"Question number {i}?" for i in range(5)]
+    sinks = [RecordingSink() for _ in questions]
+    for q, sink in zip(questions, sinks):
+        llm.submit(llm.new_request_id(), llm_request(preprocessor, q, max_tokens=8, stream=True), sink)
+    for q, sink in zip(questions, sinks):
+        sink.wait()
+        assert "".join(sink.texts) == reference_answer(full_model, preprocessor.tokenizer, q, 8)
+
+
+def test_engine_options_from_parameters():
+    from internvl_serve.serving.llm import EngineOptions
+
+    options = EngineOptions.from_parameters({"max_num_seqs": "4", "num_blocks": "", "enable_prefix_caching": "False",
+                                             "gpu_memory_utilization": "0.5", "device": "cpu"})
+    assert (options.max_num_seqs, options.num_blocks, options.enable_prefix_caching) == (4, None, False)
+    assert options.gpu_memory_utilization == 0.5
+    for key, bad in (("max_num_seqs", "0"), ("block_size", "x"), ("enable_prefix_caching", "yes"),
+                     ("gpu_memory_utilization", "1.5")):
+        with pytest.raises(ValueError, match=f"parameter '{key}'"):
+            EngineOptions.from_parameters({key: bad})
+
+
+def test_history_json_round_trip_matches_the_card_history(preprocessor):
+    # what a client sends as `history` is json.dumps of the card's [(question, answer), ...]
+    from internvl_serve.serving.contract import parse_chat_request
+
+    history = [("<image>\nWhat is it?", "A cat.")]
+    request = parse_chat_request({"text_input": np.array([b"And?"], dtype=object),
+                                  "history": np.array([json.dumps(history).encode()], dtype=object),
+                                  "images": np.array([png(1)], dtype=object)})
+    out = preprocessor(request)
+    assert count_context(preprocessor, out.input_ids) == preprocessor.config.num_image_token
