@@ -1,0 +1,175 @@
+"""Paged attention for our LLaMA: per-step metadata, the KV write, and the reference attention.
+
+A step's tokens are flattened (T of them, all sequences); `build_attention_metadata` says where each
+token's K/V go (slot_mapping) and groups the sequences for attention: decodes (one query each) and prefill
+chunks (causal with an offset: query i of a chunk sees keys 0..ctx+i). `sdpa_paged_attention` is the
+reference: it gathers each group's K/V through the block tables and runs scaled_dot_product_attention on
+padded tensors (correct everywhere; memory bounded by `max_gather_tokens` per call). A fused paged-attention
+kernel replaces that one function (same signature; AttentionMetadata also carries query_start_loc,
+seq_lens and block_tables in the usual varlen/paged form).
+
+Cache layout: per layer K and V, each (num_blocks, block_size, num_kv_heads, head_dim); slot s is block
+s // block_size, offset s % block_size. Does not own the cache tensors (runner.py) or block ids.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
+
+# cuDNN attention rebuilds its graph for every new key length (each decode step): ~1.5 ms of CPU per
+# call on the H100 host. Flash (no mask) and memory-efficient (masks) attention have no such cost.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+# -- metadata: built once per step, shared by all layers ----------------------------------------
+
+@dataclass
+class AttentionGroup:
+    """Sequences attended in one SDPA call: n sequences padded to Qmax queries and L keys."""
+    q_index: torch.Tensor            # (n, Qmax) int64: token index in the step of each query (padding -> 0)
+    kv_slots: torch.Tensor           # (n, L) int64: cache slot of key position j (past a sequence's end: junk)
+    mask: torch.Tensor | None        # (n, 1, Qmax, L) bool, True = attend; None = attend all L keys
+    out_rows: torch.Tensor | None    # (V,) rows of the (n*Qmax) padded output that are real queries; None = all
+    out_tokens: torch.Tensor         # (V,) their token indices in the step
+    identity: bool = False           # the group is every token of the step, in order, one query each
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor       # (T,) int64: cache slot where token t's K/V go
+    groups: list[AttentionGroup]
+    # the raw per-sequence view, for fused kernels
+    query_start_loc: torch.Tensor    # (B+1,) int32
+    seq_lens: torch.Tensor           # (B,) int32: context length after this step
+    block_tables: torch.Tensor       # (B, M) int32
+    max_query_len: int
+    max_seq_len: int
+
+
+def _pack(order: np.ndarray, seq_lens: np.ndarray, q_lens: np.ndarray, max_tokens: int, max_mask: int):
+    """Greedy groups of `order` (sorted by seq_len, longest first) with n*L <= max_tokens and
+    n*Qmax*L <= max_mask (at least one sequence per group)."""
+    groups, i = [], 0
+    while i < len(order):
+        L = int(seq_lens[order[i]])
+        qmax = int(q_lens[order[i]])
+        j = i + 1
+        while j < len(order):
+            q2 = max(qmax, int(q_lens[order[j]]))
+            if (j - i + 1) * L > max_tokens or (j - i + 1) * q2 * L > max_mask:
+                break
+            qmax = q2
+            j += 1
+        groups.append(order[i:j])
+        i = j
+    return groups
+
+
+def build_attention_metadata(q_lens, ctx_lens, block_tables: torch.Tensor, block_size: int,
+                             *, max_gather_tokens: int = 32768, max_mask_elems: int = 1 << 26
+                             ) -> tuple[AttentionMetadata, torch.Tensor]:
+    """Metadata for one step and the (T,) int64 positions of its tokens.
+
+    q_lens (B,): tokens of each sequence in this step (they are contiguous in the step, in this order);
+    ctx_lens (B,): tokens already in the cache before them; block_tables (B, M) on the model's device,
+    M >= ceil(max(ctx+q) / block_size). CPU work is O(B + T) in numpy; index tensors are built on the
+    device; no host sync.
+    """
+    device = block_tables.device
+    q_lens = np.asarray(q_lens, dtype=np.int64)
+    ctx_lens = np.asarray(ctx_lens, dtype=np.int64)
+    B = len(q_lens)
+    seq_lens = ctx_lens + q_lens
+    qsl = np.zeros(B + 1, dtype=np.int64)
+    np.cumsum(q_lens, out=qsl[1:])
+    T = int(qsl[-1])
+    seq_of_token = np.repeat(np.arange(B), q_lens)
+    positions_np = np.arange(T) - qsl[:-1][seq_of_token] + ctx_lens[seq_of_token]
+
+    def dev(a):
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
+
+    positions = dev(positions_np)
+    bt = block_tables.long()
+    slot_mapping = bt[dev(seq_of_token), positions // block_size] * block_size + positions % block_size
+
+    groups = []
+    for rows in (np.flatnonzero(q_lens == 1), np.flatnonzero(q_lens > 1)):
+        if not len(rows):
+            continue
+        n_all, l_all, q_all = len(rows), int(seq_lens[rows].max()), int(q_lens[rows].max())
+        if n_all * l_all <= max_gather_tokens and n_all * q_all * l_all <= max_mask_elems:
+            order = rows  # one group: keep the step's order
+        else:
+            order = rows[np.argsort(-seq_lens[rows], kind="stable")]  # pack similar lengths together
+        for g in _pack(order, seq_lens, q_lens, max_gather_tokens, max_mask_elems):
+            n, L, qmax = len(g), int(seq_lens[g].max()), int(q_lens[g].max())
+            g_dev = dev(g)
+            j = torch.arange(L, device=device)
+            kv_slots = bt[g_dev].gather(1, (j // block_size).expand(n, L)) * block_size + j % block_size
+            i = np.arange(qmax)
+            valid = i[None, :] < q_lens[g][:, None]                       # (n, Qmax)
+            q_index = np.where(valid, qsl[g][:, None] + i[None, :], 0)
+            if qmax == 1:
+                same_len = bool((seq_lens[g] == L).all())
+                mask = None if same_len else (j[None, :] < dev(seq_lens[g])[:, None]).view(n, 1, 1, L)
+                out_rows, out_tokens = None, dev(q_index.reshape(-1))
+            else:
+                qpos = dev(ctx_lens[g][:, None] + i[None, :])             # (n, Qmax) position of each query
+                mask = (j[None, None, :] <= qpos[:, :, None]).unsqueeze(1)
+                flat_valid = valid.reshape(-1)
+                out_rows = None if flat_valid.all() else dev(np.flatnonzero(flat_valid))
+                out_tokens = dev(q_index.reshape(-1)[flat_valid])
+            identity = qmax == 1 and n == T and bool((g == np.arange(B)).all())
+            groups.append(AttentionGroup(dev(q_index), kv_slots, mask, out_rows, out_tokens, identity))
+
+    meta = AttentionMetadata(
+        slot_mapping=slot_mapping, groups=groups,
+        query_start_loc=dev(qsl.astype(np.int32)), seq_lens=dev(seq_lens.astype(np.int32)),
+        block_tables=block_tables.int(), max_query_len=int(q_lens.max(initial=0)),
+        max_seq_len=int(seq_lens.max(initial=0)))
+    return meta, positions
+
+
+# -- KV write and attention -----------------------------------------------------------------------
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """caches (num_blocks, block_size, Hkv, D); k, v (T, Hkv, D): token t goes to slot_mapping[t]."""
+    Hkv, D = k.shape[1:]
+    k_cache.view(-1, Hkv, D).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, Hkv, D).index_copy_(0, slot_mapping, v)
+
+
+def sdpa_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Reference paged attention: q (T, H, D) -> (T, H, D). The new tokens' K/V are already in the cache.
+    Per group: gather K/V (n, L) from the block tables, SDPA with the causal-with-offset mask."""
+    T, H, D = q.shape
+    Hkv = k_cache.shape[2]
+    k_flat, v_flat = k_cache.view(-1, Hkv, D), v_cache.view(-1, Hkv, D)
+    out = None if len(meta.groups) == 1 and meta.groups[0].identity else torch.empty_like(q)
+    for g in meta.groups:
+        n, qmax = g.q_index.shape
+        qg = (q[:, None] if out is None else q[g.q_index]).transpose(1, 2)  # (n, H, Qmax, D)
+        kg = k_flat[g.kv_slots].transpose(1, 2)            # (n, Hkv, L, D)
+        vg = v_flat[g.kv_slots].transpose(1, 2)
+        if Hkv != H:
+            kg = kg.repeat_interleave(H // Hkv, dim=1)
+            vg = vg.repeat_interleave(H // Hkv, dim=1)
+        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=scale)  # (n, H, Qmax, D)
+        o = o.transpose(1, 2).reshape(n * qmax, H, D)
+        if out is None:  # a pure decode batch in step order: no scatter needed
+            return o
+        if g.out_rows is not None:
+            o = o.index_select(0, g.out_rows)
+        out.index_copy_(0, g.out_tokens, o)
+    return out
+
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]

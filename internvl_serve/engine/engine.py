@@ -1,0 +1,289 @@
+"""LLMEngine (token-only generation with in-flight batching) and EngineThread (serving loop).
+
+    step() = schedule -> run -> update:
+        batch = scheduler.schedule()        # decodes + prefill chunks within the token budget
+        tokens = runner.execute(batch)      # one forward, one token per sequence that samples
+        scheduler.update(batch, tokens)     # computed counts, prefix-cache blocks, new tokens
+        -> per new token: EOS / stop string / length checks, text delta, RequestOutput
+
+EngineThread owns an engine in a background thread: submit/abort are thread-safe and only queue work;
+the thread steps while there is work and sleeps on a condition variable otherwise. A step that raises
+fails the requests of that batch (RequestOutput.error), never the thread.
+
+Does not own: Triton or request parsing (serving/), tokenization of prompts (prompt.py, tokenizer.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from typing import Callable
+
+import torch
+
+from internvl_serve.engine.block_manager import BlockAllocator
+from internvl_serve.engine.detokenizer import IncrementalDetokenizer
+from internvl_serve.engine.errors import EngineError, InvalidRequest
+from internvl_serve.engine.request import FinishReason, Request, RequestOutput
+from internvl_serve.engine.scheduler import Scheduler, SchedulerConfig
+from internvl_serve.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"  # the card's image placeholder token (its id comes from the tokenizer)
+
+
+def _image_context_id(tokenizer) -> int | None:
+    if tokenizer is None or not hasattr(tokenizer, "convert_tokens_to_ids"):
+        return None
+    tid = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+    if not isinstance(tid, int) or tid == getattr(tokenizer, "unk_token_id", None):
+        return None
+    return tid
+
+
+def image_content_key(image_embeds: torch.Tensor) -> bytes:
+    """A content hash of image rows (their bytes and dtype), for when the caller gives no image_hashes."""
+    rows = image_embeds.detach().to("cpu").contiguous()
+    return hashlib.blake2b(rows.view(torch.uint8).numpy().data, digest_size=16).digest() + str(rows.dtype).encode()
+
+
+def _image_keys(request: Request) -> list[bytes]:
+    """Prefix-cache keys of the request's images: the given hashes, or one hash of all the rows."""
+    if request.image_embeds is None:
+        return []
+    if request.image_hashes:
+        return [hashlib.blake2b(h if isinstance(h, bytes) else h.encode(), digest_size=16).digest()
+                for h in request.image_hashes]
+    return [image_content_key(request.image_embeds)]
+
+
+class LLMEngine:
+    def __init__(self, runner, tokenizer=None, *, eos_token_id: int | None = None,
+                 image_context_token_id: int | None = None, scheduler_config: SchedulerConfig | None = None):
+        """runner: a ModelRunner (or any object with its interface); tokenizer: decode(ids,
+        skip_special_tokens=True) for text deltas (None: token ids only). eos_token_id defaults to the
+        runner's config (2, '</s>'); image_context_token_id to the tokenizer's '<IMG_CONTEXT>'."""
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.eos_token_id = eos_token_id if eos_token_id is not None else getattr(runner, "eos_token_id", None)
+        self.image_context_token_id = (image_context_token_id if image_context_token_id is not None
+                                       else _image_context_id(tokenizer))
+        self.scheduler_config = scheduler_config or SchedulerConfig()
+        self.allocator = BlockAllocator(runner.num_blocks, runner.block_size)
+        self.scheduler = Scheduler(self.scheduler_config, self.allocator)
+        self.max_model_len = min(runner.context_window, runner.num_blocks * runner.block_size)
+        self._detok: dict[str, IncrementalDetokenizer | None] = {}
+
+    # -- requests ----------------------------------------------------------------------------------
+    def validate_request(self, request: Request):
+        """Raise InvalidRequest if the engine cannot run `request` (no state changes; thread-safe)."""
+        if not isinstance(request, Request):
+            raise InvalidRequest(f"expected a Request, got {type(request).__name__}")
+        positions = request.validate(
+            image_context_token_id=self.image_context_token_id, vocab_size=self.runner.vocab_size,
+            hidden_size=self.runner.hidden_size, context_window=self.runner.context_window,
+            cache_capacity=self.runner.num_blocks * self.runner.block_size)
+        if request.sampling.stop and self.tokenizer is None:
+            raise InvalidRequest("stop strings need a tokenizer; this engine has none")
+        return positions
+
+    def add_request(self, request: Request) -> None:
+        positions = self.validate_request(request)
+        if request.request_id in self._detok:
+            raise InvalidRequest(f"request_id {request.request_id!r} is already running")
+        keys = _image_keys(request) if self.scheduler_config.enable_prefix_caching else []
+        if request.image_embeds is not None and not keys:
+            keys = [request.request_id.encode()]  # prefix caching off: any unique key
+        seq = Sequence(request, block_size=self.runner.block_size, max_len=self.max_model_len,
+                       image_positions=positions, image_keys=keys)
+        self.scheduler.add(seq)
+        self._detok[request.request_id] = (None if self.tokenizer is None
+                                           else IncrementalDetokenizer(self.tokenizer, request.sampling.stop))
+
+    def abort(self, request_id: str) -> None:
+        """Finish the request with 'abort' at the next step (its blocks are freed then)."""
+        self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- one step ----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        outputs = [self._final_output(seq, "abort") for seq in batch.aborted]
+        if batch.seqs:
+            try:
+                sampled = self.runner.execute(batch)
+            except Exception as e:  # fail this batch's requests, keep the engine alive
+                log.exception("engine step failed")
+                error = f"{type(e).__name__}: {e}"
+                for s in batch.seqs:
+                    self.scheduler.finish(s.seq, "abort")
+                    outputs.append(self._final_output(s.seq, "abort", error=error))
+                return outputs
+            self.scheduler.update(batch, sampled)
+            for s, token in zip(batch.seqs, sampled):
+                if token is not None:
+                    outputs.append(self._on_token(s.seq, token))
+        return outputs
+
+    def _on_token(self, seq: Sequence, token: int) -> RequestOutput:
+        detok = self._detok[seq.request_id]
+        delta, reason = "", None
+        if token == self.eos_token_id:
+            reason = "stop"
+        elif detok is not None:
+            delta, stopped = detok.update([token])
+            if stopped:
+                reason = "stop"
+        if reason is None and seq.num_output_tokens >= seq.max_output_tokens:
+            reason = "length"
+        if reason is not None:
+            if detok is not None:
+                delta += detok.finish()
+            self._finish(seq, reason)
+        return RequestOutput(seq.request_id, [token], delta, reason is not None, reason, seq.prompt_len,
+                             seq.num_output_tokens, seq.num_cached_tokens)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.scheduler.finish(seq, reason)
+        self.runner.release(seq.request_id)
+        self._detok.pop(seq.request_id, None)
+
+    def _final_output(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> RequestOutput:
+        self.runner.release(seq.request_id)
+        self._detok.pop(seq.request_id, None)
+        return RequestOutput(seq.request_id, [], "", True, reason, seq.prompt_len, seq.num_output_tokens,
+                             seq.num_cached_tokens, error)
+
+    def fail_all(self, error: str) -> list[RequestOutput]:
+        """Finish every request with an error (after an unexpected failure, or at shutdown)."""
+        outputs = []
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self.scheduler.finish(seq, "abort")
+            outputs.append(self._final_output(seq, "abort", error=error))
+        return outputs
+
+    # -- conveniences ------------------------------------------------------------------------------
+    def generate(self, requests: list[Request]) -> dict[str, list[RequestOutput]]:
+        """Run requests to completion (tests, offline use); outputs per request id."""
+        results: dict[str, list[RequestOutput]] = {r.request_id: [] for r in requests}
+        for r in requests:
+            self.add_request(r)
+        while self.has_unfinished():
+            for out in self.step():
+                results.setdefault(out.request_id, []).append(out)
+        return results
+
+    def stats(self) -> dict:
+        a = self.allocator
+        return {"num_running": self.scheduler.num_running, "num_waiting": self.scheduler.num_waiting,
+                "num_free_blocks": a.num_free, "num_blocks": a.num_blocks, "num_cached_blocks": a.num_cached,
+                "prefix_cache_queries": a.prefix_queries, "prefix_cache_hits": a.prefix_hits,
+                "num_preemptions": self.scheduler.num_preemptions}
+
+
+Callback = Callable[[RequestOutput], None]
+
+
+class EngineThread:
+    """A background thread that owns `engine`. submit()/abort() may be called from any thread;
+    callbacks run on the engine thread (keep them short: hand the output to a queue or a sender)."""
+
+    def __init__(self, engine: LLMEngine, *, name: str = "llm-engine", start: bool = True):
+        self.engine = engine
+        self._cv = threading.Condition()
+        self._inbox: list[tuple[Request, Callback]] = []
+        self._aborts: list[str] = []
+        self._callbacks: dict[str, Callback] = {}  # accepted and not yet finished (guarded by _cv)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        if start:
+            self._thread.start()
+
+    def submit(self, request: Request, callback: Callback) -> None:
+        """Queue a request; raises InvalidRequest at once for one the engine refuses."""
+        self.engine.validate_request(request)
+        if (request.image_embeds is not None and request.image_hashes is None
+                and self.engine.scheduler_config.enable_prefix_caching):
+            request.image_hashes = (image_content_key(request.image_embeds),)  # hashed here, off the engine thread
+        with self._cv:
+            if self._stopping:
+                raise EngineError("the engine is shut down")
+            if request.request_id in self._callbacks:
+                raise InvalidRequest(f"request_id {request.request_id!r} is already running")
+            self._callbacks[request.request_id] = callback
+            self._inbox.append((request, callback))
+            self._cv.notify()
+
+    def abort(self, request_id: str) -> None:
+        with self._cv:
+            self._aborts.append(request_id)
+            self._cv.notify()
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        """Stop the thread; every unfinished request gets a final output with an error."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    @property
+    def num_unfinished(self) -> int:
+        with self._cv:
+            return len(self._callbacks)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            with self._cv:
+                callback = self._callbacks.pop(out.request_id, None) if out.finished \
+                    else self._callbacks.get(out.request_id)
+            if callback is None:
+                continue
+            try:
+                callback(out)
+            except Exception:
+                log.exception("callback of request %s raised", out.request_id)
+
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            with self._cv:
+                while not (self._inbox or self._aborts or self._stopping or engine.has_unfinished()):
+                    self._cv.wait()
+                inbox, self._inbox = self._inbox, []
+                aborts, self._aborts = self._aborts, []
+                stopping = self._stopping
+            if stopping:
+                break
+            failed = []
+            for request, _ in inbox:
+                try:
+                    engine.add_request(request)
+                except Exception as e:
+                    failed.append(RequestOutput(request.request_id, [], "", True, "abort",
+                                                len(request.prompt_token_ids), 0, 0, f"{type(e).__name__}: {e}"))
+            self._deliver(failed)
+            for request_id in aborts:
+                engine.abort(request_id)
+            try:
+                outputs = engine.step()
+            except Exception as e:  # a bug outside the runner: fail everyone, keep serving
+                log.exception("engine step failed outside the model")
+                outputs = engine.fail_all(f"{type(e).__name__}: {e}")
+            self._deliver(outputs)
+        # shutdown: everyone still here finishes with an error
+        outputs = engine.fail_all("EngineError: the engine shut down")
+        self._deliver(outputs)
+        with self._cv:
+            self._inbox = []
+            leftover = list(self._callbacks.items())
+            self._callbacks.clear()
+        for request_id, callback in leftover:
+            try:
+                callback(RequestOutput(request_id, [], "", True, "abort", 0, 0, 0,
+                                       "EngineError: the engine shut down"))
+            except Exception:
+                log.exception("callback of request %s raised", request_id)

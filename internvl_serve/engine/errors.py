@@ -1,0 +1,16 @@
+"""Errors of the generation engine.
+
+InvalidRequest: the caller sent something the engine refuses (bad sampling values, a prompt longer than
+the context window, image rows that do not match the <IMG_CONTEXT> positions, ...); the message names the
+field and what is allowed. EngineError: the engine failed a request it had accepted (a step raised, or
+the engine shut down); it is reported through RequestOutput.error, never raised into the caller's thread.
+"""
+from __future__ import annotations
+
+
+class InvalidRequest(ValueError):
+    """A request the engine refuses; the message says which field and what is allowed."""
+
+
+class EngineError(RuntimeError):
+    """The engine could not finish an accepted request (a failed step, a shutdown)."""

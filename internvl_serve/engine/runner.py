@@ -1,0 +1,240 @@
+"""ModelRunner: owns the LLaMA weights and the KV-cache tensors; runs one ScheduledBatch.
+
+One step: build the flattened inputs (token ids -> embed_tokens, then the image rows scattered into the
+<IMG_CONTEXT> positions of the chunk being prefilled), the attention metadata (slots, block tables),
+run llama.forward with logits only for the sequences that sample, and sample one token each.
+
+KV cache: one tensor (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim) in the model dtype;
+layer i uses the views [i, 0] (K) and [i, 1] (V), each (num_blocks, block_size, Hkv, D), the layout of
+vLLM/FlashAttention paged caches. On CUDA, num_blocks=None sizes it from the free GPU memory after the
+weights are loaded and a profile forward of max_num_batched_tokens tokens has measured activations.
+
+Does not own: which sequences run (scheduler.py), block ids (block_manager.py), text (detokenizer.py).
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from internvl_serve.engine.attention import AttentionFn, build_attention_metadata, sdpa_paged_attention
+from internvl_serve.engine.llama import LlamaArgs, load_llama
+from internvl_serve.engine.sampler import SamplingBatch, sample_tokens
+from internvl_serve.engine.scheduler import ScheduledBatch
+from internvl_serve.engine.sequence import Sequence
+
+CPU_DEFAULT_NUM_BLOCKS = 512
+MAX_GATHER_TOKENS = 32768  # the reference attention's K/V gather per SDPA call (tokens, all layers share it)
+
+
+class BlockTableBuffer:
+    """Persistent (rows, max_blocks) int32 copy of the block tables; per step only the blocks that are
+    new since the last step are copied (O(new blocks), not O(all blocks))."""
+
+    def __init__(self, max_blocks: int, rows: int = 64):
+        self.max_blocks = max_blocks
+        self.table = np.zeros((rows, max_blocks), dtype=np.int32)
+        self.lens = np.zeros(rows, dtype=np.int64)
+        self.epoch = np.zeros(rows, dtype=np.int64)
+        self._row: dict[str, int] = {}
+        self._free = list(range(rows - 1, -1, -1))
+
+    def _row_of(self, seq: Sequence) -> int:
+        row = self._row.get(seq.request_id)
+        if row is None:
+            if not self._free:
+                n = len(self.table)
+                self.table = np.concatenate([self.table, np.zeros_like(self.table)])
+                self.lens = np.concatenate([self.lens, np.zeros(n, np.int64)])
+                self.epoch = np.concatenate([self.epoch, np.zeros(n, np.int64)])
+                self._free = list(range(2 * n - 1, n - 1, -1))
+            row = self._row[seq.request_id] = self._free.pop()
+            self.lens[row] = 0
+            self.epoch[row] = seq.num_preemptions
+        return row
+
+    def rows_for(self, seqs: list[Sequence]) -> np.ndarray:
+        rows = np.empty(len(seqs), dtype=np.int64)
+        for i, seq in enumerate(seqs):
+            row = rows[i] = self._row_of(seq)
+            n, have = len(seq.block_table), int(self.lens[row])
+            if self.epoch[row] != seq.num_preemptions or have > n:  # blocks were dropped: rewrite the row
+                self.epoch[row], have = seq.num_preemptions, 0
+            if n > have:
+                self.table[row, have:n] = seq.block_table[have:n]
+                self.lens[row] = n
+        return rows
+
+    def release(self, request_id: str) -> None:
+        row = self._row.pop(request_id, None)
+        if row is not None:
+            self._free.append(row)
+
+
+class ModelRunner:
+    def __init__(self, config, state_dict: Mapping[str, torch.Tensor], *, device="cpu",
+                 dtype: torch.dtype | None = None, block_size: int = 16, num_blocks: int | None = None,
+                 gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int = 2048,
+                 max_num_seqs: int = 256, attention: AttentionFn = sdpa_paged_attention):
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.args = LlamaArgs.from_config(config)
+        self.config = config
+        self.block_size = block_size
+        self.model = load_llama(self.args, state_dict, device=self.device, dtype=self.dtype, attention=attention)
+        a = self.args
+        self.bytes_per_block = (a.num_hidden_layers * 2 * block_size * a.num_key_value_heads * a.head_dim
+                                * torch.empty((), dtype=self.dtype).element_size())
+        if num_blocks is None:
+            if self.device.type == "cuda":
+                num_blocks = self._auto_num_blocks(gpu_memory_utilization, max_num_batched_tokens, max_num_seqs)
+            else:
+                num_blocks = max(CPU_DEFAULT_NUM_BLOCKS, math.ceil(a.max_position_embeddings / block_size) + 1)
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.kv_cache = torch.zeros(a.num_hidden_layers, 2, num_blocks, block_size, a.num_key_value_heads,
+                                    a.head_dim, dtype=self.dtype, device=self.device)
+        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(a.num_hidden_layers)]
+        self.max_model_len = min(a.max_position_embeddings, num_blocks * block_size)
+        self._tables = BlockTableBuffer(math.ceil(self.max_model_len / block_size))
+        self._generators: dict[str, torch.Generator] = {}
+
+    # -- sizes -------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.args.vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.args.hidden_size
+
+    @property
+    def context_window(self) -> int:
+        return self.args.max_position_embeddings
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.args.eos_token_id
+
+    def cache_info(self) -> dict:
+        return {"num_blocks": self.num_blocks, "block_size": self.block_size,
+                "num_tokens": self.num_blocks * self.block_size, "bytes": self.num_blocks * self.bytes_per_block,
+                "bytes_per_block": self.bytes_per_block, "dtype": str(self.dtype).replace("torch.", ""),
+                "device": str(self.device)}
+
+    # -- cache sizing (CUDA) -----------------------------------------------------------------------
+    def _auto_num_blocks(self, utilization: float, max_num_batched_tokens: int, max_num_seqs: int) -> int:
+        """Blocks that fit in total * utilization, after the weights, the CUDA context and the peak
+        activations of a profile forward of max_num_batched_tokens tokens (plus the sampler's and the
+        reference attention's largest gathers, which the profile does not reach)."""
+        a = self.args
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        self._profile_forward(min(max_num_batched_tokens, a.max_position_embeddings - 1), max_num_seqs)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        gather = MAX_GATHER_TOKENS * 2 * a.num_attention_heads * a.head_dim * elem * 2
+        sampler = min(max_num_seqs, max_num_batched_tokens) * a.vocab_size * 4 * 6
+        available = total * utilization - (total - free) - peak - gather - sampler
+        num_blocks = int(available // self.bytes_per_block)
+        if num_blocks < 1:
+            raise RuntimeError(f"no GPU memory left for the KV cache: total {total / 2**30:.1f} GiB, in use "
+                               f"{(total - free) / 2**30:.1f} GiB, activations {peak / 2**30:.2f} GiB, "
+                               f"gpu_memory_utilization {utilization}")
+        return num_blocks
+
+    @torch.inference_mode()
+    def _profile_forward(self, num_tokens: int, max_num_seqs: int) -> None:
+        a, bs = self.args, self.block_size
+        nb = math.ceil(num_tokens / bs)
+        cache = torch.zeros(a.num_hidden_layers, 2, nb, bs, a.num_key_value_heads, a.head_dim,
+                            dtype=self.dtype, device=self.device)
+        caches = [(cache[i, 0], cache[i, 1]) for i in range(a.num_hidden_layers)]
+        tables = torch.arange(nb, dtype=torch.int32, device=self.device)[None]
+        meta, positions = build_attention_metadata([num_tokens], [0], tables, bs,
+                                                   max_gather_tokens=MAX_GATHER_TOKENS)
+        embeds = self.model.embed(torch.zeros(num_tokens, dtype=torch.long, device=self.device))
+        n_logits = min(num_tokens, max_num_seqs)
+        idx = torch.arange(num_tokens - n_logits, num_tokens, device=self.device)
+        self.model(embeds, positions, caches, meta, idx)
+        del cache, caches
+
+    # -- one step ----------------------------------------------------------------------------------
+    def release(self, request_id: str) -> None:
+        """Forget a finished request's generator and block-table row."""
+        self._generators.pop(request_id, None)
+        self._tables.release(request_id)
+
+    def _generator(self, seq: Sequence) -> torch.Generator:
+        g = self._generators.get(seq.request_id)
+        if g is None:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(int(seq.sampling.seed))
+            self._generators[seq.request_id] = g
+        return g
+
+    def _input_embeds(self, batch: ScheduledBatch, q_starts: np.ndarray) -> torch.Tensor:
+        token_ids: list[int] = []
+        dst_parts, rows = [], []
+        for s, offset in zip(batch.seqs, q_starts):
+            seq, start, end = s.seq, s.start, s.start + s.num_tokens
+            token_ids.extend(seq.token_ids[start:end])
+            if start < seq.prompt_len and len(seq.image_positions):
+                a, b = seq.image_rows(start, min(end, seq.prompt_len))  # the per-sequence cursor
+                if a < b:
+                    dst_parts.append(seq.image_positions[a:b] - start + offset)
+                    rows.append(seq.request.image_embeds[a:b])
+        ids = torch.tensor(token_ids, dtype=torch.long).to(self.device, non_blocking=True)
+        embeds = self.model.embed(ids)  # (T, hidden)
+        if rows:
+            dst = torch.from_numpy(np.concatenate(dst_parts)).to(self.device, non_blocking=True)
+            src = torch.cat([r.to(device=self.device, dtype=self.dtype) for r in rows])
+            embeds.index_copy_(0, dst, src)
+        return embeds
+
+    @torch.inference_mode()
+    def compute_logits(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Run the forward of one step; (S, vocab) fp32 logits, one row per sequence that samples, in
+        batch order. Writes the step's K/V into the cache."""
+        seqs = batch.seqs
+        q_lens = np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=len(seqs))
+        ctx = np.fromiter((s.start for s in seqs), dtype=np.int64, count=len(seqs))
+        q_starts = np.concatenate([[0], np.cumsum(q_lens)[:-1]]).astype(np.int64)
+        rows = self._tables.rows_for([s.seq for s in seqs])
+        width = max(1, math.ceil(int((q_lens + ctx).max()) / self.block_size))
+        tables = torch.from_numpy(self._tables.table[rows, :width]).to(self.device, non_blocking=True)
+        meta, positions = build_attention_metadata(q_lens, ctx, tables, self.block_size,
+                                                   max_gather_tokens=MAX_GATHER_TOKENS)
+        sample_rows = [i for i, s in enumerate(seqs) if s.sample]
+        logits_idx = torch.from_numpy(q_starts[sample_rows] + q_lens[sample_rows] - 1).to(self.device)
+        embeds = self._input_embeds(batch, q_starts)
+        return self.model(embeds, positions, self.kv_caches, meta, logits_idx)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> list[int | None]:
+        """Run one step; the sampled token of each scheduled sequence (None where its chunk does not
+        end its known tokens)."""
+        if not batch.seqs:
+            return []
+        logits = self.compute_logits(batch)
+        sampling = [s for s in batch.seqs if s.sample]
+        if not sampling:
+            return [None] * len(batch.seqs)
+        params = [s.seq.sampling for s in sampling]
+        needs_history = any(p.repetition_penalty != 1.0 for p in params)
+        outputs = [s.seq.output_token_ids if needs_history and s.seq.sampling.repetition_penalty != 1.0 else []
+                   for s in sampling]
+        generators = [None if p.temperature == 0 else self._generator(s.seq) for p, s in zip(params, sampling)]
+        tokens = sample_tokens(logits, SamplingBatch.build(params, outputs, generators, self.device)).tolist()
+        it = iter(tokens)
+        return [next(it) if s.sample else None for s in batch.seqs]

@@ -1,0 +1,120 @@
+"""Sampler: logits (S, vocab) -> one token per row, as a chain of small named functions.
+
+    apply_repetition_penalty -> greedy argmax (rows with temperature 0)
+                             -> apply_temperature -> apply_top_k -> apply_top_p -> sample (other rows)
+
+HF semantics throughout (RepetitionPenaltyLogitsProcessor over the tokens generated so far only, since
+the card's generate runs on inputs_embeds; TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper).
+Each sampled row draws from its own torch.Generator, seeded from the request's seed, so a request's
+tokens do not depend on which other requests share its batch. Greedy and sampled rows share one batch.
+
+Does not own: the generators' lifetime (runner.py keeps one per request), stop conditions (engine.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling inputs, on the logits' device."""
+    temperature: torch.Tensor          # (S,) float32; 0 = greedy
+    top_k: torch.Tensor                # (S,) int64; 0 = off
+    top_p: torch.Tensor                # (S,) float32; 1 = off
+    repetition_penalty: torch.Tensor   # (S,) float32; 1 = off
+    generators: list[torch.Generator | None]  # one per row; None for greedy rows
+    output_ids: torch.Tensor | None = None    # (S, N) int64 generated tokens, padded by repeating one
+    all_greedy: bool = False
+    any_top_k: bool = False
+    any_top_p: bool = False
+    any_penalty: bool = False
+
+    @classmethod
+    def build(cls, params: list, output_token_ids: list[list[int]], generators: list, device) -> "SamplingBatch":
+        """params: SamplingParams per row; output_token_ids: the tokens each row generated so far."""
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
+        top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64)
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+        penalty = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32)
+        any_penalty = any(p.repetition_penalty != 1.0 and out for p, out in zip(params, output_token_ids))
+        output_ids = None
+        if any_penalty:
+            width = max(len(out) for out in output_token_ids)
+            rows = []
+            for p, out in zip(params, output_token_ids):
+                if p.repetition_penalty == 1.0 or not out:
+                    rows.append([0] * width)  # penalty 1 (set below for empty rows) leaves row unchanged
+                else:
+                    rows.append(out + [out[0]] * (width - len(out)))  # repeats are harmless (HF gathers too)
+            output_ids = torch.tensor(rows, dtype=torch.int64)
+            penalty = torch.where(torch.tensor([bool(out) for out in output_token_ids]), penalty,
+                                  torch.ones_like(penalty))
+        return cls(temperature=temperature.to(device), top_k=top_k.to(device), top_p=top_p.to(device),
+                   repetition_penalty=penalty.to(device), generators=generators,
+                   output_ids=None if output_ids is None else output_ids.to(device),
+                   all_greedy=all(p.temperature == 0 for p in params),
+                   any_top_k=any(p.top_k > 0 and p.temperature > 0 for p in params),
+                   any_top_p=any(p.top_p < 1.0 and p.temperature > 0 for p in params),
+                   any_penalty=any_penalty)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, output_ids: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """HF: for every token already generated, logit < 0 ? logit * p : logit / p (once per token)."""
+    score = logits.gather(1, output_ids)
+    p = penalty[:, None]
+    score = torch.where(score < 0, score * p, score / p)
+    return logits.scatter(1, output_ids, score)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    return logits / t[:, None]
+
+
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties at the k-th value kept, as HF); k = 0: row untouched."""
+    vocab = logits.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    sorted_desc = logits.sort(dim=-1, descending=True).values
+    kth = sorted_desc.gather(1, (k - 1)[:, None])
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """HF TopPLogitsWarper per row: drop the smallest tokens whose cumulative probability <= 1 - p,
+    keeping at least the most likely one; p = 1: row untouched."""
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cum <= (1 - top_p)[:, None]
+    remove[:, -1] = False
+    remove &= (top_p < 1.0)[:, None]
+    remove = remove.scatter(1, sorted_idx, remove)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row by the exponential race (argmax p / E, E ~ Exp(1)), which samples p exactly.
+    Row i draws its noise from generators[i] only; rows without a generator get argmax."""
+    q = torch.ones_like(probs)
+    for i, g in enumerate(generators):
+        if g is not None:
+            q[i].exponential_(generator=g)
+    return (probs / q).argmax(dim=-1)
+
+
+def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """logits (S, vocab) fp32 -> (S,) int64 token ids."""
+    if batch.any_penalty:
+        logits = apply_repetition_penalty(logits, batch.output_ids, batch.repetition_penalty)
+    greedy = logits.argmax(dim=-1)
+    if batch.all_greedy:
+        return greedy
+    logits = apply_temperature(logits, batch.temperature)
+    if batch.any_top_k:
+        logits = apply_top_k(logits, batch.top_k)
+    if batch.any_top_p:
+        logits = apply_top_p(logits, batch.top_p)
+    sampled = sample(logits.softmax(dim=-1), batch.generators)
+    return torch.where(batch.temperature == 0, greedy, sampled)

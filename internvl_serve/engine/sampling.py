@@ -1,0 +1,67 @@
+"""SamplingParams: how one request picks its tokens (the card's generate options, per request).
+
+Owns the values and their allowed ranges (validate). Does not own the sampling math (sampler.py) or the
+stop-string matching (detokenizer.py).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+from internvl_serve.engine.errors import InvalidRequest
+
+MAX_STOP_WORDS = 16
+MAX_SEED = 2**64 - 1
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 1024           # new tokens at most (also capped by the context window)
+    temperature: float = 0.0         # 0 -> greedy (the card's do_sample=False)
+    top_p: float = 1.0               # (0, 1]; 1 -> off
+    top_k: int = 0                   # 0 -> off
+    repetition_penalty: float = 1.0  # HF semantics over the generated tokens; 1 -> off
+    seed: int = 0                    # seed of this request's own torch.Generator
+    stop: tuple[str, ...] = ()       # extra stop strings ('</s>' always stops)
+
+    def __post_init__(self):
+        if isinstance(self.stop, list):  # keep the dataclass hashable
+            object.__setattr__(self, "stop", tuple(self.stop))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> "SamplingParams":
+        """Raise InvalidRequest naming the first field out of range; return self when all are valid."""
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidRequest(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not _is_real(self.top_p) or not (0.0 < self.top_p <= 1.0):
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise InvalidRequest(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if (not _is_real(self.repetition_penalty) or not math.isfinite(self.repetition_penalty)
+                or self.repetition_penalty <= 0):
+            raise InvalidRequest(f"repetition_penalty must be a finite number > 0 (1 = off), "
+                                 f"got {self.repetition_penalty!r}")
+        if not _is_int(self.seed) or not (0 <= self.seed <= MAX_SEED):
+            raise InvalidRequest(f"seed must be an integer in [0, 2**64-1], got {self.seed!r}")
+        if not isinstance(self.stop, tuple):
+            raise InvalidRequest(f"stop must be a tuple of strings, got {type(self.stop).__name__}")
+        if len(self.stop) > MAX_STOP_WORDS:
+            raise InvalidRequest(f"stop holds {len(self.stop)} strings; at most {MAX_STOP_WORDS} allowed")
+        for i, word in enumerate(self.stop):
+            if not isinstance(word, str) or not word:
+                raise InvalidRequest(f"stop[{i}] must be a non-empty string, got {word!r}")
+        return self

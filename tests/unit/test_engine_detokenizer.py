@@ -1,0 +1,149 @@
+"""IncrementalDetokenizer with a SentencePiece-like fake tokenizer (a single-token decode loses the leading
+space; a multi-byte character is split over byte tokens): the deltas concatenate to the card's
+`text.split('</s>')[0].strip()`; stop strings across token boundaries end generation, text cut before."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from internvl_serve.engine import FakeRunner, LLMEngine, Request, SamplingParams, SchedulerConfig
+from internvl_serve.engine.detokenizer import IncrementalDetokenizer
+
+PIECES = ["<unk>", "<s>", "</s>", "▁Hello", "▁world", "!", "<0xC3>", "<0xA9>", "▁caf", "▁", "<0x0A>", "ST",
+          "OP", "▁ST", "</", "s>", "xSTOPy", "ar", "▁▁", "<0xE2>", "<0x82>", "<0xAC>", "ok", "▁</s>", "▁ok", "▁</"]
+ID = {p: i for i, p in enumerate(PIECES)}
+SPECIAL = {0, 1, 2}
+
+
+class FakeSentencePiece:
+    """decode joins pieces ('▁' -> ' '), merges <0xNN> byte pieces as UTF-8 (invalid -> '\\ufffd') and
+    drops the one leading space of the text, as SentencePiece does."""
+    eos_token_id = 2
+
+    def __init__(self):
+        self.calls = []
+
+    def decode(self, ids, skip_special_tokens=False):
+        self.calls.append(len(ids))
+        out, buf = [], bytearray()
+        for i in ids:
+            if skip_special_tokens and i in SPECIAL:
+                continue
+            p = PIECES[i]
+            if p.startswith("<0x"):
+                buf.append(int(p[3:5], 16))
+                continue
+            out.append(buf.decode("utf-8", errors="replace"))
+            buf.clear()
+            out.append(p.replace("▁", " "))
+        out.append(buf.decode("utf-8", errors="replace"))
+        text = "".join(out)
+        return text[1:] if text.startswith(" ") else text
+
+
+def ids(*pieces):
+    return [ID[p] for p in pieces]
+
+
+def run(token_ids, stop=()):
+    d = IncrementalDetokenizer(FakeSentencePiece(), stop)
+    deltas = []
+    for t in token_ids:
+        delta, stopped = d.update([t])
+        deltas.append(delta)
+        if stopped:
+            return deltas, True
+    deltas.append(d.finish())
+    return deltas, False
+
+
+def card(token_ids, stop=()):
+    text = FakeSentencePiece().decode(token_ids, skip_special_tokens=True).lstrip()
+    cuts = [i for i in (text.find(w) for w in ("</s>", *stop)) if i != -1]
+    return (text[:min(cuts)] if cuts else text).strip()
+
+
+def test_the_fake_tokenizer_behaves_like_sentencepiece():
+    tok = FakeSentencePiece()
+    assert tok.decode(ids("▁world")) == "world"
+    assert tok.decode(ids("▁Hello", "▁world")) == "Hello world"
+    assert tok.decode(ids("▁caf", "<0xC3>")) == "caf\ufffd"
+    assert tok.decode(ids("▁caf", "<0xC3>", "<0xA9>")) == "café"
+
+
+def test_leading_space_comes_from_the_cumulative_decode():
+    deltas, _ = run(ids("▁Hello", "▁world", "!"))
+    assert deltas == ["Hello", " world", "!", ""]
+
+
+def test_split_multibyte_character_is_held_back_until_complete():
+    deltas, _ = run(ids("▁caf", "<0xC3>", "<0xA9>", "ok"))
+    assert deltas == ["caf", "", "é", "ok", ""]
+    deltas, _ = run(ids("▁Hello", "▁", "<0xE2>", "<0x82>", "<0xAC>"))
+    assert deltas == ["Hello", "", "", "", " €", ""]
+    assert not any("\ufffd" in d for d in deltas)
+
+
+def test_leading_whitespace_is_dropped_and_trailing_whitespace_held():
+    deltas, _ = run(ids("<0x0A>", "▁", "▁Hello", "▁", "▁▁"))
+    assert "".join(deltas) == "Hello" and deltas[:3] == ["", "", "Hello"]
+    deltas, _ = run(ids("▁Hello", "▁", "▁world"))
+    assert deltas == ["Hello", "", "  world", ""]
+
+
+def test_stop_word_across_tokens_cuts_the_text_before_it():
+    deltas, stopped = run(ids("▁Hello", "▁ST", "OP", "▁world"), stop=("STOP",))
+    assert stopped and deltas == ["Hello", ""] + [""] and "".join(deltas) == "Hello"
+
+
+def test_held_stop_prefix_is_released_when_it_does_not_complete():
+    deltas, stopped = run(ids("▁Hello", "▁ST", "ar"), stop=("STOP",))
+    assert not stopped and deltas == ["Hello", "", " STar", ""]
+
+
+def test_stop_word_inside_one_token():
+    deltas, stopped = run(ids("▁Hello", "xSTOPy", "▁world"), stop=("STOP",))
+    assert stopped and "".join(deltas) == "Hellox"
+
+
+def test_literal_end_of_sequence_text_always_stops():
+    deltas, stopped = run(ids("▁Hello", "▁</", "s>", "▁world"))
+    assert stopped and "".join(deltas) == "Hello"
+    deltas, stopped = run(ids("▁ok", "▁</s>"))
+    assert stopped and "".join(deltas) == "ok"
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_sequences_concatenate_to_the_card_text(seed):
+    rng = random.Random(seed)
+    pool = list(range(3, len(PIECES)))
+    token_ids = [rng.choice(pool) for _ in range(rng.randrange(1, 25))]
+    stop = tuple(rng.sample(["STOP", "d!", "\n", "ST ok", "é"], rng.randrange(0, 3)))
+    deltas, stopped = run(token_ids, stop)
+    consumed = token_ids[: len(deltas) - (0 if stopped else 1)]
+    assert "".join(deltas) == card(consumed, stop)
+    assert "".join(deltas) == card(token_ids, stop)  # stopping early never changes the answer
+    assert not any(w in "".join(deltas) for w in ("</s>", *stop))
+
+
+def test_engine_streams_text_and_stops_on_stop_words_and_eos():
+    script = {"a": ids("▁Hello", "▁world", "▁ST", "OP", "!"), "b": ids("▁caf", "<0xC3>", "<0xA9>") + [2, 5],
+              "c": ids("▁ok", "▁", "▁ok", "▁", "▁")}
+    prompts = {"a": [7, 7, 7], "b": [8, 8], "c": [9]}
+
+    def next_token(ctx):
+        rid = {7: "a", 8: "b", 9: "c"}[ctx[0]]
+        return script[rid][len(ctx) - len(prompts[rid])]
+
+    engine = LLMEngine(FakeRunner(next_token=next_token, vocab_size=len(PIECES), eos_token_id=2),
+                       FakeSentencePiece(), eos_token_id=2, scheduler_config=SchedulerConfig())
+    res = engine.generate([Request("a", prompts["a"], None, SamplingParams(stop=("STOP",))),
+                           Request("b", prompts["b"], None, SamplingParams()),
+                           Request("c", prompts["c"], None, SamplingParams(max_tokens=5))])
+    text = {k: "".join(o.text_delta for o in v) for k, v in res.items()}
+    assert text == {"a": "Hello world", "b": "café", "c": "ok  ok"}
+    assert [o.finish_reason for o in (res["a"][-1], res["b"][-1], res["c"][-1])] == ["stop", "stop", "length"]
+    assert res["a"][-1].num_output_tokens == 4  # ST, OP generated; generation ended at the stop word
+    assert [t for o in res["b"] for t in o.new_token_ids] == ids("▁caf", "<0xC3>", "<0xA9>") + [2]
+    assert res["b"][1].text_delta == ""  # the half character was held back

@@ -1,0 +1,101 @@
+"""GPU checks of the engine (run on the lent GPU; skipped without CUDA): the same tiny model as the CPU
+tests, on CUDA in fp32 (tokens equal HF generate) and bf16 (logits close to HF's), the KV cache sized from
+free GPU memory, and seeded sampling independent of the batch on CUDA generators."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig as HFLlamaConfig
+from transformers import LlamaForCausalLM
+
+from internvl_serve.engine import LLMEngine, ModelRunner, Request, SamplingParams, SchedulerConfig
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+IMG, EOS = 96, 2
+
+
+def tiny(dtype):
+    torch.manual_seed(0)
+    cfg = HFLlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
+                        rms_norm_eps=1e-5, eos_token_id=EOS, pad_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.08) if p.ndim == 2 else p.uniform_(0.8, 1.2)
+    return model.to("cuda", dtype)
+
+
+def requests(n=4, max_tokens=12, **sampling):
+    out = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(i)
+        text = torch.randint(3, IMG, (9 + 5 * i,), generator=g).tolist()
+        n_img = 4 * (i % 2)
+        ids = [1] + text[:4] + [IMG] * n_img + text[4:]
+        rows = (torch.randn(n_img, 64, generator=g) * 0.5) if n_img else None
+        out.append(Request(f"r{i}", ids, rows, SamplingParams(max_tokens=max_tokens, **sampling)))
+    return out
+
+
+def engine_for(hf, dtype, budget=8, num_blocks=64):
+    runner = ModelRunner(hf.config, hf.state_dict(), device="cuda", dtype=dtype, block_size=4, num_blocks=num_blocks)
+    return LLMEngine(runner, None, eos_token_id=EOS, image_context_token_id=IMG,
+                     scheduler_config=SchedulerConfig(max_num_batched_tokens=budget, watermark=0.0))
+
+
+def hf_embeds(hf, r):
+    ids = torch.tensor(r.prompt_token_ids, device="cuda")
+    emb = hf.model.embed_tokens(ids)
+    if r.image_embeds is not None:
+        emb[ids == IMG] = r.image_embeds.to("cuda", emb.dtype)
+    return emb[None]
+
+
+@torch.no_grad()
+def test_fp32_on_cuda_equals_hf_generate():
+    hf = tiny(torch.float32)
+    reqs = requests()
+    res = engine_for(hf, torch.float32).generate(reqs)
+    for r in reqs:
+        emb = hf_embeds(hf, r)
+        want = hf.generate(inputs_embeds=emb, attention_mask=torch.ones(emb.shape[:2], dtype=torch.long,
+                                                                         device="cuda"),
+                           do_sample=False, max_new_tokens=12, eos_token_id=EOS, pad_token_id=0)[0].tolist()
+        assert [t for o in res[r.request_id] for t in o.new_token_ids] == want
+
+
+@torch.no_grad()
+def test_bf16_prefill_logits_close_to_hf():
+    hf = tiny(torch.bfloat16)
+    engine = engine_for(hf, torch.bfloat16, budget=256)
+    reqs = requests()
+    for r in reqs:
+        engine.add_request(r)
+    batch = engine.scheduler.schedule()
+    ours = engine.runner.compute_logits(batch)
+    for i, r in enumerate(reqs):
+        ref = hf(inputs_embeds=hf_embeds(hf, r)).logits[0, -1].float()
+        assert (ours[i] - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_cache_sized_from_free_memory():
+    hf = tiny(torch.bfloat16)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    runner = ModelRunner(hf.config, hf.state_dict(), device="cuda", dtype=torch.bfloat16, block_size=16,
+                         gpu_memory_utilization=0.3)
+    info = runner.cache_info()
+    assert info["num_blocks"] > 1000 and info["num_tokens"] == 16 * info["num_blocks"]
+    assert info["bytes"] == runner.kv_cache.numel() * 2
+    assert info["bytes"] <= 0.3 * total - (total - free)
+    assert info["bytes"] > 0.5 * (0.3 * total - (total - free))
+
+
+def test_seeded_sampling_on_cuda_is_independent_of_the_batch():
+    hf = tiny(torch.bfloat16)
+    s = dict(temperature=1.0, top_k=40, top_p=0.95, seed=77)
+    alone = engine_for(hf, torch.bfloat16).generate(requests(1, **s))["r0"]
+    crowd = engine_for(hf, torch.bfloat16, budget=64).generate(requests(4, **s))["r0"]
+    assert [o.new_token_ids for o in alone] == [o.new_token_ids for o in crowd]
