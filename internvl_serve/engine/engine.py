@@ -131,7 +131,7 @@ class LLMEngine:
     def _on_token(self, seq: Sequence, token: int) -> RequestOutput:
         detok = self._detok[seq.request_id]
         delta, reason = "", None
-        if token == self.eos_token_id:
+        if token == self.eos_token_id and not seq.sampling.ignore_eos:
             reason = "stop"
         elif detok is not None:
             delta, stopped = detok.update([token])

@@ -73,11 +73,18 @@ class BlockTableBuffer:
             self._free.append(row)
 
 
+CUDA_CONTEXT_BYTES = 600 * 2**20  # a CUDA context and cuBLAS workspaces, outside torch's allocator
+
+
 class ModelRunner:
     def __init__(self, config, state_dict: Mapping[str, torch.Tensor], *, device="cpu",
                  dtype: torch.dtype | None = None, block_size: int = 16, num_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int = 2048,
-                 max_num_seqs: int = 256, attention: AttentionFn = sdpa_paged_attention):
+                 max_num_seqs: int = 256, attention: AttentionFn = sdpa_paged_attention,
+                 reserved_bytes: int = 0):
+        # reserved_bytes: device memory that other processes (the vision model's Triton instance) will
+        # hold, whether or not they have loaded yet: Triton loads models in parallel, in no fixed order.
+        self.reserved_bytes = int(reserved_bytes)
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -145,7 +152,11 @@ class ModelRunner:
         elem = torch.empty((), dtype=self.dtype).element_size()
         gather = MAX_GATHER_TOKENS * 2 * a.num_attention_heads * a.head_dim * elem * 2
         sampler = min(max_num_seqs, max_num_batched_tokens) * a.vocab_size * 4 * 6
-        available = total * utilization - (total - free) - peak - gather - sampler
+        # Memory in use: what the device reports, or at least our own (+ CUDA context) plus what the
+        # other models will take once loaded, whichever is larger (they may load after us).
+        own = torch.cuda.memory_reserved(self.device) + CUDA_CONTEXT_BYTES
+        in_use = max(total - free, own + self.reserved_bytes)
+        available = total * utilization - in_use - peak - gather - sampler
         num_blocks = int(available // self.bytes_per_block)
         if num_blocks < 1:
             raise RuntimeError(f"no GPU memory left for the KV cache: total {total / 2**30:.1f} GiB, in use "

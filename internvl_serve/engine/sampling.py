@@ -31,7 +31,8 @@ class SamplingParams:
     top_k: int = 0                   # 0 -> off
     repetition_penalty: float = 1.0  # HF semantics over the generated tokens; 1 -> off
     seed: int = 0                    # seed of this request's own torch.Generator
-    stop: tuple[str, ...] = ()       # extra stop strings ('</s>' always stops)
+    stop: tuple[str, ...] = ()       # extra stop strings ('</s>' always stops, unless ignore_eos)
+    ignore_eos: bool = False         # benchmarks: generate max_tokens whatever comes (vLLM's ignore_eos)
 
     def __post_init__(self):
         if isinstance(self.stop, list):  # keep the dataclass hashable
@@ -57,6 +58,8 @@ class SamplingParams:
                                  f"got {self.repetition_penalty!r}")
         if not _is_int(self.seed) or not (0 <= self.seed <= MAX_SEED):
             raise InvalidRequest(f"seed must be an integer in [0, 2**64-1], got {self.seed!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequest(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         if not isinstance(self.stop, tuple):
             raise InvalidRequest(f"stop must be a tuple of strings, got {type(self.stop).__name__}")
         if len(self.stop) > MAX_STOP_WORDS:

@@ -131,6 +131,22 @@ class EngineOptions:
         return cls(**values)
 
 
+def vision_reserve_bytes(config, dtype: torch.dtype) -> int:
+    """GPU memory the vision model's instance takes on the same device: its weights (only the ViT
+    blocks select_layer needs), activations of a batch of 8 images, and its CUDA context."""
+    v = config.vision_config
+    d, f = v.hidden_size, v.intermediate_size
+    per_block = 3 * d * d + d * d + d + 2 * d * f + f + d + 4 * d       # qkv, proj, fc1/fc2, norms, ls
+    embeddings = d * 3 * v.patch_size ** 2 + d + d + (v.num_patches + 1) * d
+    c4 = d * int(round(1 / config.downsample_ratio)) ** 2
+    llm_hidden = config.llm_config.hidden_size
+    projector = 2 * c4 + c4 * llm_hidden + llm_hidden + llm_hidden * llm_hidden + llm_hidden
+    params = config.num_vision_blocks_used * per_block + embeddings + projector
+    element = torch.empty((), dtype=dtype).element_size()
+    activations = 8 * (v.num_patches + 1) * f * element * 4
+    return params * element + activations + 2**30
+
+
 class LLMService:
     """submit(request_id, LLMRequest, sink) -> responses flow to sink from the engine thread."""
 
@@ -153,7 +169,8 @@ class LLMService:
                              block_size=options.block_size, num_blocks=options.num_blocks,
                              gpu_memory_utilization=options.gpu_memory_utilization,
                              max_num_batched_tokens=options.max_num_batched_tokens,
-                             max_num_seqs=options.max_num_seqs)
+                             max_num_seqs=options.max_num_seqs,
+                             reserved_bytes=vision_reserve_bytes(self.config, self.dtype) if self.device.type == "cuda" else 0)
         del state_dict  # the runner holds the weights now
         scheduler = SchedulerConfig(max_num_seqs=options.max_num_seqs,
                                     max_num_batched_tokens=options.max_num_batched_tokens,

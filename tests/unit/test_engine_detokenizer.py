@@ -147,3 +147,26 @@ def test_engine_streams_text_and_stops_on_stop_words_and_eos():
     assert res["a"][-1].num_output_tokens == 4  # ST, OP generated; generation ended at the stop word
     assert [t for o in res["b"] for t in o.new_token_ids] == ids("▁caf", "<0xC3>", "<0xA9>") + [2]
     assert res["b"][1].text_delta == ""  # the half character was held back
+
+
+def test_ignore_eos_generates_max_tokens_past_eos():
+    script = ids("▁caf", "<0xC3>", "<0xA9>") + [2, 5, 5, 5, 5]
+    prompt = [8, 8]
+
+    def next_token(ctx):
+        return script[len(ctx) - len(prompt)]
+
+    engine = LLMEngine(FakeRunner(next_token=next_token, vocab_size=len(PIECES), eos_token_id=2),
+                       FakeSentencePiece(), eos_token_id=2, scheduler_config=SchedulerConfig())
+    res = engine.generate([Request("x", prompt, None, SamplingParams(max_tokens=6, ignore_eos=True)),
+                           Request("y", prompt, None, SamplingParams(max_tokens=6))])
+    assert res["x"][-1].finish_reason == "length" and res["x"][-1].num_output_tokens == 6
+    assert [t for o in res["x"] for t in o.new_token_ids] == script[:6]
+    assert res["y"][-1].finish_reason == "stop" and res["y"][-1].num_output_tokens == 4
+
+
+def test_ignore_eos_must_be_a_bool():
+    import pytest
+    from internvl_serve.engine.errors import InvalidRequest
+    with pytest.raises(InvalidRequest, match="ignore_eos must be a bool"):
+        SamplingParams(ignore_eos=1).validate()
