@@ -68,9 +68,10 @@ def is_random_checkpoint(folder: str | Path) -> bool:
     return (Path(folder) / MARKER).is_file()
 
 
-def write_marker(folder: str | Path, *, seed: int = 0, std: float = 0.02) -> Path:
+def write_marker(folder: str | Path, *, seed: int = 0, std: float = 0.02, tokenizer_size: int | None = None) -> Path:
     path = Path(folder) / MARKER
-    path.write_text(json.dumps({"seed": seed, "std": std, "purpose": "benchmark only: random weights"}) + "\n")
+    path.write_text(json.dumps({"seed": seed, "std": std, "tokenizer_size": tokenizer_size,
+                                "purpose": "benchmark only: random weights"}) + "\n")
     return path
 
 
@@ -88,6 +89,9 @@ class RandomShard:
         settings = json.loads((Path(folder) / MARKER).read_text())
         self.seed = int(settings.get("seed", 0))
         self.std = float(settings.get("std", 0.02))
+        # A benchmark's tokenizer may be smaller than the real vocabulary: lm_head rows past it are
+        # zero, so greedy decoding (whose best logit is > 0) only picks ids the tokenizer can decode.
+        self.tokenizer_size = settings.get("tokenizer_size")
         self.shapes = real_shapes(folder)
 
     def __contains__(self, key: str) -> bool:
@@ -111,7 +115,10 @@ class RandomShard:
             return out.fill_(0.1)
         digest = hashlib.sha256(f"{self.seed}:{key}".encode()).digest()
         gen = torch.Generator(device=out.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-        return out.normal_(0.0, self.std, generator=gen)
+        out.normal_(0.0, self.std, generator=gen)
+        if key.endswith("lm_head.weight") and self.tokenizer_size:
+            out[int(self.tokenizer_size):] = 0
+        return out
 
 
 def make_random_checkpoint(out: str | Path, *, tokenizer_from: str | Path, seed: int = 0) -> Path:
@@ -128,10 +135,11 @@ def make_random_checkpoint(out: str | Path, *, tokenizer_from: str | Path, seed:
         if (src / name).is_file():
             shutil.copy2(src / name, out / name)
     vocab = V1_1_SHEET_CONFIG["llm_config"]["vocab_size"]
-    if len(load_tokenizer(out)) > vocab:
+    tokenizer_size = len(load_tokenizer(out))
+    if tokenizer_size > vocab:
         raise ValueError(f"tokenizer of {src} has more ids than the vocabulary ({vocab})")
     (out / "config.json").write_text(json.dumps(V1_1_SHEET_CONFIG, indent=2) + "\n")
-    write_marker(out, seed=seed)
+    write_marker(out, seed=seed, tokenizer_size=tokenizer_size)
     return out
 
 

@@ -81,7 +81,7 @@ class ModelRunner:
                  dtype: torch.dtype | None = None, block_size: int = 16, num_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int = 2048,
                  max_num_seqs: int = 256, attention: AttentionFn = sdpa_paged_attention,
-                 reserved_bytes: int = 0):
+                 reserved_bytes: int = 0, cuda_graphs: bool | None = None):
         # reserved_bytes: device memory that other processes (the vision model's Triton instance) will
         # hold, whether or not they have loaded yet: Triton loads models in parallel, in no fixed order.
         self.reserved_bytes = int(reserved_bytes)
@@ -110,6 +110,14 @@ class ModelRunner:
         self.max_model_len = min(a.max_position_embeddings, num_blocks * block_size)
         self._tables = BlockTableBuffer(math.ceil(self.max_model_len / block_size))
         self._generators: dict[str, torch.Generator] = {}
+        # Pure-decode steps replay a captured CUDA graph with the fused paged-attention kernel
+        # (decode_graphs.py); prefill chunks and mixed steps run eagerly. Default: on for CUDA.
+        self.decode_graphs = None
+        if cuda_graphs if cuda_graphs is not None else self.device.type == "cuda":
+            from internvl_serve.engine.decode_graphs import DecodeGraphs
+            self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, max_blocks=self._tables.max_blocks,
+                                              device=self.device, max_batch=max_num_seqs)
+            self.decode_graphs.capture()
 
     # -- sizes -------------------------------------------------------------------------------------
     @property
@@ -218,6 +226,9 @@ class ModelRunner:
         """Run the forward of one step; (S, vocab) fp32 logits, one row per sequence that samples, in
         batch order. Writes the step's K/V into the cache."""
         seqs = batch.seqs
+        if (self.decode_graphs is not None and self.decode_graphs.bucket_for(len(seqs)) is not None
+                and all(s.num_tokens == 1 and s.sample for s in seqs)):
+            return self._decode_with_graph(seqs)
         q_lens = np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=len(seqs))
         ctx = np.fromiter((s.start for s in seqs), dtype=np.int64, count=len(seqs))
         q_starts = np.concatenate([[0], np.cumsum(q_lens)[:-1]]).astype(np.int64)
@@ -230,6 +241,16 @@ class ModelRunner:
         logits_idx = torch.from_numpy(q_starts[sample_rows] + q_lens[sample_rows] - 1).to(self.device)
         embeds = self._input_embeds(batch, q_starts)
         return self.model(embeds, positions, self.kv_caches, meta, logits_idx)
+
+    def _decode_with_graph(self, seqs) -> torch.Tensor:
+        """One new token per sequence through the captured graph of the smallest fitting bucket."""
+        bs = self.block_size
+        positions = np.fromiter((s.start for s in seqs), dtype=np.int64, count=len(seqs))
+        token_ids = np.fromiter((s.seq.token_ids[s.start] for s in seqs), dtype=np.int64, count=len(seqs))
+        rows = self._tables.rows_for([s.seq for s in seqs])
+        tables = self._tables.table[rows]
+        slots = tables[np.arange(len(seqs)), positions // bs].astype(np.int64) * bs + positions % bs
+        return self.decode_graphs.run(token_ids, positions, slots, tables, positions + 1)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[int | None]:

@@ -48,7 +48,12 @@ class TritonPythonModel:
         self.service = LLMService(os.environ["INTERNVL_CHECKPOINT"], device=device, engine_options=params,
                                   log=pb_utils.Logger.log_info)
         self.client_errors = client_errors()
-        pb_utils.Logger.log_info(f"llm: {self.service.device} {self.service.dtype}")
+        info = self.service.engine.runner.cache_info()
+        graphs = self.service.engine.runner.decode_graphs
+        pb_utils.Logger.log_info(
+            f"llm: {self.service.device} {self.service.dtype}; KV cache {info['num_blocks']} blocks x "
+            f"{info['block_size']} tokens = {info['num_tokens']} tokens, {info['bytes'] / 2**30:.1f} GiB; "
+            f"decode CUDA graphs: {list(graphs.buckets) if graphs else 'off'}")
 
     def execute(self, requests):
         for request in requests:

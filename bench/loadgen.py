@@ -1,0 +1,133 @@
+"""Concurrent streaming load against the `internvl_chat` ensemble over gRPC, with per-token timing.
+
+Owns: sending N streaming chat requests at a fixed concurrency through tritonclient's asyncio gRPC
+client, and turning response arrival times into time-to-first-token, inter-token latency and output
+tokens/s. Does not own: starting the server (the launcher does) or printing tables (benchmark.py).
+
+Token accounting: a streamed response carries a text delta and the cumulative `num_output_tokens`, so
+a delta that holds k tokens contributes k inter-token gaps of (its gap / k).
+"""
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+
+
+@dataclass
+class RequestTiming:
+    start: float
+    first_token: float | None = None
+    end: float | None = None
+    output_tokens: int = 0
+    gaps: list[float] = field(default_factory=list)  # seconds between tokens, one per token after the first
+    error: str | None = None
+
+
+def _tensor(name: str, array: np.ndarray, datatype: str) -> grpcclient.InferInput:
+    t = grpcclient.InferInput(name, list(array.shape), datatype)
+    t.set_data_from_numpy(array)
+    return t
+
+
+def build_inputs(question: str, image: bytes | None, max_tokens: int, ignore_eos: bool) -> list:
+    inputs = [
+        _tensor("text_input", np.array([question.encode()], dtype=object), "BYTES"),
+        _tensor("max_tokens", np.array([max_tokens], dtype=np.int32), "INT32"),
+        _tensor("stream", np.array([True]), "BOOL"),
+    ]
+    if image is not None:
+        inputs.append(_tensor("images", np.array([image], dtype=object), "BYTES"))
+    if ignore_eos:
+        inputs.append(_tensor("ignore_eos", np.array([True]), "BOOL"))
+    return inputs
+
+
+async def one_request(client, model: str, inputs: list, request_id: str) -> RequestTiming:
+    timing = RequestTiming(start=time.perf_counter())
+
+    async def requests():
+        yield {"model_name": model, "inputs": inputs, "request_id": request_id}
+
+    last_time, last_count = None, 0
+    try:
+        async for result, error in client.stream_infer(requests()):
+            now = time.perf_counter()
+            if error is not None:
+                timing.error = str(error)
+                break
+            count = int(result.as_numpy("num_output_tokens")[0])
+            new = count - last_count
+            if new > 0:
+                if timing.first_token is None:
+                    timing.first_token = now
+                    new_gaps = new - 1
+                    gap_from = now
+                else:
+                    new_gaps = new
+                    gap_from = last_time
+                if new_gaps > 0:
+                    timing.gaps.extend([(now - gap_from) / new_gaps] * new_gaps)
+                last_time, last_count = now, count
+            if result.as_numpy("finish_reason")[0]:
+                break
+    except Exception as exc:  # noqa: BLE001 - a benchmark records every failure
+        timing.error = repr(exc)
+    timing.end = time.perf_counter()
+    timing.output_tokens = last_count
+    return timing
+
+
+async def run_level(url: str, concurrency: int, num_requests: int, question: str, image: bytes | None,
+                    max_tokens: int, ignore_eos: bool = True, model: str = "internvl_chat") -> dict:
+    client = grpcclient.InferenceServerClient(url)
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(num_requests):
+        queue.put_nowait(i)
+    timings: list[RequestTiming] = []
+
+    async def worker():
+        while True:
+            try:
+                i = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            inputs = build_inputs(question, image, max_tokens, ignore_eos)
+            timings.append(await one_request(client, model, inputs, f"c{concurrency}-{i}"))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    await client.close()
+    return summarize(concurrency, timings, wall)
+
+
+def _pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    return float(np.percentile(np.asarray(values), p))
+
+
+def summarize(concurrency: int, timings: list[RequestTiming], wall: float) -> dict:
+    ok = [t for t in timings if t.error is None]
+    ttft = [t.first_token - t.start for t in ok if t.first_token is not None]
+    gaps = [g for t in ok for g in t.gaps]
+    tokens = sum(t.output_tokens for t in ok)
+    return {
+        "concurrency": concurrency,
+        "requests": len(timings),
+        "errors": len(timings) - len(ok),
+        "first_error": next((t.error for t in timings if t.error), None),
+        "output_tokens": tokens,
+        "wall_s": wall,
+        "output_tok_per_s": tokens / wall if wall > 0 else float("nan"),
+        "ttft_p50_ms": 1e3 * _pct(ttft, 50),
+        "ttft_p95_ms": 1e3 * _pct(ttft, 95),
+        "itl_p50_ms": 1e3 * _pct(gaps, 50),
+        "itl_p95_ms": 1e3 * _pct(gaps, 95),
+        "mean_tokens_per_request": statistics.mean([t.output_tokens for t in ok]) if ok else 0,
+    }
