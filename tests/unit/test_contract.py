@@ -268,3 +268,11 @@ def test_response_arrays_types():
     assert out["text_output"].dtype == object and out["text_output"][0] == "héllo".encode()
     assert out["finish_reason"][0] == b"stop"
     assert out["num_input_tokens"].dtype == np.int32 and out["num_output_tokens"][0] == 3
+
+
+def test_readme_contract_table_is_the_generated_one():
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    begin, end = "<!-- contract-table:begin -->\n", "<!-- contract-table:end -->"
+    table = readme[readme.index(begin) + len(begin): readme.index(end)]
+    assert table.strip() == c.contract_table_markdown().strip()
