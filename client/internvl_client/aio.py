@@ -1,0 +1,248 @@
+"""asyncio SDK: `AsyncClient.chat / generate / stream` on tritonclient.grpc.aio.
+
+Owns: the asyncio transport: one `stream_infer` call (one gRPC stream) per request, all over one
+channel, so many requests run concurrently from one event loop. Leaving a stream early (break +
+`aclose()`, task cancellation, `asyncio.timeout`) cancels the gRPC call, and Triton the request.
+Does not own: the contract (request.py), card words (generation.py).
+
+End of a request: the request iterator ends right after the one request (the client half-closes),
+and Triton ends the stream once the request's last response is written, so the stream's end is
+the request's end. (tritonclient.grpc.aio cannot ask for the empty final response: its parameter
+name is reserved.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+import tritonclient.grpc.aio as aiogrpcclient
+
+from .client import DEFAULT_TIMEOUT, DEFAULT_URL, STREAM_HEADERS
+from .errors import InternVLError, ServerUnavailableError, from_grpc_status
+from .media import ImageLike, VideoLike
+from .request import (
+    MODEL_NAME,
+    ChatRequest,
+    ChatResponse,
+    Chunk,
+    History,
+    ResponseAssembler,
+    build_request,
+    to_infer_inputs,
+)
+
+
+class AsyncChatStream:
+    """Async iterator over one streamed answer (text deltas, or Chunks from `stream_chunks`).
+
+    `response` holds the ChatResponse after the end. Use `async with client.stream(...) as s:` or call
+    `aclose()` when leaving early, so the request is cancelled at once rather than at garbage collection.
+    """
+
+    def __init__(self, chunks: AsyncIterator[Chunk], box: list, *, as_chunks: bool = False):
+        self._chunks = chunks
+        self._box = box
+        self._as_chunks = as_chunks
+        self._done = False
+
+    def __aiter__(self) -> "AsyncChatStream":
+        return self
+
+    async def __anext__(self) -> Any:
+        while True:
+            try:
+                chunk = await self._chunks.__anext__()
+            except StopAsyncIteration:
+                self._done = True
+                raise
+            if self._as_chunks:
+                return chunk
+            if chunk.text:
+                return chunk.text
+
+    @property
+    def request_id(self) -> str | None:
+        """The id sent with the request (Triton passes it to the models; it appears in server logs)."""
+        return self._box[0].request_id if self._box else None
+
+    @property
+    def response(self) -> ChatResponse | None:
+        return self._box[0].response() if self._done and self._box else None
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()
+
+    async def __aenter__(self) -> "AsyncChatStream":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+
+class AsyncClient:
+    """asyncio client of the `internvl_chat` ensemble; same arguments and semantics as `Client`.
+
+    >>> async with AsyncClient("127.0.0.1:8001") as client:
+    ...     answer = await client.chat("Hello", generation_config=dict(max_new_tokens=32))
+    ...     async for delta in client.stream("Tell me a story"):
+    ...         print(delta, end="")
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        *,
+        model_name: str = MODEL_NAME,
+        retries: int = 2,
+        retry_backoff: float = 0.25,
+        ssl: bool = False,
+        verbose: bool = False,
+    ):
+        self.url = url
+        self.timeout = timeout
+        self.model_name = model_name
+        self.retries = retries
+        self.retry_backoff = retry_backoff
+        self._ssl = ssl
+        self._verbose = verbose
+        self._tc: aiogrpcclient.InferenceServerClient | None = None
+        self._closed = False
+
+    def _client(self) -> aiogrpcclient.InferenceServerClient:
+        # Created on first use, inside the running event loop that will use the channel.
+        if self._closed:
+            raise InternVLError("this AsyncClient is closed")
+        if self._tc is None:
+            self._tc = aiogrpcclient.InferenceServerClient(self.url, verbose=self._verbose, ssl=self._ssl)
+        return self._tc
+
+    async def chat(
+        self,
+        question: str,
+        images: ImageLike | Sequence[ImageLike] | None = None,
+        video: VideoLike | None = None,
+        history: History | None = None,
+        num_patches_list: Sequence[int] | None = None,
+        generation_config: Mapping[str, Any] | None = None,
+        num_segments: int = 8,
+    ) -> str:
+        response = await self.generate(
+            question, images, video, history, num_patches_list, generation_config, num_segments
+        )
+        return response.text
+
+    async def generate(
+        self,
+        question: str,
+        images: ImageLike | Sequence[ImageLike] | None = None,
+        video: VideoLike | None = None,
+        history: History | None = None,
+        num_patches_list: Sequence[int] | None = None,
+        generation_config: Mapping[str, Any] | None = None,
+        num_segments: int = 8,
+    ) -> ChatResponse:
+        stream = self.stream_chunks(
+            question, images, video, history, num_patches_list, generation_config, num_segments
+        )
+        async with stream:
+            async for _ in stream:
+                pass
+        response = stream.response
+        assert response is not None
+        return response
+
+    def stream(
+        self,
+        question: str,
+        images: ImageLike | Sequence[ImageLike] | None = None,
+        video: VideoLike | None = None,
+        history: History | None = None,
+        num_patches_list: Sequence[int] | None = None,
+        generation_config: Mapping[str, Any] | None = None,
+        num_segments: int = 8,
+    ) -> AsyncChatStream:
+        """`async for delta in client.stream(...)`: text deltas as they arrive."""
+        request = build_request(
+            question,
+            images=images,
+            video=video,
+            history=history,
+            num_patches_list=num_patches_list,
+            generation_config=generation_config,
+            num_segments=num_segments,
+        )
+        return self.stream_request(request)
+
+    def stream_chunks(self, *args: Any, **kwargs: Any) -> AsyncChatStream:
+        stream = self.stream(*args, **kwargs)
+        stream._as_chunks = True
+        return stream
+
+    def stream_request(self, request: ChatRequest, *, as_chunks: bool = False) -> AsyncChatStream:
+        request_id = uuid.uuid4().hex
+        box = [ResponseAssembler(request_id)]
+        return AsyncChatStream(self._chunks(request, box, request_id), box, as_chunks=as_chunks)
+
+    async def is_ready(self) -> bool:
+        try:
+            return bool(await self._client().is_model_ready(self.model_name, client_timeout=5.0))
+        except Exception:
+            return False
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._tc is not None:
+            await self._tc.close()
+            self._tc = None
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def _chunks(self, request: ChatRequest, box: list, request_id: str) -> AsyncIterator[Chunk]:
+        inputs = to_infer_inputs(request)
+        attempt = 0
+        while True:
+            assembler = ResponseAssembler(request_id)
+            box[:] = [assembler]
+
+            async def one_request() -> AsyncIterator[dict]:
+                yield {"model_name": self.model_name, "inputs": inputs, "request_id": request_id}
+
+            responses = self._client().stream_infer(
+                one_request(), stream_timeout=self.timeout, headers=STREAM_HEADERS
+            )
+            ended = False
+            try:
+                try:
+                    async for result, error in responses:
+                        if error is not None:
+                            raise from_grpc_status(error.status(), error.message() or "", url=self.url)
+                        chunk = assembler.add(result.get_response())
+                        # No final flag here (module docstring): the answer's last response is the one
+                        # with a finish_reason; the stream ends right after it.
+                        chunk.final = chunk.final or bool(chunk.finish_reason)
+                        yield chunk
+                except grpc.aio.AioRpcError as rpc_error:
+                    raise from_grpc_status(rpc_error.code().name, rpc_error.details() or "", url=self.url) from None
+                ended = True
+                tail = assembler.add_end()
+                if tail.text:
+                    yield tail
+                return
+            except ServerUnavailableError:
+                if assembler.received == 0 and attempt < self.retries:
+                    attempt += 1
+                    await asyncio.sleep(self.retry_backoff * attempt)  # back-off before reconnecting
+                    continue
+                raise
+            finally:
+                if not ended:
+                    responses.cancel()  # cancels the gRPC call: Triton cancels the request

@@ -1,0 +1,300 @@
+"""Synchronous SDK: `Client.chat / generate / stream` over Triton's gRPC streaming API.
+
+Owns: the transport of one request: a gRPC bidirectional stream per request (`start_stream` +
+`async_stream_infer` of tritonclient.grpc), the end of a request (Triton's final-response flag),
+cancellation when a caller leaves a stream early, error mapping and the safe retry.
+Does not own: the contract's tensors (request.py), card-word mapping (generation.py), conversations
+(session.py).
+
+Why one stream per request: an error on a shared stream carries no request id, and cancelling a
+shared stream would cancel every request on it. tritonclient's `InferenceServerClient` holds one
+stream at a time, so the Client keeps a small pool of them (gRPC shares the TCP connection between
+channels with the same target and options); concurrent calls from several threads are fine.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from .errors import InternVLError, ServerUnavailableError, from_grpc_status
+from .media import ImageLike, VideoLike
+from .request import (
+    MODEL_NAME,
+    ChatRequest,
+    ChatResponse,
+    Chunk,
+    History,
+    ResponseAssembler,
+    build_request,
+    to_infer_inputs,
+)
+
+DEFAULT_URL = "127.0.0.1:8001"
+DEFAULT_TIMEOUT = 600.0
+# No `triton_grpc_error: true` header: with Triton 2.51 it crashed the server (errors.py says more).
+STREAM_HEADERS: dict[str, str] = {}
+_POLL_S = 0.5  # how often a waiting reader checks that tritonclient's reader thread is still alive
+
+
+class ChatStream:
+    """Iterator over one streamed answer.
+
+    Iterating yields text deltas (str), or `Chunk`s for `Client.stream_chunks`. After the last one,
+    `response` holds the `ChatResponse` (whole text, finish_reason, token counts). Leaving early
+    (`break`, `close()`, an exception, leaving a `with` block) cancels the request on the server.
+    """
+
+    def __init__(self, chunks: Iterator[Chunk], assembler_box: list, *, as_chunks: bool = False):
+        self._chunks = chunks
+        self._box = assembler_box  # [ResponseAssembler] of the attempt that produced the answer
+        self._as_chunks = as_chunks
+        self._done = False
+
+    def __iter__(self) -> "ChatStream":
+        return self
+
+    def __next__(self) -> Any:
+        while True:
+            try:
+                chunk = next(self._chunks)
+            except StopIteration:
+                self._done = True
+                raise
+            if self._as_chunks:
+                return chunk
+            if chunk.text:
+                return chunk.text
+
+    @property
+    def request_id(self) -> str | None:
+        """The id sent with the request (Triton passes it to the models; it appears in server logs)."""
+        return self._box[0].request_id if self._box else None
+
+    @property
+    def response(self) -> ChatResponse | None:
+        """The finished answer; None until the stream has ended normally."""
+        return self._box[0].response() if self._done and self._box else None
+
+    def close(self) -> None:
+        """Stop reading; a request still running on the server is cancelled."""
+        self._chunks.close()
+
+    cancel = close
+
+    def __enter__(self) -> "ChatStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # a dropped stream must not keep the server generating
+        try:
+            self._chunks.close()
+        except Exception:
+            pass
+
+
+class Client:
+    """Client of the `internvl_chat` ensemble on a Triton server's gRPC port.
+
+    >>> client = Client("127.0.0.1:8001")
+    >>> client.chat("Describe the image.", images=["cat.png"], generation_config=dict(max_new_tokens=64))
+
+    `timeout` is the deadline of one request in seconds (None: no deadline). `retries` is how often a
+    request that failed to connect is tried again; a request is retried only while no response has
+    arrived, so a retry never duplicates text the caller has already seen.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        *,
+        model_name: str = MODEL_NAME,
+        retries: int = 2,
+        retry_backoff: float = 0.25,
+        ssl: bool = False,
+        verbose: bool = False,
+    ):
+        self.url = url
+        self.timeout = timeout
+        self.model_name = model_name
+        self.retries = retries
+        self.retry_backoff = retry_backoff
+        self._ssl = ssl
+        self._verbose = verbose
+        self._lock = threading.Lock()
+        self._idle: list[grpcclient.InferenceServerClient] = []
+        self._closed = False
+
+    # ---- public API -------------------------------------------------------------------------
+    def chat(
+        self,
+        question: str,
+        images: ImageLike | Sequence[ImageLike] | None = None,
+        video: VideoLike | None = None,
+        history: History | None = None,
+        num_patches_list: Sequence[int] | None = None,
+        generation_config: Mapping[str, Any] | None = None,
+        num_segments: int = 8,
+    ) -> str:
+        """The answer to `question` (the card's `model.chat`, minus the tokenizer and pixel values)."""
+        return self.generate(
+            question, images, video, history, num_patches_list, generation_config, num_segments
+        ).text
+
+    def generate(
+        self,
+        question: str,
+        images: ImageLike | Sequence[ImageLike] | None = None,
+        video: VideoLike | None = None,
+        history: History | None = None,
+        num_patches_list: Sequence[int] | None = None,
+        generation_config: Mapping[str, Any] | None = None,
+        num_segments: int = 8,
+    ) -> ChatResponse:
+        """Like chat, returning a ChatResponse (text, finish_reason, num_input/output_tokens)."""
+        stream = self.stream_chunks(
+            question, images, video, history, num_patches_list, generation_config, num_segments
+        )
+        with stream:
+            for _ in stream:
+                pass
+        response = stream.response
+        assert response is not None  # the loop ended normally
+        return response
+
+    def stream(
+        self,
+        question: str,
+        images: ImageLike | Sequence[ImageLike] | None = None,
+        video: VideoLike | None = None,
+        history: History | None = None,
+        num_patches_list: Sequence[int] | None = None,
+        generation_config: Mapping[str, Any] | None = None,
+        num_segments: int = 8,
+    ) -> ChatStream:
+        """Text deltas as they arrive; `.response` holds the metadata once the stream has ended."""
+        request = build_request(
+            question,
+            images=images,
+            video=video,
+            history=history,
+            num_patches_list=num_patches_list,
+            generation_config=generation_config,
+            num_segments=num_segments,
+        )
+        return self.stream_request(request)
+
+    def stream_chunks(self, *args: Any, **kwargs: Any) -> ChatStream:
+        """Like stream, yielding `Chunk`s (text delta, and on the last: finish_reason, token counts)."""
+        stream = self.stream(*args, **kwargs)
+        stream._as_chunks = True
+        return stream
+
+    def stream_request(self, request: ChatRequest, *, as_chunks: bool = False) -> ChatStream:
+        """Stream a prepared ChatRequest (the contract's terms, no card-word mapping)."""
+        request_id = uuid.uuid4().hex
+        box = [ResponseAssembler(request_id)]
+        return ChatStream(self._chunks(request, box, request_id), box, as_chunks=as_chunks)
+
+    def is_ready(self) -> bool:
+        """True when the server is up and the model is loaded."""
+        tc = self._acquire()
+        try:
+            return bool(tc.is_model_ready(self.model_name, client_timeout=5.0))
+        except InferenceServerException:
+            return False
+        finally:
+            self._release(tc)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for tc in idle:
+            tc.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- transport --------------------------------------------------------------------------
+    def _acquire(self) -> grpcclient.InferenceServerClient:
+        with self._lock:
+            if self._closed:
+                raise InternVLError("this Client is closed")
+            if self._idle:
+                return self._idle.pop()
+        return grpcclient.InferenceServerClient(self.url, verbose=self._verbose, ssl=self._ssl)
+
+    def _release(self, tc: grpcclient.InferenceServerClient) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle) < 8:
+                self._idle.append(tc)
+                return
+        tc.close()
+
+    def _chunks(self, request: ChatRequest, box: list, request_id: str) -> Iterator[Chunk]:
+        """Generator of the Chunks of one request; its `finally` is the cancellation path."""
+        inputs = to_infer_inputs(request)
+        attempt = 0
+        while True:
+            assembler = ResponseAssembler(request_id)
+            box[:] = [assembler]
+            responses: queue.SimpleQueue = queue.SimpleQueue()
+            tc = self._acquire()
+            finished = False
+            try:
+                tc.start_stream(
+                    callback=lambda result, error: responses.put((result, error)),
+                    stream_timeout=self.timeout,
+                    headers=STREAM_HEADERS,
+                )
+                try:
+                    tc.async_stream_infer(
+                        self.model_name, inputs, request_id=request_id, enable_empty_final_response=True
+                    )
+                except InferenceServerException:
+                    pass  # the stream already failed: its error is in the queue
+                while not finished:
+                    result, error = self._next_response(responses, tc)
+                    if error is not None:
+                        raise from_grpc_status(error.status(), error.message() or "", url=self.url)
+                    chunk = assembler.add(result.get_response())
+                    finished = chunk.final
+                    yield chunk
+                return
+            except ServerUnavailableError:
+                if assembler.received == 0 and attempt < self.retries:
+                    attempt += 1
+                    time.sleep(self.retry_backoff * attempt)  # back-off before reconnecting
+                    continue
+                raise
+            finally:
+                # Finished: half-close, the server has nothing left to send. Otherwise (break, close,
+                # exception, KeyboardInterrupt) cancel the RPC: Triton cancels the request.
+                tc.stop_stream(cancel_requests=not finished)
+                self._release(tc)
+
+    @staticmethod
+    def _next_response(responses: queue.SimpleQueue, tc: grpcclient.InferenceServerClient) -> tuple:
+        while True:
+            try:
+                return responses.get(timeout=_POLL_S)
+            except queue.Empty:
+                # tritonclient's reader thread ends silently when the server closes the stream
+                # without an error; without this check a reader would wait forever.
+                handler = getattr(getattr(tc, "_stream", None), "_handler", None)
+                if handler is not None and not handler.is_alive() and responses.empty():
+                    raise InternVLError("the server closed the stream before the final response")
