@@ -202,10 +202,10 @@ class ModelRunner:
             self._generators[seq.request_id] = g
         return g
 
-    def _input_embeds(self, batch: ScheduledBatch, q_starts: np.ndarray) -> torch.Tensor:
+    def _input_embeds(self, seqs, q_starts: np.ndarray) -> torch.Tensor:
         token_ids: list[int] = []
         dst_parts, rows = [], []
-        for s, offset in zip(batch.seqs, q_starts):
+        for s, offset in zip(seqs, q_starts):
             seq, start, end = s.seq, s.start, s.start + s.num_tokens
             token_ids.extend(seq.token_ids[start:end])
             if start < seq.prompt_len and len(seq.image_positions):
@@ -226,9 +226,31 @@ class ModelRunner:
         """Run the forward of one step; (S, vocab) fp32 logits, one row per sequence that samples, in
         batch order. Writes the step's K/V into the cache."""
         seqs = batch.seqs
-        if (self.decode_graphs is not None and self.decode_graphs.bucket_for(len(seqs)) is not None
-                and all(s.num_tokens == 1 and s.sample for s in seqs)):
-            return self._decode_with_graph(seqs)
+        if self.decode_graphs is not None:
+            decode = [i for i, s in enumerate(seqs) if s.num_tokens == 1 and s.sample]
+            if decode and self.decode_graphs.bucket_for(len(decode)) is not None:
+                if len(decode) == len(seqs):
+                    return self._decode_with_graph(seqs)
+                # A mixed step: the decodes replay the graph, the prefill chunks run eagerly; they
+                # write different cache slots, so the order does not matter. Logits in batch order.
+                decode_set = set(decode)
+                decode_logits = self._decode_with_graph([seqs[i] for i in decode]).clone()
+                rest = [s for i, s in enumerate(seqs) if i not in decode_set]
+                rest_logits = self._eager_logits(rest)
+                sampled = [i for i, s in enumerate(seqs) if s.sample]
+                out = torch.empty(len(sampled), decode_logits.shape[1], dtype=decode_logits.dtype,
+                                  device=decode_logits.device)
+                pos = {i: k for k, i in enumerate(sampled)}
+                dec_rows = torch.tensor([pos[i] for i in decode], device=out.device)
+                out.index_copy_(0, dec_rows, decode_logits)
+                rest_sampled = [pos[i] for i, s in enumerate(seqs) if s.sample and i not in decode_set]
+                if rest_sampled:
+                    out.index_copy_(0, torch.tensor(rest_sampled, device=out.device), rest_logits)
+                return out
+        return self._eager_logits(seqs)
+
+    def _eager_logits(self, seqs) -> torch.Tensor:
+        """The eager forward (reference attention) of any mix of prefill chunks and decodes."""
         q_lens = np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=len(seqs))
         ctx = np.fromiter((s.start for s in seqs), dtype=np.int64, count=len(seqs))
         q_starts = np.concatenate([[0], np.cumsum(q_lens)[:-1]]).astype(np.int64)
@@ -239,7 +261,7 @@ class ModelRunner:
                                                    max_gather_tokens=MAX_GATHER_TOKENS)
         sample_rows = [i for i, s in enumerate(seqs) if s.sample]
         logits_idx = torch.from_numpy(q_starts[sample_rows] + q_lens[sample_rows] - 1).to(self.device)
-        embeds = self._input_embeds(batch, q_starts)
+        embeds = self._input_embeds(seqs, q_starts)
         return self.model(embeds, positions, self.kv_caches, meta, logits_idx)
 
     def _decode_with_graph(self, seqs) -> torch.Tensor:

@@ -103,8 +103,9 @@ def test_seeded_sampling_on_cuda_is_independent_of_the_batch():
 
 @torch.no_grad()
 def test_cuda_graph_decode_equals_eager_decode():
-    """Pure-decode steps replay captured graphs with the fused kernels; greedy tokens equal the eager
-    (reference attention) path in fp32, and bf16 logits of one decode step agree closely."""
+    """Decode rows replay captured graphs with the fused kernels (pure-decode steps, and the decode rows
+    of steps mixed with prefill chunks: the 8-token budget interleaves them); greedy tokens equal the
+    eager (reference attention) path in fp32."""
     hf = tiny(torch.float32)
     reqs = requests(4, max_tokens=16)
 
@@ -113,7 +114,7 @@ def test_cuda_graph_decode_equals_eager_decode():
                              cuda_graphs=graphs)
         assert (runner.decode_graphs is not None) == graphs
         engine = LLMEngine(runner, None, eos_token_id=EOS, image_context_token_id=IMG,
-                           scheduler_config=SchedulerConfig(max_num_batched_tokens=256, watermark=0.0))
+                           scheduler_config=SchedulerConfig(max_num_batched_tokens=8, watermark=0.0))
         return {k: [t for o in v for t in o.new_token_ids] for k, v in engine.generate(requests(4, max_tokens=16)).items()}
 
     assert run(True, torch.float32) == run(False, torch.float32)
