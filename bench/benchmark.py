@@ -2,7 +2,8 @@
 
 One command on a GPU machine (random bf16 weights drawn on the GPU; nothing of size is carried):
 
-    python bench/benchmark.py --out results/ [--levels 1,8,32,64] [--skip-baseline]
+    python bench/benchmark.py --out results/ [--levels 1,8,32,64] [--skip-baseline] [--int8]
+    python bench/benchmark.py --markdown-only --out bench/results      # rewrite results.md from results.json
 
 Measures, in one run and on one device:
   * the HBM floor of one decode step: LLM weight bytes read per step / device-to-device copy bandwidth;
@@ -11,8 +12,17 @@ Measures, in one run and on one device:
     generate, each request one 448 image + a ~30-token question + 256 new tokens (EOS suppressed);
   * the Triton server through gRPC streaming at each concurrency level, the same requests with
     ignore_eos: output tokens/s, time to first token p50/p95, inter-token latency p50/p95;
-  * peak GPU memory (nvidia-smi, whole device) and the server's KV-cache report.
-Writes results.json and results.md under --out and prints the table last.
+  * peak GPU memory (nvidia-smi, whole device) and the server's KV-cache report;
+  * after the last level, the llm's `internvl_kv_cache_blocks_used` gauge (Prometheus, the server's
+    metrics port), polled until it reads 0 or --kv-free-timeout-s passes: every KV block must be free
+    again after the run ("not available" when the server does not export it);
+  * with --int8, the server again with the llm's `quantization` parameter "int8" (a copy of the model
+    repository with that one value changed) at --int8-levels (default 1 stream).
+Every request sends the same image unless --distinct-images: after the first request the vision model's
+embedding cache and the engine's KV prefix cache hit (the image rows are in the prefix), so TTFT is the
+warm-cache case; --distinct-images gives every request its own image (nothing cached).
+Writes results.json and results.md (the table, then the speed issue's targets beside the measured values)
+under --out and prints the tables last.
 """
 from __future__ import annotations
 
@@ -23,10 +33,13 @@ import gc
 import io
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +58,11 @@ from internvl_serve.tokenizer import load_tokenizer  # noqa: E402
 from internvl_serve.imageproc import to_pixel_values  # noqa: E402
 
 import loadgen  # noqa: E402
+
+KV_BLOCKS_USED = "internvl_kv_cache_blocks_used"   # serving/metrics.py's names
+KV_BLOCKS_TOTAL = "internvl_kv_cache_blocks_total"
+IMAGE_CACHE_HITS = "internvl_image_cache_hits_total"
+IMAGE_CACHE_MISSES = "internvl_image_cache_misses_total"
 
 QUESTION = ("Please describe this image in detail: the objects, their colours, where they are, "
             "and what is happening in the scene right now.")   # ~30 tokens
@@ -147,36 +165,186 @@ def run_baseline(ckpt: Path, results: dict, sequential_requests: int, batch: int
     torch.cuda.empty_cache()
 
 
-def run_server(ckpt: Path, results: dict, levels: list[int], requests_per_stream: int, log_dir: Path) -> None:
-    from internvl_serve.serving.launcher import TritonServer
+def model_repository_with(parameters: dict[str, dict[str, str]], dest: Path,
+                          source: Path = ROOT / "model_repository") -> Path:
+    """A copy of the model repository at `dest` whose config.pbtxt parameters are changed as given
+    ({model: {key: value}}); every key must already be in that config. Version folders are symlinks to
+    the originals, so each model.py still finds the package from its resolved path."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for model in sorted(d for d in source.iterdir() if (d / "config.pbtxt").is_file()):
+        (dest / model.name).mkdir()
+        text = (model / "config.pbtxt").read_text()
+        for key, value in parameters.get(model.name, {}).items():
+            pattern = re.compile(r'(\{\s*key:\s*"' + re.escape(key) + r'"\s*value:\s*\{\s*string_value:\s*")[^"]*(")')
+            text, n = pattern.subn(lambda m: m.group(1) + value + m.group(2), text)
+            if n != 1:
+                raise ValueError(f"{model.name}/config.pbtxt has {n} parameters {key!r}, expected 1")
+        (dest / model.name / "config.pbtxt").write_text(text)
+        for version in model.iterdir():
+            if version.is_dir():
+                (dest / model.name / version.name).symlink_to(version.resolve(), target_is_directory=True)
+    missing = set(parameters) - {d.name for d in dest.iterdir()}
+    if missing:
+        raise ValueError(f"no model {sorted(missing)} in {source}")
+    return dest
+
+
+def parse_metric(text: str, name: str) -> float | None:
+    """The sum over label sets of metric `name` in Prometheus text exposition, or None if absent."""
+    values = [float(m.group(1)) for m in re.finditer(r"^" + re.escape(name) + r"(?:\{[^}]*\})?\s+(\S+)", text, re.M)]
+    return sum(values) if values else None
+
+
+def read_metrics(url: str, timeout_s: float = 5.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        return response.read().decode()
+
+
+def kv_blocks_after_run(metrics_url: str, timeout_s: float = 30.0, period_s: float = 0.5,
+                        read=read_metrics, clock=time.monotonic, wait=time.sleep) -> dict:
+    """Poll the llm's KV gauge until it reads 0 or timeout_s passes (the model pushes its gauges every
+    0.5 s). {"kv_blocks_used_after": N | None, "kv_blocks_total": M | None, ...}; None: not available."""
+    deadline = clock() + timeout_s
+    used = total = hits = misses = None
+    error = None
+    while True:
+        try:
+            text = read(metrics_url)
+            used, total = parse_metric(text, KV_BLOCKS_USED), parse_metric(text, KV_BLOCKS_TOTAL)
+            hits, misses = parse_metric(text, IMAGE_CACHE_HITS), parse_metric(text, IMAGE_CACHE_MISSES)
+            error = None
+        except Exception as e:  # noqa: BLE001 - a missing endpoint is recorded, not fatal
+            error = f"{type(e).__name__}: {e}"
+        if used == 0 or used is None and error is None or clock() >= deadline:
+            break
+        wait(period_s)
+    out = {"kv_blocks_used_after": None if used is None else int(used),
+           "kv_blocks_total": None if total is None else int(total),
+           "image_cache_hits": None if hits is None else int(hits),
+           "image_cache_misses": None if misses is None else int(misses)}
+    if error:
+        out["metrics_error"] = error
+    return out
+
+
+def level_images(level: int, n: int) -> list[bytes]:
+    """n distinct PNGs for one level (seeds never shared between levels or with the warm-up)."""
+    return [png_bytes(test_image(1_000_000 + 10_000 * level + i)) for i in range(n)]
+
+
+def run_server(ckpt: Path, results: dict, levels: list[int], requests_per_stream: int, log_dir: Path,
+               *, key: str = "server", model_repository: Path | None = None, distinct_images: bool = False,
+               kv_free_timeout_s: float = 30.0) -> None:
+    from internvl_serve.serving.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
 
     image = png_bytes(test_image(0))
-    results["server"] = []
+    log_file = log_dir / ("tritonserver.log" if key == "server" else f"tritonserver-{key}.log")
+    results[key] = []
     with GpuMemoryPoller() as mem:
         t0 = time.perf_counter()
-        with TritonServer(ckpt, ready_timeout_s=900, log_file=log_dir / "tritonserver.log",
+        with TritonServer(ckpt, ready_timeout_s=900, log_file=log_file,
+                          model_repository=model_repository or DEFAULT_MODEL_REPOSITORY,
                           tritonserver=os.environ.get("TRITONSERVER"),
                           backend_directory=os.environ.get("TRITON_BACKENDS")) as server:
-            results["server_start_s"] = time.perf_counter() - t0
+            results[f"{key}_start_s"] = time.perf_counter() - t0
             url = server.grpc_url
             asyncio.run(loadgen.run_level(url, 1, 1, QUESTION, image, 16))   # warm-up
             for level in levels:
                 n = max(level * requests_per_stream, 2)
-                row = asyncio.run(loadgen.run_level(url, level, n, QUESTION, image, NEW_TOKENS))
+                images = level_images(level, n) if distinct_images else image
+                row = asyncio.run(loadgen.run_level(url, level, n, QUESTION, images, NEW_TOKENS))
                 print(json.dumps(row), flush=True)
-                results["server"].append(row)
-        results["server_peak_gpu_mib"] = mem.peak_mib
+                results[key].append(row)
+            # every request has finished: each KV block must be free again
+            results[f"{key}_after"] = kv_blocks_after_run(server.metrics_url, kv_free_timeout_s)
+            print(json.dumps(results[f"{key}_after"]), flush=True)
+        results[f"{key}_peak_gpu_mib"] = mem.peak_mib
+
+
+def int8_weight_bytes_per_step(bf16_bytes: int, llm: dict | None = None) -> int:
+    """The bf16 step's bytes with the seven projections int8 (1 byte per weight + a float32 scale per
+    output channel), at the V1-1 LLaMA shapes."""
+    from internvl_serve.random_weights import V1_1_SHEET_CONFIG
+
+    c = llm or V1_1_SHEET_CONFIG["llm_config"]
+    h, f, n = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    weights = n * (4 * h * h + 3 * h * f)
+    scales = n * (5 * h + 2 * f)
+    return bf16_bytes - 2 * weights + weights + 4 * scales
+
+
+def _server_row(results: dict, key: str, streams: int) -> dict | None:
+    return next((r for r in results.get(key, []) if r["concurrency"] == streams), None)
+
+
+def targets(results: dict) -> list[dict]:
+    """The speed issue's targets beside the measured values: name, goal, measured, status, gap."""
+    floor = results.get("hbm_floor_ms")
+    seq = results.get("baseline_sequential", {}).get("output_tok_per_s")
+    rows = []
+
+    def add(name, goal, value, limit, kind, unit="", fmt="{:.1f}"):
+        if value is None or limit is None or value != value:
+            rows.append({"target": name, "goal": goal, "measured": "not measured", "status": "n/a", "gap": ""})
+            return
+        met = value <= limit if kind == "max" else value >= limit
+        factor = value / limit if kind == "max" else limit / value
+        gap = "" if met else (f"{factor:.2f}x over ({100 * (factor - 1):.0f}% above the goal)" if kind == "max"
+                              else f"{factor:.2f}x short (reaches {100 / factor:.0f}% of the goal)")
+        rows.append({"target": name, "goal": goal, "measured": fmt.format(value) + unit,
+                     "status": "met" if met else "missed", "gap": gap, "value": value, "limit": limit})
+
+    for key, label in (("server", ""), ("server_int8", " (int8 weights)")):
+        if key != "server" and key not in results:
+            continue
+        one = _server_row(results, key, 1)
+        itl = one["itl_p50_ms"] if one else None
+        goal = f"<= 1.2x the bf16 HBM floor ({1.2 * floor:.2f} ms)" if floor else "<= 1.2x the HBM floor"
+        add(f"ITL p50 at 1 stream{label}", goal, itl, 1.2 * floor if floor else None, "max",
+            " ms" + (f" = {itl / floor:.2f}x the floor" if itl and floor else ""))
+        add(f"TTFT p50 at 1 stream{label}", "<= 80 ms", one["ttft_p50_ms"] if one else None, 80.0, "max", " ms",
+            "{:.0f}")
+    r32 = _server_row(results, "server", 32)
+    add("output tok/s at 32 streams", ">= 2000 tok/s", r32["output_tok_per_s"] if r32 else None, 2000.0, "min",
+        " tok/s")
+    add("speed-up at 32 streams over sequential transformers chat", ">= 50x",
+        r32["output_tok_per_s"] / seq if r32 and seq else None, 50.0, "min", "x")
+    add("vision ms/image at batch 8", "<= 17 ms", results.get("vision_ms_per_image_b8"), 17.0, "max", " ms")
+    r64 = _server_row(results, "server", 64)
+    after = results.get("server_after", {})
+    kv = after.get("kv_blocks_used_after")
+    if r64 is None:
+        rows.append({"target": "64 streams", "goal": "no error, no OOM; every KV block free after the run",
+                     "measured": "not measured", "status": "n/a", "gap": ""})
+    else:
+        kv_text = ("not measured" if "server_after" not in results else "not available") if kv is None else str(kv)
+        status = "missed" if r64["errors"] or (kv is not None and kv != 0) else (
+            "met" if kv == 0 else f"no errors; KV check {kv_text}")
+        rows.append({"target": "64 streams", "goal": "no error, no OOM; every KV block free after the run",
+                     "measured": f"{r64['errors']} errors of {r64['requests']}; KV blocks in use after: {kv_text}",
+                     "status": status,
+                     "gap": f"first error: {r64.get('first_error')}" if r64["errors"] else
+                            (f"{kv} blocks still held" if kv else "")})
+    return rows
 
 
 def markdown(results: dict) -> str:
     floor_ms = results["hbm_floor_ms"]
     seq = results.get("baseline_sequential", {})
+    int8_bytes = int8_weight_bytes_per_step(results["llm_weight_bytes_per_step"])
     lines = [
         f"Device: {results['device']}; date {results['date']}; commit {results['commit']}.",
         f"HBM floor of one decode step: {results['llm_weight_bytes_per_step'] / 1e9:.2f} GB of LLM weights / "
-        f"{results['copy_bandwidth_gbs']:.0f} GB/s copy bandwidth = {floor_ms:.2f} ms.",
+        f"{results['copy_bandwidth_gbs']:.0f} GB/s copy bandwidth = {floor_ms:.2f} ms"
+        + (f" (int8 projections: {int8_bytes / 1e9:.2f} GB, "
+           f"{int8_bytes / (results['copy_bandwidth_gbs'] * 1e9) * 1e3:.2f} ms)." if "server_int8" in results else "."),
         f"Vision (bf16, our encoder): {results.get('vision_ms_per_image_b1', float('nan')):.1f} ms/image at batch 1, "
         f"{results.get('vision_ms_per_image_b8', float('nan')):.1f} ms/image at batch 8.",
+        ("Every request sent its own image (nothing cached)." if results.get("images") == "distinct" else
+         "Every request sent the same image: after the first, the KV prefix cache (and the vision embedding "
+         "cache, where the server has one) hit, so TTFT is the warm-cache case."),
         "",
         "| path | streams | output tok/s | TTFT p50 / p95 ms | ITL p50 / p95 ms | errors |",
         "|---|---|---|---|---|---|",
@@ -187,12 +355,36 @@ def markdown(results: dict) -> str:
     if "baseline_batch_chat" in results:
         b = results["baseline_batch_chat"]
         lines.append(f"| transformers batch_chat | {b['batch']} | {b['output_tok_per_s']:.1f} | | | 0 |")
-    for row in results.get("server", []):
-        lines.append(f"| Triton server (gRPC stream) | {row['concurrency']} | {row['output_tok_per_s']:.1f} | "
-                     f"{row['ttft_p50_ms']:.0f} / {row['ttft_p95_ms']:.0f} | "
-                     f"{row['itl_p50_ms']:.1f} / {row['itl_p95_ms']:.1f} | {row['errors']} |")
+    for key, label in (("server", "Triton server (gRPC stream)"), ("server_int8", "Triton server, int8 weights")):
+        for row in results.get(key, []):
+            lines.append(f"| {label} | {row['concurrency']} | {row['output_tok_per_s']:.1f} | "
+                         f"{row['ttft_p50_ms']:.0f} / {row['ttft_p95_ms']:.0f} | "
+                         f"{row['itl_p50_ms']:.1f} / {row['itl_p95_ms']:.1f} | {row['errors']} |")
     lines += ["", f"Peak GPU memory: baseline {results.get('baseline_peak_gpu_mib', float('nan')):.0f} MiB "
-                  f"(torch), server {results.get('server_peak_gpu_mib', float('nan')):.0f} MiB (nvidia-smi, device)."]
+                  f"(torch), server {results.get('server_peak_gpu_mib', float('nan')):.0f} MiB (nvidia-smi, device)"
+                  + (f", int8 server {results['server_int8_peak_gpu_mib']:.0f} MiB"
+                     if "server_int8_peak_gpu_mib" in results else "") + "."]
+    for key, label in (("server", "server"), ("server_int8", "int8 server")):
+        if key not in results:
+            continue
+        after = results.get(f"{key}_after")
+        if after is None:
+            lines.append(f"KV blocks in use after the {label} run: not measured (a run before this check existed).")
+            continue
+        used = after.get("kv_blocks_used_after")
+        total = after.get("kv_blocks_total")
+        text = ("not available (the server exports no internvl_kv_cache_blocks_used"
+                + (f": {after['metrics_error']}" if after.get("metrics_error") else "") + ")") if used is None \
+            else f"{used}" + (f" of {total}" if total is not None else "")
+        cache = ""
+        if after.get("image_cache_hits") is not None:
+            cache = (f"; vision embedding cache: {after['image_cache_hits']} hits, "
+                     f"{after.get('image_cache_misses')} misses")
+        lines.append(f"KV blocks in use after the {label} run: {text}{cache}.")
+    lines += ["", "Against the speed issue's targets:", "",
+              "| target | goal | measured | status | gap |", "|---|---|---|---|---|"]
+    for t in targets(results):
+        lines.append(f"| {t['target']} | {t['goal']} | {t['measured']} | {t['status']} | {t['gap']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -205,7 +397,21 @@ def main(argv=None) -> int:
     parser.add_argument("--sequential-requests", type=int, default=2)
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--skip-server", action="store_true")
+    parser.add_argument("--int8", action="store_true",
+                        help="also run the server with the llm's quantization=int8 at --int8-levels")
+    parser.add_argument("--int8-levels", default="1")
+    parser.add_argument("--distinct-images", action="store_true",
+                        help="every request its own image (no vision-cache or prefix-cache hits)")
+    parser.add_argument("--kv-free-timeout-s", type=float, default=30.0,
+                        help="how long to wait for the KV-blocks-used gauge to read 0 after the last level")
+    parser.add_argument("--markdown-only", action="store_true",
+                        help="rewrite results.md from --out/results.json and exit (no GPU)")
     args = parser.parse_args(argv)
+    if args.markdown_only:
+        table = markdown(json.loads((args.out / "results.json").read_text()))
+        (args.out / "results.md").write_text(table)
+        print(table)
+        return 0
     assert torch.cuda.is_available(), "the benchmark needs a CUDA GPU"
     args.out.mkdir(parents=True, exist_ok=True)
     tiny = make_tiny_checkpoint(args.work / "tiny")
@@ -213,7 +419,8 @@ def main(argv=None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip() or os.environ.get("BENCH_COMMIT", "unknown")
     results = {"device": torch.cuda.get_device_name(), "date": dt.date.today().isoformat(), "commit": commit,
-               "new_tokens": NEW_TOKENS, "question": QUESTION}
+               "new_tokens": NEW_TOKENS, "question": QUESTION,
+               "images": "distinct" if args.distinct_images else "same"}
     results["copy_bandwidth_gbs"] = copy_bandwidth_gbs()
     if not args.skip_baseline:
         run_baseline(ckpt, results, args.sequential_requests, batch=8)
@@ -222,11 +429,24 @@ def main(argv=None) -> int:
     results["hbm_floor_ms"] = results["llm_weight_bytes_per_step"] / (results["copy_bandwidth_gbs"] * 1e9) * 1e3
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     if not args.skip_server:
-        run_server(ckpt, results, [int(x) for x in args.levels.split(",")], args.requests_per_stream, args.out)
+        run_server(ckpt, results, [int(x) for x in args.levels.split(",")], args.requests_per_stream, args.out,
+                   distinct_images=args.distinct_images, kv_free_timeout_s=args.kv_free_timeout_s)
+        (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    if args.int8:
+        repo = model_repository_with({"llm": {"quantization": "int8"}}, args.work / "model_repository-int8")
+        run_server(ckpt, results, [int(x) for x in args.int8_levels.split(",")], args.requests_per_stream,
+                   args.out, key="server_int8", model_repository=repo, distinct_images=args.distinct_images,
+                   kv_free_timeout_s=args.kv_free_timeout_s)
+    results["targets"] = [{k: v for k, v in t.items() if k not in ("value", "limit")} for t in targets(results)]
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     table = markdown(results)
     (args.out / "results.md").write_text(table)
     print(table)
+    try:  # the figure: bench/plot.py (matplotlib, which a GPU image may lack)
+        import plot
+        print(plot.plot(results, args.out / "throughput_latency.png"))
+    except Exception as e:  # noqa: BLE001 - the numbers are written already
+        print(f"no plot: {type(e).__name__}: {e}")
     return 0
 
 

@@ -82,8 +82,10 @@ async def one_request(client, model: str, inputs: list, request_id: str) -> Requ
     return timing
 
 
-async def run_level(url: str, concurrency: int, num_requests: int, question: str, image: bytes | None,
-                    max_tokens: int, ignore_eos: bool = True, model: str = "internvl_chat") -> dict:
+async def run_level(url: str, concurrency: int, num_requests: int, question: str,
+                    image: bytes | list[bytes] | None, max_tokens: int, ignore_eos: bool = True,
+                    model: str = "internvl_chat") -> dict:
+    """image: one image for every request, or a list: request i sends image[i % len(image)]."""
     client = grpcclient.InferenceServerClient(url)
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(num_requests):
@@ -96,7 +98,8 @@ async def run_level(url: str, concurrency: int, num_requests: int, question: str
                 i = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            inputs = build_inputs(question, image, max_tokens, ignore_eos)
+            inputs = build_inputs(question, image[i % len(image)] if isinstance(image, list) else image,
+                                  max_tokens, ignore_eos)
             timings.append(await one_request(client, model, inputs, f"c{concurrency}-{i}"))
 
     t0 = time.perf_counter()

@@ -51,7 +51,7 @@ def decode_forward(model, token_ids, positions, slots, block_tables, context_len
         v = attn.v_proj(x).view(B, attn.n_kv, attn.head_dim)
         write_kv(k, v, k_cache, v_cache, slots)
         o = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, attn.scale)
-        h = h + attn.o_proj(o.reshape(B, attn.n_heads * attn.head_dim))
+        h = h + attn.project_out(o.reshape(B, attn.n_heads * attn.head_dim))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     return model.lm_head(model.model.norm(h)).float()
 

@@ -24,6 +24,7 @@ from torch.nn.attention import sdpa_kernel
 
 from internvl_serve.engine.attention import (SDPA_BACKENDS, AttentionFn, AttentionMetadata, sdpa_paged_attention,
                                              write_kv)
+from internvl_serve.engine.parallel import TensorParallel, local_args, shard_state_dict
 
 
 # ------------------------------------------------------------------------------------------------
@@ -119,13 +120,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, args: LlamaArgs, attention: AttentionFn):
+    """args: this rank's sizes (local_args under tensor parallelism: its heads only); tp: the group whose
+    partial o_proj outputs are summed."""
+
+    def __init__(self, args: LlamaArgs, attention: AttentionFn, tp: TensorParallel):
         super().__init__()
+        self.tp = tp
+        hidden = args.hidden_size
         self.n_heads, self.n_kv, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
-        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(args.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(args.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=False)
+        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=False)
         self.scale = self.head_dim ** -0.5
         self.attention = attention
 
@@ -136,27 +142,32 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(T, self.n_kv, self.head_dim)
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         o = self.attention(q, k_cache, v_cache, meta, self.scale)  # (T, H, D)
-        return self.o_proj(o.reshape(T, self.n_heads * self.head_dim))
+        return self.project_out(o.reshape(T, self.n_heads * self.head_dim))
+
+    def project_out(self, o: torch.Tensor) -> torch.Tensor:
+        """o_proj, summed over the tensor-parallel ranks (each holds its heads' columns)."""
+        return self.tp.all_reduce(self.o_proj(o))
 
 
 class MLP(nn.Module):
-    def __init__(self, args: LlamaArgs):
+    def __init__(self, args: LlamaArgs, tp: TensorParallel):
         super().__init__()
+        self.tp = tp
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.tp.all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: LlamaArgs, attention: AttentionFn):
+    def __init__(self, args: LlamaArgs, attention: AttentionFn, tp: TensorParallel):
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = Attention(args, attention)
+        self.self_attn = Attention(args, attention, tp)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = MLP(args)
+        self.mlp = MLP(args, tp)
 
     def forward(self, x, cos, sin, k_cache, v_cache, meta):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
@@ -164,20 +175,26 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, args: LlamaArgs, attention: AttentionFn):
+    def __init__(self, args: LlamaArgs, attention: AttentionFn, tp: TensorParallel):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, attention) for _ in range(args.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(args, attention, tp) for _ in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
 
 class Llama(nn.Module):
-    """Module names equal HF's LlamaForCausalLM: model.embed_tokens, model.layers.i..., model.norm, lm_head."""
+    """Module names equal HF's LlamaForCausalLM: model.embed_tokens, model.layers.i..., model.norm, lm_head.
 
-    def __init__(self, args: LlamaArgs, attention: AttentionFn = sdpa_paged_attention):
+    args: the model's sizes; under tensor parallelism (tp.world_size > 1) the layers hold this rank's
+    slice (local_args: its heads and its part of the MLP), embeddings, norms and lm_head are whole."""
+
+    def __init__(self, args: LlamaArgs, attention: AttentionFn = sdpa_paged_attention,
+                 tp: TensorParallel | None = None):
         super().__init__()
         self.args = args
-        self.model = LlamaModel(args, attention)
+        self.tp = tp or TensorParallel()
+        self.local_args = local_args(args, self.tp.world_size)
+        self.model = LlamaModel(self.local_args, attention, self.tp)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rope_cos: torch.Tensor | None = None  # (max_position_embeddings, head_dim), model dtype
         self.rope_sin: torch.Tensor | None = None
@@ -244,13 +261,15 @@ def sanitize_state_dict(state_dict: Mapping[str, torch.Tensor], args: LlamaArgs)
 
 
 def load_llama(config, state_dict: Mapping[str, torch.Tensor], *, device, dtype,
-               attention: AttentionFn = sdpa_paged_attention) -> Llama:
+               attention: AttentionFn = sdpa_paged_attention, tp: TensorParallel | None = None) -> Llama:
     """Build Llama on the meta device and take the state dict's tensors (moved/cast only where needed:
-    a state dict already on `device` in `dtype` is used without a copy)."""
+    a state dict already on `device` in `dtype` is used without a copy). Under tensor parallelism the
+    full state dict is given and this rank's slices are taken (parallel.shard_state_dict)."""
     args = LlamaArgs.from_config(config)
-    weights = sanitize_state_dict(state_dict, args)
+    tp = tp or TensorParallel()
+    weights = shard_state_dict(sanitize_state_dict(state_dict, args), tp.rank, tp.world_size)
     with torch.device("meta"):
-        model = Llama(args, attention)
+        model = Llama(args, attention, tp)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for key, value in weights.items():
         if tuple(value.shape) != shapes[key]:

@@ -21,6 +21,8 @@ import torch
 
 from internvl_serve.engine.attention import AttentionFn, build_attention_metadata, sdpa_paged_attention
 from internvl_serve.engine.llama import LlamaArgs, load_llama
+from internvl_serve.engine.parallel import DecodeStep, EagerStep, StepChannel, TensorParallel
+from internvl_serve.engine.quantize import quantize_model_, validate_quantization
 from internvl_serve.engine.sampler import SamplingBatch, sample_tokens
 from internvl_serve.engine.scheduler import ScheduledBatch
 from internvl_serve.engine.sequence import Sequence
@@ -81,7 +83,8 @@ class ModelRunner:
                  dtype: torch.dtype | None = None, block_size: int = 16, num_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int = 2048,
                  max_num_seqs: int = 256, attention: AttentionFn = sdpa_paged_attention,
-                 reserved_bytes: int = 0, cuda_graphs: bool | None = None):
+                 reserved_bytes: int = 0, cuda_graphs: bool | None = None,
+                 tp: TensorParallel | None = None, quantization: str | None = None):
         # reserved_bytes: device memory that other processes (the vision model's Triton instance) will
         # hold, whether or not they have loaded yet: Triton loads models in parallel, in no fixed order.
         self.reserved_bytes = int(reserved_bytes)
@@ -92,8 +95,18 @@ class ModelRunner:
         self.args = LlamaArgs.from_config(config)
         self.config = config
         self.block_size = block_size
-        self.model = load_llama(self.args, state_dict, device=self.device, dtype=self.dtype, attention=attention)
-        a = self.args
+        # Tensor parallelism: every rank builds this runner with its slice of the weights and of the KV
+        # heads; rank 0 sends each step's inputs to the others through `channel` (parallel.py).
+        self.tp = tp or TensorParallel()
+        self.model = load_llama(self.args, state_dict, device=self.device, dtype=self.dtype, attention=attention,
+                                tp=self.tp)
+        # quantization "int8": weight-only int8 projections (quantize.py), before the KV cache is sized
+        # and the decode graphs are captured; it empties state_dict so the bf16 weights can be freed.
+        self.quantization = validate_quantization(quantization)
+        quantize_model_(self.model, self.quantization, state_dict)
+        self.channel = (StepChannel(self.tp, self.device, self.args.hidden_size, self.dtype)
+                        if self.tp.enabled else None)
+        a = self.model.local_args  # this rank's heads
         self.bytes_per_block = (a.num_hidden_layers * 2 * block_size * a.num_key_value_heads * a.head_dim
                                 * torch.empty((), dtype=self.dtype).element_size())
         if num_blocks is None:
@@ -101,6 +114,7 @@ class ModelRunner:
                 num_blocks = self._auto_num_blocks(gpu_memory_utilization, max_num_batched_tokens, max_num_seqs)
             else:
                 num_blocks = max(CPU_DEFAULT_NUM_BLOCKS, math.ceil(a.max_position_embeddings / block_size) + 1)
+        num_blocks = self.tp.min_across_ranks(num_blocks, self.device)  # the same cache on every rank
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -147,7 +161,7 @@ class ModelRunner:
         """Blocks that fit in total * utilization, after the weights, the CUDA context and the peak
         activations of a profile forward of max_num_batched_tokens tokens (plus the sampler's and the
         reference attention's largest gathers, which the profile does not reach)."""
-        a = self.args
+        a = self.model.local_args
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -174,7 +188,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _profile_forward(self, num_tokens: int, max_num_seqs: int) -> None:
-        a, bs = self.args, self.block_size
+        a, bs = self.model.local_args, self.block_size
         nb = math.ceil(num_tokens / bs)
         cache = torch.zeros(a.num_hidden_layers, 2, nb, bs, a.num_key_value_heads, a.head_dim,
                             dtype=self.dtype, device=self.device)
@@ -256,13 +270,19 @@ class ModelRunner:
         q_starts = np.concatenate([[0], np.cumsum(q_lens)[:-1]]).astype(np.int64)
         rows = self._tables.rows_for([s.seq for s in seqs])
         width = max(1, math.ceil(int((q_lens + ctx).max()) / self.block_size))
-        tables = torch.from_numpy(self._tables.table[rows, :width]).to(self.device, non_blocking=True)
-        meta, positions = build_attention_metadata(q_lens, ctx, tables, self.block_size,
-                                                   max_gather_tokens=MAX_GATHER_TOKENS)
         sample_rows = [i for i, s in enumerate(seqs) if s.sample]
-        logits_idx = torch.from_numpy(q_starts[sample_rows] + q_lens[sample_rows] - 1).to(self.device)
-        embeds = self._input_embeds(seqs, q_starts)
-        return self.model(embeds, positions, self.kv_caches, meta, logits_idx)
+        step = EagerStep(self._input_embeds(seqs, q_starts), q_lens, ctx, self._tables.table[rows, :width],
+                         (q_starts[sample_rows] + q_lens[sample_rows] - 1).astype(np.int64))
+        if self.channel is not None:
+            self.channel.send_eager(step)
+        return self._forward_eager(step)
+
+    def _forward_eager(self, step: EagerStep) -> torch.Tensor:
+        tables = torch.from_numpy(np.ascontiguousarray(step.tables)).to(self.device, non_blocking=True)
+        meta, positions = build_attention_metadata(step.q_lens, step.ctx_lens, tables, self.block_size,
+                                                   max_gather_tokens=MAX_GATHER_TOKENS)
+        logits_idx = torch.from_numpy(step.logits_rows).to(self.device)
+        return self.model(step.embeds, positions, self.kv_caches, meta, logits_idx)
 
     def _decode_with_graph(self, seqs) -> torch.Tensor:
         """One new token per sequence through the captured graph of the smallest fitting bucket."""
@@ -272,7 +292,28 @@ class ModelRunner:
         rows = self._tables.rows_for([s.seq for s in seqs])
         tables = self._tables.table[rows]
         slots = tables[np.arange(len(seqs)), positions // bs].astype(np.int64) * bs + positions % bs
-        return self.decode_graphs.run(token_ids, positions, slots, tables, positions + 1)
+        step = DecodeStep(token_ids, positions, slots, tables, positions + 1)
+        if self.channel is not None:
+            self.channel.send_decode(step)
+        return self.decode_graphs.run(step.token_ids, step.positions, step.slots, step.tables, step.context_lens)
+
+    # -- tensor parallelism ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def serve_steps(self) -> None:
+        """Ranks 1..N-1: run the steps rank 0 sends, until it sends stop."""
+        if self.tp.rank == 0:
+            raise RuntimeError("serve_steps runs on the worker ranks; rank 0 drives the engine")
+        while (step := self.channel.receive()) is not None:
+            if isinstance(step, DecodeStep):
+                self.decode_graphs.run(step.token_ids, step.positions, step.slots, step.tables, step.context_lens)
+            else:
+                self._forward_eager(step)
+
+    def stop_workers(self) -> None:
+        """Rank 0: tell the workers to leave serve_steps (idempotent)."""
+        if self.channel is not None and self.tp.rank == 0:
+            self.channel.send_stop()
+            self.channel = None
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[int | None]:

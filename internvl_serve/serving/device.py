@@ -18,3 +18,11 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def instance_device(model_args: dict, configured: str = "auto") -> str:
+    """The device of one Triton model instance: its GPU when the instance group is KIND_GPU (one instance
+    per listed GPU: data parallelism), else the `device` parameter of config.pbtxt."""
+    if model_args.get("model_instance_kind") == "GPU":
+        return f"cuda:{int(model_args['model_instance_device_id'])}"
+    return configured

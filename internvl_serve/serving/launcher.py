@@ -178,7 +178,7 @@ class TritonServer:
                  metrics_port: int | None = None, log_verbose: int = 0, log_file: str | Path | None = None,
                  exit_timeout_s: int = 30, ready_timeout_s: float = 900.0,
                  tritonserver: str | Path | None = None, backend_directory: str | Path | None = None,
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), layout=None):
         self.checkpoint = Path(checkpoint).resolve()
         self.model_repository = Path(model_repository).resolve()
         self.host = host
@@ -190,6 +190,9 @@ class TritonServer:
         self.ready_timeout_s = ready_timeout_s
         self._install_args = (tritonserver, backend_directory)
         self.extra_args = tuple(extra_args)
+        # a GPU layout (serving/layout.py): served from a derived copy of the repository, written at start
+        self.layout = layout if layout is not None and not layout.is_default else None
+        self._generated: Path | None = None
         self._proc: subprocess.Popen | None = None
         self._log = None
 
@@ -243,6 +246,14 @@ class TritonServer:
             raise LaunchError(f"{self.checkpoint} is not a checkpoint folder (no config.json)")
         if not self.model_repository.is_dir():
             raise LaunchError(f"no model repository at {self.model_repository}")
+        if self.layout is not None and self._generated is None:
+            from internvl_serve.serving.layout import write_model_repository
+            try:
+                self._generated = write_model_repository(
+                    self.model_repository, Path(tempfile.mkdtemp(prefix="internvl-repo-")) / "models", self.layout)
+            except ValueError as e:
+                raise LaunchError(f"layout: {e}") from None
+            self.model_repository = self._generated
         install = find_triton(*self._install_args)
         env = server_environment(install, self.checkpoint)
         if self.log_file is None:
@@ -323,6 +334,8 @@ class TritonServer:
             if self._log is not None:
                 self._log.close()
                 self._log = None
+            if self._generated is not None:  # the derived repository of a layout
+                shutil.rmtree(self._generated.parent, ignore_errors=True)
         return proc.returncode
 
     def wait(self) -> int:
@@ -334,6 +347,17 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def layout_from_args(args: argparse.Namespace):
+    from internvl_serve.serving.layout import Layout, parse_key_values
+    try:
+        gpus = tuple(int(g) for g in args.gpus.split(",") if g.strip())
+        return Layout(gpus=gpus, tensor_parallel_size=args.tensor_parallel_size,
+                      llm_parameters=parse_key_values(args.llm_param),
+                      vision_parameters=parse_key_values(args.vision_param)).validate()
+    except ValueError as e:
+        raise LaunchError(f"layout: {e}") from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -350,6 +374,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--exit-timeout-secs", type=int, default=30, help="grace time for in-flight requests on stop")
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for the models to load")
     p.add_argument("--tritonserver", type=Path, default=None, help="a tritonserver binary (default: the wheel's)")
+    p.add_argument("--gpus", default="", help="GPUs to serve on, e.g. 0,1: one vision and one llm instance "
+                   "per GPU (data parallel), or with --tensor-parallel-size the GPUs of one split llm")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="split the LLM over this many GPUs")
+    p.add_argument("--llm-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a parameter of model_repository/llm/config.pbtxt (repeatable)")
+    p.add_argument("--vision-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a parameter of model_repository/vision/config.pbtxt (repeatable)")
     p.add_argument("--backend-directory", type=Path, default=None,
                    help="a backend folder with python/ for this Python (default: prepared from the wheel)")
     return p.parse_args(argv)
@@ -359,7 +390,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         checkpoint = args.checkpoint or ensure_default_checkpoint()
-        server = TritonServer(checkpoint, model_repository=args.model_repository, host=args.host,
+        layout = layout_from_args(args)
+        server = TritonServer(checkpoint, model_repository=args.model_repository, host=args.host, layout=layout,
                               grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port,
                               log_verbose=args.log_verbose, log_file=args.log_file,
                               exit_timeout_s=args.exit_timeout_secs, ready_timeout_s=args.ready_timeout,

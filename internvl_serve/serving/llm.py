@@ -105,6 +105,17 @@ class EngineOptions:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
+    # tensor parallelism: the LLM split over this many ranks (processes), one device each; devices as
+    # a comma list (empty: cuda:0..N-1 on CUDA, N CPU ranks on the CPU)
+    tensor_parallel_size: int = 1
+    tensor_parallel_devices: str = ""
+    # "int8": weight-only int8 projections of the LLM (engine/quantize.py); "": the model dtype
+    quantization: str = ""
+
+    def __post_init__(self):
+        from internvl_serve.engine.quantize import validate_quantization
+
+        object.__setattr__(self, "quantization", validate_quantization(self.quantization) or "")
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> "EngineOptions":
@@ -118,6 +129,8 @@ class EngineOptions:
                     if raw.lower() not in ("true", "false"):
                         raise ValueError
                     values[f.name] = raw.lower() == "true"
+                elif f.type == "str":
+                    values[f.name] = raw
                 elif f.name == "gpu_memory_utilization":
                     values[f.name] = float(raw)
                     if not 0 < values[f.name] <= 1:
@@ -129,6 +142,24 @@ class EngineOptions:
             except ValueError:
                 raise ValueError(f"parameter {f.name!r}: {raw!r} is not a valid {f.type}") from None
         return cls(**values)
+
+
+def tensor_parallel_devices(device: torch.device, size: int, devices: str = "") -> list[str]:
+    """The device of each rank: the given comma list, or cuda:i..i+N-1 from `device`'s index on CUDA,
+    or N CPU ranks."""
+    if devices.strip():
+        out = [d.strip() for d in devices.split(",") if d.strip()]
+        if len(out) != size:
+            raise ValueError(f"tensor_parallel_devices {devices!r} names {len(out)} devices, "
+                             f"tensor_parallel_size is {size}")
+        return out
+    if device.type == "cuda":
+        first = device.index or 0
+        if torch.cuda.device_count() < first + size:
+            raise ValueError(f"tensor_parallel_size {size} from cuda:{first} needs {first + size} GPUs, "
+                             f"torch sees {torch.cuda.device_count()}")
+        return [f"cuda:{first + i}" for i in range(size)]
+    return ["cpu"] * size
 
 
 def vision_reserve_bytes(config, dtype: torch.dtype) -> int:
@@ -162,15 +193,28 @@ class LLMService:
         self.dtype = dtype or default_dtype(self.device)
         self.config = InternVLChatConfig.from_pretrained(checkpoint)
         self.tokenizer = load_tokenizer(checkpoint)
+        self._log = log or (lambda message: None)
+        options = EngineOptions.from_parameters(engine_options or {})
+        runner_options = dict(block_size=options.block_size, num_blocks=options.num_blocks,
+                              gpu_memory_utilization=options.gpu_memory_utilization,
+                              max_num_batched_tokens=options.max_num_batched_tokens,
+                              max_num_seqs=options.max_num_seqs, quantization=options.quantization or None)
+        # Tensor parallelism: ranks 1..N-1 start first (they load their weights meanwhile); this
+        # process is rank 0 on devices[0] and drives the engine.
+        self.devices = tensor_parallel_devices(self.device, options.tensor_parallel_size,
+                                               options.tensor_parallel_devices)
+        self.device = torch.device(self.devices[0])
+        self.workers = None
+        self._broken: str | None = None
+        if len(self.devices) > 1:
+            from internvl_serve.engine.tp_worker import start_workers
+            self.workers = start_workers(checkpoint, devices=self.devices, dtype=str(self.dtype).removeprefix("torch."),
+                                         runner_options=runner_options, on_failure=self._on_worker_failure)
         state_dict = load_state_dict(checkpoint, prefixes=("language_model.",), dtype=self.dtype,
                                      device=self.device, progress=False)
-        options = EngineOptions.from_parameters(engine_options or {})
-        runner = ModelRunner(self.config, state_dict, device=self.device, dtype=self.dtype,
-                             block_size=options.block_size, num_blocks=options.num_blocks,
-                             gpu_memory_utilization=options.gpu_memory_utilization,
-                             max_num_batched_tokens=options.max_num_batched_tokens,
-                             max_num_seqs=options.max_num_seqs,
-                             reserved_bytes=vision_reserve_bytes(self.config, self.dtype) if self.device.type == "cuda" else 0)
+        runner = ModelRunner(self.config, state_dict, device=self.device, dtype=self.dtype, **runner_options,
+                             reserved_bytes=vision_reserve_bytes(self.config, self.dtype) if self.device.type == "cuda" else 0,
+                             tp=self.workers.tp if self.workers else None)
         del state_dict  # the runner holds the weights now
         scheduler = SchedulerConfig(max_num_seqs=options.max_num_seqs,
                                     max_num_batched_tokens=options.max_num_batched_tokens,
@@ -182,7 +226,6 @@ class LLMService:
         self._ids = itertools.count()
         self._stopping = threading.Event()
         self._cancel_poll_s = cancel_poll_s
-        self._log = log or (lambda message: None)
         self._watcher = threading.Thread(target=self._watch_cancellations, name="llm-cancel-watch", daemon=True)
         self._watcher.start()
 
@@ -192,6 +235,9 @@ class LLMService:
     def submit(self, request_id: str, request: LLMRequest, sink: ResponseSink) -> None:
         """Queue the request; raises the engine's InvalidRequest for a request it refuses."""
         from internvl_serve.engine import Request
+
+        if self._broken:
+            raise RuntimeError(self._broken)
 
         gen = request.generation
         active = _Active(sink, ResponseStream(request.text_input, stream=gen.stream,
@@ -267,8 +313,24 @@ class LLMService:
         with self._lock:
             return len(self._active)
 
+    def _on_worker_failure(self, message: str) -> None:
+        """A tensor-parallel worker died: no step can complete any more. Fail every open request and
+        refuse new ones with the reason (the server must be restarted)."""
+        self._broken = f"llm: {message}; the generation model cannot continue, restart the server"
+        self._log(self._broken)
+        with self._lock:
+            active = list(self._active.values())
+            self._active.clear()
+        for a in active:
+            with a.lock:
+                if not a.closed:
+                    a.closed = True
+                    self._fail(a.sink, self._broken)
+
     def shutdown(self) -> None:
         """Stop the engine; requests still running get a final error response."""
         self._stopping.set()
         self.thread.shutdown()
         self._watcher.join(timeout=5)
+        if self.workers is not None:
+            self.workers.close(None if self._broken else self.engine.runner)

@@ -1,12 +1,20 @@
 """The vision service behind the `vision` Triton model: pixel tiles -> image embeddings.
 
 Owns: loading only the checkpoint's vision_model.* and mlp1.* weights (bfloat16 on CUDA, float32 on
-CPU), and running several requests' images as one batched forward (chunked to bound memory), split
-back per request. Does not own: Triton (the adapter in model_repository/vision) or image decoding.
+CPU), running several requests' images as one batched forward (chunked to bound memory), split back
+per request, and a bounded LRU cache of tile embeddings keyed by a hash of the tile's pixels, so a
+multi-round chat that resends its image is not encoded again. Does not own: Triton (the adapter in
+model_repository/vision) or image decoding.
 """
 from __future__ import annotations
 
+import hashlib
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -15,12 +23,123 @@ from internvl_serve.checkpoint import load_model
 from internvl_serve.config import InternVLChatConfig
 from internvl_serve.serving.device import default_dtype, resolve_device
 
+DEFAULT_IMAGE_CACHE_MB = 1024.0  # ~400 tiles of V1-1 in bf16 (256 x 5120 x 2 bytes = 2.6 MB each)
+
+
+def tile_key(tile: np.ndarray) -> bytes:
+    """A content hash of one preprocessed tile (3, S, S): its dtype, shape and bytes.
+
+    SHA-256 rather than BLAKE2b: with the CPU's SHA instructions it hashed a 448 float32 tile (2.4 MB)
+    in 1.4 ms here against 2.9 ms for BLAKE2b (hashlib releases the GIL for both)."""
+    tile = np.ascontiguousarray(tile)
+    h = hashlib.sha256(f"{tile.dtype.str}{tile.shape}".encode())
+    h.update(tile)
+    return h.digest()
+
+
+class EmbeddingCache:
+    """Bounded LRU map tile_key -> embedding tensor (num_image_token, hidden), on the CPU, in the encoder's
+    dtype (so a hit returns exactly the values the forward produced). Bounded by bytes (and, if given, by
+    entries); max_bytes 0 disables it. Thread-safe: every method takes one lock.
+
+    Counters: hits (tiles served without a forward), misses (tiles encoded), evictions."""
+
+    def __init__(self, max_bytes: int, max_entries: int | None = None):
+        if max_bytes < 0 or (max_entries is not None and max_entries < 0):
+            raise ValueError(f"cache bounds must be >= 0, got max_bytes={max_bytes}, max_entries={max_entries}")
+        self.max_bytes = int(max_bytes)
+        self.max_entries = max_entries
+        self._entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # oldest first
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0 and self.max_entries != 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: bytes) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def get(self, key: bytes) -> torch.Tensor | None:
+        """The cached embedding (now the most recently used), or None. Counts nothing: the caller
+        counts hits and misses per tile (see count)."""
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
+
+    def count(self, hits: int, misses: int) -> None:
+        with self._lock:
+            self.hits += hits
+            self.misses += misses
+
+    def put(self, key: bytes, value: torch.Tensor) -> None:
+        """Insert (or refresh) an entry, evicting the least recently used until it fits. An entry larger
+        than the whole cache is not stored. `value` must own its storage (not a view of a batch)."""
+        size = value.numel() * value.element_size()
+        if not self.enabled or size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.bytes -= old.numel() * old.element_size()
+            while self._entries and (self.bytes + size > self.max_bytes or
+                                     (self.max_entries is not None and len(self._entries) >= self.max_entries)):
+                _, evicted = self._entries.popitem(last=False)
+                self.bytes -= evicted.numel() * evicted.element_size()
+                self.evictions += 1
+            self._entries[key] = value
+            self.bytes += size
+
+    def keys(self) -> list[bytes]:
+        """Oldest (next to evict) first."""
+        with self._lock:
+            return list(self._entries)
+
+
+@dataclass(frozen=True)
+class VisionOptions:
+    """The vision model's config.pbtxt parameters (string values)."""
+
+    device: str = "auto"
+    max_images_per_forward: int = 32
+    image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB  # 0 disables the embedding cache
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, str]) -> "VisionOptions":
+        raw = {k: str(v).strip() for k, v in parameters.items() if str(v).strip()}
+        values: dict = {}
+        if "device" in raw:
+            values["device"] = raw["device"]
+        checks = {"max_images_per_forward": (int, lambda v: v >= 1, "an integer >= 1"),
+                  "image_cache_mb": (float, lambda v: math.isfinite(v) and v >= 0, "a number of MiB >= 0")}
+        for name, (kind, ok, what) in checks.items():
+            if name not in raw:
+                continue
+            try:
+                values[name] = kind(raw[name])
+            except ValueError:
+                values[name] = None
+            if values[name] is None or not ok(values[name]):
+                raise ValueError(f"vision parameter {name!r}: {raw[name]!r} is not {what}")
+        return cls(**values)
+
 
 class VisionService:
-    """`embed([pixel_values of request 1, of request 2, ...])` -> their image embeddings, one forward."""
+    """`embed([pixel_values of request 1, of request 2, ...])` -> their image embeddings, one forward
+    over the tiles the cache does not hold."""
 
     def __init__(self, checkpoint: str | Path, *, device: str = "auto", dtype: torch.dtype | None = None,
-                 max_images_per_forward: int = 32):
+                 max_images_per_forward: int = 32, image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
+                 image_cache_entries: int | None = None):
         self.device = resolve_device(device)
         self.dtype = dtype or default_dtype(self.device)
         self.config = InternVLChatConfig.from_pretrained(checkpoint)
@@ -29,21 +148,84 @@ class VisionService:
         self.max_images_per_forward = max_images_per_forward
         self.num_image_token = self.config.num_image_token
         self.hidden_size = self.config.llm_config.hidden_size
+        self.cache = EmbeddingCache(int(image_cache_mb * 2**20), image_cache_entries)
+
+    @classmethod
+    def from_parameters(cls, checkpoint: str | Path, parameters: Mapping[str, str]) -> "VisionService":
+        o = VisionOptions.from_parameters(parameters)
+        return cls(checkpoint, device=o.device, max_images_per_forward=o.max_images_per_forward,
+                   image_cache_mb=o.image_cache_mb)
+
+    # the counters another module exports as metrics
+    @property
+    def cache_hits(self) -> int:
+        return self.cache.hits
+
+    @property
+    def cache_misses(self) -> int:
+        return self.cache.misses
+
+    @property
+    def cache_evictions(self) -> int:
+        return self.cache.evictions
+
+    @property
+    def cache_entries(self) -> int:
+        return len(self.cache)
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.cache.bytes
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(n, 3, S, S) float32 on the CPU -> (n, num_image_token, hidden) on the CPU in the encoder's dtype,
+        in chunks of max_images_per_forward."""
+        out = torch.empty((pixels.shape[0], self.num_image_token, self.hidden_size), dtype=self.dtype)
+        for start in range(0, pixels.shape[0], self.max_images_per_forward):
+            chunk = pixels[start:start + self.max_images_per_forward]
+            chunk = chunk.to(device=self.device, dtype=self.dtype, non_blocking=True)
+            out[start:start + chunk.shape[0]] = self.encoder(chunk).cpu()
+        return out
 
     @torch.inference_mode()
     def embed(self, batches: list[np.ndarray]) -> list[np.ndarray]:
-        """Each element (N_i, 3, S, S) float32 -> (N_i * num_image_token, llm_hidden) float32."""
+        """Each element (N_i, 3, S, S) float32 -> (N_i * num_image_token, llm_hidden) float32.
+
+        With the cache: each tile is looked up by its content hash; the misses (each distinct tile
+        once, also when it repeats within this call) run as one batched forward and are stored; every
+        result is scattered back to its tile's place."""
         counts = [int(b.shape[0]) for b in batches]
         total = sum(counts)
         out = torch.empty((total, self.num_image_token, self.hidden_size), dtype=torch.float32)
         if total:
-            pixels = torch.from_numpy(np.concatenate([b for b in batches if b.shape[0]], axis=0))
-            for start in range(0, total, self.max_images_per_forward):
-                chunk = pixels[start:start + self.max_images_per_forward]
-                chunk = chunk.to(device=self.device, dtype=self.dtype, non_blocking=True)
-                out[start:start + chunk.shape[0]] = self.encoder(chunk).float().cpu()
+            pixels = np.concatenate([b for b in batches if b.shape[0]], axis=0)
+            if self.cache.enabled:
+                self._embed_cached(pixels, out)
+            else:
+                out.copy_(self._encode(torch.from_numpy(pixels)))
         embeds, start = [], 0
         for n in counts:  # (n, tokens, H) -> (n * tokens, H), in image order
             embeds.append(out[start:start + n].reshape(n * self.num_image_token, self.hidden_size).numpy())
             start += n
         return embeds
+
+    def _embed_cached(self, pixels: np.ndarray, out: torch.Tensor) -> None:
+        keys = [tile_key(tile) for tile in pixels]
+        missing: dict[bytes, list[int]] = {}  # key -> the tiles (indices) that need it, first-seen order
+        for i, key in enumerate(keys):
+            if key in missing:
+                missing[key].append(i)
+                continue
+            cached = self.cache.get(key)
+            if cached is None:
+                missing[key] = [i]
+            else:
+                out[i].copy_(cached)
+        self.cache.count(hits=len(keys) - len(missing), misses=len(missing))
+        if not missing:
+            return
+        firsts = [indices[0] for indices in missing.values()]
+        encoded = self._encode(torch.from_numpy(pixels[firsts]))  # (misses, tokens, H)
+        for (key, indices), embedding in zip(missing.items(), encoded):
+            self.cache.put(key, embedding.clone())  # own storage: not a view that pins the whole batch
+            out[indices] = embedding.float()

@@ -1,0 +1,65 @@
+"""Weight-only int8 for the engine's LLaMA (gpt-fast's quantize.py, for our model).
+
+Owns: the engine's `quantization` option ("int8" or none) and what it does to a loaded Llama
+(engine/llama.py): the seven projections of every layer (q/k/v/o_proj, gate/up/down_proj) become
+`Int8Linear`s, in place (int8 weight, one float32 scale per output channel; the Triton kernel on CUDA
+for decode batch sizes, a plain dequantize-and-matmul in PyTorch on the CPU and for prefill-sized
+inputs). lm_head, the embeddings and the norms stay in the model dtype. Swapping modules keeps every
+call site (`attn.q_proj(x)` in llama.py and decode_graphs.py), so the captured CUDA-graph decode
+replays the int8 kernels once the swap happened before capture.
+
+Does not own: the kernels and Int8Linear (kernels/int8_linear.py), loading weights (llama.py), or when to
+quantize (ModelRunner applies it after load_llama, before sizing the KV cache, so the cache gets the
+memory the bf16 weights leave: 13.1 of LLaMA2-13B's 26 GB).
+"""
+from __future__ import annotations
+
+from typing import MutableMapping
+
+from torch import nn
+
+from internvl_serve.kernels.int8_linear import LLAMA_PROJECTIONS, Int8Linear, quantize_llama_linears
+
+QUANTIZATIONS = ("int8",)
+
+
+def validate_quantization(quantization: str | None) -> str | None:
+    """None or "" -> None; "int8" -> "int8" (case and spaces ignored); anything else raises ValueError."""
+    if quantization is None or not str(quantization).strip():
+        return None
+    q = str(quantization).strip().lower()
+    if q not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or empty (none), "
+                         f"got {quantization!r}")
+    return q
+
+
+def quantize_llama_int8_(model: nn.Module) -> nn.Module:
+    """Replace, in place, the q/k/v/o/gate/up/down projections of every decoder layer with Int8Linear
+    (symmetric per-output-channel scales). Returns the model. Each bf16 weight is freed as soon as its
+    module is replaced, provided nothing else holds it (see quantize_model_ for the loader's dict)."""
+    layers = model.model.layers
+    n = quantize_llama_linears(model.model.layers, names=LLAMA_PROJECTIONS, include_lm_head=False)
+    if n != len(LLAMA_PROJECTIONS) * len(layers):
+        raise ValueError(f"int8: replaced {n} linears, expected {len(LLAMA_PROJECTIONS)} per layer x "
+                         f"{len(layers)} layers (already quantized, or not our Llama?)")
+    return model
+
+
+def quantize_model_(model: nn.Module, quantization: str | None,
+                    state_dict: MutableMapping | None = None) -> nn.Module:
+    """Apply the engine option `quantization` ("int8" or None) to a loaded Llama, in place.
+
+    state_dict: the dict the model was loaded from. load_llama uses its tensors without a copy when
+    they already have the device and dtype, so while the caller's dict holds them the bf16 weights
+    cannot be freed; it is emptied here first (quantizing only) and must not be used afterwards."""
+    quantization = validate_quantization(quantization)
+    if quantization is None:
+        return model
+    if isinstance(state_dict, dict):
+        state_dict.clear()
+    return quantize_llama_int8_(model)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, Int8Linear) for m in model.modules())

@@ -1,0 +1,115 @@
+"""The vision model's embedding cache through a real tritonserver: a server whose vision cache holds only two
+tiles (a copy of model_repository with `image_cache_mb` changed), requests that hit, miss and evict; every
+answer must equal the model card's chat (internvl_serve.reference, fresh encodes) on the tiny checkpoint, and
+a repeated request its first answer. Where the server exports the cache counters as Prometheus metrics,
+they must count the hits and misses this sequence makes."""
+from __future__ import annotations
+
+import json
+import re
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+from e2e_client import make_inputs, stream_chat, wait_for
+from internvl_serve.serving.launcher import TritonServer
+
+MAX_TOKENS = 12
+ROOT = Path(__file__).resolve().parents[2]
+TILE_MIB = 256 * 128 * 4 / 2**20  # tiny checkpoint: 256 image tokens x hidden 128, float32 on the CPU
+
+
+def repository_with(parameters: dict[str, dict[str, str]], dest: Path) -> Path:
+    """model_repository with some config.pbtxt parameter values changed; version folders are symlinks, so
+    the adapters still find the package from their resolved path."""
+    source = ROOT / "model_repository"
+    for model in (d for d in source.iterdir() if (d / "config.pbtxt").is_file()):
+        (dest / model.name).mkdir(parents=True)
+        text = (model / "config.pbtxt").read_text()
+        for key, value in parameters.get(model.name, {}).items():
+            pattern = r'(key:\s*"' + key + r'"\s*value:\s*\{\s*string_value:\s*")[^"]*"'
+            text, n = re.subn(pattern, r"\g<1>" + value + '"', text)
+            assert n == 1, (model.name, key)
+        (dest / model.name / "config.pbtxt").write_text(text)
+        for version in (v for v in model.iterdir() if v.is_dir()):
+            (dest / model.name / version.name).symlink_to(version.resolve(), target_is_directory=True)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory):
+    work = tmp_path_factory.mktemp("vision-cache")
+    repo = repository_with({"vision": {"image_cache_mb": f"{2.4 * TILE_MIB:.4f}"}}, work / "repo")
+    with TritonServer(tiny_checkpoint, model_repository=repo, log_file=work / "server.log", exit_timeout_s=5,
+                      ready_timeout_s=300) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_checkpoint):
+    from internvl_serve import reference
+    from internvl_serve.checkpoint import load_model
+    from internvl_serve.imageproc import load_preprocessor_config
+    from internvl_serve.tokenizer import load_tokenizer
+
+    model = load_model(tiny_checkpoint, dtype=torch.float32, parts=("vision", "language"), progress=False)
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    preprocessor = load_preprocessor_config(tiny_checkpoint)
+    lock = threading.Lock()
+
+    def chat(question, images, history=None):
+        pixel_values = torch.cat([reference.load_image(b, preprocessor) for b in images])
+        with lock, torch.inference_mode():
+            return reference.chat(model, tokenizer, pixel_values, question,
+                                  dict(max_new_tokens=MAX_TOKENS, do_sample=False), history=history)
+
+    return chat
+
+
+def image_bytes(seed: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def ask(server, question, images, **extra) -> str:
+    answer = stream_chat(server, make_inputs(text_input=question, images=list(images), max_tokens=MAX_TOKENS,
+                                             stream=True, **extra))
+    assert answer.error is None, answer.error
+    assert answer.finals == 1
+    return answer.text
+
+
+def metric(server, name: str) -> float | None:
+    text = requests.get(server.metrics_url, timeout=5).text
+    values = [float(v) for v in re.findall(r"^" + name + r"(?:\{[^}]*\})?\s+(\S+)", text, re.M)]
+    return sum(values) if values else None
+
+
+def test_hits_misses_and_evictions_give_the_cards_answers(server, oracle):
+    a, b, c = image_bytes(11), image_bytes(12), image_bytes(13)
+    q = "<image>\nPlease describe the image shortly."
+    first = ask(server, q, [a])                               # miss: cache [a]
+    assert first == oracle(q, [a])
+    assert ask(server, q, [a]) == first                       # hit
+    q2 = "<image>\nDescribe the two images."
+    assert ask(server, q2, [b, c]) == oracle(q2, [b, c])      # two misses: a is evicted, cache [b, c]
+    assert ask(server, q, [a]) == first                       # miss again (encoded anew): cache [c, a]
+    history = [(q, first)]
+    q3 = "Please write a poem according to the image."
+    assert ask(server, q3, [a], history=json.dumps(history)) == oracle(q3, [a], history=history)   # hit
+    # tiles: hits 2 (requests 2 and 5), misses 4 (a, b, c, a again)
+    if metric(server, "internvl_image_cache_hits_total") is None:
+        return  # this server exports no cache metrics: the answers above are the test
+    wait_for(server, lambda: (metric(server, "internvl_image_cache_hits_total"),
+                              metric(server, "internvl_image_cache_misses_total")) == (2, 4),
+             timeout_s=20, what="the image-cache counters to read 2 hits and 4 misses")

@@ -1,0 +1,62 @@
+"""GPU layouts (serving/layout.py): the derived model repository's configs, parsed back with Triton's
+model_config protobuf, place the models as asked; bad layouts are refused with a reason."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tritonclient.grpc import model_config_pb2 as mc
+
+from internvl_serve.serving.layout import Layout, parse_key_values, read_config, write_model_repository
+from internvl_serve.serving.launcher import LaunchError, layout_from_args, parse_args
+
+REPO = Path(__file__).resolve().parents[2] / "model_repository"
+GPU = mc.ModelInstanceGroup.KIND_GPU
+
+
+def written(tmp_path, layout):
+    out = write_model_repository(REPO, tmp_path / "models", layout)
+    return {p.name: read_config(p / "config.pbtxt") for p in out.iterdir()}, out
+
+
+def test_data_parallel_puts_one_vision_and_one_llm_instance_on_each_gpu(tmp_path):
+    configs, out = written(tmp_path, Layout(gpus=(0, 1, 2)))
+    for name in ("vision", "llm"):
+        (group,) = configs[name].instance_group
+        assert (group.kind, group.count, list(group.gpus)) == (GPU, 1, [0, 1, 2])
+    assert configs["llm"].parameters["tensor_parallel_size"].string_value == "1"
+    assert configs["preprocess"].instance_group == read_config(REPO / "preprocess/config.pbtxt").instance_group
+    assert configs["internvl_chat"] == read_config(REPO / "internvl_chat/config.pbtxt")
+    assert (out / "llm" / "1").resolve() == (REPO / "llm" / "1").resolve()  # the same code
+
+
+def test_tensor_parallel_keeps_one_llm_instance_and_names_its_gpus(tmp_path):
+    configs, _ = written(tmp_path, Layout(gpus=(2, 3), tensor_parallel_size=2,
+                                          llm_parameters={"max_num_seqs": "64"}))
+    llm = configs["llm"]
+    assert [g.kind for g in llm.instance_group] == [mc.ModelInstanceGroup.KIND_CPU]
+    params = {k: v.string_value for k, v in llm.parameters.items()}
+    assert params["tensor_parallel_size"] == "2" and params["tensor_parallel_devices"] == "cuda:2,cuda:3"
+    assert params["device"] == "cuda:2" and params["max_num_seqs"] == "64"
+    (vision,) = configs["vision"].instance_group
+    assert list(vision.gpus) == [2]  # beside rank 0
+
+
+@pytest.mark.parametrize("layout, words", [
+    (Layout(gpus=(0, 1, 2, 3), tensor_parallel_size=2), "several tensor-parallel groups"),
+    (Layout(gpus=(0, 0)), "distinct"),
+    (Layout(tensor_parallel_size=0), ">= 1"),
+    (Layout(llm_parameters={"max_num_seq": "8"}), "no parameter 'max_num_seq'"),
+])
+def test_bad_layouts_are_refused(tmp_path, layout, words):
+    with pytest.raises(ValueError, match=words):
+        write_model_repository(REPO, tmp_path / "models", layout)
+
+
+def test_launcher_flags_make_the_layout():
+    args = parse_args(["--gpus", "0,1", "--tensor-parallel-size", "2", "--llm-param", "quantization=int8"])
+    layout = layout_from_args(args)
+    assert layout == Layout(gpus=(0, 1), tensor_parallel_size=2, llm_parameters={"quantization": "int8"})
+    with pytest.raises(LaunchError, match="key=value"):
+        layout_from_args(parse_args(["--llm-param", "oops"]))
+    assert parse_key_values(["a=1", "b = x=y"]) == {"a": "1", "b": "x=y"}

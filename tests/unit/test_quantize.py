@@ -1,0 +1,205 @@
+"""The engine's int8 weight mode (engine/quantize.py): which modules it swaps, that a quantized model equals
+the same model with dequantized weights, the logit error and greedy agreement against fp32 on the tiny
+checkpoint (CPU), the option's parsing, and (GPU, marked) CUDA-graph decode with the int8 kernels."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from internvl_serve.checkpoint import load_state_dict
+from internvl_serve.config import InternVLChatConfig
+from internvl_serve.engine import LLMEngine, ModelRunner, Request, SamplingParams, SchedulerConfig
+from internvl_serve.engine.llama import load_llama
+from internvl_serve.engine.quantize import is_quantized, quantize_llama_int8_, quantize_model_, \
+    validate_quantization
+from internvl_serve.kernels import Int8Linear, compare_logits, quantize_weight
+from internvl_serve.kernels.int8_linear import LLAMA_PROJECTIONS
+
+
+@pytest.fixture(scope="module")
+def config(tiny_checkpoint):
+    return InternVLChatConfig.from_pretrained(tiny_checkpoint)
+
+
+def llm_weights(checkpoint) -> dict:
+    return load_state_dict(checkpoint, prefixes=("language_model.",), dtype=torch.float32, progress=False)
+
+
+def make_runner(checkpoint, config, quantization=None, state_dict=None, **kw):
+    return ModelRunner(config, state_dict if state_dict is not None else llm_weights(checkpoint), device="cpu",
+                       dtype=torch.float32, block_size=16, num_blocks=64, quantization=quantization, **kw)
+
+
+def requests(config, n=6, max_tokens=32):
+    vocab = config.llm_config.vocab_size
+    out = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(i)
+        ids = [1] + torch.randint(3, vocab - 10, (10 + 7 * i,), generator=g).tolist()
+        out.append(Request(f"r{i}", ids, None, SamplingParams(max_tokens=max_tokens, ignore_eos=True)))
+    return out
+
+
+def engine_of(runner, config):
+    return LLMEngine(runner, None, eos_token_id=2, image_context_token_id=config.llm_config.vocab_size - 1,
+                     scheduler_config=SchedulerConfig(max_num_batched_tokens=512, watermark=0.0))
+
+
+def prefill_logits(runner, config, reqs=None) -> torch.Tensor:
+    """(n, vocab) logits of the last prompt token of each request, all prefilled in one step."""
+    engine = engine_of(runner, config)
+    for r in reqs or requests(config):
+        engine.add_request(r)
+    return runner.compute_logits(engine.scheduler.schedule())
+
+
+def greedy_tokens(runner, config) -> dict[str, list[int]]:
+    return {k: [t for o in v for t in o.new_token_ids]
+            for k, v in engine_of(runner, config).generate(requests(config)).items()}
+
+
+# ---- the module swap ------------------------------------------------------------------------------------
+
+def test_int8_linear_equals_the_dequantized_matmul():
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40, bias=False)
+    q = Int8Linear.from_linear(linear)
+    w_int8, scale = quantize_weight(linear.weight.detach())
+    assert torch.equal(q.weight, w_int8) and torch.equal(q.scale, scale)
+    x = torch.randn(2, 5, 96)
+    want = x @ (w_int8.float() * scale[:, None]).t()
+    torch.testing.assert_close(q(x), want, rtol=1e-5, atol=1e-5)
+    assert q(x).shape == (2, 5, 40)
+    # and close to the float linear: only the rounding of the weights differs
+    assert ((q(x) - linear(x)).norm() / linear(x).norm()).item() < 1e-2
+
+
+def test_quantize_swaps_the_seven_projections_and_keeps_the_rest(tiny_checkpoint, config):
+    model = load_llama(config, llm_weights(tiny_checkpoint), device="cpu", dtype=torch.float32)
+    embed, lm_head, norm = model.model.embed_tokens.weight, model.lm_head.weight, model.model.norm.weight
+    assert not is_quantized(model)
+    assert quantize_llama_int8_(model) is model and is_quantized(model)
+    for layer in model.model.layers:
+        for name in LLAMA_PROJECTIONS:
+            parent = layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
+            module = getattr(parent, name)
+            assert isinstance(module, Int8Linear) and module.weight.dtype == torch.int8, name
+    swapped = sum(isinstance(m, Int8Linear) for m in model.modules())
+    assert swapped == 7 * config.llm_config.num_hidden_layers
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is lm_head
+    assert model.model.embed_tokens.weight is embed and model.model.norm.weight is norm
+    with pytest.raises(ValueError, match="replaced 0 linears"):
+        quantize_llama_int8_(model)
+
+
+def test_quantization_option_values():
+    assert validate_quantization(None) is None and validate_quantization("") is None
+    assert validate_quantization(" INT8 ") == "int8"
+    with pytest.raises(ValueError, match="quantization must be one of int8"):
+        validate_quantization("int4")
+    model = nn.Linear(2, 2)
+    assert quantize_model_(model, None) is model and quantize_model_(model, "") is model
+
+
+def test_engine_options_quantization_parameter():
+    from internvl_serve.serving.llm import EngineOptions
+
+    assert EngineOptions().quantization == ""
+    assert EngineOptions.from_parameters({"quantization": "int8"}).quantization == "int8"
+    assert EngineOptions.from_parameters({"quantization": " Int8 "}).quantization == "int8"
+    assert EngineOptions.from_parameters({"quantization": ""}).quantization == ""
+    with pytest.raises(ValueError, match="quantization must be one of int8"):
+        EngineOptions.from_parameters({"quantization": "fp8"})
+
+
+def test_llm_service_passes_the_parameter_to_the_runner(tiny_checkpoint):
+    from internvl_serve.serving.llm import LLMService
+
+    service = LLMService(tiny_checkpoint, device="cpu", engine_options={"quantization": "int8", "num_blocks": "64"})
+    try:
+        runner = service.engine.runner
+        assert runner.quantization == "int8" and is_quantized(runner.model)
+    finally:
+        service.shutdown()
+
+
+# ---- the runner, on the tiny checkpoint ----------------------------------------------------------------
+
+def test_runner_int8_equals_the_model_with_dequantized_weights(tiny_checkpoint, config):
+    """The whole int8 path (module swap inside the runner, Int8Linear's CPU matmul) against an fp32 runner
+    whose projection weights are replaced by w_int8 * scale: the same numbers up to fp32 rounding."""
+    weights = llm_weights(tiny_checkpoint)
+    dequantized = dict(weights)
+    for key, w in weights.items():
+        if any(f".{name}.weight" in key for name in LLAMA_PROJECTIONS):
+            w_int8, scale = quantize_weight(w)
+            dequantized[key] = w_int8.float() * scale[:, None]
+    given = dict(weights)
+    int8 = make_runner(tiny_checkpoint, config, "int8", state_dict=given)
+    assert int8.quantization == "int8" and is_quantized(int8.model)
+    assert given == {}  # emptied so the float weights it shares with the model could be freed
+    reference = make_runner(tiny_checkpoint, config, state_dict=dequantized)
+    torch.testing.assert_close(prefill_logits(int8, config), prefill_logits(reference, config), rtol=1e-4, atol=1e-4)
+    assert greedy_tokens(int8, config) == greedy_tokens(reference, config)
+
+
+def test_runner_int8_logits_close_to_fp32_and_greedy_agreement(tiny_checkpoint, config, capsys):
+    fp32 = make_runner(tiny_checkpoint, config)
+    int8 = make_runner(tiny_checkpoint, config, "int8")
+    assert fp32.quantization is None and not is_quantized(fp32.model)
+    ref, got = prefill_logits(fp32, config), prefill_logits(int8, config)
+    err = compare_logits(ref, got)
+    assert err.rel_l2 < 0.02 and err.max_rel < 0.02, err          # measured: 0.53% and 0.52%
+    # a position keeps its argmax wherever fp32's top-2 margin exceeds twice the largest error
+    top2 = ref.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * err.max_abs
+    assert clear.sum() >= 4 and torch.equal(ref.argmax(-1)[clear], got.argmax(-1)[clear])
+    a, b = greedy_tokens(fp32, config), greedy_tokens(int8, config)
+    positions = sum(len(v) for v in a.values())
+    matched = sum(x == y for k in a for x, y in zip(a[k], b[k]))
+    same_sequences = sum(a[k] == b[k] for k in a)
+    with capsys.disabled():
+        print(f"\nint8 vs fp32 (tiny checkpoint, greedy, 6 prompts x 32 tokens): {matched}/{positions} tokens "
+              f"equal, {same_sequences}/6 sequences identical; prefill logits rel L2 {err.rel_l2:.4f}, "
+              f"max abs {err.max_abs:.3f}, top-1 {err.top1_agreement:.2f}")
+    assert same_sequences >= 4      # measured 5/6: one prompt's first two candidates are 0.06 apart
+
+
+# ---- GPU ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@torch.no_grad()
+def test_gpu_int8_cuda_graph_decode_equals_eager_and_is_close_to_bf16(tiny_checkpoint, config):
+    """Decode replays captured graphs of the int8 Triton kernels: in fp32 (the kernels' fp32 paths) greedy
+    tokens equal the eager int8 path; in bf16 the int8 logits stay close to bf16 cuBLAS's, and a decode
+    step replayed through the graph close to the same step run eagerly (reference attention)."""
+    def runner(quantization, graphs, dtype):
+        weights = load_state_dict(tiny_checkpoint, prefixes=("language_model.",), dtype=dtype, device="cuda",
+                                  progress=False)
+        r = ModelRunner(config, weights, device="cuda", dtype=dtype, block_size=16, num_blocks=64,
+                        quantization=quantization, cuda_graphs=graphs)
+        assert (r.decode_graphs is not None) == graphs and is_quantized(r.model) == (quantization == "int8")
+        return r
+
+    assert greedy_tokens(runner("int8", True, torch.float32), config) == \
+        greedy_tokens(runner("int8", False, torch.float32), config)
+    # bf16: one prompt of 11 tokens (M = 11: the Triton matrix kernel) against bf16 cuBLAS; then one
+    # pure-decode step replayed through the int8 graph against the same step run eagerly
+    short = requests(config, n=1)
+    err = compare_logits(prefill_logits(runner(None, False, torch.bfloat16), config, short),
+                         prefill_logits(runner("int8", False, torch.bfloat16), config, short))
+    assert err.rel_l2 < 0.05, err
+    decode = {}
+    for graphs in (True, False):
+        r = runner("int8", graphs, torch.bfloat16)
+        engine = engine_of(r, config)
+        for req in requests(config, max_tokens=4):
+            engine.add_request(req)
+        engine.step()                                   # the prefills (eager) and the first tokens
+        batch = engine.scheduler.schedule()             # a pure-decode step of 6 sequences
+        assert len(batch.seqs) == 6 and all(s.num_tokens == 1 for s in batch.seqs)
+        decode[graphs] = r.compute_logits(batch).float().clone()
+    err = compare_logits(decode[False], decode[True])
+    assert err.rel_l2 < 0.05, err
