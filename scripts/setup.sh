@@ -6,7 +6,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 venv=${INTERNVL_VENV:-$root/.venv}
 stamp=$venv/.internvl-setup-stamp
-want=$(cat requirements.txt pyproject.toml client/pyproject.toml 2>/dev/null | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt pyproject.toml client/pyproject.toml gateway/pyproject.toml 2>/dev/null | sha256sum | cut -d' ' -f1)
 if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
   exit 0
 fi
@@ -20,6 +20,9 @@ echo "setup: installing pinned requirements (first time: about a minute)" >&2
 "$venv/bin/python" -m pip install -q --no-deps -e . 
 if [[ -f client/pyproject.toml ]]; then
   "$venv/bin/python" -m pip install -q --no-deps -e client
+fi
+if [[ -f gateway/pyproject.toml ]]; then
+  "$venv/bin/python" -m pip install -q --no-deps -e gateway
 fi
 echo "$want" > "$stamp"
 echo "setup: ready ($venv)" >&2

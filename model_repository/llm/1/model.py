@@ -17,7 +17,9 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from internvl_serve.serving.contract import parse_llm_request
+from internvl_serve.serving.device import instance_device
 from internvl_serve.serving.llm import LLMService
+from internvl_serve.serving.metrics import LLMExporter
 from internvl_serve.serving.preprocess import client_errors
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -44,7 +46,7 @@ class TritonSink:
 class TritonPythonModel:
     def initialize(self, args):
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
-        device = params.pop("device", "auto")
+        device = instance_device(args, params.pop("device", "auto"))  # KIND_GPU: the instance's GPU
         self.service = LLMService(os.environ["INTERNVL_CHECKPOINT"], device=device, engine_options=params,
                                   log=pb_utils.Logger.log_info)
         self.client_errors = client_errors()
@@ -53,7 +55,10 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(
             f"llm: {self.service.device} {self.service.dtype}; KV cache {info['num_blocks']} blocks x "
             f"{info['block_size']} tokens = {info['num_tokens']} tokens, {info['bytes'] / 2**30:.1f} GiB; "
-            f"decode CUDA graphs: {list(graphs.buckets) if graphs else 'off'}")
+            f"decode CUDA graphs: {list(graphs.buckets) if graphs else 'off'}; "
+            f"tensor parallel: {len(self.service.devices)} ranks on {','.join(self.service.devices)}")
+        # internvl_* metrics on Triton's /metrics (docs/metrics.md): meters the engine thread
+        self.metrics = LLMExporter(self.service, pb_utils, args, log=pb_utils.Logger.log_warn)
 
     def execute(self, requests):
         for request in requests:
@@ -68,4 +73,5 @@ class TritonPythonModel:
         return None
 
     def finalize(self):
+        self.metrics.close()
         self.service.shutdown()

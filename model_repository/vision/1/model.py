@@ -14,15 +14,19 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
+from internvl_serve.serving.metrics import VisionExporter
+from internvl_serve.serving.device import instance_device
 from internvl_serve.serving.vision import VisionService
 
 
 class TritonPythonModel:
     def initialize(self, args):
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
-        self.service = VisionService(os.environ["INTERNVL_CHECKPOINT"], device=params.get("device", "auto"),
-                                     max_images_per_forward=int(params.get("max_images_per_forward", "32")))
+        params["device"] = instance_device(args, params.get("device", "auto"))  # KIND_GPU: the instance's GPU
+        self.service = VisionService.from_parameters(os.environ["INTERNVL_CHECKPOINT"], params)
         pb_utils.Logger.log_info(f"vision: {self.service.device} {self.service.dtype}")
+        # internvl_image_cache_* counters on Triton's /metrics (docs/metrics.md)
+        self.metrics = VisionExporter(self.service, pb_utils, args, log=pb_utils.Logger.log_warn)
 
     def execute(self, requests):
         pixels = [pb_utils.get_input_tensor_by_name(r, "pixel_values").as_numpy() for r in requests]
@@ -31,4 +35,8 @@ class TritonPythonModel:
         except Exception as e:  # one failed forward fails every request of the batch
             error = pb_utils.TritonError(f"vision: {type(e).__name__}: {e}", pb_utils.TritonError.INTERNAL)
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
+        self.metrics.update()  # never raises
         return [pb_utils.InferenceResponse([pb_utils.Tensor("image_embeds", e[np.newaxis])]) for e in embeds]
+
+    def finalize(self):
+        self.metrics.close()

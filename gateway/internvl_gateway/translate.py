@@ -1,0 +1,378 @@
+"""OpenAI chat completions <-> the internvl_chat contract. No web framework, no network.
+
+Owns: validating a `/v1/chat/completions` body and turning it into the client SDK's `ChatRequest`
+(question, history, images, generation inputs); the answer and stream-chunk objects; the OpenAI error
+objects and the mapping of the SDK's errors onto HTTP statuses. Does not own: HTTP (app.py), fetching
+remote images (app.py), the contract (internvl_client.request).
+
+Messages -> the model card's chat(question, history):
+- `system` / `developer` messages: refused (400), or dropped with `system_messages="ignore"`: the
+  card's internvl_zh template has no system turn;
+- the rest must alternate user, assistant, user, ..., and end with a user message: the earlier
+  (user, assistant) pairs become `history`, the last user message the `question`;
+- a user message's text parts are joined with "\\n"; its image_url parts (in order, over all messages)
+  become `images`, and the message gets the card's placeholders in front of its text: `<image>\\n` for
+  one image, `Image-1: <image>\\nImage-2: <image>\\n...` for several (the card's separate images), so
+  every image is bound to the turn that sent it. This is also what the SDK's ChatSession sends.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from internvl_client.errors import (
+    InternVLError,
+    InvalidInputError,
+    ModelNotReadyError,
+    RequestTimeoutError,
+    ServerUnavailableError,
+)
+from internvl_client.request import ChatRequest
+
+from .config import GatewayConfig
+
+INT32_MAX = 2**31 - 1
+UINT64_MAX = 2**64 - 1
+FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}  # OpenAI knows no "cancelled"
+
+# Request fields accepted and not used (they change nothing about the answer).
+IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options"}
+# Extensions (as vLLM's, sent with the openai client's extra_body): contract inputs of the same name.
+EXTRA_FIELDS = {"top_k", "repetition_penalty", "ignore_eos"}
+
+
+class GatewayError(Exception):
+    """An error answered as OpenAI's `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> GatewayError:
+    return GatewayError(400, message, param=param, code=code)
+
+
+def from_client_error(error: Exception) -> GatewayError:
+    """The SDK's exceptions -> HTTP statuses: the server refused the request (INVALID_ARG) 400,
+    Triton unreachable or not serving the model 503, deadline 504, anything else 500."""
+    message = getattr(error, "server_message", None) or str(error)
+    if isinstance(error, InvalidInputError):
+        return GatewayError(400, message)
+    if isinstance(error, (ServerUnavailableError, ModelNotReadyError)):
+        return GatewayError(503, str(error), type="server_error", code="service_unavailable")
+    if isinstance(error, RequestTimeoutError):
+        return GatewayError(504, str(error), type="server_error", code="timeout")
+    if isinstance(error, (ValueError, TypeError)) and not isinstance(error, InternVLError):
+        return GatewayError(400, str(error))  # ChatRequest.validate
+    return GatewayError(500, str(error), type="server_error")
+
+
+# ---- images -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RemoteImage:
+    """An http(s) image_url part, fetched by the app (only when the config allows it)."""
+
+    url: str
+    param: str
+
+
+def parse_data_url(url: str, param: str, max_bytes: int) -> bytes:
+    """`data:image/<type>;base64,<payload>` -> the image's bytes."""
+    head, comma, payload = url.partition(",")
+    if not comma or not head.startswith("data:"):
+        raise bad_request(f"{param}: a data URL must look like data:image/png;base64,<payload>", param)
+    media, *options = head[len("data:"):].split(";")
+    if not media.startswith("image/"):
+        raise bad_request(f"{param}: the data URL's media type must be image/*, got {media or 'none'!r}", param)
+    if "base64" not in options:
+        raise bad_request(f"{param}: only base64 data URLs are supported (data:{media};base64,...)", param)
+    if len(payload) > (max_bytes + 2) // 3 * 4 + 4:
+        raise bad_request(f"{param}: the image is larger than {max_bytes} bytes", param)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request(f"{param}: the data URL's payload is not valid base64", param) from None
+
+
+def image_ref(part: Mapping[str, Any], param: str, config: GatewayConfig) -> bytes | RemoteImage:
+    spec = part.get("image_url")
+    url = spec.get("url") if isinstance(spec, Mapping) else spec
+    if not isinstance(url, str) or not url:
+        raise bad_request(f"{param}.image_url.url must be a non-empty string", f"{param}.image_url.url")
+    param = f"{param}.image_url.url"
+    if url.startswith("data:"):
+        return parse_data_url(url, param, config.max_image_bytes)
+    if url.startswith(("http://", "https://")):
+        if not config.allow_remote_images:
+            raise bad_request(f"{param}: http(s) image URLs are disabled on this gateway; send the image as a "
+                              "data URL (data:image/png;base64,...)", param, "remote_images_disabled")
+        return RemoteImage(url, param)
+    raise bad_request(f"{param}: expected a data: URL (or http(s) where allowed), got {url[:40]!r}", param)
+
+
+# ---- messages ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Conversation:
+    """The card's chat arguments: question, history [(question, answer)], images in placeholder order."""
+
+    question: str
+    history: list[tuple[str, str]] = field(default_factory=list)
+    images: list[bytes | RemoteImage] = field(default_factory=list)
+
+
+def placeholders(num_images: int) -> str:
+    if num_images == 0:
+        return ""
+    if num_images == 1:
+        return "<image>\n"
+    return "".join(f"Image-{i}: <image>\n" for i in range(1, num_images + 1))
+
+
+def _content(message: Mapping[str, Any], param: str, config: GatewayConfig, *, images_allowed: bool
+             ) -> tuple[str, list[bytes | RemoteImage]]:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content, []
+    if not isinstance(content, list) or not content:
+        raise bad_request(f"{param}.content must be a string or a non-empty list of content parts", f"{param}.content")
+    texts: list[str] = []
+    images: list[bytes | RemoteImage] = []
+    for j, part in enumerate(content):
+        where = f"{param}.content[{j}]"
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url" and images_allowed:
+            images.append(image_ref(part, where, config))
+        elif kind == "image_url":
+            raise bad_request(f"{where}: images are accepted in user messages only", where)
+        else:
+            raise bad_request(f"{where}: unsupported content part {kind!r} (supported: text"
+                              f"{', image_url' if images_allowed else ''})", where)
+    return "\n".join(texts), images
+
+
+def parse_messages(messages: Any, config: GatewayConfig) -> Conversation:
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty list", "messages")
+    turns: list[tuple[str, str, list]] = []  # (role, text, images)
+    for i, message in enumerate(messages):
+        param = f"messages[{i}]"
+        role = message.get("role") if isinstance(message, Mapping) else None
+        if role in ("system", "developer"):
+            if config.system_messages == "ignore":
+                continue
+            raise bad_request(f"{param}: {role} messages are not supported: the model's chat template "
+                              "(internvl_zh) has no system turn (the gateway can drop them: "
+                              "--system-messages ignore)", param, "unsupported_role")
+        if role not in ("user", "assistant"):
+            raise bad_request(f"{param}.role must be 'user' or 'assistant' (or 'system'), got {role!r}", f"{param}.role")
+        expected = "user" if len(turns) % 2 == 0 else "assistant"
+        if role != expected:
+            raise bad_request(f"{param}: messages must alternate user and assistant, starting with user; "
+                              f"expected {expected!r} here, got {role!r}", f"{param}.role")
+        text, images = _content(message, param, config, images_allowed=role == "user")
+        turns.append((role, text, images))
+    if not turns or turns[-1][0] != "user":
+        raise bad_request("the last message must be a user message", "messages")
+    conversation = Conversation(question="")
+    questions = []
+    for role, text, images in turns:
+        if role == "user":
+            questions.append(placeholders(len(images)) + text)
+            conversation.images.extend(images)
+        else:
+            conversation.history.append((questions[-1], text))
+    conversation.question = questions[-1]
+    return conversation
+
+
+# ---- generation -------------------------------------------------------------------------------------
+
+
+def _number(body: Mapping[str, Any], key: str, low: float, high: float) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise bad_request(f"'{key}' must be a number in [{low:g}, {high:g}], got {value!r}", key)
+    return float(value)
+
+
+def _integer(body: Mapping[str, Any], key: str, low: int, high: int) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise bad_request(f"'{key}' must be an integer in [{low}, {high}], got {value!r}", key)
+    return value
+
+
+def _unsupported(body: Mapping[str, Any]) -> None:
+    """Refuse what the server cannot honour rather than silently ignore it."""
+    checks = {
+        "n": lambda v: v in (None, 1),
+        "presence_penalty": lambda v: v in (None, 0, 0.0),
+        "frequency_penalty": lambda v: v in (None, 0, 0.0),
+        "logprobs": lambda v: v in (None, False),
+        "top_logprobs": lambda v: v in (None, 0),
+        "logit_bias": lambda v: not v,
+        "tools": lambda v: not v,
+        "tool_choice": lambda v: v in (None, "none"),
+        "functions": lambda v: not v,
+        "function_call": lambda v: v in (None, "none"),
+        "response_format": lambda v: v is None or (isinstance(v, Mapping) and v.get("type") == "text"),
+        "modalities": lambda v: v in (None, ["text"]),
+        "audio": lambda v: v is None,
+        "prediction": lambda v: v is None,
+        "reasoning_effort": lambda v: v is None,
+    }
+    for key, ok in checks.items():
+        if key in body and not ok(body[key]):
+            raise bad_request(f"'{key}'={body[key]!r} is not supported by this server", key, "unsupported_parameter")
+    known = set(checks) | IGNORED_FIELDS | EXTRA_FIELDS | {
+        "model", "messages", "stream", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed"}
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise bad_request(f"unknown request field(s): {', '.join(unknown)}", unknown[0], "unknown_parameter")
+
+
+def generation_inputs(body: Mapping[str, Any]) -> dict[str, Any]:
+    """OpenAI sampling fields -> contract inputs; fields left out keep the server's defaults (greedy:
+    unlike OpenAI's API, an omitted temperature is the card's do_sample=False, temperature 0)."""
+    out: dict[str, Any] = {}
+    max_tokens = _integer(body, "max_completion_tokens", 1, INT32_MAX)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", 1, INT32_MAX)
+    if max_tokens is not None:
+        out["max_tokens"] = max_tokens
+    temperature = _number(body, "temperature", 0.0, 2.0)
+    if temperature is not None:
+        out["temperature"] = temperature
+    top_p = _number(body, "top_p", 0.0, 1.0)
+    if top_p is not None:
+        if top_p == 0.0:
+            raise bad_request("'top_p' must be in (0, 1]", "top_p")
+        out["top_p"] = top_p
+    seed = _integer(body, "seed", 0, UINT64_MAX)
+    if seed is not None:
+        out["seed"] = seed
+    stop = body.get("stop")
+    if stop is not None:
+        words = [stop] if isinstance(stop, str) else stop
+        if not isinstance(words, list) or not all(isinstance(w, str) and w for w in words):
+            raise bad_request("'stop' must be a non-empty string or a list of them", "stop")
+        if words:
+            out["stop_words"] = words
+    top_k = _integer(body, "top_k", 0, INT32_MAX)
+    if top_k is not None:
+        out["top_k"] = top_k
+    penalty = _number(body, "repetition_penalty", 1e-6, 1e6)
+    if penalty is not None:
+        out["repetition_penalty"] = penalty
+    if body.get("ignore_eos") is not None:
+        if not isinstance(body["ignore_eos"], bool):
+            raise bad_request("'ignore_eos' must be true or false", "ignore_eos")
+        out["ignore_eos"] = body["ignore_eos"]
+    return out
+
+
+# ---- the request ------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompletionRequest:
+    model: str
+    stream: bool
+    include_usage: bool
+    conversation: Conversation
+    generation: dict[str, Any]
+
+    def to_chat_request(self, images: list[bytes]) -> ChatRequest:
+        """The SDK request, once remote images are fetched (`images`: bytes, in conversation order)."""
+        c = self.conversation
+        try:
+            return ChatRequest(question=c.question, images=images, history=list(c.history),
+                               generation=dict(self.generation), stream=self.stream).validate()
+        except (ValueError, TypeError) as e:
+            raise bad_request(str(e)) from None
+
+
+def parse_chat_completion(body: Any, config: GatewayConfig) -> CompletionRequest:
+    """Validate a /v1/chat/completions body; raises GatewayError (400, or 404 for an unknown model)."""
+    if not isinstance(body, Mapping):
+        raise bad_request("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("'model' is required", "model")
+    if model not in config.served_names:
+        raise GatewayError(404, f"The model {model!r} does not exist; this gateway serves {config.model_name!r}",
+                           param="model", code="model_not_found")
+    _unsupported(body)
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise bad_request("'stream' must be true or false", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, Mapping):
+        raise bad_request("'stream_options' must be an object", "stream_options")
+    include_usage = bool(options.get("include_usage", False))
+    return CompletionRequest(model=model, stream=stream, include_usage=stream and include_usage,
+                             conversation=parse_messages(body.get("messages"), config),
+                             generation=generation_inputs(body))
+
+
+# ---- answers ----------------------------------------------------------------------------------------
+
+
+def new_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def usage(num_input_tokens: int | None, num_output_tokens: int | None) -> dict:
+    prompt, completion = int(num_input_tokens or 0), int(num_output_tokens or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def finish_reason(reason: str | None) -> str:
+    return FINISH_REASONS.get(reason or "", "stop")
+
+
+def completion(completion_id: str, model: str, text: str, reason: str | None, num_input_tokens: int | None,
+               num_output_tokens: int | None, created: int | None = None) -> dict:
+    return {
+        "id": completion_id, "object": "chat.completion", "created": created or int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": finish_reason(reason), "logprobs": None}],
+        "usage": usage(num_input_tokens, num_output_tokens),
+    }
+
+
+def chunk(completion_id: str, model: str, created: int, *, delta: dict | None = None,
+          reason: str | None = None, usage_: dict | None = None) -> dict:
+    """One `chat.completion.chunk`; with usage_ it is the usage-only chunk (no choices)."""
+    body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
+    if usage_ is not None:
+        body["choices"] = []
+        body["usage"] = usage_
+    else:
+        body["choices"] = [{"index": 0, "delta": delta or {}, "logprobs": None,
+                            "finish_reason": None if reason is None else finish_reason(reason)}]
+    return body

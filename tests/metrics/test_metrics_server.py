@@ -1,0 +1,184 @@
+"""The internvl_* metrics on a real tritonserver's /metrics (server.metrics_url), under a short load:
+the tokens counter grows by exactly the tokens the clients received, one TTFT per finished request,
+KV blocks and running requests go up during the load and back to 0 after it, the image cache counts
+a resent image as a hit. Also, the deployment files against this server: every metric they use (HPA,
+prometheus-adapter rule, Grafana dashboard) is exported (GPU-only nv_gpu_* aside), and the Docker
+image's NGC release is this server's Triton version."""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import yaml
+
+from internvl_client import Client
+from internvl_serve.serving import metrics as m
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Triton exports these only with a GPU (this server runs on CPU); names from Triton 2.51's metrics docs.
+GPU_ONLY = re.compile(r"^nv_(gpu_|energy_consumption)")
+
+_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+
+
+def scrape(server) -> tuple[dict[str, float], dict[str, str]]:
+    """(value per metric name, summed over its label sets; TYPE per name)."""
+    text = requests.get(server.metrics_url, timeout=10).text
+    values: dict[str, float] = {}
+    types: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()[:4]
+            types[name] = kind
+            continue
+        match = _LINE.match(line)
+        if match:
+            values[match.group(1)] = values.get(match.group(1), 0.0) + float(match.group(3))
+    return values, types
+
+
+def wait_for(server, check, what: str, timeout_s: float = 15.0) -> dict[str, float]:
+    """Scrape until check(values) holds (the llm pushes its metrics every 0.5 s)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        values, _ = scrape(server)
+        if check(values):
+            return values
+        if not server.is_running():
+            pytest.fail(f"tritonserver died; log:\n{server.log_tail(60)}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not seen within {timeout_s:.0f}s; last values: "
+                        f"{ {k: v for k, v in values.items() if k.startswith('internvl_')} }")
+        threading.Event().wait(0.1)
+
+
+def idle(values) -> bool:
+    return values[m.REQUESTS_RUNNING] == 0 and values[m.REQUESTS_WAITING] == 0 and values[m.KV_BLOCKS_USED] == 0
+
+
+def png(seed: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server.grpc_url, timeout=120)
+
+
+def test_every_metric_is_exported_with_its_type(server):
+    values, types = scrape(server)
+    for spec in m.LLM_METRICS + m.VISION_METRICS:
+        assert spec.name in values, f"{spec.name} missing from {server.metrics_url}"
+        assert types[spec.name] == spec.kind
+    assert values[m.KV_BLOCKS_TOTAL] > 0
+    for name in ("nv_inference_request_success", "nv_inference_queue_duration_us",
+                 "nv_inference_pending_request_count"):
+        assert name in values
+
+
+def test_metrics_follow_a_short_load(server, client):
+    before = wait_for(server, idle, "an idle engine")
+    n, max_tokens = 6, 200
+    seen_busy: list[dict] = []
+    results = []
+
+    def one(i):
+        return client.generate(f"Load question {i}", generation_config=dict(max_new_tokens=max_tokens, ignore_eos=True))
+
+    with ThreadPoolExecutor(n) as pool:
+        futures = [pool.submit(one, i) for i in range(n)]
+        while not all(f.done() for f in futures):  # sample the gauges while the load runs
+            values, _ = scrape(server)
+            if values[m.REQUESTS_RUNNING] > 0 and values[m.KV_BLOCKS_USED] > 0:
+                seen_busy.append(values)
+            threading.Event().wait(0.05)
+        results = [f.result() for f in futures]
+    assert all(r.num_output_tokens == max_tokens for r in results)
+    tokens = sum(r.num_output_tokens for r in results)
+
+    def settled(values):
+        return (values[m.GENERATED_TOKENS] - before[m.GENERATED_TOKENS] == tokens
+                and values[m.TTFT_COUNT] - before[m.TTFT_COUNT] == n and idle(values))
+
+    after = wait_for(server, settled, f"{tokens} more tokens, {n} more first tokens, an idle engine")
+    assert seen_busy, "never saw running requests holding KV blocks during the load"
+    busiest = max(seen_busy, key=lambda v: v[m.KV_BLOCKS_USED])
+    assert 1 <= busiest[m.REQUESTS_RUNNING] <= n
+    assert busiest[m.KV_BLOCKS_USED] <= busiest[m.KV_BLOCKS_TOTAL]
+    assert busiest[m.KV_BLOCKS_USED] >= busiest[m.REQUESTS_RUNNING]  # at least one block each
+    assert after[m.ITL_COUNT] - before[m.ITL_COUNT] == tokens - n  # tokens - 1 gaps per request
+    ttft = (after[m.TTFT_SUM] - before[m.TTFT_SUM]) / n
+    itl = (after[m.ITL_SUM] - before[m.ITL_SUM]) / (tokens - n)
+    assert 0 < ttft < 60 and 0 < itl < 10
+    assert after[m.KV_BLOCKS_TOTAL] == before[m.KV_BLOCKS_TOTAL]
+    assert after["nv_inference_request_success"] - before["nv_inference_request_success"] >= n
+
+
+def test_image_cache_counts_a_resent_image_as_a_hit(server, client):
+    image = png(11)
+    before, _ = scrape(server)
+    first = client.generate("What is it?", images=[image], generation_config=dict(max_new_tokens=4))
+    after_first = wait_for(server, lambda v: v[m.IMAGE_CACHE_MISSES] > before[m.IMAGE_CACHE_MISSES], "a miss")
+    assert after_first[m.IMAGE_CACHE_MISSES] - before[m.IMAGE_CACHE_MISSES] == 1  # V1-1: one 448 tile
+    assert after_first[m.IMAGE_CACHE_HITS] == before[m.IMAGE_CACHE_HITS]
+    second = client.generate("What is it?", images=[image], generation_config=dict(max_new_tokens=4))
+    assert second.text == first.text
+    after = wait_for(server, lambda v: v[m.IMAGE_CACHE_HITS] > before[m.IMAGE_CACHE_HITS], "a hit")
+    assert after[m.IMAGE_CACHE_HITS] - before[m.IMAGE_CACHE_HITS] == 1
+    assert after[m.IMAGE_CACHE_MISSES] == after_first[m.IMAGE_CACHE_MISSES]
+
+
+def deployment_metric_names() -> set[str]:
+    """Metric names used by the HPA, the prometheus-adapter rules and the Grafana dashboard."""
+    token = re.compile(r"\b((?:internvl|nv)_[a-z0-9_]+)\b")
+
+    def names_in(query: str) -> set[str]:
+        return set(token.findall(re.sub(r'"[^"]*"', "", query)))  # not label values (model="internvl_chat")
+
+    names: set[str] = set()
+    for path in sorted((REPO_ROOT / "deploy" / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == "HorizontalPodAutoscaler":
+                for metric in doc["spec"]["metrics"]:
+                    key = metric["type"][0].lower() + metric["type"][1:]  # Pods -> pods, External -> external
+                    names.add(metric[key]["metric"]["name"])
+    adapter = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus-adapter" / "values.yaml").read_text())
+    for rule in adapter["rules"]["custom"]:
+        names |= names_in(rule["seriesQuery"]) | names_in(rule["metricsQuery"]) | names_in(rule["name"]["as"])
+    dashboard = json.loads((REPO_ROOT / "deploy" / "grafana" / "internvl.json").read_text())
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            names |= names_in(target["expr"])
+    return names
+
+
+def test_deployment_files_use_exported_metrics(server):
+    values, _ = scrape(server)
+    names = deployment_metric_names()
+    assert {m.REQUESTS_WAITING, m.TTFT_SUM, m.KV_BLOCKS_USED} <= names  # the files were read
+    exported = set(values)
+    missing = sorted(n for n in names if n not in exported and not GPU_ONLY.match(n))
+    assert not missing, f"used by deploy/ but not exported by the server: {missing}"
+
+
+def test_docker_base_image_is_the_server_the_tests_run(server):
+    """docker/Dockerfile's NGC tag must be the release of the Triton version these tests run."""
+    ngc_release_of = {"2.51.0": "24.10"}  # NGC's Triton release notes: 24.10 ships Triton 2.51.0
+    version = requests.get(f"{server.http_url}/v2", timeout=10).json()["version"]
+    bases = re.findall(r"^FROM\s+nvcr\.io/nvidia/tritonserver:(\S+)-py3\b", (REPO_ROOT / "docker" / "Dockerfile")
+                       .read_text(), re.MULTILINE)
+    assert bases == [ngc_release_of[version]], (version, bases)

@@ -1,0 +1,231 @@
+"""internvl_serve.serving.metrics without a server: timing from engine outputs (fake clock), the
+metered EngineThread on a real engine over the FakeRunner, the engine gauges (KV blocks used return
+to 0 while the prefix cache keeps blocks), and the push to a stand-in of pb_utils' custom metrics."""
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from internvl_serve.engine import EngineThread, FakeRunner, LLMEngine, Request, SamplingParams
+from internvl_serve.serving import metrics as m
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def out(rid, tokens=1, finished=False):
+    return SimpleNamespace(request_id=rid, new_token_ids=[7] * tokens, finished=finished)
+
+
+def test_ttft_itl_and_tokens_from_outputs():
+    clock = Clock()
+    g = m.GenerationMetrics(clock)
+    g.start("a")
+    g.start("b")
+    clock.now += 0.5
+    g.observe(out("a"))                      # a: first token after 0.5 s
+    clock.now += 0.1
+    g.observe(out("a"))                      # a: gap 0.1
+    g.observe(out("b"))                      # b: first token after 0.6 s
+    clock.now += 0.3
+    g.observe(out("a", finished=True))       # a: gap 0.3, done
+    g.observe(out("b", tokens=0, finished=True))  # b ends without a new token (an abort)
+    c = g.counters()
+    assert c[m.TTFT_COUNT] == 2 and c[m.TTFT_SUM] == pytest.approx(1.1)
+    assert c[m.ITL_COUNT] == 2 and c[m.ITL_SUM] == pytest.approx(0.4)
+    assert c[m.GENERATED_TOKENS] == 4
+    assert g.num_tracked == 0                # nothing left behind
+
+
+def test_request_without_tokens_has_no_ttft():
+    g = m.GenerationMetrics(Clock())
+    g.start("x")
+    g.observe(out("x", tokens=0, finished=True))
+    assert g.counters()[m.TTFT_COUNT] == 0 and g.num_tracked == 0
+    g.start("refused")
+    g.forget("refused")
+    assert g.num_tracked == 0
+
+
+def make_engine(num_blocks=64, block_size=4):
+    return LLMEngine(FakeRunner(num_blocks=num_blocks, block_size=block_size), eos_token_id=2)
+
+
+def test_metered_thread_counts_every_token_and_request():
+    engine = make_engine()
+    thread = EngineThread(engine)
+    metered = m.MeteredEngineThread(thread, m.GenerationMetrics())
+    finals, done = [], threading.Event()
+    lock = threading.Lock()
+
+    def callback(output):
+        if output.finished:
+            with lock:
+                finals.append(output)
+                if len(finals) == 5:
+                    done.set()
+
+    try:
+        for i in range(5):
+            metered.submit(Request(f"r{i}", [1, 5 + i, 9, 11, 13], sampling=SamplingParams(max_tokens=3 + i)),
+                           callback)
+        assert done.wait(10), "the engine did not finish the requests"
+        c = metered.metrics.counters()
+        assert c[m.GENERATED_TOKENS] == sum(f.num_output_tokens for f in finals) == sum(3 + i for i in range(5))
+        assert c[m.TTFT_COUNT] == 5
+        assert c[m.ITL_COUNT] == sum(2 + i for i in range(5))  # tokens - 1 gaps per request
+        assert metered.metrics.num_tracked == 0
+        with pytest.raises(Exception):  # refused by the engine: not tracked
+            metered.submit(Request("bad", [], sampling=SamplingParams()), callback)
+        assert metered.metrics.num_tracked == 0
+        assert metered.num_unfinished == 0  # everything else is the wrapped thread's
+    finally:
+        metered.shutdown()
+
+
+def test_engine_gauges_count_blocks_held_by_requests_only():
+    engine = make_engine(num_blocks=32, block_size=4)
+    prompt = list(range(3, 3 + 13))  # 3 full blocks + 1 token
+    engine.add_request(Request("a", prompt, sampling=SamplingParams(max_tokens=4)))
+    engine.add_request(Request("b", prompt + [99], sampling=SamplingParams(max_tokens=4)))
+    g = m.engine_gauges(engine)
+    assert (g[m.REQUESTS_WAITING], g[m.REQUESTS_RUNNING], g[m.KV_BLOCKS_USED]) == (2, 0, 0)
+    assert g[m.KV_BLOCKS_TOTAL] == 32
+    engine.step()
+    g = m.engine_gauges(engine)
+    assert g[m.REQUESTS_RUNNING] == 2 and g[m.REQUESTS_WAITING] == 0
+    assert g[m.KV_BLOCKS_USED] == sum(len(s.block_table) for s in engine.scheduler.running) > 0
+    while engine.has_unfinished():
+        engine.step()
+    g = m.engine_gauges(engine)
+    assert engine.allocator.num_cached > 0          # the prefix cache keeps blocks...
+    assert g[m.KV_BLOCKS_USED] == 0                 # ...but no request holds them
+    assert (g[m.REQUESTS_WAITING], g[m.REQUESTS_RUNNING]) == (0, 0)
+
+
+def test_image_cache_counters():
+    assert m.image_cache_counters(SimpleNamespace(cache_hits=3, cache_misses=5)) == {
+        m.IMAGE_CACHE_HITS: 3, m.IMAGE_CACHE_MISSES: 5}
+    assert m.image_cache_counters(object()) == {m.IMAGE_CACHE_HITS: 0, m.IMAGE_CACHE_MISSES: 0}
+
+
+# ---- a stand-in for pb_utils.MetricFamily (the Python backend's custom metrics) -----------------------
+
+
+class FakeMetric:
+    def __init__(self, family, labels):
+        self.family, self.labels, self.value, self.calls = family, labels, 0.0, 0
+
+    def increment(self, value):
+        assert self.family.kind == FakeFamily.COUNTER and value >= 0
+        self.value += value
+        self.calls += 1
+
+    def set(self, value):
+        assert self.family.kind == FakeFamily.GAUGE
+        self.value = value
+        self.calls += 1
+
+
+class FakeFamily:
+    COUNTER, GAUGE = "COUNTER", "GAUGE"
+    created: dict = {}
+
+    def __init__(self, name, description, kind):
+        assert name not in FakeFamily.created, f"family {name} created twice"
+        self.name, self.description, self.kind, self.metrics = name, description, kind, []
+        FakeFamily.created[name] = self
+
+    def Metric(self, labels=None):  # noqa: N802  (pb_utils' spelling)
+        metric = FakeMetric(self, labels)
+        self.metrics.append(metric)
+        return metric
+
+
+@pytest.fixture
+def pb_utils():
+    FakeFamily.created = {}
+    return SimpleNamespace(MetricFamily=FakeFamily)
+
+
+def test_triton_metrics_push_increases_and_gauges(pb_utils):
+    labels = m.model_labels({"model_name": "llm", "model_version": "1", "model_instance_name": "llm_0_0"})
+    t = m.TritonMetrics(pb_utils, m.LLM_METRICS, labels)
+    families = FakeFamily.created
+    assert set(families) == {s.name for s in m.LLM_METRICS}
+    assert families[m.TTFT_SUM].kind == "COUNTER" and families[m.KV_BLOCKS_USED].kind == "GAUGE"
+    assert families[m.TTFT_SUM].metrics[0].labels == {"model": "llm", "version": "1", "model_instance": "llm_0_0"}
+    t.push({m.GENERATED_TOKENS: 10, m.KV_BLOCKS_USED: 4, "unknown": 1})
+    t.push({m.GENERATED_TOKENS: 10, m.KV_BLOCKS_USED: 0})  # no increase: no call
+    t.push({m.GENERATED_TOKENS: 25, m.KV_BLOCKS_USED: 2})
+    tokens = families[m.GENERATED_TOKENS].metrics[0]
+    assert (tokens.value, tokens.calls) == (25, 2)
+    assert families[m.KV_BLOCKS_USED].metrics[0].value == 2
+    t.close()
+    t.push({m.GENERATED_TOKENS: 30})  # closed: nothing happens
+    assert tokens.value == 25
+
+
+def test_llm_exporter_meters_the_service_and_pushes(pb_utils):
+    engine = make_engine()
+    service = SimpleNamespace(engine=engine, thread=EngineThread(engine))
+    exporter = m.LLMExporter(service, pb_utils, {"model_name": "llm"}, interval_s=60)
+    done = threading.Event()
+    try:
+        assert isinstance(service.thread, m.MeteredEngineThread)
+        service.thread.submit(Request("a", [1, 2, 3, 4, 5], sampling=SamplingParams(max_tokens=6)),
+                              lambda o: o.finished and done.set())
+        assert done.wait(10)
+    finally:
+        exporter.close()  # pushes once more
+        service.thread.shutdown()
+    value = {name: f.metrics[0].value for name, f in FakeFamily.created.items()}
+    assert value[m.GENERATED_TOKENS] == 6 and value[m.TTFT_COUNT] == 1 and value[m.ITL_COUNT] == 5
+    assert value[m.KV_BLOCKS_TOTAL] == 64 and value[m.KV_BLOCKS_USED] == 0
+
+
+def test_vision_exporter_never_raises(pb_utils):
+    service = SimpleNamespace(cache_hits=0, cache_misses=2)
+    logged = []
+    exporter = m.VisionExporter(service, pb_utils, {"model_name": "vision"}, log=logged.append)
+    service.cache_hits = 1
+    exporter.update()
+    assert FakeFamily.created[m.IMAGE_CACHE_HITS].metrics[0].value == 1
+    assert FakeFamily.created[m.IMAGE_CACHE_MISSES].metrics[0].value == 2
+    service.cache_hits = "not a number"
+    exporter.update()
+    exporter.update()
+    assert len(logged) == 1 and "ValueError" in logged[0]
+
+
+def test_periodic_push_reports_a_failure_once_and_pushes_on_stop():
+    pushed, logged = [], []
+    state = {"fail": True}
+
+    def read():
+        if state["fail"]:
+            raise RuntimeError("boom")
+        return {"x": 1}
+
+    p = m.PeriodicPush(read, pushed.append, interval_s=60, log=logged.append)  # ticks once at the start
+    p.tick()
+    assert logged == ["metrics: RuntimeError: boom"] and pushed == []
+    state["fail"] = False
+    p.stop()
+    assert pushed == [{"x": 1}]
+
+
+def test_names_are_the_documented_ones():
+    assert set(m.METRIC_NAMES) == {
+        "internvl_time_to_first_token_seconds_sum", "internvl_time_to_first_token_seconds_count",
+        "internvl_inter_token_latency_seconds_sum", "internvl_inter_token_latency_seconds_count",
+        "internvl_requests_waiting", "internvl_requests_running", "internvl_kv_cache_blocks_used",
+        "internvl_kv_cache_blocks_total", "internvl_image_cache_hits_total", "internvl_image_cache_misses_total",
+        "internvl_generated_tokens_total"}
