@@ -14,11 +14,13 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from internvl_serve.checkpoint import load_model  # noqa: E402
+from internvl_serve.model.vision import InternRMSNorm  # noqa: E402
 from internvl_serve.random_weights import make_random_checkpoint  # noqa: E402
 from internvl_serve.tiny import make_tiny_checkpoint  # noqa: E402
 
@@ -59,8 +61,26 @@ def main(argv=None) -> int:
     results = {"device": torch.cuda.get_device_name()}
     pix = {b: torch.randn(b, 3, 448, 448, device="cuda", dtype=torch.bfloat16) for b in (1, 8)}
     with torch.inference_mode():
+        model.float()                                   # the fp32 answer, to judge each bf16 variant
+        ref32 = model(pix[1].float()).float()
+        model.bfloat16()                                # (bf16 -> fp32 -> bf16 is exact)
+
+        def err(out):
+            return float((out.float() - ref32).norm() / ref32.norm())
+
         for b in (1, 8):
             results[f"eager_ms_per_image_b{b}"] = cuda_ms(lambda: model(pix[b])) / b
+        results["eager_rel_err_vs_fp32_b1"] = err(model(pix[1]))
+        original = InternRMSNorm.forward
+
+        def fused(self, x):  # the same math through one fused kernel
+            return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+        InternRMSNorm.forward = fused
+        for b in (1, 8):
+            results[f"fused_norm_ms_per_image_b{b}"] = cuda_ms(lambda: model(pix[b])) / b
+        results["fused_norm_rel_err_vs_fp32_b1"] = err(model(pix[1]))
+        InternRMSNorm.forward = original
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             model(pix[8])
             torch.cuda.synchronize()
@@ -78,6 +98,7 @@ def main(argv=None) -> int:
         results["compiled_rel_err_b8"] = float((out - ref).norm() / ref.norm())
         for b in (1, 8):
             results[f"compiled_ms_per_image_b{b}"] = cuda_ms(lambda: model(pix[b])) / b
+        results["compiled_rel_err_vs_fp32_b1"] = err(model(pix[1]))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "vision_speed.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

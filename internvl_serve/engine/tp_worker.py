@@ -65,20 +65,27 @@ class WorkerGroup:
             self.on_failure(f"tensor-parallel worker rank {rank} (pid {p.pid}) exited with code {code}")
 
     def close(self, runner=None, timeout_s: float = 30.0) -> None:
-        """Send stop through the runner (if given), wait for the workers, kill the stragglers."""
+        """Send stop through the runner (if given), wait for the workers, kill the stragglers. Without
+        a runner (rank 0 failed before building it) the workers wait in a collective forever: kill them."""
         self._closing.set()
         if runner is not None:
             try:
                 runner.stop_workers()
             except Exception:
-                pass
+                runner = None
+        if runner is None:
+            timeout_s = min(timeout_s, 5.0)
+        # Leave the group alongside the workers (NCCL's communicator teardown can wait for its peers),
+        # in a thread, so that a peer that never arrives cannot hang the caller.
+        leaving = threading.Thread(target=self.tp.destroy, name="tp-destroy", daemon=True)
+        leaving.start()
         for p in self.processes:
             try:
                 p.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        self.tp.destroy()
+        leaving.join(timeout=timeout_s)
 
 
 def start_workers(checkpoint: str | Path, *, devices: list[str], dtype: str, runner_options: dict,

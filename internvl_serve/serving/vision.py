@@ -14,7 +14,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -112,6 +112,7 @@ class VisionOptions:
     device: str = "auto"
     max_images_per_forward: int = 32
     image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB  # 0 disables the embedding cache
+    compile: str = "auto"  # torch.compile each ViT block: auto (on CUDA) | true | false
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> "VisionOptions":
@@ -119,6 +120,10 @@ class VisionOptions:
         values: dict = {}
         if "device" in raw:
             values["device"] = raw["device"]
+        if "compile" in raw:
+            if raw["compile"].lower() not in ("auto", "true", "false"):
+                raise ValueError(f"vision parameter 'compile': {raw['compile']!r} is not auto, true or false")
+            values["compile"] = raw["compile"].lower()
         checks = {"max_images_per_forward": (int, lambda v: v >= 1, "an integer >= 1"),
                   "image_cache_mb": (float, lambda v: math.isfinite(v) and v >= 0, "a number of MiB >= 0")}
         for name, (kind, ok, what) in checks.items():
@@ -139,7 +144,8 @@ class VisionService:
 
     def __init__(self, checkpoint: str | Path, *, device: str = "auto", dtype: torch.dtype | None = None,
                  max_images_per_forward: int = 32, image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
-                 image_cache_entries: int | None = None):
+                 image_cache_entries: int | None = None, compile: str = "auto",
+                 log: Callable[[str], None] | None = None):
         self.device = resolve_device(device)
         self.dtype = dtype or default_dtype(self.device)
         self.config = InternVLChatConfig.from_pretrained(checkpoint)
@@ -149,12 +155,37 @@ class VisionService:
         self.num_image_token = self.config.num_image_token
         self.hidden_size = self.config.llm_config.hidden_size
         self.cache = EmbeddingCache(int(image_cache_mb * 2**20), image_cache_entries)
+        self.compiled = False
+        if compile == "true" or (compile == "auto" and self.device.type == "cuda"):
+            self.compiled = self._compile_blocks(log or (lambda message: None))
 
     @classmethod
-    def from_parameters(cls, checkpoint: str | Path, parameters: Mapping[str, str]) -> "VisionService":
+    def from_parameters(cls, checkpoint: str | Path, parameters: Mapping[str, str],
+                        log: Callable[[str], None] | None = None) -> "VisionService":
         o = VisionOptions.from_parameters(parameters)
         return cls(checkpoint, device=o.device, max_images_per_forward=o.max_images_per_forward,
-                   image_cache_mb=o.image_cache_mb)
+                   image_cache_mb=o.image_cache_mb, compile=o.compile, log=log)
+
+    @torch.inference_mode()
+    def _compile_blocks(self, log: Callable[[str], None]) -> bool:
+        """torch.compile each ViT block (one compiled graph serves all 45: the blocks share their code)
+        and compile now, for one image and for a dynamic batch, so no request waits for it. Inductor
+        fuses the fp32 RMSNorms, layer scales and residuals that eager runs as separate kernels
+        (H200, batch 8: 28.7 -> 22.0 ms per image; closer to fp32 than eager bf16, bench/vision_speed.py).
+        Falls back to eager, with a log line, if compiling fails."""
+        layers = self.encoder.vision_model.encoder.layers
+        size = self.config.vision_config.image_size
+        try:
+            for layer in layers:
+                layer.compile()
+            for batch in (1, 3):
+                self.encoder(torch.zeros(batch, 3, size, size, device=self.device, dtype=self.dtype))
+            return True
+        except Exception as e:  # noqa: BLE001 - eager is always correct
+            for layer in layers:
+                layer._compiled_call_impl = None
+            log(f"vision: torch.compile failed, running eagerly: {type(e).__name__}: {e}")
+            return False
 
     # the counters another module exports as metrics
     @property

@@ -17,21 +17,23 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")]
 
 
-def test_two_gpus_give_the_tokens_of_one(checkpoint):  # noqa: F811
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graphs"])
+def test_two_gpus_give_the_tokens_of_one(checkpoint, graphs):  # noqa: F811
+    options = dict(OPTIONS, cuda_graphs=graphs)
     config = InternVLChatConfig.from_pretrained(checkpoint)
     state_dict = load_state_dict(checkpoint, prefixes=("language_model.",), dtype=torch.float32, device="cuda:0",
                                  progress=False)
     reqs = requests(config)
-    single_runner = ModelRunner(config, state_dict, device="cuda:0", dtype=torch.float32, **OPTIONS)
-    assert single_runner.decode_graphs is not None
+    single_runner = ModelRunner(config, state_dict, device="cuda:0", dtype=torch.float32, **options)
+    assert (single_runner.decode_graphs is not None) == graphs
     single = generate(single_runner, reqs)
     del single_runner
-    group = start_workers(checkpoint, devices=["cuda:0", "cuda:1"], dtype="float32", runner_options=OPTIONS,
+    group = start_workers(checkpoint, devices=["cuda:0", "cuda:1"], dtype="float32", runner_options=options,
                           timeout_s=300)
     runner = None
     try:
-        runner = ModelRunner(config, state_dict, device="cuda:0", dtype=torch.float32, tp=group.tp, **OPTIONS)
-        assert runner.decode_graphs is not None
+        runner = ModelRunner(config, state_dict, device="cuda:0", dtype=torch.float32, tp=group.tp, **options)
+        assert (runner.decode_graphs is not None) == graphs
         parallel = generate(runner, reqs)
     finally:
         group.close(runner, timeout_s=120)

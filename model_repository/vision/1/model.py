@@ -23,8 +23,9 @@ class TritonPythonModel:
     def initialize(self, args):
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
         params["device"] = instance_device(args, params.get("device", "auto"))  # KIND_GPU: the instance's GPU
-        self.service = VisionService.from_parameters(os.environ["INTERNVL_CHECKPOINT"], params)
-        pb_utils.Logger.log_info(f"vision: {self.service.device} {self.service.dtype}")
+        self.service = VisionService.from_parameters(os.environ["INTERNVL_CHECKPOINT"], params,
+                                                    log=pb_utils.Logger.log_warn)
+        pb_utils.Logger.log_info(f"vision: {self.service.device} {self.service.dtype}; compiled blocks: {self.service.compiled}")
         # internvl_image_cache_* counters on Triton's /metrics (docs/metrics.md)
         self.metrics = VisionExporter(self.service, pb_utils, args, log=pb_utils.Logger.log_warn)
 
