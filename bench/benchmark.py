@@ -449,8 +449,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     tiny = make_tiny_checkpoint(args.work / "tiny")
     ckpt = make_random_checkpoint(args.work / "v1-1-random", tokenizer_from=tiny)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip() or os.environ.get("BENCH_COMMIT", "unknown")
+    commit = os.environ.get("BENCH_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip() or "unknown"
     results = {"device": torch.cuda.get_device_name(), "date": dt.date.today().isoformat(), "commit": commit,
                "new_tokens": NEW_TOKENS, "question": QUESTION,
                "images": "distinct" if args.distinct_images else "same"}

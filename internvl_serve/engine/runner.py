@@ -314,6 +314,8 @@ class ModelRunner:
         if self.channel is not None and self.tp.rank == 0:
             self.channel.send_stop()
             self.channel = None
+            if self.device.type == "cuda":  # the stop has reached the workers before anyone leaves the group
+                torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[int | None]:

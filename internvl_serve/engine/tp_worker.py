@@ -148,6 +148,13 @@ def main(argv=None) -> int:
                          **json.loads(args.runner_options))
     del state_dict
     runner.serve_steps()
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        # Exit without destroying the NCCL communicator: the captured decode graphs reference it, and
+        # its teardown can wait on peers; the process exit releases everything.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     tp.destroy()
     return 0
 
