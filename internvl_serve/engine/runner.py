@@ -91,6 +91,8 @@ class ModelRunner:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
+        if self.device.type == "cuda":  # Triton kernels launch on the current device
+            torch.cuda.set_device(self.device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.args = LlamaArgs.from_config(config)
         self.config = config

@@ -76,16 +76,21 @@ class WorkerGroup:
         if runner is None:
             timeout_s = min(timeout_s, 5.0)
         # Leave the group alongside the workers (NCCL's communicator teardown can wait for its peers),
-        # in a thread, so that a peer that never arrives cannot hang the caller.
-        leaving = threading.Thread(target=self.tp.destroy, name="tp-destroy", daemon=True)
-        leaving.start()
+        # in a thread, so that a peer that never arrives cannot hang the caller. Not at all when CUDA
+        # graphs captured the communicator's collectives: that teardown hangs (seen on 2 H200s), and
+        # the process that owns it is about to end (the Triton stub's finalize).
+        leaving = None
+        if runner is None or getattr(runner, "decode_graphs", None) is None:
+            leaving = threading.Thread(target=self.tp.destroy, name="tp-destroy", daemon=True)
+            leaving.start()
         for p in self.processes:
             try:
                 p.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        leaving.join(timeout=timeout_s)
+        if leaving is not None:
+            leaving.join(timeout=10)
 
 
 def start_workers(checkpoint: str | Path, *, devices: list[str], dtype: str, runner_options: dict,

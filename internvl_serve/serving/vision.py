@@ -147,6 +147,8 @@ class VisionService:
                  image_cache_entries: int | None = None, compile: str = "auto",
                  log: Callable[[str], None] | None = None):
         self.device = resolve_device(device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # compiled (Triton) kernels launch on the current device
         self.dtype = dtype or default_dtype(self.device)
         self.config = InternVLChatConfig.from_pretrained(checkpoint)
         self.encoder = load_model(checkpoint, dtype=self.dtype, device=self.device, parts=("vision",),
