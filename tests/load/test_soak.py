@@ -1,0 +1,74 @@
+"""loadtest/soak.py against a server started by `python -m internvl_serve.serving.launcher` (the
+documented way), found by its pid: a short soak must end without errors and record the server's RSS."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loadtest_helpers import REPO_ROOT, run_tool
+from procstats import process_tree
+
+from internvl_serve.serving.launcher import free_port
+
+
+@pytest.fixture(scope="module")
+def launched(tiny_checkpoint, tmp_path_factory):
+    """The launcher CLI serving the tiny checkpoint: (gRPC url, tritonserver pid). Stopped with Ctrl-C."""
+    log = tmp_path_factory.mktemp("launcher") / "server.log"
+    grpc_port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "internvl_serve.serving.launcher", "--checkpoint", str(tiny_checkpoint),
+         "--grpc-port", str(grpc_port), "--http-port", str(free_port()), "--metrics-port", str(free_port()),
+         "--log-file", str(log), "--exit-timeout-secs", "5", "--ready-timeout", "300"],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+        start_new_session=True)
+    try:
+        lines = []
+        for line in proc.stdout:  # ends at the ready line, or at EOF if the launcher exits
+            lines.append(line)
+            if line.startswith("launcher: ready"):
+                break
+        assert proc.poll() is None, "".join(lines)
+        servers = [pid for pid in process_tree(proc.pid) if Path(f"/proc/{pid}/comm").read_text().strip() == "tritonserver"]
+        assert len(servers) == 1, servers
+        yield f"127.0.0.1:{grpc_port}", servers[0]
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def test_short_soak_against_the_launcher(launched, tmp_path):
+    url, server_pid = launched
+    out = tmp_path / "soak"
+    run = run_tool(["loadtest/soak.py", "--url", url, "--server-pid", str(server_pid), "--streams", "4",
+                    "--duration", "10s", "--interval", "2s", "--max-new-tokens", "8", "--num-segments", "2",
+                    "--num-images", "4", "--video-frames", "4", "--out", str(out)], timeout_s=120)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    with open(out / "soak.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5, rows  # 10 s in rows of 2 s
+    assert all(int(r["errors"]) == 0 for r in rows)
+    assert sum(int(r["requests"]) for r in rows) > 0 and sum(float(r["output_tokens_per_s"]) for r in rows) > 0
+    # tritonserver and its Python backend stubs (preprocess x2, vision, llm)
+    assert all(float(r["server_rss_mib"]) > 0 and int(r["server_processes"]) >= 2 for r in rows), rows
+    data = json.loads((out / "soak.json").read_text())
+    summary = data["summary"]
+    assert summary["ok"] and summary["errors"] == 0 and summary["server_alive"] is True
+    assert summary["requests"] >= sum(int(r["requests"]) for r in rows)
+    assert summary["server_rss_mib"]["min"] > 0 and len(data["rows"]) == 5
+    assert data["settings"]["server_pid"] == server_pid
+    report = (out / "soak.md").read_text()
+    assert report.startswith("# Soak: OK") and "server RSS" in report
