@@ -23,6 +23,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import warnings
 from typing import NamedTuple, Sequence
 
@@ -94,7 +95,8 @@ def load_preprocessor_config(folder: str | os.PathLike) -> PreprocessorConfig:
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Encoded image bytes -> an RGB PIL image (`.convert('RGB')`, GIF: first frame).
+    """Encoded image bytes -> an RGB PIL image (`.convert('RGB')`; an animated GIF, PNG or WebP: its
+    first frame, as the card's PIL `Image.open(...).convert('RGB')` does).
 
     Raises InvalidImage for empty, non-image, unsupported, corrupt or truncated data and for images
     above max_pixels (checked from the header, before any pixel is decoded).
@@ -108,8 +110,12 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             img = Image.open(io.BytesIO(bytes(data)), formats=ALLOWED_FORMATS)
-        except Image.DecompressionBombError as e:
-            raise InvalidImage(f"image is too large to decode ({e})") from None
+        except Image.DecompressionBombError as e:  # PIL's own check (2 * MAX_IMAGE_PIXELS), from the header
+            size = re.search(r"\((\d+) pixels\)", str(e))
+            pixels = int(size.group(1)) if size else 0
+            limit = max_pixels if pixels > max_pixels or not pixels else 2 * (Image.MAX_IMAGE_PIXELS or 0)
+            raise InvalidImage(f"image header says {pixels or 'too many'} pixels, above the limit of {limit} "
+                               f"pixels (nothing was decoded)") from None
         except UnidentifiedImageError:
             raise InvalidImage(f"image data is not a supported image ({len(data)} bytes; supported formats: "
                                f"{', '.join(ALLOWED_FORMATS)})") from None

@@ -22,7 +22,8 @@ import grpc
 import tritonclient.grpc.aio as aiogrpcclient
 
 from .client import DEFAULT_TIMEOUT, DEFAULT_URL, STREAM_HEADERS
-from .errors import InternVLError, ServerUnavailableError, from_grpc_status
+from .cancel import CANCEL_TIMEOUT_S, send_cancel_async
+from .errors import InternVLError, RequestTimeoutError, ServerUnavailableError, from_grpc_status
 from .media import ImageLike, VideoLike
 from .request import (
     MODEL_NAME,
@@ -112,6 +113,7 @@ class AsyncClient:
         self._verbose = verbose
         self._tc: aiogrpcclient.InferenceServerClient | None = None
         self._closed = False
+        self._cancels: set[asyncio.Task] = set()  # cancellation requests in flight (cancel.py)
 
     def _client(self) -> aiogrpcclient.InferenceServerClient:
         # Created on first use, inside the running event loop that will use the channel.
@@ -196,6 +198,8 @@ class AsyncClient:
 
     async def close(self) -> None:
         self._closed = True
+        if self._cancels:  # let the cancellation requests reach the server first
+            await asyncio.wait(list(self._cancels), timeout=CANCEL_TIMEOUT_S)
         if self._tc is not None:
             await self._tc.close()
             self._tc = None
@@ -219,19 +223,24 @@ class AsyncClient:
             responses = self._client().stream_infer(
                 one_request(), stream_timeout=self.timeout, headers=STREAM_HEADERS
             )
-            ended = False
+            ended = failed = False
             try:
                 try:
                     async for result, error in responses:
                         if error is not None:
-                            raise from_grpc_status(error.status(), error.message() or "", url=self.url)
+                            exc = from_grpc_status(error.status(), error.message() or "", url=self.url)
+                            # the server ended the request, or cannot be reached; a deadline only ends our wait
+                            failed = not isinstance(exc, RequestTimeoutError)
+                            raise exc
                         chunk = assembler.add(result.get_response())
                         # No final flag here (module docstring): the answer's last response is the one
                         # with a finish_reason; the stream ends right after it.
                         chunk.final = chunk.final or bool(chunk.finish_reason)
                         yield chunk
                 except grpc.aio.AioRpcError as rpc_error:
-                    raise from_grpc_status(rpc_error.code().name, rpc_error.details() or "", url=self.url) from None
+                    exc = from_grpc_status(rpc_error.code().name, rpc_error.details() or "", url=self.url)
+                    failed = not isinstance(exc, RequestTimeoutError)
+                    raise exc from None
                 ended = True
                 tail = assembler.add_end()
                 if tail.text:
@@ -246,3 +255,11 @@ class AsyncClient:
             finally:
                 if not ended:
                     responses.cancel()  # cancels the gRPC call: Triton cancels the request
+                    if not failed:  # left early: abort it in the running llm step too (cancel.py)
+                        try:
+                            task = asyncio.get_running_loop().create_task(
+                                send_cancel_async(self._client(), request_id))
+                            self._cancels.add(task)
+                            task.add_done_callback(self._cancels.discard)
+                        except (RuntimeError, InternVLError):  # no loop any more, or the client is closed
+                            pass

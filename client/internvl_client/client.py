@@ -24,7 +24,8 @@ from typing import Any
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from .errors import InternVLError, ServerUnavailableError, from_grpc_status
+from .cancel import send_cancel
+from .errors import InternVLError, RequestTimeoutError, ServerUnavailableError, from_grpc_status
 from .media import ImageLike, VideoLike
 from .request import (
     MODEL_NAME,
@@ -254,7 +255,7 @@ class Client:
             box[:] = [assembler]
             responses: queue.SimpleQueue = queue.SimpleQueue()
             tc = self._acquire()
-            finished = False
+            finished = failed = False
             try:
                 tc.start_stream(
                     callback=lambda result, error: responses.put((result, error)),
@@ -270,7 +271,10 @@ class Client:
                 while not finished:
                     result, error = self._next_response(responses, tc)
                     if error is not None:
-                        raise from_grpc_status(error.status(), error.message() or "", url=self.url)
+                        exc = from_grpc_status(error.status(), error.message() or "", url=self.url)
+                        # the server ended the request, or cannot be reached; a deadline only ends our wait
+                        failed = not isinstance(exc, RequestTimeoutError)
+                        raise exc
                     chunk = assembler.add(result.get_response())
                     finished = chunk.final
                     yield chunk
@@ -286,6 +290,8 @@ class Client:
                 # exception, KeyboardInterrupt) cancel the RPC: Triton cancels the request.
                 tc.stop_stream(cancel_requests=not finished)
                 self._release(tc)
+                if not finished and not failed:  # left early: abort it in the running llm step too
+                    send_cancel(self.url, request_id, ssl=self._ssl)
 
     @staticmethod
     def _next_response(responses: queue.SimpleQueue, tc: grpcclient.InferenceServerClient) -> tuple:

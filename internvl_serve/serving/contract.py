@@ -4,7 +4,7 @@ Owns: the tensor table (names, Triton datatypes, dims, defaults, meaning) that t
 the README and clients read; `ServingLimits` (request size limits, overridable from config.pbtxt
 `parameters`); turning a dict of numpy arrays (what an adapter pulls out of a Triton request) into a
 typed `ChatRequest` / `GenerationRequest`, raising `InvalidInput` with a message that names the tensor
-and says what is allowed; and the numpy form of a response. Does not own: the prompt rules (prompt.py),
+and says what is allowed; refusing request parameters (the contract has none); and the numpy form of a response. Does not own: the prompt rules (prompt.py),
 image decoding (imageproc.py), sampling-parameter ranges (engine/sampling.py validates them; their
 errors are re-raised here naming the tensor), or anything that imports Triton or torch.
 
@@ -116,6 +116,12 @@ FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
 SPECS: dict[str, TensorSpec] = {s.name: s for s in ENSEMBLE_INPUTS + OUTPUTS}
 
+# Required by the contract, but declared `optional: true` in the internvl_chat and preprocess configs so
+# that preprocess refuses a request without it by name. Triton 2.51 only counts a request's inputs
+# against the required ones, and an ensemble that lacks one of its required inputs runs no step at all:
+# the client would get an empty final response instead of an error.
+DECLARED_OPTIONAL: tuple[str, ...] = ("text_input",)
+
 
 def contract_table_markdown() -> str:
     """The ensemble's inputs and outputs as a Markdown table (the README's)."""
@@ -149,6 +155,8 @@ class ServingLimits:
     max_question_bytes: int = 32 * 1024
     max_history_bytes: int = 256 * 1024
     max_stop_words: int = 16
+    max_request_bytes: int = 64 * 1024 * 1024  # all images (decoded from data URLs) + the video of one request
+    max_output_tokens: int = 4096  # the largest max_tokens accepted (V1-1's context window)
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> "ServingLimits":
@@ -353,6 +361,10 @@ def parse_chat_request(inputs: Mapping[str, np.ndarray], limits: ServingLimits =
     question = _parse_question(inputs, limits)
     images = _parse_images(inputs, limits)
     video = _parse_video(inputs, limits)
+    media_bytes = sum(len(i) for i in images) + len(video or b"")
+    if media_bytes > limits.max_request_bytes:
+        raise InvalidInput(f"the request's images and video are {media_bytes} bytes in total; "
+                           f"at most {limits.max_request_bytes} allowed")
     num_segments = int(_scalar(inputs, SPECS["num_segments"]))
     if video is not None:
         if images:
@@ -402,6 +414,8 @@ def parse_generation_request(inputs: Mapping[str, np.ndarray],
         kwargs["ignore_eos"] = bool(values["ignore_eos"])
     elif values["ignore_eos"]:
         raise InvalidInput("input 'ignore_eos' is not supported by this engine")
+    if kwargs["max_tokens"] > limits.max_output_tokens:
+        raise InvalidInput(f"input 'max_tokens' is {kwargs['max_tokens']}; at most {limits.max_output_tokens} allowed")
     try:
         sampling = SamplingParams(**kwargs)
         sampling.validate()
@@ -411,6 +425,34 @@ def parse_generation_request(inputs: Mapping[str, np.ndarray],
         tensor = _SAMPLING_TENSOR.get(field_name.group(0)) if field_name else None
         raise InvalidInput(f"input '{tensor}': {message}" if tensor else message) from None
     return GenerationRequest(sampling=sampling, stream=stream, exclude_input_in_output=exclude_input)
+
+
+# ---- request parameters ---------------------------------------------------------------------------
+
+
+def check_request_parameters(parameters: str | Mapping[str, Any] | None) -> None:
+    """Refuse request parameters (what the Python backend's `request.parameters()` returns, JSON).
+
+    The contract has none: every setting is an input tensor. Triton passes a request's parameters through
+    untouched (its own, `triton_*`, `priority`, `timeout`, `sequence_*`, are taken out before), and HTTP
+    `/generate` turns every JSON key that is not an input into one, so a misspelt setting such as
+    `"max_token": 16` would otherwise be ignored silently."""
+    if not parameters:
+        return
+    if isinstance(parameters, str):
+        try:
+            parameters = json.loads(parameters)
+        except json.JSONDecodeError:
+            raise InvalidInput("the request's parameters are not valid JSON") from None
+    names = sorted(str(k) for k in parameters)
+    if not names:
+        return
+    as_inputs = [n for n in names if n in SPECS]
+    if as_inputs:
+        raise InvalidInput(f"request parameter(s) {', '.join(repr(n) for n in as_inputs)} must be sent as input "
+                           f"tensors, not as request parameters")
+    raise InvalidInput(f"unknown request parameter(s) {', '.join(repr(n) for n in names)}: this model takes no "
+                       f"request parameters; its settings are the inputs {', '.join(s.name for s in GENERATION_INPUTS)}")
 
 
 # ---- the llm model's request ----------------------------------------------------------------------
@@ -448,3 +490,27 @@ def response_arrays(text: str, finish_reason: str, num_input_tokens: int, num_ou
         "num_input_tokens": np.array([num_input_tokens], dtype=np.int32),
         "num_output_tokens": np.array([num_output_tokens], dtype=np.int32),
     }
+
+
+# ---- the cancellation side channel of the llm model ---------------------------------------------------
+
+CANCEL_INPUT = "cancel_request_id"  # BYTES [1]: a request to the llm model that aborts another (llm.py)
+
+
+def cancel_request_id(array: np.ndarray) -> str:
+    """The id in a cancellation request's `cancel_request_id` tensor (one UTF-8 string)."""
+    array = np.asarray(array)
+    if array.size != 1 or array.dtype != object:
+        raise InvalidInput(f"input '{CANCEL_INPUT}' must be one BYTES string, got shape {list(array.shape)}")
+    value = array.reshape(-1)[0]
+    text = _as_text(CANCEL_INPUT, value)
+    if not text.strip():
+        raise InvalidInput(f"input '{CANCEL_INPUT}' is empty")
+    return text
+
+
+CANCEL = TensorSpec(CANCEL_INPUT, "BYTES", (1,), optional=True,
+                    doc="llm model only: abort the running request sent with this request id")
+# The llm model's inputs. Triton sees all of them as optional, so that a request holding only
+# cancel_request_id passes; parse_llm_request names a missing required one.
+LLM_INPUTS: tuple[TensorSpec, ...] = (INPUT_IDS, IMAGE_EMBEDS, CHAT_INPUTS[0], *GENERATION_INPUTS, CANCEL)

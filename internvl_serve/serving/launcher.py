@@ -6,11 +6,13 @@ Owns: finding `tritonserver` and its Python backend in the installed wheel; prep
 Python backend needs (the venv's `bin/` first on PATH so the stub embeds this interpreter,
 LD_LIBRARY_PATH with libpython's folder and the wheel's bundled libraries, INTERNVL_CHECKPOINT for the
 models); production flags; waiting for readiness (failing fast, with the log's tail, if the server
-dies); stopping it (SIGTERM, then SIGKILL of its process group). Does not own: the models (the
-repository's adapters) or any client.
+dies); stopping it (SIGTERM, then SIGKILL of its process group, also when tritonserver hangs on its
+way out); hardening (admin APIs behind a key, a watchdog for dead Python stubs: docs/serving.md
+"Hardening and limits"). Does not own: the models (the repository's adapters) or any client.
 
 CLI:  python -m internvl_serve.serving.launcher [--checkpoint DIR] [--host 127.0.0.1] [--grpc-port 8001]
       [--http-port 8000] [--metrics-port 8002] [--log-verbose N] [--model-repository DIR]
+      [--admin-key KEY] [--on-stub-death exit|ignore] [--kill-grace-secs 15]   (exit code 3: a stub died)
 API:  with TritonServer(checkpoint=..., grpc_port=None) as server: server.grpc_url ...  (None: a free port)
 """
 from __future__ import annotations
@@ -19,6 +21,8 @@ import argparse
 import importlib.metadata
 import importlib.util
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -37,6 +41,14 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "tiny"
 CHECKPOINT_ENV = "INTERNVL_CHECKPOINT"  # read by the models' initialize()
+# Triton APIs a client of the chat never needs and an attacker could misuse (register shared memory the
+# server then reads and writes, turn on verbose logs or traces, list the repository): only requests with
+# the header ADMIN_HEADER: <admin key> may call them.
+ADMIN_APIS = ("model-repository", "shared-memory", "logging", "trace")
+ADMIN_HEADER = "admin-key"  # HTTP; gRPC metadata key: ADMIN_GRPC_HEADER (Triton adds its prefix)
+ADMIN_GRPC_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER
+ADMIN_KEY_ENV = "INTERNVL_ADMIN_KEY"
+STUB_NAME = "triton_python_backend_stub"
 
 
 class LaunchError(RuntimeError):
@@ -154,6 +166,28 @@ def ensure_default_checkpoint(path: Path = DEFAULT_CHECKPOINT) -> Path:
     return make_tiny_checkpoint(path, fmt="bin", seed=0)
 
 
+def python_stubs(server_pid: int) -> dict[int, str]:
+    """The live Python backend stubs tritonserver `server_pid` started: pid -> model instance name
+    ('preprocess_0_1'). Read from /proc; zombies (dead, not reaped yet) are left out."""
+    stubs = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                state, ppid = f.read().rsplit(b")", 1)[1].split()[:2]
+            if int(ppid) != server_pid or state == b"Z":
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = [a.decode("utf-8", "replace") for a in f.read().split(b"\0")]
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if argv and Path(argv[0]).name == STUB_NAME:
+            # argv: stub, model.py, shm region, shm sizes (2), parent pid, backend dir, ipc size, instance name
+            stubs[int(entry)] = argv[8] if len(argv) > 8 and argv[8] else Path(argv[1]).parents[1].name
+    return stubs
+
+
 def _kill_group(leader: subprocess.Popen, timeout_s: float = 10.0) -> None:
     """SIGKILL every process of the leader's group and wait (bounded) until none is left."""
     deadline = time.monotonic() + timeout_s
@@ -178,7 +212,8 @@ class TritonServer:
                  metrics_port: int | None = None, log_verbose: int = 0, log_file: str | Path | None = None,
                  exit_timeout_s: int = 30, ready_timeout_s: float = 900.0,
                  tritonserver: str | Path | None = None, backend_directory: str | Path | None = None,
-                 extra_args: tuple[str, ...] = (), layout=None):
+                 extra_args: tuple[str, ...] = (), layout=None, admin_key: str | None = None,
+                 on_stub_death: str = "ignore", kill_grace_s: float = 15.0):
         self.checkpoint = Path(checkpoint).resolve()
         self.model_repository = Path(model_repository).resolve()
         self.host = host
@@ -195,6 +230,19 @@ class TritonServer:
         self._generated: Path | None = None
         self._proc: subprocess.Popen | None = None
         self._log = None
+        # hardening. admin_key: the value of the ADMIN_HEADER header that opens ADMIN_APIS (None: a random
+        # one, so they are closed). on_stub_death: "exit" stops the server when a Python stub dies
+        # (Triton 2.51 neither restarts it nor marks its model unready). kill_grace_s: seconds after
+        # exit_timeout_s before a server that has not exited is killed.
+        if admin_key is not None and not re.fullmatch(r"[A-Za-z0-9_.~+/-]{16,}", admin_key):
+            raise LaunchError("the admin key must be at least 16 characters of A-Z a-z 0-9 _ . ~ + / -")
+        if on_stub_death not in ("ignore", "exit"):
+            raise LaunchError(f"on_stub_death must be 'ignore' or 'exit', got {on_stub_death!r}")
+        self.admin_key = admin_key or secrets.token_urlsafe(24)
+        self.on_stub_death = on_stub_death
+        self.kill_grace_s = kill_grace_s
+        self.stub_failure: str | None = None  # the instance(s) whose stub died, when the watchdog acted
+        self._stopping = threading.Event()
 
     # -- addresses
     @property
@@ -235,6 +283,10 @@ class TritonServer:
             "--backend-config=python,shm-default-byte-size=33554432",
             "--backend-config=python,shm-growth-byte-size=33554432",
             f"--log-verbose={self.log_verbose}",
+            # hardening: admin APIs only with the key; no SageMaker / Vertex AI frontends
+            f"--http-restricted-api={','.join(ADMIN_APIS)}:{ADMIN_HEADER}={self.admin_key}",
+            f"--grpc-restricted-protocol={','.join(ADMIN_APIS)}:{ADMIN_HEADER}={self.admin_key}",
+            "--allow-sagemaker=false", "--allow-vertex-ai=false",
             *self.extra_args,
         ]
 
@@ -262,10 +314,12 @@ class TritonServer:
             self.ports = {k: v if v is not None else free_port(self.host if self.host else "127.0.0.1")
                           for k, v in self._ports.items()}
             self._log = open(self.log_file, "ab")
+            self._stopping.clear()
             self._proc = subprocess.Popen(self.command(install), stdout=self._log, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, env=env, start_new_session=True)
             try:
                 self.wait_ready()
+                self._start_watchdog()
                 return self
             except LaunchError:
                 lost_port_race = "already in use" in self.log_tail(200) and None in self._ports.values()
@@ -316,8 +370,57 @@ class TritonServer:
         if self.is_running():
             self._proc.send_signal(signal.SIGTERM)
 
+    def shutdown(self) -> None:
+        """terminate(), and SIGKILL the process group if tritonserver is still there kill_grace_s after
+        its exit timeout: with decoupled streams in flight Triton 2.51 can crash and hang on its way
+        out (SIGSEGV after "Exit timeout expired"), holding its clients' connections open."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        self._stopping.set()
+        proc.send_signal(signal.SIGTERM)
+
+        def kill_if_stuck():
+            try:
+                proc.wait(timeout=self.exit_timeout_s + self.kill_grace_s)
+            except subprocess.TimeoutExpired:
+                print(f"launcher: tritonserver did not exit {self.exit_timeout_s + self.kill_grace_s:g}s after "
+                      f"SIGTERM; killing it", file=sys.stderr, flush=True)
+                _kill_group(proc)
+
+        threading.Thread(target=kill_if_stuck, name="triton-kill-timer", daemon=True).start()
+
+    def stub_processes(self) -> dict[int, str]:
+        """This server's live Python stubs: pid -> model instance name (e.g. 'llm_0_0')."""
+        return python_stubs(self._proc.pid) if self.is_running() else {}
+
+    def _start_watchdog(self) -> None:
+        if self.on_stub_death != "exit":
+            return
+        expected = set(self.stub_processes().values())
+        threading.Thread(target=self._watch_stubs, args=(expected,), name="triton-stub-watchdog",
+                         daemon=True).start()
+
+    def _watch_stubs(self, expected: set[str]) -> None:
+        """Poll the stubs; one that is gone for two polls in a row (Triton never restarts it) stops the
+        server, so that the supervisor (Docker, Kubernetes, systemd) starts a fresh one."""
+        missing_before: set[str] = set()
+        while not self._stopping.wait(0.5):
+            if not self.is_running():
+                return
+            missing = expected - set(self.stub_processes().values())
+            if missing & missing_before and not self._stopping.is_set():
+                self.stub_failure = ", ".join(sorted(missing))
+                print(f"launcher: the Python stub of model instance(s) {self.stub_failure} died; Triton does not "
+                      f"restart it and its requests fail ('Stub process ... is not healthy') or hang: stopping "
+                      f"the server", file=sys.stderr, flush=True)
+                self.shutdown()
+                return
+            missing_before = missing
+
     def stop(self) -> int | None:
         """Stop the server and everything it started (its process group); returns its exit code."""
+        self._stopping.set()
         proc, self._proc = self._proc, None
         if proc is None:
             return None
@@ -325,9 +428,10 @@ class TritonServer:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
-                    proc.wait(timeout=self.exit_timeout_s + 15)
+                    proc.wait(timeout=self.exit_timeout_s + self.kill_grace_s)
                 except subprocess.TimeoutExpired:
-                    pass
+                    print(f"launcher: tritonserver did not exit {self.exit_timeout_s + self.kill_grace_s:g}s "
+                          f"after SIGTERM; killing it", file=sys.stderr, flush=True)
         finally:
             _kill_group(proc)  # the Python backend's stubs are in the server's group
             proc.wait()
@@ -383,6 +487,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="override a parameter of model_repository/vision/config.pbtxt (repeatable)")
     p.add_argument("--backend-directory", type=Path, default=None,
                    help="a backend folder with python/ for this Python (default: prepared from the wheel)")
+    p.add_argument("--admin-key", default=os.environ.get(ADMIN_KEY_ENV) or None,
+                   help=f"opens Triton's {', '.join(ADMIN_APIS)} APIs to requests with the header "
+                        f"'{ADMIN_HEADER}: KEY' (default ${ADMIN_KEY_ENV}; unset: a random key, so they are closed)")
+    p.add_argument("--on-stub-death", choices=("exit", "ignore"), default="exit",
+                   help="when a model's Python stub dies (Triton 2.51 never restarts it): stop the server and "
+                        "exit with code 3 so the supervisor restarts it (default), or leave it")
+    p.add_argument("--kill-grace-secs", type=float, default=15.0,
+                   help="kill tritonserver this long after --exit-timeout-secs if it has not exited")
     return p.parse_args(argv)
 
 
@@ -395,7 +507,9 @@ def main(argv=None) -> int:
                               grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port,
                               log_verbose=args.log_verbose, log_file=args.log_file,
                               exit_timeout_s=args.exit_timeout_secs, ready_timeout_s=args.ready_timeout,
-                              tritonserver=args.tritonserver, backend_directory=args.backend_directory)
+                              tritonserver=args.tritonserver, backend_directory=args.backend_directory,
+                              admin_key=args.admin_key, on_stub_death=args.on_stub_death,
+                              kill_grace_s=args.kill_grace_secs)
     except LaunchError as e:
         print(f"launcher: {e}", file=sys.stderr)
         return 2
@@ -405,7 +519,7 @@ def main(argv=None) -> int:
         if stopping and server.pid:
             os.killpg(server.pid, signal.SIGKILL)  # (the main thread's stop() reaps what is left)
         stopping.append(signum)
-        server.terminate()
+        server.shutdown()  # SIGTERM, and SIGKILL if tritonserver hangs on its way out
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -422,6 +536,11 @@ def main(argv=None) -> int:
           f"/v2/models/internvl_chat/generate_stream); server log {server.log_file}; Ctrl-C stops",
           flush=True)
     code = server.wait()
+    if server.stub_failure and not stopping:
+        print(f"launcher: stopped the server because the Python stub of {server.stub_failure} died; exit 3 "
+              f"(restart it)", file=sys.stderr)
+        server.stop()
+        return 3
     if not stopping:
         print(f"launcher: tritonserver exited by itself (code {code}); last log lines:\n{server.log_tail()}",
               file=sys.stderr)

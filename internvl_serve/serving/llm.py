@@ -308,6 +308,30 @@ class LLMService:
                     self._log(f"llm: request {request_id} cancelled by the client; aborting it")
                     self.thread.abort(request_id)
 
+    def cancel(self, client_request_id: str) -> int:
+        """Abort the running requests a client sent with this request id; returns how many.
+
+        The side channel for Triton 2.51's ensemble, which passes a client's cancellation only to steps
+        scheduled after it, never to this running decoupled step: a client that stops a stream sends a
+        `cancel_request_id` request to the llm model (the SDK does). Request ids are the client's, so use
+        unique ones (the SDK sends UUIDs)."""
+        if not client_request_id:
+            return 0
+        prefix = client_request_id + "#"
+        with self._lock:
+            matches = [(rid, a) for rid, a in self._active.items()
+                       if rid.startswith(prefix) and rid[len(prefix):].isdigit()]
+        aborted = 0
+        for request_id, a in matches:
+            with a.lock:
+                if a.closed or a.cancelled:
+                    continue
+                a.cancelled = True
+            self._log(f"llm: request {request_id} cancelled by the client; aborting it")
+            self.thread.abort(request_id)
+            aborted += 1
+        return aborted
+
     @property
     def num_active(self) -> int:
         with self._lock:

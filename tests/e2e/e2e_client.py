@@ -71,12 +71,17 @@ def wait_for(server, condition, *, timeout_s: float, what: str) -> None:
 
 def stream_chat(server, inputs, *, timeout_s: float = 120.0, request_id: str = "") -> Answer:
     """One request on its own gRPC stream; returns when the final response (or an error) arrives."""
+    return stream_chat_to(server, ENSEMBLE, inputs, timeout_s=timeout_s, request_id=request_id)
+
+
+def stream_chat_to(server, model: str, inputs, *, timeout_s: float = 120.0, request_id: str = "") -> Answer:
+    """stream_chat to any model of the repository."""
     client = grpcclient.InferenceServerClient(server.grpc_url)
     responses: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     answer = Answer()
     try:
-        client.async_stream_infer(ENSEMBLE, inputs, request_id=request_id, enable_empty_final_response=True)
+        client.async_stream_infer(model, inputs, request_id=request_id, enable_empty_final_response=True)
         deadline = time.monotonic() + timeout_s
         while True:
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import threading
 
 import numpy as np
@@ -18,7 +19,7 @@ import requests
 import torch
 from PIL import Image
 
-from e2e_client import make_inputs, mjpeg_avi, sse_chat, stream_chat, wait_for
+from e2e_client import make_inputs, mjpeg_avi, sse_chat, stream_chat, stream_chat_to, wait_for
 
 MAX_TOKENS = 12  # short answers keep the module fast on 2 cores
 
@@ -285,8 +286,33 @@ def test_the_server_goes_on_after_a_client_cancels(server, oracle):
 @pytest.mark.xfail(strict=True, reason=(
     "Triton 2.51 propagates an ensemble request's cancellation only to steps scheduled after it "
     "(core ensemble_scheduler ScheduleSteps); the in-flight decoupled llm step never sees "
-    "is_cancelled(), so generation runs to max_tokens (or EOS). Cancelling before the llm step starts works."))
+    "is_cancelled(), so generation runs to max_tokens (or EOS). Cancelling before the llm step starts works; "
+    "a running one needs the cancel_request_id side channel (the test below)."))
 def test_cancelling_an_in_flight_generation_aborts_it_in_the_engine(server):
     start_and_cancel(server, "cancelled-2", max_tokens=1000)
     wait_for(server, lambda: "request cancelled-2" in server.log_tail(400) and "cancelled by the client" in
              server.log_tail(400), timeout_s=10, what="the llm model to log the abort")
+
+
+def cancel_on_the_side_channel(server, request_id: str) -> str:
+    """What any client does after stopping a stream: send the llm model `cancel_request_id` (docs/contract.md);
+    returns the finish_reason of that request's one response."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    tensor = grpcclient.InferInput("cancel_request_id", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([request_id.encode()], dtype=object))
+    answer = stream_chat_to(server, "llm", [tensor])
+    assert answer.error is None, answer.error
+    assert answer.finals == 1 and answer.text == ""
+    return answer.finish_reasons[-1]
+
+
+def test_the_cancel_side_channel_aborts_an_in_flight_generation(server):
+    start_and_cancel(server, "cancelled-3", max_tokens=1000)
+    assert cancel_on_the_side_channel(server, "cancelled-3") == "cancelled"
+    wait_for(server, lambda: re.search(r"request cancelled-3#\d+ cancelled by the client", server.log_tail(400))
+             is not None, timeout_s=10, what="the llm model to log the abort")
+    # an id that is not running (any more): nothing to abort, a clear answer
+    assert cancel_on_the_side_channel(server, "cancelled-3") == "not_found"
+    assert cancel_on_the_side_channel(server, "no-such-request") == "not_found"

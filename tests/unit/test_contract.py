@@ -179,6 +179,16 @@ def test_malformed_history(history, expected):
     assert 'e.g. [["<image>\\nWhat is it?", "A cat."]]' in msg
 
 
+def test_images_and_video_bytes_of_a_request_are_limited_together():
+    limits = ServingLimits(max_request_bytes=10)
+    assert chat(images=b(b"x" * 5, b"y" * 5)).images == [b"x" * 5, b"y" * 5]  # the default allows it
+    with pytest.raises(InvalidInput, match=r"^the request's images and video are 12 bytes in total; at most 10 allowed$"):
+        parse_chat_request({"text_input": b("q"), "images": b(b"x" * 6, b"y" * 6)}, limits)
+    url = "data:image/png;base64," + base64.b64encode(b"z" * 11).decode()  # counted decoded
+    assert chat_error(limits, images=b(url)).startswith("the request's images and video are 11 bytes")
+    assert chat_error(limits, video=b(b"v" * 11)).startswith("the request's images and video are 11 bytes")
+
+
 def test_history_too_long_and_not_utf8():
     assert chat_error(ServingLimits(max_history_bytes=4), history=b("[[\"a\", \"b\"]]")) == \
         "input 'history' is 12 bytes; at most 4 allowed"
@@ -192,6 +202,12 @@ def test_num_patches_list_must_be_positive():
 
 
 # ---- limits ---------------------------------------------------------------------------------------
+
+
+def test_limit_defaults():
+    limits = ServingLimits()
+    assert limits.max_request_bytes == 64 * 2**20 and limits.max_output_tokens == 4096
+    assert limits.max_request_bytes >= limits.max_image_bytes and limits.max_request_bytes >= limits.max_video_bytes
 
 
 def test_limits_from_parameters():
@@ -250,6 +266,39 @@ def test_generation_wrong_types_and_shapes():
 ])
 def test_generation_out_of_range_names_the_tensor(name, value):
     assert gen_error(**{name: value}).startswith(f"input '{name}'")
+
+
+def test_max_tokens_upper_bound():
+    assert gen(max_tokens=i32(4096)).sampling.max_tokens == 4096
+    assert gen_error(max_tokens=i32(4097)) == "input 'max_tokens' is 4097; at most 4096 allowed"
+    assert gen_error(max_tokens=i32(2**31 - 1)) == f"input 'max_tokens' is {2**31 - 1}; at most 4096 allowed"
+    with pytest.raises(InvalidInput, match="input 'max_tokens' is 9; at most 8 allowed"):
+        parse_generation_request({"max_tokens": i32(9)}, ServingLimits(max_output_tokens=8))
+    assert gen_error(max_tokens=i32(-1)).startswith("input 'max_tokens': max_tokens must be an integer >= 1")
+
+
+@pytest.mark.parametrize("parameters", [None, "", "{}", {}])
+def test_no_request_parameters_is_fine(parameters):
+    c.check_request_parameters(parameters)
+
+
+@pytest.mark.parametrize("parameters, message", [
+    ('{"foo": "bar", "a": 1}', "unknown request parameter(s) 'a', 'foo': this model takes no request parameters; "
+                               "its settings are the inputs max_tokens, temperature, top_p"),
+    ({"max_token": 4}, "unknown request parameter(s) 'max_token'"),
+    ({"max_tokens": 5, "x": 1}, "request parameter(s) 'max_tokens' must be sent as input tensors, not as request "
+                                "parameters"),
+    ("{not json", "the request's parameters are not valid JSON"),
+])
+def test_request_parameters_are_refused(parameters, message):
+    with pytest.raises(InvalidInput) as e:
+        c.check_request_parameters(parameters)
+    assert str(e.value).startswith(message)
+
+
+def test_text_input_is_required_but_declared_optional_to_triton():
+    assert c.DECLARED_OPTIONAL == ("text_input",)
+    assert all(not c.SPECS[name].optional for name in c.DECLARED_OPTIONAL)
 
 
 def test_stop_words_errors():

@@ -69,3 +69,58 @@ def test_command_has_the_production_flags(tmp_path):
 def test_start_refuses_a_folder_without_a_checkpoint(tmp_path):
     with pytest.raises(LaunchError, match="not a checkpoint folder"):
         TritonServer(tmp_path).start()
+
+
+def test_command_has_the_hardening_flags(tmp_path):
+    server = TritonServer(tmp_path, admin_key="a-key-of-16-chars-or-more")
+    server.ports = {"grpc": 1, "http": 2, "metrics": 3}
+    cmd = server.command(launcher.TritonInstall(Path("/bin/tritonserver"), tmp_path, ()))
+    apis = ",".join(launcher.ADMIN_APIS)
+    assert f"--http-restricted-api={apis}:admin-key=a-key-of-16-chars-or-more" in cmd
+    assert f"--grpc-restricted-protocol={apis}:admin-key=a-key-of-16-chars-or-more" in cmd
+    assert "--allow-sagemaker=false" in cmd and "--allow-vertex-ai=false" in cmd
+    assert set(launcher.ADMIN_APIS) == {"model-repository", "shared-memory", "logging", "trace"}
+    assert "inference" not in apis and "health" not in apis and "statistics" not in apis
+
+
+def test_hardening_arguments_are_checked(tmp_path):
+    assert TritonServer(tmp_path).admin_key != TritonServer(tmp_path).admin_key  # random: the APIs are closed
+    with pytest.raises(LaunchError, match="admin key"):
+        TritonServer(tmp_path, admin_key="has:colon-and=sign-in-it")
+    with pytest.raises(LaunchError, match="on_stub_death"):
+        TritonServer(tmp_path, on_stub_death="restart")
+    assert TritonServer(tmp_path).on_stub_death == "ignore"  # the API: tests observe Triton as it is
+
+
+def test_cli_hardening_defaults(monkeypatch):
+    monkeypatch.delenv(launcher.ADMIN_KEY_ENV, raising=False)
+    args = launcher.parse_args([])
+    assert (args.admin_key, args.on_stub_death, args.kill_grace_secs) == (None, "exit", 15.0)
+    monkeypatch.setenv(launcher.ADMIN_KEY_ENV, "from-the-environment-123")
+    assert launcher.parse_args([]).admin_key == "from-the-environment-123"
+    assert launcher.parse_args(["--on-stub-death", "ignore"]).on_stub_death == "ignore"
+
+
+def test_python_stubs_are_the_live_stub_children_of_the_server(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    # a Python process whose argv looks like a stub's: argv[0] the stub, argv[8] the instance name
+    argv = [str(tmp_path / launcher.STUB_NAME), "-c", "import time; time.sleep(60)", "1", "1", str(os.getpid()),
+            "/backends", "336", "fake_0_1", "DEFAULT"]
+    proc = subprocess.Popen(argv, executable=sys.executable)
+    other = subprocess.Popen(["/bin/sleep", "60"])  # a child that is not a stub
+    try:
+        assert launcher.python_stubs(os.getpid()) == {proc.pid: "fake_0_1"}
+        assert launcher.python_stubs(proc.pid) == {}
+        proc.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline  # becoming a zombie (not reaped yet)
+            time.sleep(0.01)
+        assert launcher.python_stubs(os.getpid()) == {}  # a dead, unreaped stub does not count
+    finally:
+        for p in (proc, other):
+            p.kill()
+            p.wait()

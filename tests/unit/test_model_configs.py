@@ -57,23 +57,25 @@ def test_ensemble_interface_is_the_contract():
     assert tensors(config.input) == spec_table(c.ENSEMBLE_INPUTS)
     assert tensors(config.output) == spec_table(c.OUTPUTS)
     optional = {t.name for t in config.input if t.optional}
-    assert optional == {s.name for s in c.ENSEMBLE_INPUTS if s.optional}
-    assert "text_input" not in optional
+    # text_input is required by the contract but declared optional (contract.DECLARED_OPTIONAL)
+    assert optional == {s.name for s in c.ENSEMBLE_INPUTS if s.optional} | set(c.DECLARED_OPTIONAL)
 
 
 def test_composing_models_interfaces():
     pre, vis, llm = load(c.PREPROCESS), load(c.VISION), load(c.LLM)
     assert tensors(pre.input) == spec_table(c.CHAT_INPUTS + c.GENERATION_INPUTS)
     assert tensors(pre.output) == spec_table([c.INPUT_IDS, c.PIXEL_VALUES])
-    assert tensors(llm.input) == spec_table([c.INPUT_IDS, c.IMAGE_EMBEDS, c.CHAT_INPUTS[0], *c.GENERATION_INPUTS])
+    assert tensors(llm.input) == spec_table(c.LLM_INPUTS)
+    assert all(t.optional for t in llm.input)  # a cancellation request carries only cancel_request_id
     assert tensors(llm.output) == spec_table(c.OUTPUTS)
     assert tensors(vis.input) == {"pixel_values": ("TYPE_FP32", c.VISION_INPUT_DIMS)}
     assert tensors(vis.output) == {"image_embeds": ("TYPE_FP32", c.VISION_OUTPUT_DIMS)}
-    for config in (pre, llm):
+    assert llm.max_batch_size == 0
+    for config in (pre,):
         assert config.max_batch_size == 0
-        assert {t.name for t in config.input if not t.optional} == {
+        assert {t.name for t in config.input if not t.optional} == ({
             s.name for s in list(c.ENSEMBLE_INPUTS) + [c.INPUT_IDS, c.IMAGE_EMBEDS] if not s.optional
-        } & {t.name for t in config.input}
+        } & {t.name for t in config.input}) - set(c.DECLARED_OPTIONAL)
 
 
 def test_llm_is_decoupled_and_vision_batches_dynamically():
@@ -144,7 +146,8 @@ def test_ensemble_passes_every_input_a_model_declares():
     # A composing model's optional input that the ensemble never maps would silently keep its default.
     steps = _step_models(load(c.ENSEMBLE))
     for name, step in steps.items():
-        assert {t.name for t in load(name).input} == set(step.input_map), name
+        side_channel = {c.CANCEL_INPUT} if name == c.LLM else set()  # sent to llm directly, never by the ensemble
+        assert {t.name for t in load(name).input} - side_channel == set(step.input_map), name
         assert {t.name for t in load(name).output} == set(step.output_map), name
 
 

@@ -1,6 +1,7 @@
 """Triton adapter for internvl_serve.serving.preprocess.Preprocessor: request tensors -> input_ids
-(T,) and pixel_values (1, N, 3, 448, 448). A bad request gets INVALID_ARG with a message naming the
-input; the other requests of the same execute() are unaffected."""
+(T,) and pixel_values (1, N, 3, 448, 448). A bad request (request parameters included: the contract has
+none) gets INVALID_ARG with a message naming the input; the other requests of the same execute() are
+unaffected. The limits come from config.pbtxt `parameters`; a bad value fails the load."""
 import json
 import os
 import sys
@@ -14,7 +15,8 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from internvl_serve.serving.contract import ServingLimits, parse_chat_request, parse_generation_request
+from internvl_serve.serving.contract import (ServingLimits, check_request_parameters, parse_chat_request,
+                                             parse_generation_request)
 from internvl_serve.serving.preprocess import Preprocessor, client_errors
 
 
@@ -31,6 +33,7 @@ class TritonPythonModel:
     def _one(self, request):
         inputs = {t.name(): t.as_numpy() for t in request.inputs()}
         try:
+            check_request_parameters(request.parameters())
             chat = parse_chat_request(inputs, self.limits)
             parse_generation_request(inputs, self.limits)  # fail before the vision model runs
             out = self.preprocessor(chat)

@@ -1,0 +1,71 @@
+"""Cancelling a running generation on the server.
+
+Stopping a gRPC stream makes Triton cancel the `internvl_chat` request, but Triton 2.51's ensemble
+passes that only to steps not yet started: a request already generating in the decoupled `llm` step
+would run on to max_tokens. So after stopping a stream early, the SDK also sends the llm model one
+small request, `cancel_request_id = <the request's id>`, and the server aborts the generation at its
+next step and frees its KV cache (the server answers finish_reason "cancelled", or "not_found" when the
+request had already finished). Best effort: it never raises, and waits at most CANCEL_TIMEOUT_S.
+Clients in other languages do the same (docs/contract.md).
+"""
+from __future__ import annotations
+
+import queue
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+LLM_MODEL = "llm"
+CANCEL_INPUT = "cancel_request_id"
+CANCEL_TIMEOUT_S = 3.0
+
+
+def cancel_inputs(request_id: str) -> list[grpcclient.InferInput]:
+    tensor = grpcclient.InferInput(CANCEL_INPUT, [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([request_id.encode()], dtype=object))
+    return [tensor]
+
+
+def send_cancel(url: str, request_id: str, *, ssl: bool = False, timeout_s: float = CANCEL_TIMEOUT_S) -> str | None:
+    """Ask the server to abort `request_id`; its finish_reason ("cancelled" / "not_found"), or None when
+    the server could not be asked (it is gone, or did not answer in time)."""
+    answers: queue.SimpleQueue = queue.SimpleQueue()
+    tc = None
+    try:
+        tc = grpcclient.InferenceServerClient(url, ssl=ssl)
+        tc.start_stream(callback=lambda result, error: answers.put((result, error)), stream_timeout=timeout_s)
+        tc.async_stream_infer(LLM_MODEL, cancel_inputs(request_id), request_id=f"cancel-{request_id}")
+        result, error = answers.get(timeout=timeout_s)
+        if error is not None:
+            return None
+        reason = result.as_numpy("finish_reason")
+        return reason[0].decode() if reason is not None and len(reason) else None
+    except Exception:  # noqa: BLE001 - best effort: the caller is already leaving
+        return None
+    finally:
+        if tc is not None:
+            try:
+                tc.stop_stream(cancel_requests=False)
+                tc.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+async def send_cancel_async(client, request_id: str, *, timeout_s: float = CANCEL_TIMEOUT_S) -> str | None:
+    """The same over an open tritonclient aio client (its channel is shared with the streams)."""
+    import asyncio
+
+    async def one():
+        yield {"model_name": LLM_MODEL, "inputs": cancel_inputs(request_id), "request_id": f"cancel-{request_id}"}
+
+    try:
+        async def first():
+            async for result, error in client.stream_infer(one(), stream_timeout=timeout_s):
+                if error is not None:
+                    return None
+                reason = result.as_numpy("finish_reason")
+                return reason[0].decode() if reason is not None and len(reason) else None
+            return None
+        return await asyncio.wait_for(first(), timeout_s)
+    except Exception:  # noqa: BLE001 - best effort
+        return None
