@@ -16,7 +16,7 @@
 
 Imports of torch-heavy modules are lazy, so `from internvl_serve.engine import SamplingParams` stays light.
 """
-from internvl_serve.engine.errors import EngineError, InvalidRequest
+from internvl_serve.engine.errors import EngineBusy, EngineError, InvalidRequest
 from internvl_serve.engine.sampling import SamplingParams
 
 _LAZY = {
@@ -28,7 +28,7 @@ _LAZY = {
     "Llama": "llama", "LlamaArgs": "llama", "load_llama": "llama",
 }
 
-__all__ = ["EngineError", "InvalidRequest", "SamplingParams", *_LAZY]
+__all__ = ["EngineBusy", "EngineError", "InvalidRequest", "SamplingParams", *_LAZY]
 
 
 def __getattr__(name):

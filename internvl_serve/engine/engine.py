@@ -23,7 +23,7 @@ import torch
 
 from internvl_serve.engine.block_manager import BlockAllocator
 from internvl_serve.engine.detokenizer import IncrementalDetokenizer
-from internvl_serve.engine.errors import EngineError, InvalidRequest
+from internvl_serve.engine.errors import EngineBusy, EngineError, InvalidRequest
 from internvl_serve.engine.request import FinishReason, Request, RequestOutput
 from internvl_serve.engine.scheduler import Scheduler, SchedulerConfig
 from internvl_serve.engine.sequence import Sequence
@@ -191,8 +191,12 @@ class EngineThread:
     """A background thread that owns `engine`. submit()/abort() may be called from any thread;
     callbacks run on the engine thread (keep them short: hand the output to a queue or a sender)."""
 
-    def __init__(self, engine: LLMEngine, *, name: str = "llm-engine", start: bool = True):
+    def __init__(self, engine: LLMEngine, *, name: str = "llm-engine", start: bool = True,
+                 max_pending: int | None = None):
+        # max_pending: unfinished requests (running + waiting) at most; one more is refused with
+        # EngineBusy at submit, so a burst far above capacity gets a clear error, not an unbounded queue.
         self.engine = engine
+        self.max_pending = max_pending
         self._cv = threading.Condition()
         self._inbox: list[tuple[Request, Callback]] = []
         self._aborts: list[str] = []
@@ -213,6 +217,9 @@ class EngineThread:
                 raise EngineError("the engine is shut down")
             if request.request_id in self._callbacks:
                 raise InvalidRequest(f"request_id {request.request_id!r} is already running")
+            if self.max_pending is not None and len(self._callbacks) >= self.max_pending:
+                raise EngineBusy(f"the server is busy: {len(self._callbacks)} requests are already running or "
+                                 f"queued (max_pending_requests {self.max_pending}); retry later")
             self._callbacks[request.request_id] = callback
             self._inbox.append((request, callback))
             self._cv.notify()

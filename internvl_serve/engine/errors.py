@@ -4,6 +4,7 @@ InvalidRequest: the caller sent something the engine refuses (bad sampling value
 the context window, image rows that do not match the <IMG_CONTEXT> positions, ...); the message names the
 field and what is allowed. EngineError: the engine failed a request it had accepted (a step raised, or
 the engine shut down); it is reported through RequestOutput.error, never raised into the caller's thread.
+EngineBusy: raised at submit when the engine already holds max_pending requests (a bounded queue).
 """
 from __future__ import annotations
 
@@ -14,3 +15,7 @@ class InvalidRequest(ValueError):
 
 class EngineError(RuntimeError):
     """The engine could not finish an accepted request (a failed step, a shutdown)."""
+
+
+class EngineBusy(EngineError):
+    """Refused at submit: the engine already holds its maximum of unfinished requests (retry later)."""

@@ -109,6 +109,9 @@ class EngineOptions:
     # a comma list (empty: cuda:0..N-1 on CUDA, N CPU ranks on the CPU)
     tensor_parallel_size: int = 1
     tensor_parallel_devices: str = ""
+    # requests running or queued in the engine at most; one more is refused at once (UNAVAILABLE,
+    # "the server is busy") instead of waiting in an unbounded queue
+    max_pending_requests: int = 1024
     # "int8": weight-only int8 projections of the LLM (engine/quantize.py); "": the model dtype
     quantization: str = ""
 
@@ -220,7 +223,7 @@ class LLMService:
                                     max_num_batched_tokens=options.max_num_batched_tokens,
                                     enable_prefix_caching=options.enable_prefix_caching).validate()
         self.engine = LLMEngine(runner, tokenizer=self.tokenizer, scheduler_config=scheduler)
-        self.thread = EngineThread(self.engine)
+        self.thread = EngineThread(self.engine, max_pending=options.max_pending_requests)
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()

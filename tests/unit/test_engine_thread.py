@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from internvl_serve.engine import (EngineError, EngineThread, FakeRunner, InvalidRequest, LLMEngine, Request,
+from internvl_serve.engine import (EngineBusy, EngineError, EngineThread, FakeRunner, InvalidRequest, LLMEngine, Request,
                                    SamplingParams, SchedulerConfig)
 from internvl_serve.engine.fake_runner import default_next_token
 
@@ -169,4 +169,21 @@ def test_image_rows_are_hashed_at_submit_and_reused_across_requests():
     assert col.wait("b")[-1].num_cached_tokens == 12
     thread.submit(Request("c", prompt, rows + 1, SamplingParams(max_tokens=2)), col.callback("c"))
     assert col.wait("c")[-1].num_cached_tokens == 0  # other image content: the first block differs
+    thread.shutdown()
+
+
+def test_a_full_engine_refuses_more_requests_until_one_finishes():
+    runner = CountingRunner(delay=0.01, num_blocks=64, block_size=4)
+    thread = EngineThread(LLMEngine(runner, None, eos_token_id=2, scheduler_config=SchedulerConfig(
+        max_num_batched_tokens=16)), max_pending=2)
+    col = Collector()
+    for rid in ("a", "b"):
+        thread.submit(Request(rid, [5, 6], None, SamplingParams(max_tokens=500, ignore_eos=True)), col.callback(rid))
+    with pytest.raises(EngineBusy, match=r"busy: 2 requests .*\(max_pending_requests 2\)"):
+        thread.submit(Request("c", [5], None, SamplingParams(max_tokens=2)), col.callback("c"))
+    thread.abort("a")
+    col.wait("a")
+    thread.submit(Request("c", [5], None, SamplingParams(max_tokens=2)), col.callback("c"))  # room again
+    assert [t for o in col.wait("c") for t in o.new_token_ids] == expected([5], 2)
+    thread.abort("b")
     thread.shutdown()

@@ -17,6 +17,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from internvl_serve.serving.contract import CANCEL_INPUT, cancel_request_id, parse_llm_request, response_arrays
+from internvl_serve.engine.errors import EngineBusy
 from internvl_serve.serving.device import instance_device
 from internvl_serve.serving.llm import LLMService
 from internvl_serve.serving.metrics import LLMExporter
@@ -76,6 +77,8 @@ class TritonPythonModel:
                 self.service.submit(self.service.new_request_id(request.request_id()), parsed, sink)
             except self.client_errors as e:
                 sink.fail(str(e), pb_utils.TritonError.INVALID_ARG)
+            except EngineBusy as e:  # the bounded queue is full: retry later
+                sink.fail(str(e), pb_utils.TritonError.UNAVAILABLE)
             except Exception as e:
                 sink.fail(f"llm: {type(e).__name__}: {e}")
         return None
