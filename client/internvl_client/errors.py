@@ -82,6 +82,9 @@ def from_grpc_status(status: str | None, message: str, *, url: str = "") -> Inte
         return RequestCancelledError(f"request cancelled: {msg}", status=code, server_message=msg)
     if code in ("NOT_FOUND", "FAILED_PRECONDITION") or _looks_like_model_not_ready(msg):
         return ModelNotReadyError(f"model not ready{where}: {msg}", status=code, server_message=msg)
+    if code is None and "the server is busy" in msg:
+        # An in-band refusal of the llm's bounded queue (max_pending_requests): retry later.
+        return ServerUnavailableError(f"server busy{where}: {msg}", status="UNAVAILABLE", server_message=msg)
     if code is None and _looks_like_invalid_input(msg):
         # An in-band stream error (no status): see the module docstring.
         return InvalidInputError(f"invalid request: {msg}", status="INVALID_ARGUMENT", server_message=msg)

@@ -70,3 +70,11 @@ def test_in_band_internal_errors_are_server_errors(message):
 
 def test_in_band_unknown_model():
     assert isinstance(from_grpc_status(None, "Request for unknown model: 'x' is not found"), ModelNotReadyError)
+
+
+def test_in_band_busy_refusal_is_unavailable_and_so_retried():
+    msg = ("in ensemble 'internvl_chat', the server is busy: 1024 requests are already running or queued "
+           "(max_pending_requests 1024); retry later")
+    err = from_grpc_status(None, msg)
+    assert isinstance(err, ServerUnavailableError) and err.status == "UNAVAILABLE"
+    assert "max_pending_requests 1024" in str(err)
