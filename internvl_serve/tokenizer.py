@@ -188,8 +188,27 @@ class InternVLTokenizer:
     def convert_ids_to_tokens(self, ids: int | Iterable[int], skip_special_tokens: bool = False):
         if isinstance(ids, int):
             return self._id_to_token(ids)
-        return [self._id_to_token(int(i)) for i in ids
-                if not (skip_special_tokens and int(i) in self.all_special_ids)]
+        ids = [int(i) for i in ids]
+        table, special = self._piece_table(), self.all_special_ids
+        if not ids or (min(ids) >= 0 and max(ids) < len(table)):
+            # the fast path: one list lookup per id (the engine decodes every answer at every token)
+            return [table[i] for i in ids if not (skip_special_tokens and i in special)]
+        return [self._id_to_token(i) for i in ids if not (skip_special_tokens and i in special)]
+
+    def _piece_table(self) -> list[str]:
+        """Every id's token (sentencepiece pieces, added tokens over them), built on first use."""
+        table = getattr(self, "_pieces", None)
+        if table is None:
+            table = [self.sp_model.id_to_piece(i) for i in range(self.vocab_size)]
+            top = max(self._added_decoder, default=-1)
+            if top >= len(table):
+                table.extend([None] * (top + 1 - len(table)))
+            for index, token in self._added_decoder.items():
+                table[index] = token.content
+            if any(t is None for t in table):  # holes between the vocabulary and an added id: slow path
+                table = table[:self.vocab_size]
+            self._pieces = table
+        return table
 
     def _id_to_token(self, index: int) -> str:
         if index in self._added_decoder:
