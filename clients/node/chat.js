@@ -123,6 +123,20 @@ function exitCodeFor(status) {
   return 1;
 }
 
+// The cancellation side channel: one request to the `llm` model holding only cancel_request_id.
+function sendCancel(client, requestId, timeoutMs) {
+  return new Promise((resolve) => {
+    const done = () => resolve();
+    const timer = setTimeout(done, timeoutMs);
+    const side = client.ModelStreamInfer(new grpc.Metadata(), { deadline: Date.now() + timeoutMs });
+    side.on('data', () => { clearTimeout(timer); done(); });
+    side.on('error', () => { clearTimeout(timer); done(); });
+    side.write({ model_name: 'llm', id: `cancel-${requestId}`,
+                 inputs: [bytesTensor('cancel_request_id', [Buffer.from(requestId, 'utf8')])] });
+    side.end();
+  });
+}
+
 function main() {
   const args = parseArgs(process.argv.slice(2));
   let request;
@@ -146,9 +160,13 @@ function main() {
   let exitCode = 0;
 
   process.on('SIGINT', () => {
-    call.cancel(); // Triton cancels the request: the server stops generating
+    call.cancel(); // Triton cancels the ensemble request...
     process.stderr.write('\n[cancelled]\n');
-    process.exit(130);
+    // ...but Triton 2.51 does not pass that on to the running llm step: ask the llm model to abort the
+    // generation (docs/contract.md, Cancellation), then leave; at most 2 s.
+    // (its own channel: the chat's closes when its stream ends)
+    sendCancel(new Service(args.url, grpc.credentials.createInsecure()), request.id, 2000)
+      .then(() => process.exit(130));
   });
 
   call.on('data', (message) => {

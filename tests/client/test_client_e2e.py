@@ -507,3 +507,18 @@ def test_async_stream_chunks_end_with_the_metadata(server):
     chunks = asyncio.run(main())
     assert chunks[-1].final and chunks[-1].finish_reason == "length" and chunks[-1].num_output_tokens == 4
     assert not any(c.final for c in chunks[:-1])
+
+
+def test_node_client_ctrl_c_cancels_the_generation_on_the_server(server, node_client):
+    aborted_before = _log_count(server, CANCEL_LOG)
+    proc = subprocess.Popen(["node", str(node_client / "chat.js"), "--url", server.grpc_url, "-q", LONG_QUESTION,
+                             "--max-tokens", "1500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.read(1)  # the answer is streaming
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+        assert "[cancelled]" in proc.stderr.read().decode()
+    finally:
+        proc.kill()
+        proc.wait()
+    expect_server_abort(server, before=aborted_before)
