@@ -233,7 +233,9 @@ class LLMService:
         self._watcher.start()
 
     def new_request_id(self, hint: str = "") -> str:
-        return f"{hint or 'req'}#{next(self._ids)}"  # unique even when clients reuse ids
+        # unique even when clients reuse ids; a request sent without an id ("#n") cannot be named by
+        # cancel(), which needs a non-empty id
+        return f"{hint}#{next(self._ids)}"
 
     def submit(self, request_id: str, request: LLMRequest, sink: ResponseSink) -> None:
         """Queue the request; raises the engine's InvalidRequest for a request it refuses."""

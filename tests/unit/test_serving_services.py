@@ -243,6 +243,22 @@ def test_llm_aborts_a_cancelled_request_and_never_asks_after_the_final(llm, prep
     assert llm.num_active == 0
 
 
+def test_llm_cancel_by_client_request_id_aborts_only_that_request(llm, preprocessor):
+    sinks = {name: RecordingSink() for name in ("mine", "other", "anonymous")}
+    llm.submit(llm.new_request_id("mine"), llm_request(preprocessor, "Talk.", max_tokens=3000, stream=True),
+               sinks["mine"])
+    llm.submit(llm.new_request_id("other"), llm_request(preprocessor, "Hi.", max_tokens=8), sinks["other"])
+    llm.submit(llm.new_request_id(), llm_request(preprocessor, "Hi.", max_tokens=8), sinks["anonymous"])
+    assert llm.cancel("") == 0 and llm.cancel("min") == 0  # no id, or another id's prefix: nothing
+    assert llm.cancel("mine") == 1
+    for sink in sinks.values():
+        sink.wait()
+    assert sinks["mine"].reasons[-1] == "cancelled"
+    assert int(sinks["mine"].responses[-1][0]["num_output_tokens"][0]) < 3000
+    assert sinks["other"].reasons[-1] in ("stop", "length") and sinks["anonymous"].reasons[-1] in ("stop", "length")
+    assert llm.cancel("mine") == 0 and llm.num_active == 0  # finished: not found
+
+
 def test_llm_a_failing_sender_ends_the_request(llm, preprocessor):
     sink = RecordingSink(fail_send=True)
     llm.submit(llm.new_request_id(), llm_request(preprocessor, "Talk.", max_tokens=3000, stream=True), sink)
