@@ -55,13 +55,6 @@ def video() -> bytes:
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    from internvl_serve.tiny import make_tiny_checkpoint
-
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("checkpoint") / "tiny", fmt="bin", seed=0)
-
-
-@pytest.fixture(scope="session")
 def node_client() -> Path:
     """clients/node with its node_modules installed by `npm ci` (skipped when node/npm are missing).
 

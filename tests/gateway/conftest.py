@@ -1,9 +1,8 @@
-"""Fixtures of the gateway tests: the tiny checkpoint, a real tritonserver per module, and gateway
-processes (`python -m internvl_gateway`, as deployed) on free ports, always stopped."""
+"""Fixtures of the gateway tests: gateway processes (`python -m internvl_gateway`, as deployed) on free
+ports, always stopped (the tiny checkpoint and the per-module tritonserver are tests/conftest.py's)."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -13,22 +12,6 @@ try:  # installed by scripts/setup.sh (pip install -e gateway); else straight fr
     import internvl_gateway  # noqa: F401
 except ImportError:
     sys.path.insert(0, str(GATEWAY_DIR))
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    from internvl_serve.tiny import make_tiny_checkpoint
-
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("checkpoint") / "tiny", fmt="bin", seed=0)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint, tmp_path_factory):
-    from internvl_serve.serving.launcher import TritonServer
-
-    log = tmp_path_factory.mktemp("triton") / "server.log"
-    with TritonServer(tiny_checkpoint, log_file=log, exit_timeout_s=5, ready_timeout_s=300) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

@@ -4,17 +4,9 @@ Each module starts its own servers, one at a time: a module's server is stopped 
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
 import torch
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    from internvl_serve.tiny import make_tiny_checkpoint
-
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("checkpoint") / "tiny", fmt="bin", seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -15,13 +15,6 @@ def v1_1_config_dict() -> dict:
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """A tiny checkpoint in the real .bin layout (4 pytorch_model-0000N-of-00004.bin shards + index)."""
-    from internvl_serve.tiny import make_tiny_checkpoint
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "bin", fmt="bin", seed=0)
-
-
-@pytest.fixture(scope="session")
 def tiny_checkpoint_safetensors(tmp_path_factory):
     """The same weights as tiny_checkpoint, as model-0000N-of-00004.safetensors shards + index."""
     from internvl_serve.tiny import make_tiny_checkpoint

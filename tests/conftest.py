@@ -1,5 +1,5 @@
-"""Fixtures of the metrics tests: the tiny checkpoint and a real tritonserver per module (free ports,
-always stopped), as in tests/e2e."""
+"""Fixtures shared by every test tier: the tiny checkpoint (the real V1-1 layout, random weights; made
+once per test session by the project's own tool, internvl_serve.tiny, and only read by the tests)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,6 +16,9 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory):
+    """A real tritonserver (the nvidia-pytriton wheel's) serving model_repository/ on the tiny checkpoint,
+    on free ports of 127.0.0.1, started once per test module; leaving the with-block (also on errors and
+    interrupts) stops it and its process group. Folders that need another server define their own."""
     from internvl_serve.serving.launcher import TritonServer
 
     log = tmp_path_factory.mktemp("triton") / "server.log"
