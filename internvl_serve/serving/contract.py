@@ -27,6 +27,7 @@ from internvl_serve.engine import InvalidRequest, SamplingParams  # torch-free
 
 # Model names in model_repository/ (the Triton names users see).
 ENSEMBLE = "internvl_chat"
+ENSEMBLE_BLS = "internvl_chat_bls"  # the same interface, steps run through BLS (sees client cancellation)
 PREPROCESS = "preprocess"
 VISION = "vision"
 LLM = "llm"

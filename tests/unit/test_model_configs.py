@@ -10,7 +10,7 @@ from internvl_serve.serving import contract as c
 from internvl_serve.serving.contract import ServingLimits
 
 REPO = Path(__file__).resolve().parents[2] / "model_repository"
-MODELS = (c.PREPROCESS, c.VISION, c.LLM, c.ENSEMBLE)
+MODELS = (c.PREPROCESS, c.VISION, c.LLM, c.ENSEMBLE, c.ENSEMBLE_BLS)
 
 
 def load(name: str) -> mc.ModelConfig:

@@ -1,0 +1,115 @@
+"""Triton adapter: internvl_chat's interface, running its steps through BLS (see config.pbtxt).
+
+Per request, a thread: preprocess (the client's inputs) -> vision (its pixel_values) -> llm (streamed,
+decoupled BLS), whose responses internvl_serve.serving.relay forwards, aborting the generation through
+the llm's cancel_request_id side channel as soon as this request is cancelled (client gone)."""
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+try:
+    import internvl_serve  # noqa: F401  (installed in the serving venv)
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
+from internvl_serve.serving.contract import CANCEL_INPUT, CHAT_INPUTS, GENERATION_INPUTS
+from internvl_serve.serving.relay import relay
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+PREPROCESS_INPUTS = [s.name for s in (*CHAT_INPUTS, *GENERATION_INPUTS)]
+LLM_PASSED = ["text_input", *(s.name for s in GENERATION_INPUTS)]
+
+
+def _error(message, code=None):
+    code = pb_utils.TritonError.INTERNAL if code is None else code
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self._threads = set()
+        self._lock = threading.Lock()
+
+    def execute(self, requests):
+        for request in requests:
+            # copies: the request's own tensors are not ours once execute() returns
+            inputs = {t.name(): pb_utils.Tensor(t.name(), np.array(t.as_numpy(), copy=True))
+                      for t in request.inputs()}
+            thread = threading.Thread(target=self._run, args=(request.get_response_sender(), inputs,
+                                      request.request_id()), daemon=True)
+            with self._lock:
+                self._threads.add(thread)
+            thread.start()
+        return None
+
+    def _step(self, model, inputs, outputs):
+        response = pb_utils.InferenceRequest(model_name=model, inputs=inputs,
+                                             requested_output_names=outputs).exec()
+        if response.has_error():
+            raise _StepError(response.error())
+        return [pb_utils.get_output_tensor_by_name(response, name) for name in outputs]
+
+    def _run(self, sender, inputs, client_id):
+        try:
+            input_ids, pixel_values = self._step(
+                "preprocess", [inputs[n] for n in PREPROCESS_INPUTS if n in inputs], ["input_ids", "pixel_values"])
+            if sender.is_cancelled():
+                sender.send(flags=FINAL)
+                return
+            (image_embeds,) = self._step("vision", [pb_utils.Tensor("pixel_values", pixel_values.as_numpy())],
+                                         ["image_embeds"])
+            llm_id = client_id or f"bls-{uuid.uuid4().hex}"  # clients' side channel names it too
+            llm_inputs = [pb_utils.Tensor("input_ids", input_ids.as_numpy()),
+                          pb_utils.Tensor("image_embeds", image_embeds.as_numpy()),
+                          *(inputs[n] for n in LLM_PASSED if n in inputs)]
+            stream = pb_utils.InferenceRequest(model_name="llm", inputs=llm_inputs, request_id=llm_id,
+                                               requested_output_names=["text_output", "finish_reason",
+                                                                       "num_input_tokens", "num_output_tokens"]
+                                               ).exec(decoupled=True)
+            relay(self._data(stream),
+                  send=lambda r, final: sender.send(pb_utils.InferenceResponse(r.output_tensors()),
+                                                    flags=FINAL if final else 0),
+                  is_cancelled=sender.is_cancelled,
+                  cancel=lambda: self._cancel(llm_id),
+                  finish=lambda: sender.send(flags=FINAL))
+        except _StepError as e:
+            sender.send(_error(e.error.message(), e.error.code()), flags=FINAL)
+        except Exception as e:  # noqa: BLE001
+            sender.send(_error(f"internvl_chat_bls: {type(e).__name__}: {e}"), flags=FINAL)
+        finally:
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    @staticmethod
+    def _data(stream):
+        """The llm's data responses; an error response ends the relay with that error."""
+        for response in stream:
+            if response.has_error():
+                raise _StepError(response.error())
+            if response.output_tensors():
+                yield response
+
+    @staticmethod
+    def _cancel(llm_id):
+        pb_utils.Logger.log_info(f"internvl_chat_bls: the client of {llm_id} left; aborting its generation")
+        request = pb_utils.InferenceRequest(
+            model_name="llm", requested_output_names=["finish_reason"],
+            inputs=[pb_utils.Tensor(CANCEL_INPUT, np.array([llm_id.encode()], dtype=object))])
+        for _ in request.exec(decoupled=True):
+            pass
+
+    def finalize(self):
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(timeout=10)
+
+
+class _StepError(Exception):
+    def __init__(self, error):
+        super().__init__(error.message())
+        self.error = error
