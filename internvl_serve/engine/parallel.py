@@ -92,6 +92,18 @@ def shard_state_dict(weights: Mapping[str, torch.Tensor], rank: int, world_size:
     return out
 
 
+def load_device(checkpoint, device: str, world_size: int) -> str:
+    """Where a rank reads the checkpoint before keeping its slice: the CPU under tensor parallelism
+    (the shards are memory-mapped, so only the slice is ever copied and moved to the GPU: a rank never
+    holds the whole 26 GB LLM, which is what lets the model fit on 24-48 GB cards), except for the
+    benchmarks' random weights, which are drawn on the device (drawing 13B numbers on a CPU is slow)."""
+    from internvl_serve.random_weights import is_random_checkpoint
+
+    if world_size > 1 and not is_random_checkpoint(checkpoint):
+        return "cpu"
+    return device
+
+
 def local_args(args, world_size: int):
     """LlamaArgs with the per-rank head counts and intermediate size (head_dim unchanged)."""
     if world_size == 1:

@@ -138,7 +138,7 @@ def main(argv=None) -> int:
 
     from internvl_serve.checkpoint import load_state_dict
     from internvl_serve.config import InternVLChatConfig
-    from internvl_serve.engine.parallel import TensorParallel
+    from internvl_serve.engine.parallel import TensorParallel, load_device
     from internvl_serve.engine.runner import ModelRunner
 
     if args.device.startswith("cuda"):
@@ -147,7 +147,8 @@ def main(argv=None) -> int:
     tp = TensorParallel.initialize(rank=args.rank, world_size=args.world_size, init_method=args.init_method,
                                    backend=backend_for(args.device))
     config = InternVLChatConfig.from_pretrained(args.checkpoint)
-    state_dict = load_state_dict(args.checkpoint, prefixes=("language_model.",), dtype=dtype, device=args.device,
+    state_dict = load_state_dict(args.checkpoint, prefixes=("language_model.",), dtype=dtype,
+                                 device=load_device(args.checkpoint, args.device, args.world_size),
                                  progress=False)
     runner = ModelRunner(config, state_dict, device=args.device, dtype=dtype, tp=tp,
                          **json.loads(args.runner_options))

@@ -213,8 +213,11 @@ class LLMService:
             from internvl_serve.engine.tp_worker import start_workers
             self.workers = start_workers(checkpoint, devices=self.devices, dtype=str(self.dtype).removeprefix("torch."),
                                          runner_options=runner_options, on_failure=self._on_worker_failure)
+        from internvl_serve.engine.parallel import load_device
+
         state_dict = load_state_dict(checkpoint, prefixes=("language_model.",), dtype=self.dtype,
-                                     device=self.device, progress=False)
+                                     device=load_device(checkpoint, str(self.device), len(self.devices)),
+                                     progress=False)
         runner = ModelRunner(self.config, state_dict, device=self.device, dtype=self.dtype, **runner_options,
                              reserved_bytes=vision_reserve_bytes(self.config, self.dtype) if self.device.type == "cuda" else 0,
                              tp=self.workers.tp if self.workers else None)

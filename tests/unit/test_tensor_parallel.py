@@ -97,3 +97,13 @@ def test_shards_split_heads_and_mlp_and_rejoin():
     assert local_args(args, 2).num_key_value_heads == 1 and local_args(args, 2).intermediate_size == 6
     with pytest.raises(ValueError, match="does not divide num_key_value_heads 2"):
         check_divisible(args, 4)
+
+
+def test_ranks_read_real_checkpoints_on_the_cpu_and_random_ones_on_the_device(checkpoint, tmp_path):
+    from internvl_serve.engine.parallel import load_device
+    from internvl_serve.random_weights import make_random_checkpoint
+
+    assert load_device(checkpoint, "cuda:1", 2) == "cpu"        # mmapped; only the slice goes to the GPU
+    assert load_device(checkpoint, "cuda:0", 1) == "cuda:0"     # one process: straight to the device
+    random = make_random_checkpoint(tmp_path / "random", tokenizer_from=checkpoint)
+    assert load_device(random, "cuda:1", 2) == "cuda:1"         # drawn on the device
