@@ -34,7 +34,6 @@ import io
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -174,32 +173,6 @@ def run_baseline(ckpt: Path, results: dict, sequential_requests: int, batch: int
     torch.cuda.empty_cache()
 
 
-def model_repository_with(parameters: dict[str, dict[str, str]], dest: Path,
-                          source: Path = ROOT / "model_repository") -> Path:
-    """A copy of the model repository at `dest` whose config.pbtxt parameters are changed as given
-    ({model: {key: value}}); every key must already be in that config. Version folders are symlinks to
-    the originals, so each model.py still finds the package from its resolved path."""
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    for model in sorted(d for d in source.iterdir() if (d / "config.pbtxt").is_file()):
-        (dest / model.name).mkdir()
-        text = (model / "config.pbtxt").read_text()
-        for key, value in parameters.get(model.name, {}).items():
-            pattern = re.compile(r'(\{\s*key:\s*"' + re.escape(key) + r'"\s*value:\s*\{\s*string_value:\s*")[^"]*(")')
-            text, n = pattern.subn(lambda m: m.group(1) + value + m.group(2), text)
-            if n != 1:
-                raise ValueError(f"{model.name}/config.pbtxt has {n} parameters {key!r}, expected 1")
-        (dest / model.name / "config.pbtxt").write_text(text)
-        for version in model.iterdir():
-            if version.is_dir():
-                (dest / model.name / version.name).symlink_to(version.resolve(), target_is_directory=True)
-    missing = set(parameters) - {d.name for d in dest.iterdir()}
-    if missing:
-        raise ValueError(f"no model {sorted(missing)} in {source}")
-    return dest
-
-
 def parse_metric(text: str, name: str) -> float | None:
     """The sum over label sets of metric `name` in Prometheus text exposition, or None if absent."""
     values = [float(m.group(1)) for m in re.finditer(r"^" + re.escape(name) + r"(?:\{[^}]*\})?\s+(\S+)", text, re.M)]
@@ -244,17 +217,16 @@ def level_images(level: int, n: int) -> list[bytes]:
 
 
 def run_server(ckpt: Path, results: dict, levels: list[int], requests_per_stream: int, log_dir: Path,
-               *, key: str = "server", model_repository: Path | None = None, distinct_images: bool = False,
+               *, key: str = "server", distinct_images: bool = False,
                kv_free_timeout_s: float = 30.0, layout=None) -> None:
-    from internvl_serve.serving.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
+    from internvl_serve.serving.launcher import TritonServer
 
     image = png_bytes(test_image(0))
     log_file = log_dir / ("tritonserver.log" if key == "server" else f"tritonserver-{key}.log")
     results[key] = []
     with GpuMemoryPoller() as mem:
         t0 = time.perf_counter()
-        with TritonServer(ckpt, ready_timeout_s=900, log_file=log_file,
-                          model_repository=model_repository or DEFAULT_MODEL_REPOSITORY, layout=layout,
+        with TritonServer(ckpt, ready_timeout_s=900, log_file=log_file, layout=layout,
                           tritonserver=os.environ.get("TRITONSERVER"),
                           backend_directory=os.environ.get("TRITON_BACKENDS")) as server:
             results[f"{key}_start_s"] = time.perf_counter() - t0
@@ -466,10 +438,11 @@ def main(argv=None) -> int:
                    distinct_images=args.distinct_images, kv_free_timeout_s=args.kv_free_timeout_s)
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
     if args.int8:
-        repo = model_repository_with({"llm": {"quantization": "int8"}}, args.work / "model_repository-int8")
+        from internvl_serve.serving.layout import Layout
+
         run_server(ckpt, results, [int(x) for x in args.int8_levels.split(",")], args.requests_per_stream,
-                   args.out, key="server_int8", model_repository=repo, distinct_images=args.distinct_images,
-                   kv_free_timeout_s=args.kv_free_timeout_s)
+                   args.out, key="server_int8", layout=Layout(llm_parameters={"quantization": "int8"}),
+                   distinct_images=args.distinct_images, kv_free_timeout_s=args.kv_free_timeout_s)
     for name in args.layout:
         run_server(ckpt, results, [int(x) for x in args.levels.split(",")], args.requests_per_stream, args.out,
                    key=f"server_{name}", layout=layout_named(name), distinct_images=args.distinct_images,

@@ -26,29 +26,24 @@ def cancel_inputs(request_id: str) -> list[grpcclient.InferInput]:
     return [tensor]
 
 
-def send_cancel(url: str, request_id: str, *, ssl: bool = False, timeout_s: float = CANCEL_TIMEOUT_S) -> str | None:
-    """Ask the server to abort `request_id`; its finish_reason ("cancelled" / "not_found"), or None when
-    the server could not be asked (it is gone, or did not answer in time)."""
+def send_cancel(tc: grpcclient.InferenceServerClient, request_id: str, *,
+                timeout_s: float = CANCEL_TIMEOUT_S) -> str | None:
+    """Ask the server, over `tc` (a client with no stream open), to abort `request_id`; its finish_reason
+    ("cancelled" / "not_found"), or None when the server could not be asked (gone, or no answer in time)."""
     answers: queue.SimpleQueue = queue.SimpleQueue()
-    tc = None
     try:
-        tc = grpcclient.InferenceServerClient(url, ssl=ssl)
         tc.start_stream(callback=lambda result, error: answers.put((result, error)), stream_timeout=timeout_s)
-        tc.async_stream_infer(LLM_MODEL, cancel_inputs(request_id), request_id=f"cancel-{request_id}")
-        result, error = answers.get(timeout=timeout_s)
+        try:
+            tc.async_stream_infer(LLM_MODEL, cancel_inputs(request_id), request_id=f"cancel-{request_id}")
+            result, error = answers.get(timeout=timeout_s)
+        finally:
+            tc.stop_stream(cancel_requests=False)
         if error is not None:
             return None
         reason = result.as_numpy("finish_reason")
         return reason[0].decode() if reason is not None and len(reason) else None
     except Exception:  # noqa: BLE001 - best effort: the caller is already leaving
         return None
-    finally:
-        if tc is not None:
-            try:
-                tc.stop_stream(cancel_requests=False)
-                tc.close()
-            except Exception:  # noqa: BLE001
-                pass
 
 
 async def send_cancel_async(client, request_id: str, *, timeout_s: float = CANCEL_TIMEOUT_S) -> str | None:

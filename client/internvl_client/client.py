@@ -289,9 +289,9 @@ class Client:
                 # Finished: half-close, the server has nothing left to send. Otherwise (break, close,
                 # exception, KeyboardInterrupt) cancel the RPC: Triton cancels the request.
                 tc.stop_stream(cancel_requests=not finished)
-                self._release(tc)
                 if not finished and not failed:  # left early: abort it in the running llm step too
-                    send_cancel(self.url, request_id, ssl=self._ssl)
+                    send_cancel(tc, request_id)
+                self._release(tc)
 
     @staticmethod
     def _next_response(responses: queue.SimpleQueue, tc: grpcclient.InferenceServerClient) -> tuple:

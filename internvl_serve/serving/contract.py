@@ -496,22 +496,18 @@ def response_arrays(text: str, finish_reason: str, num_input_tokens: int, num_ou
 # ---- the cancellation side channel of the llm model ---------------------------------------------------
 
 CANCEL_INPUT = "cancel_request_id"  # BYTES [1]: a request to the llm model that aborts another (llm.py)
-
-
-def cancel_request_id(array: np.ndarray) -> str:
-    """The id in a cancellation request's `cancel_request_id` tensor (one UTF-8 string)."""
-    array = np.asarray(array)
-    if array.size != 1 or array.dtype != object:
-        raise InvalidInput(f"input '{CANCEL_INPUT}' must be one BYTES string, got shape {list(array.shape)}")
-    value = array.reshape(-1)[0]
-    text = _as_text(CANCEL_INPUT, value)
-    if not text.strip():
-        raise InvalidInput(f"input '{CANCEL_INPUT}' is empty")
-    return text
-
-
 CANCEL = TensorSpec(CANCEL_INPUT, "BYTES", (1,), optional=True,
                     doc="llm model only: abort the running request sent with this request id")
 # The llm model's inputs. Triton sees all of them as optional, so that a request holding only
 # cancel_request_id passes; parse_llm_request names a missing required one.
 LLM_INPUTS: tuple[TensorSpec, ...] = (INPUT_IDS, IMAGE_EMBEDS, CHAT_INPUTS[0], *GENERATION_INPUTS, CANCEL)
+
+
+def cancel_request_id(inputs: Mapping[str, np.ndarray]) -> str | None:
+    """The id a request to the llm model asks to cancel; None when it is not a cancellation request."""
+    if CANCEL_INPUT not in inputs:
+        return None
+    text = _as_text(CANCEL_INPUT, _scalar(inputs, CANCEL))
+    if not text.strip():
+        raise InvalidInput(f"input '{CANCEL_INPUT}' is empty")
+    return text

@@ -3,6 +3,7 @@ generate_stream (server-sent events) with plain `requests`. Every wait has a dea
 server that died (failing with the server log's tail) instead of hanging."""
 from __future__ import annotations
 
+import io
 import json
 import queue
 import threading
@@ -153,3 +154,37 @@ def mjpeg_avi(frames, fps: int = 8) -> bytes:
         offset += len(c)
     body = b"AVI " + hdrl + riff_list(b"movi", b"".join(chunks)) + chunk(b"idx1", b"".join(index))
     return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def image_bytes(seed: int, size=(96, 80), fmt="PNG") -> bytes:
+    """A distinct random image per seed (noise survives the resize to 448, so answers differ)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def in_parallel(calls) -> list:
+    """Each zero-argument call on its own thread, all started at once; their results in order. The first
+    exception (pytest.fail's included, which are BaseExceptions) is raised here."""
+    calls = list(calls)
+    results = [None] * len(calls)
+    errors = []
+
+    def one(i):
+        try:
+            results[i] = calls[i]()
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results

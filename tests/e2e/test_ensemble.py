@@ -8,7 +8,6 @@ the server going on), and cancellation.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import re
 import threading
@@ -19,7 +18,8 @@ import requests
 import torch
 from PIL import Image
 
-from e2e_client import make_inputs, mjpeg_avi, sse_chat, stream_chat, stream_chat_to, wait_for
+from e2e_client import (image_bytes, in_parallel, make_inputs, mjpeg_avi, sse_chat, stream_chat,  # noqa: F401
+                        stream_chat_to, wait_for)  # (image_bytes: used here and by other modules)
 
 MAX_TOKENS = 12  # short answers keep the module fast on 2 cores
 
@@ -55,15 +55,6 @@ def oracle(tiny_checkpoint):
                                   history=history, num_patches_list=num_patches_list)
 
     return chat
-
-
-def image_bytes(seed: int, size=(96, 80), fmt="PNG") -> bytes:
-    """A distinct random image per seed (noise survives the resize to 448, so answers differ)."""
-    rng = np.random.default_rng(seed)
-    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
 
 
 def ask(server, question, images=(), **extra):
@@ -141,24 +132,8 @@ def test_video_eight_frames(server, oracle):
 
 def run_concurrently(server, requests_: list[dict]) -> list:
     """Each request on its own thread and gRPC stream, all sent at once."""
-    answers = [None] * len(requests_)
-    errors = []
-
-    def one(i):
-        try:
-            answers[i] = stream_chat(server, make_inputs(**requests_[i]), request_id=f"r{i}")
-        except BaseException as e:  # surfaced below (pytest.fail raises BaseException)
-            errors.append(e)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests_))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return answers
-
+    return in_parallel(lambda i=i, r=r: stream_chat(server, make_inputs(**r), request_id=f"r{i}")
+                       for i, r in enumerate(requests_))
 
 def test_a_batch_of_different_requests_at_once(server, oracle):
     cases = [

@@ -8,42 +8,24 @@ from __future__ import annotations
 import json
 import re
 import threading
-from pathlib import Path
 
 import pytest
 import requests
 import torch
 
-from e2e_client import make_inputs, stream_chat, wait_for
+from e2e_client import image_bytes, make_inputs, stream_chat, wait_for
 from internvl_serve.serving.launcher import TritonServer
+from internvl_serve.serving.layout import Layout
 
 MAX_TOKENS = 12
-ROOT = Path(__file__).resolve().parents[2]
 TILE_MIB = 256 * 128 * 4 / 2**20  # tiny checkpoint: 256 image tokens x hidden 128, float32 on the CPU
-
-
-def repository_with(parameters: dict[str, dict[str, str]], dest: Path) -> Path:
-    """model_repository with some config.pbtxt parameter values changed; version folders are symlinks, so
-    the adapters still find the package from their resolved path."""
-    source = ROOT / "model_repository"
-    for model in (d for d in source.iterdir() if (d / "config.pbtxt").is_file()):
-        (dest / model.name).mkdir(parents=True)
-        text = (model / "config.pbtxt").read_text()
-        for key, value in parameters.get(model.name, {}).items():
-            pattern = r'(key:\s*"' + key + r'"\s*value:\s*\{\s*string_value:\s*")[^"]*"'
-            text, n = re.subn(pattern, r"\g<1>" + value + '"', text)
-            assert n == 1, (model.name, key)
-        (dest / model.name / "config.pbtxt").write_text(text)
-        for version in (v for v in model.iterdir() if v.is_dir()):
-            (dest / model.name / version.name).symlink_to(version.resolve(), target_is_directory=True)
-    return dest
 
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory):
     work = tmp_path_factory.mktemp("vision-cache")
-    repo = repository_with({"vision": {"image_cache_mb": f"{2.4 * TILE_MIB:.4f}"}}, work / "repo")
-    with TritonServer(tiny_checkpoint, model_repository=repo, log_file=work / "server.log", exit_timeout_s=5,
+    layout = Layout(vision_parameters={"image_cache_mb": f"{2.4 * TILE_MIB:.4f}"})
+    with TritonServer(tiny_checkpoint, layout=layout, log_file=work / "server.log", exit_timeout_s=5,
                       ready_timeout_s=300) as s:
         yield s
 
@@ -67,18 +49,6 @@ def oracle(tiny_checkpoint):
                                   dict(max_new_tokens=MAX_TOKENS, do_sample=False), history=history)
 
     return chat
-
-
-def image_bytes(seed: int) -> bytes:
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def ask(server, question, images, **extra) -> str:

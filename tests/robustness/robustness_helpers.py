@@ -24,7 +24,7 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
-from e2e_client import Answer, make_inputs, mjpeg_avi  # noqa: E402,F401  (re-exported)
+from e2e_client import Answer, image_bytes, in_parallel, make_inputs, mjpeg_avi  # noqa: E402,F401  (re-exported)
 
 from internvl_serve.serving.contract import ENSEMBLE  # noqa: E402
 from internvl_serve.serving.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer  # noqa: E402
@@ -203,14 +203,6 @@ def stub_pid(server, instance: str) -> int:
 
 
 # ---- images --------------------------------------------------------------------------------------------
-
-
-def image_bytes(seed: int, size=(96, 80), fmt="PNG") -> bytes:
-    rng = np.random.default_rng(seed)
-    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:

@@ -28,7 +28,7 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 
-from robustness_helpers import (Traffic, assert_answer, chat_inputs, image_bytes, metric, repository_copy,
+from robustness_helpers import (Traffic, assert_answer, chat_inputs, image_bytes, in_parallel, metric, repository_copy,
                                 running_server, send, stub_pid, wait_until)
 
 LONG = 1500  # tokens of the generations that are cut off (several seconds on the tiny model)
@@ -57,23 +57,8 @@ def long_inputs(i: int = 0, max_tokens: int = LONG):
 
 def run_all(server, inputs_list, **kwargs) -> list:
     """Each request on its own thread and gRPC stream, all sent at once."""
-    answers = [None] * len(inputs_list)
-    errors = []
-
-    def one(i):
-        try:
-            answers[i] = send(server, inputs_list[i], request_id=f"burst-{i}", **kwargs)
-        except BaseException as e:  # surfaced below (pytest.fail raises BaseException)
-            errors.append(e)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(inputs_list))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return answers
+    return in_parallel(lambda i=i, inputs=inputs: send(server, inputs, request_id=f"burst-{i}", **kwargs)
+                       for i, inputs in enumerate(inputs_list))
 
 
 # ---- one server: disconnects, a burst, a shutdown ------------------------------------------------------

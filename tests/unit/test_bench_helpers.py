@@ -1,6 +1,6 @@
-"""bench/benchmark.py's CPU-side helpers, so the GPU run does not find their bugs: the model-repository copy
-with one llm parameter changed (the --int8 run), the Prometheus parse and the KV-blocks-free poll after the
-run, and the targets table of results.md."""
+"""bench/benchmark.py's CPU-side helpers, so the GPU run does not find their bugs: the Prometheus parse and
+the KV-blocks-free poll after the run, and the targets table of results.md. (The --int8 run's model
+repository is serving/layout.py's, tested in test_layout.py.)"""
 from __future__ import annotations
 
 import importlib.util
@@ -8,8 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2 as mc
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,26 +77,6 @@ def test_kv_poll_gives_up_at_the_deadline_and_when_absent(bench):
     clock = FakeClock()
     out = bench.kv_blocks_after_run("u", 2, read=refused, clock=clock, wait=clock.wait)
     assert out["kv_blocks_used_after"] is None and "ConnectionRefusedError" in out["metrics_error"]
-
-
-def test_model_repository_copy_with_int8(bench, tmp_path):
-    repo = bench.model_repository_with({"llm": {"quantization": "int8"}}, tmp_path / "repo")
-    names = {d.name for d in repo.iterdir()}
-    assert names == {d.name for d in (ROOT / "model_repository").iterdir() if (d / "config.pbtxt").is_file()}
-    for name in names:
-        config = text_format.Parse((repo / name / "config.pbtxt").read_text(), mc.ModelConfig())
-        original = text_format.Parse((ROOT / "model_repository" / name / "config.pbtxt").read_text(), mc.ModelConfig())
-        if name == "llm":
-            assert config.parameters["quantization"].string_value == "int8"
-            config.parameters["quantization"].string_value = original.parameters["quantization"].string_value
-        assert config == original, name
-    model_py = repo / "llm" / "1" / "model.py"
-    assert model_py.resolve() == (ROOT / "model_repository" / "llm" / "1" / "model.py").resolve()
-    assert model_py.resolve().parents[3] == ROOT   # where the adapters look for the package
-    with pytest.raises(ValueError, match="0 parameters 'no_such_key'"):
-        bench.model_repository_with({"llm": {"no_such_key": "1"}}, tmp_path / "bad")
-    with pytest.raises(ValueError, match="no model"):
-        bench.model_repository_with({"nope": {}}, tmp_path / "bad2")
 
 
 def row(streams, tok_s, ttft, itl, errors=0):

@@ -16,7 +16,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from internvl_serve.serving.contract import CANCEL_INPUT, cancel_request_id, parse_llm_request, response_arrays
+from internvl_serve.serving.contract import cancel_request_id, parse_llm_request, response_arrays
 from internvl_serve.engine.errors import EngineBusy
 from internvl_serve.serving.device import instance_device
 from internvl_serve.serving.llm import LLMService
@@ -64,16 +64,14 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             sink = TritonSink(request.get_response_sender())
-            cancel = pb_utils.get_input_tensor_by_name(request, CANCEL_INPUT)
-            if cancel is not None:  # the cancellation side channel (LLMService.cancel)
-                try:
-                    aborted = self.service.cancel(cancel_request_id(cancel.as_numpy()))
-                    sink.send(response_arrays("", "cancelled" if aborted else "not_found", 0, 0), final=True)
-                except self.client_errors as e:
-                    sink.fail(str(e), pb_utils.TritonError.INVALID_ARG)
-                continue
+            inputs = {t.name(): t.as_numpy() for t in request.inputs()}
             try:
-                parsed = parse_llm_request({t.name(): t.as_numpy() for t in request.inputs()})
+                cancel_id = cancel_request_id(inputs)
+                if cancel_id is not None:  # the cancellation side channel (LLMService.cancel)
+                    aborted = self.service.cancel(cancel_id)
+                    sink.send(response_arrays("", "cancelled" if aborted else "not_found", 0, 0), final=True)
+                    continue
+                parsed = parse_llm_request(inputs)
                 self.service.submit(self.service.new_request_id(request.request_id()), parsed, sink)
             except self.client_errors as e:
                 sink.fail(str(e), pb_utils.TritonError.INVALID_ARG)
