@@ -33,12 +33,10 @@ import gc
 import io
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +46,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "loadtest"))
 
 from internvl_serve import reference  # noqa: E402
 from internvl_serve.checkpoint import load_model  # noqa: E402
@@ -57,11 +56,8 @@ from internvl_serve.tokenizer import load_tokenizer  # noqa: E402
 from internvl_serve.imageproc import to_pixel_values  # noqa: E402
 
 import loadgen  # noqa: E402
+from servermetrics import kv_blocks_after_run  # noqa: E402
 
-KV_BLOCKS_USED = "internvl_kv_cache_blocks_used"   # serving/metrics.py's names
-KV_BLOCKS_TOTAL = "internvl_kv_cache_blocks_total"
-IMAGE_CACHE_HITS = "internvl_image_cache_hits_total"
-IMAGE_CACHE_MISSES = "internvl_image_cache_misses_total"
 
 QUESTION = ("Please describe this image in detail: the objects, their colours, where they are, "
             "and what is happening in the scene right now.")   # ~30 tokens
@@ -171,44 +167,6 @@ def run_baseline(ckpt: Path, results: dict, sequential_requests: int, batch: int
     del model
     gc.collect()
     torch.cuda.empty_cache()
-
-
-def parse_metric(text: str, name: str) -> float | None:
-    """The sum over label sets of metric `name` in Prometheus text exposition, or None if absent."""
-    values = [float(m.group(1)) for m in re.finditer(r"^" + re.escape(name) + r"(?:\{[^}]*\})?\s+(\S+)", text, re.M)]
-    return sum(values) if values else None
-
-
-def read_metrics(url: str, timeout_s: float = 5.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout_s) as response:
-        return response.read().decode()
-
-
-def kv_blocks_after_run(metrics_url: str, timeout_s: float = 30.0, period_s: float = 0.5,
-                        read=read_metrics, clock=time.monotonic, wait=time.sleep) -> dict:
-    """Poll the llm's KV gauge until it reads 0 or timeout_s passes (the model pushes its gauges every
-    0.5 s). {"kv_blocks_used_after": N | None, "kv_blocks_total": M | None, ...}; None: not available."""
-    deadline = clock() + timeout_s
-    used = total = hits = misses = None
-    error = None
-    while True:
-        try:
-            text = read(metrics_url)
-            used, total = parse_metric(text, KV_BLOCKS_USED), parse_metric(text, KV_BLOCKS_TOTAL)
-            hits, misses = parse_metric(text, IMAGE_CACHE_HITS), parse_metric(text, IMAGE_CACHE_MISSES)
-            error = None
-        except Exception as e:  # noqa: BLE001 - a missing endpoint is recorded, not fatal
-            error = f"{type(e).__name__}: {e}"
-        if used == 0 or used is None and error is None or clock() >= deadline:
-            break
-        wait(period_s)
-    out = {"kv_blocks_used_after": None if used is None else int(used),
-           "kv_blocks_total": None if total is None else int(total),
-           "image_cache_hits": None if hits is None else int(hits),
-           "image_cache_misses": None if misses is None else int(misses)}
-    if error:
-        out["metrics_error"] = error
-    return out
 
 
 def level_images(level: int, n: int) -> list[bytes]:

@@ -6,10 +6,13 @@ throughput decay and memory growth (docs/loadtest.md).
 
 Every --interval it records one row: requests ended and errors in the interval, output tokens/s,
 TTFT p50/p95, the mean ITL, streams in flight, the server's RSS (the tritonserver process tree, read
-from /proc) and GPU memory (nvidia-smi, when present). Writes, in --out: soak.csv (the rows, written
-as they come), soak.json (settings, rows, summary) and soak.md (the summary: errors, throughput of the
-first vs the last interval, RSS and GPU memory min / max / drift). Exit status: 0 when no request
-failed and the server still runs, 1 otherwise, 2 for bad usage or no server.
+from /proc), GPU memory (nvidia-smi, when present) and, given the server's metrics endpoint
+(--metrics-url; with --launch its own), the llm's KV blocks in use and requests running / waiting.
+Once the streams stop, the KV gauge must come back to 0 (blocks still held are a leak). Writes, in
+--out: soak.csv (the rows, written as they come), soak.json (settings, rows, summary) and soak.md (the
+summary: errors, throughput of the first vs the last interval, RSS and GPU memory min / max / drift,
+the KV check). Exit status: 0 when no request failed, the server still runs and no KV block is left
+held; 1 otherwise; 2 for bad usage or no server.
 
 Streams are threads, each with its own `internvl_client.Client`, running the workload's chat mix
 (workload.py; the same --weight-* and media options as the Locust file) back to back. Without
@@ -36,11 +39,14 @@ from typing import Any
 from internvl_client import Client
 
 from procstats import find_pids_by_name, gpu_memory, tree_rss
+from servermetrics import KV_BLOCKS_USED, REQUESTS_RUNNING, REQUESTS_WAITING, kv_blocks_after_run, read_values
 from workload import InFlight, Media, RequestResult, Workload, add_workload_arguments, load_media, parse_url
 
 FIELDS = ("t_s", "interval_s", "requests", "errors", "output_tokens", "output_tokens_per_s", "ttft_p50_ms",
           "ttft_p95_ms", "itl_mean_ms", "in_flight", "server_rss_mib", "server_processes", "gpu_mem_used_mib",
-          "gpu_mem_server_mib")
+          "gpu_mem_server_mib", "kv_blocks_used", "requests_running", "requests_waiting")
+GAUGES = {"kv_blocks_used": KV_BLOCKS_USED, "requests_running": REQUESTS_RUNNING,
+          "requests_waiting": REQUESTS_WAITING}
 MIB = 1024 * 1024
 
 
@@ -64,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="start tritonserver on this checkpoint (free ports on 127.0.0.1), stop it at the end")
     p.add_argument("--ready-timeout", type=float, default=1800.0, help="with --launch: seconds to wait for the models")
     p.add_argument("--server-pid", type=int, default=None, help="pid of tritonserver (default: found by name)")
+    p.add_argument("--metrics-url", default=None,
+                   help="the server's Prometheus endpoint, e.g. http://127.0.0.1:8002/metrics (with --launch: "
+                        "its own): KV blocks and requests running / waiting per row, and the KV check at the end")
     p.add_argument("--streams", type=int, default=64, help="concurrent streams")
     p.add_argument("--duration", type=parse_duration, default=1800.0, help="how long (600, 45s, 30m, 1h)")
     p.add_argument("--interval", type=parse_duration, default=30.0, help="one row every ...")
@@ -116,13 +125,14 @@ def _round(value: float | None, digits: int = 1) -> float | None:
 
 
 def sample(t_s: float, interval_s: float, results: list[RequestResult], in_flight: int,
-           server_pid: int | None) -> dict[str, Any]:
+           server_pid: int | None, metrics_url: str | None = None) -> dict[str, Any]:
     """One row of the time series."""
     ok = [r for r in results if r.error is None]
     tokens = sum(r.output_tokens for r in ok)
     itls = [r.itl_s for r in ok if r.itl_s is not None]
     rss = tree_rss(server_pid) if server_pid else None
     gpu = gpu_memory(rss.pids if rss else ())
+    gauges = read_values(metrics_url, tuple(GAUGES.values())) if metrics_url else {}
     return {
         "t_s": round(t_s, 1), "interval_s": round(interval_s, 2), "requests": len(results),
         "errors": len(results) - len(ok), "output_tokens": tokens,
@@ -135,6 +145,7 @@ def sample(t_s: float, interval_s: float, results: list[RequestResult], in_fligh
         "server_processes": rss.processes if rss else None,
         "gpu_mem_used_mib": gpu.used_mib if gpu else None,
         "gpu_mem_server_mib": gpu.server_mib if gpu else None,
+        **{key: None if gauges.get(name) is None else int(gauges[name]) for key, name in GAUGES.items()},
     }
 
 
@@ -147,7 +158,9 @@ def _spread(rows: list[dict], key: str) -> dict[str, float] | None:
 
 
 def summarize(rows: list[dict], errors: Counter, requests: int, output_tokens: int, elapsed_s: float,
-              server_alive: bool | None) -> dict[str, Any]:
+              server_alive: bool | None, after: dict | None = None) -> dict[str, Any]:
+    """`after`: the KV check once the streams stopped (servermetrics.kv_blocks_after_run), None without
+    a metrics URL; blocks still held then fail the soak (a leak), an unreadable gauge does not."""
     first, last = (rows[0]["output_tokens_per_s"], rows[-1]["output_tokens_per_s"]) if rows else (None, None)
     n_errors = sum(errors.values())
     return {
@@ -161,7 +174,9 @@ def summarize(rows: list[dict], errors: Counter, requests: int, output_tokens: i
         "gpu_mem_used_mib": _spread(rows, "gpu_mem_used_mib"),
         "gpu_mem_server_mib": _spread(rows, "gpu_mem_server_mib"),
         "server_alive": server_alive,
-        "ok": n_errors == 0 and server_alive is not False and requests > 0,
+        "kv_after": after,
+        "ok": n_errors == 0 and server_alive is not False and requests > 0
+        and not (after or {}).get("kv_blocks_used_after"),
     }
 
 
@@ -181,7 +196,8 @@ def markdown(summary: dict[str, Any], settings: dict[str, Any]) -> str:
         f"- output tokens/s: mean {summary['output_tokens_per_s_mean']}, first interval "
         f"{summary['output_tokens_per_s_first_interval']}, last interval "
         f"{summary['output_tokens_per_s_last_interval']} (change {summary['throughput_change_pct']} %)\n",
-        f"- server process still running at the end: {summary['server_alive']}\n\n",
+        f"- server process still running at the end: {summary['server_alive']}\n",
+        f"- KV-cache blocks in use once the streams stopped: {kv_after_text(summary['kv_after'])}\n\n",
         "| memory (MiB) | min | max | first -> last | drift |\n|---|---|---|---|---|\n",
         spread("server RSS (process tree)", "server_rss_mib"),
         spread("GPU memory used (device)", "gpu_mem_used_mib"),
@@ -191,6 +207,14 @@ def markdown(summary: dict[str, Any], settings: dict[str, Any]) -> str:
         lines.append("\n| errors | count |\n|---|---|\n")
         lines += [f"| {e['error'][:200].replace('|', '/')} | {e['count']} |\n" for e in summary["error_samples"]]
     return "".join(lines)
+
+
+def kv_after_text(after: dict | None) -> str:
+    if after is None:
+        return "not checked (no --metrics-url)"
+    if after.get("kv_blocks_used_after") is None:
+        return "not available" + (f" ({after['metrics_error']})" if after.get("metrics_error") else "")
+    return f"**{after['kv_blocks_used_after']}** of {after['kv_blocks_total']}"
 
 
 def resolve_server_pid(args: argparse.Namespace) -> int | None:
@@ -211,7 +235,7 @@ def error_text(result: RequestResult) -> str:
 
 
 def run(args: argparse.Namespace, media: Media, url: str, ssl: bool, server_pid: int | None,
-        out: Path) -> tuple[list[dict], dict[str, Any]]:
+        out: Path, metrics_url: str | None = None) -> tuple[list[dict], dict[str, Any]]:
     """Drive the streams, write soak.csv as rows come; returns the rows and the summary."""
     in_flight, recorder, stop = InFlight(), Recorder(), threading.Event()
     workloads = [Workload(args, media, rng=random.Random(args.seed + i), in_flight=in_flight)
@@ -244,7 +268,7 @@ def run(args: argparse.Namespace, media: Media, url: str, ssl: bool, server_pid:
                 now = time.monotonic()
                 results = recorder.take()
                 account(results)
-                row = sample(now - start, now - last_tick, results, in_flight.now, server_pid)
+                row = sample(now - start, now - last_tick, results, in_flight.now, server_pid, metrics_url)
                 rows.append(row)
                 writer.writerow(row)
                 f.flush()
@@ -269,7 +293,8 @@ def run(args: argparse.Namespace, media: Media, url: str, ssl: bool, server_pid:
         errors[f"{stuck} streams did not end within the request timeout"] += stuck
     if server_pid is not None and tree_rss(server_pid) is None:
         server_alive = False
-    return rows, summarize(rows, errors, totals["requests"], totals["tokens"], elapsed, server_alive)
+    after = kv_blocks_after_run(metrics_url) if metrics_url and server_alive is not False else None
+    return rows, summarize(rows, errors, totals["requests"], totals["tokens"], elapsed, server_alive, after)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"soak: {e}", file=sys.stderr)
                 return 2
             url, ssl, server_pid = server.grpc_url, False, server.pid
+            metrics_url = args.metrics_url or server.metrics_url
         else:
+            metrics_url = args.metrics_url
             try:
                 server_pid = resolve_server_pid(args)
             except ValueError as e:
@@ -307,14 +334,14 @@ def main(argv: list[str] | None = None) -> int:
             if not client.is_ready():
                 print(f"soak: no ready internvl_chat at {url}", file=sys.stderr)
                 return 2
-        settings = {"url": url, "streams": args.streams, "duration_s": args.duration, "interval_s": args.interval,
+        settings = {"url": url, "metrics_url": metrics_url, "streams": args.streams, "duration_s": args.duration, "interval_s": args.interval,
                     "server_pid": server_pid, "launch": str(args.launch) if args.launch else None,
                     "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "max_new_tokens": args.max_new_tokens,
                     "mix": ", ".join(f"{k}={w:g}" for k, w in mix.items()),
                     "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
         print(f"soak: {args.streams} streams against {url} for {args.duration:g} s, server pid {server_pid}; "
               f"writing {out}", flush=True)
-        rows, summary = run(args, media, url, ssl, server_pid, out)
+        rows, summary = run(args, media, url, ssl, server_pid, out, metrics_url)
     (out / "soak.json").write_text(json.dumps({"settings": settings, "rows": rows, "summary": summary}, indent=1))
     (out / "soak.md").write_text(markdown(summary, settings))
     print((out / "soak.md").read_text())

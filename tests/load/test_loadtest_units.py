@@ -126,6 +126,24 @@ def test_durations_and_percentiles():
     assert soak.percentile([], 50) is None
 
 
+def test_soak_fails_on_kv_blocks_held_after_the_run():
+    """The soak's verdict: KV blocks still held once every stream stopped are a leak; an unreadable
+    gauge (or no metrics URL) is reported, not failed."""
+    from collections import Counter
+
+    row = {"output_tokens_per_s": 10.0, "server_rss_mib": 100.0, "gpu_mem_used_mib": None,
+           "gpu_mem_server_mib": None}
+    settings = {"streams": 2, "url": "u", "interval_s": 1, "started": "s", "max_new_tokens": 8, "mix": "text=1"}
+    for after, ok, text in [({"kv_blocks_used_after": 0, "kv_blocks_total": 64}, True, "**0** of 64"),
+                            ({"kv_blocks_used_after": 3, "kv_blocks_total": 64}, False, "**3** of 64"),
+                            ({"kv_blocks_used_after": None, "kv_blocks_total": None, "metrics_error": "refused"},
+                             True, "not available (refused)"),
+                            (None, True, "not checked")]:
+        summary = soak.summarize([row], Counter(), 5, 50, 1.0, True, after)
+        assert summary["ok"] is ok, after
+        assert text in soak.markdown(summary, settings)
+
+
 def test_gpu_memory_from_nvidia_smi(tmp_path, monkeypatch):
     """procstats reads nvidia-smi's CSV (a stand-in script here: this machine has no GPU)."""
     smi = tmp_path / "nvidia-smi"

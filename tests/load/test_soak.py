@@ -21,12 +21,13 @@ from internvl_serve.serving.launcher import free_port
 
 @pytest.fixture(scope="module")
 def launched(tiny_checkpoint, tmp_path_factory):
-    """The launcher CLI serving the tiny checkpoint: (gRPC url, tritonserver pid). Stopped with Ctrl-C."""
+    """The launcher CLI serving the tiny checkpoint: (gRPC url, metrics url, tritonserver pid). Stopped
+    with Ctrl-C."""
     log = tmp_path_factory.mktemp("launcher") / "server.log"
-    grpc_port = free_port()
+    grpc_port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "internvl_serve.serving.launcher", "--checkpoint", str(tiny_checkpoint),
-         "--grpc-port", str(grpc_port), "--http-port", str(free_port()), "--metrics-port", str(free_port()),
+         "--grpc-port", str(grpc_port), "--http-port", str(free_port()), "--metrics-port", str(metrics_port),
          "--log-file", str(log), "--exit-timeout-secs", "5", "--ready-timeout", "300"],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
         start_new_session=True)
@@ -39,7 +40,7 @@ def launched(tiny_checkpoint, tmp_path_factory):
         assert proc.poll() is None, "".join(lines)
         servers = [pid for pid in process_tree(proc.pid) if Path(f"/proc/{pid}/comm").read_text().strip() == "tritonserver"]
         assert len(servers) == 1, servers
-        yield f"127.0.0.1:{grpc_port}", servers[0]
+        yield f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", servers[0]
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -51,9 +52,10 @@ def launched(tiny_checkpoint, tmp_path_factory):
 
 
 def test_short_soak_against_the_launcher(launched, tmp_path):
-    url, server_pid = launched
+    url, metrics_url, server_pid = launched
     out = tmp_path / "soak"
-    run = run_tool(["loadtest/soak.py", "--url", url, "--server-pid", str(server_pid), "--streams", "4",
+    run = run_tool(["loadtest/soak.py", "--url", url, "--server-pid", str(server_pid), "--metrics-url", metrics_url,
+                    "--streams", "4",
                     "--duration", "10s", "--interval", "2s", "--max-new-tokens", "8", "--num-segments", "2",
                     "--num-images", "4", "--video-frames", "4", "--out", str(out)], timeout_s=120)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
@@ -64,11 +66,16 @@ def test_short_soak_against_the_launcher(launched, tmp_path):
     assert sum(int(r["requests"]) for r in rows) > 0 and sum(float(r["output_tokens_per_s"]) for r in rows) > 0
     # tritonserver and its Python backend stubs (preprocess x2, vision, llm)
     assert all(float(r["server_rss_mib"]) > 0 and int(r["server_processes"]) >= 2 for r in rows), rows
+    # the llm's gauges, scraped every row: 4 streams at most, never queued beyond them
+    assert all(r["kv_blocks_used"] != "" and 0 <= int(r["requests_running"]) <= 4 for r in rows), rows
+    assert any(int(r["kv_blocks_used"]) > 0 for r in rows), rows
     data = json.loads((out / "soak.json").read_text())
     summary = data["summary"]
     assert summary["ok"] and summary["errors"] == 0 and summary["server_alive"] is True
+    assert summary["kv_after"]["kv_blocks_used_after"] == 0 and summary["kv_after"]["kv_blocks_total"] > 0
     assert summary["requests"] >= sum(int(r["requests"]) for r in rows)
     assert summary["server_rss_mib"]["min"] > 0 and len(data["rows"]) == 5
     assert data["settings"]["server_pid"] == server_pid
     report = (out / "soak.md").read_text()
     assert report.startswith("# Soak: OK") and "server RSS" in report
+    assert "KV-cache blocks in use once the streams stopped: **0** of " in report

@@ -17,5 +17,9 @@ def test_soak_launches_and_stops_its_server(tiny_checkpoint, tmp_path):
     data = json.loads((out / "soak.json").read_text())
     assert data["summary"]["ok"] and len(data["rows"]) == 2
     assert all(row["server_rss_mib"] > 0 for row in data["rows"])
+    # its own metrics port, without --metrics-url: the gauges per row and the KV check at the end
+    assert data["settings"]["metrics_url"].endswith("/metrics")
+    assert all(row["kv_blocks_used"] is not None for row in data["rows"])
+    assert data["summary"]["kv_after"]["kv_blocks_used_after"] == 0
     assert (out / "server.log").stat().st_size > 0
     assert tree_rss(data["settings"]["server_pid"]) is None  # the server it launched is gone

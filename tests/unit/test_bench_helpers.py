@@ -1,6 +1,6 @@
-"""bench/benchmark.py's CPU-side helpers, so the GPU run does not find their bugs: the Prometheus parse and
-the KV-blocks-free poll after the run, and the targets table of results.md. (The --int8 run's model
-repository is serving/layout.py's, tested in test_layout.py.)"""
+"""bench/benchmark.py's CPU-side helpers, so the GPU run does not find their bugs: the targets table of
+results.md. (The Prometheus parse and the KV-blocks-free poll are loadtest/servermetrics.py's, tested in
+test_servermetrics.py; the --int8 run's model repository is serving/layout.py's, tested in test_layout.py.)"""
 from __future__ import annotations
 
 import importlib.util
@@ -19,64 +19,6 @@ def bench():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-METRICS = """# HELP internvl_kv_cache_blocks_used Paged KV-cache blocks held by requests
-# TYPE internvl_kv_cache_blocks_used gauge
-internvl_kv_cache_blocks_used{model="llm",version="1"} 7
-internvl_kv_cache_blocks_total{model="llm",version="1"} 4096
-internvl_image_cache_hits_total{model="vision",version="1"} 126
-nv_inference_count{model="llm",version="1"} 130
-"""
-
-
-def test_parse_metric(bench):
-    assert bench.parse_metric(METRICS, "internvl_kv_cache_blocks_used") == 7
-    assert bench.parse_metric(METRICS, "internvl_kv_cache_blocks_total") == 4096
-    assert bench.parse_metric(METRICS + 'internvl_kv_cache_blocks_used{model="llm",version="2"} 3\n',
-                              "internvl_kv_cache_blocks_used") == 10          # summed over label sets
-    assert bench.parse_metric(METRICS, "internvl_kv_cache_blocks") is None    # a prefix is not a name
-    assert bench.parse_metric("nv_x 1\n", "internvl_kv_cache_blocks_used") is None
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
-
-    def wait(self, s):
-        self.now += s
-
-
-def test_kv_poll_until_free(bench):
-    readings = iter([7, 2, 0, 5])
-    clock = FakeClock()
-    calls = []
-
-    def read(url):
-        calls.append(url)
-        return METRICS.replace("} 7", f"}} {next(readings)}")
-
-    out = bench.kv_blocks_after_run("http://m/metrics", 30, read=read, clock=clock, wait=clock.wait)
-    assert out["kv_blocks_used_after"] == 0 and out["kv_blocks_total"] == 4096 and len(calls) == 3
-    assert out["image_cache_hits"] == 126 and out["image_cache_misses"] is None
-
-
-def test_kv_poll_gives_up_at_the_deadline_and_when_absent(bench):
-    clock = FakeClock()
-    out = bench.kv_blocks_after_run("u", 5, read=lambda u: METRICS, clock=clock, wait=clock.wait)
-    assert out["kv_blocks_used_after"] == 7 and 5 <= clock.now <= 5.5
-    clock = FakeClock()
-    out = bench.kv_blocks_after_run("u", 5, read=lambda u: "nv_x 1\n", clock=clock, wait=clock.wait)
-    assert out["kv_blocks_used_after"] is None and clock.now == 0             # not exported: no waiting
-
-    def refused(url):
-        raise ConnectionRefusedError("no metrics port")
-    clock = FakeClock()
-    out = bench.kv_blocks_after_run("u", 2, read=refused, clock=clock, wait=clock.wait)
-    assert out["kv_blocks_used_after"] is None and "ConnectionRefusedError" in out["metrics_error"]
 
 
 def row(streams, tok_s, ttft, itl, errors=0):

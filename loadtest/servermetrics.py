@@ -1,0 +1,63 @@
+"""Reading the server's Prometheus metrics (the `internvl_*` families of serving/metrics.py) from its
+metrics port: a value, a few gauges at once, and the KV-cache check after a run. Standard library only,
+so the soak, the benchmark and the tests share it without torch."""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+
+KV_BLOCKS_USED = "internvl_kv_cache_blocks_used"
+KV_BLOCKS_TOTAL = "internvl_kv_cache_blocks_total"
+REQUESTS_RUNNING = "internvl_requests_running"
+REQUESTS_WAITING = "internvl_requests_waiting"
+IMAGE_CACHE_HITS = "internvl_image_cache_hits_total"
+IMAGE_CACHE_MISSES = "internvl_image_cache_misses_total"
+
+
+def parse_metric(text: str, name: str) -> float | None:
+    """The sum over label sets of metric `name` in Prometheus text exposition, or None if absent."""
+    values = [float(m.group(1)) for m in re.finditer(r"^" + re.escape(name) + r"(?:\{[^}]*\})?\s+(\S+)", text, re.M)]
+    return sum(values) if values else None
+
+
+def read_metrics(url: str, timeout_s: float = 5.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        return response.read().decode()
+
+
+def read_values(url: str, names: tuple[str, ...], read=read_metrics) -> dict[str, float | None]:
+    """{name: value or None} for each name, from one scrape; all None when the endpoint does not answer."""
+    try:
+        text = read(url)
+    except Exception:  # noqa: BLE001 - a scrape that fails is a blank, the caller goes on
+        return dict.fromkeys(names)
+    return {name: parse_metric(text, name) for name in names}
+
+
+def kv_blocks_after_run(metrics_url: str, timeout_s: float = 30.0, period_s: float = 0.5,
+                        read=read_metrics, clock=time.monotonic, wait=time.sleep) -> dict:
+    """Poll the llm's KV gauge until it reads 0 or timeout_s passes (the model pushes its gauges every
+    0.5 s). {"kv_blocks_used_after": N | None, "kv_blocks_total": M | None, ...}; None: not available."""
+    deadline = clock() + timeout_s
+    used = total = hits = misses = None
+    error = None
+    while True:
+        try:
+            text = read(metrics_url)
+            used, total = parse_metric(text, KV_BLOCKS_USED), parse_metric(text, KV_BLOCKS_TOTAL)
+            hits, misses = parse_metric(text, IMAGE_CACHE_HITS), parse_metric(text, IMAGE_CACHE_MISSES)
+            error = None
+        except Exception as e:  # noqa: BLE001 - a missing endpoint is recorded, not fatal
+            error = f"{type(e).__name__}: {e}"
+        if used == 0 or used is None and error is None or clock() >= deadline:
+            break
+        wait(period_s)
+    out = {"kv_blocks_used_after": None if used is None else int(used),
+           "kv_blocks_total": None if total is None else int(total),
+           "image_cache_hits": None if hits is None else int(hits),
+           "image_cache_misses": None if misses is None else int(misses)}
+    if error:
+        out["metrics_error"] = error
+    return out
