@@ -28,6 +28,7 @@ import json
 import math
 import random
 import re
+import signal
 import sys
 import threading
 import time
@@ -78,6 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--interval", type=parse_duration, default=30.0, help="one row every ...")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: soak-<date>-<time>)")
     p.add_argument("--seed", type=int, default=0, help="seed of the streams' task choices")
+    p.add_argument("--warmup", type=parse_duration, default=120.0,
+                   help="rows up to this time are warm-up, left out of the memory summary (not of the errors)")
+    p.add_argument("--report", type=Path, default=None, metavar="DIR",
+                   help="no run: rebuild soak.json and soak.md in DIR from the soak.csv, settings.json and "
+                        "errors.txt of a run that was cut off before its own summary")
     add_workload_arguments(p.add_argument_group("workload (loadtest/workload.py)"))
     args = p.parse_args(argv)
     if args.streams < 1 or args.duration <= 0 or args.interval <= 0:
@@ -150,17 +156,27 @@ def sample(t_s: float, interval_s: float, results: list[RequestResult], in_fligh
 
 
 def _spread(rows: list[dict], key: str) -> dict[str, float] | None:
-    values = [row[key] for row in rows if row[key] is not None]
-    if not values:
+    """min / max / first / last of a column, and its least-squares trend per minute (3 points or more)."""
+    points = [(row["t_s"], row[key]) for row in rows if row[key] is not None]
+    if not points:
         return None
+    values = [v for _, v in points]
+    trend = None
+    if len(points) >= 3:
+        mean_t, mean_v = sum(t for t, _ in points) / len(points), sum(values) / len(values)
+        var_t = sum((t - mean_t) ** 2 for t, _ in points)
+        trend = round(60 * sum((t - mean_t) * (v - mean_v) for t, v in points) / var_t, 2) if var_t else None
     return {"first": values[0], "last": values[-1], "min": min(values), "max": max(values),
-            "drift": round(values[-1] - values[0], 1)}
+            "drift": round(values[-1] - values[0], 1), "trend_per_min": trend}
 
 
 def summarize(rows: list[dict], errors: Counter, requests: int, output_tokens: int, elapsed_s: float,
-              server_alive: bool | None, after: dict | None = None) -> dict[str, Any]:
+              server_alive: bool | None, after: dict | None = None, warmup_s: float = 0.0) -> dict[str, Any]:
     """`after`: the KV check once the streams stopped (servermetrics.kv_blocks_after_run), None without
-    a metrics URL; blocks still held then fail the soak (a leak), an unreadable gauge does not."""
+    a metrics URL; blocks still held then fail the soak (a leak), an unreadable gauge does not.
+    Memory is summarized over the rows after `warmup_s` (all rows when none is later): start-up work,
+    such as torch.compile's worker processes, is not growth."""
+    steady = [row for row in rows if row["t_s"] > warmup_s] or rows
     first, last = (rows[0]["output_tokens_per_s"], rows[-1]["output_tokens_per_s"]) if rows else (None, None)
     n_errors = sum(errors.values())
     return {
@@ -170,9 +186,10 @@ def summarize(rows: list[dict], errors: Counter, requests: int, output_tokens: i
         "output_tokens_per_s_mean": round(output_tokens / elapsed_s, 1) if elapsed_s > 0 else None,
         "output_tokens_per_s_first_interval": first, "output_tokens_per_s_last_interval": last,
         "throughput_change_pct": round(100 * (last - first) / first, 1) if first else None,
-        "server_rss_mib": _spread(rows, "server_rss_mib"),
-        "gpu_mem_used_mib": _spread(rows, "gpu_mem_used_mib"),
-        "gpu_mem_server_mib": _spread(rows, "gpu_mem_server_mib"),
+        "memory_from_s": steady[0]["t_s"] if steady else None,
+        "server_rss_mib": _spread(steady, "server_rss_mib"),
+        "gpu_mem_used_mib": _spread(steady, "gpu_mem_used_mib"),
+        "gpu_mem_server_mib": _spread(steady, "gpu_mem_server_mib"),
         "server_alive": server_alive,
         "kv_after": after,
         "ok": n_errors == 0 and server_alive is not False and requests > 0
@@ -184,21 +201,31 @@ def markdown(summary: dict[str, Any], settings: dict[str, Any]) -> str:
     def spread(name: str, key: str) -> str:
         s = summary[key]
         if s is None:
-            return f"| {name} | n/a | | | |\n"
-        return f"| {name} | {s['min']:g} | {s['max']:g} | {s['first']:g} -> {s['last']:g} | {s['drift']:+g} |\n"
+            return f"| {name} | n/a | | | | |\n"
+        trend = "n/a" if s.get("trend_per_min") is None else f"{s['trend_per_min']:+g}"
+        return (f"| {name} | {s['min']:g} | {s['max']:g} | {s['first']:g} -> {s['last']:g} | {s['drift']:+g} "
+                f"| {trend} |\n")
 
     lines = [
         f"# Soak: {'OK' if summary['ok'] else 'FAILED'}\n\n",
         f"{settings['streams']} streams against {settings['url']} for {summary['elapsed_s']:g} s "
         f"({summary['intervals']} intervals of {settings['interval_s']:g} s), started {settings['started']}; "
         f"max_new_tokens {settings['max_new_tokens']}, mix {settings['mix']}.\n\n",
+        ("**Rebuilt from the rows the run wrote as it went** (`soak.py --report`): the run was cut off "
+         "before writing its own summary, so requests in flight at the cut, the server's state at the end "
+         "and the KV check after the run are not known.\n\n" if summary.get("rebuilt_from_rows") else ""),
         f"- requests: {summary['requests']}, errors: **{summary['errors']}**\n",
         f"- output tokens/s: mean {summary['output_tokens_per_s_mean']}, first interval "
         f"{summary['output_tokens_per_s_first_interval']}, last interval "
         f"{summary['output_tokens_per_s_last_interval']} (change {summary['throughput_change_pct']} %)\n",
-        f"- server process still running at the end: {summary['server_alive']}\n",
-        f"- KV-cache blocks in use once the streams stopped: {kv_after_text(summary['kv_after'])}\n\n",
-        "| memory (MiB) | min | max | first -> last | drift |\n|---|---|---|---|---|\n",
+        f"- server process still running at the end: "
+        f"{'not known' if summary['server_alive'] is None else summary['server_alive']}\n",
+        f"- KV-cache blocks in use once the streams stopped: "
+        f"{'not known' if summary.get('rebuilt_from_rows') else kv_after_text(summary['kv_after'])}\n\n",
+        ("" if summary["memory_from_s"] is None else
+         f"Memory from the row at t = {summary['memory_from_s']:g} s on (the rows before it are warm-up); "
+         f"trend = least-squares slope.\n\n"),
+        "| memory (MiB) | min | max | first -> last | drift | trend (MiB/min) |\n|---|---|---|---|---|---|\n",
         spread("server RSS (process tree)", "server_rss_mib"),
         spread("GPU memory used (device)", "gpu_mem_used_mib"),
         spread("GPU memory (server processes)", "gpu_mem_server_mib"),
@@ -248,10 +275,17 @@ def run(args: argparse.Namespace, media: Media, url: str, ssl: bool, server_pid:
     totals = {"requests": 0, "tokens": 0}
     timer = threading.Event()  # never set: its wait() is the interval clock
 
+    error_log = open(out / "errors.txt", "a")  # every failed request as it comes: kept if the run is cut off
+
     def account(results: list[RequestResult]) -> None:
         totals["requests"] += len(results)
         totals["tokens"] += sum(r.output_tokens for r in results if r.error is None)
-        errors.update(error_text(r) for r in results if r.error is not None)
+        failed = [error_text(r) for r in results if r.error is not None]
+        errors.update(failed)
+        for text in failed:
+            print(f"soak: error at t={time.monotonic() - start:.0f}s: {text}", flush=True)
+            error_log.write(f"{time.monotonic() - start:.1f}\t{text}\n")
+        error_log.flush()
 
     start = time.monotonic()
     for t in threads:
@@ -281,7 +315,7 @@ def run(args: argparse.Namespace, media: Media, url: str, ssl: bool, server_pid:
                     errors[f"the server process {server_pid} exited"] += 1
                     break
         except KeyboardInterrupt:
-            print("soak: interrupted; stopping the streams", file=sys.stderr)
+            print("soak: interrupted; stopping the streams (the reports follow)", file=sys.stderr)
     stop.set()
     deadline = time.monotonic() + args.request_timeout + 30
     for t in threads:  # each ends after its request in flight (bounded by the request timeout)
@@ -291,14 +325,90 @@ def run(args: argparse.Namespace, media: Media, url: str, ssl: bool, server_pid:
     stuck = sum(t.is_alive() for t in threads)
     if stuck:
         errors[f"{stuck} streams did not end within the request timeout"] += stuck
+    error_log.close()
     if server_pid is not None and tree_rss(server_pid) is None:
         server_alive = False
     after = kv_blocks_after_run(metrics_url) if metrics_url and server_alive is not False else None
-    return rows, summarize(rows, errors, totals["requests"], totals["tokens"], elapsed, server_alive, after)
+    return rows, summarize(rows, errors, totals["requests"], totals["tokens"], elapsed, server_alive, after,
+                           warmup_s=args.warmup)
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """soak.csv back into rows (numbers as numbers, blanks as None)."""
+    def value(text: str) -> Any:
+        if text == "":
+            return None
+        number = float(text)
+        return int(number) if number.is_integer() and "." not in text else number
+    with open(path, newline="") as f:
+        return [{key: value(text) for key, text in row.items()} for row in csv.DictReader(f)]
+
+
+def read_errors(path: Path) -> Counter:
+    """errors.txt ("<t_s>\t<text>" a line) as counts by text; empty when the file is absent."""
+    if not path.is_file():
+        return Counter()
+    return Counter(line.split("\t", 1)[1] for line in path.read_text().splitlines() if "\t" in line)
+
+
+def rebuild_report(folder: Path, warmup_s: float = 120.0) -> dict[str, Any]:
+    """soak.json and soak.md for a run cut off before its summary (killed, machine taken back): from the
+    rows it wrote as they came. Requests still in flight at the cut, and the KV check, are unknown."""
+    rows = read_rows(folder / "soak.csv")
+    if not rows:
+        raise ValueError(f"{folder / 'soak.csv'}: no rows")
+    settings = json.loads((folder / "settings.json").read_text())
+    errors = read_errors(folder / "errors.txt")
+    in_rows = sum(row["errors"] for row in rows)
+    if sum(errors.values()) < in_rows:  # a run without errors.txt: the rows' counts, texts unknown
+        errors["(text not recorded)"] += in_rows - sum(errors.values())
+    summary = summarize(rows, errors, sum(row["requests"] for row in rows),
+                        sum(row["output_tokens"] for row in rows), rows[-1]["t_s"], None, warmup_s=warmup_s)
+    summary["rebuilt_from_rows"] = True
+    (folder / "soak.json").write_text(json.dumps({"settings": settings, "rows": rows, "summary": summary}, indent=1))
+    (folder / "soak.md").write_text(markdown(summary, settings))
+    write_plot(folder)
+    return summary
+
+
+def write_plot(folder: Path) -> None:
+    """soak.png beside soak.json, when matplotlib is there (the load tools do not need it otherwise)."""
+    try:
+        import plot_soak
+        plot_soak.plot(json.loads((folder / "soak.json").read_text()), folder / "soak.png")
+    except ImportError:
+        print("soak: no matplotlib: soak.png not drawn (python loadtest/plot_soak.py DIR draws it later)",
+              file=sys.stderr)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report is not None:
+        try:
+            summary = rebuild_report(args.report, args.warmup)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"soak: --report: {e}", file=sys.stderr)
+            return 2
+        print((args.report / "soak.md").read_text())
+        return 0 if summary["ok"] else 1
+    # Ctrl-C and SIGTERM end the run early with its reports. Set here, since a soak started in the
+    # background by a non-interactive shell (`nohup ... &`) inherits SIGINT ignored.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return soak(args)
+    except KeyboardInterrupt as e:
+        print(f"soak: interrupted ({e}) before the run; stopped", file=sys.stderr)
+        return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def soak(args: argparse.Namespace) -> int:
     try:
         url, ssl = parse_url(args.url)
         media = load_media(args)
@@ -339,11 +449,14 @@ def main(argv: list[str] | None = None) -> int:
                     "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "max_new_tokens": args.max_new_tokens,
                     "mix": ", ".join(f"{k}={w:g}" for k, w in mix.items()),
                     "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+        (out / "settings.json").write_text(json.dumps(settings, indent=1))
         print(f"soak: {args.streams} streams against {url} for {args.duration:g} s, server pid {server_pid}; "
               f"writing {out}", flush=True)
         rows, summary = run(args, media, url, ssl, server_pid, out, metrics_url)
     (out / "soak.json").write_text(json.dumps({"settings": settings, "rows": rows, "summary": summary}, indent=1))
     (out / "soak.md").write_text(markdown(summary, settings))
+    if rows:
+        write_plot(out)
     print((out / "soak.md").read_text())
     return 0 if summary["ok"] else 1
 

@@ -131,7 +131,7 @@ def test_soak_fails_on_kv_blocks_held_after_the_run():
     gauge (or no metrics URL) is reported, not failed."""
     from collections import Counter
 
-    row = {"output_tokens_per_s": 10.0, "server_rss_mib": 100.0, "gpu_mem_used_mib": None,
+    row = {"t_s": 30.0, "output_tokens_per_s": 10.0, "server_rss_mib": 100.0, "gpu_mem_used_mib": None,
            "gpu_mem_server_mib": None}
     settings = {"streams": 2, "url": "u", "interval_s": 1, "started": "s", "max_new_tokens": 8, "mix": "text=1"}
     for after, ok, text in [({"kv_blocks_used_after": 0, "kv_blocks_total": 64}, True, "**0** of 64"),
@@ -142,6 +142,38 @@ def test_soak_fails_on_kv_blocks_held_after_the_run():
         summary = soak.summarize([row], Counter(), 5, 50, 1.0, True, after)
         assert summary["ok"] is ok, after
         assert text in soak.markdown(summary, settings)
+
+
+def test_soak_report_rebuilt_from_a_cut_off_run(tmp_path):
+    """`soak.py --report DIR`: a run killed before its summary still gets soak.json / soak.md from the rows,
+    settings and error lines it wrote as it went."""
+    import csv
+    import json
+
+    rows = [dict.fromkeys(soak.FIELDS) for _ in range(3)]
+    for i, row in enumerate(rows):
+        row.update(t_s=30.0 * (i + 1), interval_s=30.0, requests=10, errors=int(i == 1), output_tokens=600,
+                   output_tokens_per_s=20.0 + i, server_rss_mib=100.0 + i, server_processes=7, kv_blocks_used=5)
+    with open(tmp_path / "soak.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=soak.FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    settings = {"streams": 4, "url": "u", "interval_s": 30.0, "started": "s", "max_new_tokens": 8, "mix": "text=1"}
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    assert soak.main(["--report", str(tmp_path)]) == 1          # one failed request: not OK
+    data = json.loads((tmp_path / "soak.json").read_text())
+    summary = data["summary"]
+    assert summary["requests"] == 30 and summary["errors"] == 1 and summary["output_tokens"] == 1800
+    assert summary["error_samples"] == [{"error": "(text not recorded)", "count": 1}]
+    assert summary["elapsed_s"] == 90.0 and summary["server_rss_mib"]["drift"] == 2.0
+    assert data["rows"][0]["server_processes"] == 7 and data["rows"][0]["gpu_mem_used_mib"] is None
+    assert "Rebuilt from the rows" in (tmp_path / "soak.md").read_text()
+    assert (tmp_path / "soak.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # plot_soak.py's figure
+    (tmp_path / "errors.txt").write_text("41.5\timage: ServerError: boom\n")
+    soak.main(["--report", str(tmp_path)])
+    assert json.loads((tmp_path / "soak.json").read_text())["summary"]["error_samples"] == [
+        {"error": "image: ServerError: boom", "count": 1}]
+    assert soak.main(["--report", str(tmp_path / "missing")]) == 2
 
 
 def test_gpu_memory_from_nvidia_smi(tmp_path, monkeypatch):

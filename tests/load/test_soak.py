@@ -79,3 +79,36 @@ def test_short_soak_against_the_launcher(launched, tmp_path):
     report = (out / "soak.md").read_text()
     assert report.startswith("# Soak: OK") and "server RSS" in report
     assert "KV-cache blocks in use once the streams stopped: **0** of " in report
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_soak_stopped_early_by_a_signal_still_reports(launched, tmp_path, sig):
+    """A soak started the way `nohup python loadtest/soak.py ... &` starts it (SIGINT inherited ignored)
+    stops at Ctrl-C or SIGTERM with its reports, instead of running on to --duration."""
+    url, metrics_url, server_pid = launched
+    out = tmp_path / "soak"
+    proc = subprocess.Popen(
+        [sys.executable, "loadtest/soak.py", "--url", url, "--server-pid", str(server_pid), "--metrics-url",
+         metrics_url, "--streams", "2", "--duration", "10m", "--interval", "1s", "--max-new-tokens", "8",
+         "--weight-video", "0", "--num-images", "2", "--out", str(out)],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        lines = []
+        for line in proc.stdout:  # until the first row is out
+            lines.append(line)
+            if line.startswith("soak: t="):
+                break
+        proc.send_signal(sig)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, "".join(lines) + rest
+    assert "interrupted" in rest
+    data = json.loads((out / "soak.json").read_text())
+    assert data["summary"]["ok"] and data["summary"]["elapsed_s"] < 120 and len(data["rows"]) >= 1
+    assert data["summary"]["kv_after"]["kv_blocks_used_after"] == 0
+    assert (out / "errors.txt").read_text() == ""
+    assert json.loads((out / "settings.json").read_text())["streams"] == 2
