@@ -49,6 +49,8 @@ ADMIN_HEADER = "admin-key"  # HTTP; gRPC metadata key: ADMIN_GRPC_HEADER (Triton
 ADMIN_GRPC_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER
 ADMIN_KEY_ENV = "INTERNVL_ADMIN_KEY"
 STUB_NAME = "triton_python_backend_stub"
+MALLOC_MMAP_THRESHOLD = 1 << 20  # bytes; see server_environment
+SHM_REGION = re.compile(r"/dev/shm/triton_python_backend_shm_region_[0-9A-Za-z-]+")
 
 
 class LaunchError(RuntimeError):
@@ -153,6 +155,11 @@ def server_environment(install: TritonInstall, checkpoint: Path, base: dict | No
     env["LD_LIBRARY_PATH"] = os.pathsep.join(dict.fromkeys(libs))
     env[CHECKPOINT_ENV] = str(checkpoint)
     env["PYTHONUNBUFFERED"] = "1"
+    # Every host allocation of 1 MiB or more (image tiles, embeddings, shared-memory copies) is its own
+    # mmap, given back to the kernel when freed. glibc's default raises that threshold after the first
+    # such free, and then those buffers churn through the stubs' heap arenas, which fragment: RSS crept
+    # ~12 MiB/min in the H200 soak (loadtest/results). A value the caller set is kept.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MALLOC_MMAP_THRESHOLD))
     return env
 
 
@@ -186,6 +193,34 @@ def python_stubs(server_pid: int) -> dict[int, str]:
             # argv: stub, model.py, shm region, shm sizes (2), parent pid, backend dir, ipc size, instance name
             stubs[int(entry)] = argv[8] if len(argv) > 8 and argv[8] else Path(argv[1]).parents[1].name
     return stubs
+
+
+def shm_regions(pids) -> set[str]:
+    """The Python backend's shared-memory regions (/dev/shm/triton_python_backend_shm_region_<uuid>, one
+    per stub, 32 MiB and up) that these processes have mapped, read from /proc/PID/maps."""
+    regions = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                regions.update(SHM_REGION.findall(f.read()))
+        except OSError:
+            continue  # gone meanwhile
+    return regions
+
+
+def remove_shm_regions(regions) -> list[str]:
+    """Unlink those of `regions` that still exist: a tritonserver that exits normally removes its own, one
+    that is killed (SIGKILL, OOM) or loses a stub leaves them, and tmpfs holds them in RAM for good."""
+    removed = []
+    for path in sorted(regions):
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            print(f"launcher: could not remove {path}: {e}", file=sys.stderr, flush=True)
+    return removed
 
 
 def _kill_group(leader: subprocess.Popen, timeout_s: float = 10.0) -> None:
@@ -242,6 +277,7 @@ class TritonServer:
         self.on_stub_death = on_stub_death
         self.kill_grace_s = kill_grace_s
         self.stub_failure: str | None = None  # the instance(s) whose stub died, when the watchdog acted
+        self.shm_regions: set[str] = set()  # /dev/shm regions of the server's Python backend, removed at stop
         self._stopping = threading.Event()
 
     # -- addresses
@@ -319,6 +355,7 @@ class TritonServer:
                                           stdin=subprocess.DEVNULL, env=env, start_new_session=True)
             try:
                 self.wait_ready()
+                self._note_shm_regions()
                 self._start_watchdog()
                 return self
             except LaunchError:
@@ -390,6 +427,11 @@ class TritonServer:
 
         threading.Thread(target=kill_if_stuck, name="triton-kill-timer", daemon=True).start()
 
+    def _note_shm_regions(self) -> None:
+        """Remember the shared-memory regions of the server and its stubs, to remove what a crash leaves."""
+        if self.is_running():
+            self.shm_regions |= shm_regions([self._proc.pid, *python_stubs(self._proc.pid)])
+
     def stub_processes(self) -> dict[int, str]:
         """This server's live Python stubs: pid -> model instance name (e.g. 'llm_0_0')."""
         return python_stubs(self._proc.pid) if self.is_running() else {}
@@ -421,6 +463,7 @@ class TritonServer:
     def stop(self) -> int | None:
         """Stop the server and everything it started (its process group); returns its exit code."""
         self._stopping.set()
+        self._note_shm_regions()
         proc, self._proc = self._proc, None
         if proc is None:
             return None
@@ -440,6 +483,10 @@ class TritonServer:
                 self._log = None
             if self._generated is not None:  # the derived repository of a layout
                 shutil.rmtree(self._generated.parent, ignore_errors=True)
+            left = remove_shm_regions(self.shm_regions)
+            if left:
+                print(f"launcher: removed {len(left)} shared-memory region(s) tritonserver left in /dev/shm",
+                      file=sys.stderr, flush=True)
         return proc.returncode
 
     def wait(self) -> int:

@@ -12,7 +12,7 @@ import time
 import pytest
 import requests
 
-from internvl_serve.serving.launcher import LaunchError, TritonServer, free_port
+from internvl_serve.serving.launcher import LaunchError, TritonServer, free_port, shm_regions
 
 ECHO_CONFIG = """
 name: "echo"
@@ -73,10 +73,17 @@ def test_a_server_that_dies_is_noticed_and_its_group_cleaned_up(tmp_path):
     with TritonServer(checkpoint, model_repository=repo, log_file=tmp_path / "log", exit_timeout_s=2) as server:
         pgid = server.pid
         assert requests.get(f"{server.http_url}/v2/models/echo/ready", timeout=10).status_code == 200
+        regions = shm_regions([server.pid, *server.stub_processes()])
+        for pid in server.stub_processes():  # the stub got the server's environment, malloc setting included
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                assert b"MALLOC_MMAP_THRESHOLD_=1048576" in f.read().split(b"\0")
+        assert regions and regions == server.shm_regions and all(os.path.exists(r) for r in regions)
         os.kill(server.pid, signal.SIGKILL)
         assert server.wait() == -signal.SIGKILL
         assert not server.is_running()
+        assert all(os.path.exists(r) for r in regions)  # a killed tritonserver leaves them in /dev/shm ...
     assert not group_alive(pgid)  # the Python stub went with it
+    assert not any(os.path.exists(r) for r in regions)  # ... and stop() removed them
 
 
 def read_line_until(proc, marker: str, timeout_s: float) -> str:

@@ -19,7 +19,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from internvl_serve.serving.launcher import (ADMIN_GRPC_HEADER, ADMIN_HEADER, DEFAULT_MODEL_REPOSITORY, LaunchError, TritonServer,
-                                             free_port, python_stubs)
+                                             free_port, python_stubs, shm_regions)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -225,10 +225,13 @@ def test_the_cli_exits_3_when_a_stub_dies(echo, tmp_path):
         assert len(servers) == 1
         stubs = python_stubs(servers[0])
         assert list(stubs.values()) == ["echo_0_0"], stubs
+        regions = shm_regions([servers[0], *stubs])
+        assert regions
         os.kill(next(iter(stubs)), signal.SIGKILL)
         assert proc.wait(timeout=60) == 3
         assert "the Python stub of model instance(s) echo_0_0 died" in proc.stderr.read()
         assert not os.path.exists(f"/proc/{servers[0]}")  # the launcher stopped and reaped tritonserver
+        assert not any(os.path.exists(r) for r in regions)  # and no shared memory is left in /dev/shm
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

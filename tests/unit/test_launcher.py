@@ -47,6 +47,9 @@ def test_server_environment(tmp_path):
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.prefix) / "bin")
     assert env["LD_LIBRARY_PATH"].split(os.pathsep) == [sysconfig.get_config_var("LIBDIR"), "/x"]
     assert env["INTERNVL_CHECKPOINT"] == str(tmp_path)
+    assert env["MALLOC_MMAP_THRESHOLD_"] == "1048576"  # large buffers mmapped, not fragmenting the heap
+    env = launcher.server_environment(install, tmp_path, base={"MALLOC_MMAP_THRESHOLD_": "4194304"})
+    assert env["MALLOC_MMAP_THRESHOLD_"] == "4194304"  # the operator's own value stays
 
 
 def test_free_port_is_bindable():
