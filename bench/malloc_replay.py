@@ -1,7 +1,7 @@
 """Replays the vision model's host-buffer pattern in one process and prints its RSS: does the heap fragment?
 
     python bench/malloc_replay.py                                  # glibc's default malloc settings
-    MALLOC_MMAP_THRESHOLD_=1048576 python bench/malloc_replay.py   # what the launcher sets for the server
+    MALLOC_MMAP_THRESHOLD_=1048576 python bench/malloc_replay.py   # the threshold serving/heap.py fixes in the stubs
 
 Threads (like Triton's requests in one stub) each, per request: a float32 pixel batch of 1-8 tiles
 (3x448x448, 2.4 MiB a tile), a float32 embedding output (256x5120, 5 MiB a tile), and for every tile not in

@@ -401,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return soak(args)
     except KeyboardInterrupt as e:
-        print(f"soak: interrupted ({e}) before the run; stopped", file=sys.stderr)
+        print(f"soak: interrupted ({e}) before the streams started, or a second time; stopped without "
+              f"reports (rows so far are in soak.csv: --report rebuilds them)", file=sys.stderr)
         return 130
     finally:
         for sig, handler in previous.items():
@@ -444,8 +445,8 @@ def soak(args: argparse.Namespace) -> int:
             if not client.is_ready():
                 print(f"soak: no ready internvl_chat at {url}", file=sys.stderr)
                 return 2
-        settings = {"url": url, "metrics_url": metrics_url, "streams": args.streams, "duration_s": args.duration, "interval_s": args.interval,
-                    "server_pid": server_pid, "launch": str(args.launch) if args.launch else None,
+        settings = {"url": url, "metrics_url": metrics_url, "streams": args.streams, "duration_s": args.duration,
+                    "interval_s": args.interval, "server_pid": server_pid, "launch": str(args.launch) if args.launch else None,
                     "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "max_new_tokens": args.max_new_tokens,
                     "mix": ", ".join(f"{k}={w:g}" for k, w in mix.items()),
                     "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}

@@ -49,7 +49,6 @@ ADMIN_HEADER = "admin-key"  # HTTP; gRPC metadata key: ADMIN_GRPC_HEADER (Triton
 ADMIN_GRPC_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER
 ADMIN_KEY_ENV = "INTERNVL_ADMIN_KEY"
 STUB_NAME = "triton_python_backend_stub"
-MALLOC_MMAP_THRESHOLD = 1 << 20  # bytes; see server_environment
 SHM_REGION = re.compile(r"/dev/shm/triton_python_backend_shm_region_[0-9A-Za-z-]+")
 
 
@@ -146,8 +145,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def server_environment(install: TritonInstall, checkpoint: Path, base: dict | None = None) -> dict:
-    """The environment tritonserver (and the Python backend's stubs) must run in."""
+def server_environment(install: TritonInstall, checkpoint: Path, base: dict | None = None,
+                       malloc_mmap_threshold: int | None = None) -> dict:
+    """The environment tritonserver (and the Python backend's stubs) must run in. malloc_mmap_threshold:
+    bytes from which every process of the server mmaps its host allocations (None or 0: glibc's
+    adaptive default; the adapters fix it where it pays, serving/heap.py)."""
     env = dict(os.environ if base is None else base)
     venv_bin = str(Path(sys.prefix) / "bin")  # the stub takes sys.prefix from the first python3 on PATH
     env["PATH"] = os.pathsep.join([venv_bin] + [p for p in env.get("PATH", "").split(os.pathsep) if p and p != venv_bin])
@@ -155,11 +157,10 @@ def server_environment(install: TritonInstall, checkpoint: Path, base: dict | No
     env["LD_LIBRARY_PATH"] = os.pathsep.join(dict.fromkeys(libs))
     env[CHECKPOINT_ENV] = str(checkpoint)
     env["PYTHONUNBUFFERED"] = "1"
-    # Every host allocation of 1 MiB or more (image tiles, embeddings, shared-memory copies) is its own
-    # mmap, given back to the kernel when freed. glibc's default raises that threshold after the first
-    # such free, and then those buffers churn through the stubs' heap arenas, which fragment: RSS crept
-    # ~12 MiB/min in the H200 soak (loadtest/results). A value the caller set is kept.
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MALLOC_MMAP_THRESHOLD))
+    # For every process, tritonserver's own included: allocations from this size on are their own mmap,
+    # given back when freed (serving/heap.py says why and what it costs). A value already set is kept.
+    if malloc_mmap_threshold:
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(int(malloc_mmap_threshold)))
     return env
 
 
@@ -248,7 +249,8 @@ class TritonServer:
                  exit_timeout_s: int = 30, ready_timeout_s: float = 900.0,
                  tritonserver: str | Path | None = None, backend_directory: str | Path | None = None,
                  extra_args: tuple[str, ...] = (), layout=None, admin_key: str | None = None,
-                 on_stub_death: str = "ignore", kill_grace_s: float = 15.0):
+                 on_stub_death: str = "ignore", kill_grace_s: float = 15.0,
+                 malloc_mmap_threshold: int | None = None):
         self.checkpoint = Path(checkpoint).resolve()
         self.model_repository = Path(model_repository).resolve()
         self.host = host
@@ -276,6 +278,7 @@ class TritonServer:
         self.admin_key = admin_key or secrets.token_urlsafe(24)
         self.on_stub_death = on_stub_death
         self.kill_grace_s = kill_grace_s
+        self.malloc_mmap_threshold = malloc_mmap_threshold
         self.stub_failure: str | None = None  # the instance(s) whose stub died, when the watchdog acted
         self.shm_regions: set[str] = set()  # /dev/shm regions of the server's Python backend, removed at stop
         self._stopping = threading.Event()
@@ -343,7 +346,7 @@ class TritonServer:
                 raise LaunchError(f"layout: {e}") from None
             self.model_repository = self._generated
         install = find_triton(*self._install_args)
-        env = server_environment(install, self.checkpoint)
+        env = server_environment(install, self.checkpoint, malloc_mmap_threshold=self.malloc_mmap_threshold)
         if self.log_file is None:
             self.log_file = Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
         for attempt in range(3):
@@ -542,6 +545,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "exit with code 3 so the supervisor restarts it (default), or leave it")
     p.add_argument("--kill-grace-secs", type=float, default=15.0,
                    help="kill tritonserver this long after --exit-timeout-secs if it has not exited")
+    p.add_argument("--malloc-mmap-threshold", type=int, default=0, metavar="BYTES",
+                   help="every server process (tritonserver too) mmaps host allocations from this size on, "
+                        "given back when freed (default 0: glibc's adaptive threshold; the preprocess stubs, "
+                        "and vision and llm on a GPU, fix 1 MiB themselves: serving/heap.py)")
     return p.parse_args(argv)
 
 
@@ -556,7 +563,7 @@ def main(argv=None) -> int:
                               exit_timeout_s=args.exit_timeout_secs, ready_timeout_s=args.ready_timeout,
                               tritonserver=args.tritonserver, backend_directory=args.backend_directory,
                               admin_key=args.admin_key, on_stub_death=args.on_stub_death,
-                              kill_grace_s=args.kill_grace_secs)
+                              kill_grace_s=args.kill_grace_secs, malloc_mmap_threshold=args.malloc_mmap_threshold)
     except LaunchError as e:
         print(f"launcher: {e}", file=sys.stderr)
         return 2

@@ -70,13 +70,14 @@ def test_a_model_that_fails_to_load_fails_the_start_fast_with_the_log(tmp_path):
 
 def test_a_server_that_dies_is_noticed_and_its_group_cleaned_up(tmp_path):
     repo, checkpoint = make_repository(tmp_path)
-    with TritonServer(checkpoint, model_repository=repo, log_file=tmp_path / "log", exit_timeout_s=2) as server:
+    with TritonServer(checkpoint, model_repository=repo, log_file=tmp_path / "log", exit_timeout_s=2,
+                      malloc_mmap_threshold=2 << 20) as server:
         pgid = server.pid
         assert requests.get(f"{server.http_url}/v2/models/echo/ready", timeout=10).status_code == 200
-        regions = shm_regions([server.pid, *server.stub_processes()])
-        for pid in server.stub_processes():  # the stub got the server's environment, malloc setting included
+        for pid in server.stub_processes():  # the stub has the server's environment, the malloc setting too
             with open(f"/proc/{pid}/environ", "rb") as f:
-                assert b"MALLOC_MMAP_THRESHOLD_=1048576" in f.read().split(b"\0")
+                assert b"MALLOC_MMAP_THRESHOLD_=2097152" in f.read().split(b"\0")
+        regions = shm_regions([server.pid, *server.stub_processes()])
         assert regions and regions == server.shm_regions and all(os.path.exists(r) for r in regions)
         os.kill(server.pid, signal.SIGKILL)
         assert server.wait() == -signal.SIGKILL

@@ -47,9 +47,14 @@ def test_server_environment(tmp_path):
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.prefix) / "bin")
     assert env["LD_LIBRARY_PATH"].split(os.pathsep) == [sysconfig.get_config_var("LIBDIR"), "/x"]
     assert env["INTERNVL_CHECKPOINT"] == str(tmp_path)
-    assert env["MALLOC_MMAP_THRESHOLD_"] == "1048576"  # large buffers mmapped, not fragmenting the heap
-    env = launcher.server_environment(install, tmp_path, base={"MALLOC_MMAP_THRESHOLD_": "4194304"})
+    assert "MALLOC_MMAP_THRESHOLD_" not in env  # glibc's default unless asked (serving/heap.py)
+    env = launcher.server_environment(install, tmp_path, base={}, malloc_mmap_threshold=1 << 20)
+    assert env["MALLOC_MMAP_THRESHOLD_"] == "1048576"
+    env = launcher.server_environment(install, tmp_path, base={"MALLOC_MMAP_THRESHOLD_": "4194304"},
+                                      malloc_mmap_threshold=1 << 20)
     assert env["MALLOC_MMAP_THRESHOLD_"] == "4194304"  # the operator's own value stays
+    assert launcher.parse_args([]).malloc_mmap_threshold == 0
+    assert launcher.parse_args(["--malloc-mmap-threshold", "2097152"]).malloc_mmap_threshold == 2097152
 
 
 def test_free_port_is_bindable():

@@ -19,6 +19,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from internvl_serve.serving.contract import cancel_request_id, parse_llm_request, response_arrays
 from internvl_serve.engine.errors import EngineBusy
 from internvl_serve.serving.device import instance_device
+from internvl_serve.serving.heap import mmap_large_allocations
 from internvl_serve.serving.llm import LLMService
 from internvl_serve.serving.metrics import LLMExporter
 from internvl_serve.serving.preprocess import client_errors
@@ -51,6 +52,8 @@ class TritonPythonModel:
         self.service = LLMService(os.environ["INTERNVL_CHECKPOINT"], device=device, engine_options=params,
                                   log=pb_utils.Logger.log_info)
         self.client_errors = client_errors()
+        if self.service.device.type == "cuda":  # image embeddings in; on the CPU the forward's temporaries suffer
+            mmap_large_allocations()  # serving/heap.py
         info = self.service.engine.runner.cache_info()
         graphs = self.service.engine.runner.decode_graphs
         pb_utils.Logger.log_info(

@@ -17,6 +17,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 from internvl_serve.serving.contract import (ServingLimits, check_request_parameters, parse_chat_request,
                                              parse_generation_request)
+from internvl_serve.serving.heap import mmap_large_allocations
 from internvl_serve.serving.preprocess import Preprocessor, client_errors
 
 
@@ -26,6 +27,7 @@ class TritonPythonModel:
         self.limits = ServingLimits.from_parameters(params)
         self.preprocessor = Preprocessor(os.environ["INTERNVL_CHECKPOINT"], self.limits)
         self.client_errors = client_errors()
+        mmap_large_allocations()  # image buffers: no heap fragmentation (serving/heap.py)
 
     def execute(self, requests):
         return [self._one(request) for request in requests]

@@ -16,6 +16,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 from internvl_serve.serving.metrics import VisionExporter
 from internvl_serve.serving.device import instance_device
+from internvl_serve.serving.heap import mmap_large_allocations
 from internvl_serve.serving.vision import VisionService
 
 
@@ -26,6 +27,8 @@ class TritonPythonModel:
         self.service = VisionService.from_parameters(os.environ["INTERNVL_CHECKPOINT"], params,
                                                     log=pb_utils.Logger.log_warn)
         pb_utils.Logger.log_info(f"vision: {self.service.device} {self.service.dtype}; compiled blocks: {self.service.compiled}")
+        if self.service.device.type == "cuda":  # host buffers only; on the CPU the forward's temporaries suffer
+            mmap_large_allocations()  # serving/heap.py
         # internvl_image_cache_* counters on Triton's /metrics (docs/metrics.md)
         self.metrics = VisionExporter(self.service, pb_utils, args, log=pb_utils.Logger.log_warn)
 

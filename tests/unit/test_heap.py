@@ -1,0 +1,50 @@
+"""serving/heap.py: after mmap_large_allocations() a 2 MiB block is its own mmap even after such a block
+was freed, where glibc's default would have raised its threshold and served it from the heap. Each case
+runs in a fresh interpreter (the setting is process-wide), counting mmapped blocks with mallinfo2()."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from internvl_serve.serving.heap import mmap_large_allocations
+
+PROBE = """
+import ctypes, sys
+from internvl_serve.serving.heap import mmap_large_allocations
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+if sys.argv[1] == "set":
+    assert mmap_large_allocations()
+libc.free(libc.malloc(2 << 20))           # a 2 MiB block freed: glibc's default raises its threshold past it
+before = libc.mallinfo2().hblks
+block = libc.malloc(2 << 20)
+print(libc.mallinfo2().hblks - before)    # 1: the new block is an mmap; 0: it came from the heap
+libc.free(block)
+"""
+
+
+def mmapped_blocks(mode: str) -> int:
+    run = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    return int(run.stdout)
+
+
+def test_large_blocks_stay_mmapped_with_the_setting():
+    assert mmapped_blocks("default") == 0   # the adaptive threshold: the second block is on the heap
+    assert mmapped_blocks("set") == 1
+
+
+def test_refuses_a_threshold_that_is_not_positive():
+    with pytest.raises(ValueError):
+        mmap_large_allocations(0)
