@@ -12,7 +12,9 @@ out, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from typing import Any, TextIO
 
 from . import __version__
@@ -110,6 +112,10 @@ def run_interactive(session: ChatSession, out: TextIO, err: TextIO, url: str) ->
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:  # pragma: no cover - not on every platform
         pass
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C cancels the answer also when the CLI was started with SIGINT ignored (from a
+        # background job of a non-interactive shell, or a CI runner that starts its jobs that way)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     media = f"{len(session.images)} image(s)" if session.images else ("a video" if session.video else "no image")
     print(f"internvl-chat: {url}, {media}. {HELP_TEXT}", file=err, flush=True)
     while True:
