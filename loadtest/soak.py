@@ -282,9 +282,10 @@ def run(args: argparse.Namespace, media: Media, url: str, ssl: bool, server_pid:
         totals["tokens"] += sum(r.output_tokens for r in results if r.error is None)
         failed = [error_text(r) for r in results if r.error is not None]
         errors.update(failed)
+        t_s = time.monotonic() - start
         for text in failed:
-            print(f"soak: error at t={time.monotonic() - start:.0f}s: {text}", flush=True)
-            error_log.write(f"{time.monotonic() - start:.1f}\t{text}\n")
+            print(f"soak: error at t={t_s:.0f}s: {text}", flush=True)
+            error_log.write(f"{t_s:.1f}\t{text}\n")
         error_log.flush()
 
     start = time.monotonic()
@@ -365,17 +366,20 @@ def rebuild_report(folder: Path, warmup_s: float = 120.0) -> dict[str, Any]:
     summary = summarize(rows, errors, sum(row["requests"] for row in rows),
                         sum(row["output_tokens"] for row in rows), rows[-1]["t_s"], None, warmup_s=warmup_s)
     summary["rebuilt_from_rows"] = True
-    (folder / "soak.json").write_text(json.dumps({"settings": settings, "rows": rows, "summary": summary}, indent=1))
-    (folder / "soak.md").write_text(markdown(summary, settings))
-    write_plot(folder)
+    write_reports(folder, settings, rows, summary)
     return summary
 
 
-def write_plot(folder: Path) -> None:
-    """soak.png beside soak.json, when matplotlib is there (the load tools do not need it otherwise)."""
+def write_reports(folder: Path, settings: dict, rows: list[dict], summary: dict) -> None:
+    """soak.json, soak.md and, when there are rows and matplotlib is there, soak.png."""
+    data = {"settings": settings, "rows": rows, "summary": summary}
+    (folder / "soak.json").write_text(json.dumps(data, indent=1))
+    (folder / "soak.md").write_text(markdown(summary, settings))
+    if not rows:
+        return
     try:
         import plot_soak
-        plot_soak.plot(json.loads((folder / "soak.json").read_text()), folder / "soak.png")
+        plot_soak.plot(data, folder / "soak.png")
     except ImportError:
         print("soak: no matplotlib: soak.png not drawn (python loadtest/plot_soak.py DIR draws it later)",
               file=sys.stderr)
@@ -454,10 +458,7 @@ def soak(args: argparse.Namespace) -> int:
         print(f"soak: {args.streams} streams against {url} for {args.duration:g} s, server pid {server_pid}; "
               f"writing {out}", flush=True)
         rows, summary = run(args, media, url, ssl, server_pid, out, metrics_url)
-    (out / "soak.json").write_text(json.dumps({"settings": settings, "rows": rows, "summary": summary}, indent=1))
-    (out / "soak.md").write_text(markdown(summary, settings))
-    if rows:
-        write_plot(out)
+    write_reports(out, settings, rows, summary)
     print((out / "soak.md").read_text())
     return 0 if summary["ok"] else 1
 

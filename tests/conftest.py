@@ -2,9 +2,16 @@
 once per test session by the project's own tool, internvl_serve.tiny, and only read by the tests)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+
+# loadtest/ (its modules import each other as top-level modules): servermetrics.py reads the server's
+# /metrics for every tier
+LOADTEST = Path(__file__).resolve().parents[1] / "loadtest"
+if str(LOADTEST) not in sys.path:
+    sys.path.insert(0, str(LOADTEST))
 
 
 @pytest.fixture(scope="session")

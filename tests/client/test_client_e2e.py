@@ -33,6 +33,7 @@ from internvl_client import (
     ServerUnavailableError,
     separate_images_question,
 )
+from servermetrics import REQUESTS_RUNNING, parse_metric, read_metrics  # loadtest/ (tests/conftest.py)
 
 torch = pytest.importorskip("torch")
 launcher = pytest.importorskip("internvl_serve.serving.launcher")
@@ -106,10 +107,7 @@ def wait_for(server, what: str, condition, timeout_s: float = 30.0) -> None:
 
 def _running(server) -> float | None:
     """internvl_requests_running from the server's metrics (the llm model pushes it every 0.5 s)."""
-    import urllib.request
-    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
-    values = [float(m.group(1)) for m in re.finditer(r"^internvl_requests_running(?:\{[^}]*\})?\s+(\S+)", text, re.M)]
-    return sum(values) if values else None
+    return parse_metric(read_metrics(server.metrics_url), REQUESTS_RUNNING)
 
 
 def _abort_seen(server, request_id: str | None) -> bool:

@@ -53,6 +53,65 @@ class Answer:
     def text(self) -> str:
         return "".join(self.deltas)
 
+    def add(self, result) -> bool:
+        """Take one data response (a tritonclient InferResult); True when it is the final one."""
+        text = result.as_numpy("text_output")
+        if text is not None:
+            self.deltas.append(text[0].decode("utf-8"))
+            self.finish_reasons.append(result.as_numpy("finish_reason")[0].decode())
+            self.num_input_tokens = int(result.as_numpy("num_input_tokens")[0])
+            self.num_output_tokens = int(result.as_numpy("num_output_tokens")[0])
+        if result.get_response().parameters["triton_final_response"].bool_param:
+            self.finals += 1
+            return True
+        return False
+
+
+def metric(server, name: str) -> float | None:
+    """Metric `name` summed over its label sets on the server's /metrics; None when it is absent."""
+    # loadtest/servermetrics.py, on sys.path under pytest (tests/conftest.py); imported here so that
+    # the client scripts some tests run with only tests/e2e on their path import this module
+    from servermetrics import parse_metric, read_metrics
+
+    return parse_metric(read_metrics(server.metrics_url), name)
+
+
+ECHO_CONFIG = """
+name: "echo"
+backend: "python"
+max_batch_size: 0
+input [ { name: "x" data_type: TYPE_INT32 dims: [ -1 ] } ]
+output [ { name: "y" data_type: TYPE_INT32 dims: [ -1 ] } ]
+instance_group [ { kind: KIND_CPU count: 1 } ]
+"""
+ECHO_MODEL = """
+import os
+import triton_python_backend_utils as pb_utils
+
+class TritonPythonModel:
+    def initialize(self, args):
+        if not os.path.isdir(os.environ["INTERNVL_CHECKPOINT"]):
+            raise RuntimeError("INTERNVL_CHECKPOINT is not a folder")
+        {initialize}
+
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("y", pb_utils.get_input_tensor_by_name(r, "x").as_numpy())])
+                for r in requests]
+"""
+
+
+def make_echo_repository(root, initialize: str = "pass"):
+    """(model repository, checkpoint folder) under root: a Python model "echo" (y = x) that loads in a
+    second, for tests of the launcher itself; `initialize` is a line run at its load."""
+    model = root / "repo" / "echo"
+    (model / "1").mkdir(parents=True)
+    (model / "config.pbtxt").write_text(ECHO_CONFIG)
+    (model / "1" / "model.py").write_text(ECHO_MODEL.replace("{initialize}", initialize))
+    checkpoint = root / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    return root / "repo", checkpoint
+
 
 def _fail_if_dead(server, what: str) -> None:
     if not server.is_running():
@@ -95,15 +154,7 @@ def stream_chat_to(server, model: str, inputs, *, timeout_s: float = 120.0, requ
             if error is not None:
                 answer.error = str(error)
                 return answer
-            response = result.get_response()
-            text = result.as_numpy("text_output")
-            if text is not None:
-                answer.deltas.append(text[0].decode("utf-8"))
-                answer.finish_reasons.append(result.as_numpy("finish_reason")[0].decode())
-                answer.num_input_tokens = int(result.as_numpy("num_input_tokens")[0])
-                answer.num_output_tokens = int(result.as_numpy("num_output_tokens")[0])
-            if response.parameters["triton_final_response"].bool_param:
-                answer.finals += 1
+            if answer.add(result):
                 return answer
     finally:
         client.stop_stream()

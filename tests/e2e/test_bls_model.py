@@ -10,10 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from e2e_client import make_inputs, stream_chat_to, wait_for
-from test_ensemble import MAX_TOKENS, assert_answer, image_bytes, oracle  # noqa: F401  (oracle: a fixture)
+from e2e_client import wait_for
+from test_ensemble import ask as ensemble_ask
+from test_ensemble import assert_answer, image_bytes, oracle  # noqa: F401  (oracle: a fixture)
 
 BLS = "internvl_chat_bls"
 
@@ -34,10 +33,7 @@ responses.get(timeout=600)  # never returns: the test kills this process
 
 
 def ask(server, question, images=(), **extra):
-    values = {"text_input": question, "max_tokens": MAX_TOKENS, "stream": True, **extra}
-    if images:
-        values["images"] = list(images)
-    return stream_chat_to(server, BLS, make_inputs(**values))
+    return ensemble_ask(server, question, images, model=BLS, **extra)
 
 
 def test_answers_equal_the_card(server, oracle):  # noqa: F811

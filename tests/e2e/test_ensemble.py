@@ -20,6 +20,7 @@ from PIL import Image
 
 from e2e_client import (image_bytes, in_parallel, make_inputs, mjpeg_avi, sse_chat, stream_chat,  # noqa: F401
                         stream_chat_to, wait_for)  # (image_bytes: used here and by other modules)
+from internvl_serve.serving.contract import ENSEMBLE
 
 MAX_TOKENS = 12  # short answers keep the module fast on 2 cores
 
@@ -57,11 +58,11 @@ def oracle(tiny_checkpoint):
     return chat
 
 
-def ask(server, question, images=(), **extra):
+def ask(server, question, images=(), *, model=ENSEMBLE, **extra):
     values = {"text_input": question, "max_tokens": MAX_TOKENS, "stream": True, **extra}
     if images:
         values["images"] = list(images)
-    return stream_chat(server, make_inputs(**values))
+    return stream_chat_to(server, model, make_inputs(**values))
 
 
 def assert_answer(answer, expected):

@@ -12,42 +12,8 @@ import time
 import pytest
 import requests
 
+from e2e_client import make_echo_repository as make_repository
 from internvl_serve.serving.launcher import LaunchError, TritonServer, free_port, shm_regions
-
-ECHO_CONFIG = """
-name: "echo"
-backend: "python"
-max_batch_size: 0
-input [ { name: "x" data_type: TYPE_INT32 dims: [ -1 ] } ]
-output [ { name: "y" data_type: TYPE_INT32 dims: [ -1 ] } ]
-instance_group [ { kind: KIND_CPU count: 1 } ]
-"""
-ECHO_MODEL = """
-import os
-import triton_python_backend_utils as pb_utils
-
-class TritonPythonModel:
-    def initialize(self, args):
-        if not os.path.isdir(os.environ["INTERNVL_CHECKPOINT"]):
-            raise RuntimeError("INTERNVL_CHECKPOINT is not a folder")
-        {initialize}
-
-    def execute(self, requests):
-        return [pb_utils.InferenceResponse([pb_utils.Tensor("y", pb_utils.get_input_tensor_by_name(r, "x").as_numpy())])
-                for r in requests]
-"""
-
-
-def make_repository(root, initialize="pass"):
-    model = root / "repo" / "echo"
-    (model / "1").mkdir(parents=True)
-    (model / "config.pbtxt").write_text(ECHO_CONFIG)
-    (model / "1" / "model.py").write_text(ECHO_MODEL.replace("{initialize}", initialize))
-    checkpoint = root / "checkpoint"
-    checkpoint.mkdir()
-    (checkpoint / "config.json").write_text("{}")
-    return root / "repo", checkpoint
-
 
 def group_alive(pgid: int) -> bool:
     try:

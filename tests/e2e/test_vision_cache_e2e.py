@@ -6,18 +6,14 @@ they must count the hits and misses this sequence makes."""
 from __future__ import annotations
 
 import json
-import re
-import threading
 
 import pytest
-import requests
-import torch
 
-from e2e_client import image_bytes, make_inputs, stream_chat, wait_for
+from e2e_client import image_bytes, make_inputs, metric, stream_chat, wait_for
+from test_ensemble import MAX_TOKENS, oracle  # noqa: F401  (oracle: the card's chat, a fixture)
 from internvl_serve.serving.launcher import TritonServer
 from internvl_serve.serving.layout import Layout
 
-MAX_TOKENS = 12
 TILE_MIB = 256 * 128 * 4 / 2**20  # tiny checkpoint: 256 image tokens x hidden 128, float32 on the CPU
 
 
@@ -30,39 +26,12 @@ def server(tiny_checkpoint, tmp_path_factory):
         yield s
 
 
-@pytest.fixture(scope="module")
-def oracle(tiny_checkpoint):
-    from internvl_serve import reference
-    from internvl_serve.checkpoint import load_model
-    from internvl_serve.imageproc import load_preprocessor_config
-    from internvl_serve.tokenizer import load_tokenizer
-
-    model = load_model(tiny_checkpoint, dtype=torch.float32, parts=("vision", "language"), progress=False)
-    tokenizer = load_tokenizer(tiny_checkpoint)
-    preprocessor = load_preprocessor_config(tiny_checkpoint)
-    lock = threading.Lock()
-
-    def chat(question, images, history=None):
-        pixel_values = torch.cat([reference.load_image(b, preprocessor) for b in images])
-        with lock, torch.inference_mode():
-            return reference.chat(model, tokenizer, pixel_values, question,
-                                  dict(max_new_tokens=MAX_TOKENS, do_sample=False), history=history)
-
-    return chat
-
-
 def ask(server, question, images, **extra) -> str:
     answer = stream_chat(server, make_inputs(text_input=question, images=list(images), max_tokens=MAX_TOKENS,
                                              stream=True, **extra))
     assert answer.error is None, answer.error
     assert answer.finals == 1
     return answer.text
-
-
-def metric(server, name: str) -> float | None:
-    text = requests.get(server.metrics_url, timeout=5).text
-    values = [float(v) for v in re.findall(r"^" + name + r"(?:\{[^}]*\})?\s+(\S+)", text, re.M)]
-    return sum(values) if values else None
 
 
 def test_hits_misses_and_evictions_give_the_cards_answers(server, oracle):

@@ -1,5 +1,6 @@
-"""Helpers of the load-test tier: where loadtest/ is (put on sys.path: its modules import each other as
-top-level modules, the way Locust and `python loadtest/soak.py` load them) and running its tools."""
+"""Helpers of the load-test tier: where the repository is, and running its tools. (loadtest/ itself is on
+sys.path from tests/conftest.py: its modules import each other as top-level modules, the way Locust and
+`python loadtest/soak.py` load them.)"""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOADTEST = REPO_ROOT / "loadtest"
-if str(LOADTEST) not in sys.path:
-    sys.path.insert(0, str(LOADTEST))
 
 
 def run_tool(args: list[str], timeout_s: float) -> subprocess.CompletedProcess:

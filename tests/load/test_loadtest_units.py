@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-import loadtest_helpers  # noqa: F401  (loadtest/ on sys.path)
 import procstats
 import soak
 import workload

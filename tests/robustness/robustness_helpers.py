@@ -24,7 +24,8 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
-from e2e_client import Answer, image_bytes, in_parallel, make_inputs, mjpeg_avi  # noqa: E402,F401  (re-exported)
+from e2e_client import (Answer, image_bytes, in_parallel, make_echo_repository, make_inputs,  # noqa: E402,F401
+                        mjpeg_avi)  # (re-exported)
 
 from internvl_serve.serving.contract import ENSEMBLE  # noqa: E402
 from internvl_serve.serving.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer  # noqa: E402
@@ -98,15 +99,7 @@ def send(server, inputs, *, parameters: dict | None = None, timeout_s: float = 1
             if error is not None:
                 answer.error = str(error)
                 return answer
-            response = result.get_response()
-            text = result.as_numpy("text_output")
-            if text is not None:
-                answer.deltas.append(text[0].decode("utf-8"))
-                answer.finish_reasons.append(result.as_numpy("finish_reason")[0].decode())
-                answer.num_input_tokens = int(result.as_numpy("num_input_tokens")[0])
-                answer.num_output_tokens = int(result.as_numpy("num_output_tokens")[0])
-            if response.parameters["triton_final_response"].bool_param:
-                answer.finals += 1
+            if answer.add(result):
                 return answer
     finally:
         answer.ended = time.monotonic()

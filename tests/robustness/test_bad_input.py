@@ -184,11 +184,16 @@ CASES = [
 @pytest.mark.parametrize("make, parameters, words", [pytest.param(*c[1:], id=c[0]) for c in CASES])
 def test_bad_request_gets_a_clear_error(server, traffic, make, parameters, words):
     answer = send(server, make(), parameters=parameters)
+    assert_refused_alongside_traffic(answer, words, traffic)
+    assert not answer.deltas  # nothing was generated
+    assert MARKER.decode() not in answer.error
+
+
+def assert_refused_alongside_traffic(answer, words, traffic):
+    """An error naming every one of `words`, while healthy requests ran alongside and all got their answer."""
     assert answer.error is not None, f"accepted: {answer}"
     for word in words:
         assert word in answer.error, answer.error
-    assert not answer.deltas  # nothing was generated
-    assert MARKER.decode() not in answer.error
     assert traffic.overlapped(answer.started, answer.ended), "no healthy request ran alongside"
     assert not traffic.failures, traffic.failures
 
@@ -218,10 +223,7 @@ DIRECT_CASES = [
 @pytest.mark.parametrize("model, make, words", [pytest.param(*c[1:], id=c[0]) for c in DIRECT_CASES])
 def test_a_bad_direct_call_to_a_composing_model_gets_a_clear_error(server, traffic, model, make, words):
     answer = send(server, make(), model=model)
-    assert answer.error is not None, f"accepted: {answer}"
-    for word in words:
-        assert word in answer.error, answer.error
-    assert traffic.overlapped(answer.started, answer.ended) and not traffic.failures, traffic.failures
+    assert_refused_alongside_traffic(answer, words, traffic)
 
 
 # Over HTTP /generate the same mistakes get status 400 and the message (images as data URLs).

@@ -18,6 +18,7 @@ import requests
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from robustness_helpers import make_echo_repository
 from internvl_serve.serving.launcher import (ADMIN_GRPC_HEADER, ADMIN_HEADER, DEFAULT_MODEL_REPOSITORY, LaunchError, TritonServer,
                                              free_port, python_stubs, shm_regions)
 
@@ -98,33 +99,10 @@ def test_a_bad_limit_fails_the_load_naming_the_parameter(tiny_checkpoint, tmp_pa
 
 # ---- a throw-away server: an echo model ---------------------------------------------------------------------
 
-ECHO_CONFIG = """
-name: "echo"
-backend: "python"
-max_batch_size: 0
-input [ { name: "x" data_type: TYPE_INT32 dims: [ -1 ] } ]
-output [ { name: "y" data_type: TYPE_INT32 dims: [ -1 ] } ]
-instance_group [ { kind: KIND_CPU count: 1 } ]
-"""
-ECHO_MODEL = """
-import triton_python_backend_utils as pb_utils
-
-class TritonPythonModel:
-    def execute(self, requests):
-        return [pb_utils.InferenceResponse([pb_utils.Tensor("y", pb_utils.get_input_tensor_by_name(r, "x").as_numpy())])
-                for r in requests]
-"""
-
-
 @pytest.fixture
 def echo(tmp_path):
     """(model repository, checkpoint folder) of an echo model that loads in a second."""
-    (tmp_path / "repo" / "echo" / "1").mkdir(parents=True)
-    (tmp_path / "repo" / "echo" / "config.pbtxt").write_text(ECHO_CONFIG)
-    (tmp_path / "repo" / "echo" / "1" / "model.py").write_text(ECHO_MODEL)
-    (tmp_path / "checkpoint").mkdir()
-    (tmp_path / "checkpoint" / "config.json").write_text("{}")
-    return tmp_path / "repo", tmp_path / "checkpoint"
+    return make_echo_repository(tmp_path)
 
 
 def listening(port: int) -> set[str]:

@@ -3,13 +3,7 @@ that the benchmark and the soak run after their load (fake scrapes and a fake cl
 port is read in tests/load/test_soak.py and tests/metrics)."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "loadtest"))
-
-import servermetrics as metrics  # noqa: E402
+import servermetrics as metrics  # loadtest/ is on sys.path (tests/conftest.py)
 
 
 METRICS = """# HELP internvl_kv_cache_blocks_used Paged KV-cache blocks held by requests
