@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 from .config import DEFAULT_MODEL_NAME, GatewayConfig
+
+API_KEY_ENV = "INTERNVL_GATEWAY_API_KEY"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -23,6 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --allow-remote-images: fetch only from this host (repeatable)")
     p.add_argument("--system-messages", choices=("reject", "ignore"), default="reject",
                    help="what to do with system/developer messages (the template has no system turn)")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
+                   help=f"require 'Authorization: Bearer <key>' on every route but /health (default: ${API_KEY_ENV}; "
+                        "unset: no key). Prefer the variable: a flag shows in the process list")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p.parse_args(argv)
 
@@ -35,9 +42,11 @@ def main(argv=None) -> int:
 
     config = GatewayConfig(triton=args.triton, model_name=args.model_name, timeout_s=args.timeout,
                            retries=args.retries, allow_remote_images=args.allow_remote_images,
-                           remote_image_hosts=tuple(args.remote_image_host), system_messages=args.system_messages)
+                           remote_image_hosts=tuple(args.remote_image_host), system_messages=args.system_messages,
+                           api_key=args.api_key)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     print(f"internvl-gateway: http://{args.host}:{args.port}/v1 -> Triton gRPC {args.triton} "
-          f"(model {args.model_name!r})", file=sys.stderr, flush=True)
+          f"(model {args.model_name!r}; API key {'required' if args.api_key else 'off'})", file=sys.stderr, flush=True)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -18,6 +18,7 @@ class GatewayConfig:
     max_image_bytes: int = 20 * 2**20            # per image (the server's own limit is the same)
     remote_image_timeout_s: float = 10.0
     system_messages: str = "reject"              # reject | ignore (the card's template has no system turn)
+    api_key: str | None = None                   # if set: /v1/* needs `Authorization: Bearer <api_key>`
     served_names: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:

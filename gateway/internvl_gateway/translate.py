@@ -1,9 +1,11 @@
-"""OpenAI chat completions <-> the internvl_chat contract. No web framework, no network.
+"""OpenAI requests -> the internvl_chat contract. No web framework, no network.
 
-Owns: validating a `/v1/chat/completions` body and turning it into the client SDK's `ChatRequest`
-(question, history, images, generation inputs); the answer and stream-chunk objects; the OpenAI error
-objects and the mapping of the SDK's errors onto HTTP statuses. Does not own: HTTP (app.py), fetching
-remote images (app.py), the contract (internvl_client.request).
+Owns: validating a `/v1/chat/completions` or `/v1/completions` body and turning it into the client
+SDK's `ChatRequest` (question, history, images, generation inputs); which request fields are honoured,
+refused (a value the server cannot honour) or ignored (unknown fields, as vLLM: accepted, reported in
+`CompletionRequest.ignored` for the app to log); the OpenAI error objects and the mapping of the SDK's
+errors onto HTTP statuses. Does not own: HTTP (app.py), fetching remote images (app.py), the answer
+and chunk objects (answers.py), the contract (internvl_client.request).
 
 Messages -> the model card's chat(question, history):
 - `system` / `developer` messages: refused (400), or dropped with `system_messages="ignore"`: the
@@ -14,6 +16,9 @@ Messages -> the model card's chat(question, history):
   become `images`, and the message gets the card's placeholders in front of its text: `<image>\\n` for
   one image, `Image-1: <image>\\nImage-2: <image>\\n...` for several (the card's separate images), so
   every image is bound to the turn that sent it. This is also what the SDK's ChatSession sends.
+
+A completions `prompt` is the card's question: the server always applies the card's chat template, so
+`/v1/completions` with prompt P answers what `/v1/chat/completions` with one user message P does.
 """
 
 from __future__ import annotations
@@ -21,8 +26,6 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -39,10 +42,12 @@ from .config import GatewayConfig
 
 INT32_MAX = 2**31 - 1
 UINT64_MAX = 2**64 - 1
-FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}  # OpenAI knows no "cancelled"
+CHAT, COMPLETIONS = "chat", "completions"
 
-# Request fields accepted and not used (they change nothing about the answer).
-IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options"}
+# Request fields accepted and not used (they change nothing about the answer); any other unknown field
+# is ignored too, but reported (CompletionRequest.ignored, logged by the app), as vLLM does.
+IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "reasoning_effort",
+                  "verbosity", "prompt_cache_key", "safety_identifier"}
 # Extensions (as vLLM's, sent with the openai client's extra_body): contract inputs of the same name.
 EXTRA_FIELDS = {"top_k", "repetition_penalty", "ignore_eos"}
 
@@ -224,33 +229,42 @@ def _integer(body: Mapping[str, Any], key: str, low: int, high: int) -> int | No
     return value
 
 
-def _unsupported(body: Mapping[str, Any]) -> None:
-    """Refuse what the server cannot honour rather than silently ignore it."""
-    checks = {
-        "n": lambda v: v in (None, 1),
-        "presence_penalty": lambda v: v in (None, 0, 0.0),
-        "frequency_penalty": lambda v: v in (None, 0, 0.0),
-        "logprobs": lambda v: v in (None, False),
-        "top_logprobs": lambda v: v in (None, 0),
-        "logit_bias": lambda v: not v,
-        "tools": lambda v: not v,
-        "tool_choice": lambda v: v in (None, "none"),
-        "functions": lambda v: not v,
-        "function_call": lambda v: v in (None, "none"),
-        "response_format": lambda v: v is None or (isinstance(v, Mapping) and v.get("type") == "text"),
-        "modalities": lambda v: v in (None, ["text"]),
-        "audio": lambda v: v is None,
-        "prediction": lambda v: v is None,
-        "reasoning_effort": lambda v: v is None,
-    }
+# Fields whose value the server cannot honour: refused (400 unsupported_parameter) unless harmless.
+COMMON_CHECKS = {
+    "n": lambda v: v in (None, 1),
+    "presence_penalty": lambda v: v in (None, 0, 0.0),
+    "frequency_penalty": lambda v: v in (None, 0, 0.0),
+    "logprobs": lambda v: v in (None, False),
+    "logit_bias": lambda v: not v,
+}
+CHECKS = {
+    CHAT: {**COMMON_CHECKS,
+           "top_logprobs": lambda v: v in (None, 0),
+           "tools": lambda v: not v,
+           "tool_choice": lambda v: v in (None, "none", "auto"),  # with no tools, "auto" is "none"
+           "functions": lambda v: not v,
+           "function_call": lambda v: v in (None, "none", "auto"),
+           "response_format": lambda v: v is None or (isinstance(v, Mapping) and v.get("type") == "text"),
+           "modalities": lambda v: v in (None, ["text"]),
+           "audio": lambda v: v is None,
+           "prediction": lambda v: v is None},
+    COMPLETIONS: {**COMMON_CHECKS,
+                  "best_of": lambda v: v in (None, 1),
+                  "suffix": lambda v: not v},
+}
+USED_FIELDS = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "stop", "seed"}
+ENDPOINT_FIELDS = {CHAT: {"messages", "max_completion_tokens"}, COMPLETIONS: {"prompt", "echo"}}
+
+
+def check_fields(body: Mapping[str, Any], endpoint: str) -> list[str]:
+    """Refuse what the server cannot honour rather than silently ignore it; returns the unknown fields
+    (ignored)."""
+    checks = CHECKS[endpoint]
     for key, ok in checks.items():
         if key in body and not ok(body[key]):
             raise bad_request(f"'{key}'={body[key]!r} is not supported by this server", key, "unsupported_parameter")
-    known = set(checks) | IGNORED_FIELDS | EXTRA_FIELDS | {
-        "model", "messages", "stream", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed"}
-    unknown = sorted(set(body) - known)
-    if unknown:
-        raise bad_request(f"unknown request field(s): {', '.join(unknown)}", unknown[0], "unknown_parameter")
+    known = set(checks) | IGNORED_FIELDS | EXTRA_FIELDS | USED_FIELDS | ENDPOINT_FIELDS[endpoint]
+    return sorted(set(body) - known)
 
 
 def generation_inputs(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -300,9 +314,12 @@ def generation_inputs(body: Mapping[str, Any]) -> dict[str, Any]:
 class CompletionRequest:
     model: str
     stream: bool
-    include_usage: bool
+    include_usage: bool        # stream_options.include_usage: a usage-only chunk before [DONE]
+    continuous_usage: bool     # stream_options.continuous_usage_stats: usage in every chunk (vLLM's)
     conversation: Conversation
     generation: dict[str, Any]
+    endpoint: str = CHAT
+    ignored: list[str] = field(default_factory=list)  # unknown fields, ignored (the app logs them)
 
     def to_chat_request(self, images: list[bytes]) -> ChatRequest:
         """The SDK request, once remote images are fetched (`images`: bytes, in conversation order)."""
@@ -314,8 +331,7 @@ class CompletionRequest:
             raise bad_request(str(e)) from None
 
 
-def parse_chat_completion(body: Any, config: GatewayConfig) -> CompletionRequest:
-    """Validate a /v1/chat/completions body; raises GatewayError (400, or 404 for an unknown model)."""
+def _model(body: Any, config: GatewayConfig) -> str:
     if not isinstance(body, Mapping):
         raise bad_request("the request body must be a JSON object")
     model = body.get("model")
@@ -324,55 +340,50 @@ def parse_chat_completion(body: Any, config: GatewayConfig) -> CompletionRequest
     if model not in config.served_names:
         raise GatewayError(404, f"The model {model!r} does not exist; this gateway serves {config.model_name!r}",
                            param="model", code="model_not_found")
-    _unsupported(body)
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise bad_request("'stream' must be true or false", "stream")
+    return model
+
+
+def _flag(value: Any, name: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise bad_request(f"'{name}' must be true or false", name)
+    return value
+
+
+def _request(body: Mapping[str, Any], model: str, endpoint: str, conversation: Conversation,
+             generation: dict[str, Any], ignored: list[str]) -> CompletionRequest:
+    stream = _flag(body.get("stream"), "stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, Mapping):
         raise bad_request("'stream_options' must be an object", "stream_options")
-    include_usage = bool(options.get("include_usage", False))
+    include_usage = _flag(options.get("include_usage"), "stream_options.include_usage")
+    continuous = _flag(options.get("continuous_usage_stats"), "stream_options.continuous_usage_stats")
     return CompletionRequest(model=model, stream=stream, include_usage=stream and include_usage,
-                             conversation=parse_messages(body.get("messages"), config),
-                             generation=generation_inputs(body))
+                             continuous_usage=stream and continuous, conversation=conversation,
+                             generation=generation, endpoint=endpoint, ignored=ignored)
 
 
-# ---- answers ----------------------------------------------------------------------------------------
+def parse_chat_completion(body: Any, config: GatewayConfig) -> CompletionRequest:
+    """Validate a /v1/chat/completions body; raises GatewayError (400, or 404 for an unknown model)."""
+    model = _model(body, config)
+    ignored = check_fields(body, CHAT)
+    return _request(body, model, CHAT, parse_messages(body.get("messages"), config), generation_inputs(body),
+                    ignored)
 
 
-def new_completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
-
-
-def usage(num_input_tokens: int | None, num_output_tokens: int | None) -> dict:
-    prompt, completion = int(num_input_tokens or 0), int(num_output_tokens or 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def finish_reason(reason: str | None) -> str:
-    return FINISH_REASONS.get(reason or "", "stop")
-
-
-def completion(completion_id: str, model: str, text: str, reason: str | None, num_input_tokens: int | None,
-               num_output_tokens: int | None, created: int | None = None) -> dict:
-    return {
-        "id": completion_id, "object": "chat.completion", "created": created or int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": finish_reason(reason), "logprobs": None}],
-        "usage": usage(num_input_tokens, num_output_tokens),
-    }
-
-
-def chunk(completion_id: str, model: str, created: int, *, delta: dict | None = None,
-          reason: str | None = None, usage_: dict | None = None) -> dict:
-    """One `chat.completion.chunk`; with usage_ it is the usage-only chunk (no choices)."""
-    body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
-    if usage_ is not None:
-        body["choices"] = []
-        body["usage"] = usage_
-    else:
-        body["choices"] = [{"index": 0, "delta": delta or {}, "logprobs": None,
-                            "finish_reason": None if reason is None else finish_reason(reason)}]
-    return body
+def parse_completion(body: Any, config: GatewayConfig) -> CompletionRequest:
+    """Validate a /v1/completions body: `prompt` (a string, or a list of one) is the card's question;
+    `echo` puts it in front of the answer (the contract's exclude_input_in_output=false)."""
+    model = _model(body, config)
+    ignored = check_fields(body, COMPLETIONS)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise bad_request("'prompt' must be a string (or a list of one string; token ids and several prompts "
+                          "are not supported)", "prompt")
+    generation = generation_inputs(body)
+    if _flag(body.get("echo"), "echo"):
+        generation["exclude_input_in_output"] = False
+    return _request(body, model, COMPLETIONS, Conversation(question=prompt), generation, ignored)

@@ -10,22 +10,29 @@ triton_python_backend_utils, so it is tested without a server).
 Does not own: the engine, the vision service or the Triton adapters (model_repository/*/1/model.py
 create the exporters in initialize() and close them in finalize()).
 
-Why counters of sums and counts instead of histograms: Triton 2.51's Python backend has
-`MetricFamily.HISTOGRAM`, but every metric operation is a round trip from the stub process to the
-server; one observe() per token would cost more than the token. Here timings accumulate in Python and
-a background thread pushes the increases (and the gauges) every `interval_s`. Mean TTFT over a window
-is `rate(..._sum[1m]) / rate(..._count[1m])` in PromQL.
+Why histograms made of counters: Triton 2.51's Python backend has `MetricFamily.HISTOGRAM`, but every
+metric operation is a round trip from the stub process to the server; one observe() per token would
+cost more than the token. Here timings accumulate in Python (`Histogram`) and a background thread
+pushes the increases (and the gauges) every `interval_s`. A histogram is exported as Prometheus lays
+one out: counter families `<name>_bucket{le="..."}` (cumulative, the last `le="+Inf"`), `<name>_sum`
+and `<name>_count`, so `histogram_quantile(0.95, sum by (le) (rate(<name>_bucket[5m])))` reads a p95
+and `rate(_sum) / rate(_count)` a mean.
 
 Definitions (docs/metrics.md):
 - time to first token: from the llm step's submit to the engine output carrying the first token (engine
   queue + prefill; preprocess and vision time are in Triton's per-model nv_inference_* metrics);
 - inter-token latency: between consecutive token-bearing outputs of one request;
+- request latency (e2e): from the llm step's submit to the request's final engine output;
+- finished requests by reason: stop, length, cancelled (the engine aborted it: the client cancelled
+  or went away), error (the engine failed it); prompt tokens (image tokens included) per finished request;
 - KV blocks used: blocks with a reference (held by running requests). Cached blocks that no request
   holds are free (the allocator hands them out again, evicting their prefix entry), so after a load
   `internvl_kv_cache_blocks_used` returns to 0 whatever the prefix cache keeps.
 """
 from __future__ import annotations
 
+import bisect
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -40,13 +47,56 @@ class MetricSpec:
     name: str
     kind: str  # COUNTER or GAUGE
     help: str
+    label: str = ""  # a label whose values the series carry ("le", "reason"): no series without it
 
 
-TTFT_SUM = "internvl_time_to_first_token_seconds_sum"
-TTFT_COUNT = "internvl_time_to_first_token_seconds_count"
-ITL_SUM = "internvl_inter_token_latency_seconds_sum"
-ITL_COUNT = "internvl_inter_token_latency_seconds_count"
+def series(name: str, **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """The key of one labelled series in a values mapping (plain names are keys of their own)."""
+    return name, tuple(sorted(labels.items()))
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == math.inf else repr(float(bound))
+
+
+class Histogram:
+    """A Prometheus histogram in plain Python (not thread-safe: GenerationMetrics holds the lock)."""
+
+    def __init__(self, name: str, bounds: tuple[float, ...]):
+        assert list(bounds) == sorted(set(bounds)), "bucket bounds must increase"
+        self.name, self.bounds = name, tuple(float(b) for b in bounds) + (math.inf,)
+        self._counts = [0] * len(self.bounds)  # per bucket, not cumulative
+        self.sum, self.count = 0.0, 0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect.bisect_left(self.bounds, value)] += 1  # the first bound >= value (le)
+        self.sum += value
+        self.count += 1
+
+    def values(self) -> dict:
+        out: dict = {f"{self.name}_sum": self.sum, f"{self.name}_count": self.count}
+        cumulative = 0
+        for bound, n in zip(self.bounds, self._counts):
+            cumulative += n
+            out[series(f"{self.name}_bucket", le=_le(bound))] = cumulative
+        return out
+
+
+def histogram_specs(name: str, help: str, unit: str = "seconds") -> tuple[MetricSpec, ...]:
+    return (MetricSpec(f"{name}_bucket", COUNTER, f"{help}: observations <= le {unit} (cumulative)", label="le"),
+            MetricSpec(f"{name}_sum", COUNTER, f"{help}: sum, {unit}"),
+            MetricSpec(f"{name}_count", COUNTER, f"{help}: observations"))
+
+
+TTFT = "internvl_time_to_first_token_seconds"
+ITL = "internvl_inter_token_latency_seconds"
+E2E = "internvl_e2e_request_latency_seconds"
+TTFT_SUM, TTFT_COUNT, TTFT_BUCKET = f"{TTFT}_sum", f"{TTFT}_count", f"{TTFT}_bucket"
+ITL_SUM, ITL_COUNT, ITL_BUCKET = f"{ITL}_sum", f"{ITL}_count", f"{ITL}_bucket"
+E2E_SUM, E2E_COUNT, E2E_BUCKET = f"{E2E}_sum", f"{E2E}_count", f"{E2E}_bucket"
 GENERATED_TOKENS = "internvl_generated_tokens_total"
+PROMPT_TOKENS = "internvl_prompt_tokens_total"
+REQUESTS_FINISHED = "internvl_requests_finished_total"
 REQUESTS_WAITING = "internvl_requests_waiting"
 REQUESTS_RUNNING = "internvl_requests_running"
 KV_BLOCKS_USED = "internvl_kv_cache_blocks_used"
@@ -54,12 +104,25 @@ KV_BLOCKS_TOTAL = "internvl_kv_cache_blocks_total"
 IMAGE_CACHE_HITS = "internvl_image_cache_hits_total"
 IMAGE_CACHE_MISSES = "internvl_image_cache_misses_total"
 
+# Bucket upper bounds, seconds. TTFT: a cached short prompt on a GPU (ms) to a long queue (tens of s);
+# ITL: one decode step of a big batch (ms) to a step stalled behind prefills (~1 s); e2e: whole answers.
+TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+               0.5, 0.75, 1.0, 2.5)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0, 600.0)
+# Finish reasons of the llm step: the contract's (stop, length, cancelled = an engine abort) and error.
+FINISH_REASON_LABELS = {"stop": "stop", "length": "length", "abort": "cancelled"}
+ERROR_REASON = "error"
+
 LLM_METRICS = (
-    MetricSpec(TTFT_SUM, COUNTER, "Sum of times to first token (llm submit to first generated token), seconds"),
-    MetricSpec(TTFT_COUNT, COUNTER, "Requests that produced a first token"),
-    MetricSpec(ITL_SUM, COUNTER, "Sum of times between consecutive generated tokens of a request, seconds"),
-    MetricSpec(ITL_COUNT, COUNTER, "Gaps between consecutive generated tokens"),
+    *histogram_specs(TTFT, "Time to first token (llm submit to first generated token)"),
+    *histogram_specs(ITL, "Time between consecutive generated tokens of a request"),
+    *histogram_specs(E2E, "Request latency (llm submit to the final output)"),
     MetricSpec(GENERATED_TOKENS, COUNTER, "Tokens generated (the final </s> included)"),
+    MetricSpec(PROMPT_TOKENS, COUNTER, "Prompt tokens (image tokens included) of finished requests"),
+    MetricSpec(REQUESTS_FINISHED, COUNTER, "Requests the llm step finished, by reason (stop, length, "
+               "cancelled, error)", label="reason"),
     MetricSpec(REQUESTS_WAITING, GAUGE, "Requests in the engine's queue, not yet admitted (or preempted)"),
     MetricSpec(REQUESTS_RUNNING, GAUGE, "Requests the engine is generating for (in-flight batch)"),
     MetricSpec(KV_BLOCKS_USED, GAUGE, "Paged KV-cache blocks held by requests"),
@@ -72,54 +135,69 @@ VISION_METRICS = (
 METRIC_NAMES = tuple(s.name for s in LLM_METRICS + VISION_METRICS)
 
 
+def finish_label(output: Any) -> str:
+    """The `reason` label of a finished engine output."""
+    if getattr(output, "error", None) is not None:
+        return ERROR_REASON
+    return FINISH_REASON_LABELS.get(str(getattr(output, "finish_reason", None) or ""), ERROR_REASON)
+
+
+@dataclass
+class _Timing:
+    submitted: float
+    last_token: float | None = None  # None until the first token
+
+
 class GenerationMetrics:
-    """Per-request timing from engine outputs, accumulated into counters. Thread-safe: start() runs on
-    the submitting thread, observe() on the engine thread, counters() on the exporter's thread."""
+    """Per-request timing from engine outputs, accumulated into histograms and counters. Thread-safe:
+    start() runs on the submitting thread, observe() on the engine thread, counters() on the exporter's."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
         self._lock = threading.Lock()
-        self._started: dict[str, float] = {}   # request_id -> submit time (until its first token)
-        self._last_token: dict[str, float] = {}  # request_id -> time of its latest token
-        self._values = {TTFT_SUM: 0.0, TTFT_COUNT: 0, ITL_SUM: 0.0, ITL_COUNT: 0, GENERATED_TOKENS: 0}
+        self._requests: dict[str, _Timing] = {}
+        self.ttft, self.itl, self.e2e = Histogram(TTFT, TTFT_BUCKETS), Histogram(ITL, ITL_BUCKETS), Histogram(E2E, E2E_BUCKETS)
+        self._tokens = {GENERATED_TOKENS: 0, PROMPT_TOKENS: 0}
+        self._finished = dict.fromkeys([*FINISH_REASON_LABELS.values(), ERROR_REASON], 0)
 
     def start(self, request_id: str) -> None:
         with self._lock:
-            self._started[request_id] = self._clock()
+            self._requests[request_id] = _Timing(self._clock())
 
     def forget(self, request_id: str) -> None:
         """The request was refused (or is over): drop its timers."""
         with self._lock:
-            self._started.pop(request_id, None)
-            self._last_token.pop(request_id, None)
+            self._requests.pop(request_id, None)
 
     def observe(self, output: Any) -> None:
-        """One engine RequestOutput (request_id, new_token_ids, finished)."""
+        """One engine RequestOutput (request_id, new_token_ids, finished, finish_reason, error,
+        num_prompt_tokens)."""
         now = self._clock()
-        rid = output.request_id
         with self._lock:
+            timing = self._requests.get(output.request_id)
             if output.new_token_ids:
-                v = self._values
-                v[GENERATED_TOKENS] += len(output.new_token_ids)
-                if rid in self._started:
-                    v[TTFT_SUM] += now - self._started.pop(rid)
-                    v[TTFT_COUNT] += 1
-                elif rid in self._last_token:
-                    v[ITL_SUM] += now - self._last_token[rid]
-                    v[ITL_COUNT] += 1
-                self._last_token[rid] = now
-            if output.finished:
-                self._started.pop(rid, None)
-                self._last_token.pop(rid, None)
+                self._tokens[GENERATED_TOKENS] += len(output.new_token_ids)
+                if timing is not None:
+                    if timing.last_token is None:
+                        self.ttft.observe(now - timing.submitted)
+                    else:
+                        self.itl.observe(now - timing.last_token)
+                    timing.last_token = now
+            if output.finished and timing is not None:
+                del self._requests[output.request_id]
+                self.e2e.observe(now - timing.submitted)
+                self._finished[finish_label(output)] += 1
+                self._tokens[PROMPT_TOKENS] += int(getattr(output, "num_prompt_tokens", 0) or 0)
 
     @property
     def num_tracked(self) -> int:
         with self._lock:
-            return len(self._started.keys() | self._last_token.keys())
+            return len(self._requests)
 
-    def counters(self) -> dict[str, float]:
+    def counters(self) -> dict:
         with self._lock:
-            return dict(self._values)
+            return {**self.ttft.values(), **self.itl.values(), **self.e2e.values(), **self._tokens,
+                    **{series(REQUESTS_FINISHED, reason=r): n for r, n in self._finished.items()}}
 
 
 class MeteredEngineThread:
@@ -179,26 +257,33 @@ class TritonMetrics:
         family = pb_utils.MetricFamily
         kinds = {COUNTER: family.COUNTER, GAUGE: family.GAUGE}
         self.specs = {s.name: s for s in specs}
+        self._labels = dict(labels)
         self._families = {s.name: family(name=s.name, description=s.help, kind=kinds[s.kind]) for s in specs}
-        self._metrics = {name: f.Metric(labels=dict(labels)) for name, f in self._families.items()}
-        self._pushed = {s.name: 0.0 for s in specs if s.kind == COUNTER}
+        # one Metric per series: unlabelled families now, labelled ones (le, reason) at their first value
+        self._metrics = {s.name: self._families[s.name].Metric(labels=dict(labels)) for s in specs if not s.label}
+        self._pushed: dict = {}
         self._lock = threading.Lock()
 
-    def push(self, values: Mapping[str, float]) -> None:
+    def push(self, values: Mapping) -> None:
+        """values: {name or series(name, label=value): value}."""
         with self._lock:
-            if not self._metrics:
+            if not self._families:
                 return
-            for name, value in values.items():
+            for key, value in values.items():
+                name, extra = (key, ()) if isinstance(key, str) else key
                 spec = self.specs.get(name)
-                if spec is None:
+                if spec is None or bool(spec.label) != bool(extra):
                     continue
+                metric = self._metrics.get(key)
+                if metric is None:
+                    metric = self._metrics[key] = self._families[name].Metric(labels={**self._labels, **dict(extra)})
                 if spec.kind == GAUGE:
-                    self._metrics[name].set(float(value))
+                    metric.set(float(value))
                 else:
-                    increase = float(value) - self._pushed[name]
+                    increase = float(value) - self._pushed.get(key, 0.0)
                     if increase > 0:
-                        self._metrics[name].increment(increase)
-                        self._pushed[name] = float(value)
+                        metric.increment(increase)
+                        self._pushed[key] = float(value)
 
     def close(self) -> None:
         """Drop the metrics, then their families (the backend wants that order)."""

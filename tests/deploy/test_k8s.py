@@ -175,7 +175,7 @@ def test_grafana_dashboard():
     panels = dashboard["panels"]
     assert len({p["id"] for p in panels}) == len(panels)
     exprs = [t["expr"] for p in panels for t in p["targets"]]
-    used = {n for e in exprs for n in re.findall(r"\b(internvl_[a-z_]+_(?:sum|count|total|waiting|running|used))\b", e)}
+    used = {n for e in exprs for n in re.findall(r"\b(internvl_[a-z0-9_]+_(?:sum|count|bucket|total|waiting|running|used))\b", e)}
     assert used | {metrics.KV_BLOCKS_TOTAL} >= set(metrics.METRIC_NAMES)  # every model metric is on it
     assert used <= set(metrics.METRIC_NAMES)
     triton = {n for e in exprs for n in re.findall(r"\b(nv_[a-z_]+)\b", e)}

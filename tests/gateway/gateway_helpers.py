@@ -30,14 +30,19 @@ def png(seed: int, size=(64, 48)) -> bytes:
 class Gateway:
     """`python -m internvl_gateway` in a subprocess (its own process group), ready when /v1/models answers."""
 
-    def __init__(self, triton: str, log: Path, *extra: str):
+    def __init__(self, triton: str, log: Path, *extra: str, api_key: str | None = None):
         from internvl_serve.serving.launcher import free_port
 
+        self.api_key = api_key
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(GATEWAY_DIR), env.get("PYTHONPATH", "")) if p)
+        env.pop("INTERNVL_GATEWAY_API_KEY", None)
+        if api_key is not None:  # through the environment, as docs/gateway.md advises
+            env["INTERNVL_GATEWAY_API_KEY"] = api_key
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._log_file = open(log, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "internvl_gateway", "--triton", triton, "--port", str(self.port),
@@ -50,7 +55,7 @@ class Gateway:
                 self.stop()
                 pytest.fail(f"the gateway exited ({self.proc.returncode}):\n{log.read_text()[-3000:]}")
             try:
-                if requests.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
+                if requests.get(f"{self.url}/v1/models", headers=headers, timeout=2).status_code == 200:
                     return
             except requests.RequestException:
                 pass
@@ -65,7 +70,8 @@ class Gateway:
     def openai(self, **kwargs):
         import openai
 
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60, **kwargs)
+        kwargs.setdefault("api_key", self.api_key or "unused")
+        return openai.OpenAI(base_url=f"{self.url}/v1", max_retries=0, timeout=60, **kwargs)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -4,7 +4,9 @@ Every answer is compared with what the client SDK (internvl_client, gRPC straigh
 the same request: the same text, finish reason and token counts. Also: streaming (SSE) with usage,
 images as data URLs, multi-turn history, sampling with a seed, stop strings, the refusals (400 from
 the gateway's checks and from the server's INVALID_ARG, 404 for an unknown model), http(s) images
-only where allowed, and 503 when Triton is down.
+only where allowed, and 503 when Triton is down. Issue #16: fields current clients send are accepted
+(unknown ones logged), /v1/completions, OpenAI-shaped 404 / 405 on any route, usage in every chunk
+with continuous_usage_stats, and the API key (401, /health open).
 """
 from __future__ import annotations
 
@@ -175,6 +177,95 @@ def test_client_leaving_a_stream_early(oai, sdk, server):
                                              max_tokens=MAX_TOKENS)
     assert_same(completion, expected)  # the gateway and the server go on
     assert server.is_running()
+
+
+def test_fields_current_clients_send_are_accepted(oai, sdk, gateway):
+    expected = sdk_answer(sdk, "Hello, who are you?")
+    completion = oai.chat.completions.create(
+        model=MODEL, messages=[user("Hello, who are you?")], max_tokens=MAX_TOKENS, tool_choice="auto",
+        extra_body={"verbosity": "low", "prompt_cache_key": "k1", "safety_identifier": "s1",
+                    "reasoning_effort": "low", "a_field_from_the_future": 1})
+    assert_same(completion, expected)
+    assert "ignored unknown request field(s): a_field_from_the_future" in gateway.log.read_text()
+
+
+def test_completions_match_sdk(oai, sdk):
+    expected = sdk_answer(sdk, "Hello, who are you?")
+    completion = oai.completions.create(model=MODEL, prompt="Hello, who are you?", max_tokens=MAX_TOKENS)
+    assert completion.object == "text_completion" and completion.id.startswith("cmpl-")
+    choice = completion.choices[0]
+    assert (choice.text, choice.finish_reason) == (expected.text, expected.finish_reason)
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (
+        expected.num_input_tokens, expected.num_output_tokens)
+    echoed = oai.completions.create(model=MODEL, prompt="Hello, who are you?", max_tokens=MAX_TOKENS, echo=True)
+    assert echoed.choices[0].text == "Hello, who are you?" + expected.text
+
+
+def test_streamed_completions_with_continuous_usage(oai, sdk):
+    expected = sdk_answer(sdk, "Tell me a story.")
+    chunks = list(oai.completions.create(model=MODEL, prompt="Tell me a story.", max_tokens=MAX_TOKENS, stream=True,
+                                         stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    with_choices = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].text for c in with_choices) == expected.text
+    assert sum(1 for c in with_choices if c.choices[0].text) >= 2  # streamed in pieces
+    assert [c.choices[0].finish_reason for c in with_choices][-1] == expected.finish_reason
+    assert all(c.usage is not None and c.usage.prompt_tokens == expected.num_input_tokens for c in chunks)
+    completed = [c.usage.completion_tokens for c in chunks]
+    assert completed == sorted(completed) and 0 < completed[0] and completed[-1] == expected.num_output_tokens
+    assert not chunks[-1].choices  # include_usage: the usage-only chunk comes last
+
+
+def test_chat_stream_with_continuous_usage(oai, sdk):
+    expected = sdk_answer(sdk, "Describe a cat.")
+    chunks = list(oai.chat.completions.create(model=MODEL, messages=[user("Describe a cat.")], max_tokens=MAX_TOKENS,
+                                              stream=True, stream_options={"continuous_usage_stats": True}))
+    assert all(c.choices for c in chunks)  # no include_usage: no usage-only chunk
+    assert all(c.usage.prompt_tokens == expected.num_input_tokens for c in chunks)
+    assert chunks[-1].usage.completion_tokens == expected.num_output_tokens
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
+    plain = list(oai.chat.completions.create(model=MODEL, messages=[user("Describe a cat.")], max_tokens=MAX_TOKENS,
+                                             stream=True))
+    assert all(c.usage is None for c in plain)
+
+
+@pytest.mark.parametrize("method, path, status, code", [
+    ("get", "/v1/no-such-route", 404, "not_found"),
+    ("post", "/v1/embeddings", 404, "not_found"),
+    ("get", "/v1/chat/completions", 405, "method_not_allowed"),
+    ("delete", "/v1/models", 405, "method_not_allowed"),
+])
+def test_framework_errors_are_openai_shaped(gateway, method, path, status, code):
+    r = getattr(requests, method)(f"{gateway.url}{path}", timeout=10)
+    assert r.status_code == status
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert r.json()["error"]["code"] == code and path in r.json()["error"]["message"]
+
+
+def test_bad_json_is_400_openai_shaped(gateway):
+    for route in ("/v1/chat/completions", "/v1/completions"):
+        r = requests.post(f"{gateway.url}{route}", data=b"{not json", timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_api_key(server, sdk, tmp_path):
+    gateway = Gateway(server.grpc_url, tmp_path / "gateway.log", api_key="s3cret")
+    try:
+        expected = sdk_answer(sdk, "Hello, who are you?")
+        completion = gateway.openai().chat.completions.create(model=MODEL, messages=[user("Hello, who are you?")],
+                                                              max_tokens=MAX_TOKENS)
+        assert_same(completion, expected)
+        for key in ("wrong", "s3cret-and-more"):
+            with pytest.raises(openai.AuthenticationError) as e:
+                gateway.openai(api_key=key).completions.create(model=MODEL, prompt="hi", max_tokens=2)
+            assert e.value.body["code"] == "invalid_api_key" and e.value.body["type"] == "invalid_request_error"
+        with pytest.raises(openai.AuthenticationError):
+            gateway.openai(api_key="wrong").models.list()
+        assert requests.post(f"{gateway.url}/v1/chat/completions", json={}, timeout=10).status_code == 401  # no header
+        assert requests.get(f"{gateway.url}/v1/models", headers={"Authorization": "Basic s3cret"},
+                            timeout=10).status_code == 401
+        assert requests.get(f"{gateway.url}/health", timeout=10).status_code == 200  # open without the key
+    finally:
+        gateway.stop()
 
 
 # ---- refusals -------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from internvl_gateway.translate import (
     RemoteImage,
     from_client_error,
     parse_chat_completion,
+    parse_completion,
     parse_data_url,
 )
 
@@ -106,13 +107,63 @@ def test_generation_fields():
     (dict(logprobs=True), "logprobs"),
     (dict(tools=[{"type": "function"}]), "tools"),
     (dict(response_format={"type": "json_object"}), "response_format"),
-    (dict(best_of=2), "best_of"),
+    (dict(tool_choice="required"), "tool_choice"),
     (dict(stream="yes"), "stream"),
 ])
 def test_refused_fields(body, param):
     e = refused(messages=[{"role": "user", "content": "x"}], **body)
     assert (e.status, e.param) == (400, param)
     assert e.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_fields_current_clients_send_are_accepted():
+    """openai-python / the Responses-era fields vLLM accepts: not a 400; the unknown ones are reported."""
+    r = parse(messages=[{"role": "user", "content": "x"}], verbosity="low", prompt_cache_key="k",
+              safety_identifier="s", reasoning_effort="minimal", tool_choice="auto", some_future_field={"a": 1},
+              best_of=2)
+    assert r.generation == {}
+    assert r.ignored == ["best_of", "some_future_field"]  # logged by the app; the known ones are quiet
+
+
+def test_stream_options():
+    messages = [{"role": "user", "content": "x"}]
+    r = parse(messages=messages, stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True})
+    assert (r.include_usage, r.continuous_usage) == (True, True)
+    r = parse(messages=messages, stream=True, stream_options={"continuous_usage_stats": True})
+    assert (r.include_usage, r.continuous_usage) == (False, True)
+    assert parse(messages=messages, stream_options={"continuous_usage_stats": True}).continuous_usage is False
+    e = refused(messages=messages, stream=True, stream_options={"continuous_usage_stats": "yes"})
+    assert e.param == "stream_options.continuous_usage_stats"
+
+
+def completion(config=CONFIG, **body):
+    return parse_completion({"model": "InternVL-Chat-V1-1", **body}, config)
+
+
+def test_completion_prompt_is_the_question():
+    r = completion(prompt="Hello", max_tokens=5, echo=True, stream=True, suffix="", best_of=1, logprobs=None,
+                   tools=[{"x": 1}])
+    assert r.endpoint == "completions" and r.stream
+    assert (r.conversation.question, r.conversation.history, r.conversation.images) == ("Hello", [], [])
+    assert r.generation == {"max_tokens": 5, "exclude_input_in_output": False}
+    assert r.ignored == ["tools"]  # a chat field is unknown here: ignored
+    assert completion(prompt=["Hi"]).conversation.question == "Hi"
+
+
+@pytest.mark.parametrize("body, param", [
+    (dict(), "prompt"),
+    (dict(prompt=[1, 2, 3]), "prompt"),
+    (dict(prompt=["a", "b"]), "prompt"),
+    (dict(prompt="x", best_of=2), "best_of"),
+    (dict(prompt="x", suffix="end"), "suffix"),
+    (dict(prompt="x", logprobs=2), "logprobs"),
+    (dict(prompt="x", echo="yes"), "echo"),
+    (dict(prompt="x", max_tokens=0), "max_tokens"),
+])
+def test_completion_refusals(body, param):
+    with pytest.raises(GatewayError) as e:
+        completion(**body)
+    assert (e.value.status, e.value.param) == (400, param), e.value.message
 
 
 @pytest.mark.parametrize("messages, param", [
@@ -189,3 +240,25 @@ def test_gateway_does_not_import_torch():
             "bad = [m for m in ('torch', 'internvl_serve') if m in sys.modules]; sys.exit(f'imported {bad}' if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=GATEWAY_DIR, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_answer_and_chunk_shapes():
+    from internvl_gateway import answers
+
+    a = answers.completion("completions", "cmpl-1", "m", "Hi.", "length", 10, 3, created=7)
+    assert a == {"id": "cmpl-1", "object": "text_completion", "created": 7, "model": "m",
+                 "choices": [{"index": 0, "text": "Hi.", "finish_reason": "length", "logprobs": None}],
+                 "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}}
+    assert answers.completion("chat", "c", "m", "Hi.", "cancelled", 1, 1)["choices"][0]["message"] == {
+        "role": "assistant", "content": "Hi."}
+    u = answers.usage(10, 2)
+    c = answers.chunk("completions", "cmpl-1", "m", 7, text="lo", usage_=u)
+    assert c["object"] == "text_completion" and c["usage"] == u
+    assert c["choices"] == [{"index": 0, "text": "lo", "logprobs": None, "finish_reason": None}]
+    c = answers.chunk("chat", "c", "m", 7, role=True)
+    assert c["choices"][0]["delta"] == {"role": "assistant", "content": ""} and "usage" not in c
+    assert answers.chunk("chat", "c", "m", 7, reason="stop")["choices"][0] == {
+        "index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    last = answers.chunk("chat", "c", "m", 7, usage_=u, choices=False)
+    assert last["choices"] == [] and last["usage"] == u
+    assert answers.new_id("chat").startswith("chatcmpl-") and answers.new_id("completions").startswith("cmpl-")

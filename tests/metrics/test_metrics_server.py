@@ -1,7 +1,9 @@
 """The internvl_* metrics on a real tritonserver's /metrics (server.metrics_url), under a short load:
 the tokens counter grows by exactly the tokens the clients received, one TTFT per finished request,
-KV blocks and running requests go up during the load and back to 0 after it, the image cache counts
-a resent image as a hit. Also, the deployment files against this server: every metric they use (HPA,
+the TTFT / inter-token / request-latency histograms count every observation (buckets monotone, +Inf =
+_count), the prompt-token counter grows by the prompt tokens the clients saw, finished requests are
+counted by reason (a cancelled stream under "cancelled"), KV blocks and running requests go up during
+the load and back to 0 after it, the image cache counts a resent image as a hit. Also, the deployment files against this server: every metric they use (HPA,
 prometheus-adapter rule, Grafana dashboard) is exported (GPU-only nv_gpu_* aside), and the Docker
 image's NGC release is this server's Triton version."""
 from __future__ import annotations
@@ -42,6 +44,32 @@ def scrape(server) -> tuple[dict[str, float], dict[str, str]]:
         if match:
             values[match.group(1)] = values.get(match.group(1), 0.0) + float(match.group(3))
     return values, types
+
+
+def scrape_series(server) -> list[tuple[str, dict[str, str], float]]:
+    """Every sample: (name, labels, value)."""
+    text = requests.get(server.metrics_url, timeout=10).text
+    out = []
+    for line in text.splitlines():
+        match = _LINE.match(line)
+        if match:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+            out.append((match.group(1), labels, float(match.group(3))))
+    return out
+
+
+def histogram(server, base: str) -> tuple[dict[str, float], float]:
+    """The llm's histogram `base`: ({le: cumulative count}, _count), one model instance."""
+    samples = scrape_series(server)
+    buckets = {labels["le"]: v for name, labels, v in samples if name == f"{base}_bucket"}
+    buckets = dict(sorted(buckets.items(), key=lambda item: float(item[0])))  # Triton's order is its own
+    counts = [v for name, _, v in samples if name == f"{base}_count"]
+    assert len(counts) == 1, f"{base}_count: {counts} (one llm instance expected)"
+    return buckets, counts[0]
+
+
+def finished(server) -> dict[str, float]:
+    return {labels["reason"]: v for name, labels, v in scrape_series(server) if name == m.REQUESTS_FINISHED}
 
 
 def wait_for(server, check, what: str, timeout_s: float = 15.0) -> dict[str, float]:
@@ -92,6 +120,7 @@ def test_every_metric_is_exported_with_its_type(server):
 
 def test_metrics_follow_a_short_load(server, client):
     before = wait_for(server, idle, "an idle engine")
+    finished_before = finished(server)
     n, max_tokens = 6, 200
     seen_busy: list[dict] = []
     results = []
@@ -112,7 +141,8 @@ def test_metrics_follow_a_short_load(server, client):
 
     def settled(values):
         return (values[m.GENERATED_TOKENS] - before[m.GENERATED_TOKENS] == tokens
-                and values[m.TTFT_COUNT] - before[m.TTFT_COUNT] == n and idle(values))
+                and values[m.TTFT_COUNT] - before[m.TTFT_COUNT] == n
+                and values[m.E2E_COUNT] - before[m.E2E_COUNT] == n and idle(values))
 
     after = wait_for(server, settled, f"{tokens} more tokens, {n} more first tokens, an idle engine")
     assert seen_busy, "never saw running requests holding KV blocks during the load"
@@ -126,6 +156,28 @@ def test_metrics_follow_a_short_load(server, client):
     assert 0 < ttft < 60 and 0 < itl < 10
     assert after[m.KV_BLOCKS_TOTAL] == before[m.KV_BLOCKS_TOTAL]
     assert after["nv_inference_request_success"] - before["nv_inference_request_success"] >= n
+    assert after[m.PROMPT_TOKENS] - before[m.PROMPT_TOKENS] == sum(r.num_input_tokens for r in results)
+    reasons = finished(server)
+    assert reasons["length"] - finished_before["length"] == n  # ignore_eos: every request ran to max_tokens
+    assert all(reasons[r] == finished_before[r] for r in ("stop", "cancelled", "error"))
+    for base, bounds in ((m.TTFT, m.TTFT_BUCKETS), (m.ITL, m.ITL_BUCKETS), (m.E2E, m.E2E_BUCKETS)):
+        buckets, count = histogram(server, base)
+        assert list(buckets) == [repr(b) for b in bounds] + ["+Inf"], base  # every bucket
+        assert list(buckets.values()) == sorted(buckets.values()), f"{base} buckets not monotone: {buckets}"
+        assert buckets["+Inf"] == count == after[f"{base}_count"], base
+    assert histogram(server, m.E2E)[1] - before[m.E2E_COUNT] == n
+
+
+def test_a_cancelled_stream_counts_as_cancelled(server, client):
+    before = wait_for(server, idle, "an idle engine")
+    finished_before = finished(server)
+    stream = client.stream("Talk for a long time.", generation_config=dict(max_new_tokens=2000, ignore_eos=True))
+    assert next(stream)  # generating
+    stream.close()  # the SDK cancels the request on the server (docs/contract.md#cancellation)
+    wait_for(server, lambda v: idle(v) and v[m.E2E_COUNT] == before[m.E2E_COUNT] + 1, "the cancelled request's end")
+    reasons = finished(server)
+    assert reasons["cancelled"] - finished_before["cancelled"] == 1
+    assert all(reasons[r] == finished_before[r] for r in ("stop", "length", "error"))
 
 
 def test_image_cache_counts_a_resent_image_as_a_hit(server, client):

@@ -20,8 +20,9 @@ class Clock:
         return self.now
 
 
-def out(rid, tokens=1, finished=False):
-    return SimpleNamespace(request_id=rid, new_token_ids=[7] * tokens, finished=finished)
+def out(rid, tokens=1, finished=False, reason=None, prompt=5, error=None):
+    return SimpleNamespace(request_id=rid, new_token_ids=[7] * tokens, finished=finished, error=error,
+                           finish_reason=reason or ("stop" if finished else None), num_prompt_tokens=prompt)
 
 
 def test_ttft_itl_and_tokens_from_outputs():
@@ -36,12 +37,50 @@ def test_ttft_itl_and_tokens_from_outputs():
     g.observe(out("b"))                      # b: first token after 0.6 s
     clock.now += 0.3
     g.observe(out("a", finished=True))       # a: gap 0.3, done
-    g.observe(out("b", tokens=0, finished=True))  # b ends without a new token (an abort)
+    g.observe(out("b", tokens=0, finished=True, reason="abort", prompt=7))  # b ends without a new token
     c = g.counters()
     assert c[m.TTFT_COUNT] == 2 and c[m.TTFT_SUM] == pytest.approx(1.1)
     assert c[m.ITL_COUNT] == 2 and c[m.ITL_SUM] == pytest.approx(0.4)
+    assert c[m.E2E_COUNT] == 2 and c[m.E2E_SUM] == pytest.approx(0.9 + 0.9)  # both submitted at 100.0
     assert c[m.GENERATED_TOKENS] == 4
+    assert c[m.PROMPT_TOKENS] == 5 + 7
+    assert finished(c) == {"stop": 1, "length": 0, "cancelled": 1, "error": 0}  # the abort is a cancellation
     assert g.num_tracked == 0                # nothing left behind
+
+
+def finished(values) -> dict:
+    return {dict(labels)["reason"]: n for key, n in values.items() if isinstance(key, tuple)
+            and key[0] == m.REQUESTS_FINISHED for labels in [key[1]]}
+
+
+def buckets(values, name) -> dict[str, float]:
+    return {dict(key[1])["le"]: n for key, n in values.items() if isinstance(key, tuple) and key[0] == name}
+
+
+def test_histograms_are_cumulative_buckets_ending_in_inf():
+    clock = Clock()
+    g = m.GenerationMetrics(clock)
+    for i, ttft in enumerate([0.004, 0.005, 0.3, 100.0]):  # 0.005 is on a bound: counted in le="0.005"
+        g.start(f"r{i}")
+        clock.now += ttft
+        g.observe(out(f"r{i}", finished=True))
+    c = g.counters()
+    b = buckets(c, m.TTFT_BUCKET)
+    assert list(b) == [repr(x) for x in m.TTFT_BUCKETS] + ["+Inf"]
+    assert b["0.005"] == 2 and b["0.2"] == 2 and b["0.3"] == 3 and b["80.0"] == 3 and b["+Inf"] == 4
+    assert list(b.values()) == sorted(b.values())  # monotone
+    assert b["+Inf"] == c[m.TTFT_COUNT] == 4
+    assert len(buckets(c, m.ITL_BUCKET)) == len(m.ITL_BUCKETS) + 1 and len(buckets(c, m.E2E_BUCKET)) == len(m.E2E_BUCKETS) + 1
+
+
+def test_finish_reasons():
+    g = m.GenerationMetrics(Clock())
+    for i, kwargs in enumerate([dict(reason="length"), dict(reason="abort"), dict(reason="abort", error="boom"),
+                                dict(reason="stop")]):
+        g.start(f"r{i}")
+        g.observe(out(f"r{i}", finished=True, **kwargs))
+    g.observe(out("never-started", finished=True))  # not submitted through start(): not counted
+    assert finished(g.counters()) == {"stop": 1, "length": 1, "cancelled": 1, "error": 1}
 
 
 def test_request_without_tokens_has_no_ttft():
@@ -144,6 +183,7 @@ class FakeFamily:
         FakeFamily.created[name] = self
 
     def Metric(self, labels=None):  # noqa: N802  (pb_utils' spelling)
+        assert all(dict(labels) != x.labels for x in self.metrics), f"{self.name} {labels} created twice"
         metric = FakeMetric(self, labels)
         self.metrics.append(metric)
         return metric
@@ -160,6 +200,7 @@ def test_triton_metrics_push_increases_and_gauges(pb_utils):
     t = m.TritonMetrics(pb_utils, m.LLM_METRICS, labels)
     families = FakeFamily.created
     assert set(families) == {s.name for s in m.LLM_METRICS}
+    assert not families[m.TTFT_BUCKET].metrics  # labelled series appear with their first value
     assert families[m.TTFT_SUM].kind == "COUNTER" and families[m.KV_BLOCKS_USED].kind == "GAUGE"
     assert families[m.TTFT_SUM].metrics[0].labels == {"model": "llm", "version": "1", "model_instance": "llm_0_0"}
     t.push({m.GENERATED_TOKENS: 10, m.KV_BLOCKS_USED: 4, "unknown": 1})
@@ -168,12 +209,19 @@ def test_triton_metrics_push_increases_and_gauges(pb_utils):
     tokens = families[m.GENERATED_TOKENS].metrics[0]
     assert (tokens.value, tokens.calls) == (25, 2)
     assert families[m.KV_BLOCKS_USED].metrics[0].value == 2
+    inf, half = m.series(m.TTFT_BUCKET, le="+Inf"), m.series(m.TTFT_BUCKET, le="0.5")
+    t.push({inf: 0, half: 0, m.series(m.REQUESTS_FINISHED, reason="cancelled"): 2, m.TTFT_BUCKET: 9})
+    t.push({inf: 3, half: 1})
+    series = {tuple(sorted(x.labels.items())): x.value for x in families[m.TTFT_BUCKET].metrics}
+    assert series == {tuple(sorted({**labels, "le": "+Inf"}.items())): 3, tuple(sorted({**labels, "le": "0.5"}.items())): 1}
+    assert [(x.labels["reason"], x.value) for x in families[m.REQUESTS_FINISHED].metrics] == [("cancelled", 2)]
     t.close()
-    t.push({m.GENERATED_TOKENS: 30})  # closed: nothing happens
+    t.push({m.GENERATED_TOKENS: 30, inf: 9})  # closed: nothing happens
     assert tokens.value == 25
 
 
 def test_llm_exporter_meters_the_service_and_pushes(pb_utils):
+    labelled = {s.name for s in m.LLM_METRICS if s.label}
     engine = make_engine()
     service = SimpleNamespace(engine=engine, thread=EngineThread(engine))
     exporter = m.LLMExporter(service, pb_utils, {"model_name": "llm"}, interval_s=60)
@@ -186,9 +234,33 @@ def test_llm_exporter_meters_the_service_and_pushes(pb_utils):
     finally:
         exporter.close()  # pushes once more
         service.thread.shutdown()
-    value = {name: f.metrics[0].value for name, f in FakeFamily.created.items()}
+    value = {name: f.metrics[0].value for name, f in FakeFamily.created.items() if name not in labelled}
     assert value[m.GENERATED_TOKENS] == 6 and value[m.TTFT_COUNT] == 1 and value[m.ITL_COUNT] == 5
+    assert value[m.PROMPT_TOKENS] == 5 and value[m.E2E_COUNT] == 1
     assert value[m.KV_BLOCKS_TOTAL] == 64 and value[m.KV_BLOCKS_USED] == 0
+    itl = {x.labels["le"]: x.value for x in FakeFamily.created[m.ITL_BUCKET].metrics}
+    assert len(itl) == len(m.ITL_BUCKETS) + 1 and itl["+Inf"] == 5  # every bucket exported, even at 0
+    reasons = {x.labels["reason"]: x.value for x in FakeFamily.created[m.REQUESTS_FINISHED].metrics}
+    assert reasons == {"stop": 0, "length": 1, "cancelled": 0, "error": 0}
+
+
+def test_an_aborted_request_counts_as_cancelled(pb_utils):
+    engine = make_engine()
+    service = SimpleNamespace(engine=engine, thread=EngineThread(engine))
+    exporter = m.LLMExporter(service, pb_utils, {"model_name": "llm"}, interval_s=60)
+    started, done = threading.Event(), threading.Event()
+    try:
+        service.thread.submit(Request("long", [1, 2, 3], sampling=SamplingParams(max_tokens=10_000, ignore_eos=True)),
+                              lambda o: (started.set(), o.finished and done.set()))
+        assert started.wait(10)
+        service.thread.abort("long")
+        assert done.wait(10)
+    finally:
+        exporter.close()
+        service.thread.shutdown()
+    reasons = {x.labels["reason"]: x.value for x in FakeFamily.created[m.REQUESTS_FINISHED].metrics}
+    assert reasons["cancelled"] == 1 and reasons["length"] == reasons["stop"] == 0
+    assert FakeFamily.created[m.PROMPT_TOKENS].metrics[0].value == 3
 
 
 def test_vision_exporter_never_raises(pb_utils):
@@ -225,6 +297,10 @@ def test_periodic_push_reports_a_failure_once_and_pushes_on_stop():
 def test_names_are_the_documented_ones():
     assert set(m.METRIC_NAMES) == {
         "internvl_time_to_first_token_seconds_sum", "internvl_time_to_first_token_seconds_count",
+        "internvl_time_to_first_token_seconds_bucket", "internvl_inter_token_latency_seconds_bucket",
+        "internvl_e2e_request_latency_seconds_sum", "internvl_e2e_request_latency_seconds_count",
+        "internvl_e2e_request_latency_seconds_bucket", "internvl_prompt_tokens_total",
+        "internvl_requests_finished_total",
         "internvl_inter_token_latency_seconds_sum", "internvl_inter_token_latency_seconds_count",
         "internvl_requests_waiting", "internvl_requests_running", "internvl_kv_cache_blocks_used",
         "internvl_kv_cache_blocks_total", "internvl_image_cache_hits_total", "internvl_image_cache_misses_total",
