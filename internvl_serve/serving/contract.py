@@ -4,7 +4,8 @@ Owns: the tensor table (names, Triton datatypes, dims, defaults, meaning) that t
 the README and clients read; `ServingLimits` (request size limits, overridable from config.pbtxt
 `parameters`); turning a dict of numpy arrays (what an adapter pulls out of a Triton request) into a
 typed `ChatRequest` / `GenerationRequest`, raising `InvalidInput` with a message that names the tensor
-and says what is allowed; refusing request parameters (the contract has none); and the numpy form of a response. Does not own: the prompt rules (prompt.py),
+and says what is allowed; refusing request parameters (the contract has none); the cancellation inputs
+(`cancel_key`, the llm's `cancel_request_id`); and the numpy form of a response. Does not own: the prompt rules (prompt.py),
 image decoding (imageproc.py), sampling-parameter ranges (engine/sampling.py validates them; their
 errors are re-raised here naming the tensor), or anything that imports Triton or torch.
 

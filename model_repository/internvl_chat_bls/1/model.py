@@ -119,8 +119,9 @@ class TritonPythonModel:
                     pb_utils.Tensor(CANCEL_KEY.name, np.array([key.encode()], dtype=object))])
         found = False
         for response in request.exec(decoupled=True):
-            reason = pb_utils.get_output_tensor_by_name(response, "finish_reason") if response.output_tensors() else None
-            found = found or (reason is not None and reason.as_numpy()[0] == b"cancelled")
+            if response.output_tensors():
+                reason = pb_utils.get_output_tensor_by_name(response, "finish_reason").as_numpy()[0]
+                found = found or reason == b"cancelled"
         return found
 
     def finalize(self):
