@@ -22,7 +22,7 @@ import grpc
 import tritonclient.grpc.aio as aiogrpcclient
 
 from .client import DEFAULT_TIMEOUT, DEFAULT_URL, STREAM_HEADERS
-from .cancel import CANCEL_TIMEOUT_S, send_cancel_async
+from .cancel import CANCEL_TIMEOUT_S, cancel_key_input, new_cancel_key, send_cancel_async
 from .errors import InternVLError, RequestTimeoutError, ServerUnavailableError, from_grpc_status
 from .media import ImageLike, VideoLike
 from .request import (
@@ -188,7 +188,7 @@ class AsyncClient:
     def stream_request(self, request: ChatRequest, *, as_chunks: bool = False) -> AsyncChatStream:
         request_id = uuid.uuid4().hex
         box = [ResponseAssembler(request_id)]
-        return AsyncChatStream(self._chunks(request, box, request_id), box, as_chunks=as_chunks)
+        return AsyncChatStream(self._chunks(request, box, request_id, new_cancel_key()), box, as_chunks=as_chunks)
 
     async def is_ready(self) -> bool:
         try:
@@ -210,8 +210,9 @@ class AsyncClient:
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
 
-    async def _chunks(self, request: ChatRequest, box: list, request_id: str) -> AsyncIterator[Chunk]:
-        inputs = to_infer_inputs(request)
+    async def _chunks(self, request: ChatRequest, box: list, request_id: str,
+                      cancel_key: str) -> AsyncIterator[Chunk]:
+        inputs = [*to_infer_inputs(request), cancel_key_input(cancel_key)]
         attempt = 0
         while True:
             assembler = ResponseAssembler(request_id)
@@ -258,7 +259,7 @@ class AsyncClient:
                     if not failed:  # left early: abort it in the running llm step too (cancel.py)
                         try:
                             task = asyncio.get_running_loop().create_task(
-                                send_cancel_async(self._client(), request_id))
+                                send_cancel_async(self._client(), request_id, cancel_key))
                             self._cancels.add(task)
                             task.add_done_callback(self._cancels.discard)
                         except (RuntimeError, InternVLError):  # no loop any more, or the client is closed

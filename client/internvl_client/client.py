@@ -24,7 +24,7 @@ from typing import Any
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from .cancel import send_cancel
+from .cancel import cancel_key_input, new_cancel_key, send_cancel
 from .errors import InternVLError, RequestTimeoutError, ServerUnavailableError, from_grpc_status
 from .media import ImageLike, VideoLike
 from .request import (
@@ -205,7 +205,7 @@ class Client:
         """Stream a prepared ChatRequest (the contract's terms, no card-word mapping)."""
         request_id = uuid.uuid4().hex
         box = [ResponseAssembler(request_id)]
-        return ChatStream(self._chunks(request, box, request_id), box, as_chunks=as_chunks)
+        return ChatStream(self._chunks(request, box, request_id, new_cancel_key()), box, as_chunks=as_chunks)
 
     def is_ready(self) -> bool:
         """True when the server is up and the model is loaded."""
@@ -246,9 +246,9 @@ class Client:
                 return
         tc.close()
 
-    def _chunks(self, request: ChatRequest, box: list, request_id: str) -> Iterator[Chunk]:
-        """Generator of the Chunks of one request; its `finally` is the cancellation path."""
-        inputs = to_infer_inputs(request)
+    def _chunks(self, request: ChatRequest, box: list, request_id: str, cancel_key: str) -> Iterator[Chunk]:
+        """Generator of the Chunks of one request; its `finally` is the cancellation path (cancel.py)."""
+        inputs = [*to_infer_inputs(request), cancel_key_input(cancel_key)]
         attempt = 0
         while True:
             assembler = ResponseAssembler(request_id)
@@ -290,7 +290,7 @@ class Client:
                 # exception, KeyboardInterrupt) cancel the RPC: Triton cancels the request.
                 tc.stop_stream(cancel_requests=not finished)
                 if not finished and not failed:  # left early: abort it in the running llm step too
-                    send_cancel(tc, request_id)
+                    send_cancel(tc, request_id, cancel_key)
                 self._release(tc)
 
     @staticmethod

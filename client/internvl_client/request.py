@@ -37,6 +37,7 @@ INPUTS: dict[str, str] = {
     "ignore_eos": "BOOL",
     "stream": "BOOL",
     "exclude_input_in_output": "BOOL",
+    "cancel_key": "BYTES",  # made anew for each request by client.py / aio.py (cancel.py), never by callers
 }
 OUTPUTS: dict[str, str] = {
     "text_output": "BYTES",
@@ -87,6 +88,8 @@ class ChatRequest:
         unknown = set(self.generation) - set(INPUTS)
         if unknown:
             raise ValueError(f"unknown contract inputs: {sorted(unknown)}")
+        if "cancel_key" in self.generation:
+            raise ValueError("cancel_key is not a setting: the client makes a new one for each request")
         return self
 
 

@@ -71,9 +71,14 @@ function buildRequest(args) {
   if (args.topP !== undefined) inputs.push(fp32Tensor('top_p', args.topP));
   if (args.stop.length) inputs.push(bytesTensor('stop_words', args.stop.map((s) => Buffer.from(s, 'utf8'))));
   inputs.push(boolTensor('stream', true));
+  // A new secret per request: with the request's id it lets this client, and only it, cancel the
+  // request on the llm model's side channel (docs/contract.md, Cancellation).
+  const cancelKey = crypto.randomBytes(16).toString('hex');
+  inputs.push(bytesTensor('cancel_key', [Buffer.from(cancelKey, 'utf8')]));
   return {
     model_name: MODEL,
     id: crypto.randomUUID(),
+    cancelKey,
     inputs,
     // Ask Triton to flag the request's last response (sent empty if the model's last one had data).
     parameters: { triton_enable_empty_final_response: { bool_param: true } },
@@ -123,8 +128,9 @@ function exitCodeFor(status) {
   return 1;
 }
 
-// The cancellation side channel: one request to the `llm` model holding only cancel_request_id.
-function sendCancel(client, requestId, timeoutMs) {
+// The cancellation side channel: one request to the `llm` model holding cancel_request_id and the
+// request's cancel_key.
+function sendCancel(client, requestId, cancelKey, timeoutMs) {
   return new Promise((resolve) => {
     const done = () => resolve();
     const timer = setTimeout(done, timeoutMs);
@@ -132,7 +138,8 @@ function sendCancel(client, requestId, timeoutMs) {
     side.on('data', () => { clearTimeout(timer); done(); });
     side.on('error', () => { clearTimeout(timer); done(); });
     side.write({ model_name: 'llm', id: `cancel-${requestId}`,
-                 inputs: [bytesTensor('cancel_request_id', [Buffer.from(requestId, 'utf8')])] });
+                 inputs: [bytesTensor('cancel_request_id', [Buffer.from(requestId, 'utf8')]),
+                          bytesTensor('cancel_key', [Buffer.from(cancelKey, 'utf8')])] });
     side.end();
   });
 }
@@ -165,7 +172,7 @@ function main() {
     // ...but Triton 2.51 does not pass that on to the running llm step: ask the llm model to abort the
     // generation (docs/contract.md, Cancellation), then leave; at most 2 s.
     // (its own channel: the chat's closes when its stream ends)
-    sendCancel(new Service(args.url, grpc.credentials.createInsecure()), request.id, 2000)
+    sendCancel(new Service(args.url, grpc.credentials.createInsecure()), request.id, request.cancelKey, 2000)
       .then(() => process.exit(130));
   });
 
@@ -207,7 +214,8 @@ function main() {
     process.exitCode = exitCode;
   });
 
-  call.write(request);
+  const { cancelKey, ...message } = request; // the key travels as an input, not as a field
+  call.write(message);
   call.end(); // one request per stream: half-close now; Triton ends the stream after the final response
 }
 

@@ -4,7 +4,8 @@ Owns: the tensor table (names, Triton datatypes, dims, defaults, meaning) that t
 the README and clients read; `ServingLimits` (request size limits, overridable from config.pbtxt
 `parameters`); turning a dict of numpy arrays (what an adapter pulls out of a Triton request) into a
 typed `ChatRequest` / `GenerationRequest`, raising `InvalidInput` with a message that names the tensor
-and says what is allowed; refusing request parameters (the contract has none); and the numpy form of a response. Does not own: the prompt rules (prompt.py),
+and says what is allowed; refusing request parameters (the contract has none); the cancellation inputs
+(`cancel_key`, the llm's `cancel_request_id`); and the numpy form of a response. Does not own: the prompt rules (prompt.py),
 image decoding (imageproc.py), sampling-parameter ranges (engine/sampling.py validates them; their
 errors are re-raised here naming the tensor), or anything that imports Triton or torch.
 
@@ -90,7 +91,13 @@ GENERATION_INPUTS: tuple[TensorSpec, ...] = (
                doc="false: the first text_output starts with text_input"),
 )
 
-ENSEMBLE_INPUTS: tuple[TensorSpec, ...] = CHAT_INPUTS + GENERATION_INPUTS
+# The key that makes a request cancellable by name (docs/contract.md, Cancellation): passed by the
+# ensemble to the llm step, which keeps it with the request; the llm's side channel needs it.
+CANCEL_KEY = TensorSpec("cancel_key", "BYTES", (1,),
+                        doc="a secret of 16 to 256 characters, new for each request: with the request's id "
+                            "it lets the sender cancel this request (docs/contract.md); none: not cancellable by name")
+
+ENSEMBLE_INPUTS: tuple[TensorSpec, ...] = CHAT_INPUTS + GENERATION_INPUTS + (CANCEL_KEY,)
 
 OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("text_output", "BYTES", (1,), optional=False,
@@ -494,20 +501,40 @@ def response_arrays(text: str, finish_reason: str, num_input_tokens: int, num_ou
 
 
 # ---- the cancellation side channel of the llm model ---------------------------------------------------
+# A request to the llm model holding only cancel_request_id and cancel_key aborts the running requests
+# that were sent with that request id AND that key (LLMService.cancel): a client can cancel only what it
+# sent, whatever ids other clients choose.
 
 CANCEL_INPUT = "cancel_request_id"  # BYTES [1]: a request to the llm model that aborts another (llm.py)
 CANCEL = TensorSpec(CANCEL_INPUT, "BYTES", (1,), optional=True,
-                    doc="llm model only: abort the running request sent with this request id")
-# The llm model's inputs. Triton sees all of them as optional, so that a request holding only
-# cancel_request_id passes; parse_llm_request names a missing required one.
-LLM_INPUTS: tuple[TensorSpec, ...] = (INPUT_IDS, IMAGE_EMBEDS, CHAT_INPUTS[0], *GENERATION_INPUTS, CANCEL)
+                    doc="llm model only: abort the running request sent with this request id and cancel_key")
+# The llm model's inputs. Triton sees all of them as optional, so that a cancellation request (its id and
+# key alone) passes; parse_llm_request names a missing required one.
+LLM_INPUTS: tuple[TensorSpec, ...] = (INPUT_IDS, IMAGE_EMBEDS, CHAT_INPUTS[0], *GENERATION_INPUTS, CANCEL_KEY, CANCEL)
+CANCEL_KEY_LENGTH = (16, 256)  # characters: long enough not to be guessed, short enough to hold
 
 
-def cancel_request_id(inputs: Mapping[str, np.ndarray]) -> str | None:
-    """The id a request to the llm model asks to cancel; None when it is not a cancellation request."""
+def parse_cancel_key(inputs: Mapping[str, np.ndarray]) -> str | None:
+    """The request's cancel_key (None when it was sent without one); InvalidInput for a bad one."""
+    if CANCEL_KEY.name not in inputs:
+        return None
+    key = _as_text(CANCEL_KEY.name, _scalar(inputs, CANCEL_KEY))
+    low, high = CANCEL_KEY_LENGTH
+    if not low <= len(key) <= high:
+        raise InvalidInput(f"input '{CANCEL_KEY.name}' is {len(key)} characters; it must be {low} to {high} "
+                           f"(send a new random secret with each request, e.g. 32 hex digits)")
+    return key
+
+
+def parse_cancel_request(inputs: Mapping[str, np.ndarray]) -> tuple[str, str] | None:
+    """(request id, cancel_key) of a cancellation request to the llm model; None when it is not one."""
     if CANCEL_INPUT not in inputs:
         return None
-    text = _as_text(CANCEL_INPUT, _scalar(inputs, CANCEL))
-    if not text.strip():
+    request_id = _as_text(CANCEL_INPUT, _scalar(inputs, CANCEL))
+    if not request_id.strip():
         raise InvalidInput(f"input '{CANCEL_INPUT}' is empty")
-    return text
+    key = parse_cancel_key(inputs)
+    if key is None:
+        raise InvalidInput(f"input '{CANCEL_INPUT}' needs input '{CANCEL_KEY.name}': the key that was sent "
+                           f"with the request to cancel (a request sent without one cannot be cancelled by name)")
+    return request_id, key

@@ -3,13 +3,22 @@
 Owns: loading only the checkpoint's language_model.* weights into the engine's ModelRunner; the
 engine thread (in-flight batching across requests); turning one request's RequestOutputs into the
 responses its client sees (`ResponseStream`: text deltas or one whole text, the card's strip(),
-the echo of text_input, finish reasons, token counts); watching for cancelled requests and aborting
-them in the engine (the engine frees their KV blocks at its next step). Does not own: Triton (the
-adapter in model_repository/llm implements `ResponseSink` over a response sender) or the engine.
+the echo of text_input, finish reasons, token counts); the one way a running request is cancelled:
+`cancel(request id, cancel key)`, which aborts it in the engine (its KV blocks are freed at the next
+step) only when the key is the one the request was sent with, so a client can cancel only its own
+requests. Engine requests are keyed by a server-unique id, never by a client's id alone.
+Does not own: Triton (the adapter in model_repository/llm implements `ResponseSink` over a response
+sender and turns side-channel requests into cancel()), or the engine.
+
+Why no polling of is_cancelled(): in Triton 2.51 no client of this model's running step ever reports
+cancelled — the ensemble does not pass a client's cancellation to it, nor does a BLS caller's
+(python_backend r24.10 has no cancel() on a BLS response iterator) — so the owners cancel explicitly:
+ensemble clients through the side channel, internvl_chat_bls (serving/relay.py) likewise with its own key.
 """
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import itertools
 import threading
 from dataclasses import dataclass, field
@@ -29,8 +38,6 @@ class ResponseSink(Protocol):
     def send(self, response: dict[str, np.ndarray], final: bool) -> None: ...
 
     def fail(self, message: str) -> None: ...  # a final error response
-
-    def is_cancelled(self) -> bool: ...
 
 
 class ResponseStream:
@@ -84,11 +91,13 @@ class ResponseStream:
 @dataclass
 class _Active:
     """One request in flight. `lock` serialises the sink: once the final response is sent (`closed`),
-    the sink is never touched again; Triton 2.51's Python backend frees the response factory on the
-    final response, and asking it is_cancelled() after that crashes the server."""
+    the sink is never touched again (Triton 2.51's Python backend frees the response factory on the
+    final response). `client_id` and `cancel_key` are what a cancellation must present."""
 
     sink: ResponseSink
     stream: ResponseStream
+    client_id: str = ""
+    cancel_key: str | None = None
     cancelled: bool = False
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -185,8 +194,7 @@ class LLMService:
     """submit(request_id, LLMRequest, sink) -> responses flow to sink from the engine thread."""
 
     def __init__(self, checkpoint: str | Path, *, device: str = "auto", dtype: torch.dtype | None = None,
-                 engine_options: Mapping[str, str] | None = None, cancel_poll_s: float = 0.05,
-                 log: Callable[[str], None] | None = None):
+                 engine_options: Mapping[str, str] | None = None, log: Callable[[str], None] | None = None):
         from internvl_serve.checkpoint import load_state_dict
         from internvl_serve.config import InternVLChatConfig
         from internvl_serve.engine import EngineThread, LLMEngine, ModelRunner, SchedulerConfig
@@ -230,26 +238,22 @@ class LLMService:
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        self._stopping = threading.Event()
-        self._cancel_poll_s = cancel_poll_s
-        self._watcher = threading.Thread(target=self._watch_cancellations, name="llm-cancel-watch", daemon=True)
-        self._watcher.start()
 
-    def new_request_id(self, hint: str = "") -> str:
-        # unique even when clients reuse ids; a request sent without an id ("#n") cannot be named by
-        # cancel(), which needs a non-empty id
-        return f"{hint}#{next(self._ids)}"
-
-    def submit(self, request_id: str, request: LLMRequest, sink: ResponseSink) -> None:
-        """Queue the request; raises the engine's InvalidRequest for a request it refuses."""
+    def submit(self, request: LLMRequest, sink: ResponseSink, *, client_id: str = "",
+               cancel_key: str | None = None) -> str:
+        """Queue the request; returns its engine id ("<client id>#<n>", unique in this server, shown in
+        the log). Raises the engine's InvalidRequest for a request it refuses. cancel(client_id,
+        cancel_key) aborts it; without a key (or an id) it cannot be cancelled by name."""
         from internvl_serve.engine import Request
 
         if self._broken:
             raise RuntimeError(self._broken)
 
+        request_id = f"{client_id}#{next(self._ids)}"
         gen = request.generation
         active = _Active(sink, ResponseStream(request.text_input, stream=gen.stream,
-                                              exclude_input_in_output=gen.exclude_input_in_output))
+                                              exclude_input_in_output=gen.exclude_input_in_output),
+                         client_id=client_id, cancel_key=cancel_key)
         embeds = None if request.image_embeds is None else torch.from_numpy(np.ascontiguousarray(request.image_embeds))
         engine_request = Request(request_id=request_id, prompt_token_ids=request.input_ids.tolist(),
                                  image_embeds=embeds, sampling=gen.sampling)
@@ -261,6 +265,7 @@ class LLMService:
             with self._lock:
                 self._active.pop(request_id, None)
             raise
+        return request_id
 
     def _on_output(self, request_id: str, output) -> None:
         """Engine thread: one RequestOutput of `request_id` -> at most one response."""
@@ -299,36 +304,18 @@ class LLMService:
         except Exception:
             pass
 
-    def _watch_cancellations(self) -> None:
-        """Triton checks cancellation only between ensemble steps: ask each sender, abort in the engine."""
-        while not self._stopping.wait(self._cancel_poll_s):
-            with self._lock:
-                active = [(rid, a) for rid, a in self._active.items() if not a.cancelled]
-            for request_id, a in active:
-                with a.lock:
-                    if a.closed:
-                        continue
-                    try:
-                        a.cancelled = a.sink.is_cancelled()
-                    except Exception:
-                        a.cancelled = True
-                if a.cancelled:
-                    self._log(f"llm: request {request_id} cancelled by the client; aborting it")
-                    self.thread.abort(request_id)
+    def cancel(self, client_id: str, cancel_key: str) -> int:
+        """Abort the running requests sent with this client request id and this cancel key; how many.
 
-    def cancel(self, client_request_id: str) -> int:
-        """Abort the running requests a client sent with this request id; returns how many.
-
-        The side channel for Triton 2.51's ensemble, which passes a client's cancellation only to steps
-        scheduled after it, never to this running decoupled step: a client that stops a stream sends a
-        `cancel_request_id` request to the llm model (the SDK does). Request ids are the client's, so use
-        unique ones (the SDK sends UUIDs)."""
-        if not client_request_id:
+        Owned: the key is the secret the sender sent with its request, so a client that uses another
+        client's request id (by chance or on purpose) cancels nothing of that client's. Called by the
+        adapter for the side channel (a `cancel_request_id` + `cancel_key` request to this model)."""
+        if not client_id or not cancel_key:
             return 0
-        prefix = client_request_id + "#"
         with self._lock:
             matches = [(rid, a) for rid, a in self._active.items()
-                       if rid.startswith(prefix) and rid[len(prefix):].isdigit()]
+                       if a.client_id == client_id and a.cancel_key is not None
+                       and hmac.compare_digest(a.cancel_key.encode(), cancel_key.encode())]
         aborted = 0
         for request_id, a in matches:
             with a.lock:
@@ -361,8 +348,6 @@ class LLMService:
 
     def shutdown(self) -> None:
         """Stop the engine; requests still running get a final error response."""
-        self._stopping.set()
         self.thread.shutdown()
-        self._watcher.join(timeout=5)
         if self.workers is not None:
             self.workers.close(None if self._broken else self.engine.runner)

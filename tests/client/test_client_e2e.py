@@ -121,7 +121,8 @@ def _abort_seen(server, request_id: str | None) -> bool:
 
 SERVER_ABORT_GAP = (
     "Triton 2.51's ensemble passes a client's cancellation only to steps scheduled after it, so the SDK "
-    "sends the llm model a cancel_request_id request after stopping a stream (internvl_client/cancel.py); "
+    "sends the llm model a cancel_request_id request with the request's cancel_key after stopping a stream "
+    "(internvl_client/cancel.py); "
     "that side channel did not abort the generation"
 )
 

@@ -23,6 +23,8 @@ def server(tiny_checkpoint, tmp_path_factory):
                       layout=Layout(llm_parameters={"max_pending_requests": "1"})) as s:
         yield s
 
+KEY = "b" * 32  # the long request's cancel_key (docs/contract.md, Cancellation)
+
 
 def test_a_full_engine_refuses_with_a_clear_error_then_serves_again(server):
     long = grpcclient.InferenceServerClient(server.grpc_url)
@@ -30,7 +32,8 @@ def test_a_full_engine_refuses_with_a_clear_error_then_serves_again(server):
     try:
         long.start_stream(callback=lambda result, error: responses.put((result, error)))
         long.async_stream_infer("internvl_chat", make_inputs(text_input="Talk for a long time.", max_tokens=2000,
-                                                             ignore_eos=True, stream=True), request_id="busy-1")
+                                                             ignore_eos=True, stream=True, cancel_key=KEY),
+                                request_id="busy-1")
         result, error = responses.get(timeout=120)  # generating
         assert error is None, str(error)
 
@@ -42,9 +45,9 @@ def test_a_full_engine_refuses_with_a_clear_error_then_serves_again(server):
                 sdk.chat("Hello", generation_config=dict(max_new_tokens=4))
 
         long.stop_stream(cancel_requests=True)
-        cancel = grpcclient.InferInput("cancel_request_id", [1], "BYTES")
-        cancel.set_data_from_numpy(np.array([b"busy-1"], dtype=object))
-        assert stream_chat_to(server, "llm", [cancel]).finish_reasons == ["cancelled"]
+        cancel = make_inputs(cancel_key=KEY) + [grpcclient.InferInput("cancel_request_id", [1], "BYTES")]
+        cancel[1].set_data_from_numpy(np.array([b"busy-1"], dtype=object))
+        assert stream_chat_to(server, "llm", cancel).finish_reasons == ["cancelled"]
     finally:
         long.close()
     wait_for(server, lambda: "request busy-1#" in server.log_tail(200), timeout_s=10, what="the abort")

@@ -235,7 +235,10 @@ def test_http_errors_are_reported(server):
 # ---- cancellation ---------------------------------------------------------------------------------------
 
 
-def start_and_cancel(server, request_id: str, max_tokens: int) -> None:
+KEY = "k" * 32  # the cancel_key these tests send with the requests they cancel (docs/contract.md)
+
+
+def start_and_cancel(server, request_id: str, max_tokens: int, *, cancel_key: str | None = KEY) -> None:
     """Start a long streamed generation, wait for its first response, then cancel the gRPC stream."""
     import queue
 
@@ -245,7 +248,8 @@ def start_and_cancel(server, request_id: str, max_tokens: int) -> None:
     responses: queue.Queue = queue.Queue()
     try:
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
-        inputs = make_inputs(text_input="Talk for a long time.", max_tokens=max_tokens, stream=True)
+        keyed = {"cancel_key": cancel_key} if cancel_key else {}
+        inputs = make_inputs(text_input="Talk for a long time.", max_tokens=max_tokens, stream=True, **keyed)
         client.async_stream_infer("internvl_chat", inputs, request_id=request_id)
         result, error = responses.get(timeout=120)  # generation has started
         assert error is None, str(error)
@@ -261,34 +265,106 @@ def test_the_server_goes_on_after_a_client_cancels(server, oracle):
 
 @pytest.mark.xfail(strict=True, reason=(
     "Triton 2.51 propagates an ensemble request's cancellation only to steps scheduled after it "
-    "(core ensemble_scheduler ScheduleSteps); the in-flight decoupled llm step never sees "
-    "is_cancelled(), so generation runs to max_tokens (or EOS). Cancelling before the llm step starts works; "
-    "a running one needs the cancel_request_id side channel (the test below)."))
+    "(core ensemble_scheduler ScheduleSteps); the in-flight decoupled llm step is never told (and does not "
+    "poll is_cancelled(): nothing in 2.51 would report one), so generation runs to max_tokens (or EOS). "
+    "Cancelling before the llm step starts works; a running one needs the side channel (the test below)."))
 def test_cancelling_an_in_flight_generation_aborts_it_in_the_engine(server):
     start_and_cancel(server, "cancelled-2", max_tokens=1000)
     wait_for(server, lambda: "request cancelled-2" in server.log_tail(400) and "cancelled by the client" in
              server.log_tail(400), timeout_s=10, what="the llm model to log the abort")
 
 
-def cancel_on_the_side_channel(server, request_id: str) -> str:
-    """What any client does after stopping a stream: send the llm model `cancel_request_id` (docs/contract.md);
-    returns the finish_reason of that request's one response."""
+def cancel_on_the_side_channel(server, request_id: str, cancel_key: str | None = KEY):
+    """What any client does after stopping a stream: send the llm model `cancel_request_id` with the
+    request's `cancel_key` (docs/contract.md). The finish_reason of that request's one response, or the
+    Answer when it was refused."""
     import numpy as np
     import tritonclient.grpc as grpcclient
 
-    tensor = grpcclient.InferInput("cancel_request_id", [1], "BYTES")
-    tensor.set_data_from_numpy(np.array([request_id.encode()], dtype=object))
-    answer = stream_chat_to(server, "llm", [tensor])
-    assert answer.error is None, answer.error
+    tensors = []
+    for name, value in (("cancel_request_id", request_id), ("cancel_key", cancel_key)):
+        if value is not None:
+            tensor = grpcclient.InferInput(name, [1], "BYTES")
+            tensor.set_data_from_numpy(np.array([value.encode()], dtype=object))
+            tensors.append(tensor)
+    answer = stream_chat_to(server, "llm", tensors)
+    if answer.error is not None:
+        return answer
     assert answer.finals == 1 and answer.text == ""
     return answer.finish_reasons[-1]
 
 
 def test_the_cancel_side_channel_aborts_an_in_flight_generation(server):
     start_and_cancel(server, "cancelled-3", max_tokens=1000)
+    assert cancel_on_the_side_channel(server, "cancelled-3", "x" * 32) == "not_found"  # not its key
     assert cancel_on_the_side_channel(server, "cancelled-3") == "cancelled"
     wait_for(server, lambda: re.search(r"request cancelled-3#\d+ cancelled by the client", server.log_tail(400))
              is not None, timeout_s=10, what="the llm model to log the abort")
     # an id that is not running (any more): nothing to abort, a clear answer
     assert cancel_on_the_side_channel(server, "cancelled-3") == "not_found"
     assert cancel_on_the_side_channel(server, "no-such-request") == "not_found"
+
+
+# ---- cancellation is owned (issue #14): another client's id is not enough ---------------------------------
+
+LONG = 200  # tokens: the victim is still generating while the other client cancels
+
+
+def start_stream(server, model, request_id, question, max_tokens, **extra):
+    """A streamed request whose first response has arrived: (client, responses queue, first Answer)."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    from e2e_client import Answer
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    client.async_stream_infer(model, make_inputs(text_input=question, max_tokens=max_tokens, stream=True, **extra),
+                              request_id=request_id, enable_empty_final_response=True)
+    answer = Answer()
+    result, error = responses.get(timeout=120)
+    assert error is None, str(error)
+    answer.add(result)
+    return client, responses, answer
+
+
+def finish_stream(client, responses, answer):
+    """Read the stream to its final response (or error); the Answer."""
+    try:
+        while True:
+            result, error = responses.get(timeout=300)
+            if error is not None:
+                answer.error = str(error)
+                return answer
+            if answer.add(result):
+                return answer
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def test_another_client_cannot_cancel_a_request_by_its_id(server, oracle):
+    """Finding: `cancel_request_id` cancelled by the client's request id with no owner check. A second
+    client that knows (or reuses) the id cannot cancel the first one's request: a cancellation without
+    the key is refused, one with another key finds nothing; the first client gets the card's answer."""
+    question = "Talk for a long time."
+    victim = start_stream(server, ENSEMBLE, "shared-1", question, LONG)  # sent without a key: not cancellable
+    refused = cancel_on_the_side_channel(server, "shared-1", None)  # the id alone
+    other_key = cancel_on_the_side_channel(server, "shared-1", "x" * 32)  # the id and another key
+    answer = finish_stream(*victim)
+    assert answer.error is None and answer.finish_reasons[-1] in ("stop", "length"), answer
+    assert answer.text == oracle(question, max_tokens=LONG)
+    assert not isinstance(refused, str) and "needs input 'cancel_key'" in refused.error, refused
+    assert other_key == "not_found"
+
+
+def test_two_clients_with_the_same_request_id_each_cancel_only_their_own(server, oracle):
+    question = "Talk for a long time."
+    victim = start_stream(server, ENSEMBLE, "shared-2", question, LONG, cancel_key="v" * 32)
+    start_and_cancel(server, "shared-2", max_tokens=1000, cancel_key="w" * 32)  # the other client leaves...
+    assert cancel_on_the_side_channel(server, "shared-2", "w" * 32) == "cancelled"  # ... and cancels its own
+    answer = finish_stream(*victim)
+    assert answer.error is None and answer.finish_reasons[-1] in ("stop", "length"), answer
+    assert answer.text == oracle(question, max_tokens=LONG)

@@ -175,6 +175,8 @@ CASES = [
     ("repetition-penalty-zero", lambda: q(repetition_penalty=0.0), None, ["repetition_penalty", "> 0"]),
     ("stop-word-empty", lambda: q(stop_words=[""]), None, ["stop_words", "empty"]),
     ("too-many-stop-words", lambda: q(stop_words=[f"w{i}" for i in range(17)]), None, ["stop_words", "at most 16"]),
+    ("cancel-key-too-short", lambda: q(cancel_key="short"), None, ["cancel_key", "16 to 256"]),
+    ("cancel-key-too-long", lambda: q(cancel_key="k" * 257), None, ["cancel_key", "16 to 256"]),
     # request parameters (Triton passes them through; the contract has none)
     ("unknown-parameter", lambda: q(), {"foo": "bar"}, ["unknown request parameter", "'foo'"]),
     ("setting-as-parameter", lambda: q(), {"max_tokens": 5}, ["'max_tokens'", "input tensors"]),

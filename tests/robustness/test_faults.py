@@ -149,9 +149,10 @@ def test_clients_that_vanish_mid_stream_do_not_disturb_the_others(server, health
 
 @pytest.mark.xfail(strict=True, raises=KVCacheNotFreed, reason=(
     "Triton 2.51's ensemble passes a client's cancellation (or disconnect) only to steps scheduled after it "
-    "(core ensemble_scheduler ScheduleSteps): the decoupled llm step already generating never sees "
-    "is_cancelled(), so the engine keeps the request and its KV blocks until max_tokens (or EOS). A client "
-    "that leaves properly sends cancel_request_id (docs/contract.md); a vanished one cannot."))
+    "(core ensemble_scheduler ScheduleSteps): the decoupled llm step already generating is never told "
+    "(and does not poll is_cancelled(): nothing in 2.51 would report one), so the engine keeps the request and "
+    "its KV blocks until max_tokens (or EOS). A client that leaves properly sends cancel_request_id with its "
+    "cancel_key (docs/contract.md); a vanished one cannot (internvl_chat_bls can, test_bls_model.py)."))
 def test_a_vanished_client_frees_its_kv_cache_at_once(server):
     wait_until(server, lambda: metric(server, "internvl_requests_running") == 0, timeout_s=120, what="an idle engine")
     proc = start_vanishing_client(server)

@@ -66,7 +66,7 @@ def test_composing_models_interfaces():
     assert tensors(pre.input) == spec_table(c.CHAT_INPUTS + c.GENERATION_INPUTS)
     assert tensors(pre.output) == spec_table([c.INPUT_IDS, c.PIXEL_VALUES])
     assert tensors(llm.input) == spec_table(c.LLM_INPUTS)
-    assert all(t.optional for t in llm.input)  # a cancellation request carries only cancel_request_id
+    assert all(t.optional for t in llm.input)  # a cancellation request carries only its id and key
     assert tensors(llm.output) == spec_table(c.OUTPUTS)
     assert tensors(vis.input) == {"pixel_values": ("TYPE_FP32", c.VISION_INPUT_DIMS)}
     assert tensors(vis.output) == {"image_embeds": ("TYPE_FP32", c.VISION_OUTPUT_DIMS)}

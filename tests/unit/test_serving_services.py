@@ -146,13 +146,12 @@ def test_vision_device_choice():
 
 
 class RecordingSink:
-    """What a Triton response sender sees; `cancel_after` responses it reports is_cancelled()."""
+    """What a Triton response sender sees."""
 
-    def __init__(self, cancel_after: int | None = None, fail_send: bool = False):
+    def __init__(self, fail_send: bool = False):
         self.responses: list[tuple[dict, bool]] = []
         self.errors: list[str] = []
         self.calls_after_final: list[str] = []
-        self.cancel_after = cancel_after
         self.fail_send = fail_send
         self.done = threading.Event()
 
@@ -173,10 +172,6 @@ class RecordingSink:
         self.errors.append(message)
         self.done.set()
 
-    def is_cancelled(self):
-        self._check_open("is_cancelled")
-        return self.cancel_after is not None and len(self.responses) >= self.cancel_after
-
     def wait(self):
         assert self.done.wait(WAIT_S), "no final response"
 
@@ -193,7 +188,7 @@ class RecordingSink:
 def llm(tiny_checkpoint):
     from internvl_serve.serving.llm import LLMService
 
-    service = LLMService(tiny_checkpoint, device="cpu", engine_options={"max_num_seqs": "8"}, cancel_poll_s=0.01)
+    service = LLMService(tiny_checkpoint, device="cpu", engine_options={"max_num_seqs": "8"})
     yield service
     service.shutdown()
 
@@ -214,8 +209,7 @@ def reference_answer(full_model, tokenizer, question, max_tokens):
 
 def test_llm_streams_the_reference_answer(llm, preprocessor, full_model):
     sink = RecordingSink()
-    llm.submit(llm.new_request_id("t1"), llm_request(preprocessor, "Hello, who are you?", max_tokens=10,
-                                                     stream=True), sink)
+    llm.submit(llm_request(preprocessor, "Hello, who are you?", max_tokens=10, stream=True), sink, client_id="t1")
     sink.wait()
     assert "".join(sink.texts) == reference_answer(full_model, preprocessor.tokenizer, "Hello, who are you?", 10)
     assert [final for _, final in sink.responses] == [False] * (len(sink.responses) - 1) + [True]
@@ -226,42 +220,56 @@ def test_llm_streams_the_reference_answer(llm, preprocessor, full_model):
 def test_llm_single_response_with_echo(llm, preprocessor, full_model):
     sink = RecordingSink()
     request = llm_request(preprocessor, "Say it.", max_tokens=6, exclude_input_in_output=False)
-    llm.submit(llm.new_request_id(), request, sink)
+    llm.submit(request, sink)
     sink.wait()
     assert len(sink.responses) == 1 and sink.responses[0][1] is True
     assert sink.texts[0] == "Say it." + reference_answer(full_model, preprocessor.tokenizer, "Say it.", 6)
     assert int(sink.responses[0][0]["num_output_tokens"][0]) <= 6
 
 
-def test_llm_aborts_a_cancelled_request_and_never_asks_after_the_final(llm, preprocessor):
-    sink = RecordingSink(cancel_after=1)
-    llm.submit(llm.new_request_id(), llm_request(preprocessor, "Talk.", max_tokens=3000, stream=True), sink)
-    sink.wait()
-    assert sink.reasons[-1] == "cancelled" and sink.responses[-1][1] is True
-    assert int(sink.responses[-1][0]["num_output_tokens"][0]) < 3000
-    assert not sink.calls_after_final
-    assert llm.num_active == 0
+KEY, OTHER_KEY = "k" * 32, "x" * 32
 
 
-def test_llm_cancel_by_client_request_id_aborts_only_that_request(llm, preprocessor):
-    sinks = {name: RecordingSink() for name in ("mine", "other", "anonymous")}
-    llm.submit(llm.new_request_id("mine"), llm_request(preprocessor, "Talk.", max_tokens=3000, stream=True),
-               sinks["mine"])
-    llm.submit(llm.new_request_id("other"), llm_request(preprocessor, "Hi.", max_tokens=8), sinks["other"])
-    llm.submit(llm.new_request_id(), llm_request(preprocessor, "Hi.", max_tokens=8), sinks["anonymous"])
-    assert llm.cancel("") == 0 and llm.cancel("min") == 0  # no id, or another id's prefix: nothing
-    assert llm.cancel("mine") == 1
+def test_llm_cancel_needs_the_request_id_and_its_key(llm, preprocessor):
+    sinks = {name: RecordingSink() for name in ("mine", "other", "keyless")}
+    llm.submit(llm_request(preprocessor, "Talk.", max_tokens=3000, stream=True), sinks["mine"],
+               client_id="mine", cancel_key=KEY)
+    llm.submit(llm_request(preprocessor, "Hi.", max_tokens=8), sinks["other"], client_id="other", cancel_key=KEY)
+    llm.submit(llm_request(preprocessor, "Hi.", max_tokens=8), sinks["keyless"], client_id="keyless")
+    assert llm.cancel("", KEY) == 0 and llm.cancel("min", KEY) == 0  # no id, or another id's prefix: nothing
+    assert llm.cancel("mine", OTHER_KEY) == 0 and llm.cancel("mine", "") == 0  # the id without its key: nothing
+    assert llm.cancel("keyless", "") == 0  # sent without a key: not cancellable by name
+    assert llm.cancel("mine", KEY) == 1
     for sink in sinks.values():
         sink.wait()
-    assert sinks["mine"].reasons[-1] == "cancelled"
+    assert sinks["mine"].reasons[-1] == "cancelled" and sinks["mine"].responses[-1][1] is True
     assert int(sinks["mine"].responses[-1][0]["num_output_tokens"][0]) < 3000
-    assert sinks["other"].reasons[-1] in ("stop", "length") and sinks["anonymous"].reasons[-1] in ("stop", "length")
-    assert llm.cancel("mine") == 0 and llm.num_active == 0  # finished: not found
+    assert sinks["other"].reasons[-1] in ("stop", "length") and sinks["keyless"].reasons[-1] in ("stop", "length")
+    assert not any(sink.calls_after_final for sink in sinks.values())
+    assert llm.cancel("mine", KEY) == 0 and llm.num_active == 0  # finished: not found
+
+
+def test_llm_a_second_client_with_the_same_request_id_cannot_cancel_the_first(llm, preprocessor, full_model):
+    """Finding (issue #14): cancellation crossed clients. Two clients send the same request id; the
+    second cancels "its" request: only its own (its key) is aborted, the first's answer is the card's."""
+    victim, canceller = RecordingSink(), RecordingSink()
+    question = "Hello, who are you?"
+    llm.submit(llm_request(preprocessor, question, max_tokens=12, stream=True), victim, client_id="same",
+               cancel_key=KEY)
+    llm.submit(llm_request(preprocessor, "Talk.", max_tokens=3000, stream=True), canceller, client_id="same",
+               cancel_key=OTHER_KEY)
+    assert llm.cancel("same", OTHER_KEY) == 1
+    victim.wait()
+    canceller.wait()
+    assert canceller.reasons[-1] == "cancelled"
+    assert victim.reasons[-1] in ("stop", "length")
+    assert "".join(victim.texts) == reference_answer(full_model, preprocessor.tokenizer, question, 12)
+    assert llm.num_active == 0
 
 
 def test_llm_a_failing_sender_ends_the_request(llm, preprocessor):
     sink = RecordingSink(fail_send=True)
-    llm.submit(llm.new_request_id(), llm_request(preprocessor, "Talk.", max_tokens=3000, stream=True), sink)
+    llm.submit(llm_request(preprocessor, "Talk.", max_tokens=3000, stream=True), sink)
     sink.wait()
     assert len(sink.errors) == 1 and "client went away" in sink.errors[0]
     assert not sink.calls_after_final
@@ -275,7 +283,7 @@ def test_llm_refuses_what_the_engine_refuses(llm, preprocessor):
     bad = LLMRequest(request.input_ids, np.zeros((3, llm.config.llm_config.hidden_size), np.float32), "Hi",
                      request.generation)
     with pytest.raises(InvalidRequest, match="image_embeds has 3 rows"):
-        llm.submit(llm.new_request_id(), bad, RecordingSink())
+        llm.submit(bad, RecordingSink())
     assert llm.num_active == 0
 
 
@@ -283,7 +291,7 @@ def test_llm_requests_run_concurrently(llm, preprocessor, full_model):
     questions = [f"Question number {i}?" for i in range(5)]
     sinks = [RecordingSink() for _ in questions]
     for q, sink in zip(questions, sinks):
-        llm.submit(llm.new_request_id(), llm_request(preprocessor, q, max_tokens=8, stream=True), sink)
+        llm.submit(llm_request(preprocessor, q, max_tokens=8, stream=True), sink)
     for q, sink in zip(questions, sinks):
         sink.wait()
         assert "".join(sink.texts) == reference_answer(full_model, preprocessor.tokenizer, q, 8)

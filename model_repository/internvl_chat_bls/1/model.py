@@ -1,8 +1,11 @@
 """Triton adapter: internvl_chat's interface, running its steps through BLS (see config.pbtxt).
 
 Per request, a thread: preprocess (the client's inputs) -> vision (its pixel_values) -> llm (streamed,
-decoupled BLS), whose responses internvl_serve.serving.relay forwards, aborting the generation through
-the llm's cancel_request_id side channel as soon as this request is cancelled (client gone)."""
+decoupled BLS, sent with a cancel key of this model's own), whose responses internvl_serve.serving.relay
+forwards, aborting that generation (and no other) on the llm's side channel as soon as this request is
+cancelled (client gone). Refuses what internvl_chat refuses (request parameters, a bad cancel_key, and
+the steps' own checks), with the ensemble's error prefix (relay.client_error)."""
+import secrets
 import sys
 import threading
 import uuid
@@ -16,8 +19,9 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from internvl_serve.serving.contract import CANCEL_INPUT, CHAT_INPUTS, GENERATION_INPUTS
-from internvl_serve.serving.relay import relay
+from internvl_serve.serving.contract import (CANCEL_INPUT, CANCEL_KEY, CHAT_INPUTS, GENERATION_INPUTS, InvalidInput,
+                                             check_request_parameters, parse_cancel_key)
+from internvl_serve.serving.relay import client_error, relay
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 PREPROCESS_INPUTS = [s.name for s in (*CHAT_INPUTS, *GENERATION_INPUTS)]
@@ -39,6 +43,11 @@ class TritonPythonModel:
             # copies: the request's own tensors are not ours once execute() returns
             inputs = {t.name(): pb_utils.Tensor(t.name(), np.array(t.as_numpy(), copy=True))
                       for t in request.inputs()}
+            try:  # the ensemble's preprocess refuses them; this model's child requests carry none
+                check_request_parameters(request.parameters())
+            except InvalidInput as e:
+                _end(request.get_response_sender(), _error(client_error(str(e)), pb_utils.TritonError.INVALID_ARG))
+                continue
             thread = threading.Thread(target=self._run, args=(request.get_response_sender(), inputs,
                                       request.request_id()), daemon=True)
             with self._lock:
@@ -58,13 +67,18 @@ class TritonPythonModel:
             input_ids, pixel_values = self._step(
                 "preprocess", [inputs[n] for n in PREPROCESS_INPUTS if n in inputs], ["input_ids", "pixel_values"])
             if sender.is_cancelled():
-                sender.send(flags=FINAL)
+                _end(sender)
                 return
             (image_embeds,) = self._step("vision", [pb_utils.Tensor("pixel_values", pixel_values.as_numpy())],
                                          ["image_embeds"])
-            llm_id = client_id or f"bls-{uuid.uuid4().hex}"  # clients' side channel names it too
+            # the client's cancel_key is checked where the ensemble's llm step checks it, and not used:
+            # this model cancels its llm request itself, with its own key
+            parse_cancel_key({n: t.as_numpy() for n, t in inputs.items() if n == CANCEL_KEY.name})
+            llm_id = client_id or f"bls-{uuid.uuid4().hex}"  # shown in the llm's log
+            key = secrets.token_hex(16)  # this model's own: only it can cancel its llm request
             llm_inputs = [pb_utils.Tensor("input_ids", input_ids.as_numpy()),
                           pb_utils.Tensor("image_embeds", image_embeds.as_numpy()),
+                          pb_utils.Tensor(CANCEL_KEY.name, np.array([key.encode()], dtype=object)),
                           *(inputs[n] for n in LLM_PASSED if n in inputs)]
             stream = pb_utils.InferenceRequest(model_name="llm", inputs=llm_inputs, request_id=llm_id,
                                                requested_output_names=["text_output", "finish_reason",
@@ -74,12 +88,14 @@ class TritonPythonModel:
                   send=lambda r, final: sender.send(pb_utils.InferenceResponse(r.output_tensors()),
                                                     flags=FINAL if final else 0),
                   is_cancelled=sender.is_cancelled,
-                  cancel=lambda: self._cancel(llm_id),
+                  cancel=lambda: self._cancel(llm_id, key),
                   finish=lambda: sender.send(flags=FINAL))
         except _StepError as e:
-            sender.send(_error(e.error.message(), e.error.code()), flags=FINAL)
+            _end(sender, _error(client_error(e.error.message()), e.error.code()))
+        except InvalidInput as e:
+            _end(sender, _error(client_error(str(e)), pb_utils.TritonError.INVALID_ARG))
         except Exception as e:  # noqa: BLE001
-            sender.send(_error(f"internvl_chat_bls: {type(e).__name__}: {e}"), flags=FINAL)
+            _end(sender, _error(f"internvl_chat_bls: {type(e).__name__}: {e}"))
         finally:
             with self._lock:
                 self._threads.discard(threading.current_thread())
@@ -94,19 +110,33 @@ class TritonPythonModel:
                 yield response
 
     @staticmethod
-    def _cancel(llm_id):
+    def _cancel(llm_id, key):
+        """The llm's side channel with this request's own key; True once the llm found the request."""
         pb_utils.Logger.log_info(f"internvl_chat_bls: the client of {llm_id} left; aborting its generation")
         request = pb_utils.InferenceRequest(
             model_name="llm", requested_output_names=["finish_reason"],
-            inputs=[pb_utils.Tensor(CANCEL_INPUT, np.array([llm_id.encode()], dtype=object))])
-        for _ in request.exec(decoupled=True):
-            pass
+            inputs=[pb_utils.Tensor(CANCEL_INPUT, np.array([llm_id.encode()], dtype=object)),
+                    pb_utils.Tensor(CANCEL_KEY.name, np.array([key.encode()], dtype=object))])
+        found = False
+        for response in request.exec(decoupled=True):
+            if response.output_tensors():
+                reason = pb_utils.get_output_tensor_by_name(response, "finish_reason").as_numpy()[0]
+                found = found or reason == b"cancelled"
+        return found
 
     def finalize(self):
         with self._lock:
             threads = list(self._threads)
         for thread in threads:
             thread.join(timeout=10)
+
+
+def _end(sender, response=None):
+    """The request's final response (an error, or none); a sender that refuses it is already closed."""
+    try:
+        sender.send(response, flags=FINAL) if response is not None else sender.send(flags=FINAL)
+    except Exception as e:  # noqa: BLE001
+        pb_utils.Logger.log_warn(f"internvl_chat_bls: could not end a request: {e}")
 
 
 class _StepError(Exception):

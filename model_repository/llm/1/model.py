@@ -3,7 +3,8 @@
 execute() parses each request and submits it to the engine, then returns None; the engine thread
 sends the responses through the request's response sender. Exactly one response per request carries
 the FINAL flag: the last data response, or an error response (a refused request, or a failure after
-the start). Cancelled requests are aborted in the engine (LLMService polls is_cancelled())."""
+the start). A request holding cancel_request_id and cancel_key is the cancellation side channel: it
+aborts the running requests sent with that id and key (LLMService.cancel; docs/contract.md)."""
 import json
 import os
 import sys
@@ -16,7 +17,8 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from internvl_serve.serving.contract import cancel_request_id, parse_llm_request, response_arrays
+from internvl_serve.serving.contract import (parse_cancel_key, parse_cancel_request, parse_llm_request,
+                                             response_arrays)
 from internvl_serve.engine.errors import EngineBusy
 from internvl_serve.serving.device import instance_device
 from internvl_serve.serving.heap import mmap_large_allocations
@@ -40,9 +42,6 @@ class TritonSink:
     def fail(self, message, code=None):  # pb_utils.TritonError exists only once the stub runs
         code = pb_utils.TritonError.INTERNAL if code is None else code
         self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=FINAL)
-
-    def is_cancelled(self):
-        return self.sender.is_cancelled()
 
 
 class TritonPythonModel:
@@ -69,13 +68,13 @@ class TritonPythonModel:
             sink = TritonSink(request.get_response_sender())
             inputs = {t.name(): t.as_numpy() for t in request.inputs()}
             try:
-                cancel_id = cancel_request_id(inputs)
-                if cancel_id is not None:  # the cancellation side channel (LLMService.cancel)
-                    aborted = self.service.cancel(cancel_id)
+                cancel = parse_cancel_request(inputs)
+                if cancel is not None:  # the cancellation side channel (LLMService.cancel)
+                    aborted = self.service.cancel(*cancel)
                     sink.send(response_arrays("", "cancelled" if aborted else "not_found", 0, 0), final=True)
                     continue
                 parsed = parse_llm_request(inputs)
-                self.service.submit(self.service.new_request_id(request.request_id()), parsed, sink)
+                self.service.submit(parsed, sink, client_id=request.request_id(), cancel_key=parse_cancel_key(inputs))
             except self.client_errors as e:
                 sink.fail(str(e), pb_utils.TritonError.INVALID_ARG)
             except EngineBusy as e:  # the bounded queue is full: retry later
