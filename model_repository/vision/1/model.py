@@ -20,7 +20,7 @@ from internvl_serve.serving.metrics import VisionExporter
 from internvl_serve.serving.device import instance_device
 from internvl_serve.serving.heap import mmap_large_allocations
 from internvl_serve.serving.tensors import read_inputs
-from internvl_serve.serving.vision import VISION_PIXEL_VALUES, VisionService, max_tiles, request_tiles
+from internvl_serve.serving.vision import VISION_PIXEL_VALUES, VisionService, request_tiles
 
 
 class TritonPythonModel:
@@ -38,11 +38,9 @@ class TritonPythonModel:
 
     def execute(self, requests):
         responses, tiles, good = [None] * len(requests), [], []
-        tile_elements = max_tiles(self.limits) * 3 * 448 * 448
         for i, request in enumerate(requests):  # a bad request is refused alone, before the batch runs
             try:
-                arrays = read_inputs(request.inputs(), [VISION_PIXEL_VALUES], batched=True,
-                                     max_elements={"pixel_values": tile_elements})
+                arrays = read_inputs(request.inputs(), [VISION_PIXEL_VALUES], batched=True)
                 tiles.append(request_tiles(arrays["pixel_values"], self.limits))
                 good.append(i)
             except InvalidInput as e:
