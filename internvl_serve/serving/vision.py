@@ -3,8 +3,9 @@
 Owns: loading only the checkpoint's vision_model.* and mlp1.* weights (bfloat16 on CUDA, float32 on
 CPU), running several requests' images as one batched forward (chunked to bound memory), split back
 per request, and a bounded LRU cache of tile embeddings keyed by a hash of the tile's pixels, so a
-multi-round chat that resends its image is not encoded again. Does not own: Triton (the adapter in
-model_repository/vision) or image decoding.
+multi-round chat that resends its image is not encoded again; one request's checks (request_tiles:
+shape, the ensemble's tile limit, finite pixels) for clients that call the vision model directly.
+Does not own: Triton (the adapter in model_repository/vision) or image decoding.
 """
 from __future__ import annotations
 
