@@ -24,6 +24,8 @@ import math
 import multiprocessing
 import os
 import re
+import resource
+import struct
 import warnings
 from typing import NamedTuple, Sequence
 
@@ -94,6 +96,42 @@ def load_preprocessor_config(folder: str | os.PathLike) -> PreprocessorConfig:
     return PreprocessorConfig(size, mean, std)
 
 
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """The image's header read (PIL's lazy open): format and size known, no pixel decoded yet."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidImage(f"image data must be bytes, got {type(data).__name__}")
+    if len(data) == 0:
+        raise InvalidImage("image data is empty")
+    try:
+        img = Image.open(io.BytesIO(bytes(data)), formats=ALLOWED_FORMATS)
+    except Image.DecompressionBombError as e:  # PIL's own check (2 * MAX_IMAGE_PIXELS), from the header
+        size = re.search(r"\((\d+) pixels\)", str(e))
+        pixels = int(size.group(1)) if size else 0
+        limit = max_pixels if pixels > max_pixels or not pixels else 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        raise InvalidImage(f"image header says {pixels or 'too many'} pixels, above the limit of {limit} "
+                           f"pixels (nothing was decoded)") from None
+    except UnidentifiedImageError:
+        raise InvalidImage(f"image data is not a supported image ({len(data)} bytes; supported formats: "
+                           f"{', '.join(ALLOWED_FORMATS)})") from None
+    except Exception as e:  # a header PIL chokes on
+        raise InvalidImage(f"image header is corrupt: {e}") from None
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise InvalidImage(f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise InvalidImage(f"image is {width}x{height} = {width * height} pixels, above the limit of "
+                           f"{max_pixels} pixels")
+    return img
+
+
+def image_size(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) from the image's header, without decoding a pixel; raises InvalidImage as
+    decode_image does for data that is not a usable image header or is above max_pixels."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return _open(data, max_pixels).size
+
+
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Encoded image bytes -> an RGB PIL image (`.convert('RGB')`; an animated GIF, PNG or WebP: its
     first frame, as the card's PIL `Image.open(...).convert('RGB')` does).
@@ -101,32 +139,10 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     Raises InvalidImage for empty, non-image, unsupported, corrupt or truncated data and for images
     above max_pixels (checked from the header, before any pixel is decoded).
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise InvalidImage(f"image data must be bytes, got {type(data).__name__}")
-    if len(data) == 0:
-        raise InvalidImage("image data is empty")
     with warnings.catch_warnings():
         # we enforce max_pixels ourselves; PIL's own warning threshold is not ours
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(bytes(data)), formats=ALLOWED_FORMATS)
-        except Image.DecompressionBombError as e:  # PIL's own check (2 * MAX_IMAGE_PIXELS), from the header
-            size = re.search(r"\((\d+) pixels\)", str(e))
-            pixels = int(size.group(1)) if size else 0
-            limit = max_pixels if pixels > max_pixels or not pixels else 2 * (Image.MAX_IMAGE_PIXELS or 0)
-            raise InvalidImage(f"image header says {pixels or 'too many'} pixels, above the limit of {limit} "
-                               f"pixels (nothing was decoded)") from None
-        except UnidentifiedImageError:
-            raise InvalidImage(f"image data is not a supported image ({len(data)} bytes; supported formats: "
-                               f"{', '.join(ALLOWED_FORMATS)})") from None
-        except Exception as e:  # a header PIL chokes on
-            raise InvalidImage(f"image header is corrupt: {e}") from None
-        width, height = img.size
-        if width < 1 or height < 1:
-            raise InvalidImage(f"image has no pixels ({width}x{height})")
-        if width * height > max_pixels:
-            raise InvalidImage(f"image is {width}x{height} = {width * height} pixels, above the limit of "
-                               f"{max_pixels} pixels")
+        img = _open(data, max_pixels)
         try:
             img.seek(0)
             img.load()
@@ -137,14 +153,19 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
             raise InvalidImage(f"image data is corrupt or truncated ({img.format}: {e})") from None
 
 
+def to_tile(img: Image.Image, size: int = 448) -> Image.Image:
+    """The card's `.convert('RGB').resize((448, 448))` (PIL's default filter for RGB: BICUBIC). A tile
+    resized again to its own size is an unchanged copy, so to_pixel_values of tiles gives the same values."""
+    return img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+
+
 def to_pixel_values(images: Sequence[Image.Image], size: int = 448, mean: Sequence[float] = IMAGENET_MEAN,
                     std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
     """RGB images -> (N, 3, size, size) float32: the card's resize then CLIPImageProcessor's arithmetic."""
     if len(images) == 0:
         return np.zeros((0, 3, size, size), dtype=np.float32)
     # card: .convert('RGB').resize((448, 448)) with PIL's default filter (BICUBIC for RGB)
-    pixels = np.stack([np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC),
-                                  dtype=np.uint8) for img in images])          # (N, S, S, 3) uint8
+    pixels = np.stack([np.asarray(to_tile(img, size), dtype=np.uint8) for img in images])  # (N, S, S, 3) uint8
     # CLIPImageProcessor: shortest-edge resize and centre crop are no-ops at (size, size);
     # rescale: uint8 * (1/255) -> float32; normalize: float32 (x - mean) / std, channels last
     x = (pixels * (1 / 255)).astype(np.float32)
@@ -169,15 +190,87 @@ def get_frame_indices(bound: Sequence[float] | None, fps: float, max_frame: int,
     return [int(start_idx + (seg_size / 2) + np.round(seg_size * idx)) for idx in range(num_segments)]
 
 
+# ---- video frame size from the container header (nothing decoded) ----------------------------------------
+_MP4_CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"edts"}
+_MP4_VISUAL = {b"avc1", b"avc3", b"hvc1", b"hev1", b"mp4v", b"vp08", b"vp09", b"av01", b"jpeg", b"mjpa",
+               b"mjpb", b"mjp2", b"s263", b"h263", b"apcn", b"apch", b"apcs", b"apco", b"ap4h", b"png "}
+
+
+def _mp4_sizes(data: bytes, start: int, end: int, depth: int = 0):
+    """(width, height) of every tkhd and visual stsd entry in the ISO-BMFF boxes of data[start:end]."""
+    pos = start
+    while pos + 8 <= end and depth < 8:
+        size, kind = struct.unpack_from(">I4s", data, pos)
+        header = 8
+        if size == 1 and pos + 16 <= end:
+            size, header = struct.unpack_from(">Q", data, pos + 8)[0], 16
+        elif size == 0:
+            size = end - pos
+        if size < header or pos + size > end:
+            return
+        body = pos + header
+        if kind in _MP4_CONTAINERS:
+            yield from _mp4_sizes(data, body, pos + size, depth + 1)
+        elif kind == b"tkhd" and size >= header + 8:  # width, height: 16.16 fixed point, the box's last 8 bytes
+            w, h = struct.unpack_from(">II", data, pos + size - 8)
+            yield w >> 16, h >> 16
+        elif kind == b"stsd" and size >= header + 8:
+            entry, count = body + 8, struct.unpack_from(">I", data, body + 4)[0]
+            for _ in range(min(count, 16)):
+                if entry + 36 > pos + size:
+                    break
+                entry_size, fourcc = struct.unpack_from(">I4s", data, entry)
+                if fourcc in _MP4_VISUAL:
+                    yield struct.unpack_from(">HH", data, entry + 32)
+                if entry_size < 8:
+                    break
+                entry += entry_size
+        pos += size
+
+
+def _avi_sizes(data: bytes):
+    """(width, height) from an AVI's main header (avih) and its video streams' BITMAPINFOHEADER (strf)."""
+    pos = data.find(b"avih")
+    if 0 <= pos and pos + 48 <= len(data):
+        yield struct.unpack_from("<II", data, pos + 8 + 32)
+    pos = data.find(b"strf")
+    while 0 <= pos and pos + 20 <= len(data):
+        w, h = struct.unpack_from("<ii", data, pos + 12)
+        yield abs(w), abs(h)
+        pos = data.find(b"strf", pos + 4)
+
+
+def video_frame_size(data: bytes) -> tuple[int, int] | None:
+    """The largest frame size an AVI or MP4/MOV container's headers declare, read without decoding;
+    None for other containers or when the headers name no size. Headers can lie: the decoded frames are
+    checked again (sample_video_frames), under a memory cap."""
+    try:
+        if data[:4] == b"RIFF" and data[8:12] == b"AVI ":
+            sizes = list(_avi_sizes(data))
+        elif data[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide"):
+            sizes = list(_mp4_sizes(data, 0, len(data)))
+        else:
+            return None
+    except struct.error:
+        return None
+    sizes = [(int(w), int(h)) for w, h in sizes if w > 0 and h > 0]
+    return max(sizes, key=lambda s: s[0] * s[1]) if sizes else None
+
+
 def sample_video_frames(data: bytes | str | os.PathLike, num_segments: int = 8,
                         bound: Sequence[float] | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                        max_total_pixels: int | None = None, resize_to: int | None = None,
                         isolate: bool = True, timeout_s: float = 120.0) -> list[Image.Image]:
     """Decode a video (bytes or a path) with decord and return num_segments RGB frames (card's get_index).
 
     Raises InvalidVideo for empty or undecodable data, a video without frames or frame rate, frames
-    above max_pixels, and num_segments < 1. decord (ffmpeg) can crash the whole process on some
-    malformed files (a truncated AVI does), so by default it runs in a forked child process: a crash
-    or a decode slower than timeout_s becomes InvalidVideo instead of taking the server down.
+    above max_pixels or num_segments frames above max_total_pixels (both checked from the container's
+    header before any frame is decoded, where it is an AVI or MP4/MOV, and again on the decoded frames),
+    and num_segments < 1. resize_to: each frame becomes the card's size x size tile (to_tile) as soon as
+    it is decoded, so only one full-size frame is held at a time. decord (ffmpeg) can crash the whole
+    process on some malformed files (a truncated AVI does), so by default it runs in a forked child
+    process whose address space is capped (a frame larger than its header said cannot take the memory):
+    a crash or a decode slower than timeout_s becomes InvalidVideo instead of taking the server down.
     """
     if num_segments < 1:
         raise InvalidVideo(f"num_segments must be >= 1, got {num_segments}")
@@ -185,17 +278,34 @@ def sample_video_frames(data: bytes | str | os.PathLike, num_segments: int = 8,
         if len(data) == 0:
             raise InvalidVideo("video data is empty")
         data = bytes(data)
+        declared = video_frame_size(data)
     else:
         data = os.fspath(data)
         if not os.path.isfile(data):
             raise InvalidVideo(f"video file {data!r} does not exist")
-    args = (data, num_segments, bound, max_pixels)
-    arrays = _run_isolated(_decode_video_frames, args, timeout_s) if isolate else _decode_video_frames(*args)
+        declared = None
+    if declared is not None:
+        _check_frame_pixels(*declared, num_segments, max_pixels, max_total_pixels, " (from the header; nothing was decoded)")
+    args = (data, num_segments, bound, max_pixels, max_total_pixels, resize_to)
+    if isolate:  # a frame of max_pixels takes ~20 bytes a pixel at its peak inside decord and ffmpeg
+        arrays = _run_isolated(_decode_video_frames, args, timeout_s, memory_bytes=24 * max_pixels + (256 << 20))
+    else:
+        arrays = _decode_video_frames(*args)
     return [Image.fromarray(a).convert("RGB") for a in arrays]
 
 
+def _check_frame_pixels(width: int, height: int, num_segments: int, max_pixels: int,
+                        max_total_pixels: int | None, where: str = "") -> None:
+    if width * height > max_pixels:
+        raise InvalidVideo(f"video frames are {width}x{height}, above the limit of {max_pixels} pixels{where}")
+    if max_total_pixels is not None and width * height * num_segments > max_total_pixels:
+        raise InvalidVideo(f"{num_segments} video frames of {width}x{height} are {width * height * num_segments} "
+                           f"pixels, above the request's limit of {max_total_pixels} pixels{where}")
+
+
 def _decode_video_frames(data: bytes | str, num_segments: int, bound: Sequence[float] | None,
-                         max_pixels: int) -> list[np.ndarray]:
+                         max_pixels: int, max_total_pixels: int | None = None,
+                         resize_to: int | None = None) -> list[np.ndarray]:
     """The card's load_video frame loop: decord VideoReader(ctx=cpu(0), num_threads=1), vr[i] per index."""
     try:
         from decord import VideoReader, cpu
@@ -203,7 +313,7 @@ def _decode_video_frames(data: bytes | str, num_segments: int, bound: Sequence[f
         raise RuntimeError("video input needs the decord package (pip install decord)") from e
     source = io.BytesIO(data) if isinstance(data, bytes) else data
     try:
-        vr = VideoReader(source, ctx=cpu(0), num_threads=1)
+        vr = VideoReader(source, ctx=cpu(0), num_threads=1)  # reads the container; decodes no frame
         num_frames = len(vr)
         fps = float(vr.get_avg_fps())
     except Exception as e:  # decord raises DECORDError, RuntimeError or AssertionError
@@ -219,31 +329,39 @@ def _decode_video_frames(data: bytes | str, num_segments: int, bound: Sequence[f
         except Exception as e:
             raise InvalidVideo(f"video frame {index} could not be decoded "
                                f"({type(e).__name__}: {str(e)[:200]})") from None
-        if array.shape[0] * array.shape[1] > max_pixels:
-            raise InvalidVideo(f"video frames are {array.shape[1]}x{array.shape[0]}, above the limit of "
-                               f"{max_pixels} pixels")
+        _check_frame_pixels(array.shape[1], array.shape[0], num_segments, max_pixels, max_total_pixels)
+        if resize_to is not None:
+            array = np.asarray(to_tile(Image.fromarray(array), resize_to))
         frames.append(array)
     return frames
 
 
-def _child_main(conn, fn, args) -> None:
+def _child_main(conn, fn, args, memory_bytes: int | None = None) -> None:
     faulthandler.disable()  # a decoder crash is expected and reported by the parent, not dumped here
     try:
+        if memory_bytes is not None:  # this child's address space: what it has now plus memory_bytes
+            with open("/proc/self/status") as f:
+                vm_size = int(f.read().split("VmSize:")[1].split()[0]) * 1024
+            resource.setrlimit(resource.RLIMIT_AS, (vm_size + memory_bytes, resource.RLIM_INFINITY))
         conn.send(("ok", fn(*args)))
     except InvalidVideo as e:
         conn.send(("invalid", str(e)))
+    except MemoryError:
+        conn.send(("invalid", "video frames are larger than their header said (the decoder ran out of its memory)"))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         conn.send(("error", f"{type(e).__name__}: {e}"))
     finally:
         conn.close()
 
 
-def _run_isolated(fn, args: tuple, timeout_s: float):
-    """fn(*args) in a forked child; its death or a timeout becomes InvalidVideo. (fork: no re-import,
-    no interpreter executable needed, the argument bytes are shared copy-on-write.)"""
+def _run_isolated(fn, args: tuple, timeout_s: float, memory_bytes: int | None = None):
+    """fn(*args) in a forked child (its address space capped at memory_bytes more than the fork's); its
+    death or a timeout becomes InvalidVideo. (fork: no re-import, no interpreter executable needed, the
+    argument bytes are shared copy-on-write.)"""
     ctx = multiprocessing.get_context("fork")
     receiver, sender = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child_main, args=(sender, fn, args), daemon=True, name="video-decode")
+    child = ctx.Process(target=_child_main, args=(sender, fn, args, memory_bytes), daemon=True,
+                        name="video-decode")
     child.start()
     sender.close()
     try:

@@ -8,6 +8,11 @@ padded tensors (correct everywhere; memory bounded by `max_gather_tokens` per ca
 kernel replaces that one function (same signature; AttentionMetadata also carries query_start_loc,
 seq_lens and block_tables in the usual varlen/paged form).
 
+Isolation: a group gathers L keys for every sequence, so a shorter sequence's tail reads slots of free
+blocks or of other requests. Those keys and values are replaced by zeros by selection (`kv_valid`), not
+only masked: a mask works by multiplication or by adding -inf, and 0 * NaN = NaN, so NaN left in a freed
+block would otherwise reach every later request that shares a batch with a longer one.
+
 Cache layout: per layer K and V, each (num_blocks, block_size, num_kv_heads, head_dim); slot s is block
 s // block_size, offset s % block_size. Does not own the cache tensors (runner.py) or block ids.
 """
@@ -34,6 +39,7 @@ class AttentionGroup:
     q_index: torch.Tensor            # (n, Qmax) int64: token index in the step of each query (padding -> 0)
     kv_slots: torch.Tensor           # (n, L) int64: cache slot of key position j (past a sequence's end: junk)
     mask: torch.Tensor | None        # (n, 1, Qmax, L) bool, True = attend; None = attend all L keys
+    kv_valid: torch.Tensor | None    # (n, L) bool: key j < the sequence's length; None = all L keys are its own
     out_rows: torch.Tensor | None    # (V,) rows of the (n*Qmax) padded output that are real queries; None = all
     out_tokens: torch.Tensor         # (V,) their token indices in the step
     identity: bool = False           # the group is every token of the step, in order, one query each
@@ -125,8 +131,11 @@ def build_attention_metadata(q_lens, ctx_lens, block_tables: torch.Tensor, block
                 flat_valid = valid.reshape(-1)
                 out_rows = None if flat_valid.all() else dev(np.flatnonzero(flat_valid))
                 out_tokens = dev(q_index.reshape(-1)[flat_valid])
+            # Slots past a sequence's end belong to free blocks or to other requests: their K/V are zeroed
+            # by selection before SDPA (a mask alone leaks NaN: 0 * NaN and -inf + NaN are NaN).
+            kv_valid = None if bool((seq_lens[g] == L).all()) else j[None, :] < dev(seq_lens[g])[:, None]
             identity = qmax == 1 and n == T and bool((g == np.arange(B)).all())
-            groups.append(AttentionGroup(dev(q_index), kv_slots, mask, out_rows, out_tokens, identity))
+            groups.append(AttentionGroup(dev(q_index), kv_slots, mask, kv_valid, out_rows, out_tokens, identity))
 
     meta = AttentionMetadata(
         slot_mapping=slot_mapping, groups=groups,
@@ -159,6 +168,10 @@ def sdpa_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         qg = (q[:, None] if out is None else q[g.q_index]).transpose(1, 2)  # (n, H, Qmax, D)
         kg = k_flat[g.kv_slots].transpose(1, 2)            # (n, Hkv, L, D)
         vg = v_flat[g.kv_slots].transpose(1, 2)
+        if g.kv_valid is not None:  # junk past a sequence's end may be NaN: select zeros, never multiply
+            keep = g.kv_valid[:, None, :, None]
+            kg = torch.where(keep, kg, 0)
+            vg = torch.where(keep, vg, 0)
         if Hkv != H:
             kg = kg.repeat_interleave(H // Hkv, dim=1)
             vg = vg.repeat_interleave(H // Hkv, dim=1)

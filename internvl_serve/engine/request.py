@@ -70,6 +70,8 @@ class Request:
                                      f"got {shape}")
             if not e.is_floating_point():
                 raise InvalidRequest(f"image_embeds must be floating point, got {e.dtype}")
+            if not bool(torch.isfinite(e).all()):  # NaN/inf would spread through attention to its KV
+                raise InvalidRequest("image_embeds must be finite: it holds NaN or infinity")
             if image_context_token_id is None:
                 raise InvalidRequest("image_embeds given but the engine has no image_context_token_id")
             rows = e.shape[0]

@@ -13,6 +13,9 @@ from internvl_serve.engine.errors import InvalidRequest
 
 MAX_STOP_WORDS = 16
 MAX_SEED = 2**64 - 1
+# A positive temperature below this is greedy: logits / 1e-45 overflow to inf and softmax gives NaN,
+# while the limit of sampling as the temperature goes to 0 is the argmax (vLLM's _SAMPLING_EPS).
+MIN_TEMPERATURE = 1e-5
 
 
 def _is_int(v) -> bool:
@@ -26,7 +29,7 @@ def _is_real(v) -> bool:
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 1024           # new tokens at most (also capped by the context window)
-    temperature: float = 0.0         # 0 -> greedy (the card's do_sample=False)
+    temperature: float = 0.0         # 0 (or below MIN_TEMPERATURE) -> greedy (the card's do_sample=False)
     top_p: float = 1.0               # (0, 1]; 1 -> off
     top_k: int = 0                   # 0 -> off
     repetition_penalty: float = 1.0  # HF semantics over the generated tokens; 1 -> off
@@ -37,6 +40,8 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, list):  # keep the dataclass hashable
             object.__setattr__(self, "stop", tuple(self.stop))
+        if _is_real(self.temperature) and 0 < self.temperature < MIN_TEMPERATURE:
+            object.__setattr__(self, "temperature", 0.0)  # greedy (see MIN_TEMPERATURE)
 
     @property
     def greedy(self) -> bool:

@@ -158,6 +158,9 @@ class ServingLimits:
     max_images: int = 12  # 256 tokens each: 12 images use 3072 of V1-1's 4096-token context
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 36_000_000  # width * height after decoding (decompression bombs)
+    # width * height summed over a request's images (or its num_segments video frames), from the headers,
+    # before any is decoded: bounds one request's decoding time (~0.7 s per 36 MP) whatever the encoding
+    max_request_pixels: int = 100_000_000
     max_video_bytes: int = 64 * 1024 * 1024
     max_frames: int = 12  # num_segments at most
     max_question_bytes: int = 32 * 1024
@@ -342,6 +345,8 @@ def _parse_history(inputs, limits: ServingLimits) -> list[tuple[str, str]] | Non
     except json.JSONDecodeError as e:
         raise InvalidInput(f"input 'history' is not valid JSON ({e.msg} at char {e.pos}); "
                            f"expected {_HISTORY_HELP}") from None
+    except RecursionError:  # json's parser recurses once per nested list or object
+        raise InvalidInput(f"input 'history' nests JSON lists or objects too deeply; expected {_HISTORY_HELP}") from None
     if not isinstance(value, list):
         raise InvalidInput(f"input 'history' must be {_HISTORY_HELP}; got a JSON {type(value).__name__}")
     pairs = []
@@ -349,14 +354,23 @@ def _parse_history(inputs, limits: ServingLimits) -> list[tuple[str, str]] | Non
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
             raise InvalidInput(f"input 'history' entry {i} must be a [question, answer] pair of strings; "
                                f"expected {_HISTORY_HELP}")
+        for text in pair:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate escape such as "\ud800" is no character
+                raise InvalidInput(f"input 'history' entry {i} holds {text[e.start]!r} (a lone UTF-16 surrogate "
+                                   f"escape), which is not text; send valid Unicode") from None
         pairs.append((pair[0], pair[1]))
     return pairs
 
 
-def _parse_num_patches_list(inputs) -> list[int] | None:
+def _parse_num_patches_list(inputs, limits: ServingLimits) -> list[int] | None:
     array = _checked(inputs, SPECS["num_patches_list"])
     if array is None:
         return None
+    if array.shape[0] > limits.max_images:
+        raise InvalidInput(f"input 'num_patches_list' holds {array.shape[0]} counts; at most {limits.max_images} "
+                           f"allowed (one per <image> placeholder)")
     values = [int(v) for v in array.reshape(-1)]
     if not values or any(v < 1 for v in values):
         raise InvalidInput(f"input 'num_patches_list' must list one positive count per <image> placeholder, "
@@ -379,7 +393,7 @@ def parse_chat_request(inputs: Mapping[str, np.ndarray], limits: ServingLimits =
             raise InvalidInput("send either 'images' or 'video', not both")
         if not 1 <= num_segments <= limits.max_frames:
             raise InvalidInput(f"input 'num_segments' must be between 1 and {limits.max_frames}, got {num_segments}")
-    num_patches_list = _parse_num_patches_list(inputs)
+    num_patches_list = _parse_num_patches_list(inputs, limits)
     if num_patches_list is not None and video is not None:
         raise InvalidInput("input 'num_patches_list' does not apply to a video (one frame per <image>)")
     return ChatRequest(question=question, images=images, video=video, num_segments=num_segments,

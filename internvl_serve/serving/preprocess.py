@@ -1,7 +1,9 @@
 """The preprocess service behind the `preprocess` Triton model: a ChatRequest -> prompt token ids and
 pixel tiles, following the model card's chat().
 
-Owns: decoding the images (or sampling the video's frames), the card's placeholder rules (through
+Owns: decoding the images (or sampling the video's frames) within the request's pixel budget (checked from
+the headers before anything is decoded; each image becomes its 448 tile before the next is decoded), the
+card's placeholder rules (through
 prompt.py), tokenizing the prompt, and refusing a prompt that does not fit the context window.
 Does not own: parsing tensors (contract.py), the template itself (prompt.py), pixel math (imageproc.py).
 """
@@ -13,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from internvl_serve.config import InternVLChatConfig
-from internvl_serve.imageproc import (InvalidImage, InvalidVideo, decode_image, load_preprocessor_config,
-                                     sample_video_frames, to_pixel_values)
+from internvl_serve.imageproc import (InvalidImage, InvalidVideo, decode_image, image_size, load_preprocessor_config,
+                                     sample_video_frames, to_pixel_values, to_tile)
 from internvl_serve.prompt import build_prompt, count_image_placeholders, resolve_num_patches_list, video_question
 from internvl_serve.serving.contract import ChatRequest, InvalidInput, ServingLimits
 from internvl_serve.tokenizer import load_tokenizer
@@ -39,13 +41,15 @@ class Preprocessor:
         if request.video is not None:
             try:
                 images = sample_video_frames(request.video, num_segments=request.num_segments,
-                                             max_pixels=self.limits.max_image_pixels)
+                                             max_pixels=self.limits.max_image_pixels,
+                                             max_total_pixels=self.limits.max_request_pixels, resize_to=self.size)
             except InvalidVideo as e:
                 raise InvalidInput(f"input 'video': {e}") from None
             if not count_image_placeholders("", request.history):  # later rounds: the history has the frames
                 question = video_question(question, len(images))
             num_patches_list = [1] * len(images)
         else:
+            self._check_pixels(request.images)  # from the headers, before any image is decoded
             images = [self._decode(i, data) for i, data in enumerate(request.images)]
         question, num_patches_list = resolve_num_patches_list(question, request.history, len(images),
                                                               num_patches_list)
@@ -59,9 +63,23 @@ class Preprocessor:
         pixel_values = to_pixel_values(images, size=self.size, mean=self.mean, std=self.std)  # (N, 3, S, S)
         return Preprocessed(np.asarray(ids, dtype=np.int32), np.ascontiguousarray(pixel_values, dtype=np.float32))
 
+    def _check_pixels(self, images: list[bytes]) -> None:
+        total = 0
+        for index, data in enumerate(images):
+            try:
+                width, height = image_size(data, max_pixels=self.limits.max_image_pixels)
+            except InvalidImage as e:
+                raise InvalidInput(f"input 'images[{index}]': {e}") from None
+            total += width * height
+        if total > self.limits.max_request_pixels:
+            raise InvalidInput(f"input 'images': the request's {len(images)} images are {total} pixels in total "
+                               f"(from their headers), above the limit of {self.limits.max_request_pixels} pixels "
+                               f"per request (nothing was decoded)")
+
     def _decode(self, index: int, data: bytes):
+        """One image as the card's 448 tile: the full-size image is dropped before the next is decoded."""
         try:
-            return decode_image(data, max_pixels=self.limits.max_image_pixels)
+            return to_tile(decode_image(data, max_pixels=self.limits.max_image_pixels), self.size)
         except InvalidImage as e:
             raise InvalidInput(f"input 'images[{index}]': {e}") from None
 

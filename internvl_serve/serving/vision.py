@@ -3,8 +3,9 @@
 Owns: loading only the checkpoint's vision_model.* and mlp1.* weights (bfloat16 on CUDA, float32 on
 CPU), running several requests' images as one batched forward (chunked to bound memory), split back
 per request, and a bounded LRU cache of tile embeddings keyed by a hash of the tile's pixels, so a
-multi-round chat that resends its image is not encoded again. Does not own: Triton (the adapter in
-model_repository/vision) or image decoding.
+multi-round chat that resends its image is not encoded again; one request's checks (request_tiles:
+shape, the ensemble's tile limit, finite pixels) for clients that call the vision model directly.
+Does not own: Triton (the adapter in model_repository/vision) or image decoding.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 
 from internvl_serve.checkpoint import load_model
 from internvl_serve.config import InternVLChatConfig
+from internvl_serve.serving.contract import IMAGE_SIZE, VISION_INPUT_DIMS, InvalidInput, ServingLimits, TensorSpec
 from internvl_serve.serving.device import default_dtype, resolve_device
 
 DEFAULT_IMAGE_CACHE_MB = 1024.0  # ~400 tiles of V1-1 in bf16 (256 x 5120 x 2 bytes = 2.6 MB each)
@@ -35,6 +37,33 @@ def tile_key(tile: np.ndarray) -> bytes:
     h = hashlib.sha256(f"{tile.dtype.str}{tile.shape}".encode())
     h.update(tile)
     return h.digest()
+
+
+# The vision model's input as it declares it (config.pbtxt dims; Triton adds the batch dim).
+VISION_PIXEL_VALUES = TensorSpec("pixel_values", "FP32", VISION_INPUT_DIMS, optional=False,
+                                 doc="one request's tiles, (1, N, 3, 448, 448) with the batch dim")
+
+
+def max_tiles(limits: ServingLimits) -> int:
+    """Tiles one request may send to the vision model: the ensemble's limit (one tile per image or frame)."""
+    return max(limits.max_images, limits.max_frames)
+
+
+def request_tiles(pixel_values: np.ndarray, limits: ServingLimits) -> np.ndarray:
+    """One request's pixel_values (1, N, 3, S, S) -> its tiles (N, 3, S, S), refused (InvalidInput naming
+    pixel_values) above the ensemble's tile limit or when not finite: the same limits as through
+    preprocess, for a client that calls the vision model directly."""
+    dims = (1, -1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    if pixel_values.ndim != 5 or any(d != -1 and d != n for d, n in zip(dims, pixel_values.shape)):
+        raise InvalidInput(f"input 'pixel_values' must have shape [1,-1,3,{IMAGE_SIZE},{IMAGE_SIZE}] (one request), "
+                           f"got {list(pixel_values.shape)}")
+    tiles = pixel_values.reshape(pixel_values.shape[1:])
+    if tiles.shape[0] > max_tiles(limits):
+        raise InvalidInput(f"input 'pixel_values' holds {tiles.shape[0]} tiles; at most {max_tiles(limits)} allowed "
+                           f"(one per image or video frame)")
+    if not np.isfinite(tiles).all():
+        raise InvalidInput("input 'pixel_values' must be finite: it holds NaN or infinity")
+    return tiles
 
 
 class EmbeddingCache:

@@ -4,7 +4,6 @@ import io
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -50,11 +49,9 @@ def _closed_port() -> int:
 
 def test_unavailable_server_fails_fast_with_a_clear_message():
     err = io.StringIO()
-    start = time.monotonic()
     code = main(["--url", f"127.0.0.1:{_closed_port()}", "-q", "hello"], out=io.StringIO(), err=err)
-    assert code == 3
+    assert code == 3  # unavailable (refused), not a deadline that ran out (a hang)
     assert "server unavailable" in err.getvalue() and "Connection refused" in err.getvalue()
-    assert time.monotonic() - start < 10
 
 
 def test_missing_image_file_is_a_usage_error(tmp_path):

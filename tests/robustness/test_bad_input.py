@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import struct
 import time
 
 import numpy as np
@@ -89,6 +90,22 @@ def history(value) -> list:
     return q(history=value if isinstance(value, (str, bytes)) else json.dumps(value))
 
 
+def one_bit_png(width: int, height: int) -> bytes:
+    """A 1-bit PNG: ~50 KiB on the wire for 36 M pixels once decoded."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("1", (width, height), 1).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def avi_claiming(width: int, height: int) -> bytes:
+    """A real 64x48 MJPEG AVI whose headers (avih, strf) claim width x height frames."""
+    return mjpeg_avi(noise_frames(3, 4)).replace(struct.pack("<II", 64, 48), struct.pack("<II", width, height))
+
+
 # (id, inputs factory, request parameters, words the error message must hold)
 CASES = [
     # images
@@ -127,6 +144,10 @@ CASES = [
      ["num_segments", "between 1 and 12"]),
     ("images-and-video", lambda: q(images=[GOOD_PNG], video=mjpeg_avi(noise_frames(3, 4))), None,
      ["either 'images' or 'video'"]),
+    ("video-frames-over-pixel-limit", lambda: q(video=avi_claiming(12000, 12000)), None,
+     ["video", "12000x12000", "limit of 36000000 pixels", "nothing was decoded"]),
+    ("images-over-request-pixel-budget", lambda: q(images=[one_bit_png(6000, 6000)] * 12), None,
+     ["images", "432000000 pixels in total", "limit of 100000000", "nothing was decoded"]),
     # Triton's own checks of datatypes, shapes and names (raw tensors: the SDK refuses these)
     ("text-input-as-int32", lambda: [raw_input("text_input", np.array([1], np.int32), "INT32")], None,
      ["text_input", "data-type is 'INT32'", "BYTES"]),
@@ -163,6 +184,8 @@ CASES = [
     ("history-not-strings", lambda: history([["q", 1]]), None, ["history", "entry 0", "pair of strings"]),
     ("history-not-utf8", lambda: history(b'[["\xff", "a"]]'), None, ["history", "not valid UTF-8"]),
     ("history-image-in-answer", lambda: history([["<image>\nWhat?", "An <image>."]]), None, ["<image>"]),
+    ("history-nested-10k-deep", lambda: history("[" * 10_000 + "]" * 10_000), None, ["history", "too deeply"]),
+    ("history-lone-surrogate", lambda: history('[["\\ud800 hi", "a"]]'), None, ["history", "surrogate"]),
     # generation
     ("max-tokens-negative", lambda: q(max_tokens=-5), None, ["max_tokens", ">= 1", "-5"]),
     ("max-tokens-zero", lambda: q(max_tokens=0), None, ["max_tokens", ">= 1"]),
@@ -218,6 +241,11 @@ DIRECT_CASES = [
      ["image_embeds", "<IMG_CONTEXT>"]),
     ("llm-max-tokens-huge", "llm", lambda: llm_direct([1, 5])[:3] + [raw_input("max_tokens", np.array([10**9], np.int32),
                                                                                 "INT32")], ["max_tokens", "at most 4096"]),
+    ("vision-more-tiles-than-the-ensemble-allows", "vision",
+     lambda: [raw_input("pixel_values", np.zeros((1, 13, 3, 448, 448), np.float32), "FP32")],
+     ["pixel_values", "13 tiles", "at most 12"]),
+    ("vision-nan-pixels", "vision", lambda: [raw_input("pixel_values", np.full((1, 1, 3, 448, 448), np.nan, np.float32),
+                                                       "FP32")], ["pixel_values", "finite"]),
     ("preprocess-not-an-image", "preprocess", lambda: q(images=[marked(b"xx" + MARKER)]), ["images[0]", "not a supported image"]),
 ]
 
@@ -226,6 +254,28 @@ DIRECT_CASES = [
 def test_a_bad_direct_call_to_a_composing_model_gets_a_clear_error(server, traffic, model, make, words):
     answer = send(server, make(), model=model)
     assert_refused_alongside_traffic(answer, words, traffic)
+
+
+def test_nan_image_embeds_sent_to_the_llm_are_refused_and_other_answers_stay_exact(server, traffic, oracle,
+                                                                                   tiny_checkpoint):
+    """The llm took NaN image rows; their NaN stayed in freed KV blocks and later batches read it (11 of
+    12 ordinary answers came back empty). Now they are refused, and answers afterwards are exact."""
+    from internvl_serve.tokenizer import IMG_CONTEXT_TOKEN, load_tokenizer
+
+    image = load_tokenizer(tiny_checkpoint).convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+    embeds = np.full((1, 8, 128), np.nan, np.float32)
+    for _ in range(3):
+        answer = send(server, llm_direct([1, 5] + [image] * 8 + [6], embeds), model="llm")
+        assert_refused_alongside_traffic(answer, ["image_embeds", "finite"], traffic)
+    question = "Hello, who are you?"
+    for _ in range(4):
+        assert_answer(send(server, chat_inputs(question)), oracle(question))
+
+
+def test_a_positive_temperature_too_small_to_divide_by_is_greedy(server, oracle, traffic):
+    """temperature 1e-45 gave 10 tokens that decode to '' (logits / t overflowed); below 1e-5 it is greedy."""
+    question = "Hello, who are you?"
+    assert_answer(send(server, chat_inputs(question, temperature=1e-45)), oracle(question))
 
 
 # Over HTTP /generate the same mistakes get status 400 and the message (images as data URLs).

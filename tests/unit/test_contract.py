@@ -164,6 +164,8 @@ def test_video_errors():
     assert chat_error(video=b(b"mp4"), num_segments=i32(0)) == "input 'num_segments' must be between 1 and 12, got 0"
     assert chat_error(video=b(b"mp4"), num_patches_list=i32(1)) == \
         "input 'num_patches_list' does not apply to a video (one frame per <image>)"
+    assert chat_error(num_patches_list=i32(*[1] * 13)) == \
+        "input 'num_patches_list' holds 13 counts; at most 12 allowed (one per <image> placeholder)"
 
 
 @pytest.mark.parametrize("history, expected", [
@@ -172,11 +174,13 @@ def test_video_errors():
     ('[["q"]]', "input 'history' entry 0 must be a [question, answer] pair of strings"),
     ('[["q", "a"], ["q", 1]]', "input 'history' entry 1 must be a [question, answer] pair of strings"),
     ('["qa"]', "input 'history' entry 0 must be a [question, answer] pair of strings"),
+    ("[" * 10_000 + "]" * 10_000, "input 'history' nests JSON lists or objects too deeply"),  # was RecursionError
+    ('[["q", "a"], ["\\ud800?", "a"]]', "input 'history' entry 1 holds '\\ud800' (a lone UTF-16 surrogate"),
 ])
 def test_malformed_history(history, expected):
     msg = chat_error(history=b(history))
-    assert msg.startswith(expected)
-    assert 'e.g. [["<image>\\nWhat is it?", "A cat."]]' in msg
+    assert msg.startswith(expected), msg
+    assert 'e.g. [["<image>\\nWhat is it?", "A cat."]]' in msg or "surrogate" in msg
 
 
 def test_images_and_video_bytes_of_a_request_are_limited_together():

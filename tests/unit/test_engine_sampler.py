@@ -101,3 +101,17 @@ def test_greedy_uses_penalized_logits_and_ignores_top_k():
     params = [SamplingParams(repetition_penalty=1.1, top_k=1)]
     assert sample_tokens(x, SamplingBatch.build(params, [[1]], [None], "cpu")).tolist() == [2]
     assert sample_tokens(x, SamplingBatch.build(params, [[]], [None], "cpu")).tolist() == [1]
+
+
+def test_a_positive_temperature_too_small_to_divide_by_is_greedy():
+    """temperature 1e-45 overflowed logits / t to inf (softmax NaN: tokens that decode to ''); below
+    MIN_TEMPERATURE a temperature means greedy, even with a generator (as the runner passes one)."""
+    from internvl_serve.engine.sampling import MIN_TEMPERATURE
+
+    x = logits_rows(3, seed=5)
+    for t in (1e-45, 1e-30, MIN_TEMPERATURE / 2):
+        params = [SamplingParams(temperature=t, seed=s) for s in range(3)]
+        assert all(p.temperature == 0.0 and p.greedy for p in params)
+        batch = SamplingBatch.build(params, [[] for _ in params], [gen(s) for s in range(3)], "cpu")
+        assert sample_tokens(x.clone(), batch).tolist() == x.argmax(dim=-1).tolist()
+    assert SamplingParams(temperature=MIN_TEMPERATURE).temperature == MIN_TEMPERATURE  # still sampling

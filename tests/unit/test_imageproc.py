@@ -15,7 +15,7 @@ from PIL import Image
 
 from internvl_serve.imageproc import (
     InvalidImage, InvalidVideo, PreprocessorConfig, decode_image, get_frame_indices, load_preprocessor_config,
-    sample_video_frames, to_pixel_values,
+    image_size, sample_video_frames, to_pixel_values, to_tile, video_frame_size,
 )
 
 V1_1_PREPROCESSOR = {  # the checkpoint's preprocessor_config.json (model sheet section 4)
@@ -185,8 +185,18 @@ def test_decode_rejects_corrupt_body():
         decode_image(bytes(data))
 
 
-def test_decode_rejects_too_many_pixels_before_decoding():
-    start = time.perf_counter()
+@pytest.fixture
+def decoded(monkeypatch):
+    """Counts images whose pixels PIL decodes (ImageFile.load calls)."""
+    from PIL import ImageFile
+
+    calls = []
+    real = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: calls.append(self.size) or real(self))
+    return calls
+
+
+def test_decode_rejects_too_many_pixels_before_decoding(decoded):
     with pytest.raises(InvalidImage, match="8000x6000 = 48000000 pixels, above the limit of 1000000"):
         decode_image(png_header_only(8000, 6000), max_pixels=1_000_000)
     # within our limit but above PIL's own decompression-bomb threshold (2 * 89.5M pixels)
@@ -196,7 +206,7 @@ def test_decode_rejects_too_many_pixels_before_decoding():
     with pytest.raises(InvalidImage, match="^image header says 10000000000 pixels, above the limit of 36000000 "
                                            r"pixels \(nothing was decoded\)$"):
         decode_image(png_header_only(100_000, 100_000), max_pixels=36_000_000)
-    assert time.perf_counter() - start < 2.0  # nothing was decoded
+    assert decoded == []  # refused from the headers: nothing was decoded
     # the limit is inclusive and applies to the pixel count
     ok = encode(Image.new("RGB", (100, 10)), "PNG")
     assert decode_image(ok, max_pixels=1000).size == (100, 10)
@@ -268,3 +278,80 @@ def test_isolated_and_in_process_decoding_agree(tiny_video_bytes):
     a = sample_video_frames(tiny_video_bytes, num_segments=3)
     b = sample_video_frames(tiny_video_bytes, num_segments=3, isolate=False)
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+
+
+# ---- cost bounded before decoding ------------------------------------------------------------------------
+def one_bit_png(width: int, height: int) -> bytes:
+    """A 1-bit PNG: a few KiB on the wire for millions of pixels in memory once decoded."""
+    return encode(Image.new("1", (width, height), 1), "PNG")
+
+
+def test_image_size_reads_only_the_header(decoded):
+    data = one_bit_png(6000, 6000)
+    assert len(data) < 100_000
+    assert image_size(data, max_pixels=36_000_000) == (6000, 6000)
+    with pytest.raises(InvalidImage, match="6000x6000 = 36000000 pixels, above the limit of 1000"):
+        image_size(data, max_pixels=1000)
+    with pytest.raises(InvalidImage, match="not a supported image"):
+        image_size(b"nope")
+    assert decoded == []
+
+
+def test_to_tile_is_the_card_resize_and_a_fixed_point():
+    img = Image.fromarray(np.random.RandomState(5).randint(0, 256, (300, 500, 3), dtype=np.uint8))
+    tile = to_tile(img, 448)
+    assert tile.size == (448, 448) and tile.mode == "RGB"
+    assert np.array_equal(to_pixel_values([img]), to_pixel_values([tile]))  # resizing a tile changes nothing
+
+
+def mp4_header(width: int, height: int) -> bytes:
+    def box(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I4s", 8 + len(body), kind) + body
+    tkhd = box(b"tkhd", bytes(76) + struct.pack(">II", width << 16, height << 16))
+    avc1 = struct.pack(">I4s", 86, b"avc1") + bytes(24) + struct.pack(">HH", width, height) + bytes(50)
+    stsd = box(b"stsd", bytes(4) + struct.pack(">I", 1) + avc1)
+    trak = box(b"trak", tkhd + box(b"mdia", box(b"minf", box(b"stbl", stsd))))
+    return box(b"ftyp", b"isom" + bytes(4)) + box(b"moov", trak) + box(b"mdat", b"\0" * 32)
+
+
+def test_video_frame_size_from_the_container_header(tiny_video_bytes):
+    assert video_frame_size(tiny_video_bytes) == (64, 48)  # AVI: avih and strf
+    assert video_frame_size(mp4_header(12000, 12000)) == (12000, 12000)
+    assert video_frame_size(mp4_header(1920, 1080)[:60]) is None  # truncated before any size
+    assert video_frame_size(b"\x1aE\xdf\xa3 matroska") is None  # a container it does not read
+
+
+def test_video_refused_from_its_header_before_any_frame_is_decoded(tiny_video_bytes, monkeypatch):
+    import decord
+
+    frames = []
+    real = decord.VideoReader.__getitem__
+    monkeypatch.setattr(decord.VideoReader, "__getitem__", lambda self, i: frames.append(i) or real(self, i))
+    with pytest.raises(InvalidVideo, match=r"^video frames are 64x48, above the limit of 100 pixels "
+                                           r"\(from the header; nothing was decoded\)$"):
+        sample_video_frames(tiny_video_bytes, max_pixels=100, isolate=False)
+    with pytest.raises(InvalidVideo, match=r"^4 video frames of 64x48 are 12288 pixels, above the request's limit "
+                                           r"of 12287 pixels \(from the header"):
+        sample_video_frames(tiny_video_bytes, num_segments=4, max_total_pixels=12287, isolate=False)
+    assert frames == []
+    assert len(sample_video_frames(tiny_video_bytes, num_segments=4, max_total_pixels=12288, isolate=False)) == 4
+    assert len(frames) == 4
+
+
+def test_frames_come_back_as_tiles_when_asked(tiny_video_bytes):
+    full = sample_video_frames(tiny_video_bytes, num_segments=3)
+    tiles = sample_video_frames(tiny_video_bytes, num_segments=3, resize_to=448)
+    assert [t.size for t in tiles] == [(448, 448)] * 3
+    assert np.array_equal(to_pixel_values(full), to_pixel_values(tiles))
+
+
+def test_a_video_whose_header_lies_cannot_take_the_memory(tiny_video_bytes):
+    """Frames of 6000x6000 behind headers that say 64x48: the header check passes; the decoder's capped
+    address space (24 bytes per allowed pixel + 256 MiB) runs out before a frame's ~1 GB is built."""
+    from conftest import make_mjpeg_avi
+
+    big = make_mjpeg_avi([Image.new("RGB", (6000, 6000), (10, 200, 30))] * 2, fps=10)
+    lying = big.replace(struct.pack("<II", 6000, 6000), struct.pack("<II", 64, 48))
+    assert video_frame_size(lying) == (64, 48)
+    with pytest.raises(InvalidVideo, match="crashed|could not be decoded|larger than their header"):
+        sample_video_frames(lying, num_segments=1, max_pixels=64 * 48)

@@ -116,6 +116,41 @@ def test_image_pixel_limit(tiny_checkpoint):
         small(ChatRequest(question="Describe.", images=[png(1)]))
 
 
+def one_bit_png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("1", (width, height), 1).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_the_request_pixel_budget_is_checked_from_the_headers_before_decoding(preprocessor, monkeypatch):
+    """Twelve 6000x6000 1-bit PNGs (a few KiB each, each within the per-image limit) cost 1.8 GiB and 8 s
+    when they were all decoded; their 432 M pixels are now refused from the headers."""
+    from PIL import ImageFile
+
+    decoded = []
+    real = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or real(self))
+    bomb = one_bit_png(6000, 6000)
+    with pytest.raises(InvalidInput, match=r"^input 'images': the request's 12 images are 432000000 pixels in total "
+                                           r"\(from their headers\), above the limit of 100000000 pixels per request "
+                                           r"\(nothing was decoded\)$"):
+        preprocessor(ChatRequest(question="<image>\n" * 12 + "?", images=[bomb] * 12))
+    assert decoded == []
+    small = png(1)  # under the budget the same request shape runs, one decoded image at a time
+    out = preprocessor(ChatRequest(question="<image>\n" * 12 + "?", images=[small] * 12))
+    assert out.pixel_values.shape[0] == 12 and decoded  # (load runs more than once per image)
+
+
+def test_a_video_above_the_request_pixel_budget_is_refused_from_its_header(tiny_checkpoint, tiny_video_bytes):
+    from internvl_serve.serving.preprocess import Preprocessor
+
+    tight = Preprocessor(tiny_checkpoint, ServingLimits(max_request_pixels=64 * 48 * 8 - 1))
+    with pytest.raises(InvalidInput, match=r"^input 'video': 8 video frames of 64x48 are 24576 pixels, above the "
+                                           r"request's limit of 24575 pixels \(from the header; nothing was decoded\)$"):
+        tight(ChatRequest(question="?", video=tiny_video_bytes, num_segments=8))
+    assert tight(ChatRequest(question="?", video=tiny_video_bytes, num_segments=7)).pixel_values.shape[0] == 7
+
+
 # ---- vision -----------------------------------------------------------------------------------------
 
 

@@ -1,10 +1,9 @@
 """The tiny checkpoint maker: deterministic bytes, idempotent, careful with folders it did not write; and
-the properties tests rely on: well-separated greedy logits, answers that depend on the image, speed."""
+the properties tests rely on: well-separated greedy logits, answers that depend on the image, and little work per request."""
 
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -13,6 +12,10 @@ from internvl_serve.checkpoint import load_model
 from internvl_serve.config import InternVLChatConfig
 from internvl_serve.tiny import MARKER, PREPROCESSOR_CONFIG, main, make_tiny_checkpoint
 from internvl_serve.tokenizer import load_tokenizer
+
+
+# 0.54 GFLOP today (~0.2 s on one core); twice that is still "tiny" (the real V1-1 needs ~10 TFLOP)
+FLOP_BUDGET = 1.2e9
 
 
 def weight_bytes(folder):
@@ -97,21 +100,24 @@ def test_logits_well_separated_and_images_matter(tiny_checkpoint):
     assert gaps.min() > 100 * noise
 
 
-def test_fast_enough_on_cpu(tiny_checkpoint):
+def test_small_enough_for_cpu_tests(tiny_checkpoint):
+    """What keeps the tiny model fast on a CPU, as work rather than wall-clock time (which a busy machine
+    stretches): the floating-point operations of one card-sized request (a 448 image, a ~300-token prompt,
+    32 new tokens), counted by torch's FlopCounterMode, and the parameter count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     tok = load_tokenizer(tiny_checkpoint)
     model = load_model(tiny_checkpoint, dtype=torch.float32, progress=False)
+    assert sum(p.numel() for p in model.parameters()) < 2_000_000
     ids = torch.tensor([_prompt_ids(tok, "What is in the picture? Describe the color and the background and the "
                                          "scene, count the people and tell me where they are standing.", 256)])
     assert 290 <= ids.shape[1] <= 330
     pixels = torch.randn(1, 3, 448, 448)
-    with torch.no_grad():
-        for _ in range(2):                                                   # the first run warms up
-            start = time.perf_counter()
-            embeds = model.embed(ids, model.extract_feature(pixels),
-                                 img_context_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"))
-            out = model.language_model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids),
-                                                max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
-            elapsed = time.perf_counter() - start
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        embeds = model.embed(ids, model.extract_feature(pixels),
+                             img_context_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"))
+        out = model.language_model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids),
+                                            max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
     assert out.shape[1] == 32
-    print(f"\n448 image + {ids.shape[1]}-token prompt + 32 new tokens: {elapsed:.3f} s")
-    assert elapsed < 3.0          # typically ~0.2 s; loose for shared CI machines
+    print(f"\n448 image + {ids.shape[1]}-token prompt + 32 new tokens: {flops.get_total_flops() / 1e9:.2f} GFLOP")
+    assert flops.get_total_flops() < FLOP_BUDGET

@@ -17,14 +17,15 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from internvl_serve.serving.contract import (parse_cancel_key, parse_cancel_request, parse_llm_request,
-                                             response_arrays)
+from internvl_serve.serving.contract import (LLM_INPUTS, parse_cancel_key, parse_cancel_request,
+                                             parse_llm_request, response_arrays)
 from internvl_serve.engine.errors import EngineBusy
 from internvl_serve.serving.device import instance_device
 from internvl_serve.serving.heap import mmap_large_allocations
 from internvl_serve.serving.llm import LLMService
 from internvl_serve.serving.metrics import LLMExporter
 from internvl_serve.serving.preprocess import client_errors
+from internvl_serve.serving.tensors import read_inputs
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -66,8 +67,8 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             sink = TritonSink(request.get_response_sender())
-            inputs = {t.name(): t.as_numpy() for t in request.inputs()}
             try:
+                inputs = read_inputs(request.inputs(), LLM_INPUTS)  # shapes checked before any array
                 cancel = parse_cancel_request(inputs)
                 if cancel is not None:  # the cancellation side channel (LLMService.cancel)
                     aborted = self.service.cancel(*cancel)

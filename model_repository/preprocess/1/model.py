@@ -15,10 +15,11 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from internvl_serve.serving.contract import (ServingLimits, check_request_parameters, parse_chat_request,
-                                             parse_generation_request)
+from internvl_serve.serving.contract import (CHAT_INPUTS, GENERATION_INPUTS, ServingLimits, check_request_parameters,
+                                             parse_chat_request, parse_generation_request)
 from internvl_serve.serving.heap import mmap_large_allocations
 from internvl_serve.serving.preprocess import Preprocessor, client_errors
+from internvl_serve.serving.tensors import read_inputs
 
 
 class TritonPythonModel:
@@ -33,8 +34,8 @@ class TritonPythonModel:
         return [self._one(request) for request in requests]
 
     def _one(self, request):
-        inputs = {t.name(): t.as_numpy() for t in request.inputs()}
         try:
+            inputs = read_inputs(request.inputs(), CHAT_INPUTS + GENERATION_INPUTS)  # shapes first
             check_request_parameters(request.parameters())
             chat = parse_chat_request(inputs, self.limits)
             parse_generation_request(inputs, self.limits)  # fail before the vision model runs

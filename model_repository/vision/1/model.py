@@ -1,6 +1,7 @@
 """Triton adapter for internvl_serve.serving.vision.VisionService (dynamic batching: one forward for
 all the requests Triton hands over). Each request's pixel_values is (1, N, 3, 448, 448); its answer
-is image_embeds (1, N * num_image_token, llm_hidden)."""
+is image_embeds (1, N * num_image_token, llm_hidden). A request above the ensemble's tile limit
+(config.pbtxt max_images / max_frames) or with non-finite pixels gets INVALID_ARG alone."""
 import json
 import os
 import sys
@@ -14,16 +15,19 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
+from internvl_serve.serving.contract import InvalidInput, ServingLimits
 from internvl_serve.serving.metrics import VisionExporter
 from internvl_serve.serving.device import instance_device
 from internvl_serve.serving.heap import mmap_large_allocations
-from internvl_serve.serving.vision import VisionService
+from internvl_serve.serving.tensors import read_inputs
+from internvl_serve.serving.vision import VISION_PIXEL_VALUES, VisionService, request_tiles
 
 
 class TritonPythonModel:
     def initialize(self, args):
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
         params["device"] = instance_device(args, params.get("device", "auto"))  # KIND_GPU: the instance's GPU
+        self.limits = ServingLimits.from_parameters(params)  # the ensemble's image and frame limits
         self.service = VisionService.from_parameters(os.environ["INTERNVL_CHECKPOINT"], params,
                                                     log=pb_utils.Logger.log_warn)
         pb_utils.Logger.log_info(f"vision: {self.service.device} {self.service.dtype}; compiled blocks: {self.service.compiled}")
@@ -33,14 +37,25 @@ class TritonPythonModel:
         self.metrics = VisionExporter(self.service, pb_utils, args, log=pb_utils.Logger.log_warn)
 
     def execute(self, requests):
-        pixels = [pb_utils.get_input_tensor_by_name(r, "pixel_values").as_numpy() for r in requests]
+        responses, tiles, good = [None] * len(requests), [], []
+        for i, request in enumerate(requests):  # a bad request is refused alone, before the batch runs
+            try:
+                arrays = read_inputs(request.inputs(), [VISION_PIXEL_VALUES], batched=True)
+                tiles.append(request_tiles(arrays["pixel_values"], self.limits))
+                good.append(i)
+            except InvalidInput as e:
+                responses[i] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
         try:
-            embeds = self.service.embed([p.reshape(-1, *p.shape[-3:]) for p in pixels])
+            embeds = self.service.embed(tiles)
         except Exception as e:  # one failed forward fails every request of the batch
             error = pb_utils.TritonError(f"vision: {type(e).__name__}: {e}", pb_utils.TritonError.INTERNAL)
-            return [pb_utils.InferenceResponse(error=error) for _ in requests]
+            embeds = None
+        for j, i in enumerate(good):
+            responses[i] = (pb_utils.InferenceResponse(error=error) if embeds is None else
+                            pb_utils.InferenceResponse([pb_utils.Tensor("image_embeds", embeds[j][np.newaxis])]))
         self.metrics.update()  # never raises
-        return [pb_utils.InferenceResponse([pb_utils.Tensor("image_embeds", e[np.newaxis])]) for e in embeds]
+        return responses
 
     def finalize(self):
         self.metrics.close()
