@@ -1,46 +1,47 @@
 """Start the real Triton Inference Server (the binary inside the `nvidia-pytriton` wheel) on
-`model_repository/`.
+`model_repository/`, with the HTTP guard (serving/http_guard.py) on the public HTTP port.
 
-Owns: finding `tritonserver` and its Python backend in the installed wheel; preparing (once, cached) a
-`--backend-directory` whose `python/` holds the stub built for the running Python; the environment the
-Python backend needs (the venv's `bin/` first on PATH so the stub embeds this interpreter,
-LD_LIBRARY_PATH with libpython's folder and the wheel's bundled libraries, INTERNVL_CHECKPOINT for the
-models); production flags; waiting for readiness (failing fast, with the log's tail, if the server
-dies); stopping it (SIGTERM, then SIGKILL of its process group, also when tritonserver hangs on its
-way out); hardening (admin APIs behind a key, a watchdog for dead Python stubs: docs/serving.md
-"Hardening and limits"). Does not own: the models (the repository's adapters) or any client.
+Owns: the server's command line (production flags); its ports (an explicit port already held fails the
+start; readiness is of THIS server: it must listen on its ports itself); waiting for readiness (failing
+fast, with the log's tail, if the server dies); starting the HTTP guard in front of tritonserver's own
+HTTP front end (bound to 127.0.0.1); stopping both (SIGTERM, then SIGKILL of the process groups, also
+when tritonserver hangs on its way out) and removing the shared memory a dead server left; hardening
+(admin APIs behind a key, a watchdog for dead Python stubs: docs/serving.md "Hardening and limits").
+Does not own: finding the binary and its environment (serving/triton_install.py), /proc reading
+(serving/processes.py), the HTTP checks (serving/http_guard.py), the models, any client.
 
 CLI:  python -m internvl_serve.serving.launcher [--checkpoint DIR] [--host 127.0.0.1] [--grpc-port 8001]
       [--http-port 8000] [--metrics-port 8002] [--log-verbose N] [--model-repository DIR]
       [--admin-key KEY] [--on-stub-death exit|ignore] [--kill-grace-secs 15]   (exit code 3: a stub died)
+      [--http-models internvl_chat,internvl_chat_bls] [--max-http-body-bytes N]
 API:  with TritonServer(checkpoint=..., grpc_port=None) as server: server.grpc_url ...  (None: a free port)
 """
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import importlib.util
 import os
 import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
+
+from internvl_serve.serving.http_guard import DEFAULT_MAX_BODY_BYTES, DEFAULT_MODELS
+from internvl_serve.serving.triton_install import (  # noqa: F401  (part of this API)
+    CHECKPOINT_ENV, LaunchError, TritonInstall, find_triton, prepare_backend_directory, server_environment)
+from internvl_serve.serving.processes import (  # noqa: F401  (free_port, shm_regions: part of this API)
+    STUB_NAME, free_port, kill_group, port_in_use, port_owner, python_stubs, remove_shm_regions, shm_regions)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "tiny"
-CHECKPOINT_ENV = "INTERNVL_CHECKPOINT"  # read by the models' initialize()
 # Triton APIs a client of the chat never needs and an attacker could misuse (register shared memory the
 # server then reads and writes, turn on verbose logs or traces, list the repository): only requests with
 # the header ADMIN_HEADER: <admin key> may call them.
@@ -48,120 +49,18 @@ ADMIN_APIS = ("model-repository", "shared-memory", "logging", "trace")
 ADMIN_HEADER = "admin-key"  # HTTP; gRPC metadata key: ADMIN_GRPC_HEADER (Triton adds its prefix)
 ADMIN_GRPC_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER
 ADMIN_KEY_ENV = "INTERNVL_ADMIN_KEY"
-STUB_NAME = "triton_python_backend_stub"
-SHM_REGION = re.compile(r"/dev/shm/triton_python_backend_shm_region_[0-9A-Za-z-]+")
 
 
-class LaunchError(RuntimeError):
-    """The server could not be found, prepared, started or made ready."""
+class PortInUse(LaunchError):
+    """Another process listens on one of the server's ports."""
 
 
-@dataclass(frozen=True)
-class TritonInstall:
-    server: Path  # the tritonserver binary
-    backends: Path  # a --backend-directory holding python/ for this interpreter
-    library_dirs: tuple[Path, ...]  # to put on LD_LIBRARY_PATH
-
-
-def _python_version() -> str:
-    return f"{sys.version_info.major}.{sys.version_info.minor}"
-
-
-def _default_cache() -> Path:
-    """Where prepared backend folders live: inside the venv when writable, else ~/.cache."""
-    venv = Path(sys.prefix) / "var" / "internvl-serve"
+def _answers_200(url: str) -> bool:
     try:
-        venv.mkdir(parents=True, exist_ok=True)
-        if os.access(venv, os.W_OK):
-            return venv
-    except OSError:
-        pass
-    return Path.home() / ".cache" / "internvl-serve"
-
-
-def prepare_backend_directory(wheel_root: Path, cache: Path | None = None) -> Path:
-    """A backend folder with python/{libtriton_python.so, triton_python_backend_utils.py,
-    triton_python_backend_stub (for this Python)}; made once per wheel version and Python version."""
-    version = _python_version()
-    source = wheel_root / "backends" / "python"
-    stub = wheel_root / "python_backend_stubs" / version / "triton_python_backend_stub"
-    files = [source / "libtriton_python.so", source / "triton_python_backend_utils.py", stub]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise LaunchError(f"the nvidia-pytriton wheel lacks {', '.join(missing)} (Python {version} supported?)")
-    try:
-        wheel_version = importlib.metadata.version("nvidia-pytriton")
-    except importlib.metadata.PackageNotFoundError:
-        wheel_version = "unknown"
-    target = (cache or _default_cache()) / f"triton-backends-pytriton{wheel_version}-py{version}"
-    python = target / "python"
-    if all((python / f.name).is_file() and (python / f.name).stat().st_size == f.stat().st_size for f in files):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
-    (staging / "python").mkdir()
-    for f in files:
-        shutil.copy2(f, staging / "python" / f.name)
-    shutil.rmtree(target, ignore_errors=True)
-    try:
-        os.replace(staging, target)
-    except OSError:  # another process won the race: its copy is the same
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def find_triton(tritonserver: str | Path | None = None, backend_directory: str | Path | None = None) -> TritonInstall:
-    """The server from the installed nvidia-pytriton wheel, or the given binary and backend folder.
-    Without the wheel, $TRITONSERVER and $TRITON_BACKENDS (as .carry/bootstrap.sh exports them)."""
-    library_dirs = [Path(sysconfig.get_config_var("LIBDIR") or sys.base_prefix + "/lib")]
-    spec = importlib.util.find_spec("pytriton")
-    wheel_root = None
-    if spec is not None and spec.submodule_search_locations:
-        package = Path(list(spec.submodule_search_locations)[0])
-        wheel_root = package / "tritonserver"
-        library_dirs.append(package.parent / "nvidia_pytriton.libs")
-    if wheel_root is None:  # no wheel: a server unpacked elsewhere (the GPU machine's .carry/bootstrap.sh)
-        tritonserver = tritonserver or os.environ.get("TRITONSERVER")
-        backend_directory = backend_directory or os.environ.get("TRITON_BACKENDS")
-    if tritonserver is None:
-        if wheel_root is None:
-            raise LaunchError("nvidia-pytriton is not installed in this Python; run scripts/setup.sh, "
-                              "or pass --tritonserver and --backend-directory")
-        tritonserver = wheel_root / "bin" / "tritonserver"
-    server = Path(tritonserver)
-    if not (server.is_file() and os.access(server, os.X_OK)):
-        raise LaunchError(f"no executable tritonserver at {server}")
-    if backend_directory is None:
-        if wheel_root is None:
-            raise LaunchError("pass --backend-directory (a folder holding python/ for this Python)")
-        backend_directory = prepare_backend_directory(wheel_root)
-    return TritonInstall(server=server, backends=Path(backend_directory),
-                         library_dirs=tuple(d for d in library_dirs if d.is_dir()))
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def server_environment(install: TritonInstall, checkpoint: Path, base: dict | None = None,
-                       malloc_mmap_threshold: int | None = None) -> dict:
-    """The environment tritonserver (and the Python backend's stubs) must run in. malloc_mmap_threshold:
-    bytes from which every process of the server mmaps its host allocations (None or 0: glibc's
-    adaptive default; the adapters fix it where it pays, serving/heap.py)."""
-    env = dict(os.environ if base is None else base)
-    venv_bin = str(Path(sys.prefix) / "bin")  # the stub takes sys.prefix from the first python3 on PATH
-    env["PATH"] = os.pathsep.join([venv_bin] + [p for p in env.get("PATH", "").split(os.pathsep) if p and p != venv_bin])
-    libs = [str(d) for d in install.library_dirs] + [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(dict.fromkeys(libs))
-    env[CHECKPOINT_ENV] = str(checkpoint)
-    env["PYTHONUNBUFFERED"] = "1"
-    # For every process, tritonserver's own included: allocations from this size on are their own mmap,
-    # given back when freed (serving/heap.py says why and what it costs). A value already set is kept.
-    if malloc_mmap_threshold:
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(int(malloc_mmap_threshold)))
-    return env
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
 
 
 def ensure_default_checkpoint(path: Path = DEFAULT_CHECKPOINT) -> Path:
@@ -172,69 +71,6 @@ def ensure_default_checkpoint(path: Path = DEFAULT_CHECKPOINT) -> Path:
     if not (path / "config.json").is_file():
         print(f"launcher: making the tiny checkpoint at {path}", file=sys.stderr)
     return make_tiny_checkpoint(path, fmt="bin", seed=0)
-
-
-def python_stubs(server_pid: int) -> dict[int, str]:
-    """The live Python backend stubs tritonserver `server_pid` started: pid -> model instance name
-    ('preprocess_0_1'). Read from /proc; zombies (dead, not reaped yet) are left out."""
-    stubs = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                state, ppid = f.read().rsplit(b")", 1)[1].split()[:2]
-            if int(ppid) != server_pid or state == b"Z":
-                continue
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = [a.decode("utf-8", "replace") for a in f.read().split(b"\0")]
-        except (OSError, ValueError):
-            continue  # gone meanwhile
-        if argv and Path(argv[0]).name == STUB_NAME:
-            # argv: stub, model.py, shm region, shm sizes (2), parent pid, backend dir, ipc size, instance name
-            stubs[int(entry)] = argv[8] if len(argv) > 8 and argv[8] else Path(argv[1]).parents[1].name
-    return stubs
-
-
-def shm_regions(pids) -> set[str]:
-    """The Python backend's shared-memory regions (/dev/shm/triton_python_backend_shm_region_<uuid>, one
-    per stub, 32 MiB and up) that these processes have mapped, read from /proc/PID/maps."""
-    regions = set()
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                regions.update(SHM_REGION.findall(f.read()))
-        except OSError:
-            continue  # gone meanwhile
-    return regions
-
-
-def remove_shm_regions(regions) -> list[str]:
-    """Unlink those of `regions` that still exist: a tritonserver that exits normally removes its own, one
-    that is killed (SIGKILL, OOM) or loses a stub leaves them, and tmpfs holds them in RAM for good."""
-    removed = []
-    for path in sorted(regions):
-        try:
-            os.unlink(path)
-            removed.append(path)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            print(f"launcher: could not remove {path}: {e}", file=sys.stderr, flush=True)
-    return removed
-
-
-def _kill_group(leader: subprocess.Popen, timeout_s: float = 10.0) -> None:
-    """SIGKILL every process of the leader's group and wait (bounded) until none is left."""
-    deadline = time.monotonic() + timeout_s
-    tick = threading.Event()
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(leader.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            return
-        leader.poll()  # reap the leader (our child); the others are reaped by init
-        tick.wait(0.05)
 
 
 class TritonServer:
@@ -250,11 +86,17 @@ class TritonServer:
                  tritonserver: str | Path | None = None, backend_directory: str | Path | None = None,
                  extra_args: tuple[str, ...] = (), layout=None, admin_key: str | None = None,
                  on_stub_death: str = "ignore", kill_grace_s: float = 15.0,
-                 malloc_mmap_threshold: int | None = None):
+                 malloc_mmap_threshold: int | None = None, http_models: tuple[str, ...] = DEFAULT_MODELS,
+                 max_http_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
         self.checkpoint = Path(checkpoint).resolve()
         self.model_repository = Path(model_repository).resolve()
         self.host = host
-        self._ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
+        # http: the public port, served by the HTTP guard (serving/http_guard.py); triton_http: tritonserver's
+        # own HTTP front end, on 127.0.0.1 only, always a free port
+        self._ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port, "triton_http": None}
+        self.http_models = tuple(http_models)
+        self.max_http_body_bytes = max_http_body_bytes
+        self._guard: subprocess.Popen | None = None
         self.ports: dict[str, int] = {}
         self.log_verbose = log_verbose
         self.log_file = Path(log_file) if log_file else None
@@ -279,7 +121,7 @@ class TritonServer:
         self.on_stub_death = on_stub_death
         self.kill_grace_s = kill_grace_s
         self.malloc_mmap_threshold = malloc_mmap_threshold
-        self.stub_failure: str | None = None  # the instance(s) whose stub died, when the watchdog acted
+        self.stub_failure: str | None = None  # the instance(s) whose stub died (or "the HTTP guard"), when the watchdog acted
         self.shm_regions: set[str] = set()  # /dev/shm regions of the server's Python backend, removed at stop
         self._stopping = threading.Event()
 
@@ -295,6 +137,11 @@ class TritonServer:
     @property
     def http_url(self) -> str:
         return f"http://{self.client_host}:{self.ports['http']}"
+
+    @property
+    def triton_http_url(self) -> str:
+        """tritonserver's own HTTP front end (127.0.0.1 only; every model, no guard)."""
+        return f"http://127.0.0.1:{self.ports['triton_http']}"
 
     @property
     def metrics_url(self) -> str:
@@ -316,7 +163,7 @@ class TritonServer:
             "--exit-on-error=true",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--grpc-address={self.host}", f"--grpc-port={p['grpc']}",
-            f"--http-address={self.host}", f"--http-port={p['http']}",
+            "--http-address=127.0.0.1", f"--http-port={p['triton_http']}",  # public: the HTTP guard's port
             "--allow-metrics=true", f"--metrics-address={self.host}", f"--metrics-port={p['metrics']}",
             # tensors cross to the Python stubs through shared memory: start big enough for a few images
             "--backend-config=python,shm-default-byte-size=33554432",
@@ -349,9 +196,13 @@ class TritonServer:
         env = server_environment(install, self.checkpoint, malloc_mmap_threshold=self.malloc_mmap_threshold)
         if self.log_file is None:
             self.log_file = Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
+        for kind, port in self._ports.items():  # an explicit port someone already listens on: fail now
+            if port is not None and port_in_use(self.host, port):
+                raise PortInUse(f"address already in use: {kind} port {port} on {self.host or '0.0.0.0'} is held by "
+                                f"another process")
         for attempt in range(3):
-            self.ports = {k: v if v is not None else free_port(self.host if self.host else "127.0.0.1")
-                          for k, v in self._ports.items()}
+            self.ports = {k: v if v is not None else free_port("127.0.0.1" if k == "triton_http" else self.host or
+                                                               "127.0.0.1") for k, v in self._ports.items()}
             self._log = open(self.log_file, "ab")
             self._stopping.clear()
             self._proc = subprocess.Popen(self.command(install), stdout=self._log, stderr=subprocess.STDOUT,
@@ -359,32 +210,45 @@ class TritonServer:
             try:
                 self.wait_ready()
                 self._note_shm_regions()
+                self._start_guard()
                 self._start_watchdog()
                 return self
+            except PortInUse:
+                self.stop()
+                raise
             except LaunchError:
-                lost_port_race = "already in use" in self.log_tail(200) and None in self._ports.values()
+                lost_port_race = "already in use" in self.log_tail(200)
                 self.stop()
                 if not lost_port_race or attempt == 2:
                     raise
                 self.log_file.write_bytes(b"")
         return self
 
+    def _own_ports(self, proc: subprocess.Popen, kinds) -> bool:
+        """Whether `proc` listens on the ports of `kinds`; PortInUse if another process does (a probe
+        must never take another server's answer for this one's)."""
+        owners = {kind: port_owner(proc.pid, self.ports[kind]) for kind in kinds}
+        taken = [kind for kind, owner in owners.items() if owner == "other"]
+        if taken:
+            raise PortInUse("address already in use: " + ", ".join(
+                f"{kind} port {self.ports[kind]}" for kind in taken) + " held by another process")
+        return all(owner == "mine" for owner in owners.values())
+
     def wait_ready(self, timeout_s: float | None = None) -> None:
-        """Returns when /v2/health/ready answers 200; raises LaunchError (with the log's tail) if the
-        process exits first or the time runs out."""
+        """Returns when this tritonserver listens on its ports and its /v2/health/ready answers 200;
+        raises LaunchError (with the log's tail) if the process exits first or the time runs out, and
+        PortInUse if another process listens on one of its ports. Notes its stubs' shared memory on the
+        way (removed at stop even if the server dies before it is ready)."""
         deadline = time.monotonic() + (self.ready_timeout_s if timeout_s is None else timeout_s)
-        url = f"http://{self.client_host}:{self.ports['http']}/v2/health/ready"
+        url = f"{self.triton_http_url}/v2/health/ready"
         while True:
+            self._note_shm_regions()
             if self._proc is None or self._proc.poll() is not None:
                 code = None if self._proc is None else self._proc.returncode
                 raise LaunchError(f"tritonserver exited (code {code}) before it was ready; "
                                   f"log {self.log_file}, last lines:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
+            if self._own_ports(self._proc, ("grpc", "triton_http", "metrics")) and _answers_200(url):
+                return
             if time.monotonic() > deadline:
                 raise LaunchError(f"tritonserver not ready after {self.ready_timeout_s:.0f}s; "
                                   f"log {self.log_file}, last lines:\n{self.log_tail()}")
@@ -392,6 +256,38 @@ class TritonServer:
                 self._proc.wait(timeout=0.25)
             except subprocess.TimeoutExpired:
                 pass
+
+    def _start_guard(self) -> None:
+        """The public HTTP port: serving/http_guard.py in front of tritonserver's own HTTP front end."""
+        self._guard = subprocess.Popen(
+            [sys.executable, "-m", "internvl_serve.serving.http_guard", "--host", self.host or "0.0.0.0",
+             "--port", str(self.ports["http"]), "--upstream", self.triton_http_url,
+             "--models", ",".join(self.http_models), "--max-body-bytes", str(self.max_http_body_bytes)],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        url = f"{self.http_url}/v2/health/ready"
+        deadline = time.monotonic() + 60
+        while not (self._own_ports(self._guard, ("http",)) and _answers_200(url)):
+            if self._guard.poll() is not None:
+                raise LaunchError(f"the HTTP guard exited (code {self._guard.returncode}) before it was ready; "
+                                  f"log {self.log_file}, last lines:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise LaunchError(f"the HTTP guard not ready after 60s; log {self.log_file}")
+            try:
+                self._guard.wait(timeout=0.1)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def _stop_guard(self) -> None:
+        guard, self._guard = self._guard, None
+        if guard is not None and guard.poll() is None:
+            guard.send_signal(signal.SIGTERM)
+            try:
+                guard.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        if guard is not None:
+            kill_group(guard)
+            guard.wait()
 
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -426,7 +322,7 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 print(f"launcher: tritonserver did not exit {self.exit_timeout_s + self.kill_grace_s:g}s after "
                       f"SIGTERM; killing it", file=sys.stderr, flush=True)
-                _kill_group(proc)
+                kill_group(proc)
 
         threading.Thread(target=kill_if_stuck, name="triton-kill-timer", daemon=True).start()
 
@@ -447,11 +343,19 @@ class TritonServer:
                          daemon=True).start()
 
     def _watch_stubs(self, expected: set[str]) -> None:
-        """Poll the stubs; one that is gone for two polls in a row (Triton never restarts it) stops the
-        server, so that the supervisor (Docker, Kubernetes, systemd) starts a fresh one."""
+        """Poll the stubs and the HTTP guard; a stub gone for two polls in a row (Triton never restarts it),
+        or a guard that exited, stops the server, so that the supervisor (Docker, Kubernetes, systemd)
+        starts a fresh one."""
         missing_before: set[str] = set()
         while not self._stopping.wait(0.5):
             if not self.is_running():
+                return
+            guard = self._guard
+            if guard is not None and guard.poll() is not None and not self._stopping.is_set():
+                self.stub_failure = "the HTTP guard"
+                print(f"launcher: the HTTP guard exited (code {guard.returncode}); the HTTP port is closed: "
+                      f"stopping the server", file=sys.stderr, flush=True)
+                self.shutdown()
                 return
             missing = expected - set(self.stub_processes().values())
             if missing & missing_before and not self._stopping.is_set():
@@ -467,6 +371,7 @@ class TritonServer:
         """Stop the server and everything it started (its process group); returns its exit code."""
         self._stopping.set()
         self._note_shm_regions()
+        self._stop_guard()
         proc, self._proc = self._proc, None
         if proc is None:
             return None
@@ -479,7 +384,7 @@ class TritonServer:
                     print(f"launcher: tritonserver did not exit {self.exit_timeout_s + self.kill_grace_s:g}s "
                           f"after SIGTERM; killing it", file=sys.stderr, flush=True)
         finally:
-            _kill_group(proc)  # the Python backend's stubs are in the server's group
+            kill_group(proc)  # the Python backend's stubs are in the server's group
             proc.wait()
             if self._log is not None:
                 self._log.close()
@@ -545,6 +450,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "exit with code 3 so the supervisor restarts it (default), or leave it")
     p.add_argument("--kill-grace-secs", type=float, default=15.0,
                    help="kill tritonserver this long after --exit-timeout-secs if it has not exited")
+    p.add_argument("--http-models", default=",".join(DEFAULT_MODELS),
+                   help="models whose HTTP inference endpoints the HTTP guard opens (comma-separated; "
+                        "default: the chat models only)")
+    p.add_argument("--max-http-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="the HTTP guard refuses larger request bodies (413)")
     p.add_argument("--malloc-mmap-threshold", type=int, default=0, metavar="BYTES",
                    help="every server process (tritonserver too) mmaps host allocations from this size on, "
                         "given back when freed (default 0: glibc's adaptive threshold; the preprocess stubs, "
@@ -563,7 +473,9 @@ def main(argv=None) -> int:
                               exit_timeout_s=args.exit_timeout_secs, ready_timeout_s=args.ready_timeout,
                               tritonserver=args.tritonserver, backend_directory=args.backend_directory,
                               admin_key=args.admin_key, on_stub_death=args.on_stub_death,
-                              kill_grace_s=args.kill_grace_secs, malloc_mmap_threshold=args.malloc_mmap_threshold)
+                              kill_grace_s=args.kill_grace_secs, malloc_mmap_threshold=args.malloc_mmap_threshold,
+                              http_models=tuple(m for m in args.http_models.split(",") if m),
+                              max_http_body_bytes=args.max_http_body_bytes)
     except LaunchError as e:
         print(f"launcher: {e}", file=sys.stderr)
         return 2
@@ -591,7 +503,8 @@ def main(argv=None) -> int:
           flush=True)
     code = server.wait()
     if server.stub_failure and not stopping:
-        print(f"launcher: stopped the server because the Python stub of {server.stub_failure} died; exit 3 "
+        what = server.stub_failure if server.stub_failure == "the HTTP guard" else f"the Python stub of {server.stub_failure}"
+        print(f"launcher: stopped the server because {what} died; exit 3 "
               f"(restart it)", file=sys.stderr)
         server.stop()
         return 3

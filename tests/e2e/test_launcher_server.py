@@ -7,13 +7,15 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import requests
 
 from e2e_client import make_echo_repository as make_repository
-from internvl_serve.serving.launcher import LaunchError, TritonServer, free_port, shm_regions
+from internvl_serve.serving.launcher import LaunchError, PortInUse, TritonServer, free_port, shm_regions
+from internvl_serve.serving.processes import python_stubs
 
 def group_alive(pgid: int) -> bool:
     try:
@@ -91,3 +93,57 @@ def test_cli_starts_prints_where_to_connect_and_stops_on_sigint(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_a_second_launcher_on_taken_ports_says_address_in_use_and_never_ready(tmp_path):
+    """Before: the second launcher's readiness probe reached the first server, so it printed "ready" and
+    only then reported that its own tritonserver had exited (address in use)."""
+    repo, checkpoint = make_repository(tmp_path)
+    with TritonServer(checkpoint, model_repository=repo, log_file=tmp_path / "first.log", exit_timeout_s=2) as first:
+        argv = [sys.executable, "-m", "internvl_serve.serving.launcher", "--checkpoint", str(checkpoint),
+                "--model-repository", str(repo), "--exit-timeout-secs", "2", "--log-file", str(tmp_path / "second.log")]
+        for kind in ("grpc", "http", "metrics"):
+            argv += [f"--{kind}-port", str(first.ports[kind])]
+        second = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert second.returncode != 0
+        assert "launcher: ready" not in second.stdout
+        assert "address already in use" in second.stderr, second.stderr
+        # one taken port is enough, and the API says so too
+        other = TritonServer(checkpoint, model_repository=repo, log_file=tmp_path / "third.log", exit_timeout_s=2,
+                             metrics_port=first.ports["metrics"])
+        with pytest.raises(PortInUse, match=rf"metrics port {first.ports['metrics']} .*held by another process"):
+            other.start()
+        assert not other.is_running()
+        assert first.is_running()
+        assert requests.get(f"{first.http_url}/v2/health/ready", timeout=10).status_code == 200
+
+
+def test_a_server_that_dies_before_it_is_ready_leaves_no_shared_memory(tmp_path):
+    """tritonserver killed (OOM killer, SIGKILL) while a model loads: its stub has mapped its region, which
+    stays in /dev/shm (tmpfs, RAM) for good unless the launcher removes it (before: it did so only for a
+    server that had been ready)."""
+    go = tmp_path / "go"
+    repo, checkpoint = make_repository(
+        tmp_path, initialize=f'exec("import pathlib, time\\nwhile not pathlib.Path({str(go)!r}).exists(): '
+                             f'time.sleep(0.05)")')
+    server = TritonServer(checkpoint, model_repository=repo, log_file=tmp_path / "log", exit_timeout_s=2,
+                          ready_timeout_s=120)
+    failure = []
+    starter = threading.Thread(target=lambda: failure.append(pytest.raises(LaunchError, server.start)))
+    starter.start()
+    try:
+        deadline = time.monotonic() + 120
+        regions = set()
+        while not (regions and regions <= server.shm_regions):  # the stub waits in initialize(), its
+            # region noted by the launcher (it polls /proc while the models load)
+            assert time.monotonic() < deadline, f"stub regions {regions}, noted {server.shm_regions}"
+            pid = server.pid
+            regions = shm_regions(python_stubs(pid)) if pid else set()
+            time.sleep(0.05)  # polling /proc, not synchronising
+        assert all(os.path.exists(r) for r in regions)
+        os.kill(pid, signal.SIGKILL)
+    finally:
+        go.write_text("")
+        starter.join(120)
+    assert failure and "exited (code -9) before it was ready" in str(failure[0].value)
+    assert not any(os.path.exists(r) for r in regions), regions

@@ -291,13 +291,17 @@ HTTP_CASES = [
     ("corrupt-image", {"images": [None]}, ["images[0]", "corrupt or truncated"]),
     ("bomb-image", {"images": [png_claiming(100_000, 100_000, MARKER)]}, ["images[0]", "limit of 36000000 pixels"]),
 ]
-WRONG_JSON_TYPE = pytest.param({"max_tokens": 1.5}, ["max_tokens"], id="max-tokens-as-float", marks=pytest.mark.xfail(
-    strict=True, reason="Triton 2.51's HTTP generate endpoint answers a JSON value of the wrong type with status "
-                        "500 and \"Unable to parse 'data': attempt to access JSON non-signed-integer as "
-                        "signed-integer\" (not naming the input); the request never reaches the models"))
+# Triton 2.51's HTTP front end answered these with 500 "Unable to parse 'data': attempt to access JSON
+# non-signed-integer as signed-integer", or wrapped the integer to INT32 silently (max_tokens 1, top_k 0):
+# the launcher's HTTP guard (serving/http_guard.py) refuses them, naming the input.
+HTTP_GUARD_CASES = [
+    pytest.param({"max_tokens": 1.5}, ["max_tokens", "integers (INT32)"], id="max-tokens-as-float"),
+    pytest.param({"max_tokens": 2**32 + 1}, ["max_tokens", "(INT32), got 4294967297"], id="max-tokens-wraps"),
+    pytest.param({"top_k": 2**32}, ["top_k", "(INT32), got 4294967296"], id="top-k-wraps"),
+]
 
 
-@pytest.mark.parametrize("payload, words", [pytest.param(*c[1:], id=c[0]) for c in HTTP_CASES] + [WRONG_JSON_TYPE])
+@pytest.mark.parametrize("payload, words", [pytest.param(*c[1:], id=c[0]) for c in HTTP_CASES] + HTTP_GUARD_CASES)
 def test_bad_http_request_gets_400_and_a_clear_error(server, traffic, payload, words):
     payload = {"text_input": "What is it?", "max_tokens": MAX_TOKENS, "stream": False, **payload}
     payload = {k: v for k, v in payload.items() if v is not None}

@@ -199,8 +199,9 @@ def test_the_cli_exits_3_when_a_stub_dies(echo, tmp_path):
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 120)
         assert ready and "launcher: ready" in proc.stdout.readline(), proc.stderr.read() if proc.poll() else ""
-        servers = children(proc.pid)
-        assert len(servers) == 1
+        launched = children(proc.pid)  # tritonserver and the HTTP guard
+        servers = [pid for pid in launched if Path(open(f"/proc/{pid}/cmdline").read().split("\0")[0]).name == "tritonserver"]
+        assert len(servers) == 1 and len(launched) == 2, launched
         stubs = python_stubs(servers[0])
         assert list(stubs.values()) == ["echo_0_0"], stubs
         regions = shm_regions([servers[0], *stubs])
@@ -208,9 +209,20 @@ def test_the_cli_exits_3_when_a_stub_dies(echo, tmp_path):
         os.kill(next(iter(stubs)), signal.SIGKILL)
         assert proc.wait(timeout=60) == 3
         assert "the Python stub of model instance(s) echo_0_0 died" in proc.stderr.read()
-        assert not os.path.exists(f"/proc/{servers[0]}")  # the launcher stopped and reaped tritonserver
+        assert not any(os.path.exists(f"/proc/{pid}") for pid in launched)  # stopped and reaped, the guard too
         assert not any(os.path.exists(r) for r in regions)  # and no shared memory is left in /dev/shm
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_the_watchdog_stops_the_server_when_the_http_guard_dies(echo, tmp_path):
+    """Without its guard the public HTTP port is closed while tritonserver runs on: stop, for a restart."""
+    repo, checkpoint = echo
+    with TritonServer(checkpoint, model_repository=repo, log_file=tmp_path / "log", exit_timeout_s=2,
+                      on_stub_death="exit") as server:
+        assert requests.get(f"{server.http_url}/v2/health/ready", timeout=10).status_code == 200
+        server._guard.kill()
+        server.wait()  # the watchdog stopped tritonserver
+        assert server.stub_failure == "the HTTP guard"

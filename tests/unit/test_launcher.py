@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from internvl_serve.serving import launcher
+from internvl_serve.serving import launcher, processes, triton_install
 from internvl_serve.serving.launcher import LaunchError, TritonServer
 
 
 def test_find_triton_uses_the_wheel(tmp_path, monkeypatch):
-    monkeypatch.setattr(launcher, "_default_cache", lambda: tmp_path)
+    monkeypatch.setattr(triton_install, "_default_cache", lambda: tmp_path)
     install = launcher.find_triton()
     assert install.server.name == "tritonserver" and os.access(install.server, os.X_OK)
     python = install.backends / "python"
@@ -65,13 +65,15 @@ def test_free_port_is_bindable():
 
 def test_command_has_the_production_flags(tmp_path):
     server = TritonServer(tmp_path, host="0.0.0.0", grpc_port=1, http_port=2, metrics_port=3, exit_timeout_s=7)
-    server.ports = {"grpc": 1, "http": 2, "metrics": 3}
+    server.ports = {"grpc": 1, "http": 2, "metrics": 3, "triton_http": 4}
     cmd = server.command(launcher.TritonInstall(Path("/bin/tritonserver"), tmp_path, ()))
     for flag in ("--model-control-mode=none", "--disable-auto-complete-config", "--strict-readiness=true",
-                 "--exit-timeout-secs=7", "--grpc-address=0.0.0.0", "--grpc-port=1", "--http-address=0.0.0.0",
-                 "--http-port=2", "--metrics-port=3", f"--backend-directory={tmp_path}"):
+                 "--exit-timeout-secs=7", "--grpc-address=0.0.0.0", "--grpc-port=1", "--metrics-address=0.0.0.0",
+                 "--metrics-port=3", f"--backend-directory={tmp_path}",
+                 "--http-address=127.0.0.1", "--http-port=4"):  # tritonserver's own HTTP: loopback, behind the guard
         assert flag in cmd
     assert server.grpc_url == "127.0.0.1:1" and server.http_url == "http://127.0.0.1:2"
+    assert server.triton_http_url == "http://127.0.0.1:4"
 
 
 def test_start_refuses_a_folder_without_a_checkpoint(tmp_path):
@@ -81,7 +83,7 @@ def test_start_refuses_a_folder_without_a_checkpoint(tmp_path):
 
 def test_command_has_the_hardening_flags(tmp_path):
     server = TritonServer(tmp_path, admin_key="a-key-of-16-chars-or-more")
-    server.ports = {"grpc": 1, "http": 2, "metrics": 3}
+    server.ports = {"grpc": 1, "http": 2, "metrics": 3, "triton_http": 4}
     cmd = server.command(launcher.TritonInstall(Path("/bin/tritonserver"), tmp_path, ()))
     apis = ",".join(launcher.ADMIN_APIS)
     assert f"--http-restricted-api={apis}:admin-key=a-key-of-16-chars-or-more" in cmd
@@ -107,6 +109,20 @@ def test_cli_hardening_defaults(monkeypatch):
     monkeypatch.setenv(launcher.ADMIN_KEY_ENV, "from-the-environment-123")
     assert launcher.parse_args([]).admin_key == "from-the-environment-123"
     assert launcher.parse_args(["--on-stub-death", "ignore"]).on_stub_death == "ignore"
+    assert args.http_models == "internvl_chat,internvl_chat_bls"  # production: inference on the chat models only
+    assert TritonServer(Path("x")).http_models == ("internvl_chat", "internvl_chat_bls")
+
+
+def test_port_checks_see_who_listens():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        assert processes.port_owner(os.getpid(), port) == "none"
+        s.listen()
+        assert processes.port_in_use("127.0.0.1", port) and processes.port_in_use("0.0.0.0", port)
+        assert processes.port_owner(os.getpid(), port) == "mine"
+        assert processes.port_owner(1, port) == "other"
+    assert not processes.port_in_use("127.0.0.1", port)
 
 
 def test_python_stubs_are_the_live_stub_children_of_the_server(tmp_path):
