@@ -19,9 +19,11 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from internvl_serve.serving.contract import (CANCEL_INPUT, CANCEL_KEY, CHAT_INPUTS, GENERATION_INPUTS, InvalidInput,
-                                             check_request_parameters, parse_cancel_key)
+from internvl_serve.serving.contract import (CANCEL_INPUT, CANCEL_KEY, CHAT_INPUTS, ENSEMBLE_INPUTS,
+                                             GENERATION_INPUTS, InvalidInput, check_request_parameters,
+                                             parse_cancel_key)
 from internvl_serve.serving.relay import client_error, relay
+from internvl_serve.serving.tensors import read_inputs
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 PREPROCESS_INPUTS = [s.name for s in (*CHAT_INPUTS, *GENERATION_INPUTS)]
@@ -40,14 +42,14 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
-            # copies: the request's own tensors are not ours once execute() returns
-            inputs = {t.name(): pb_utils.Tensor(t.name(), np.array(t.as_numpy(), copy=True))
-                      for t in request.inputs()}
-            try:  # the ensemble's preprocess refuses them; this model's child requests carry none
+            try:  # shapes checked before any array (as every step does); parameters as the ensemble's preprocess
+                arrays = read_inputs(request.inputs(), ENSEMBLE_INPUTS)
                 check_request_parameters(request.parameters())
             except InvalidInput as e:
                 _end(request.get_response_sender(), _error(client_error(str(e)), pb_utils.TritonError.INVALID_ARG))
                 continue
+            # copies: the request's own tensors are not ours once execute() returns
+            inputs = {name: pb_utils.Tensor(name, np.array(array, copy=True)) for name, array in arrays.items()}
             thread = threading.Thread(target=self._run, args=(request.get_response_sender(), inputs,
                                       request.request_id()), daemon=True)
             with self._lock:
