@@ -21,7 +21,7 @@ if [[ ! -x $venv/bin/python ]]; then
   echo "setup: creating $venv" >&2
   "${PYTHON:-python3}" -m venv "$venv"
 fi
-"$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
+"$venv/bin/python" -m pip install -q pip==26.3 >/dev/null  # tests/install uses its resolver (fast-deps)
 # the Python versions pyproject.toml claims (tests/install resolves the pins for each)
 "$venv/bin/python" - <<'PY'
 import sys

@@ -69,7 +69,8 @@ def targets() -> list[tuple[str, str]]:
 def start_resolution(requirements: str, python: str) -> subprocess.Popen:
     """pip's resolver for one target, metadata only: the index here serves no separate metadata files
     (PEP 658), so --use-feature=fast-deps reads each wheel's METADATA with HTTP range requests instead
-    of downloading the wheels (torch and its CUDA libraries: 3 GB per target)."""
+    of downloading the wheels (torch and its CUDA libraries: 3 GB per target). pip is the venv's, pinned
+    by scripts/setup.sh."""
     command = [sys.executable, "-m", "pip", "install", "--dry-run", "--isolated", "--ignore-installed",
                "--use-feature=fast-deps", "--only-binary=:all:", "--python-version", python, "--implementation", "cp",
                *[arg for platform in PLATFORMS for arg in ("--platform", platform)],
