@@ -293,8 +293,12 @@ class TritonServer:
         return self._proc is not None and self._proc.poll() is None
 
     def log_tail(self, lines: int = 40) -> str:
+        """The log's last lines. A log that is not a regular file (a pipe or a terminal: `--log-file
+        /dev/stdout` in a container) cannot be read back; its lines are already where it points."""
         if self.log_file is None or not self.log_file.exists():
             return ""
+        if not self.log_file.is_file():  # opening a pipe to read would steal its lines, and seek fails
+            return f"(the server log went to {self.log_file}, which cannot be read back: see its last lines there)"
         with open(self.log_file, "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 200 * lines))

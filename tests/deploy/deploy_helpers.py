@@ -1,5 +1,5 @@
 """Static readers of the deployment files: a small Dockerfile parser (stages, instructions, JSON-form
-ENTRYPOINT/CMD), requirements.txt pins, the YAML documents of deploy/k8s, and the launcher's and the
+ENTRYPOINT/CMD), the pins of requirements.txt and requirements-serve.txt, the YAML documents of deploy/k8s, and the launcher's and the
 gateway's own argument parsers (so every command line in docker/ and deploy/ is checked by the code
 that will read it)."""
 from __future__ import annotations
@@ -15,6 +15,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
+SERVE_REQUIREMENTS = REPO_ROOT / "requirements-serve.txt"  # what the image installs
 COMPOSE = REPO_ROOT / "docker" / "compose.yaml"
 K8S = REPO_ROOT / "deploy" / "k8s"
 ADAPTER_VALUES = REPO_ROOT / "deploy" / "prometheus-adapter" / "values.yaml"
@@ -94,14 +95,17 @@ def stage(name: str) -> Stage:
 
 
 def requirement_pins(path: Path = REPO_ROOT / "requirements.txt") -> dict[str, str]:
-    """{name (extras dropped, lower case): version} of the `name==version` lines."""
+    """{name (extras dropped, lower case): version} of the `name==version` lines, following `-r FILE`."""
     pins = {}
     for line in path.read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
+        if line.startswith("-r "):
+            pins.update(requirement_pins(path.parent / line[3:].strip()))
+            continue
         match = re.fullmatch(r"([A-Za-z0-9_.\-]+)(\[[^\]]*\])?==([^\s;]+)", line)
-        assert match, f"requirements.txt: {line!r} is not pinned with =="
+        assert match, f"{path.name}: {line!r} is not pinned with =="
         pins[match.group(1).lower()] = match.group(3)
     return pins
 

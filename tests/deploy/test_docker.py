@@ -1,14 +1,17 @@
 """docker/Dockerfile and docker/compose.yaml, checked statically (no Docker engine on these machines):
-pinned base images, NGC's Triton 24.10 for the server, every COPY source exists (and is not ignored),
-the dependency pins come from requirements.txt only (its real shell lines run here on the real file),
-a non-root user, the health check on /v2/health/ready, the entrypoint is the launcher with flags its
+pinned base images; the server's base is an official Python image of a version the pins resolve for
+(tests/install resolves requirements-serve.txt for it) and its Triton is the nvidia-pytriton wheel's, the
+server the tests run; every COPY source exists (and is not ignored); the dependency pins come from
+requirements*.txt only (the loadtest stage's real shell lines run here on the real files); a non-root user, the health check on /v2/health/ready, the entrypoint is the launcher with flags its
 own parser accepts, the checkpoint is mounted (never copied); compose's services, profiles, GPU, ports,
 volumes and commands agree with the image."""
 from __future__ import annotations
 
 import fnmatch
+from pathlib import Path
 import re
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -23,11 +26,12 @@ from deploy_helpers import (
     launcher_args,
     parse_dockerfile,
     requirement_pins,
+    SERVE_REQUIREMENTS,
     split_module_command,
     stage,
 )
+from internvl_serve.serving import launcher
 
-NGC_TRITON = "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51, the server the tests run
 CHECKPOINT = "/models/InternVL-Chat-V1-1"
 UID = "10001"
 
@@ -40,7 +44,11 @@ def server_command() -> list[str]:
 def test_stages_and_pinned_bases():
     stages = parse_dockerfile()
     assert [s.name for s in stages] == ["loadtest", "server"]  # the server is the default (last) target
-    assert stages[-1].base == NGC_TRITON
+    python = re.fullmatch(r"python:(3\.\d+)-slim-bookworm", stages[-1].base)
+    assert python, f"{stages[-1].base}: the server runs on an official Python image"
+    # the image's Python is the one the tests run here (tests/install checks that its pins resolve)
+    assert python.group(1) == f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert stages[0].base == stages[-1].base
     for s in stages:
         assert re.fullmatch(r"[\w./-]+:[\w.-]+", s.base), f"{s.base}: pin a tag"
         assert not s.base.endswith(":latest")
@@ -59,52 +67,60 @@ def test_copy_sources_exist_and_are_in_the_context():
                 assert (REPO_ROOT / source).exists(), f"COPY {source} (Dockerfile line {instruction.line}): no such path"
                 assert not any(fnmatch.fnmatch(source.rstrip("/"), p) for p in ignore), f"{source} is dockerignored"
                 copied.append(source)
-    assert {"requirements.txt", "internvl_serve", "model_repository", "client", "gateway"} <= set(copied)
+    assert {"requirements.txt", "requirements-serve.txt", "internvl_serve", "model_repository", "client", "gateway"} <= set(copied)
     assert not any("checkpoint" in c for c in copied)  # mounted at run time, never baked in
 
 
 def test_no_version_pins_besides_requirements_txt():
     text = "\n".join(i.args for s in parse_dockerfile() for i in s.all("RUN"))
-    assert not re.search(r"[A-Za-z0-9_\]-]==\d", text), "versions belong in requirements.txt"
+    assert not re.search(r"[A-Za-z0-9_\]-]==\d", text), "versions belong in requirements*.txt"
+    assert "--index-url" not in text and "download.pytorch.org" not in text  # one index: the one tests/install checks
     pins = requirement_pins()
-    for s in parse_dockerfile():
-        for key in ("DEV_ONLY", "LOADTEST_PACKAGES"):
-            for name in s.args().get(key, "").split():
-                assert name.lower() in pins, f"{key}: {name} is not in requirements.txt"
+    for name in stage("loadtest").args().get("LOADTEST_PACKAGES", "").split():
+        assert name.lower() in pins, f"LOADTEST_PACKAGES: {name} is not in requirements.txt"
 
 
 def _run_dockerfile_lines(tmp_path, stage_name: str, starts: tuple[str, ...], output: str) -> dict[str, str]:
-    """Run the RUN instruction's own shell segments (those starting with `starts`) on a copy of
-    requirements.txt, with the stage's ARG values; returns the pins of the requirements file it writes."""
+    """Run the RUN instruction's own shell segments (those starting with `starts`) on copies of the
+    requirements files, with the stage's ARG values; returns the pins of the requirements file it writes."""
     s = stage(stage_name)
-    run = next(i for i in s.all("RUN") if "requirements.txt" in i.args)
+    run = next(i for i in s.all("RUN") if "requirements" in i.args)
     segments = [seg.strip() for seg in run.args.split(";")]
     kept = [seg.replace("/tmp/", f"{tmp_path}/") for seg in segments if seg.startswith(starts)]
     assert len(kept) == len(starts), f"expected {starts} in {run.args}"
-    (tmp_path / "requirements.txt").write_text((REPO_ROOT / "requirements.txt").read_text())
+    for name in ("requirements.txt", "requirements-serve.txt"):
+        (tmp_path / name).write_text((REPO_ROOT / name).read_text())
     env = {"PATH": "/usr/bin:/bin", **s.args()}
     subprocess.run(["bash", "-euc", "; ".join(kept)], cwd=tmp_path, env=env, check=True, timeout=30)
     return requirement_pins(tmp_path / output)
 
 
-def test_server_installs_requirements_pins(tmp_path):
-    pins = requirement_pins()
-    assert pins["numpy"].split(".")[0] == "1"  # numpy<2 for the Python backend's stub
-    installed = _run_dockerfile_lines(tmp_path, "server", ("pattern=", "grep "), "requirements.image.txt")
-    assert all(pins[name] == version for name, version in installed.items())  # the same pins, unchanged
-    dev_only = set(stage("server").args()["DEV_ONLY"].split())
-    assert set(pins) - set(installed) == dev_only  # only the dev tools are left out
-    for needed in ("torch", "numpy", "transformers", "safetensors", "sentencepiece", "pillow", "decord", "tqdm",
-                   "tritonclient", "fastapi", "uvicorn", "triton"):
-        assert needed in installed, f"{needed} is not installed in the image"
+def test_server_installs_requirements_serve_as_it_is():
+    s = stage("server")
+    run = next(i for i in s.all("RUN") if "requirements" in i.args)
+    assert "python -m pip install -r requirements-serve.txt;" in run.args
+    assert any(i.args.split() == ["requirements-serve.txt", "./"] for i in s.all("COPY"))
+    serve, dev = requirement_pins(SERVE_REQUIREMENTS), requirement_pins()
+    assert "-r requirements-serve.txt" in (REPO_ROOT / "requirements.txt").read_text().splitlines()
+    assert serve.items() <= dev.items()  # the image's pins are the tests' pins, by construction
+    assert serve["numpy"].split(".")[0] == "1"  # numpy<2 for the Python backend's stub
+    assert "nvidia-pytriton" in serve  # the tests' Triton 2.51, not another one
+    for needed in ("torch", "triton", "transformers", "safetensors", "sentencepiece", "pillow", "decord", "tqdm",
+                   "tritonclient", "fastapi", "uvicorn"):
+        assert needed in serve, f"{needed} is not installed in the image"
+    for dev_only in ("pytest", "pytest-timeout", "locust", "matplotlib", "openai"):
+        assert dev_only in dev and dev_only not in serve, dev_only
+    assert "torch.version.cuda" in run.args  # the build fails on a CPU torch
 
 
-def test_server_installs_the_cuda_build_of_the_pinned_torch():
-    run = next(i for i in stage("server").all("RUN") if "requirements.txt" in i.args)
-    assert "grep -E '^torch==' requirements.txt" in run.args  # the version comes from requirements.txt
-    assert "--index-url \"https://download.pytorch.org/whl/${TORCH_CUDA}\"" in run.args
-    assert re.fullmatch(r"cu\d{3}", stage("server").args()["TORCH_CUDA"])
-    assert run.args.index("whl/${TORCH_CUDA}") < run.args.index("-r /tmp/requirements.image.txt")  # CUDA torch first
+def test_server_prepares_the_wheels_backend_where_the_launcher_looks():
+    s = stage("server")
+    run = next(i for i in s.all("RUN") if "find_triton" in i.args)
+    cache = launcher._default_cache()
+    relative = cache.relative_to(sys.prefix) if cache.is_relative_to(sys.prefix) else Path("var/internvl-serve")
+    assert f"chown -R {UID}:{UID} /usr/local/{relative}" in run.args  # writable for the server's user
+    assert run.line < s.last("USER").line
+    assert "compute" in " ".join(e.args for e in s.all("ENV")).split("NVIDIA_DRIVER_CAPABILITIES=")[1].split()[0]
 
 
 def test_loadtest_installs_requirements_pins(tmp_path):
@@ -128,8 +144,8 @@ def test_non_root_user(stage_name):
 
 def test_entrypoint_is_the_launcher_with_valid_flags():
     args = launcher_args(split_module_command(server_command(), LAUNCHER_MODULE))
-    assert str(args.tritonserver) == "/opt/tritonserver/bin/tritonserver"
-    assert str(args.backend_directory) == "/opt/tritonserver/backends"
+    assert args.tritonserver is None and args.backend_directory is None  # the wheel's server, as in the tests
+    assert str(args.log_file) == "/dev/stdout"  # the container's log (tests/deploy/test_container_log.py)
     assert args.host == "0.0.0.0"
     assert str(args.checkpoint) == CHECKPOINT
     s = stage("server")

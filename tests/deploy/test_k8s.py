@@ -1,14 +1,18 @@
-"""deploy/k8s (kustomize), deploy/prometheus-adapter and deploy/grafana, checked statically: required
-fields; selectors match the pod labels; probes and Service target ports name real container ports;
+"""deploy/k8s (kustomize), deploy/prometheus-adapter and deploy/grafana, checked statically: every
+object against the Kubernetes JSON schemas (kubernetes-validate, strict: unknown fields fail; its
+schemas ship in the wheel, so this runs offline); the checkpoint claim written once by the download Job
+and mounted read-only by the pods, which wait for the Job's marker; the rollout's surge fits the
+startup time; selectors match the pod labels; probes and Service target ports name real container ports;
 probes hit Triton's health endpoints; the containers' arguments pass the launcher's and the gateway's
 own parsers and agree with the image; one GPU per pod; scraping of the metrics port; the HPA targets the
-Deployment on a metric the prometheus-adapter rule exposes and the server exports (the metric names
-are internvl_serve.serving.metrics' ones; tests/metrics checks them on a real server)."""
+Deployment on metrics the prometheus-adapter rules compute from metrics the server exports (the metric
+names are internvl_serve.serving.metrics' ones; tests/metrics checks them on a real server)."""
 from __future__ import annotations
 
 import json
 import re
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -27,6 +31,9 @@ from deploy_helpers import (
 from internvl_serve.serving import metrics
 
 NAME = "internvl-triton"
+KUBERNETES_VERSION = "1.30.0"  # the oldest release the schemas must accept (a supported one, 2026)
+CRD_KINDS = {"ServiceMonitor"}  # the Prometheus Operator's: no schema in Kubernetes itself
+CHECKPOINT_MARKER = ".download-complete"
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +71,75 @@ def triton_args(deployment):
 
 
 def test_every_object_has_the_required_fields(objects):
-    assert {kind for kind, _ in objects} == {"PersistentVolumeClaim", "Deployment", "Service", "ServiceMonitor",
-                                              "HorizontalPodAutoscaler"}
+    assert {kind for kind, _ in objects} == {"PersistentVolumeClaim", "Job", "Deployment", "Service",
+                                              "ServiceMonitor", "HorizontalPodAutoscaler"}
     for (kind, name), obj in objects.items():
         assert obj["apiVersion"] and obj["metadata"]["name"] == name and obj.get("spec"), (kind, name)
     for path in K8S.glob("*.yaml"):  # every file is listed (nothing silently left out of `apply -k`)
         listed = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
         assert path.name == "kustomization.yaml" or path.name in listed, f"{path.name} is not in the kustomization"
+
+
+@pytest.mark.parametrize("version", [KUBERNETES_VERSION, kubernetes_validate.latest_version()])
+def test_objects_match_the_kubernetes_schemas(objects, version):
+    for (kind, name), obj in objects.items():
+        if kind in CRD_KINDS:
+            with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+                kubernetes_validate.validate(obj, version, strict=True)
+            continue
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{kind}/{name} against Kubernetes {version}: {e.message} at {'.'.join(map(str, e.path))}")
+
+
+def test_schema_validation_catches_a_wrong_field(deployment):
+    """The validator is not a no-op: a misspelled field and a wrong type both fail."""
+    misspelled = json.loads(json.dumps(deployment))
+    misspelled["spec"]["template"]["spec"]["containers"][0]["volumeMount"] = []
+    wrong_type = json.loads(json.dumps(deployment))
+    wrong_type["spec"]["replicas"] = "one"
+    for bad in (misspelled, wrong_type):
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(bad, KUBERNETES_VERSION, strict=True)
+
+
+def test_checkpoint_written_once_then_mounted_read_only(objects, deployment):
+    claim = objects[("PersistentVolumeClaim", "internvl-checkpoint")]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # one writer (the Job), readers on any node
+    checkpoint = str(triton_args(deployment).checkpoint)
+    job = objects[("Job", "internvl-checkpoint-download")]["spec"]["template"]["spec"]
+    download = job["containers"][0]
+    env = {e["name"]: e.get("value") for e in download["env"]}
+    assert env["CHECKPOINT_DIR"] == checkpoint and env["CHECKPOINT_REPO"] == "OpenGVLab/InternVL-Chat-V1-1"
+    assert f'(target / "{CHECKPOINT_MARKER}")' in download["args"][0]  # written last, after the download
+    assert download["args"][0].index("snapshot_download(") < download["args"][0].index(CHECKPOINT_MARKER)
+    job_mount = next(m for m in download["volumeMounts"] if m["mountPath"] == checkpoint)
+    assert not job_mount.get("readOnly")
+    job_volumes = {v["name"]: v for v in job["volumes"]}
+    assert job_volumes[job_mount["name"]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert job["securityContext"]["runAsUser"] == deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
+    pod = deployment["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (wait,) = pod["initContainers"]
+    assert f"[ -f {checkpoint}/{CHECKPOINT_MARKER} ]" in " ".join(wait["command"])
+    for container in (wait, containers(deployment)["triton"]):
+        mount = next(m for m in container["volumeMounts"] if m["mountPath"] == checkpoint)
+        assert mount["readOnly"] is True
+        assert volumes[mount["name"]]["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"],
+                                                                   "readOnly": True}
+
+
+def test_rollout_surge_outlasts_the_load(deployment):
+    """maxSurge 1 / maxUnavailable 0: the new pod (on a spare GPU) must get as long as the startup probe
+    allows before the rollout counts as failed; the docs say a spare GPU is needed."""
+    spec = deployment["spec"]
+    rolling = spec["strategy"]["rollingUpdate"]
+    assert (rolling["maxSurge"], rolling["maxUnavailable"]) == (1, 0)
+    startup = containers(deployment)["triton"]["startupProbe"]
+    assert spec["progressDeadlineSeconds"] > startup["periodSeconds"] * startup["failureThreshold"]
+    docs = (K8S.parents[1] / "docs" / "deployment.md").read_text()
+    assert "spare GPU" in docs and "maxUnavailable: 1" in docs
 
 
 def test_selectors_match_pod_labels(objects, deployment):
@@ -128,7 +197,7 @@ def test_one_gpu_per_pod_checkpoint_mounted_non_root(objects, deployment):
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     image_names = {i["name"] for i in kustomization["images"]}
-    assert all(c["image"].split(":")[0] in image_names for c in pod["containers"])
+    assert all(c["image"].split(":")[0] in image_names for c in pod["containers"] + pod["initContainers"])
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m for m in triton["volumeMounts"]}
     args = triton_args(deployment)
@@ -150,24 +219,44 @@ def test_prometheus_scrapes_the_metrics_port(deployment):
     assert annotations["prometheus.io/path"] == "/metrics"
 
 
-def test_hpa_targets_the_deployment_on_an_exported_gauge(objects):
+def test_hpa_targets_the_deployment_on_latency_and_capacity(objects):
     hpa = objects[("HorizontalPodAutoscaler", NAME)]
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["apiVersion"], target["kind"], target["name"]) == ("apps/v1", "Deployment", NAME)
     assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
     adapter = yaml.safe_load(ADAPTER_VALUES.read_text())
     exposed = {rule["name"]["as"]: rule for rule in adapter["rules"]["custom"]}
-    kinds = {s.name: s.kind for s in metrics.LLM_METRICS + metrics.VISION_METRICS}
-    assert hpa["spec"]["metrics"]
+    names = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]}
+    # latency (TTFT), load (running requests) and capacity (KV cache); never the queue, which stays empty
+    # until latency has long degraded
+    assert names == {"internvl_time_to_first_token_seconds_mean", "internvl_requests_running",
+                     "internvl_kv_cache_usage_ratio"}
     for metric in hpa["spec"]["metrics"]:
         assert metric["type"] == "Pods"
         name = metric["pods"]["metric"]["name"]
         assert name in exposed, f"the prometheus-adapter rules do not expose {name}"
-        assert kinds.get(name) == metrics.GAUGE, f"{name}: scale on a gauge the server exports"
-        series = re.match(r"([a-z_]+)\{", exposed[name]["seriesQuery"]).group(1)
-        assert series == name and re.fullmatch(exposed[name]["name"]["matches"], series)
-        assert exposed[name]["resources"]["overrides"]["pod"] == {"resource": "pod"}
-        assert float(metric["pods"]["target"]["averageValue"]) > 0
+        rule = exposed[name]
+        series = re.match(r"([a-z_]+)\{", rule["seriesQuery"]).group(1)
+        assert series in metrics.METRIC_NAMES and re.fullmatch(rule["name"]["matches"], series)
+        assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
+        query = rule["metricsQuery"]
+        used = set(re.findall(r"\b(internvl_[a-z_]+)\{", query))
+        assert used and used <= set(metrics.METRIC_NAMES), f"{name}: {used - set(metrics.METRIC_NAMES)} not exported"
+        # every selector is the adapter's (this pod) and every aggregation keeps the pod
+        assert query.count("{<<.LabelMatchers>>}") == len(re.findall(r"internvl_[a-z_]+\{", query))
+        assert query.count("sum(") == query.count("by (<<.GroupBy>>)")
+        value = kubernetes_quantity(metric["pods"]["target"]["averageValue"])
+        assert value > 0
+    ratio = next(m for m in hpa["spec"]["metrics"] if m["pods"]["metric"]["name"] == "internvl_kv_cache_usage_ratio")
+    assert kubernetes_quantity(ratio["pods"]["target"]["averageValue"]) < 1  # before the cache is full
+    waiting_kind = {s.name: s.kind for s in metrics.LLM_METRICS}
+    assert waiting_kind["internvl_requests_running"] == waiting_kind["internvl_kv_cache_blocks_used"] == metrics.GAUGE
+    assert waiting_kind["internvl_time_to_first_token_seconds_sum"] == metrics.COUNTER  # hence rate() in the rule
+
+
+def kubernetes_quantity(text: str) -> float:
+    """A Kubernetes quantity without binary suffixes: "48", "400m", "1.5"."""
+    return float(text[:-1]) / 1000 if str(text).endswith("m") else float(text)
 
 
 def test_grafana_dashboard():

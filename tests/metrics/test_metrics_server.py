@@ -4,10 +4,11 @@ the TTFT / inter-token / request-latency histograms count every observation (buc
 _count), the prompt-token counter grows by the prompt tokens the clients saw, finished requests are
 counted by reason (a cancelled stream under "cancelled"), KV blocks and running requests go up during
 the load and back to 0 after it, the image cache counts a resent image as a hit. Also, the deployment files against this server: every metric they use (HPA,
-prometheus-adapter rule, Grafana dashboard) is exported (GPU-only nv_gpu_* aside), and the Docker
-image's NGC release is this server's Triton version."""
+prometheus-adapter rules, Grafana dashboard) is exported (GPU-only nv_gpu_* aside), and the Docker
+image runs this server's Triton (the same nvidia-pytriton wheel)."""
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
 import threading
@@ -195,22 +196,17 @@ def test_image_cache_counts_a_resent_image_as_a_hit(server, client):
 
 
 def deployment_metric_names() -> set[str]:
-    """Metric names used by the HPA, the prometheus-adapter rules and the Grafana dashboard."""
+    """Metric names the prometheus-adapter rules' queries and the Grafana dashboard read (the HPA's own
+    names are the rules' outputs: tests/deploy/test_k8s.py maps each to its rule)."""
     token = re.compile(r"\b((?:internvl|nv)_[a-z0-9_]+)\b")
 
     def names_in(query: str) -> set[str]:
         return set(token.findall(re.sub(r'"[^"]*"', "", query)))  # not label values (model="internvl_chat")
 
     names: set[str] = set()
-    for path in sorted((REPO_ROOT / "deploy" / "k8s").glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc and doc.get("kind") == "HorizontalPodAutoscaler":
-                for metric in doc["spec"]["metrics"]:
-                    key = metric["type"][0].lower() + metric["type"][1:]  # Pods -> pods, External -> external
-                    names.add(metric[key]["metric"]["name"])
     adapter = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus-adapter" / "values.yaml").read_text())
     for rule in adapter["rules"]["custom"]:
-        names |= names_in(rule["seriesQuery"]) | names_in(rule["metricsQuery"]) | names_in(rule["name"]["as"])
+        names |= names_in(rule["seriesQuery"]) | names_in(rule["metricsQuery"])
     dashboard = json.loads((REPO_ROOT / "deploy" / "grafana" / "internvl.json").read_text())
     for panel in dashboard["panels"]:
         for target in panel.get("targets", []):
@@ -227,10 +223,13 @@ def test_deployment_files_use_exported_metrics(server):
     assert not missing, f"used by deploy/ but not exported by the server: {missing}"
 
 
-def test_docker_base_image_is_the_server_the_tests_run(server):
-    """docker/Dockerfile's NGC tag must be the release of the Triton version these tests run."""
-    ngc_release_of = {"2.51.0": "24.10"}  # NGC's Triton release notes: 24.10 ships Triton 2.51.0
+def test_docker_image_runs_the_server_the_tests_run(server):
+    """docker/Dockerfile installs requirements-serve.txt, whose nvidia-pytriton pin is the wheel whose
+    tritonserver these tests run, and its launcher uses that server (no --tritonserver)."""
     version = requests.get(f"{server.http_url}/v2", timeout=10).json()["version"]
-    bases = re.findall(r"^FROM\s+nvcr\.io/nvidia/tritonserver:(\S+)-py3\b", (REPO_ROOT / "docker" / "Dockerfile")
-                       .read_text(), re.MULTILINE)
-    assert bases == [ngc_release_of[version]], (version, bases)
+    assert version == "2.51.0"
+    pin = re.search(r"^nvidia-pytriton==(\S+)", (REPO_ROOT / "requirements-serve.txt").read_text(), re.MULTILINE)
+    assert pin and importlib.metadata.version("nvidia-pytriton") == pin.group(1)
+    dockerfile = (REPO_ROOT / "docker" / "Dockerfile").read_text()
+    entrypoint = re.search(r"^ENTRYPOINT \[[^\]]*\]", dockerfile, re.MULTILINE).group(0)
+    assert "pip install -r requirements-serve.txt" in dockerfile and "--tritonserver" not in entrypoint
