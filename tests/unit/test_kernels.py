@@ -291,7 +291,7 @@ def test_logit_error_reports_quantization_cost():
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton==3.6.0)")
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton==3.7.1)")
 @pytest.mark.parametrize("which", ["attention", "write_kv", "int8"])
 def test_triton_kernel_interpreted(which):
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
