@@ -42,8 +42,9 @@ _CONTENT_FIELDS = ("bool_contents", "int_contents", "int64_contents", "uint_cont
 
 
 def default_max_request_bytes(limits: ServingLimits = ServingLimits()) -> int:
-    """The largest request the contract allows (every image at its limit, and a video), plus 1 MiB of text."""
-    return limits.max_images * limits.max_image_bytes + limits.max_video_bytes + (1 << 20)
+    """The largest request preprocess can accept: its images and video as base64 data URLs (4/3 of their
+    max_request_bytes), the question and the history at their limits, and 1 MiB for the other inputs."""
+    return -(-limits.max_request_bytes * 4 // 3) + limits.max_question_bytes + limits.max_history_bytes + (1 << 20)
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,9 @@ def check_inputs(request, policy: GuardPolicy) -> None:
             if size is None and need > have:
                 raise _bad(name, model, f"shape {list(tensor.shape)} of BYTES has {count} elements but only "
                                         f"{have} bytes were sent (each element needs a 4-byte length prefix)")
+            if have > policy.max_request_bytes:
+                raise _bad(name, model, f"{have} bytes, more than the {policy.max_request_bytes} a request "
+                                        "may carry")
             total += have
         elif tensor.HasField("contents"):
             values = sum(len(getattr(tensor.contents, f)) for f in _CONTENT_FIELDS)

@@ -22,6 +22,7 @@ import os
 import secrets
 import signal
 import threading
+from collections import deque
 from dataclasses import replace
 
 import grpc
@@ -92,7 +93,7 @@ class GrpcGuard:
         self.upstream = upstream
         self.policy = policy
         self.port: int | None = None
-        self.cancels_sent: list[str] = []  # request ids the guard cancelled for vanished clients
+        self.cancels_sent: deque[str] = deque(maxlen=1000)  # the latest ids cancelled for vanished clients
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server = None
@@ -221,6 +222,12 @@ class GrpcGuard:
         return handle
 
     async def _pump_requests(self, requests, call, out: asyncio.Queue, inflight: dict) -> None:
+        try:
+            await self._forward_requests(requests, call, out, inflight)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass  # the upstream call ended: _pump_responses reports how
+
+    async def _forward_requests(self, requests, call, out: asyncio.Queue, inflight: dict) -> None:
         policy = self.policy
         async for raw in requests:
             request = None

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
 from internvl_client import Client
@@ -21,7 +20,7 @@ from internvl_serve.serving.grpc_checks import GuardPolicy
 from internvl_serve.serving.grpc_guard import GrpcGuard
 from internvl_serve.serving.launcher import ADMIN_GRPC_HEADER
 
-from robustness_helpers import MAX_TOKENS, chat_inputs, metric, running_server, send, wait_until
+from robustness_helpers import MAX_TOKENS, chat_inputs, image_bytes, metric, running_server, send, wait_until
 
 QUESTION = "Hello, who are you?"
 
@@ -92,7 +91,15 @@ def test_the_overflowing_shape_unary_gets_invalid_argument(server, guard, direct
     assert_serves(Through(server, guard), direct_answer)
 
 
-def test_the_sdk_maps_the_in_band_refusal_to_invalid_input(guard):
+def test_the_sdk_maps_the_guards_refusals_to_its_errors(server, direct_answer):
+    """Through the SDK: a request over the guard's byte limit is an InvalidInputError naming the input."""
+    with GrpcGuard("127.0.0.1:0", server.grpc_url, GuardPolicy(max_request_bytes=1000)) as small:
+        with pytest.raises(InvalidInputError, match="unexpected shape for input 'images'"):
+            Client(small.url).chat("<image>\nDescribe it.", images=[image_bytes(5)])
+        assert Client(small.url).chat(QUESTION, generation_config=dict(max_new_tokens=MAX_TOKENS)) == direct_answer.text
+
+
+def test_the_in_band_refusal_of_a_bytes_input_names_it(guard):
     message = send_raw(guard, "internvl_chat", chat_inputs(QUESTION) + [big_images()])
     assert "unexpected shape for input 'images' for model 'internvl_chat'" in message
     assert isinstance(from_grpc_status(None, message), InvalidInputError)
@@ -183,6 +190,31 @@ def test_a_vanished_client_frees_its_kv_cache_through_the_guard(server, guard):
     wait_until(server, lambda: metric(server, "internvl_kv_cache_blocks_used") == 0, timeout_s=2,
                what="the vanished client's KV blocks to be freed")
     assert "vanishing-client" in guard.cancels_sent
+
+
+@pytest.mark.parametrize("how", ["cancel", "deadline"])
+def test_a_cancelled_or_timed_out_stream_frees_its_kv_cache_through_the_guard(server, guard, how):
+    """tritonclient alone (no SDK side channel): the client's cancel or deadline reaches the guard, which
+    cancels the upstream call and the llm generation."""
+    from test_faults import long_inputs
+
+    wait_until(server, lambda: metric(server, "internvl_requests_running") == 0, timeout_s=120, what="an idle engine")
+    client = grpcclient.InferenceServerClient(guard.url)
+    seen = []  # (result, error) in arrival order
+    client.start_stream(callback=lambda result, error: seen.append((result, error)),
+                        stream_timeout=1.5 if how == "deadline" else None)
+    client.async_stream_infer("internvl_chat", long_inputs(7), request_id=f"guard-{how}")
+    if how == "cancel":
+        wait_until(server, lambda: seen, timeout_s=120, what="the first response")
+    else:
+        wait_until(server, lambda: any(e is not None for _, e in seen), timeout_s=30, what="the deadline")
+        assert "Deadline Exceeded" in str(seen[-1][1])
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    assert seen[0][1] is None, seen[0]  # mid-stream: a response had arrived
+    wait_until(server, lambda: metric(server, "internvl_kv_cache_blocks_used") == 0, timeout_s=2,
+               what="the cut-off generation's KV blocks to be freed")
+    assert f"guard-{how}" in guard.cancels_sent
 
 
 def test_without_the_guard_the_overflow_stops_the_server(tiny_checkpoint, tmp_path_factory, server, guard):

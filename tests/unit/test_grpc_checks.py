@@ -5,6 +5,7 @@ import pytest
 from tritonclient.grpc import service_pb2 as pb
 
 from internvl_client.errors import InvalidInputError, ModelNotReadyError, from_grpc_status
+from internvl_serve.serving.contract import ServingLimits
 from internvl_serve.serving.grpc_checks import (
     ADMIN_METHODS, GuardPolicy, Refused, check_admin, check_infer_request, default_max_request_bytes,
 )
@@ -91,7 +92,13 @@ def test_inputs_counts_and_datatypes_are_bounded():
 def test_the_byte_limit_is_configurable():
     small = GuardPolicy(max_request_bytes=10)
     assert "more than the 10" in refusal(request("internvl_chat", ("x", "BOOL", [11], b"\1" * 11)), small).message
-    assert default_max_request_bytes() == 12 * 20 * 2**20 + 64 * 2**20 + 2**20
+    assert "'images' for model 'internvl_chat': 11 bytes, more than the 10" in refusal(
+        request("internvl_chat", ("images", "BYTES", [1], b"\7\0\0\0" + b"\0" * 7)), small).message
+    two = request("internvl_chat", ("a", "BOOL", [6], b"\1" * 6), ("b", "BOOL", [6], b"\1" * 6))
+    assert "inputs of model 'internvl_chat': 12 bytes in all, more than the 10" in refusal(two, small).message
+    # preprocess's own limits (contract.ServingLimits), with room for base64 data URLs
+    assert default_max_request_bytes() == -(-64 * 2**20 * 4 // 3) + 32 * 2**10 + 256 * 2**10 + 2**20
+    assert default_max_request_bytes(ServingLimits(max_request_bytes=3)) == 4 + 32 * 2**10 + 256 * 2**10 + 2**20
 
 
 @pytest.mark.parametrize("model", ["preprocess", "vision", "llm", "nonexistent"])
