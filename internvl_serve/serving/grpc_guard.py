@@ -59,21 +59,31 @@ def cancel_request(request_id: str, key: str | None) -> pb.ModelInferRequest:
     return request
 
 
-def with_cancel_key(request: pb.ModelInferRequest, raw: bytes) -> tuple[bytes, str | None]:
-    """The bytes to forward and the request's cancel key (a fresh one added when it carries none)."""
-    if CANCEL_KEY_INPUT is None:
-        return raw, None
-    for i, tensor in enumerate(request.inputs):
-        if tensor.name == CANCEL_KEY_INPUT:
-            return raw, bytes(request.raw_input_contents[i][4:]).decode(errors="replace") \
-                if request.raw_input_contents else tensor.contents.bytes_contents[0].decode(errors="replace")
-    key = secrets.token_urlsafe(24)
-    request.inputs.add(name=CANCEL_KEY_INPUT, datatype="BYTES", shape=[1])
-    if request.raw_input_contents:
-        request.raw_input_contents.append(len(key).to_bytes(4, "little") + key.encode())
-    else:
-        request.inputs[-1].contents.bytes_contents.append(key.encode())
-    return request.SerializeToString(), key
+def cancellable(request: pb.ModelInferRequest, raw: bytes) -> tuple[bytes, str, str | None]:
+    """The bytes to forward, the request id and the cancel key the guard can cancel the request with:
+    a request sent without an id gets a fresh one (the side channel names requests by id), and, once the
+    channel takes a key, one without a key gets a fresh secret."""
+    changed = False
+    if not request.id:
+        request.id = f"guard-{secrets.token_hex(12)}"
+        changed = True
+    key = None
+    if CANCEL_KEY_INPUT is not None:
+        names = [t.name for t in request.inputs]
+        if CANCEL_KEY_INPUT in names:
+            i = names.index(CANCEL_KEY_INPUT)
+            values = ([bytes(request.raw_input_contents[i][4:])] if request.raw_input_contents
+                      else list(request.inputs[i].contents.bytes_contents))
+            key = values[0].decode(errors="replace") if values else None
+        else:
+            key = secrets.token_urlsafe(24)
+            request.inputs.add(name=CANCEL_KEY_INPUT, datatype="BYTES", shape=[1])
+            if request.raw_input_contents:
+                request.raw_input_contents.append(len(key).to_bytes(4, "little") + key.encode())
+            else:
+                request.inputs[-1].contents.bytes_contents.append(key.encode())
+            changed = True
+    return (request.SerializeToString() if changed else raw), request.id, key
 
 
 def _status(code: str) -> grpc.StatusCode:
@@ -237,9 +247,9 @@ class GrpcGuard:
             except Refused as r:
                 out.put_nowait(_error_response(r.message, request))
                 continue
-            if request.model_name == ENSEMBLE and request.id:
-                raw, key = with_cancel_key(request, raw)
-                inflight[request.id] = key
+            if request.model_name == ENSEMBLE:
+                raw, request_id, key = cancellable(request, raw)
+                inflight[request_id] = key
             await call.write(raw)
         await call.done_writing()
 
@@ -270,11 +280,11 @@ class GrpcGuard:
     async def send_cancel(self, request_id: str, key: str | None) -> str | None:
         """Ask the llm step to abort `request_id`; its finish_reason, or None (best effort, never raises)."""
         call = self._channel.stream_stream(f"/{SERVICE}/ModelStreamInfer")(timeout=CANCEL_TIMEOUT_S)
+        self.cancels_sent.append(request_id)
         try:
             await call.write(cancel_request(request_id, key).SerializeToString())
             await call.done_writing()
             async for raw in call:
-                self.cancels_sent.append(request_id)
                 response = pb.ModelStreamInferResponse.FromString(raw)
                 return None if response.error_message else _finish_reason(response)
         except Exception:  # noqa: BLE001 - best effort: the client is gone already

@@ -192,10 +192,10 @@ def test_a_vanished_client_frees_its_kv_cache_through_the_guard(server, guard):
     assert "vanishing-client" in guard.cancels_sent
 
 
-@pytest.mark.parametrize("how", ["cancel", "deadline"])
+@pytest.mark.parametrize("how", ["cancel", "deadline", "no-id"])
 def test_a_cancelled_or_timed_out_stream_frees_its_kv_cache_through_the_guard(server, guard, how):
     """tritonclient alone (no SDK side channel): the client's cancel or deadline reaches the guard, which
-    cancels the upstream call and the llm generation."""
+    cancels the upstream call and the llm generation (also of a request sent without an id)."""
     from test_faults import long_inputs
 
     wait_until(server, lambda: metric(server, "internvl_requests_running") == 0, timeout_s=120, what="an idle engine")
@@ -203,8 +203,8 @@ def test_a_cancelled_or_timed_out_stream_frees_its_kv_cache_through_the_guard(se
     seen = []  # (result, error) in arrival order
     client.start_stream(callback=lambda result, error: seen.append((result, error)),
                         stream_timeout=1.5 if how == "deadline" else None)
-    client.async_stream_infer("internvl_chat", long_inputs(7), request_id=f"guard-{how}")
-    if how == "cancel":
+    client.async_stream_infer("internvl_chat", long_inputs(7), request_id="" if how == "no-id" else f"guard-{how}")
+    if how != "deadline":
         wait_until(server, lambda: seen, timeout_s=120, what="the first response")
     else:
         wait_until(server, lambda: any(e is not None for _, e in seen), timeout_s=30, what="the deadline")
@@ -214,7 +214,10 @@ def test_a_cancelled_or_timed_out_stream_frees_its_kv_cache_through_the_guard(se
     assert seen[0][1] is None, seen[0]  # mid-stream: a response had arrived
     wait_until(server, lambda: metric(server, "internvl_kv_cache_blocks_used") == 0, timeout_s=2,
                what="the cut-off generation's KV blocks to be freed")
-    assert f"guard-{how}" in guard.cancels_sent
+    if how == "no-id":  # the guard named the request itself
+        assert seen[0][0].get_response().id in guard.cancels_sent
+    else:
+        assert f"guard-{how}" in guard.cancels_sent
 
 
 def test_without_the_guard_the_overflow_stops_the_server(tiny_checkpoint, tmp_path_factory, server, guard):
