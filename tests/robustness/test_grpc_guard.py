@@ -82,6 +82,33 @@ def test_the_overflowing_shape_is_refused_in_band_naming_the_input(server, guard
     assert_serves(Through(server, guard), direct_answer)
 
 
+def test_a_refused_message_leaves_its_stream_open(guard, direct_answer):
+    """Like Triton's own errors on a stream: in-band, with the request's id; the next request is served."""
+    import queue
+
+    client = grpcclient.InferenceServerClient(guard.url)
+    seen: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: seen.put((result, error)))
+    try:
+        client.async_stream_infer("internvl_chat", overflow_inputs(), request_id="bad")
+        result, error = seen.get(timeout=60)
+        assert result is None and "'num_patches_list'" in str(error)
+        client.async_stream_infer("internvl_chat", chat_inputs(QUESTION), request_id="good",
+                                  enable_empty_final_response=True)
+        text = ""
+        while True:
+            result, error = seen.get(timeout=60)
+            assert error is None, error
+            assert result.get_response().id == "good"
+            text += "".join(t.decode() for t in result.as_numpy("text_output") or [])
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+        assert text == direct_answer.text
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+
+
 def test_the_overflowing_shape_unary_gets_invalid_argument(server, guard, direct_answer):
     client = grpcclient.InferenceServerClient(guard.url)
     with pytest.raises(InferenceServerException) as e:
@@ -176,19 +203,30 @@ def test_repository_control_needs_the_admin_key(server, guard):
     assert {m.name for m in index.models} >= {"internvl_chat", "llm"}
 
 
+def assert_aborted(server, tokens_before: float) -> None:
+    """The cut-off generation (LONG tokens, ignore_eos) ended and freed its KV blocks before making all
+    its tokens: it was aborted, not run to max_tokens."""
+    from test_faults import LONG
+
+    wait_until(server, lambda: metric(server, "internvl_requests_running") == 0
+               and metric(server, "internvl_kv_cache_blocks_used") == 0, timeout_s=120,
+               what="the cut-off generation to end and free its KV blocks")
+    made = metric(server, "internvl_generated_tokens_total") - tokens_before
+    assert made < LONG, f"the generation ran to max_tokens ({made} tokens): it was not aborted"
+
+
 def test_a_vanished_client_frees_its_kv_cache_through_the_guard(server, guard):
     """The guard sees the client's stream break with internvl_chat in flight and cancels it on llm."""
     from test_faults import start_vanishing_client
 
     wait_until(server, lambda: metric(server, "internvl_requests_running") == 0, timeout_s=120, what="an idle engine")
+    before = metric(server, "internvl_generated_tokens_total")
     proc = start_vanishing_client(Through(server, guard))
     wait_until(server, lambda: metric(server, "internvl_kv_cache_blocks_used") > 0, timeout_s=10,
                what="the generation to hold KV blocks")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    # the 1500-token generation needs many seconds: freed within 2 s means aborted
-    wait_until(server, lambda: metric(server, "internvl_kv_cache_blocks_used") == 0, timeout_s=2,
-               what="the vanished client's KV blocks to be freed")
+    assert_aborted(server, before)
     assert "vanishing-client" in guard.cancels_sent
 
 
@@ -199,6 +237,7 @@ def test_a_cancelled_or_timed_out_stream_frees_its_kv_cache_through_the_guard(se
     from test_faults import long_inputs
 
     wait_until(server, lambda: metric(server, "internvl_requests_running") == 0, timeout_s=120, what="an idle engine")
+    before = metric(server, "internvl_generated_tokens_total")
     client = grpcclient.InferenceServerClient(guard.url)
     seen = []  # (result, error) in arrival order
     client.start_stream(callback=lambda result, error: seen.append((result, error)),
@@ -212,8 +251,7 @@ def test_a_cancelled_or_timed_out_stream_frees_its_kv_cache_through_the_guard(se
     client.stop_stream(cancel_requests=True)
     client.close()
     assert seen[0][1] is None, seen[0]  # mid-stream: a response had arrived
-    wait_until(server, lambda: metric(server, "internvl_kv_cache_blocks_used") == 0, timeout_s=2,
-               what="the cut-off generation's KV blocks to be freed")
+    assert_aborted(server, before)
     if how == "no-id":  # the guard named the request itself
         assert seen[0][0].get_response().id in guard.cancels_sent
     else:
