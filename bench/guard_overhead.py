@@ -7,12 +7,13 @@ Starts the launcher's TritonServer (default: the tiny checkpoint) and `python -m
 internvl_serve.serving.grpc_guard` in front of it, then for each stream count runs `--rounds` rounds of
 N concurrent text streams (ignore_eos, so every stream makes exactly max_tokens tokens) over the SDK's
 AsyncClient, direct and through the guard in turn. Prints output tokens/s, time to first response and
-the gap between responses (p50/p95) for each path. Both servers and the guard are stopped at the end.
+the gap between responses (p50/p95) for each path, and the guard process's CPU time per response. Both servers and the guard are stopped at the end.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
@@ -43,7 +44,7 @@ async def one_round(url: str, streams: int, max_tokens: int) -> dict:
     await asyncio.gather(*(one(i) for i in range(streams)))
     elapsed = time.perf_counter() - start
     await client.close()
-    return dict(tokens=tokens, elapsed=elapsed, ttft=ttft, gaps=gaps)
+    return dict(tokens=tokens, elapsed=elapsed, ttft=ttft, gaps=gaps, responses=len(ttft) + len(gaps))
 
 
 def pct(values, q):
@@ -58,6 +59,12 @@ def summarize(rounds) -> str:
     gaps = [g for r in rounds for g in r["gaps"]]
     return (f"{tokens / elapsed:8.1f} tok/s  TTFT p50 {pct(ttft, .5):6.1f} ms  gap p50 {pct(gaps, .5):6.2f} ms "
             f"p95 {pct(gaps, .95):6.2f} ms  mean {statistics.fmean(gaps) * 1000 if gaps else float('nan'):6.2f} ms")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_guard(upstream: str) -> tuple[subprocess.Popen, str]:
@@ -85,11 +92,17 @@ def main(argv=None) -> int:
             asyncio.run(one_round(guard_url, 1, 4))  # warm-up, both paths
             for n in (int(s) for s in args.streams.split(",")):
                 results = {"direct": [], "guard": []}
+                guard_cpu = 0.0
                 for _ in range(args.rounds):
-                    for path, url in (("direct", server.grpc_url), ("guard", guard_url)):
-                        results[path].append(asyncio.run(one_round(url, n, args.max_tokens)))
+                    results["direct"].append(asyncio.run(one_round(server.grpc_url, n, args.max_tokens)))
+                    cpu = cpu_seconds(guard.pid)
+                    results["guard"].append(asyncio.run(one_round(guard_url, n, args.max_tokens)))
+                    guard_cpu += cpu_seconds(guard.pid) - cpu
                 for path, rounds in results.items():
                     print(f"{n:3d} streams  {path:6s}  {summarize(rounds)}", flush=True)
+                responses = sum(r["responses"] for r in results["guard"])
+                print(f"{n:3d} streams  guard CPU {guard_cpu / responses * 1e6:.0f} us per streamed response "
+                      f"({responses} responses)", flush=True)
         finally:
             guard.terminate()
             guard.wait(10)
