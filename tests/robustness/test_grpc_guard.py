@@ -264,3 +264,28 @@ def test_without_the_guard_the_overflow_stops_the_server(tiny_checkpoint, tmp_pa
     with running_server(tiny_checkpoint, tmp_path_factory.mktemp("unguarded"), on_stub_death="exit") as doomed:
         send(doomed, overflow_inputs(), request_id="overflow", server_may_exit=True, timeout_s=60)
         wait_until(doomed, lambda: not doomed.is_running(), timeout_s=60, what="the watchdog to stop the server")
+
+
+def test_the_cli_serves_and_stops_on_sigterm(server):
+    import subprocess
+    import sys
+
+    from internvl_serve.serving.launcher import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "internvl_serve.serving.grpc_guard", "--listen", f"127.0.0.1:{port}",
+                             "--upstream", server.grpc_url, "--max-request-bytes", "1000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == f"grpc guard: 127.0.0.1:{port} -> {server.grpc_url}\n"
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        assert client.is_server_ready() and client.is_model_ready("internvl_chat")
+        with pytest.raises(InferenceServerException, match="more than the 1000 a request may carry"):
+            client.infer("internvl_chat", chat_inputs(QUESTION, images=[image_bytes(5)]))
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
