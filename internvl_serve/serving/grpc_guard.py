@@ -37,6 +37,7 @@ SERVICE = "inference.GRPCInferenceService"
 _METHODS = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods
 _DROPPED_HEADERS = ("user-agent", "content-type", "te")  # set by the upstream channel itself
 _END = object()
+_QUEUE = 64  # responses (and in-band refusals) waiting for a slow client, per stream
 
 # The cancel side channel (llm.py `cancel`, client/internvl_client/cancel.py). CANCEL_KEY_INPUT: the name
 # of the side channel's secret once it takes one; then the guard gives each internvl_chat request that
@@ -211,8 +212,8 @@ class GrpcGuard:
     def _stream_handler(self, method: str, upstream):
         async def handle(requests, context):
             call = upstream(metadata=_forwarded(context), timeout=context.time_remaining())
-            out: asyncio.Queue = asyncio.Queue()
-            inflight: dict[str, str | None] = {}  # internvl_chat request id -> cancel key, until its final
+            out: asyncio.Queue = asyncio.Queue(maxsize=_QUEUE)  # a client that stops reading pauses both pumps
+            inflight: dict[str, list] = {}  # internvl_chat request id -> [cancel key, requests without final]
             writer = asyncio.create_task(self._pump_requests(requests, call, out, inflight))
             reader = asyncio.create_task(self._pump_responses(call, out, inflight))
             finished = False
@@ -245,11 +246,11 @@ class GrpcGuard:
                 request = _parse(raw)
                 check_infer_request(request, policy)
             except Refused as r:
-                out.put_nowait(_error_response(r.message, request))
+                await out.put(_error_response(r.message, request))
                 continue
             if request.model_name == ENSEMBLE:
                 raw, request_id, key = cancellable(request, raw)
-                inflight[request_id] = key
+                inflight.setdefault(request_id, [key, 0])[1] += 1
             await call.write(raw)
         await call.done_writing()
 
@@ -259,12 +260,16 @@ class GrpcGuard:
                 if inflight:  # parse only while a vanished client would leave a generation behind
                     response = pb.ModelStreamInferResponse.FromString(raw)
                     if response.error_message or _is_final(response):
-                        inflight.pop(response.infer_response.id, None)
-                out.put_nowait(raw)
+                        entry = inflight.get(response.infer_response.id)
+                        if entry is not None:
+                            entry[1] -= 1
+                            if entry[1] <= 0:
+                                del inflight[response.infer_response.id]
+                await out.put(raw)
         except grpc.aio.AioRpcError as e:
             if e.code() != grpc.StatusCode.CANCELLED:
-                out.put_nowait(e)
-        out.put_nowait(_END)
+                await out.put(e)
+        await out.put(_END)
 
     # ---- cancelling for vanished clients ----------------------------------------------------------------
 
@@ -274,7 +279,7 @@ class GrpcGuard:
         task.add_done_callback(self._tasks.discard)
 
     async def _cancel_all(self, inflight: dict) -> None:
-        await asyncio.gather(*(self.send_cancel(rid, key) for rid, key in inflight.items()),
+        await asyncio.gather(*(self.send_cancel(rid, key) for rid, (key, _) in inflight.items()),
                              return_exceptions=True)
 
     async def send_cancel(self, request_id: str, key: str | None) -> str | None:
