@@ -7,8 +7,8 @@ backend stub, is refused here), too many inputs, models a production deployment 
 `llm` step only for the cancellation side channel), and the admin methods. Refusal messages are worded
 so that the SDK's error classification (client/internvl_client/errors.py) maps them: bad inputs to
 InvalidInputError ("unexpected shape for input ..."), unexposed models to ModelNotReadyError
-("Request for unknown model ..."). Does not own: the proxying (grpc_guard.py), the models' own checks of
-values (contract.py), or anything Triton-free code cannot import (only tritonclient's protobufs).
+("Request for unknown model ..."). Does not own: the proxying (grpc_guard.py) or the models' own checks
+of values (contract.py). Imports nothing of Triton: the functions take tritonclient's protobuf messages.
 """
 from __future__ import annotations
 
