@@ -29,7 +29,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
-from internvl_serve.serving.contract import ENSEMBLE, LLM
+from internvl_serve.serving.contract import CANCEL_INPUT, CANCEL_KEY, ENSEMBLE, LLM
 from internvl_serve.serving.grpc_checks import GuardPolicy, Refused, check_admin, check_infer_request
 from internvl_serve.serving.launcher import ADMIN_GRPC_HEADER, ADMIN_KEY_ENV
 
@@ -39,21 +39,18 @@ _DROPPED_HEADERS = ("user-agent", "content-type", "te")  # set by the upstream c
 _END = object()
 _QUEUE = 64  # responses (and in-band refusals) waiting for a slow client, per stream
 
-# The cancel side channel (llm.py `cancel`, client/internvl_client/cancel.py). CANCEL_KEY_INPUT: the name
-# of the side channel's secret once it takes one; then the guard gives each internvl_chat request that
-# carries none a fresh key, and sends it with the cancel. None: the channel takes the request id only.
-CANCEL_ID_INPUT = "cancel_request_id"
-CANCEL_KEY_INPUT: str | None = None
+# The cancel side channel (llm.py `cancel`, client/internvl_client/cancel.py): a request id and the secret
+# key the request was sent with. The guard gives each internvl_chat request that carries no key a fresh
+# one, so that it can cancel it for a client that vanishes.
+CANCEL_ID_INPUT = CANCEL_INPUT
+CANCEL_KEY_INPUT = CANCEL_KEY.name
 CANCEL_TIMEOUT_S = 3.0
 
 
-def cancel_request(request_id: str, key: str | None) -> pb.ModelInferRequest:
-    """The llm side-channel request that aborts `request_id` (the one place to adapt to the keyed channel)."""
+def cancel_request(request_id: str, key: str) -> pb.ModelInferRequest:
+    """The llm side-channel request that aborts `request_id`, sent with `key`."""
     request = pb.ModelInferRequest(model_name=LLM, id=f"cancel-{request_id}")
-    values = [(CANCEL_ID_INPUT, request_id)]
-    if CANCEL_KEY_INPUT is not None and key is not None:
-        values.append((CANCEL_KEY_INPUT, key))
-    for name, value in values:
+    for name, value in ((CANCEL_ID_INPUT, request_id), (CANCEL_KEY_INPUT, key)):
         request.inputs.add(name=name, datatype="BYTES", shape=[1])
         data = value.encode()
         request.raw_input_contents.append(len(data).to_bytes(4, "little") + data)
@@ -62,28 +59,26 @@ def cancel_request(request_id: str, key: str | None) -> pb.ModelInferRequest:
 
 def cancellable(request: pb.ModelInferRequest, raw: bytes) -> tuple[bytes, str, str | None]:
     """The bytes to forward, the request id and the cancel key the guard can cancel the request with:
-    a request sent without an id gets a fresh one (the side channel names requests by id), and, once the
-    channel takes a key, one without a key gets a fresh secret."""
+    a request sent without an id gets a fresh one (the side channel names requests by id), one without
+    a key a fresh secret (None: a key the guard cannot read; the llm refuses it)."""
     changed = False
     if not request.id:
         request.id = f"guard-{secrets.token_hex(12)}"
         changed = True
-    key = None
-    if CANCEL_KEY_INPUT is not None:
-        names = [t.name for t in request.inputs]
-        if CANCEL_KEY_INPUT in names:
-            i = names.index(CANCEL_KEY_INPUT)
-            values = ([bytes(request.raw_input_contents[i][4:])] if request.raw_input_contents
-                      else list(request.inputs[i].contents.bytes_contents))
-            key = values[0].decode(errors="replace") if values else None
+    names = [t.name for t in request.inputs]
+    if CANCEL_KEY_INPUT in names:
+        i = names.index(CANCEL_KEY_INPUT)
+        values = ([bytes(request.raw_input_contents[i][4:])] if request.raw_input_contents
+                  else list(request.inputs[i].contents.bytes_contents))
+        key = values[0].decode(errors="replace") if values else None
+    else:
+        key = secrets.token_urlsafe(24)
+        request.inputs.add(name=CANCEL_KEY_INPUT, datatype="BYTES", shape=[1])
+        if request.raw_input_contents:
+            request.raw_input_contents.append(len(key).to_bytes(4, "little") + key.encode())
         else:
-            key = secrets.token_urlsafe(24)
-            request.inputs.add(name=CANCEL_KEY_INPUT, datatype="BYTES", shape=[1])
-            if request.raw_input_contents:
-                request.raw_input_contents.append(len(key).to_bytes(4, "little") + key.encode())
-            else:
-                request.inputs[-1].contents.bytes_contents.append(key.encode())
-            changed = True
+            request.inputs[-1].contents.bytes_contents.append(key.encode())
+        changed = True
     return (request.SerializeToString() if changed else raw), request.id, key
 
 

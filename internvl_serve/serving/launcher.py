@@ -1,20 +1,22 @@
 """Start the real Triton Inference Server (the binary inside the `nvidia-pytriton` wheel) on
-`model_repository/`, with the HTTP guard (serving/http_guard.py) on the public HTTP port.
+`model_repository/`, with the gRPC and HTTP guards (serving/grpc_guard.py, http_guard.py) on the public ports.
 
 Owns: the server's command line (production flags); its ports (an explicit port already held fails the
 start; readiness is of THIS server: it must listen on its ports itself); waiting for readiness (failing
-fast, with the log's tail, if the server dies); starting the HTTP guard in front of tritonserver's own
-HTTP front end (bound to 127.0.0.1); stopping both (SIGTERM, then SIGKILL of the process groups, also
-when tritonserver hangs on its way out) and removing the shared memory a dead server left; hardening
-(admin APIs behind a key, a watchdog for dead Python stubs: docs/serving.md "Hardening and limits").
-Does not own: finding the binary and its environment (serving/triton_install.py), /proc reading
-(serving/processes.py), the HTTP checks (serving/http_guard.py), the models, any client.
+fast, with the log's tail, if the server dies); starting the guards in front of tritonserver's own gRPC
+and HTTP front ends (bound to 127.0.0.1; docs/security.md); stopping all of them (SIGTERM, then SIGKILL
+of the process groups, also when tritonserver hangs on its way out) and removing the shared memory a
+dead server left; hardening (admin APIs behind a key, a watchdog for dead Python stubs and guards:
+docs/serving.md "Hardening and limits"). Does not own: finding the binary and its environment
+(serving/triton_install.py), /proc reading (serving/processes.py), the checks the guards make, the
+models, any client.
 
 CLI:  python -m internvl_serve.serving.launcher [--checkpoint DIR] [--host 127.0.0.1] [--grpc-port 8001]
       [--http-port 8000] [--metrics-port 8002] [--log-verbose N] [--model-repository DIR]
       [--admin-key KEY] [--on-stub-death exit|ignore] [--kill-grace-secs 15]   (exit code 3: a stub died)
-      [--http-models internvl_chat,internvl_chat_bls] [--max-http-body-bytes N]
-API:  with TritonServer(checkpoint=..., grpc_port=None) as server: server.grpc_url ...  (None: a free port)
+      [--http-models internvl_chat,internvl_chat_bls] [--max-http-body-bytes N] [--expose-all-models]
+API:  with TritonServer(checkpoint=..., grpc_port=None) as server: server.grpc_url ...  (None: a free port;
+      server.triton_grpc_url / triton_http_url: tritonserver itself, every model, 127.0.0.1 only)
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ ADMIN_APIS = ("model-repository", "shared-memory", "logging", "trace")
 ADMIN_HEADER = "admin-key"  # HTTP; gRPC metadata key: ADMIN_GRPC_HEADER (Triton adds its prefix)
 ADMIN_GRPC_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER
 ADMIN_KEY_ENV = "INTERNVL_ADMIN_KEY"
+GUARD_NAMES = {"grpc": "gRPC", "http": "HTTP"}  # the public ports' guards (docs/security.md)
 
 
 class PortInUse(LaunchError):
@@ -87,16 +90,18 @@ class TritonServer:
                  extra_args: tuple[str, ...] = (), layout=None, admin_key: str | None = None,
                  on_stub_death: str = "ignore", kill_grace_s: float = 15.0,
                  malloc_mmap_threshold: int | None = None, http_models: tuple[str, ...] = DEFAULT_MODELS,
-                 max_http_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+                 max_http_body_bytes: int = DEFAULT_MAX_BODY_BYTES, expose_all_models: bool = False):
         self.checkpoint = Path(checkpoint).resolve()
         self.model_repository = Path(model_repository).resolve()
         self.host = host
-        # http: the public port, served by the HTTP guard (serving/http_guard.py); triton_http: tritonserver's
-        # own HTTP front end, on 127.0.0.1 only, always a free port
-        self._ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port, "triton_http": None}
+        # grpc, http: the public ports, served by the guards (serving/grpc_guard.py, serving/http_guard.py);
+        # triton_grpc, triton_http: tritonserver's own front ends, on 127.0.0.1 only, always free ports
+        self._ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port, "triton_grpc": None,
+                       "triton_http": None}
         self.http_models = tuple(http_models)
         self.max_http_body_bytes = max_http_body_bytes
-        self._guard: subprocess.Popen | None = None
+        self.expose_all_models = expose_all_models
+        self._guards: dict[str, subprocess.Popen] = {}  # "grpc" / "http": the guard serving that public port
         self.ports: dict[str, int] = {}
         self.log_verbose = log_verbose
         self.log_file = Path(log_file) if log_file else None
@@ -121,7 +126,7 @@ class TritonServer:
         self.on_stub_death = on_stub_death
         self.kill_grace_s = kill_grace_s
         self.malloc_mmap_threshold = malloc_mmap_threshold
-        self.stub_failure: str | None = None  # the instance(s) whose stub died (or "the HTTP guard"), when the watchdog acted
+        self.stub_failure: str | None = None  # the instance(s) whose stub died (or "the gRPC guard"...), when the watchdog acted
         self.shm_regions: set[str] = set()  # /dev/shm regions of the server's Python backend, removed at stop
         self._stopping = threading.Event()
 
@@ -137,6 +142,11 @@ class TritonServer:
     @property
     def http_url(self) -> str:
         return f"http://{self.client_host}:{self.ports['http']}"
+
+    @property
+    def triton_grpc_url(self) -> str:
+        """tritonserver's own gRPC front end (127.0.0.1 only; every model, no guard)."""
+        return f"127.0.0.1:{self.ports['triton_grpc']}"
 
     @property
     def triton_http_url(self) -> str:
@@ -162,7 +172,7 @@ class TritonServer:
             "--strict-readiness=true",
             "--exit-on-error=true",
             f"--exit-timeout-secs={self.exit_timeout_s}",
-            f"--grpc-address={self.host}", f"--grpc-port={p['grpc']}",
+            "--grpc-address=127.0.0.1", f"--grpc-port={p['triton_grpc']}",  # public: the gRPC guard's port
             "--http-address=127.0.0.1", f"--http-port={p['triton_http']}",  # public: the HTTP guard's port
             "--allow-metrics=true", f"--metrics-address={self.host}", f"--metrics-port={p['metrics']}",
             # tensors cross to the Python stubs through shared memory: start big enough for a few images
@@ -201,7 +211,7 @@ class TritonServer:
                 raise PortInUse(f"address already in use: {kind} port {port} on {self.host or '0.0.0.0'} is held by "
                                 f"another process")
         for attempt in range(3):
-            self.ports = {k: v if v is not None else free_port("127.0.0.1" if k == "triton_http" else self.host or
+            self.ports = {k: v if v is not None else free_port("127.0.0.1" if k.startswith("triton_") else self.host or
                                                                "127.0.0.1") for k, v in self._ports.items()}
             self._log = open(self.log_file, "ab")
             self._stopping.clear()
@@ -210,7 +220,7 @@ class TritonServer:
             try:
                 self.wait_ready()
                 self._note_shm_regions()
-                self._start_guard()
+                self._start_guards()
                 self._start_watchdog()
                 return self
             except PortInUse:
@@ -247,7 +257,7 @@ class TritonServer:
                 code = None if self._proc is None else self._proc.returncode
                 raise LaunchError(f"tritonserver exited (code {code}) before it was ready; "
                                   f"log {self.log_file}, last lines:\n{self.log_tail()}")
-            if self._own_ports(self._proc, ("grpc", "triton_http", "metrics")) and _answers_200(url):
+            if self._own_ports(self._proc, ("triton_grpc", "triton_http", "metrics")) and _answers_200(url):
                 return
             if time.monotonic() > deadline:
                 raise LaunchError(f"tritonserver not ready after {self.ready_timeout_s:.0f}s; "
@@ -257,35 +267,49 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 pass
 
-    def _start_guard(self) -> None:
-        """The public HTTP port: serving/http_guard.py in front of tritonserver's own HTTP front end."""
-        self._guard = subprocess.Popen(
-            [sys.executable, "-m", "internvl_serve.serving.http_guard", "--host", self.host or "0.0.0.0",
-             "--port", str(self.ports["http"]), "--upstream", self.triton_http_url,
-             "--models", ",".join(self.http_models), "--max-body-bytes", str(self.max_http_body_bytes)],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        url = f"{self.http_url}/v2/health/ready"
-        deadline = time.monotonic() + 60
-        while not (self._own_ports(self._guard, ("http",)) and _answers_200(url)):
-            if self._guard.poll() is not None:
-                raise LaunchError(f"the HTTP guard exited (code {self._guard.returncode}) before it was ready; "
-                                  f"log {self.log_file}, last lines:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise LaunchError(f"the HTTP guard not ready after 60s; log {self.log_file}")
-            try:
-                self._guard.wait(timeout=0.1)
-            except subprocess.TimeoutExpired:
-                pass
+    def _guard_commands(self) -> dict[str, list[str]]:
+        """The public ports' guards: serving/grpc_guard.py and serving/http_guard.py in front of
+        tritonserver's own front ends (docs/security.md)."""
+        host = self.host or "0.0.0.0"
+        grpc = [sys.executable, "-m", "internvl_serve.serving.grpc_guard", "--listen", f"{host}:{self.ports['grpc']}",
+                "--upstream", self.triton_grpc_url]
+        http = [sys.executable, "-m", "internvl_serve.serving.http_guard", "--host", host,
+                "--port", str(self.ports["http"]), "--upstream", self.triton_http_url,
+                "--models", ",".join(self.http_models), "--max-body-bytes", str(self.max_http_body_bytes)]
+        if self.expose_all_models:
+            grpc.append("--expose-all-models")
+        return {"grpc": grpc, "http": http}
 
-    def _stop_guard(self) -> None:
-        guard, self._guard = self._guard, None
-        if guard is not None and guard.poll() is None:
-            guard.send_signal(signal.SIGTERM)
+    def _start_guards(self) -> None:
+        env = dict(os.environ, **{ADMIN_KEY_ENV: self.admin_key})  # the key never on a command line
+        for kind, command in self._guard_commands().items():
+            self._guards[kind] = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
+                                                  stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        deadline = time.monotonic() + 60
+        for kind, guard in self._guards.items():
+            # listening on its port (and, over HTTP, answering the health probe through to tritonserver)
+            while not (self._own_ports(guard, (kind,))
+                       and (kind != "http" or _answers_200(f"{self.http_url}/v2/health/ready"))):
+                if guard.poll() is not None:
+                    raise LaunchError(f"the {GUARD_NAMES[kind]} guard exited (code {guard.returncode}) before it was "
+                                      f"ready; log {self.log_file}, last lines:\n{self.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise LaunchError(f"the {GUARD_NAMES[kind]} guard not ready after 60s; log {self.log_file}")
+                try:
+                    guard.wait(timeout=0.1)
+                except subprocess.TimeoutExpired:
+                    pass
+
+    def _stop_guards(self) -> None:
+        guards, self._guards = self._guards, {}
+        for guard in guards.values():
+            if guard.poll() is None:
+                guard.send_signal(signal.SIGTERM)
+        for guard in guards.values():
             try:
                 guard.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
-        if guard is not None:
             kill_group(guard)
             guard.wait()
 
@@ -347,18 +371,19 @@ class TritonServer:
                          daemon=True).start()
 
     def _watch_stubs(self, expected: set[str]) -> None:
-        """Poll the stubs and the HTTP guard; a stub gone for two polls in a row (Triton never restarts it),
+        """Poll the stubs and the guards; a stub gone for two polls in a row (Triton never restarts it),
         or a guard that exited, stops the server, so that the supervisor (Docker, Kubernetes, systemd)
         starts a fresh one."""
         missing_before: set[str] = set()
         while not self._stopping.wait(0.5):
             if not self.is_running():
                 return
-            guard = self._guard
-            if guard is not None and guard.poll() is not None and not self._stopping.is_set():
-                self.stub_failure = "the HTTP guard"
-                print(f"launcher: the HTTP guard exited (code {guard.returncode}); the HTTP port is closed: "
-                      f"stopping the server", file=sys.stderr, flush=True)
+            exited = [(kind, g) for kind, g in list(self._guards.items()) if g.poll() is not None]
+            if exited and not self._stopping.is_set():
+                kind, guard = exited[0]
+                self.stub_failure = f"the {GUARD_NAMES[kind]} guard"
+                print(f"launcher: the {GUARD_NAMES[kind]} guard exited (code {guard.returncode}); the {GUARD_NAMES[kind]} port "
+                      f"is closed: stopping the server", file=sys.stderr, flush=True)
                 self.shutdown()
                 return
             missing = expected - set(self.stub_processes().values())
@@ -375,7 +400,7 @@ class TritonServer:
         """Stop the server and everything it started (its process group); returns its exit code."""
         self._stopping.set()
         self._note_shm_regions()
-        self._stop_guard()
+        self._stop_guards()
         proc, self._proc = self._proc, None
         if proc is None:
             return None
@@ -459,6 +484,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "default: the chat models only)")
     p.add_argument("--max-http-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help="the HTTP guard refuses larger request bodies (413)")
+    p.add_argument("--expose-all-models", action="store_true",
+                   help="the gRPC guard serves every model, the steps (preprocess, vision, llm) too (debugging; "
+                        "default: internvl_chat, internvl_chat_bls and the llm's cancellation requests)")
     p.add_argument("--malloc-mmap-threshold", type=int, default=0, metavar="BYTES",
                    help="every server process (tritonserver too) mmaps host allocations from this size on, "
                         "given back when freed (default 0: glibc's adaptive threshold; the preprocess stubs, "
@@ -479,7 +507,8 @@ def main(argv=None) -> int:
                               admin_key=args.admin_key, on_stub_death=args.on_stub_death,
                               kill_grace_s=args.kill_grace_secs, malloc_mmap_threshold=args.malloc_mmap_threshold,
                               http_models=tuple(m for m in args.http_models.split(",") if m),
-                              max_http_body_bytes=args.max_http_body_bytes)
+                              max_http_body_bytes=args.max_http_body_bytes,
+                              expose_all_models=args.expose_all_models)
     except LaunchError as e:
         print(f"launcher: {e}", file=sys.stderr)
         return 2
@@ -507,7 +536,8 @@ def main(argv=None) -> int:
           flush=True)
     code = server.wait()
     if server.stub_failure and not stopping:
-        what = server.stub_failure if server.stub_failure == "the HTTP guard" else f"the Python stub of {server.stub_failure}"
+        what = (server.stub_failure if server.stub_failure.endswith(" guard")
+                else f"the Python stub of {server.stub_failure}")
         print(f"launcher: stopped the server because {what} died; exit 3 "
               f"(restart it)", file=sys.stderr)
         server.stop()

@@ -30,7 +30,7 @@ from deploy_helpers import (
     split_module_command,
     stage,
 )
-from internvl_serve.serving import launcher
+from internvl_serve.serving import triton_install
 
 CHECKPOINT = "/models/InternVL-Chat-V1-1"
 UID = "10001"
@@ -116,7 +116,7 @@ def test_server_installs_requirements_serve_as_it_is():
 def test_server_prepares_the_wheels_backend_where_the_launcher_looks():
     s = stage("server")
     run = next(i for i in s.all("RUN") if "find_triton" in i.args)
-    cache = launcher._default_cache()
+    cache = triton_install._default_cache()
     relative = cache.relative_to(sys.prefix) if cache.is_relative_to(sys.prefix) else Path("var/internvl-serve")
     assert f"chown -R {UID}:{UID} /usr/local/{relative}" in run.args  # writable for the server's user
     assert run.line < s.last("USER").line

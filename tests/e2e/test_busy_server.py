@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import queue
 
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from internvl_client import Client
 from internvl_client.errors import ServerUnavailableError
 
-from e2e_client import make_inputs, stream_chat, stream_chat_to, wait_for
+from e2e_client import make_inputs, stream_chat, wait_for
 from internvl_serve.serving.launcher import TritonServer
 from internvl_serve.serving.layout import Layout
 
@@ -44,13 +43,11 @@ def test_a_full_engine_refuses_with_a_clear_error_then_serves_again(server):
             with pytest.raises(ServerUnavailableError, match="the server is busy"):
                 sdk.chat("Hello", generation_config=dict(max_new_tokens=4))
 
+        # leaving the stream is enough: the launcher's gRPC guard sends the llm's side-channel cancel
         long.stop_stream(cancel_requests=True)
-        cancel = make_inputs(cancel_key=KEY) + [grpcclient.InferInput("cancel_request_id", [1], "BYTES")]
-        cancel[1].set_data_from_numpy(np.array([b"busy-1"], dtype=object))
-        assert stream_chat_to(server, "llm", cancel).finish_reasons == ["cancelled"]
     finally:
         long.close()
-    wait_for(server, lambda: "request busy-1#" in server.log_tail(200), timeout_s=10, what="the abort")
+    wait_for(server, lambda: "request busy-1#" in server.log_tail(200), timeout_s=120, what="the abort")
     answer = None
     for _ in range(50):  # the aborted request leaves the engine at its next step
         answer = stream_chat(server, make_inputs(text_input="Hello", max_tokens=4))

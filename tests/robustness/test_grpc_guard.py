@@ -33,7 +33,7 @@ def server(tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def guard(server):
-    with GrpcGuard("127.0.0.1:0", server.grpc_url, GuardPolicy(admin_key=server.admin_key)) as g:
+    with GrpcGuard("127.0.0.1:0", server.triton_grpc_url, GuardPolicy(admin_key=server.admin_key)) as g:
         yield g
 
 
@@ -120,7 +120,7 @@ def test_the_overflowing_shape_unary_gets_invalid_argument(server, guard, direct
 
 def test_the_sdk_maps_the_guards_refusals_to_its_errors(server, direct_answer):
     """Through the SDK: a request over the guard's byte limit is an InvalidInputError naming the input."""
-    with GrpcGuard("127.0.0.1:0", server.grpc_url, GuardPolicy(max_request_bytes=1000)) as small:
+    with GrpcGuard("127.0.0.1:0", server.triton_grpc_url, GuardPolicy(max_request_bytes=1000)) as small:
         with pytest.raises(InvalidInputError, match="unexpected shape for input 'images'"):
             Client(small.url).chat("<image>\nDescribe it.", images=[image_bytes(5)])
         assert Client(small.url).chat(QUESTION, generation_config=dict(max_new_tokens=MAX_TOKENS)) == direct_answer.text
@@ -160,11 +160,11 @@ def test_the_steps_are_not_served(server, guard, model):
 def test_the_llm_cancel_side_channel_passes(guard):
     from internvl_client.cancel import send_cancel
 
-    assert send_cancel(grpcclient.InferenceServerClient(guard.url), "no-such-request") == "not_found"
+    assert send_cancel(grpcclient.InferenceServerClient(guard.url), "no-such-request", "k" * 32) == "not_found"
 
 
 def test_streaming_chat_through_the_guard_equals_direct(server, guard):
-    direct = list(Client(server.grpc_url).stream_chunks(QUESTION, generation_config=dict(max_new_tokens=MAX_TOKENS)))
+    direct = list(Client(server.triton_grpc_url).stream_chunks(QUESTION, generation_config=dict(max_new_tokens=MAX_TOKENS)))
     guarded = list(Client(guard.url).stream_chunks(QUESTION, generation_config=dict(max_new_tokens=MAX_TOKENS)))
     assert [(c.text, c.num_output_tokens) for c in guarded] == [(c.text, c.num_output_tokens) for c in direct]
     assert Client(guard.url, model_name="internvl_chat_bls").chat(QUESTION, generation_config=dict(
@@ -172,7 +172,7 @@ def test_streaming_chat_through_the_guard_equals_direct(server, guard):
 
 
 def test_unary_infer_metadata_and_health_pass(server, guard):
-    direct = grpcclient.InferenceServerClient(server.grpc_url)
+    direct = grpcclient.InferenceServerClient(server.triton_grpc_url)
     client = grpcclient.InferenceServerClient(guard.url)
     # internvl_chat is decoupled: Triton's own refusal of unary infer comes back unchanged
     with pytest.raises(InferenceServerException) as through:
@@ -181,7 +181,7 @@ def test_unary_infer_metadata_and_health_pass(server, guard):
         direct.infer("internvl_chat", chat_inputs(QUESTION))
     assert (through.value.status(), through.value.message()) == (plain.value.status(), plain.value.message())
     # a unary step, through a guard that exposes every model (tests, debugging)
-    with GrpcGuard("127.0.0.1:0", server.grpc_url, GuardPolicy(expose_all_models=True)) as open_guard:
+    with GrpcGuard("127.0.0.1:0", server.triton_grpc_url, GuardPolicy(expose_all_models=True)) as open_guard:
         result = grpcclient.InferenceServerClient(open_guard.url).infer("preprocess", chat_inputs(QUESTION))
     expected = direct.infer("preprocess", chat_inputs(QUESTION))
     assert result.as_numpy("input_ids").tolist() == expected.as_numpy("input_ids").tolist()
@@ -262,7 +262,7 @@ def test_without_the_guard_the_overflow_stops_the_server(tiny_checkpoint, tmp_pa
     """The finding itself, on a throwaway server: direct to Triton the request kills the Python stub and
     the launcher's watchdog stops the server."""
     with running_server(tiny_checkpoint, tmp_path_factory.mktemp("unguarded"), on_stub_death="exit") as doomed:
-        send(doomed, overflow_inputs(), request_id="overflow", server_may_exit=True, timeout_s=60)
+        send(doomed, overflow_inputs(), request_id="overflow", server_may_exit=True, timeout_s=60, direct=True)
         wait_until(doomed, lambda: not doomed.is_running(), timeout_s=60, what="the watchdog to stop the server")
 
 
@@ -274,10 +274,10 @@ def test_the_cli_serves_and_stops_on_sigterm(server):
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "internvl_serve.serving.grpc_guard", "--listen", f"127.0.0.1:{port}",
-                             "--upstream", server.grpc_url, "--max-request-bytes", "1000"],
+                             "--upstream", server.triton_grpc_url, "--max-request-bytes", "1000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout.readline() == f"grpc guard: 127.0.0.1:{port} -> {server.grpc_url}\n"
+        assert proc.stdout.readline() == f"grpc guard: 127.0.0.1:{port} -> {server.triton_grpc_url}\n"
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
         assert client.is_server_ready() and client.is_model_ready("internvl_chat")
         with pytest.raises(InferenceServerException, match="more than the 1000 a request may carry"):

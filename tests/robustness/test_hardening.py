@@ -199,9 +199,9 @@ def test_the_cli_exits_3_when_a_stub_dies(echo, tmp_path):
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 120)
         assert ready and "launcher: ready" in proc.stdout.readline(), proc.stderr.read() if proc.poll() else ""
-        launched = children(proc.pid)  # tritonserver and the HTTP guard
+        launched = children(proc.pid)  # tritonserver and the gRPC and HTTP guards
         servers = [pid for pid in launched if Path(open(f"/proc/{pid}/cmdline").read().split("\0")[0]).name == "tritonserver"]
-        assert len(servers) == 1 and len(launched) == 2, launched
+        assert len(servers) == 1 and len(launched) == 3, launched
         stubs = python_stubs(servers[0])
         assert list(stubs.values()) == ["echo_0_0"], stubs
         regions = shm_regions([servers[0], *stubs])
@@ -217,12 +217,13 @@ def test_the_cli_exits_3_when_a_stub_dies(echo, tmp_path):
             proc.wait()
 
 
-def test_the_watchdog_stops_the_server_when_the_http_guard_dies(echo, tmp_path):
-    """Without its guard the public HTTP port is closed while tritonserver runs on: stop, for a restart."""
+@pytest.mark.parametrize("kind", ["grpc", "http"])
+def test_the_watchdog_stops_the_server_when_a_guard_dies(echo, tmp_path, kind):
+    """Without its guard a public port is closed while tritonserver runs on: stop, for a restart."""
     repo, checkpoint = echo
     with TritonServer(checkpoint, model_repository=repo, log_file=tmp_path / "log", exit_timeout_s=2,
                       on_stub_death="exit") as server:
         assert requests.get(f"{server.http_url}/v2/health/ready", timeout=10).status_code == 200
-        server._guard.kill()
+        server._guards[kind].kill()
         server.wait()  # the watchdog stopped tritonserver
-        assert server.stub_failure == "the HTTP guard"
+        assert server.stub_failure == {"grpc": "the gRPC guard", "http": "the HTTP guard"}[kind]

@@ -65,15 +65,21 @@ def test_free_port_is_bindable():
 
 def test_command_has_the_production_flags(tmp_path):
     server = TritonServer(tmp_path, host="0.0.0.0", grpc_port=1, http_port=2, metrics_port=3, exit_timeout_s=7)
-    server.ports = {"grpc": 1, "http": 2, "metrics": 3, "triton_http": 4}
+    server.ports = {"grpc": 1, "http": 2, "metrics": 3, "triton_grpc": 5, "triton_http": 4}
     cmd = server.command(launcher.TritonInstall(Path("/bin/tritonserver"), tmp_path, ()))
     for flag in ("--model-control-mode=none", "--disable-auto-complete-config", "--strict-readiness=true",
-                 "--exit-timeout-secs=7", "--grpc-address=0.0.0.0", "--grpc-port=1", "--metrics-address=0.0.0.0",
-                 "--metrics-port=3", f"--backend-directory={tmp_path}",
-                 "--http-address=127.0.0.1", "--http-port=4"):  # tritonserver's own HTTP: loopback, behind the guard
+                 "--exit-timeout-secs=7", "--metrics-address=0.0.0.0", "--metrics-port=3",
+                 f"--backend-directory={tmp_path}",
+                 # tritonserver's own gRPC and HTTP: loopback, behind the guards on the public ports
+                 "--grpc-address=127.0.0.1", "--grpc-port=5", "--http-address=127.0.0.1", "--http-port=4"):
         assert flag in cmd
     assert server.grpc_url == "127.0.0.1:1" and server.http_url == "http://127.0.0.1:2"
-    assert server.triton_http_url == "http://127.0.0.1:4"
+    assert server.triton_grpc_url == "127.0.0.1:5" and server.triton_http_url == "http://127.0.0.1:4"
+    guards = server._guard_commands()
+    assert guards["grpc"][guards["grpc"].index("--listen") + 1] == "0.0.0.0:1"
+    assert guards["grpc"][guards["grpc"].index("--upstream") + 1] == "127.0.0.1:5"
+    assert "--expose-all-models" not in guards["grpc"]
+    assert guards["http"][guards["http"].index("--port") + 1] == "2"
 
 
 def test_start_refuses_a_folder_without_a_checkpoint(tmp_path):
@@ -83,7 +89,7 @@ def test_start_refuses_a_folder_without_a_checkpoint(tmp_path):
 
 def test_command_has_the_hardening_flags(tmp_path):
     server = TritonServer(tmp_path, admin_key="a-key-of-16-chars-or-more")
-    server.ports = {"grpc": 1, "http": 2, "metrics": 3, "triton_http": 4}
+    server.ports = {"grpc": 1, "http": 2, "metrics": 3, "triton_grpc": 5, "triton_http": 4}
     cmd = server.command(launcher.TritonInstall(Path("/bin/tritonserver"), tmp_path, ()))
     apis = ",".join(launcher.ADMIN_APIS)
     assert f"--http-restricted-api={apis}:admin-key=a-key-of-16-chars-or-more" in cmd
