@@ -30,6 +30,7 @@ import re
 from dataclasses import dataclass
 
 from internvl_serve.serving.contract import ENSEMBLE, ENSEMBLE_BLS, ENSEMBLE_INPUTS
+from internvl_serve.serving.grpc_checks import BYTES_PREFIX, DTYPE_SIZES, GuardPolicy
 
 DEFAULT_MODELS = (ENSEMBLE, ENSEMBLE_BLS)
 # The chat's largest request: preprocess's max_request_bytes (64 MiB of images and video) as base64 data
@@ -145,9 +146,38 @@ def check_generate_body(body) -> None:
             check_element(key, spec.datatype, value)
 
 
-def check_infer_body(body) -> None:
-    """An `infer` body (its JSON part): each input's data matches its declared datatype (and the
-    contract's datatype for the contract's inputs)."""
+def check_shape(name: str, tensor: dict, max_bytes: int) -> None:
+    """An `infer` input's shape: integers, the element count exact (as the gRPC guard's), its bytes
+    within `max_bytes` and equal to its data: the JSON values or `binary_data_size`. A shape whose element
+    count wraps past 2**64 passes Triton 2.51's own byte-size check and aborts the Python stub."""
+    shape, datatype = tensor.get("shape"), tensor["datatype"]
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise Refused(400, f"input '{name}' needs 'shape': a list of integers")
+    if datatype not in DTYPE_SIZES:
+        raise Refused(400, f"input '{name}' has an unknown datatype {datatype!r}")
+    if len(shape) > GuardPolicy.max_dims or any(d < 0 for d in shape):
+        raise Refused(400, f"input '{name}' has shape {shape}: at most {GuardPolicy.max_dims} dimensions, "
+                           f"none negative")
+    count = math.prod(shape)  # Python ints: exact, whatever the dims
+    size = DTYPE_SIZES[datatype]
+    need = count * (size if size is not None else BYTES_PREFIX)  # BYTES: at least the length prefixes
+    if need > max_bytes:
+        raise Refused(400, f"input '{name}' of shape {shape} ({datatype}) needs {need} bytes, more than the "
+                           f"{max_bytes} a request may carry")
+    parameters = tensor.get("parameters")
+    binary = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    if "data" in tensor:
+        values = len(_flatten(tensor["data"]))
+        if values != count:
+            raise Refused(400, f"input '{name}' has {values} values; its shape {shape} holds {count}")
+    elif binary is not None and (not isinstance(binary, int) or (size is not None and binary != need)
+                                 or (size is None and binary < need)):
+        raise Refused(400, f"input '{name}': binary_data_size {binary!r} does not fit shape {shape} ({datatype})")
+
+
+def check_infer_body(body, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    """An `infer` body (its JSON part): each input's shape fits its data (check_shape) and its data
+    matches its declared datatype (and the contract's datatype for the contract's inputs)."""
     if not isinstance(body, dict):
         raise Refused(400, f"the request body must be a JSON object, got {_kind(body)}")
     inputs = body.get("inputs")
@@ -162,6 +192,7 @@ def check_infer_body(body) -> None:
         spec = INPUTS.get(name)
         if spec is not None and datatype != spec.datatype:
             raise Refused(400, f"input '{name}' must be {spec.datatype}, got {datatype}")
+        check_shape(name, tensor, max_bytes)
         if "data" in tensor:
             for item in _flatten(tensor["data"]):
                 check_element(name, datatype, item)
@@ -183,7 +214,10 @@ def check_request(config: GuardConfig, method: str, path: str, headers: dict, bo
         json_part = body[:int(header_length)]
     value = parse_json(json_part)
     if match and method == "POST":
-        (check_infer_body if match["kind"] == "infer" else check_generate_body)(value)
+        if match["kind"] == "infer":
+            check_infer_body(value, config.max_body_bytes)
+        else:
+            check_generate_body(value)
 
 
 # ---- the proxy ----------------------------------------------------------------------------------------

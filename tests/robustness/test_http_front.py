@@ -76,6 +76,19 @@ def test_malformed_or_wrongly_typed_bodies_get_400_naming_the_input(server, orac
     assert_still_serving(server, oracle)
 
 
+def test_a_shape_that_overflows_is_refused_and_the_server_stays_up(server, oracle):
+    """Issue #14 "Crash 2" over HTTP: num_patches_list INT32 of shape [2**62 + 1] with 4 bytes of binary data
+    (the element count x 4 wraps to 4 in Triton 2.51's own check, and the Python stub aborts)."""
+    header = json.dumps({"inputs": [
+        {"name": "text_input", "shape": [1], "datatype": "BYTES", "data": [QUESTION]},
+        {"name": "num_patches_list", "shape": [2**62 + 1], "datatype": "INT32", "parameters": {"binary_data_size": 4}},
+    ]}).encode()
+    r = post(server, "/v2/models/internvl_chat/infer", header + b"\1\0\0\0",
+             headers={"Inference-Header-Content-Length": str(len(header))})
+    assert r.status_code == 400 and "input 'num_patches_list' of shape [4611686018427387905]" in r.json()["error"], r.text
+    assert_still_serving(server, oracle)
+
+
 def test_a_body_over_the_limit_gets_413(server, oracle):
     body = json.dumps({"text_input": QUESTION, "images": ["data:image/png;base64," + "A" * MAX_BODY]})
     r = post(server, GENERATE, body)

@@ -89,6 +89,32 @@ def test_infer_data_is_checked_against_its_datatype():
     check_request(CONFIG, "POST", path, {"inference-header-content-length": str(len(good))}, good + b"\xff\x00")
 
 
+def test_infer_shapes_must_fit_their_data():
+    """Issue #14 "Crash 2": a shape whose element count wraps past 2**64 (here [2**62 + 1] INT32 with 4 bytes)
+    passes Triton 2.51's byte-size check and aborts the Python stub; the guard counts exactly."""
+    path = "/v2/models/internvl_chat/infer"
+
+    def infer(tensor):
+        return {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["hi"]}, tensor]}
+
+    overflow = {"name": "num_patches_list", "shape": [2**62 + 1], "datatype": "INT32",
+                "parameters": {"binary_data_size": 4}}
+    header = json.dumps(infer(overflow)).encode()
+    message = str(refused(path, header + b"\1\0\0\0", headers={"inference-header-content-length": str(len(header))}))
+    assert "input 'num_patches_list' of shape [4611686018427387905] (INT32) needs 18446744073709551620 bytes" in message
+    json_data = {"name": "num_patches_list", "shape": [2**62 + 1], "datatype": "INT32", "data": [1]}
+    assert "needs 18446744073709551620 bytes" in str(refused(path, infer(json_data)))
+    assert "has 2 values; its shape [3] holds 3" in str(refused(path, infer(
+        {"name": "num_patches_list", "shape": [3], "datatype": "INT32", "data": [1, 2]})))
+    assert "none negative" in str(refused(path, infer({"name": "x", "shape": [-1], "datatype": "INT32", "data": []})))
+    assert "needs 'shape'" in str(refused(path, infer({"name": "x", "shape": "3", "datatype": "INT32", "data": [1]})))
+    wrong = json.dumps(infer({**overflow, "shape": [1], "parameters": {"binary_data_size": 8}})).encode()
+    assert "binary_data_size 8 does not fit shape [1] (INT32)" in str(
+        refused(path, wrong + b"\0" * 8, headers={"inference-header-content-length": str(len(wrong))}))
+    check_request(CONFIG, "POST", path, {}, json.dumps(infer(
+        {"name": "num_patches_list", "shape": [1, 2], "datatype": "INT32", "data": [[1, 2]]})).encode())
+
+
 def test_only_the_configured_models_take_inference():
     for path in ("/v2/models/llm/generate", "/v2/models/preprocess/infer", "/v2/models/vision/versions/1/infer"):
         e = refused(path, {"text_input": "hi"})
