@@ -222,7 +222,7 @@ def test_a_vanished_client_frees_its_kv_cache_through_the_guard(server, guard):
     wait_until(server, lambda: metric(server, "internvl_requests_running") == 0, timeout_s=120, what="an idle engine")
     before = metric(server, "internvl_generated_tokens_total")
     proc = start_vanishing_client(Through(server, guard))
-    wait_until(server, lambda: metric(server, "internvl_kv_cache_blocks_used") > 0, timeout_s=10,
+    wait_until(server, lambda: metric(server, "internvl_kv_cache_blocks_used") > 0, timeout_s=120,
                what="the generation to hold KV blocks")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
