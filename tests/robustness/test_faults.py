@@ -246,11 +246,13 @@ def test_a_killed_preprocess_stub_gives_clear_errors_and_the_other_instance_serv
     assert fragile_server.is_running()
 
 
-@pytest.mark.xfail(strict=True, raises=StubDeathNotHandled, reason=(
-    "Triton 2.51, when a decoupled model's stub dies mid-stream, either never ends the streams in flight (no "
+# Not strict: what Triton 2.51 does here varies from run to run (a clean-clone CI run of 2026-12-05 saw the
+# stream end with an error and the server stay up); any failure other than StubDeathNotHandled still fails.
+@pytest.mark.xfail(strict=False, raises=StubDeathNotHandled, reason=(
+    "Triton 2.51, when a decoupled model's stub dies mid-stream, often never ends the streams in flight (no "
     "error, no final response) or aborts tritonserver itself (boost::interprocess::lock_exception in "
-    "libtriton_python.so: the stub died holding a shared-memory lock). The launcher's watchdog "
-    "(on_stub_death='exit', the CLI default) bounds the first by stopping the server."))
+    "libtriton_python.so: the stub died holding a shared-memory lock), and sometimes ends them with an error. "
+    "The launcher's watchdog (on_stub_death='exit', the CLI default) bounds the first by stopping the server."))
 def test_a_stream_in_flight_when_the_llm_stub_dies_gets_an_error_and_the_server_stays_up(fragile_server):
     started = threading.Event()
     result = {}
