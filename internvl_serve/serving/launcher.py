@@ -452,12 +452,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m internvl_serve.serving.launcher", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, default=None,
                    help=f"checkpoint folder (default: {DEFAULT_CHECKPOINT.relative_to(REPO_ROOT)}, made if missing)")
-    p.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
+    p.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY,
+                   help=f"the Triton model repository (default: {DEFAULT_MODEL_REPOSITORY.relative_to(REPO_ROOT)})")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument("--grpc-port", type=int, default=8001, help="public gRPC port, served by the gRPC guard")
+    p.add_argument("--http-port", type=int, default=8000, help="public HTTP port, served by the HTTP guard")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (GET /metrics)")
+    p.add_argument("--log-verbose", type=int, default=0, help="tritonserver's --log-verbose level (0: off)")
     p.add_argument("--log-file", type=Path, default=None, help="server log (default: a temporary file)")
     p.add_argument("--exit-timeout-secs", type=int, default=30, help="grace time for in-flight requests on stop")
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for the models to load")
