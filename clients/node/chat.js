@@ -8,7 +8,7 @@
 //                [--temperature 0.7] [--stop '###'] [--metadata]
 //
 // Exit status: 0 done, 1 server error, 2 bad usage or invalid request, 3 server unavailable,
-// 4 deadline exceeded, 130 interrupted (the request is cancelled on the server first).
+// 4 deadline exceeded (--timeout; the request is cancelled on the server first), 130 interrupted (likewise).
 'use strict';
 
 const fs = require('fs');
@@ -20,11 +20,17 @@ const protoLoader = require('@grpc/proto-loader');
 const PROTO_DIR = path.join(__dirname, 'proto');
 const MODEL = 'internvl_chat';
 
+const USAGE =
+  'usage: node chat.js [--url HOST:PORT] [--image PATH]... -q QUESTION [--max-tokens N]\n' +
+  '                    [--temperature T] [--top-p P] [--stop TEXT]... [--timeout SECONDS] [--metadata]\n';
+
+// With a message: a usage error (stderr, exit 2); without: --help (stdout, exit 0).
 function usage(message) {
-  if (message) process.stderr.write(`chat.js: ${message}\n`);
-  process.stderr.write(
-    'usage: node chat.js [--url HOST:PORT] [--image PATH]... -q QUESTION [--max-tokens N]\n' +
-    '                    [--temperature T] [--top-p P] [--stop TEXT]... [--timeout SECONDS] [--metadata]\n');
+  if (message === undefined) {
+    process.stdout.write(USAGE);
+    process.exit(0);
+  }
+  process.stderr.write(`chat.js: ${message}\n${USAGE}`);
   process.exit(2);
 }
 
@@ -49,6 +55,7 @@ function parseArgs(argv) {
     else usage(`unknown argument ${a}`);
   }
   if (args.question === undefined) usage('-q QUESTION is required');
+  if (!(args.timeout > 0)) usage('--timeout must be a number of seconds > 0');
   if (args.maxTokens !== undefined && !(args.maxTokens >= 1)) usage('--max-tokens must be >= 1');
   return args;
 }
@@ -158,23 +165,35 @@ function main() {
   });
   // No `triton_grpc_error: true` metadata: with Triton 2.51 it crashed the server. A request's errors
   // therefore arrive in-band, as `error_message` without a status code (see invalidRequest()).
-  const call = client.ModelStreamInfer(new grpc.Metadata(), { deadline: Date.now() + args.timeout * 1000 });
+  // No gRPC deadline either: --timeout is this client's timer, which cancels the request on the server
+  // (abandon()) before it leaves, as Ctrl-C does.
+  const call = client.ModelStreamInfer(new grpc.Metadata());
 
   const decoder = new TextDecoder('utf-8');
   let finishReason = '';
   let counts = {};
   let finished = false;
   let exitCode = 0;
+  let abandoned = false;
 
-  process.on('SIGINT', () => {
-    call.cancel(); // Triton cancels the ensemble request...
-    process.stderr.write('\n[cancelled]\n');
-    // ...but Triton 2.51 does not pass that on to the running llm step: ask the llm model to abort the
-    // generation (docs/contract.md, Cancellation), then leave; at most 2 s.
+  // Leave the request early (Ctrl-C, --timeout): cancel the call, so Triton cancels the ensemble
+  // request... but Triton 2.51 does not pass that on to the running llm step: ask the llm model to abort
+  // the generation (docs/contract.md, Cancellation), then exit with `code`; at most 2 s.
+  function abandon(message, code) {
+    if (abandoned) return;
+    abandoned = true;
+    clearTimeout(deadline);
+    call.cancel();
+    process.stdout.write(decoder.decode());
+    process.stderr.write(`\n${message}\n`);
     // (its own channel: the chat's closes when its stream ends)
     sendCancel(new Service(args.url, grpc.credentials.createInsecure()), request.id, request.cancelKey, 2000)
-      .then(() => process.exit(130));
-  });
+      .then(() => process.exit(code));
+  }
+  const deadline = setTimeout(() => abandon(
+    `chat.js: DEADLINE_EXCEEDED: no complete answer within --timeout ${args.timeout} s; ` +
+    `cancelled request ${request.id} on the server`, 4), args.timeout * 1000);
+  process.on('SIGINT', () => abandon('[cancelled]', 130));
 
   call.on('data', (message) => {
     if (message.error_message) { // the request failed; the server ends the stream after this
@@ -194,13 +213,15 @@ function main() {
     if (flag && flag.bool_param) finished = true;
   });
   call.on('error', (err) => {
-    if (err.code === grpc.status.CANCELLED) return;
+    if (abandoned || err.code === grpc.status.CANCELLED) return;
     process.stdout.write(decoder.decode());
     process.stderr.write(`\nchat.js: ${grpc.status[err.code] || err.code}: ${err.details || err.message}\n`);
     exitCode = exitCodeFor(err.code);
   });
   call.on('status', () => {
     // The stream is over (after 'end' or 'error'): the server half-closes once the request is done.
+    clearTimeout(deadline);
+    if (abandoned) return; // abandon() exits once its cancellation is sent
     if (exitCode === 0) {
       process.stdout.write(decoder.decode() + '\n');
       if (!finished) {

@@ -2,7 +2,8 @@
 `model_repository/`, with the gRPC and HTTP guards (serving/grpc_guard.py, http_guard.py) on the public ports.
 
 Owns: the server's command line (production flags); its ports (an explicit port already held fails the
-start; readiness is of THIS server: it must listen on its ports itself); waiting for readiness (failing
+start; readiness is of THIS server: it must listen on its ports itself); waiting for readiness (telling a
+progress callable which models have loaded, once per change; failing
 fast, with the log's tail, if the server dies); starting the guards in front of tritonserver's own gRPC
 and HTTP front ends (bound to 127.0.0.1; docs/security.md); stopping all of them (SIGTERM, then SIGKILL
 of the process groups, also when tritonserver hangs on its way out) and removing the shared memory a
@@ -90,7 +91,8 @@ class TritonServer:
                  extra_args: tuple[str, ...] = (), layout=None, admin_key: str | None = None,
                  on_stub_death: str = "ignore", kill_grace_s: float = 15.0,
                  malloc_mmap_threshold: int | None = None, http_models: tuple[str, ...] = DEFAULT_MODELS,
-                 max_http_body_bytes: int = DEFAULT_MAX_BODY_BYTES, expose_all_models: bool = False):
+                 max_http_body_bytes: int = DEFAULT_MAX_BODY_BYTES, expose_all_models: bool = False,
+                 progress=None):
         self.checkpoint = Path(checkpoint).resolve()
         self.model_repository = Path(model_repository).resolve()
         self.host = host
@@ -107,6 +109,9 @@ class TritonServer:
         self.log_file = Path(log_file) if log_file else None
         self.exit_timeout_s = exit_timeout_s
         self.ready_timeout_s = ready_timeout_s
+        # progress(line): told which models are ready so far while they load, once per change (the CLI
+        # prints it to stderr); None: quiet
+        self.progress = progress
         self._install_args = (tritonserver, backend_directory)
         self.extra_args = tuple(extra_args)
         # a GPU layout (serving/layout.py): served from a derived copy of the repository, written at start
@@ -251,8 +256,10 @@ class TritonServer:
         way (removed at stop even if the server dies before it is ready)."""
         deadline = time.monotonic() + (self.ready_timeout_s if timeout_s is None else timeout_s)
         url = f"{self.triton_http_url}/v2/health/ready"
+        loading = self._loading_state()
         while True:
             self._note_shm_regions()
+            self._report_loading(loading)
             if self._proc is None or self._proc.poll() is not None:
                 code = None if self._proc is None else self._proc.returncode
                 raise LaunchError(f"tritonserver exited (code {code}) before it was ready; "
@@ -266,6 +273,31 @@ class TritonServer:
                 self._proc.wait(timeout=0.25)
             except subprocess.TimeoutExpired:
                 pass
+
+    def _loading_state(self) -> dict | None:
+        """What _report_loading needs: the repository's models (its folders) and where in the log this
+        start's lines begin. None when there is no one to tell or the log cannot be read back."""
+        if self.progress is None or self.log_file is None or not self.log_file.is_file():
+            return None
+        names = sorted(d.name for d in self.model_repository.iterdir() if (d / "config.pbtxt").is_file())
+        return {"names": names, "offset": self.log_file.stat().st_size, "ready": set()}
+
+    def _report_loading(self, state: dict | None) -> None:
+        """Tell progress() which models are ready, when that changed. From the log's "successfully loaded
+        'NAME'" lines: tritonserver opens its HTTP and gRPC endpoints only once every model has loaded,
+        so a model's /v2/models/NAME/ready cannot be asked while they load."""
+        if state is None:
+            return
+        with open(self.log_file, "rb") as f:
+            f.seek(state["offset"])
+            chunk = f.read()
+        chunk = chunk[:chunk.rfind(b"\n") + 1]  # whole lines only
+        state["offset"] += len(chunk)
+        loaded = {m.decode("utf-8", "replace") for m in re.findall(rb"successfully loaded '([^']+)'", chunk)}
+        if loaded - state["ready"]:
+            state["ready"] |= loaded
+            self.progress("loading models: " + ", ".join(
+                f"{name} ready" if name in state["ready"] else f"{name} loading..." for name in state["names"]))
 
     def _guard_commands(self) -> dict[str, list[str]]:
         """The public ports' guards: serving/grpc_guard.py and serving/http_guard.py in front of
@@ -452,12 +484,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m internvl_serve.serving.launcher", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, default=None,
                    help=f"checkpoint folder (default: {DEFAULT_CHECKPOINT.relative_to(REPO_ROOT)}, made if missing)")
-    p.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
+    p.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY,
+                   help=f"the Triton model repository (default: {DEFAULT_MODEL_REPOSITORY.relative_to(REPO_ROOT)})")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument("--grpc-port", type=int, default=8001, help="public gRPC port, served by the gRPC guard")
+    p.add_argument("--http-port", type=int, default=8000, help="public HTTP port, served by the HTTP guard")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (GET /metrics)")
+    p.add_argument("--log-verbose", type=int, default=0, help="tritonserver's --log-verbose level (0: off)")
     p.add_argument("--log-file", type=Path, default=None, help="server log (default: a temporary file)")
     p.add_argument("--exit-timeout-secs", type=int, default=30, help="grace time for in-flight requests on stop")
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for the models to load")
@@ -508,7 +541,8 @@ def main(argv=None) -> int:
                               kill_grace_s=args.kill_grace_secs, malloc_mmap_threshold=args.malloc_mmap_threshold,
                               http_models=tuple(m for m in args.http_models.split(",") if m),
                               max_http_body_bytes=args.max_http_body_bytes,
-                              expose_all_models=args.expose_all_models)
+                              expose_all_models=args.expose_all_models,
+                              progress=lambda line: print(f"launcher: {line}", file=sys.stderr, flush=True))
     except LaunchError as e:
         print(f"launcher: {e}", file=sys.stderr)
         return 2

@@ -1,15 +1,20 @@
 """The Node client's vendored .proto files (no server): the same schema as the tritonclient wheel's
-compiled descriptors, field by field, and regenerable from them. (The client against a real server is
-in test_client_e2e.py.)"""
+compiled descriptors, field by field, and regenerable from them; its --help and its --timeout (which
+cancels the generation on the real server). (The rest of the client against a real server is in
+test_client_e2e.py.)"""
 
 import json
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from google.protobuf.descriptor import FieldDescriptor as F
 from tritonclient.grpc import model_config_pb2, service_pb2
+
+from servermetrics import REQUESTS_RUNNING, parse_metric, read_metrics  # loadtest/ (tests/conftest.py)
 
 NODE_CLIENT = Path(__file__).resolve().parents[2] / "clients" / "node"
 PROTO = NODE_CLIENT / "proto"
@@ -107,3 +112,48 @@ def test_vendored_protos_keep_the_licence_header(name):
     assert "NVIDIA CORPORATION & AFFILIATES. All rights reserved." in text.splitlines()[0]
     assert "Redistribution and use in source and binary forms" in text
     assert "Neither the name of NVIDIA CORPORATION" in text
+
+
+def test_help_prints_the_usage_to_stdout_and_exits_0(node_client):
+    """Before: --help printed the usage to stderr and exited 2, like a usage error."""
+    for flag in ("--help", "-h"):
+        run = subprocess.run(["node", str(node_client / "chat.js"), flag], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.startswith("usage: node chat.js") and "--timeout SECONDS" in run.stdout
+        assert run.stderr == ""
+    bad = subprocess.run(["node", str(node_client / "chat.js"), "--bogus"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown argument --bogus" in bad.stderr and "usage:" in bad.stderr
+
+
+def _wait_for(server, what: str, condition, timeout_s: float = 120.0) -> None:
+    """Poll the server's observable state until `condition` holds (or fail with the log's tail)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if not server.is_running():
+            pytest.fail(f"tritonserver died while waiting for {what}; log:\n{server.log_tail(60)}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not seen within {timeout_s}s; server log:\n{server.log_tail(60)}")
+        time.sleep(0.1)  # polling interval of an external state, not a synchronisation
+
+
+def test_timeout_cancels_the_generation_on_the_server(server, node_client):
+    """--timeout ends the client's call AND the generation (before: the deadline ended the call but the
+    llm step kept generating, Triton 2.51 not passing a cancellation on to a running step). Against
+    tritonserver itself (triton_grpc_url): no gRPC guard that could cancel it for the client."""
+    chat = ["node", str(node_client / "chat.js"), "--url", server.triton_grpc_url]
+    warm = subprocess.run(chat + ["-q", "Hi", "--max-tokens", "1"], capture_output=True, text=True, timeout=300)
+    assert warm.returncode == 0, warm.stderr  # the models are warm: the long chat is generating within 2 s
+    # Greedy "Count to a million." on the tiny checkpoint runs past 1500 tokens (~7 s on 2 CPU cores).
+    run = subprocess.run(chat + ["-q", "Count to a million.", "--max-tokens", "1500", "--timeout", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 4, run.stderr
+    assert run.stdout  # it was streaming when the deadline came
+    found = re.search(r"DEADLINE_EXCEEDED: no complete answer within --timeout 2 s; cancelled request (\S+) on "
+                      r"the server", run.stderr)
+    assert found, run.stderr
+    request_id = found.group(1)
+    pattern = re.compile(rf"request {re.escape(request_id)}#\d+ cancelled by the client")
+    _wait_for(server, f"the llm's abort of {request_id}",
+              lambda: pattern.search(server.log_file.read_text(errors="replace")) is not None)
+    _wait_for(server, "internvl_requests_running 0",
+              lambda: parse_metric(read_metrics(server.metrics_url), REQUESTS_RUNNING) == 0)

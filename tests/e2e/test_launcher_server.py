@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,8 +38,10 @@ def test_a_model_that_fails_to_load_fails_the_start_fast_with_the_log(tmp_path):
 
 def test_a_server_that_dies_is_noticed_and_its_group_cleaned_up(tmp_path):
     repo, checkpoint = make_repository(tmp_path)
+    told = []
     with TritonServer(checkpoint, model_repository=repo, log_file=tmp_path / "log", exit_timeout_s=2,
-                      malloc_mmap_threshold=2 << 20) as server:
+                      malloc_mmap_threshold=2 << 20, progress=told.append) as server:
+        assert told == ["loading models: echo ready"]  # (the CLI prints these; the API is quiet without it)
         pgid = server.pid
         assert requests.get(f"{server.http_url}/v2/models/echo/ready", timeout=10).status_code == 200
         for pid in server.stub_processes():  # the stub has the server's environment, the malloc setting too
@@ -75,6 +78,9 @@ def read_line_until(proc, marker: str, timeout_s: float) -> str:
 
 def test_cli_starts_prints_where_to_connect_and_stops_on_sigint(tmp_path):
     repo, checkpoint = make_repository(tmp_path)
+    shutil.copytree(repo / "echo", repo / "echo2")  # a second model, to see the loading progress change
+    config = repo / "echo2" / "config.pbtxt"
+    config.write_text(config.read_text().replace('name: "echo"', 'name: "echo2"'))
     grpc, http, metrics = free_port(), free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "internvl_serve.serving.launcher", "--checkpoint", str(checkpoint),
@@ -89,6 +95,14 @@ def test_cli_starts_prints_where_to_connect_and_stops_on_sigint(tmp_path):
         assert proc.wait(timeout=60) == 0
         with pytest.raises(requests.ConnectionError):
             requests.get(f"http://127.0.0.1:{http}/v2/health/ready", timeout=5)
+        # while the models loaded (before "ready"): which of them were ready, once per change, the last
+        # line with both (before: nothing between "starting" and "ready")
+        lines = [l for l in proc.stderr.read().splitlines() if l.startswith("launcher: loading models: ")]
+        assert len(lines) in (1, 2), lines  # each model's load logged once: one or two changes
+        assert lines[-1] == "launcher: loading models: echo ready, echo2 ready", lines
+        if len(lines) == 2:
+            assert lines[0] in ("launcher: loading models: echo ready, echo2 loading...",
+                                "launcher: loading models: echo loading..., echo2 ready"), lines
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

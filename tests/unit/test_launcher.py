@@ -154,3 +154,21 @@ def test_python_stubs_are_the_live_stub_children_of_the_server(tmp_path):
         for p in (proc, other):
             p.kill()
             p.wait()
+
+
+def test_every_launcher_flag_has_help(monkeypatch):
+    """`python -m internvl_serve.serving.launcher --help` explains every flag (before: the ports,
+    --model-repository and --log-verbose had no help)."""
+    parsers = []
+
+    def capture(self, argv=None, namespace=None):
+        parsers.append(self)
+        return namespace
+
+    monkeypatch.setattr(launcher.argparse.ArgumentParser, "parse_args", capture)
+    launcher.parse_args([])
+    (parser,) = parsers
+    actions = [a for a in parser._actions if a.dest != "help"]
+    assert len(actions) > 10
+    missing = [a.option_strings[0] for a in actions if not (a.help or "").strip()]
+    assert not missing, f"flags without help: {missing}"
