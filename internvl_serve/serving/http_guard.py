@@ -146,7 +146,7 @@ def check_generate_body(body) -> None:
             check_element(key, spec.datatype, value)
 
 
-def check_shape(name: str, tensor: dict, max_bytes: int) -> None:
+def check_shape(name: str, tensor: dict, values: list | None, max_bytes: int) -> None:
     """An `infer` input's shape: integers, the element count exact (as the gRPC guard's), its bytes
     within `max_bytes` and equal to its data: the JSON values or `binary_data_size`. A shape whose element
     count wraps past 2**64 passes Triton 2.51's own byte-size check and aborts the Python stub."""
@@ -166,10 +166,9 @@ def check_shape(name: str, tensor: dict, max_bytes: int) -> None:
                            f"{max_bytes} a request may carry")
     parameters = tensor.get("parameters")
     binary = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
-    if "data" in tensor:
-        values = len(_flatten(tensor["data"]))
-        if values != count:
-            raise Refused(400, f"input '{name}' has {values} values; its shape {shape} holds {count}")
+    if values is not None:  # the JSON data, flattened
+        if len(values) != count:
+            raise Refused(400, f"input '{name}' has {len(values)} values; its shape {shape} holds {count}")
     elif binary is not None and (not isinstance(binary, int) or (size is not None and binary != need)
                                  or (size is None and binary < need)):
         raise Refused(400, f"input '{name}': binary_data_size {binary!r} does not fit shape {shape} ({datatype})")
@@ -192,10 +191,10 @@ def check_infer_body(body, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
         spec = INPUTS.get(name)
         if spec is not None and datatype != spec.datatype:
             raise Refused(400, f"input '{name}' must be {spec.datatype}, got {datatype}")
-        check_shape(name, tensor, max_bytes)
-        if "data" in tensor:
-            for item in _flatten(tensor["data"]):
-                check_element(name, datatype, item)
+        values = _flatten(tensor["data"]) if "data" in tensor else None
+        check_shape(name, tensor, values, max_bytes)
+        for item in values or ():
+            check_element(name, datatype, item)
 
 
 def check_request(config: GuardConfig, method: str, path: str, headers: dict, body: bytes) -> None:

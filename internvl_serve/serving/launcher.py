@@ -37,10 +37,10 @@ import urllib.request
 from pathlib import Path
 
 from internvl_serve.serving.http_guard import DEFAULT_MAX_BODY_BYTES, DEFAULT_MODELS
-from internvl_serve.serving.triton_install import (  # noqa: F401  (part of this API)
-    CHECKPOINT_ENV, LaunchError, TritonInstall, find_triton, prepare_backend_directory, server_environment)
+from internvl_serve.serving.triton_install import (  # noqa: F401  (LaunchError, TritonInstall: part of this API)
+    LaunchError, TritonInstall, find_triton, server_environment)
 from internvl_serve.serving.processes import (  # noqa: F401  (free_port, shm_regions: part of this API)
-    STUB_NAME, free_port, kill_group, port_in_use, port_owner, python_stubs, remove_shm_regions, shm_regions)
+    free_port, kill_group, port_in_use, port_owner, python_stubs, remove_shm_regions, shm_regions)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"

@@ -7,7 +7,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from google.protobuf.descriptor import FieldDescriptor as F
 from tritonclient.grpc import model_config_pb2, service_pb2
 
 from servermetrics import REQUESTS_RUNNING, parse_metric, read_metrics  # loadtest/ (tests/conftest.py)
+from test_client_e2e import wait_for
 
 NODE_CLIENT = Path(__file__).resolve().parents[2] / "clients" / "node"
 PROTO = NODE_CLIENT / "proto"
@@ -125,17 +125,6 @@ def test_help_prints_the_usage_to_stdout_and_exits_0(node_client):
     assert bad.returncode == 2 and "unknown argument --bogus" in bad.stderr and "usage:" in bad.stderr
 
 
-def _wait_for(server, what: str, condition, timeout_s: float = 120.0) -> None:
-    """Poll the server's observable state until `condition` holds (or fail with the log's tail)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if not server.is_running():
-            pytest.fail(f"tritonserver died while waiting for {what}; log:\n{server.log_tail(60)}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not seen within {timeout_s}s; server log:\n{server.log_tail(60)}")
-        time.sleep(0.1)  # polling interval of an external state, not a synchronisation
-
-
 def test_timeout_cancels_the_generation_on_the_server(server, node_client):
     """--timeout ends the client's call AND the generation (before: the deadline ended the call but the
     llm step kept generating, Triton 2.51 not passing a cancellation on to a running step). Against
@@ -153,7 +142,7 @@ def test_timeout_cancels_the_generation_on_the_server(server, node_client):
     assert found, run.stderr
     request_id = found.group(1)
     pattern = re.compile(rf"request {re.escape(request_id)}#\d+ cancelled by the client")
-    _wait_for(server, f"the llm's abort of {request_id}",
-              lambda: pattern.search(server.log_file.read_text(errors="replace")) is not None)
-    _wait_for(server, "internvl_requests_running 0",
-              lambda: parse_metric(read_metrics(server.metrics_url), REQUESTS_RUNNING) == 0)
+    wait_for(server, f"the llm's abort of {request_id}",
+             lambda: pattern.search(server.log_file.read_text(errors="replace")) is not None, timeout_s=120)
+    wait_for(server, "internvl_requests_running 0",
+             lambda: parse_metric(read_metrics(server.metrics_url), REQUESTS_RUNNING) == 0, timeout_s=120)

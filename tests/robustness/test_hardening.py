@@ -196,10 +196,11 @@ def test_the_cli_exits_3_when_a_stub_dies(echo, tmp_path):
          "--metrics-port", str(free_port()), "--exit-timeout-secs", "2", "--kill-grace-secs", "3",
          "--log-file", str(tmp_path / "log")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    launched = []
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 120)
         assert ready and "launcher: ready" in proc.stdout.readline(), proc.stderr.read() if proc.poll() else ""
-        launched = children(proc.pid)  # tritonserver and the gRPC and HTTP guards
+        launched[:] = children(proc.pid)  # tritonserver and the gRPC and HTTP guards
         servers = [pid for pid in launched if Path(open(f"/proc/{pid}/cmdline").read().split("\0")[0]).name == "tritonserver"]
         assert len(servers) == 1 and len(launched) == 3, launched
         stubs = python_stubs(servers[0])
@@ -215,6 +216,11 @@ def test_the_cli_exits_3_when_a_stub_dies(echo, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        for pid in launched:  # each in a session of its own: a failed assertion must not leave them running
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 @pytest.mark.parametrize("kind", ["grpc", "http"])

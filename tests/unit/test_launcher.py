@@ -24,10 +24,10 @@ def test_find_triton_uses_the_wheel(tmp_path, monkeypatch):
 
 def test_backend_folder_is_prepared_once(tmp_path):
     wheel = launcher.find_triton().server.parents[1]  # .../pytriton/tritonserver
-    first = launcher.prepare_backend_directory(wheel, tmp_path)
+    first = triton_install.prepare_backend_directory(wheel, tmp_path)
     stub = first / "python" / "triton_python_backend_stub"
     mtime = stub.stat().st_mtime_ns
-    second = launcher.prepare_backend_directory(wheel, tmp_path)
+    second = triton_install.prepare_backend_directory(wheel, tmp_path)
     assert second == first and stub.stat().st_mtime_ns == mtime
     assert f"py{sys.version_info.major}.{sys.version_info.minor}" in first.name
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no staging folders left behind
@@ -37,7 +37,7 @@ def test_backend_folder_needs_the_stub_for_this_python(tmp_path):
     fake = tmp_path / "wheel"
     (fake / "backends" / "python").mkdir(parents=True)
     with pytest.raises(LaunchError, match="lacks"):
-        launcher.prepare_backend_directory(fake, tmp_path / "cache")
+        triton_install.prepare_backend_directory(fake, tmp_path / "cache")
 
 
 def test_server_environment(tmp_path):
@@ -137,7 +137,7 @@ def test_python_stubs_are_the_live_stub_children_of_the_server(tmp_path):
     import time
 
     # a Python process whose argv looks like a stub's: argv[0] the stub, argv[8] the instance name
-    argv = [str(tmp_path / launcher.STUB_NAME), "-c", "import time; time.sleep(60)", "1", "1", str(os.getpid()),
+    argv = [str(tmp_path / processes.STUB_NAME), "-c", "import time; time.sleep(60)", "1", "1", str(os.getpid()),
             "/backends", "336", "fake_0_1", "DEFAULT"]
     proc = subprocess.Popen(argv, executable=sys.executable)
     other = subprocess.Popen(["/bin/sleep", "60"])  # a child that is not a stub
