@@ -2,7 +2,8 @@
 
 One command on a GPU machine (random bf16 weights drawn on the GPU; nothing of size is carried):
 
-    python bench/benchmark.py --out results/ [--levels 1,8,32,64] [--skip-baseline] [--int8]
+    python bench/benchmark.py --out results/ [--levels 1,8,32,64] [--skip-baseline] [--int8] \
+        [--engine-alone-compare async_scheduling=false] [--warm-levels 1,32]
     python bench/benchmark.py --markdown-only --out bench/results      # rewrite results.md from results.json
 
 Measures, in one run and on one device:
@@ -10,6 +11,9 @@ Measures, in one run and on one device:
   * vision ms per image at batch 1 and 8 (our VisionEncoder, bf16);
   * the baseline: reference.chat sequentially and reference.batch_chat (batch 8) on transformers
     generate, each request one 448 image + a ~30-token question + 256 new tokens (EOS suppressed);
+  * the llm service alone (engine_alone.py: in-process, no Triton, its own random image rows per
+    request) at each level, and a per-step breakdown (wall vs GPU busy, torch.profiler) at
+    --profile-levels; --engine-alone-compare KEY=VALUE adds the same rows with one llm parameter changed;
   * the Triton server through gRPC streaming at each concurrency level, the same requests with
     ignore_eos: output tokens/s, time to first token p50/p95, inter-token latency p50/p95;
   * peak GPU memory (nvidia-smi, whole device) and the server's KV-cache report;
@@ -18,9 +22,9 @@ Measures, in one run and on one device:
     again after the run ("not available" when the server does not export it);
   * with --int8, the server again with the llm's `quantization` parameter "int8" (a copy of the model
     repository with that one value changed) at --int8-levels (default 1 stream).
-Every request sends the same image unless --distinct-images: after the first request the vision model's
-embedding cache and the engine's KV prefix cache hit (the image rows are in the prefix), so TTFT is the
-warm-cache case; --distinct-images gives every request its own image (nothing cached).
+Every request sends its own image (nothing cached, as real traffic); --warm-levels adds rows, on the
+same server after those, where every request sends the same image (the vision embedding cache and the
+KV prefix cache hit: the warm-cache case), as a second table.
 Writes results.json and results.md (the table, then the speed issue's targets beside the measured values)
 under --out and prints the tables last.
 """
@@ -175,7 +179,7 @@ def level_images(level: int, n: int) -> list[bytes]:
 
 
 def run_server(ckpt: Path, results: dict, levels: list[int], requests_per_stream: int, log_dir: Path,
-               *, key: str = "server", distinct_images: bool = False,
+               *, key: str = "server", distinct_images: bool = True, warm_levels: list[int] = (),
                kv_free_timeout_s: float = 30.0, layout=None) -> None:
     from internvl_serve.serving.launcher import TritonServer
 
@@ -196,10 +200,41 @@ def run_server(ckpt: Path, results: dict, levels: list[int], requests_per_stream
                 row = asyncio.run(loadgen.run_level(url, level, n, QUESTION, images, NEW_TOKENS))
                 print(json.dumps(row), flush=True)
                 results[key].append(row)
+            if warm_levels:  # the same image for every request: vision cache and KV prefix cache hit
+                results[f"{key}_warm"] = []
+                asyncio.run(loadgen.run_level(url, 1, 1, QUESTION, image, 16))
+                for level in warm_levels:
+                    row = asyncio.run(loadgen.run_level(url, level, max(level * requests_per_stream, 2),
+                                                        QUESTION, image, NEW_TOKENS))
+                    print(json.dumps({"warm": True, **row}), flush=True)
+                    results[f"{key}_warm"].append(row)
             # every request has finished: each KV block must be free again
             results[f"{key}_after"] = kv_blocks_after_run(server.metrics_url, kv_free_timeout_s)
             print(json.dumps(results[f"{key}_after"]), flush=True)
         results[f"{key}_peak_gpu_mib"] = mem.peak_mib
+
+
+def run_engine_alone(ckpt: Path, results: dict, levels: list[int], requests_per_stream: int, out_dir: Path,
+                     *, options: tuple[str, ...] = (), profile_levels: list[int] = ()) -> None:
+    """engine_alone.py in a subprocess (all its GPU memory is returned when it exits); its rows go to
+    results["engine_alone"] (default llm parameters) or results["engine_alone[k=v,...]"]."""
+    key = "engine_alone" + (f"[{','.join(options)}]" if options else "")
+    out = out_dir / (key.replace("[", "-").replace("]", "").replace(",", "-").replace("=", "_") + ".json")
+    cmd = [sys.executable, str(ROOT / "bench" / "engine_alone.py"), "--checkpoint", str(ckpt), "--out", str(out),
+           "--levels", ",".join(map(str, levels)), "--requests-per-stream", str(requests_per_stream),
+           "--new-tokens", str(NEW_TOKENS), "--question", QUESTION,
+           "--profile-levels", ",".join(map(str, profile_levels))]
+    for option in options:
+        cmd += ["--engine-option", option]
+    proc = subprocess.run(cmd, text=True)
+    if proc.returncode != 0 or not out.exists():
+        results[key] = {"error": f"engine_alone.py exited {proc.returncode}"}
+        return
+    results[key] = json.loads(out.read_text())
+
+
+def _engine_alone_keys(results: dict) -> list[str]:
+    return [k for k in results if k.startswith("engine_alone") and isinstance(results[k], dict)]
 
 
 LAYOUT_LABELS = {"tp2": "Triton server, tensor parallel over 2 GPUs", "tp4": "Triton server, tensor parallel over 4 GPUs",
@@ -258,15 +293,24 @@ def targets(results: dict) -> list[dict]:
         add(f"TTFT p50 at 1 stream{label}", "<= 80 ms", one["ttft_p50_ms"] if one else None, 80.0, "max", " ms",
             "{:.0f}")
     r32 = _server_row(results, "server", 32)
+    r64 = _server_row(results, "server", 64)
     add("output tok/s at 32 streams", ">= 2000 tok/s", r32["output_tok_per_s"] if r32 else None, 2000.0, "min",
         " tok/s")
-    add("speed-up at 32 streams over sequential transformers chat", ">= 50x",
-        r32["output_tok_per_s"] / seq if r32 and seq else None, 50.0, "min", "x")
+    add("output tok/s at 64 streams", ">= 2800 tok/s", r64["output_tok_per_s"] if r64 else None, 2800.0, "min",
+        " tok/s")
+    add("speed-up at 32 streams over sequential transformers chat", ">= 60x",
+        r32["output_tok_per_s"] / seq if r32 and seq else None, 60.0, "min", "x")
+    add("ITL p50 at 32 streams", "<= 20 ms", r32["itl_p50_ms"] if r32 else None, 20.0, "max", " ms")
+    add("TTFT p50 at 32 streams", "<= 300 ms", r32["ttft_p50_ms"] if r32 else None, 300.0, "max", " ms", "{:.0f}")
+    add("TTFT p95 at 32 streams", "<= 800 ms", r32["ttft_p95_ms"] if r32 else None, 800.0, "max", " ms", "{:.0f}")
+    alone = results.get("engine_alone", {})
+    a32 = next((r for r in alone.get("levels", []) if r["concurrency"] == 32), None) if "levels" in alone else None
+    add("the server within 15 % of the engine alone at 32 streams", ">= 0.85x the engine alone",
+        r32["output_tok_per_s"] / a32["output_tok_per_s"] if r32 and a32 else None, 0.85, "min", "x", "{:.2f}")
     add("vision ms/image at batch 8 (eager)", "<= 17 ms", results.get("vision_ms_per_image_b8"), 17.0, "max", " ms")
     if "vision_compiled_ms_per_image_b8" in results:
         add("vision ms/image at batch 8 (compiled blocks, as served)", "<= 17 ms",
             results["vision_compiled_ms_per_image_b8"], 17.0, "max", " ms")
-    r64 = _server_row(results, "server", 64)
     after = results.get("server_after", {})
     kv = after.get("kv_blocks_used_after")
     if r64 is None:
@@ -299,7 +343,7 @@ def markdown(results: dict) -> str:
         + (f"; with each block torch.compiled (as the server runs it): "
            f"{results['vision_compiled_ms_per_image_b1']:.1f} and {results['vision_compiled_ms_per_image_b8']:.1f}."
            if "vision_compiled_ms_per_image_b8" in results else "."),
-        ("Every request sent its own image (nothing cached)." if results.get("images") == "distinct" else
+        ("Every request sent its own image (nothing cached)." if results.get("images", "distinct") == "distinct" else
          "Every request sent the same image: after the first, the KV prefix cache (and the vision embedding "
          "cache, where the server has one) hit, so TTFT is the warm-cache case."),
         "",
@@ -319,6 +363,32 @@ def markdown(results: dict) -> str:
             lines.append(f"| {label} | {row['concurrency']} | {row['output_tok_per_s']:.1f} | "
                          f"{row['ttft_p50_ms']:.0f} / {row['ttft_p95_ms']:.0f} | "
                          f"{row['itl_p50_ms']:.1f} / {row['itl_p95_ms']:.1f} | {row['errors']} |")
+    for key in _engine_alone_keys(results):
+        label = "llm engine alone (in-process, no Triton" + (f"; {key[len('engine_alone['):-1]}" if "[" in key else "") + ")"
+        if "error" in results[key]:
+            lines.append(f"| {label} | | {results[key]['error']} | | | |")
+        for row in results[key].get("levels", []):
+            lines.append(f"| {label} | {row['concurrency']} | {row['output_tok_per_s']:.1f} | "
+                         f"{row['ttft_p50_ms']:.0f} / {row['ttft_p95_ms']:.0f} | "
+                         f"{row['itl_p50_ms']:.1f} / {row['itl_p95_ms']:.1f} | {row['errors']} |")
+    if results.get("server_warm"):
+        lines += ["", "Warm caches (the same server after the rows above; every request sends the same image, so "
+                  "the vision embedding cache and the KV prefix cache hit):", "",
+                  "| path | streams | output tok/s | TTFT p50 / p95 ms | ITL p50 / p95 ms | errors |",
+                  "|---|---|---|---|---|---|"]
+        for row in results["server_warm"]:
+            lines.append(f"| Triton server, same image | {row['concurrency']} | {row['output_tok_per_s']:.1f} | "
+                         f"{row['ttft_p50_ms']:.0f} / {row['ttft_p95_ms']:.0f} | "
+                         f"{row['itl_p50_ms']:.1f} / {row['itl_p95_ms']:.1f} | {row['errors']} |")
+    profiles = [(k, r) for k in _engine_alone_keys(results) for r in results[k].get("profile", [])]
+    if profiles:
+        lines += ["", "Per decode step, engine alone, steady decode (torch.profiler; GPU busy = union of kernel and "
+                  "copy intervals):", "",
+                  "| engine | streams | wall ms/step | GPU busy ms/step | GPU idle ms/step |", "|---|---|---|---|---|"]
+        for key, r in profiles:
+            name = key[len("engine_alone["):-1] if "[" in key else "default"
+            lines.append(f"| {name} | {r['concurrency']} | {r['wall_ms_per_step']:.2f} | "
+                         f"{r['gpu_busy_ms_per_step']:.2f} | {r['host_gap_ms_per_step']:.2f} |")
     lines += ["", f"Peak GPU memory: baseline {results.get('baseline_peak_gpu_mib', float('nan')):.0f} MiB "
                   f"(torch), server {results.get('server_peak_gpu_mib', float('nan')):.0f} MiB (nvidia-smi, device)"
                   + (f", int8 server {results['server_int8_peak_gpu_mib']:.0f} MiB"
@@ -360,8 +430,15 @@ def main(argv=None) -> int:
     parser.add_argument("--int8", action="store_true",
                         help="also run the server with the llm's quantization=int8 at --int8-levels")
     parser.add_argument("--int8-levels", default="1")
-    parser.add_argument("--distinct-images", action="store_true",
-                        help="every request its own image (no vision-cache or prefix-cache hits)")
+    parser.add_argument("--same-image", action="store_true",
+                        help="every request the same image (the old default: vision and prefix caches hit)")
+    parser.add_argument("--warm-levels", default="",
+                        help="after the distinct-image levels, these levels with one image for all (warm caches)")
+    parser.add_argument("--skip-engine-alone", action="store_true")
+    parser.add_argument("--engine-alone-compare", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="also run the engine alone with these llm parameters (repeatable)")
+    parser.add_argument("--profile-levels", default="1,32",
+                        help="levels of the engine-alone per-step breakdown (empty: none)")
     parser.add_argument("--kv-free-timeout-s", type=float, default=30.0,
                         help="how long to wait for the KV-blocks-used gauge to read 0 after the last level")
     parser.add_argument("--layout", action="append", default=[], choices=sorted(LAYOUT_LABELS),
@@ -383,7 +460,7 @@ def main(argv=None) -> int:
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip() or "unknown"
     results = {"device": torch.cuda.get_device_name(), "date": dt.date.today().isoformat(), "commit": commit,
                "new_tokens": NEW_TOKENS, "question": QUESTION,
-               "images": "distinct" if args.distinct_images else "same"}
+               "images": "same" if args.same_image else "distinct"}
     results["copy_bandwidth_gbs"] = copy_bandwidth_gbs()
     if not args.skip_baseline:
         run_baseline(ckpt, results, args.sequential_requests, batch=8)
@@ -391,19 +468,28 @@ def main(argv=None) -> int:
         results["llm_weight_bytes_per_step"] = 2 * (40 * (4 * 5120 * 5120 + 3 * 5120 * 13824) + 41840 * 5120 + 2 * 5120)
     results["hbm_floor_ms"] = results["llm_weight_bytes_per_step"] / (results["copy_bandwidth_gbs"] * 1e9) * 1e3
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    levels = [int(x) for x in args.levels.split(",")]
+    profile_levels = [int(x) for x in args.profile_levels.split(",") if x]
+    if not args.skip_engine_alone:
+        run_engine_alone(ckpt, results, levels, args.requests_per_stream, args.out, profile_levels=profile_levels)
+        for compare in args.engine_alone_compare:
+            run_engine_alone(ckpt, results, levels, args.requests_per_stream, args.out,
+                             options=tuple(compare.split(",")), profile_levels=profile_levels)
+        (args.out / "results.json").write_text(json.dumps(results, indent=2))
     if not args.skip_server:
-        run_server(ckpt, results, [int(x) for x in args.levels.split(",")], args.requests_per_stream, args.out,
-                   distinct_images=args.distinct_images, kv_free_timeout_s=args.kv_free_timeout_s)
+        run_server(ckpt, results, levels, args.requests_per_stream, args.out,
+                   distinct_images=not args.same_image, kv_free_timeout_s=args.kv_free_timeout_s,
+                   warm_levels=[int(x) for x in args.warm_levels.split(",") if x])
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
     if args.int8:
         from internvl_serve.serving.layout import Layout
 
         run_server(ckpt, results, [int(x) for x in args.int8_levels.split(",")], args.requests_per_stream,
                    args.out, key="server_int8", layout=Layout(llm_parameters={"quantization": "int8"}),
-                   distinct_images=args.distinct_images, kv_free_timeout_s=args.kv_free_timeout_s)
+                   distinct_images=not args.same_image, kv_free_timeout_s=args.kv_free_timeout_s)
     for name in args.layout:
         run_server(ckpt, results, [int(x) for x in args.levels.split(",")], args.requests_per_stream, args.out,
-                   key=f"server_{name}", layout=layout_named(name), distinct_images=args.distinct_images,
+                   key=f"server_{name}", layout=layout_named(name), distinct_images=not args.same_image,
                    kv_free_timeout_s=args.kv_free_timeout_s)
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
     results["targets"] = [{k: v for k, v in t.items() if k not in ("value", "limit")} for t in targets(results)]

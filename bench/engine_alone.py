@@ -1,0 +1,213 @@
+"""The llm service alone, in-process and without Triton: the number the serving path is compared with.
+
+Runs `LLMService` (the same class the `llm` Triton model wraps: engine thread, response shaping) in this
+process and drives it with the benchmark's request shape: the card's prompt for one 448 image (256
+`<IMG_CONTEXT>` rows) and the benchmark question, 256 new tokens with EOS ignored. Every request brings
+its own random image embeddings (as if each sent a distinct image: no prefix-cache hit). At each
+concurrency level `level` requests are kept in flight (closed loop, as the gRPC load generator does).
+
+Also, with --profile-levels, a per-step breakdown at those levels: over a window of steady decode, wall
+time per engine step against the time the GPU was busy (the union of every kernel and copy interval in
+a torch.profiler trace), so the host's share of a step is a number.
+
+    python bench/engine_alone.py --checkpoint DIR --levels 1,32 --out engine.json \
+        [--engine-option async_scheduling=false] [--profile-levels 1,32]
+
+Owns: the in-process driver and the breakdown. Does not own: the server runs (benchmark.py, loadgen.py).
+benchmark.py runs this as a subprocess so that all its GPU memory is returned before the server starts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from internvl_serve.prompt import build_prompt  # noqa: E402
+from internvl_serve.serving.contract import GenerationRequest, LLMRequest  # noqa: E402
+from internvl_serve.engine.sampling import SamplingParams  # noqa: E402
+
+import loadgen  # noqa: E402
+
+
+class TimedSink:
+    """A ResponseSink that records when each response arrived and how many tokens it carried."""
+
+    def __init__(self, on_final):
+        self.timing = loadgen.RequestTiming(start=time.perf_counter())
+        self._last_time, self._last_count, self._on_final = None, 0, on_final
+
+    def send(self, response: dict, final: bool) -> None:
+        now = time.perf_counter()
+        count = int(np.asarray(response["num_output_tokens"]).reshape(-1)[0])
+        new = count - self._last_count
+        t = self.timing
+        if new > 0:
+            if t.first_token is None:
+                t.first_token, gaps, since = now, new - 1, now
+            else:
+                gaps, since = new, self._last_time
+            if gaps > 0:
+                t.gaps.extend([(now - since) / gaps] * gaps)
+            self._last_time, self._last_count = now, count
+        if final:
+            self._finish(now)
+
+    def fail(self, message: str) -> None:
+        self.timing.error = message
+        self._finish(time.perf_counter())
+
+    def _finish(self, now: float) -> None:
+        self.timing.end, self.timing.output_tokens = now, self._last_count
+        self._on_final()
+
+    @property
+    def tokens(self) -> int:
+        return self._last_count
+
+
+def prompt_ids(service, question: str) -> np.ndarray:
+    cfg = service.config
+    prompt = build_prompt("<image>\n" + question, None, [1], cfg.num_image_token, cfg.template,
+                          system_message=cfg.system_message)
+    return np.asarray(service.tokenizer.encode(prompt), dtype=np.int32)
+
+
+def make_request(ids: np.ndarray, rows: int, hidden: int, seed: int, new_tokens: int) -> LLMRequest:
+    rng = np.random.default_rng(seed)
+    embeds = (rng.standard_normal((rows, hidden), dtype=np.float32) * 0.02).astype(np.float32)
+    sampling = SamplingParams(max_tokens=new_tokens, ignore_eos=True).validate()
+    return LLMRequest(input_ids=ids, image_embeds=embeds, text_input="",
+                      generation=GenerationRequest(sampling=sampling, stream=True))
+
+
+def run_level(service, ids: np.ndarray, level: int, num_requests: int, new_tokens: int, seed0: int) -> dict:
+    """num_requests requests, `level` in flight at a time; loadgen.summarize's row."""
+    rows, hidden = service.config.num_image_token, service.config.llm_config.hidden_size
+    requests = [make_request(ids, rows, hidden, seed0 + i, new_tokens) for i in range(num_requests)]
+    slots = threading.Semaphore(level)
+    done = threading.Event()
+    remaining = [num_requests]
+    lock = threading.Lock()
+    sinks: list[TimedSink] = []
+
+    def on_final():
+        slots.release()
+        with lock:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                done.set()
+
+    t0 = time.perf_counter()
+    for i, request in enumerate(requests):
+        slots.acquire()
+        sink = TimedSink(on_final)
+        sinks.append(sink)
+        service.submit(request, sink, client_id=f"alone-{level}-{i}")
+    done.wait()
+    wall = time.perf_counter() - t0
+    return loadgen.summarize(level, [s.timing for s in sinks], wall)
+
+
+def gpu_busy_us(prof) -> float:
+    """Microseconds in which at least one kernel or copy ran on the GPU (the union of intervals)."""
+    intervals = []
+    for e in prof.profiler.kineto_results.events():
+        if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0:
+            intervals.append((e.start_ns(), e.start_ns() + e.duration_ns()))
+    intervals.sort()
+    busy, end = 0, None
+    for a, b in intervals:
+        if end is None or a > end:
+            busy += b - a
+            end = b
+        elif b > end:
+            busy += b - end
+            end = b
+    return busy / 1e3
+
+
+def profile_level(service, ids: np.ndarray, level: int, new_tokens: int, seed0: int,
+                  warm_tokens: int = 24, window_tokens: int = 48) -> dict:
+    """`level` requests in steady decode; over a window of `window_tokens` steps: wall and GPU busy
+    per step (ms). A decode step gives every running sequence one token, so the steps in the window are
+    the tokens one request received during it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if warm_tokens + window_tokens >= new_tokens:
+        raise ValueError(f"the profile window needs more than {warm_tokens + window_tokens} new tokens")
+    rows, hidden = service.config.num_image_token, service.config.llm_config.hidden_size
+    finished = threading.Semaphore(0)
+    sinks = [TimedSink(finished.release) for _ in range(level)]
+    for i, sink in enumerate(sinks):
+        service.submit(make_request(ids, rows, hidden, seed0 + i, new_tokens), sink, client_id=f"prof-{level}-{i}")
+
+    def wait_tokens(n):
+        while min(s.tokens for s in sinks) < n and not any(s.timing.end for s in sinks):
+            time.sleep(0.002)  # polling a benchmark's progress, not synchronising a test
+
+    wait_tokens(warm_tokens)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start_tokens = sinks[0].tokens
+        t0 = time.perf_counter()
+        wait_tokens(start_tokens + window_tokens)
+        wall = time.perf_counter() - t0
+        steps = sinks[0].tokens - start_tokens
+    for _ in sinks:
+        finished.acquire()
+    busy_ms = gpu_busy_us(prof) / 1e3
+    return {"concurrency": level, "steps": steps, "wall_ms_per_step": 1e3 * wall / steps,
+            "gpu_busy_ms_per_step": busy_ms / steps, "host_gap_ms_per_step": (1e3 * wall - busy_ms) / steps}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--levels", default="1,8,32,64")
+    parser.add_argument("--requests-per-stream", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--question", default="Please describe this image in detail.")
+    parser.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an llm model parameter (config.pbtxt `parameters`), e.g. quantization=int8")
+    parser.add_argument("--profile-levels", default="",
+                        help="levels at which to add the per-step wall vs GPU-busy breakdown")
+    parser.add_argument("--out", type=Path, required=True, help="results JSON")
+    parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a check of this script)")
+    args = parser.parse_args(argv)
+
+    from internvl_serve.serving.llm import LLMService
+
+    options = dict(kv.split("=", 1) for kv in args.engine_option)
+    service = LLMService(args.checkpoint, device=args.device, engine_options=options)
+    result = {"engine_options": options, "levels": [], "profile": []}
+    try:
+        ids = prompt_ids(service, args.question)
+        result["prompt_tokens"] = int(len(ids))
+        run_level(service, ids, 1, 1, 16, seed0=999_999)  # warm-up
+        for level in [int(x) for x in args.levels.split(",") if x]:
+            row = run_level(service, ids, level, max(2, level * args.requests_per_stream), args.new_tokens,
+                            seed0=10_000 * level)
+            print(json.dumps(row), flush=True)
+            result["levels"].append(row)
+        for level in [int(x) for x in args.profile_levels.split(",") if x]:
+            row = profile_level(service, ids, level, args.new_tokens, seed0=7_000_000 + 1000 * level)
+            print(json.dumps(row), flush=True)
+            result["profile"].append(row)
+        result["stats_after"] = service.engine.stats()
+    finally:
+        service.shutdown()
+    args.out.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
