@@ -444,6 +444,9 @@ def main(argv=None) -> int:
     parser.add_argument("--layout", action="append", default=[], choices=sorted(LAYOUT_LABELS),
                         help="also run the server on several GPUs: tp2 (LLM split over GPUs 0,1), dp2 (one "
                              "vision + llm instance per GPU), tp4, dp4 (repeatable; at --levels)")
+    parser.add_argument("--merge", action="store_true",
+                        help="start from --out/results.json and add to it (split one run over several commands "
+                             "on the same machine, e.g. --skip-server then --skip-baseline --skip-engine-alone)")
     parser.add_argument("--markdown-only", action="store_true",
                         help="rewrite results.md from --out/results.json and exit (no GPU)")
     args = parser.parse_args(argv)
@@ -458,13 +461,19 @@ def main(argv=None) -> int:
     ckpt = make_random_checkpoint(args.work / "v1-1-random", tokenizer_from=tiny)
     commit = os.environ.get("BENCH_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip() or "unknown"
+    previous = json.loads((args.out / "results.json").read_text()) if args.merge else {}
     results = {"device": torch.cuda.get_device_name(), "date": dt.date.today().isoformat(), "commit": commit,
                "new_tokens": NEW_TOKENS, "question": QUESTION,
                "images": "same" if args.same_image else "distinct"}
-    results["copy_bandwidth_gbs"] = copy_bandwidth_gbs()
+    if previous and (previous.get("device"), previous.get("commit")) != (results["device"], results["commit"]):
+        raise SystemExit(f"--merge: {args.out / 'results.json'} is of {previous.get('device')} at "
+                         f"{previous.get('commit')}, this run is {results['device']} at {results['commit']}")
+    results = {**previous, **results}
+    if "copy_bandwidth_gbs" not in results:
+        results["copy_bandwidth_gbs"] = copy_bandwidth_gbs()
     if not args.skip_baseline:
         run_baseline(ckpt, results, args.sequential_requests, batch=8)
-    else:
+    elif "llm_weight_bytes_per_step" not in results:
         results["llm_weight_bytes_per_step"] = 2 * (40 * (4 * 5120 * 5120 + 3 * 5120 * 13824) + 41840 * 5120 + 2 * 5120)
     results["hbm_floor_ms"] = results["llm_weight_bytes_per_step"] / (results["copy_bandwidth_gbs"] * 1e9) * 1e3
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
