@@ -143,16 +143,31 @@ def run_baseline(ckpt: Path, results: dict, sequential_requests: int, batch: int
         results["vision_ms_per_image_b8"] = cuda_time_ms(lambda: model.extract_feature(pix8)) / 8
     config = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
     reference.chat(model, tokenizer, pix1, QUESTION, dict(config, max_new_tokens=8, min_new_tokens=8))  # warm-up
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    tokens = 0
-    for _ in range(sequential_requests):
-        answer = reference.chat(model, tokenizer, pix1, QUESTION, config)
-        tokens += NEW_TOKENS
-    torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    results["baseline_sequential"] = {"requests": sequential_requests, "output_tok_per_s": tokens / wall,
-                                      "s_per_request": wall / sequential_requests, "sample_answer_chars": len(answer)}
+    # The card's path at its best: the official code picks flash_attention_2 when flash-attn is installed
+    # and 'eager' otherwise; our reference builds transformers' LLaMA with 'sdpa'. Both are timed (the
+    # attention implementation is read from the config at every forward) and the faster is the baseline.
+    import transformers
+
+    results["transformers_version"] = transformers.__version__
+    by_attn = {}
+    llm_config = model.language_model.config
+    for attn in ("sdpa", "eager"):
+        llm_config._attn_implementation = attn
+        reference.chat(model, tokenizer, pix1, QUESTION, dict(config, max_new_tokens=8, min_new_tokens=8))
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        tokens = 0
+        for _ in range(sequential_requests):
+            answer = reference.chat(model, tokenizer, pix1, QUESTION, config)
+            tokens += NEW_TOKENS
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        by_attn[attn] = {"requests": sequential_requests, "output_tok_per_s": tokens / wall, "attention": attn,
+                         "s_per_request": wall / sequential_requests, "sample_answer_chars": len(answer)}
+        print(json.dumps({"baseline_sequential": by_attn[attn]}), flush=True)
+    llm_config._attn_implementation = "sdpa"
+    results["baseline_sequential_by_attention"] = by_attn
+    results["baseline_sequential"] = max(by_attn.values(), key=lambda r: r["output_tok_per_s"])
     t0 = time.perf_counter()
     reference.batch_chat(model, tokenizer, pix8[:batch], [QUESTION] * batch, config, num_patches_list=[1] * batch)
     torch.cuda.synchronize()
@@ -351,8 +366,10 @@ def markdown(results: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     if seq:
-        lines.append(f"| transformers chat, sequential | 1 | {seq['output_tok_per_s']:.1f} | | "
-                     f"{1e3 / seq['output_tok_per_s']:.1f} (mean) | 0 |")
+        for r in results.get("baseline_sequential_by_attention", {"": seq}).values():
+            attn = f" ({r['attention']} attention)" if r.get("attention") else ""
+            lines.append(f"| transformers chat, sequential{attn} | 1 | {r['output_tok_per_s']:.1f} | | "
+                         f"{1e3 / r['output_tok_per_s']:.1f} (mean) | 0 |")
     if "baseline_batch_chat" in results:
         b = results["baseline_batch_chat"]
         lines.append(f"| transformers batch_chat | {b['batch']} | {b['output_tok_per_s']:.1f} | | | 0 |")
