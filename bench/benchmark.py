@@ -397,6 +397,14 @@ def markdown(results: dict) -> str:
             lines.append(f"| Triton server, same image | {row['concurrency']} | {row['output_tok_per_s']:.1f} | "
                          f"{row['ttft_p50_ms']:.0f} / {row['ttft_p95_ms']:.0f} | "
                          f"{row['itl_p50_ms']:.1f} / {row['itl_p95_ms']:.1f} | {row['errors']} |")
+        for warm in results["server_warm"]:
+            cold = _server_row(results, "server", warm["concurrency"])
+            if cold and warm["concurrency"] > 1:
+                lines += ["", f"At {warm['concurrency']} streams, new images (vision + prefill of the image rows "
+                          f"for every request) against the same image (both cached): output tok/s "
+                          f"{cold['output_tok_per_s']:.0f} vs {warm['output_tok_per_s']:.0f}, ITL p50 "
+                          f"{cold['itl_p50_ms']:.1f} vs {warm['itl_p50_ms']:.1f} ms "
+                          f"({100 * (cold['itl_p50_ms'] / warm['itl_p50_ms'] - 1):+.0f} %)."]
     profiles = [(k, r) for k in _engine_alone_keys(results) for r in results[k].get("profile", [])]
     if profiles:
         lines += ["", "Per decode step, engine alone, steady decode (torch.profiler; GPU busy = union of kernel and "
