@@ -1,16 +1,25 @@
-"""Our LLaMA forward over the paged KV cache (plain PyTorch, gpt-fast style).
+"""Our LLaMA forward over the paged KV cache (plain PyTorch, gpt-fast style, plus fused Triton kernels).
 
 Same weights and the same math as transformers' LlamaForCausalLM: RMSNorm in fp32 then cast then
 * weight; rotate_half RoPE with cos/sin computed in fp32 as HF computes them then cast; GQA through
-num_key_value_heads; SiLU MLP; logits cast to fp32 as HF generate does.
+num_key_value_heads; SiLU MLP; logits cast to fp32 as HF generate does. q/k/v and gate/up are merged
+at load (qkv_proj, gate_up_proj: the checkpoint's weights stacked by rows, after the tensor-parallel
+split; merge_projections).
 
-The batch is ragged and flattened: T tokens of all sequences of one step, (T, hidden) embeddings and (T,)
-positions, and the step's AttentionMetadata (attention.py). Each layer writes its new K/V into the paged
-cache, then calls the attention function (Llama(attention=...): the reference SDPA one by default, a fused
-paged-attention kernel later). Logits are computed only at `logits_indices`.
+`Llama.forward` is the one layer loop, for prefill, decode and mixed steps, eager or captured in a CUDA
+graph (decode_graphs.py). The batch is ragged and flattened: T tokens of all sequences of one step,
+(T, hidden) embeddings and (T,) positions. The metadata selects the attention: an AttentionMetadata
+(attention.py) runs the attention function given at construction (the reference SDPA one by default)
+after the index_copy K/V write; a DecodeMetadata (one token per sequence, padding rows with slot -1)
+runs kernels.write_kv and kernels.paged_decode_attention. Logits are computed only at `logits_indices`.
 
-Does not own: attention metadata (attention.py), the KV tensors, block tables, sampling (runner.py,
-sampler.py).
+Two paths, chosen by `Llama.fused` (load_llama's fused_kernels; default on for CUDA, off on the CPU,
+INTERNVL_SERVE_FUSED_KERNELS=0 turns the default off): fused, one GEMM per merged projection and the
+kernels of kernels/fused_ops.py (add+RMSNorm, rotary in place, SiLU-and-mul); plain, the torch ops
+with each merged projection computed part by part (split_linear), bit-identical to separate linears.
+
+Does not own: attention metadata (attention.py), the kernels (kernels/), the KV tensors, block tables,
+sampling (runner.py, sampler.py), the CUDA graphs (decode_graphs.py).
 """
 from __future__ import annotations
 
