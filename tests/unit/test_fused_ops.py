@@ -311,6 +311,24 @@ def test_gpu_fused_forward_matches_torch_forward(dtype):
 
 @pytest.mark.gpu
 @gpu
+def test_gpu_merge_frees_the_callers_cuda_parts():
+    """A state dict already on the GPU is not held twice: the merged parts leave the caller's dict."""
+    from internvl_serve.engine.llama import fused_kernels_default, load_llama
+
+    hf = tiny_hf()
+    sd = {"language_model." + k: v.cuda() for k, v in hf.state_dict().items()}
+    n = len(sd)
+    model = load_llama(hf.config, sd, device="cuda", dtype=torch.float32)
+    assert model.fused is fused_kernels_default("cuda")
+    assert not any(k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight",
+                               "up_proj.weight")) for k in sd)
+    assert len(sd) == n - 5 * hf.config.num_hidden_layers
+    o_proj = sd["language_model.model.layers.0.self_attn.o_proj.weight"]  # kept without a copy
+    assert model.model.layers[0].self_attn.o_proj.weight.data_ptr() == o_proj.data_ptr()
+
+
+@pytest.mark.gpu
+@gpu
 @pytest.mark.parametrize("M", [1, 8, 32, 64])
 @pytest.mark.parametrize("N", [3 * 5120, 2 * 13824])  # the merged qkv_proj and gate_up_proj of 13B
 def test_gpu_int8_linear_merged_shapes(M, N):
@@ -337,14 +355,9 @@ def test_gpu_engine_fused_graphs_equal_eager_torch_tokens():
                              num_blocks=64, cuda_graphs=graphs, fused_kernels=fused, max_num_seqs=8)
         assert runner.model.fused is fused
         engine = LLMEngine(runner, None, eos_token_id=2, scheduler_config=SchedulerConfig(max_num_batched_tokens=64))
-        for i, n in enumerate((5, 30, 70)):
-            ids = np.random.default_rng(i).integers(3, 97, n).tolist()
-            engine.add_request(Request(f"r{i}", ids, None, SamplingParams(max_tokens=12, ignore_eos=True)))
-        out: dict[str, list[int]] = {}
-        while engine.has_unfinished():
-            for o in engine.step():
-                out.setdefault(o.request_id, []).extend(o.new_token_ids)
-        return out
+        reqs = [Request(f"r{i}", np.random.default_rng(i).integers(3, 97, n).tolist(), None,
+                        SamplingParams(max_tokens=12, ignore_eos=True)) for i, n in enumerate((5, 30, 70))]
+        return {k: [t for o in v for t in o.new_token_ids] for k, v in engine.generate(reqs).items()}
 
     want = generate(False, False)
     got = generate(True, True)
