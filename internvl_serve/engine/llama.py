@@ -34,10 +34,10 @@ from torch.nn.attention import sdpa_kernel
 
 from internvl_serve.engine.attention import (SDPA_BACKENDS, AttentionFn, AttentionMetadata, sdpa_paged_attention,
                                              write_kv)
-from internvl_serve.engine.parallel import TensorParallel, local_args, shard_state_dict
 from internvl_serve import kernels
+from internvl_serve.engine.parallel import TensorParallel, local_args, shard_state_dict
 from internvl_serve.kernels.fused_ops import (add_rmsnorm, add_rmsnorm_torch, apply_rope, rms_norm_torch, rotary_,
-                                              silu_and_mul)
+                                              silu_and_mul, triton)
 from internvl_serve.kernels.int8_linear import Int8Linear, int8_linear
 
 
@@ -110,17 +110,15 @@ def rope_inv_freq(args: LlamaArgs) -> torch.Tensor:
 # the model
 # ------------------------------------------------------------------------------------------------
 
+FUSED_ENV = "INTERNVL_SERVE_FUSED_KERNELS"
+
+
 def fused_kernels_default(device) -> bool:
     """The fused Triton path: on for CUDA devices unless INTERNVL_SERVE_FUSED_KERNELS=0 (the switch to
     turn it off if it misbehaves on a card), never on the CPU (no Triton there; the torch path keeps the
     CPU tokens bit-identical to the reference)."""
-    from internvl_serve.kernels.fused_ops import triton
-
     off = os.environ.get(FUSED_ENV, "1").strip().lower() in ("0", "false", "no", "off")
     return torch.device(device).type == "cuda" and triton is not None and not off
-
-
-FUSED_ENV = "INTERNVL_SERVE_FUSED_KERNELS"
 
 
 @dataclass
