@@ -3,13 +3,16 @@
 A pure-decode step (every sequence adds one token and samples) has the same shapes at every step for a
 given batch size, so its whole 40-layer forward is captured once per bucket (1, 2, 4, 8, 16, 24, 32,
 48, 64, ...) and replayed: one launch instead of ~2,000, which is what makes decode reach the weights'
-HBM floor. Inside the graph, attention is `kernels.paged_decode_attention` (split-K flash decoding over
-the block tables; grids depend on shapes only) and the K/V write is `kernels.write_kv` (padding rows
-carry slot -1 and are skipped). Block tables and context lengths are static (bucket, max_blocks)
-buffers refreshed before each replay.
+HBM floor. What is captured is the model's own forward (Llama.forward, the only layer loop; with the
+fused norm/rotary/SiLU kernels and merged projections when model.fused) called with a DecodeMetadata,
+which selects the decode attention: `kernels.paged_decode_attention` (split-K flash decoding over the
+block tables; grids depend on shapes only) and the K/V write `kernels.write_kv` (padding rows carry
+slot -1 and are skipped). Block tables and context lengths are static (bucket, max_blocks) buffers
+refreshed before each replay.
 
-Owns: the static buffers, capture and replay. Does not own: scheduling, sampling (done on the graph's
-logits by the runner), prefill (eager, reference attention), or the weights (the Llama module).
+Owns: the static buffers, capture and replay. Does not own: the layer loop and the kernels' selection
+(llama.py), scheduling, sampling (done on the graph's logits by the runner), prefill (eager, reference
+attention), or the weights (the Llama module).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from internvl_serve.kernels import paged_decode_attention, write_kv
+from internvl_serve.engine.llama import DecodeMetadata
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 
@@ -36,24 +39,10 @@ class _Static:
 
 
 def decode_forward(model, token_ids, positions, slots, block_tables, context_lens, kv_caches) -> torch.Tensor:
-    """The decode forward with the fused kernels: (B,) tokens -> (B, vocab) fp32 logits."""
-    args = model.args
-    h = model.embed(token_ids)                                   # (B, hidden)
-    cos = model.rope_cos[positions].unsqueeze(1)                 # (B, 1, D)
-    sin = model.rope_sin[positions].unsqueeze(1)
-    B = h.shape[0]
-    from internvl_serve.engine.llama import apply_rope
-    for layer, (k_cache, v_cache) in zip(model.model.layers, kv_caches):
-        attn = layer.self_attn
-        x = layer.input_layernorm(h)
-        q = apply_rope(attn.q_proj(x).view(B, attn.n_heads, attn.head_dim), cos, sin)
-        k = apply_rope(attn.k_proj(x).view(B, attn.n_kv, attn.head_dim), cos, sin)
-        v = attn.v_proj(x).view(B, attn.n_kv, attn.head_dim)
-        write_kv(k, v, k_cache, v_cache, slots)
-        o = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, attn.scale)
-        h = h + attn.project_out(o.reshape(B, attn.n_heads * attn.head_dim))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return model.lm_head(model.model.norm(h)).float()
+    """One pure-decode step through the model's own forward (Llama.forward, the one layer loop) with
+    DecodeMetadata, which selects the decode kernels: (B,) tokens -> (B, vocab) fp32 logits."""
+    meta = DecodeMetadata(slot_mapping=slots, block_tables=block_tables, context_lens=context_lens)
+    return model(model.embed(token_ids), positions, kv_caches, meta, None)
 
 
 class DecodeGraphs:

@@ -1,21 +1,31 @@
-"""Our LLaMA forward over the paged KV cache (plain PyTorch, gpt-fast style).
+"""Our LLaMA forward over the paged KV cache (plain PyTorch, gpt-fast style, plus fused Triton kernels).
 
 Same weights and the same math as transformers' LlamaForCausalLM: RMSNorm in fp32 then cast then
 * weight; rotate_half RoPE with cos/sin computed in fp32 as HF computes them then cast; GQA through
-num_key_value_heads; SiLU MLP; logits cast to fp32 as HF generate does.
+num_key_value_heads; SiLU MLP; logits cast to fp32 as HF generate does. q/k/v and gate/up are merged
+at load (qkv_proj, gate_up_proj: the checkpoint's weights stacked by rows, after the tensor-parallel
+split; merge_projections).
 
-The batch is ragged and flattened: T tokens of all sequences of one step, (T, hidden) embeddings and (T,)
-positions, and the step's AttentionMetadata (attention.py). Each layer writes its new K/V into the paged
-cache, then calls the attention function (Llama(attention=...): the reference SDPA one by default, a fused
-paged-attention kernel later). Logits are computed only at `logits_indices`.
+`Llama.forward` is the one layer loop, for prefill, decode and mixed steps, eager or captured in a CUDA
+graph (decode_graphs.py). The batch is ragged and flattened: T tokens of all sequences of one step,
+(T, hidden) embeddings and (T,) positions. The metadata selects the attention: an AttentionMetadata
+(attention.py) runs the attention function given at construction (the reference SDPA one by default)
+after the index_copy K/V write; a DecodeMetadata (one token per sequence, padding rows with slot -1)
+runs kernels.write_kv and kernels.paged_decode_attention. Logits are computed only at `logits_indices`.
 
-Does not own: attention metadata (attention.py), the KV tensors, block tables, sampling (runner.py,
-sampler.py).
+Two paths, chosen by `Llama.fused` (load_llama's fused_kernels; default on for CUDA, off on the CPU,
+INTERNVL_SERVE_FUSED_KERNELS=0 turns the default off): fused, one GEMM per merged projection and the
+kernels of kernels/fused_ops.py (add+RMSNorm, rotary in place, SiLU-and-mul); plain, the torch ops
+with each merged projection computed part by part (split_linear), bit-identical to separate linears.
+
+Does not own: attention metadata (attention.py), the kernels (kernels/), the KV tensors, block tables,
+sampling (runner.py, sampler.py), the CUDA graphs (decode_graphs.py).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, MutableMapping
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +34,11 @@ from torch.nn.attention import sdpa_kernel
 
 from internvl_serve.engine.attention import (SDPA_BACKENDS, AttentionFn, AttentionMetadata, sdpa_paged_attention,
                                              write_kv)
+from internvl_serve import kernels
 from internvl_serve.engine.parallel import TensorParallel, local_args, shard_state_dict
+from internvl_serve.kernels.fused_ops import (add_rmsnorm, add_rmsnorm_torch, apply_rope, rms_norm_torch, rotary_,
+                                              silu_and_mul, triton)
+from internvl_serve.kernels.int8_linear import Int8Linear, int8_linear
 
 
 # ------------------------------------------------------------------------------------------------
@@ -96,6 +110,38 @@ def rope_inv_freq(args: LlamaArgs) -> torch.Tensor:
 # the model
 # ------------------------------------------------------------------------------------------------
 
+FUSED_ENV = "INTERNVL_SERVE_FUSED_KERNELS"
+
+
+def fused_kernels_default(device) -> bool:
+    """The fused Triton path: on for CUDA devices unless INTERNVL_SERVE_FUSED_KERNELS=0 (the switch to
+    turn it off if it misbehaves on a card), never on the CPU (no Triton there; the torch path keeps the
+    CPU tokens bit-identical to the reference)."""
+    off = os.environ.get(FUSED_ENV, "1").strip().lower() in ("0", "false", "no", "off")
+    return torch.device(device).type == "cuda" and triton is not None and not off
+
+
+@dataclass
+class DecodeMetadata:
+    """A pure-decode step (one new token per sequence, padded rows allowed) for the Triton kernels:
+    `kernels.write_kv` (slots < 0 skipped) and `kernels.paged_decode_attention`. decode_graphs.py keeps
+    these tensors as a captured bucket's static buffers; Llama.forward selects the kernels by this type."""
+    slot_mapping: torch.Tensor   # (B,) int64; -1 for padding rows
+    block_tables: torch.Tensor   # (B, max_blocks) int32
+    context_lens: torch.Tensor   # (B,) int32 (including the new token; 0 for padding rows)
+
+
+@dataclass
+class _Step:
+    """What every layer of one forward shares: the positions and rope tables, and the path."""
+    fused: bool
+    positions: torch.Tensor                 # (T,)
+    cos_table: torch.Tensor                 # (max_position_embeddings, D)
+    sin_table: torch.Tensor
+    cos: torch.Tensor | None = None         # (T, 1, D) gathered, torch path only
+    sin: torch.Tensor | None = None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -103,46 +149,57 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype  # as HF: normalize in fp32, cast back, then * weight
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm_torch(x, self.weight, self.eps)
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
+                 fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x); residual None: (norm(x), x). One kernel when fused."""
+        if fused:
+            return add_rmsnorm(x, residual, self.weight, self.eps, use_triton=True)
+        return add_rmsnorm_torch(x, residual, self.weight, self.eps)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (T, heads, D); cos, sin (T, 1, D)."""
-    return x * cos + rotate_half(x) * sin
+def split_linear(linear: nn.Module, x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """A merged projection computed part by part (one matmul per row slice of its weight): the torch
+    path's numerics equal those of separate q/k/v (gate/up) linears, bit for bit."""
+    if isinstance(linear, Int8Linear):
+        return [int8_linear(x, w, s) for w, s in zip(linear.weight.split(sizes), linear.scale.split(sizes))]
+    return [F.linear(x, w) for w in linear.weight.split(sizes)]
 
 
 class Attention(nn.Module):
     """args: this rank's sizes (local_args under tensor parallelism: its heads only); tp: the group whose
-    partial o_proj outputs are summed."""
+    partial o_proj outputs are summed. qkv_proj: q, k and v stacked by output rows (built at load)."""
 
     def __init__(self, args: LlamaArgs, attention: AttentionFn, tp: TensorParallel):
         super().__init__()
         self.tp = tp
         hidden = args.hidden_size
         self.n_heads, self.n_kv, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
-        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=False)
+        self.q_size, self.kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, hidden, bias=False)
         self.scale = self.head_dim ** -0.5
         self.attention = attention
 
-    def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
-        T = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(T, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(T, self.n_kv, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(T, self.n_kv, self.head_dim)
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        o = self.attention(q, k_cache, v_cache, meta, self.scale)  # (T, H, D)
-        return self.project_out(o.reshape(T, self.n_heads * self.head_dim))
+    def forward(self, x, step: _Step, k_cache, v_cache, meta):
+        T, D = x.shape[0], self.head_dim
+        if step.fused:  # one GEMM, RoPE in place on its q and k heads
+            qkv = self.qkv_proj(x).view(T, self.n_heads + 2 * self.n_kv, D)
+            rotary_(qkv, step.positions, step.cos_table, step.sin_table, self.n_heads + self.n_kv, use_triton=True)
+            q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)
+        else:
+            q, k, v = split_linear(self.qkv_proj, x, [self.q_size, self.kv_size, self.kv_size])
+            q = apply_rope(q.view(T, self.n_heads, D), step.cos, step.sin)
+            k = apply_rope(k.view(T, self.n_kv, D), step.cos, step.sin)
+            v = v.view(T, self.n_kv, D)
+        if isinstance(meta, DecodeMetadata):
+            kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+            o = kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale)
+        else:
+            write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+            o = self.attention(q, k_cache, v_cache, meta, self.scale)  # (T, H, D)
+        return self.project_out(o.reshape(T, self.q_size))
 
     def project_out(self, o: torch.Tensor) -> torch.Tensor:
         """o_proj, summed over the tensor-parallel ranks (each holds its heads' columns)."""
@@ -150,15 +207,22 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """gate_up_proj: gate and up stacked by output rows (built at load)."""
+
     def __init__(self, args: LlamaArgs, tp: TensorParallel):
         super().__init__()
         self.tp = tp
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.intermediate_size = args.intermediate_size
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
-    def forward(self, x):
-        return self.tp.all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+    def forward(self, x, fused: bool = False):
+        if fused:
+            a = silu_and_mul(self.gate_up_proj(x), use_triton=True)
+        else:
+            gate, up = split_linear(self.gate_up_proj, x, [self.intermediate_size] * 2)
+            a = F.silu(gate) * up
+        return self.tp.all_reduce(self.down_proj(a))
 
 
 class DecoderLayer(nn.Module):
@@ -169,9 +233,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args, tp)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, h, residual, step: _Step, k_cache, v_cache, meta):
+        """h: the previous layer's output (its MLP's), residual: the running sum before it (None at the
+        first layer, where h is the embeddings). Returns this layer's (MLP output, residual): the hidden
+        state is their sum, added by the next norm (fused with it)."""
+        x, residual = self.input_layernorm.add_norm(h, residual, step.fused)
+        h = self.self_attn(x, step, k_cache, v_cache, meta)
+        x, residual = self.post_attention_layernorm.add_norm(h, residual, step.fused)
+        return self.mlp(x, step.fused), residual
 
 
 class LlamaModel(nn.Module):
@@ -183,19 +252,24 @@ class LlamaModel(nn.Module):
 
 
 class Llama(nn.Module):
-    """Module names equal HF's LlamaForCausalLM: model.embed_tokens, model.layers.i..., model.norm, lm_head.
+    """Module names equal HF's LlamaForCausalLM (model.embed_tokens, model.layers.i..., model.norm,
+    lm_head), except the merged self_attn.qkv_proj and mlp.gate_up_proj (load_llama builds them).
 
     args: the model's sizes; under tensor parallelism (tp.world_size > 1) the layers hold this rank's
-    slice (local_args: its heads and its part of the MLP), embeddings, norms and lm_head are whole."""
+    slice (local_args: its heads and its part of the MLP), embeddings, norms and lm_head are whole.
+    fused: run the Triton kernels (add+RMSNorm, rotary, SiLU-and-mul) and one GEMM per merged
+    projection; off: the plain torch ops (the CPU path, bit-identical to separate projections).
+    load_llama sets it (fused_kernels_default); it may be changed at any time before a forward."""
 
     def __init__(self, args: LlamaArgs, attention: AttentionFn = sdpa_paged_attention,
-                 tp: TensorParallel | None = None):
+                 tp: TensorParallel | None = None, fused: bool = False):
         super().__init__()
         self.args = args
         self.tp = tp or TensorParallel()
         self.local_args = local_args(args, self.tp.world_size)
         self.model = LlamaModel(self.local_args, attention, self.tp)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.fused = fused
         self.rope_cos: torch.Tensor | None = None  # (max_position_embeddings, head_dim), model dtype
         self.rope_sin: torch.Tensor | None = None
 
@@ -212,17 +286,26 @@ class Llama(nn.Module):
         return self.model.embed_tokens(token_ids)
 
     def forward(self, input_embeds: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
-                logits_indices: torch.Tensor) -> torch.Tensor:
-        """input_embeds (T, hidden); positions (T,); kv_caches[i] = (k, v), each (num_blocks, block_size,
-        Hkv, D); logits_indices (S,) -> logits (S, vocab) in fp32."""
-        cos = self.rope_cos[positions].unsqueeze(1)  # (T, 1, D)
-        sin = self.rope_sin[positions].unsqueeze(1)
-        h = input_embeds
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata | DecodeMetadata,
+                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """The one layer loop, for prefill, decode and mixed steps, eager or captured in a CUDA graph.
+
+        input_embeds (T, hidden); positions (T,); kv_caches[i] = (k, v), each (num_blocks, block_size,
+        Hkv, D); meta: AttentionMetadata (the attention function given at construction) or
+        DecodeMetadata (the decode kernels); logits_indices (S,) rows to compute logits for (None: every
+        row) -> logits (S, vocab) in fp32."""
+        step = _Step(self.fused, positions, self.rope_cos, self.rope_sin)
+        if not self.fused:
+            step.cos = self.rope_cos[positions].unsqueeze(1)  # (T, 1, D)
+            step.sin = self.rope_sin[positions].unsqueeze(1)
+        h, residual = input_embeds, None
         with sdpa_kernel(SDPA_BACKENDS):
             for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches):
-                h = layer(h, cos, sin, k_cache, v_cache, meta)
-        h = self.model.norm(h.index_select(0, logits_indices))  # per-row norm: select first
+                h, residual = layer(h, residual, step, k_cache, v_cache, meta)
+        if logits_indices is not None:  # per-row norm: select first
+            h = h.index_select(0, logits_indices)
+            residual = None if residual is None else residual.index_select(0, logits_indices)
+        h, _ = self.model.norm.add_norm(h, residual, self.fused)
         return self.lm_head(h).float()
 
 
@@ -260,22 +343,65 @@ def sanitize_state_dict(state_dict: Mapping[str, torch.Tensor], args: LlamaArgs)
     return out
 
 
+# the merged projections: (our key, the checkpoint's keys whose weights it stacks by output rows)
+MERGED = (("self_attn.qkv_proj.weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                         "self_attn.v_proj.weight")),
+          ("mlp.gate_up_proj.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight")))
+
+
+def merge_projections(weights: dict[str, torch.Tensor], num_layers: int, *, device, dtype,
+                      source: Mapping | None = None) -> dict[str, torch.Tensor]:
+    """In place on `weights` (sanitized, sharded): q/k/v -> qkv_proj and gate/up -> gate_up_proj of every
+    layer, each one new (rows, in) tensor on `device` in `dtype` (the parts copied in, no intermediate).
+    Per layer, the parts leave `weights`; where they are CUDA tensors they also leave `source` (the
+    caller's dict, under their key or its `language_model.` form), so a state dict already on the GPU is
+    never held twice: the unmerged copies are freed layer by layer (the policy quantize_model_ follows)."""
+    for i in range(num_layers):
+        p = f"model.layers.{i}."
+        for merged, parts in MERGED:
+            tensors = [weights.pop(p + k) for k in parts]
+            out = torch.empty(sum(t.shape[0] for t in tensors), tensors[0].shape[1], device=device, dtype=dtype)
+            row = 0
+            for t in tensors:
+                out[row:row + t.shape[0]].copy_(t)
+                row += t.shape[0]
+            weights[p + merged] = out
+            if isinstance(source, MutableMapping) and any(t.is_cuda for t in tensors):
+                for k in parts:
+                    source.pop(p + k, None)
+                    source.pop("language_model." + p + k, None)
+            del tensors
+    return weights
+
+
 def load_llama(config, state_dict: Mapping[str, torch.Tensor], *, device, dtype,
-               attention: AttentionFn = sdpa_paged_attention, tp: TensorParallel | None = None) -> Llama:
+               attention: AttentionFn = sdpa_paged_attention, tp: TensorParallel | None = None,
+               fused_kernels: bool | None = None) -> Llama:
     """Build Llama on the meta device and take the state dict's tensors (moved/cast only where needed:
     a state dict already on `device` in `dtype` is used without a copy). Under tensor parallelism the
-    full state dict is given and this rank's slices are taken (parallel.shard_state_dict)."""
+    full state dict is given and this rank's slices are taken (parallel.shard_state_dict); then q/k/v
+    and gate/up are merged (merge_projections: CUDA tensors leave the caller's dict as they are merged).
+    fused_kernels: None -> fused_kernels_default(device)."""
     args = LlamaArgs.from_config(config)
     tp = tp or TensorParallel()
     weights = shard_state_dict(sanitize_state_dict(state_dict, args), tp.rank, tp.world_size)
     with torch.device("meta"):
         model = Llama(args, attention, tp)
+    a = model.local_args
+    part_shapes = {"self_attn.q_proj.weight": (a.num_attention_heads * a.head_dim, a.hidden_size),
+                   "self_attn.k_proj.weight": (a.num_key_value_heads * a.head_dim, a.hidden_size),
+                   "self_attn.v_proj.weight": (a.num_key_value_heads * a.head_dim, a.hidden_size),
+                   "mlp.gate_proj.weight": (a.intermediate_size, a.hidden_size),
+                   "mlp.up_proj.weight": (a.intermediate_size, a.hidden_size)}
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    for key, value in weights.items():
-        if tuple(value.shape) != shapes[key]:
-            raise ValueError(f"{key}: shape {tuple(value.shape)}, expected {shapes[key]} from the config")
+    for key, value in weights.items():  # the checkpoint's layout, before merging: errors name its keys
+        want = shapes.get(key) or next(s for suffix, s in part_shapes.items() if key.endswith("." + suffix))
+        if tuple(value.shape) != want:
+            raise ValueError(f"{key}: shape {tuple(value.shape)}, expected {want} from the config")
+    merge_projections(weights, args.num_hidden_layers, device=device, dtype=dtype, source=state_dict)
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in weights.items()},
                           strict=True, assign=True)
     model.requires_grad_(False)
     model.init_rope(torch.device(device), dtype)
+    model.fused = fused_kernels_default(device) if fused_kernels is None else bool(fused_kernels)
     return model.eval()

@@ -1,12 +1,13 @@
 """Weight-only int8 for the engine's LLaMA (gpt-fast's quantize.py, for our model).
 
 Owns: the engine's `quantization` option ("int8" or none) and what it does to a loaded Llama
-(engine/llama.py): the seven projections of every layer (q/k/v/o_proj, gate/up/down_proj) become
-`Int8Linear`s, in place (int8 weight, one float32 scale per output channel; the Triton kernel on CUDA
+(engine/llama.py): the four projections of every layer (the merged qkv_proj, o_proj, the merged
+gate_up_proj, down_proj) become `Int8Linear`s, in place (int8 weight, one float32 scale per output channel; the Triton kernel on CUDA
 for decode batch sizes, a plain dequantize-and-matmul in PyTorch on the CPU and for prefill-sized
 inputs). lm_head, the embeddings and the norms stay in the model dtype. Swapping modules keeps every
-call site (`attn.q_proj(x)` in llama.py and decode_graphs.py), so the captured CUDA-graph decode
-replays the int8 kernels once the swap happened before capture.
+call site (`attn.qkv_proj(x)` in llama.py, the one forward the decode graphs capture), so the
+captured CUDA-graph decode replays the int8 kernels once the swap happened before capture. Quantizing a
+merged weight equals quantizing its parts: the scales are per output channel (row).
 
 Does not own: the kernels and Int8Linear (kernels/int8_linear.py), loading weights (llama.py), or when to
 quantize (ModelRunner applies it after load_llama, before sizing the KV cache, so the cache gets the
@@ -18,9 +19,11 @@ from typing import MutableMapping
 
 from torch import nn
 
-from internvl_serve.kernels.int8_linear import LLAMA_PROJECTIONS, Int8Linear, quantize_llama_linears
+from internvl_serve.kernels.int8_linear import Int8Linear, quantize_llama_linears
 
 QUANTIZATIONS = ("int8",)
+# our Llama's projections (q/k/v and gate/up merged at load: llama.merge_projections)
+ENGINE_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 def validate_quantization(quantization: str | None) -> str | None:
@@ -35,13 +38,13 @@ def validate_quantization(quantization: str | None) -> str | None:
 
 
 def quantize_llama_int8_(model: nn.Module) -> nn.Module:
-    """Replace, in place, the q/k/v/o/gate/up/down projections of every decoder layer with Int8Linear
+    """Replace, in place, the qkv/o/gate_up/down projections of every decoder layer with Int8Linear
     (symmetric per-output-channel scales). Returns the model. Each bf16 weight is freed as soon as its
     module is replaced, provided nothing else holds it (see quantize_model_ for the loader's dict)."""
     layers = model.model.layers
-    n = quantize_llama_linears(model.model.layers, names=LLAMA_PROJECTIONS, include_lm_head=False)
-    if n != len(LLAMA_PROJECTIONS) * len(layers):
-        raise ValueError(f"int8: replaced {n} linears, expected {len(LLAMA_PROJECTIONS)} per layer x "
+    n = quantize_llama_linears(model.model.layers, names=ENGINE_PROJECTIONS, include_lm_head=False)
+    if n != len(ENGINE_PROJECTIONS) * len(layers):
+        raise ValueError(f"int8: replaced {n} linears, expected {len(ENGINE_PROJECTIONS)} per layer x "
                          f"{len(layers)} layers (already quantized, or not our Llama?)")
     return model
 

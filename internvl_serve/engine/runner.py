@@ -84,7 +84,8 @@ class ModelRunner:
                  gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int = 2048,
                  max_num_seqs: int = 256, attention: AttentionFn = sdpa_paged_attention,
                  reserved_bytes: int = 0, cuda_graphs: bool | None = None,
-                 tp: TensorParallel | None = None, quantization: str | None = None):
+                 tp: TensorParallel | None = None, quantization: str | None = None,
+                 fused_kernels: bool | None = None):
         # reserved_bytes: device memory that other processes (the vision model's Triton instance) will
         # hold, whether or not they have loaded yet: Triton loads models in parallel, in no fixed order.
         self.reserved_bytes = int(reserved_bytes)
@@ -100,8 +101,10 @@ class ModelRunner:
         # Tensor parallelism: every rank builds this runner with its slice of the weights and of the KV
         # heads; rank 0 sends each step's inputs to the others through `channel` (parallel.py).
         self.tp = tp or TensorParallel()
+        # fused_kernels: the Triton norm/rotary/SiLU kernels and merged-projection GEMMs (llama.py); None:
+        # on for CUDA unless INTERNVL_SERVE_FUSED_KERNELS=0, off on the CPU.
         self.model = load_llama(self.args, state_dict, device=self.device, dtype=self.dtype, attention=attention,
-                                tp=self.tp)
+                                tp=self.tp, fused_kernels=fused_kernels)
         # quantization "int8": weight-only int8 projections (quantize.py), before the KV cache is sized
         # and the decode graphs are captured; it empties state_dict so the bf16 weights can be freed.
         self.quantization = validate_quantization(quantization)

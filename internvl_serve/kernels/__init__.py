@@ -3,11 +3,14 @@
 - paged_attention: flash-decoding attention of one new token per sequence over a block-paged KV
   cache of any strides, and the KV-cache write (`write_kv`).
 - int8_linear: weight-only int8 linears (per-output-channel scales) for the language model.
+- fused_ops: the LLaMA layer's elementwise work fused: residual add + RMSNorm, rotary in place,
+  SiLU-and-mul (engine/llama.py calls them when its fused path is on).
 
 Every public function takes `use_triton=None` (Triton on CUDA tensors, torch elsewhere), so the
 engine calls the same function on the CPU test machines and on the GPU.
 """
 
+from internvl_serve.kernels.fused_ops import add_rmsnorm, rotary_, silu_and_mul
 from internvl_serve.kernels.int8_linear import (
     Int8Linear,
     LogitError,
@@ -25,6 +28,9 @@ from internvl_serve.kernels.paged_attention import (
 )
 
 __all__ = [
+    "add_rmsnorm",
+    "rotary_",
+    "silu_and_mul",
     "Int8Linear",
     "LogitError",
     "compare_logits",

@@ -11,7 +11,7 @@ from internvl_serve.checkpoint import load_state_dict
 from internvl_serve.config import InternVLChatConfig
 from internvl_serve.engine import LLMEngine, ModelRunner, Request, SamplingParams, SchedulerConfig
 from internvl_serve.engine.llama import load_llama
-from internvl_serve.engine.quantize import is_quantized, quantize_llama_int8_, quantize_model_, \
+from internvl_serve.engine.quantize import ENGINE_PROJECTIONS, is_quantized, quantize_llama_int8_, quantize_model_, \
     validate_quantization
 from internvl_serve.kernels import Int8Linear, compare_logits, quantize_weight
 from internvl_serve.kernels.int8_linear import LLAMA_PROJECTIONS
@@ -81,12 +81,12 @@ def test_quantize_swaps_the_seven_projections_and_keeps_the_rest(tiny_checkpoint
     assert not is_quantized(model)
     assert quantize_llama_int8_(model) is model and is_quantized(model)
     for layer in model.model.layers:
-        for name in LLAMA_PROJECTIONS:
-            parent = layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
+        for name in ENGINE_PROJECTIONS:
+            parent = layer.self_attn if name in ("qkv_proj", "o_proj") else layer.mlp
             module = getattr(parent, name)
             assert isinstance(module, Int8Linear) and module.weight.dtype == torch.int8, name
     swapped = sum(isinstance(m, Int8Linear) for m in model.modules())
-    assert swapped == 7 * config.llm_config.num_hidden_layers
+    assert swapped == 4 * config.llm_config.num_hidden_layers
     assert type(model.lm_head) is nn.Linear and model.lm_head.weight is lm_head
     assert model.model.embed_tokens.weight is embed and model.model.norm.weight is norm
     with pytest.raises(ValueError, match="replaced 0 linears"):

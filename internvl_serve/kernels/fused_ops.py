@@ -1,0 +1,218 @@
+"""Fused elementwise kernels of the LLaMA layer: residual add + RMSNorm, rotary embedding, SiLU-and-mul.
+
+Owns: three Triton kernels and their plain-torch versions (the CPU path and the test references):
+- `add_rmsnorm(x, residual, weight, eps)`: residual + x and the RMSNorm of that sum in one pass over the
+  row; returns (normed, new_residual). residual None: the norm of x alone, (normed, x).
+- `rotary_(qk, positions, cos, sin)`: rotate_half RoPE in place on the first heads of a (T, heads, D)
+  view (the q and k heads of a merged qkv output), cos/sin gathered in-kernel from the per-position tables.
+- `silu_and_mul(gate_up)`: silu(gate) * up of a merged (T, 2 * I) gate/up output -> (T, I).
+
+Numerics follow transformers' LLaMA in the model dtype, rounding where the eager torch ops round:
+RMSNorm as LlamaRMSNorm (sum of squares and rsqrt in fp32, `weight * normed.to(input_dtype)`); the
+residual sum rounded to the dtype before the norm reads it; RoPE as `x * cos + rotate_half(x) * sin`
+with each product rounded to the dtype before the sum; silu rounded before the multiply. Only the
+reduction order, rsqrt/exp and fp contraction can differ from the eager ops.
+
+One program per row (norm), per (token, head) (rotary) or per (row, 1024 columns) (silu): block sizes
+are powers of two >= the dims, masked. Grids depend on shapes only, so the launches can be captured in
+a CUDA graph. Every public function takes `use_triton=None` (Triton on CUDA tensors, torch elsewhere).
+
+Does not own: where the model calls them (engine/llama.py), the rope tables (Llama.init_rope).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU-only install has no triton: the torch paths below still work
+    triton = None
+    tl = None
+
+
+def _use_triton(x: torch.Tensor, use_triton: bool | None) -> bool:
+    return (x.is_cuda and triton is not None) if use_triton is None else use_triton
+
+
+# --------------------------------------------------------------------------------------------------
+# torch versions: the CPU path and the references (the same ops as the eager model, in the same order)
+# --------------------------------------------------------------------------------------------------
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: normalize in fp32, cast back, then * weight."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def add_rmsnorm_torch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if residual is not None:
+        x = residual + x
+    return rms_norm_torch(x, weight, eps), x
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (T, heads, D); cos, sin (T, 1, D)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def rotary_torch_(qk: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  num_heads: int | None = None) -> torch.Tensor:
+    n = qk.shape[1] if num_heads is None else num_heads
+    c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+    qk[:, :n] = apply_rope(qk[:, :n], c, s)
+    return qk
+
+
+def silu_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _add_rmsnorm_kernel(
+        x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
+        N, eps,
+        stride_x, stride_r, stride_o, stride_ro,
+        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < N
+        dtype = out_ptr.dtype.element_ty
+        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
+            s = (r + x).to(dtype)  # rounded as the eager add rounds, then normalized
+            tl.store(res_out_ptr + row * stride_ro + offs, s, mask=mask)
+            x = s.to(tl.float32)
+        var = tl.sum(x * x, axis=0) / N
+        normed = (x * (1.0 / tl.sqrt(var + eps))).to(dtype)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_o + offs, (w * normed.to(tl.float32)).to(dtype), mask=mask)
+
+    @triton.jit
+    def _rotary_kernel(
+        qk_ptr, pos_ptr, cos_ptr, sin_ptr,
+        stride_t, stride_h, stride_c, stride_s,
+        HALF: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < HALF
+        dtype = qk_ptr.dtype.element_ty
+        pos = tl.load(pos_ptr + t).to(tl.int64)
+        base = qk_ptr + t * stride_t + h * stride_h
+        x1 = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(base + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+        c1 = tl.load(cos_ptr + pos * stride_c + offs, mask=mask, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + pos * stride_c + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + pos * stride_s + offs, mask=mask, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + pos * stride_s + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+        # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1); each product rounded to the dtype
+        o1 = (x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)
+        o2 = (x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)
+        tl.store(base + offs, o1.to(dtype), mask=mask)
+        tl.store(base + HALF + offs, o2.to(dtype), mask=mask)
+
+    @triton.jit
+    def _silu_and_mul_kernel(
+        gu_ptr, out_ptr, N, stride_g, stride_o,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        dtype = out_ptr.dtype.element_ty
+        g = tl.load(gu_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + row * stride_g + N + offs, mask=mask, other=0.0).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+        tl.store(out_ptr + row * stride_o + offs, (s * u).to(dtype), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# public functions
+# --------------------------------------------------------------------------------------------------
+
+
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual (T, N) in one dtype, weight (N,) -> (rmsnorm(residual + x) * weight, residual + x),
+    both new (T, N) tensors in x's dtype. residual None -> (rmsnorm(x) * weight, x)."""
+    if not _use_triton(x, use_triton):
+        return add_rmsnorm_torch(x, residual, weight, eps)
+    T, N = x.shape
+    assert x.stride(1) == 1 and weight.shape == (N,) and weight.is_contiguous(), (x.stride(), weight.shape)
+    out = torch.empty((T, N), dtype=x.dtype, device=x.device)
+    if residual is not None:
+        assert residual.shape == x.shape and residual.dtype == x.dtype and residual.stride(1) == 1
+        res_out = torch.empty((T, N), dtype=x.dtype, device=x.device)
+    else:
+        residual, res_out = x, out  # unused by the kernel
+    if T:
+        block = triton.next_power_of_2(N)
+        _add_rmsnorm_kernel[(T,)](
+            x, residual, weight, out, res_out, N, float(eps),
+            x.stride(0), residual.stride(0), out.stride(0), res_out.stride(0),
+            HAS_RESIDUAL=res_out is not out, BLOCK=block,
+            num_warps=8 if block >= 4096 else (4 if block >= 1024 else 1),
+        )
+    return out, (res_out if res_out is not out else x)
+
+
+def rotary_(qk: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            num_heads: int | None = None, use_triton: bool | None = None) -> torch.Tensor:
+    """In place: rotate_half RoPE of heads [0, num_heads) (all by default) of qk (T, heads, D), a view
+    with any strides whose last dim is contiguous; positions (T,) int; cos, sin (max_positions, D) in
+    qk's dtype (rows: positions). Returns qk."""
+    if not _use_triton(qk, use_triton):
+        return rotary_torch_(qk, positions, cos, sin, num_heads)
+    T, H, D = qk.shape
+    n = H if num_heads is None else num_heads
+    assert D % 2 == 0 and qk.stride(2) == 1 and cos.stride(1) == 1 and sin.stride(1) == 1
+    assert positions.shape == (T,) and cos.shape[1] == D and sin.shape[1] == D
+    if T and n:
+        _rotary_kernel[(T, n)](
+            qk, positions, cos, sin,
+            qk.stride(0), qk.stride(1), cos.stride(0), sin.stride(0),
+            HALF=D // 2, BLOCK=triton.next_power_of_2(D // 2),
+            num_warps=1,
+        )
+    return qk
+
+
+_SILU_BLOCK = 1024
+
+
+def silu_and_mul(gate_up: torch.Tensor, use_triton: bool | None = None) -> torch.Tensor:
+    """gate_up (T, 2 * I), gate in the first I columns -> silu(gate) * up, a new (T, I) tensor."""
+    if not _use_triton(gate_up, use_triton):
+        return silu_and_mul_torch(gate_up)
+    T, N2 = gate_up.shape
+    assert N2 % 2 == 0 and gate_up.stride(1) == 1
+    N = N2 // 2
+    out = torch.empty((T, N), dtype=gate_up.dtype, device=gate_up.device)
+    if T:
+        block = min(_SILU_BLOCK, triton.next_power_of_2(N))
+        _silu_and_mul_kernel[(T, triton.cdiv(N, block))](
+            gate_up, out, N, gate_up.stride(0), out.stride(0),
+            BLOCK=block, num_warps=4,
+        )
+    return out
