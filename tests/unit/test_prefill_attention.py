@@ -1,0 +1,222 @@
+"""Tests of the varlen paged prefill kernel (kernels/prefill_attention.py) and its wiring (engine/attention.py).
+
+Three tiers, as tests/unit/test_kernels.py:
+- torch only (always run): the tile split, the switch (CPU keeps the reference; INTERNVL_PREFILL_KERNEL=0
+  turns the kernel off on CUDA), the reference's groups built lazily from the same metadata.
+- the Triton kernel under the CPU interpreter (TRITON_INTERPRET=1, in a subprocess: this file is its
+  script, see the bottom) at small shapes in float32 and float16, against the reference SDPA path
+  (`sdpa_paged_attention`) run in float64: several sequences of different chunk and context lengths,
+  decodes (one query) in the same step, GQA/MQA, block sizes that are and are not powers of two, a chunk
+  whose context spans many blocks, a permuted cache layout, NaN in every slot no sequence owns.
+- @pytest.mark.gpu: the compiled kernel at the 13B shapes in bfloat16, and a tiny model whose greedy
+  tokens are the same with the kernel on and off.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from internvl_serve.engine.attention import (PREFILL_KERNEL_ENV, build_attention_metadata, paged_attention,
+                                             prefill_kernel_default, sdpa_paged_attention)
+from internvl_serve.kernels.prefill_attention import prefill_block_m, prefill_tiles
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA = torch.cuda.is_available()
+
+
+def make_step(seqs, Hq, Hkv, D, block_size, dtype, device="cpu", layout="bthd", extra_blocks=3):
+    """One step: seqs is a list of (ctx, q) = (tokens already cached, this step's tokens).
+
+    Returns q (T, Hq, D), k_cache, v_cache, block_tables (B, M) int32, q_lens, ctx_lens. Every key of a
+    sequence up to ctx + q is written (as the engine writes the step's K/V before attention); every
+    other slot holds NaN, and unused table entries point at a NaN block. Block ids are shuffled.
+    """
+    ctx_lens = [c for c, _ in seqs]
+    q_lens = [q for _, q in seqs]
+    need = [-(-(c + q) // block_size) for c, q in seqs]
+    num_blocks = sum(need) + extra_blocks
+    perm = torch.randperm(num_blocks, device=device)
+    shape = (num_blocks, block_size, Hkv, D) if layout == "bthd" else (num_blocks, Hkv, block_size, D)
+    k_store = torch.full(shape, float("nan"), dtype=dtype, device=device)
+    v_store = torch.full(shape, float("nan"), dtype=dtype, device=device)
+    k_cache = k_store if layout == "bthd" else k_store.permute(0, 2, 1, 3)
+    v_cache = v_store if layout == "bthd" else v_store.permute(0, 2, 1, 3)
+    width = max(need) + 1
+    tables = torch.full((len(seqs), width), int(perm[-1]), dtype=torch.int32, device=device)
+    first = 0
+    for b, (c, q) in enumerate(seqs):
+        blocks = perm[first:first + need[b]]
+        first += need[b]
+        tables[b, :need[b]] = blocks.int()
+        n = c + q
+        kv = torch.randn(2, need[b] * block_size, Hkv, D, device=device).to(dtype)
+        kv[:, n:] = float("nan")  # the tail of the last block is not this sequence's
+        k_cache[blocks.long()] = kv[0].view(need[b], block_size, Hkv, D)
+        v_cache[blocks.long()] = kv[1].view(need[b], block_size, Hkv, D)
+    q = torch.randn(sum(q_lens), Hq, D, device=device).to(dtype)
+    return q, k_cache, v_cache, tables, q_lens, ctx_lens
+
+
+def reference(q, k_cache, v_cache, tables, q_lens, ctx_lens, block_size, scale):
+    """The engine's reference attention (SDPA over gathered K/V) in float64."""
+    meta, _ = build_attention_metadata(q_lens, ctx_lens, tables, block_size, prefill_kernel=False)
+    k, v = k_cache.double().contiguous(), v_cache.double().contiguous()  # the reference needs (N, bs, Hkv, D) storage
+    return sdpa_paged_attention(q.double(), k, v, meta, scale)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), "output has NaN/inf: a row was not written or a bad slot was read"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def check_kernel(seqs, Hq, Hkv, D, block_size, dtype, device, layout="bthd", tol=1e-5,
+                 block_m=None, block_n=None) -> float:
+    q, k, v, bt, q_lens, ctx_lens = make_step(seqs, Hq, Hkv, D, block_size, dtype, device, layout)
+    scale = D ** -0.5
+    ref = reference(q, k, v, bt, q_lens, ctx_lens, block_size, scale)
+    if block_m is None and block_n is None:  # the engine's path: metadata + paged_attention
+        meta, _ = build_attention_metadata(q_lens, ctx_lens, bt, block_size, prefill_kernel=True)
+        assert meta.prefill_tiles is not None
+        out = paged_attention(q, k, v, meta, scale)
+    else:  # other tilings, straight to the kernel
+        from internvl_serve.kernels.prefill_attention import paged_prefill_attention
+        meta, _ = build_attention_metadata(q_lens, ctx_lens, bt, block_size, prefill_kernel=False)
+        ts, st = prefill_tiles(q_lens, block_m)
+        out = torch.full_like(q, float("nan"))
+        paged_prefill_attention(q, k, v, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                                torch.from_numpy(ts).to(device), torch.from_numpy(st).to(device), scale,
+                                block_m, out=out, block_n=block_n)
+    err = rel_err(out, ref)
+    assert err < tol, f"{seqs} Hq={Hq} Hkv={Hkv} D={D} bs={block_size} {dtype} {layout}: rel err {err:.2e}"
+    return err
+
+
+# The interpreted cases, run by the subprocess (see the bottom of the file).
+INTERPRETED_CASES = [
+    # seqs [(ctx, q)], Hq, Hkv, D, block_size, dtype, layout, block_m, block_n
+    ([(0, 37), (5, 1), (100, 20), (0, 1)], 4, 4, 32, 16, torch.float32, "bthd", None, None),  # MHA, mixed
+    ([(300, 70), (250, 1), (17, 1), (0, 3)], 8, 2, 32, 16, torch.float16, "bthd", None, None),  # GQA, long ctx
+    ([(45, 30), (0, 1), (11, 13)], 6, 1, 24, 12, torch.float32, "bhtd", None, None),  # MQA, D and bs not 2^k
+    ([(0, 1), (1, 1), (31, 1), (64, 1)], 4, 2, 32, 16, torch.float32, "bthd", None, None),  # decodes only
+    ([(200, 40), (0, 64), (3, 1)], 4, 2, 32, 8, torch.float32, "bhtd", 32, 16),  # many key steps
+    ([(130, 50), (7, 2)], 4, 4, 16, 4, torch.float16, "bthd", 16, 32),  # tiny blocks: 4 per key step
+]
+
+
+def run_interpreted_checks() -> None:
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    for seqs, Hq, Hkv, D, bs, dtype, layout, bm, bn in INTERPRETED_CASES:
+        tol = 1e-5 if dtype == torch.float32 else 2e-3
+        err = check_kernel(seqs, Hq, Hkv, D, bs, dtype, "cpu", layout, tol, bm, bn)
+        print(f"prefill {seqs} Hq={Hq} Hkv={Hkv} D={D} bs={bs} {dtype} {layout} bm={bm} bn={bn}: rel err {err:.1e}")
+
+
+# --------------------------------------------------------------------------------------------------
+# tier 1: torch only
+# --------------------------------------------------------------------------------------------------
+
+
+def test_prefill_tiles_cover_every_query_once():
+    q_lens = [37, 1, 0, 64, 65]
+    ts, st = prefill_tiles(q_lens, 16)
+    covered = {(b, i) for b, s in zip(ts, st) for i in range(s, min(s + 16, q_lens[b]))}
+    assert covered == {(b, i) for b, n in enumerate(q_lens) for i in range(n)}
+    assert len(ts) == sum(-(-n // 16) for n in q_lens)  # no tile is empty; none for a zero-length sequence
+    assert ts.dtype == np.int32 and st.dtype == np.int32
+    assert prefill_block_m(1) == 16 and prefill_block_m(17) == 64
+
+
+def test_cpu_default_is_the_reference():
+    q, k, v, bt, q_lens, ctx_lens = make_step([(5, 3), (0, 1)], 4, 2, 16, 4, torch.float32)
+    meta, _ = build_attention_metadata(q_lens, ctx_lens, bt, 4)
+    assert meta.prefill_tiles is None and not prefill_kernel_default(torch.device("cpu"))
+    torch.testing.assert_close(paged_attention(q, k, v, meta, 0.25), sdpa_paged_attention(q, k, v, meta, 0.25))
+
+
+def test_env_turns_the_kernel_off_on_cuda(monkeypatch):
+    monkeypatch.setenv(PREFILL_KERNEL_ENV, "0")
+    assert not prefill_kernel_default(torch.device("cuda"))
+    monkeypatch.delenv(PREFILL_KERNEL_ENV)
+    assert prefill_kernel_default(torch.device("cuda")) == HAS_TRITON
+
+
+def test_reference_groups_are_built_once_and_only_when_read():
+    q, k, v, bt, q_lens, ctx_lens = make_step([(9, 6), (2, 1), (0, 4)], 4, 4, 16, 4, torch.float32)
+    meta, _ = build_attention_metadata(q_lens, ctx_lens, bt, 4)
+    assert meta._groups is None
+    groups = meta.groups
+    assert meta.groups is groups and len(groups) == 2  # decodes and chunks
+
+
+# --------------------------------------------------------------------------------------------------
+# tier 2: the kernel in the CPU interpreter (subprocess)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton==3.7.1)")
+def test_prefill_kernel_interpreted():
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"interpreted prefill checks failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    assert proc.stdout.count("rel err") == len(INTERPRETED_CASES)
+
+
+# --------------------------------------------------------------------------------------------------
+# tier 3: the compiled kernel on the GPU
+# --------------------------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("seqs", [
+    [(0, 2048)],                                               # one whole prefill chunk
+    [(1536, 512)],                                             # a chunk after 96 cached blocks
+    [(int(c), 1) for c in torch.randint(1, 4000, (32,))] + [(700, 512)],  # 32 decodes + a chunk
+    [(0, 1), (15, 1), (16, 1), (4095, 1)],                     # decodes at block edges
+    [(33, 300), (0, 17), (2000, 100), (5, 1)],
+])
+@pytest.mark.parametrize("Hkv", [40, 8])
+def test_gpu_prefill_kernel_bf16(seqs, Hkv):
+    check_kernel(seqs, 40, Hkv, 128, 16, torch.bfloat16, "cuda", tol=1e-2)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_prefill_kernel_fp32_and_permuted_layout():
+    check_kernel([(100, 200), (0, 1), (7, 33)], 40, 40, 128, 16, torch.float32, "cuda", "bhtd", tol=1e-4)
+
+
+@pytest.mark.gpu
+@gpu
+@torch.no_grad()
+def test_gpu_tiny_model_greedy_tokens_same_with_kernel_on_and_off(monkeypatch):
+    # the CPU-and-GPU tiny model of test_engine_gpu.py; a budget of 8 tokens chunks every prompt and
+    # mixes chunks with decodes
+    from test_engine_gpu import engine_for, requests, tiny
+    hf = tiny(torch.float32)
+    runs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv(PREFILL_KERNEL_ENV, flag)
+        reqs = requests(n=6, max_tokens=16)
+        res = engine_for(hf, torch.float32, budget=8).generate(reqs)
+        runs[flag] = [[t for o in res[r.request_id] for t in o.new_token_ids] for r in reqs]
+    assert runs["1"] == runs["0"]
+    assert all(len(t) > 0 for t in runs["1"])
+
+
+if __name__ == "__main__":
+    # The interpreted tier's subprocess: `TRITON_INTERPRET=1 python tests/unit/test_prefill_attention.py`
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    run_interpreted_checks()
