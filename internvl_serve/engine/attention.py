@@ -10,8 +10,9 @@ scaled_dot_product_attention on padded tensors (correct everywhere; memory bound
 `max_gather_tokens` per call). The kernel's tiles are built with the metadata; the reference's groups
 only when the reference first reads them (once per step, shared by all layers).
 
-Switch: `build_attention_metadata(prefill_kernel=...)`; None means on for CUDA block tables when triton
-imports, unless the environment sets INTERNVL_PREFILL_KERNEL=0 (the fallback if the kernel fails on a GPU).
+Switch: `build_attention_metadata(prefill_kernel=...)`; None reads INTERNVL_PREFILL_KERNEL: unset, on for
+CUDA block tables when triton imports; 0, off (the fallback if the kernel fails on a GPU); 1, on (also on
+the CPU under TRITON_INTERPRET=1, which the tests use).
 
 Isolation: a group gathers L keys for every sequence, so a shorter sequence's tail reads slots of free
 blocks or of other requests. Those keys and values are replaced by zeros by selection (`kv_valid`), not
@@ -81,13 +82,18 @@ class AttentionMetadata:
         return self._groups
 
 
-PREFILL_KERNEL_ENV = "INTERNVL_PREFILL_KERNEL"  # "0": the engine falls back to the reference on CUDA too
+PREFILL_KERNEL_ENV = "INTERNVL_PREFILL_KERNEL"  # "0" off (the reference, the GPU fallback); "1" on; unset: CUDA
 
 
 def prefill_kernel_default(device: torch.device) -> bool:
-    """The varlen kernel runs on CUDA when triton imports, unless INTERNVL_PREFILL_KERNEL=0."""
-    return (device.type == "cuda" and os.environ.get(PREFILL_KERNEL_ENV, "1") != "0"
-            and _prefill_kernel_module() is not None)
+    """Whether steps on `device` run the varlen kernel: INTERNVL_PREFILL_KERNEL=0 turns it off, =1 on
+    (on CUDA, or on the CPU under TRITON_INTERPRET=1: the tests); unset, on for CUDA when triton imports."""
+    flag = os.environ.get(PREFILL_KERNEL_ENV, "")
+    if flag not in ("", "0", "1"):
+        raise ValueError(f"{PREFILL_KERNEL_ENV} must be 0 or 1, got {flag!r}")
+    if flag == "0" or (flag == "" and device.type != "cuda"):
+        return False
+    return _prefill_kernel_module() is not None
 
 
 def _prefill_kernel_module():

@@ -8,6 +8,8 @@ Three tiers, as tests/unit/test_kernels.py:
   (`sdpa_paged_attention`) run in float64: several sequences of different chunk and context lengths,
   decodes (one query) in the same step, GQA/MQA, block sizes that are and are not powers of two, a chunk
   whose context spans many blocks, a permuted cache layout, NaN in every slot no sequence owns.
+- the whole engine on the CPU with the interpreted kernel (INTERNVL_PREFILL_KERNEL=1): a tiny model's greedy
+  tokens through chunked prefills mixed with decodes are the same as with the reference.
 - @pytest.mark.gpu: the compiled kernel at the 13B shapes in bfloat16, and a tiny model whose greedy
   tokens are the same with the kernel on and off.
 """
@@ -110,6 +112,50 @@ INTERPRETED_CASES = [
 ]
 
 
+def tiny_engine_tokens(kernel: str) -> tuple[list[list[int]], int]:
+    """Greedy tokens of 4 requests through the real engine (tiny LLaMA, fp32, CPU, a budget of 8 tokens:
+    chunked prefills mixed with decodes) with INTERNVL_PREFILL_KERNEL=kernel, and how many attention
+    calls ran the kernel."""
+    from test_engine_generate import make_engine, make_request  # the CPU engine tests' tiny model
+    from transformers import LlamaConfig as HFLlamaConfig
+    from transformers import LlamaForCausalLM
+
+    import internvl_serve.kernels.prefill_attention as pa
+    torch.manual_seed(0)
+    cfg = HFLlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
+                        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    hf = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.08) if p.ndim == 2 else p.uniform_(0.8, 1.2)
+    calls = [0]
+    kernel_fn = pa.paged_prefill_attention
+
+    def counted(*a, **kw):
+        calls[0] += 1
+        return kernel_fn(*a, **kw)
+
+    os.environ[PREFILL_KERNEL_ENV] = kernel
+    pa.paged_prefill_attention = counted
+    try:
+        reqs = [make_request(f"r{i}", 7 + 5 * i, n_img=4 * (i % 2), data=i, max_tokens=6) for i in range(4)]
+        res = make_engine(hf, budget=8).generate(reqs)
+    finally:
+        pa.paged_prefill_attention = kernel_fn
+        del os.environ[PREFILL_KERNEL_ENV]
+    return [[t for o in res[r.request_id] for t in o.new_token_ids] for r in reqs], calls[0]
+
+
+def run_interpreted_engine() -> None:
+    on, calls_on = tiny_engine_tokens("1")
+    off, calls_off = tiny_engine_tokens("0")
+    assert calls_on > 0 and calls_off == 0, (calls_on, calls_off)
+    assert on == off, f"tokens differ with the kernel on and off:\n{on}\n{off}"
+    assert all(len(t) == 6 for t in on), on
+    print(f"engine: same greedy tokens with the kernel on ({calls_on} kernel calls) and off")
+
+
 def run_interpreted_checks() -> None:
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
     for seqs, Hq, Hkv, D, bs, dtype, layout, bm, bn in INTERPRETED_CASES:
@@ -140,11 +186,17 @@ def test_cpu_default_is_the_reference():
     torch.testing.assert_close(paged_attention(q, k, v, meta, 0.25), sdpa_paged_attention(q, k, v, meta, 0.25))
 
 
-def test_env_turns_the_kernel_off_on_cuda(monkeypatch):
+def test_env_switches_the_kernel(monkeypatch):
     monkeypatch.setenv(PREFILL_KERNEL_ENV, "0")
     assert not prefill_kernel_default(torch.device("cuda"))
+    monkeypatch.setenv(PREFILL_KERNEL_ENV, "1")  # the CPU too (under TRITON_INTERPRET=1)
+    assert prefill_kernel_default(torch.device("cpu")) == HAS_TRITON
+    monkeypatch.setenv(PREFILL_KERNEL_ENV, "yes")
+    with pytest.raises(ValueError, match="INTERNVL_PREFILL_KERNEL must be 0 or 1, got 'yes'"):
+        prefill_kernel_default(torch.device("cuda"))
     monkeypatch.delenv(PREFILL_KERNEL_ENV)
     assert prefill_kernel_default(torch.device("cuda")) == HAS_TRITON
+    assert not prefill_kernel_default(torch.device("cpu"))
 
 
 def test_reference_groups_are_built_once_and_only_when_read():
@@ -160,15 +212,26 @@ def test_reference_groups_are_built_once_and_only_when_read():
 # --------------------------------------------------------------------------------------------------
 
 
+def run_interpreted(which: str) -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(here))
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    env["PYTHONPATH"] = os.pathsep.join([root, here, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), which], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"interpreted {which} checks failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton==3.7.1)")
 def test_prefill_kernel_interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"interpreted prefill checks failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
-    assert proc.stdout.count("rel err") == len(INTERPRETED_CASES)
+    assert run_interpreted("kernel").count("rel err") == len(INTERPRETED_CASES)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton==3.7.1)")
+def test_engine_with_interpreted_kernel_gives_the_same_tokens():
+    # the whole path: engine -> runner -> build_attention_metadata -> paged_attention -> the kernel
+    assert "same greedy tokens" in run_interpreted("engine")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,6 +280,7 @@ def test_gpu_tiny_model_greedy_tokens_same_with_kernel_on_and_off(monkeypatch):
 
 
 if __name__ == "__main__":
-    # The interpreted tier's subprocess: `TRITON_INTERPRET=1 python tests/unit/test_prefill_attention.py`
+    # The interpreted tier's subprocess: `TRITON_INTERPRET=1 python tests/unit/test_prefill_attention.py kernel`
+    # (or `engine`; tests/unit on PYTHONPATH for the engine check's tiny model)
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    run_interpreted_checks()
+    {"kernel": run_interpreted_checks, "engine": run_interpreted_engine}[sys.argv[1]]()
