@@ -53,7 +53,8 @@ def prefill_tiles(q_lens, block_m: int) -> tuple[np.ndarray, np.ndarray]:
 
 if triton is not None:
 
-    @triton.jit
+    # The table's width (stride_btb) changes from step to step: no recompile for each divisibility class.
+    @triton.jit(do_not_specialize=["stride_btb"])
     def _prefill_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr,
         qsl_ptr, seq_lens_ptr, bt_ptr, tile_seq_ptr, tile_start_ptr,
