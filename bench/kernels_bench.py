@@ -240,7 +240,7 @@ def prefill_table(sweep: bool) -> list[str]:
         if sweep:
             res = []
             for bm in (16, 32, 64, 128):
-                ts, st = (torch.from_numpy(a).cuda() for a in prefill_tiles(q_lens, bm))
+                ts, st = (torch.from_numpy(a).cuda() for a in prefill_tiles(q_lens, bm, ctx_lens))
                 for bn in (32, 64, 128):
                     for nw in (4, 8):
                         def call(bm=bm, bn=bn, nw=nw, ts=ts, st=st):

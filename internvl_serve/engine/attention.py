@@ -158,7 +158,7 @@ def build_attention_metadata(q_lens, ctx_lens, block_tables: torch.Tensor, block
         if kernel is None:
             raise RuntimeError("prefill_kernel=True needs triton (pip install triton)")
         block_m = kernel.prefill_block_m(int(q_lens.max(initial=0)))
-        tile_seq, tile_start = kernel.prefill_tiles(q_lens, block_m)
+        tile_seq, tile_start = kernel.prefill_tiles(q_lens, block_m, ctx_lens)
         tiles = PrefillTiles(_dev(tile_seq, device), _dev(tile_start, device), block_m)
 
     meta = AttentionMetadata(

@@ -39,15 +39,21 @@ def prefill_block_m(max_query_len: int) -> int:
     return 16 if max_query_len <= 16 else 64
 
 
-def prefill_tiles(q_lens, block_m: int) -> tuple[np.ndarray, np.ndarray]:
+def prefill_tiles(q_lens, block_m: int, ctx_lens=None) -> tuple[np.ndarray, np.ndarray]:
     """(tile_seq, tile_start), int32: tile k covers queries tile_start[k] .. + block_m of sequence
-    tile_seq[k] (positions within the sequence's chunk). Sequences with no query get no tile."""
+    tile_seq[k] (positions within the sequence's chunk). Sequences with no query get no tile.
+    With ctx_lens (tokens cached before each chunk), the tiles that read the most keys come first, so
+    the longest programs start in the first wave instead of trailing the last one."""
     q_lens = np.asarray(q_lens, dtype=np.int64)
     n_tiles = (q_lens + block_m - 1) // block_m
     tile_seq = np.repeat(np.arange(len(q_lens)), n_tiles)
     first = np.zeros(len(q_lens) + 1, dtype=np.int64)
     np.cumsum(n_tiles, out=first[1:])
     tile_start = (np.arange(int(first[-1])) - first[:-1][tile_seq]) * block_m
+    if ctx_lens is not None:
+        keys = np.asarray(ctx_lens, dtype=np.int64)[tile_seq] + tile_start  # keys a tile reads, less block_m
+        order = np.argsort(-keys, kind="stable")
+        tile_seq, tile_start = tile_seq[order], tile_start[order]
     return tile_seq.astype(np.int32), tile_start.astype(np.int32)
 
 
@@ -145,7 +151,7 @@ def paged_prefill_attention(
     k_cache, v_cache with logical dims (num_blocks, block_size, Hkv, D), any strides, holding every
     key of each sequence up to seq_lens (this step's K/V already written); query_start_loc (B+1,)
     int32; seq_lens (B,) int32 = cached context + this step's queries; block_tables (B, M) int32;
-    tile_seq / tile_start (n_tiles,) int32 from `prefill_tiles(q_lens, block_m)`. Returns (T, Hq, D)
+    tile_seq / tile_start (n_tiles,) int32 from `prefill_tiles(q_lens, block_m, ctx_lens)` (any order). Returns (T, Hq, D)
     in q's dtype. Needs triton (CUDA tensors, or any tensors under TRITON_INTERPRET=1).
     """
     if triton is None:

@@ -92,7 +92,7 @@ def check_kernel(seqs, Hq, Hkv, D, block_size, dtype, device, layout="bthd", tol
     else:  # other tilings, straight to the kernel
         from internvl_serve.kernels.prefill_attention import paged_prefill_attention
         meta, _ = build_attention_metadata(q_lens, ctx_lens, bt, block_size, prefill_kernel=False)
-        ts, st = prefill_tiles(q_lens, block_m)
+        ts, st = prefill_tiles(q_lens, block_m, ctx_lens)
         out = torch.full_like(q, float("nan"))
         paged_prefill_attention(q, k, v, meta.query_start_loc, meta.seq_lens, meta.block_tables,
                                 torch.from_numpy(ts).to(device), torch.from_numpy(st).to(device), scale,
@@ -179,6 +179,11 @@ def test_prefill_tiles_cover_every_query_once():
     assert len(ts) == sum(-(-n // 16) for n in q_lens)  # no tile is empty; none for a zero-length sequence
     assert ts.dtype == np.int32 and st.dtype == np.int32
     assert prefill_block_m(1) == 16 and prefill_block_m(17) == 64
+    ctx = [0, 500, 7, 30, 3]
+    ts2, st2 = prefill_tiles(q_lens, 16, ctx)  # the same tiles, those with the most keys first
+    assert sorted(zip(ts2, st2)) == sorted(zip(ts, st))
+    keys = [ctx[b] + s for b, s in zip(ts2, st2)]
+    assert keys == sorted(keys, reverse=True) and keys[0] == 500
 
 
 def test_cpu_default_is_the_reference():
