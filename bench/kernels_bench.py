@@ -34,7 +34,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import triton  # noqa: E402
 
-from internvl_serve.engine.attention import build_attention_metadata, paged_attention, sdpa_paged_attention  # noqa: E402
+from internvl_serve.engine.attention import (  # noqa: E402
+    build_attention_metadata,
+    paged_attention,
+    sdpa_paged_attention,
+)
 from internvl_serve.kernels.int8_linear import Int8MatmulConfig, default_config, int8_linear, quantize_weight  # noqa: E402
 from internvl_serve.kernels.paged_attention import (  # noqa: E402
     default_decode_tiles,

@@ -151,8 +151,8 @@ def paged_prefill_attention(
     k_cache, v_cache with logical dims (num_blocks, block_size, Hkv, D), any strides, holding every
     key of each sequence up to seq_lens (this step's K/V already written); query_start_loc (B+1,)
     int32; seq_lens (B,) int32 = cached context + this step's queries; block_tables (B, M) int32;
-    tile_seq / tile_start (n_tiles,) int32 from `prefill_tiles(q_lens, block_m, ctx_lens)` (any order). Returns (T, Hq, D)
-    in q's dtype. Needs triton (CUDA tensors, or any tensors under TRITON_INTERPRET=1).
+    tile_seq / tile_start (n_tiles,) int32 from `prefill_tiles(q_lens, block_m, ctx_lens)` (any order).
+    Returns (T, Hq, D) in q's dtype. Needs triton (CUDA tensors, or any tensors under TRITON_INTERPRET=1).
     """
     if triton is None:
         raise RuntimeError("paged_prefill_attention needs triton (pip install triton)")
