@@ -2,11 +2,16 @@
 
     python bench/kernels_bench.py            # the tables
     python bench/kernels_bench.py --sweep    # also try other tile configs / partition sizes
+    python bench/kernels_bench.py --only prefill   # just the prefill / mixed-step attention table
 
 Decode attention (Hq = Hkv = 40, D = 128, block size 16, bf16): the flash-decoding kernel with a
 block table as wide as the context, and with the engine-wide table of 256 blocks (4096 tokens: the
 grid is fixed by the table, so shorter contexts pay for empty partitions), against the batched SDPA
 gather (`paged_decode_attention_torch`, tight table).
+Prefill attention (same shape, one layer's call): the varlen paged kernel (kernels/prefill_attention.py)
+against the engine's reference (`sdpa_paged_attention`: gather + SDPA per group), for one 2,048-token
+chunk and for a mixed step of 32 decodes + one 512-token chunk; eager calls (as the engine runs them),
+metadata built once outside the timing (the engine builds it once per step for all 40 layers).
 Int8 linears: `int8_linear` against bf16 F.linear (cuBLAS) at the LLaMA-2-13B projection shapes.
 
 GB/s counts the fewest bytes each op must move (K/V read once; weight, input and output once).
@@ -29,6 +34,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import triton  # noqa: E402
 
+from internvl_serve.engine.attention import (  # noqa: E402
+    build_attention_metadata,
+    paged_attention,
+    sdpa_paged_attention,
+)
 from internvl_serve.kernels.int8_linear import Int8MatmulConfig, default_config, int8_linear, quantize_weight  # noqa: E402
 from internvl_serve.kernels.paged_attention import (  # noqa: E402
     default_decode_tiles,
@@ -194,6 +204,65 @@ def attention_table(bw: float, sweep: bool) -> list[str]:
     return rows
 
 
+def prefill_step(seqs: list[tuple[int, int]]):
+    """A step of sequences (ctx, q): every key up to ctx + q written, blocks shuffled over the cache."""
+    need = [triton.cdiv(c + q, BS) for c, q in seqs]
+    k = torch.randn(sum(need), BS, H, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    perm = torch.randperm(sum(need), device="cuda").int()
+    table = torch.zeros(len(seqs), max(need), dtype=torch.int32, device="cuda")
+    first = 0
+    for b, n in enumerate(need):
+        table[b, :n] = perm[first:first + n]
+        first += n
+    q = torch.randn(sum(q for _, q in seqs), H, D, device="cuda", dtype=torch.bfloat16)
+    return q, k, v, table, [q for _, q in seqs], [c for c, _ in seqs]
+
+
+def prefill_table(sweep: bool) -> list[str]:
+    """One layer's attention call of a prefill / mixed step: kernel vs the reference, eager."""
+    from internvl_serve.kernels.prefill_attention import paged_prefill_attention, prefill_tiles
+    rows = Rows([f"{'step':<28} | {'kernel us':>9} {'TFLOP/s':>7} | {'reference us':>12} | {'speedup':>7} | "
+                 f"{'x40 layers ms':>13} (kernel / reference)"])
+    scale = D**-0.5
+    g = torch.Generator().manual_seed(0)
+    mixed = [(int(c), 1) for c in torch.randint(256, 2048, (32,), generator=g)] + [(1024, 512)]
+    for name, seqs in (("one 2048-token chunk", [(0, 2048)]), ("32 decodes + 512-token chunk", mixed)):
+        q, k, v, table, q_lens, ctx_lens = prefill_step(seqs)
+        meta_k, _ = build_attention_metadata(q_lens, ctx_lens, table, BS, prefill_kernel=True)
+        meta_r, _ = build_attention_metadata(q_lens, ctx_lens, table, BS, prefill_kernel=False)
+        meta_r.groups  # built once per step in the engine, outside the per-layer call
+        ref = sdpa_paged_attention(q.double(), k.double(), v.double(), meta_r, scale)
+        check(f"prefill kernel {name}", paged_attention(q, k, v, meta_k, scale), ref)
+        check(f"prefill reference {name}", sdpa_paged_attention(q, k, v, meta_r, scale), ref)
+        del ref
+        flops = 4 * H * D * sum(q * c + q * (q + 1) // 2 for c, q in seqs)  # QK^T and PV, causal
+        t_k = events_us(lambda: paged_attention(q, k, v, meta_k, scale), iters=20)
+        t_r = events_us(lambda: sdpa_paged_attention(q, k, v, meta_r, scale), iters=20)
+        rows.append(f"{name:<28} | {t_k:>9.1f} {flops / t_k / 1e6:>7.1f} | {t_r:>12.1f} | {t_r / t_k:>6.1f}x | "
+                    f"{40 * t_k / 1e3:>6.2f} / {40 * t_r / 1e3:.2f}")
+        if sweep:
+            res = []
+            for bm in (16, 32, 64, 128):
+                ts, st = (torch.from_numpy(a).cuda() for a in prefill_tiles(q_lens, bm, ctx_lens))
+                for bn in (32, 64, 128):
+                    for nw in (4, 8):
+                        def call(bm=bm, bn=bn, nw=nw, ts=ts, st=st):
+                            return paged_prefill_attention(q, k, v, meta_k.query_start_loc, meta_k.seq_lens,
+                                                           meta_k.block_tables, ts, st, scale, bm,
+                                                           block_n=bn, num_warps=nw)
+                        try:
+                            call()
+                        except Exception as e:  # e.g. out of shared memory for the largest tiles
+                            res.append((float("inf"), f"m{bm}/n{bn}/w{nw}:{type(e).__name__}"))
+                            continue
+                        res.append((events_us(call, iters=20), f"m{bm}/n{bn}/w{nw}"))
+            res.sort(key=lambda r: r[0])
+            rows.append("      sweep " + " ".join(f"{n}:{t:.1f}" for t, n in res[:12]))
+        del q, k, v, table, meta_k, meta_r
+    return rows
+
+
 def sweep_configs(M: int) -> list[Int8MatmulConfig]:
     bm = max(16, triton.next_power_of_2(M))
     tiles = ((16, 128), (16, 256), (16, 512), (32, 128), (32, 256), (64, 128), (64, 256))
@@ -256,7 +325,7 @@ def linear_table(bw: float, sweep: bool) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="also time other tile configs / partition sizes")
-    ap.add_argument("--only", choices=["attention", "linear"], default=None)
+    ap.add_argument("--only", choices=["attention", "prefill", "linear"], default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("kernels_bench needs a CUDA GPU")
@@ -268,6 +337,9 @@ def main() -> None:
              f"against it); read-only (sum) {read_bw:.0f} GB/s"]
     if args.only in (None, "attention"):
         lines += ["", "decode attention, Hq=Hkv=40, D=128, bf16; every sequence at ctx"] + attention_table(bw, args.sweep)
+    if args.only in (None, "prefill"):
+        lines += ["", "prefill / mixed-step attention, one layer, Hq=Hkv=40, D=128, block 16, bf16, eager"]
+        lines += prefill_table(args.sweep)
     if args.only in (None, "linear"):
         lines += ["", "weight-only int8 linear vs bf16 F.linear"] + linear_table(bw, args.sweep)
     print("\n".join(lines))

@@ -6,7 +6,7 @@
     sequence.py       Sequence: per-request engine state (pure Python)
     block_manager.py  BlockAllocator: KV blocks, reference counts, prefix cache (pure Python)
     scheduler.py      Scheduler, SchedulerConfig, ScheduledBatch (pure Python)
-    attention.py      paged attention: per-step metadata, KV write, reference SDPA attention
+    attention.py      paged attention: per-step metadata, KV write, the varlen kernel (CUDA) or reference SDPA
     llama.py          our LLaMA forward over the paged KV cache (same weights as HF)
     runner.py         ModelRunner: weights + KV tensors; runs one scheduled batch
     sampler.py        greedy / temperature / top-k / top-p / repetition penalty

@@ -1,24 +1,32 @@
-"""Paged attention for our LLaMA: per-step metadata, the KV write, and the reference attention.
+"""Paged attention for our LLaMA: per-step metadata, the KV write, and the attention of a step.
 
 A step's tokens are flattened (T of them, all sequences); `build_attention_metadata` says where each
-token's K/V go (slot_mapping) and groups the sequences for attention: decodes (one query each) and prefill
-chunks (causal with an offset: query i of a chunk sees keys 0..ctx+i). `sdpa_paged_attention` is the
-reference: it gathers each group's K/V through the block tables and runs scaled_dot_product_attention on
-padded tensors (correct everywhere; memory bounded by `max_gather_tokens` per call). A fused paged-attention
-kernel replaces that one function (same signature; AttentionMetadata also carries query_start_loc,
-seq_lens and block_tables in the usual varlen/paged form).
+token's K/V go (slot_mapping) and how the sequences attend: decodes (one query each) and prefill chunks
+(causal with an offset: query i of a chunk sees keys 0..ctx+i). `paged_attention` is the AttentionFn the
+engine uses: on CUDA it runs the varlen paged kernel (kernels/prefill_attention.py: queries of every
+sequence read their keys through the block tables, no gather), elsewhere, or when switched off, the
+reference `sdpa_paged_attention`, which gathers each group's K/V through the block tables and runs
+scaled_dot_product_attention on padded tensors (correct everywhere; memory bounded by
+`max_gather_tokens` per call). The kernel's tiles are built with the metadata; the reference's groups
+only when the reference first reads them (once per step, shared by all layers).
+
+Switch: `build_attention_metadata(prefill_kernel=...)`; None reads INTERNVL_PREFILL_KERNEL: unset, on for
+CUDA block tables when triton imports; 0, off (the fallback if the kernel fails on a GPU); 1, on (also on
+the CPU under TRITON_INTERPRET=1, which the tests use).
 
 Isolation: a group gathers L keys for every sequence, so a shorter sequence's tail reads slots of free
 blocks or of other requests. Those keys and values are replaced by zeros by selection (`kv_valid`), not
 only masked: a mask works by multiplication or by adding -inf, and 0 * NaN = NaN, so NaN left in a freed
-block would otherwise reach every later request that shares a batch with a longer one.
+block would otherwise reach every later request that shares a batch with a longer one. (The kernel never
+loads a key at or past a sequence's length.)
 
 Cache layout: per layer K and V, each (num_blocks, block_size, num_kv_heads, head_dim); slot s is block
 s // block_size, offset s % block_size. Does not own the cache tensors (runner.py) or block ids.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -46,15 +54,51 @@ class AttentionGroup:
 
 
 @dataclass
+class PrefillTiles:
+    """The varlen kernel's grid: tile k is queries tile_start[k] .. + block_m of sequence tile_seq[k]."""
+    tile_seq: torch.Tensor           # (n_tiles,) int32
+    tile_start: torch.Tensor         # (n_tiles,) int32
+    block_m: int
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor       # (T,) int64: cache slot where token t's K/V go
-    groups: list[AttentionGroup]
     # the raw per-sequence view, for fused kernels
     query_start_loc: torch.Tensor    # (B+1,) int32
-    seq_lens: torch.Tensor           # (B,) int32: context length after this step
+    seq_lens: torch.Tensor           # (B,) int32: context length after this step (cached + this step's)
     block_tables: torch.Tensor       # (B, M) int32
     max_query_len: int
     max_seq_len: int
+    prefill_tiles: PrefillTiles | None = None  # set: paged_attention runs the varlen kernel
+    _group_inputs: tuple | None = field(default=None, repr=False)
+    _groups: list[AttentionGroup] | None = field(default=None, repr=False)
+
+    @property
+    def groups(self) -> list[AttentionGroup]:
+        """The reference's SDPA groups, built on first use (once per step: every layer shares them)."""
+        if self._groups is None:
+            self._groups = _build_groups(self.block_tables.long(), *self._group_inputs)
+        return self._groups
+
+
+PREFILL_KERNEL_ENV = "INTERNVL_PREFILL_KERNEL"  # "0" off (the reference, the GPU fallback); "1" on; unset: CUDA
+
+
+def prefill_kernel_default(device: torch.device) -> bool:
+    """Whether steps on `device` run the varlen kernel: INTERNVL_PREFILL_KERNEL=0 turns it off, =1 on
+    (on CUDA, or on the CPU under TRITON_INTERPRET=1: the tests); unset, on for CUDA when triton imports."""
+    flag = os.environ.get(PREFILL_KERNEL_ENV, "")
+    if flag not in ("", "0", "1"):
+        raise ValueError(f"{PREFILL_KERNEL_ENV} must be 0 or 1, got {flag!r}")
+    if flag == "0" or (flag == "" and device.type != "cuda"):
+        return False
+    return _prefill_kernel_module() is not None
+
+
+def _prefill_kernel_module():
+    from internvl_serve.kernels import prefill_attention
+    return prefill_attention if prefill_attention.triton is not None else None
 
 
 def _pack(order: np.ndarray, seq_lens: np.ndarray, q_lens: np.ndarray, max_tokens: int, max_mask: int):
@@ -76,15 +120,20 @@ def _pack(order: np.ndarray, seq_lens: np.ndarray, q_lens: np.ndarray, max_token
     return groups
 
 
+def _dev(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
+
+
 def build_attention_metadata(q_lens, ctx_lens, block_tables: torch.Tensor, block_size: int,
-                             *, max_gather_tokens: int = 32768, max_mask_elems: int = 1 << 26
-                             ) -> tuple[AttentionMetadata, torch.Tensor]:
+                             *, max_gather_tokens: int = 32768, max_mask_elems: int = 1 << 26,
+                             prefill_kernel: bool | None = None) -> tuple[AttentionMetadata, torch.Tensor]:
     """Metadata for one step and the (T,) int64 positions of its tokens.
 
     q_lens (B,): tokens of each sequence in this step (they are contiguous in the step, in this order);
     ctx_lens (B,): tokens already in the cache before them; block_tables (B, M) on the model's device,
-    M >= ceil(max(ctx+q) / block_size). CPU work is O(B + T) in numpy; index tensors are built on the
-    device; no host sync.
+    M >= ceil(max(ctx+q) / block_size). prefill_kernel: run the varlen kernel (None: see
+    `prefill_kernel_default`). CPU work is O(B + T) in numpy; index tensors are built on the device;
+    no host sync.
     """
     device = block_tables.device
     q_lens = np.asarray(q_lens, dtype=np.int64)
@@ -97,12 +146,42 @@ def build_attention_metadata(q_lens, ctx_lens, block_tables: torch.Tensor, block
     seq_of_token = np.repeat(np.arange(B), q_lens)
     positions_np = np.arange(T) - qsl[:-1][seq_of_token] + ctx_lens[seq_of_token]
 
-    def dev(a):
-        return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
-
-    positions = dev(positions_np)
+    positions = _dev(positions_np, device)
     bt = block_tables.long()
-    slot_mapping = bt[dev(seq_of_token), positions // block_size] * block_size + positions % block_size
+    slot_mapping = bt[_dev(seq_of_token, device), positions // block_size] * block_size + positions % block_size
+
+    if prefill_kernel is None:
+        prefill_kernel = prefill_kernel_default(device)
+    tiles = None
+    if prefill_kernel:
+        kernel = _prefill_kernel_module()
+        if kernel is None:
+            raise RuntimeError("prefill_kernel=True needs triton (pip install triton)")
+        block_m = kernel.prefill_block_m(int(q_lens.max(initial=0)))
+        tile_seq, tile_start = kernel.prefill_tiles(q_lens, block_m, ctx_lens)
+        tiles = PrefillTiles(_dev(tile_seq, device), _dev(tile_start, device), block_m)
+
+    meta = AttentionMetadata(
+        slot_mapping=slot_mapping,
+        query_start_loc=_dev(qsl.astype(np.int32), device), seq_lens=_dev(seq_lens.astype(np.int32), device),
+        block_tables=block_tables.int(), max_query_len=int(q_lens.max(initial=0)),
+        max_seq_len=int(seq_lens.max(initial=0)), prefill_tiles=tiles,
+        _group_inputs=(q_lens, ctx_lens, block_size, max_gather_tokens, max_mask_elems))
+    return meta, positions
+
+
+def _build_groups(bt: torch.Tensor, q_lens: np.ndarray, ctx_lens: np.ndarray, block_size: int,
+                  max_gather_tokens: int, max_mask_elems: int) -> list[AttentionGroup]:
+    """The reference's SDPA groups: decodes and chunks apart, packed under the gather/mask budgets."""
+    device = bt.device
+    B = len(q_lens)
+    seq_lens = ctx_lens + q_lens
+    qsl = np.zeros(B + 1, dtype=np.int64)
+    np.cumsum(q_lens, out=qsl[1:])
+    T = int(qsl[-1])
+
+    def dev(a):
+        return _dev(a, device)
 
     groups = []
     for rows in (np.flatnonzero(q_lens == 1), np.flatnonzero(q_lens > 1)):
@@ -136,13 +215,7 @@ def build_attention_metadata(q_lens, ctx_lens, block_tables: torch.Tensor, block
             kv_valid = None if bool((seq_lens[g] == L).all()) else j[None, :] < dev(seq_lens[g])[:, None]
             identity = qmax == 1 and n == T and bool((g == np.arange(B)).all())
             groups.append(AttentionGroup(dev(q_index), kv_slots, mask, kv_valid, out_rows, out_tokens, identity))
-
-    meta = AttentionMetadata(
-        slot_mapping=slot_mapping, groups=groups,
-        query_start_loc=dev(qsl.astype(np.int32)), seq_lens=dev(seq_lens.astype(np.int32)),
-        block_tables=block_tables.int(), max_query_len=int(q_lens.max(initial=0)),
-        max_seq_len=int(seq_lens.max(initial=0)))
-    return meta, positions
+    return groups
 
 
 # -- KV write and attention -----------------------------------------------------------------------
@@ -183,6 +256,24 @@ def sdpa_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
             o = o.index_select(0, g.out_rows)
         out.index_copy_(0, g.out_tokens, o)
     return out
+
+
+def kernel_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """The varlen paged kernel (kernels/prefill_attention.py) over metadata built with its tiles."""
+    from internvl_serve.kernels.prefill_attention import paged_prefill_attention
+    t = meta.prefill_tiles
+    return paged_prefill_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                                   t.tile_seq, t.tile_start, scale, t.block_m)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """The engine's attention of a step: the varlen kernel when the metadata has its tiles, else the
+    reference. q (T, H, D) -> (T, H, D); the step's K/V are already in the cache."""
+    if meta.prefill_tiles is not None:
+        return kernel_paged_attention(q, k_cache, v_cache, meta, scale)
+    return sdpa_paged_attention(q, k_cache, v_cache, meta, scale)
 
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]

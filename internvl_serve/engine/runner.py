@@ -19,7 +19,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from internvl_serve.engine.attention import AttentionFn, build_attention_metadata, sdpa_paged_attention
+from internvl_serve.engine.attention import AttentionFn, build_attention_metadata, paged_attention
 from internvl_serve.engine.llama import LlamaArgs, load_llama
 from internvl_serve.engine.parallel import DecodeStep, EagerStep, StepChannel, TensorParallel
 from internvl_serve.engine.quantize import quantize_model_, validate_quantization
@@ -82,7 +82,7 @@ class ModelRunner:
     def __init__(self, config, state_dict: Mapping[str, torch.Tensor], *, device="cpu",
                  dtype: torch.dtype | None = None, block_size: int = 16, num_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int = 2048,
-                 max_num_seqs: int = 256, attention: AttentionFn = sdpa_paged_attention,
+                 max_num_seqs: int = 256, attention: AttentionFn = paged_attention,
                  reserved_bytes: int = 0, cuda_graphs: bool | None = None,
                  tp: TensorParallel | None = None, quantization: str | None = None,
                  fused_kernels: bool | None = None):
