@@ -204,3 +204,18 @@ def test_a_stop_string_that_is_not_one_token_is_refused(tiny_tokenizer):
     """V1-1's tokenizer has no '<|im_end|>': the card would stop on <unk>; we name the problem instead."""
     with pytest.raises(PromptError, match="template 'Hermes-2' stops on '<\\|im_end\\|>', which is not a token"):
         HERMES_2.stop_token_ids(tiny_tokenizer)
+
+
+def test_a_config_without_system_message_keeps_the_template_default(v1_1_config_dict):
+    """The card: `config.system_message if hasattr(config, 'system_message') else the template's`; a ChatML
+    checkpoint's config.json without the key keeps Hermes-2's system message, and writing it back keeps it absent."""
+    from internvl_serve.config import InternVLChatConfig
+
+    d = {k: v for k, v in v1_1_config_dict.items() if k != "system_message"}
+    config = InternVLChatConfig.from_dict({**d, "template": "Hermes-2"})
+    assert config.system_message is None and "system_message" not in config.to_dict()
+    prompt = build_prompt("Q", None, [], 2, config.template, system_message=config.system_message)
+    assert prompt.startswith("<|im_start|>system\n" + HERMES_2.system_message + "<|im_end|>")
+    with_key = InternVLChatConfig.from_dict({**d, "template": "Hermes-2", "system_message": "SYS"})
+    assert build_prompt("Q", None, [], 2, with_key.template, system_message=with_key.system_message).startswith(
+        "<|im_start|>system\nSYS<|im_end|>")
