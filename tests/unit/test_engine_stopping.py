@@ -7,7 +7,7 @@ import pytest
 
 from internvl_serve.engine import FakeRunner, LLMEngine, Request, SamplingParams, SchedulerConfig
 from internvl_serve.engine.errors import InvalidRequest
-from internvl_serve.prompt import HERMES_2, INTERNVL_ZH, build_prompt
+from internvl_serve.prompt import HERMES_2, build_prompt
 
 from fake_sentencepiece import PIECES, FakeSentencePiece, ids
 
