@@ -224,7 +224,9 @@ class InternVLChatConfig:
     force_image_size: int | None = None
     ps_version: str = "v1"
     template: str = "internvl_zh"
-    system_message: str = ""
+    # None (absent from config.json): the template's own; the card reads config.system_message only
+    # `if hasattr(config, 'system_message')` (Hermes-2 has a non-empty default, internvl_zh '')
+    system_message: str | None = None
     dynamic_image_size: bool = False
     use_thumbnail: bool = False
     min_dynamic_patch: int = 1
@@ -328,6 +330,8 @@ class InternVLChatConfig:
         }
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name == "system_message" and value is None:
+                continue  # absent, not null: the card would use None as the system message
             out[f.name] = value.to_dict() if f.name in ("vision_config", "llm_config") else value
         return dict(sorted(out.items()))
 

@@ -1,16 +1,22 @@
-"""The `internvl_zh` conversation template and the model card's `<image>` placeholder rules.
+"""Conversation templates (the card's conversation.py entries) and the model card's `<image>` rules.
 
 Owns: the prompt string (template, history, `<image>` -> `<img><IMG_CONTEXT>*k</img>` expansion),
 the questions the card builds for video frames and separate images, the serving placeholder rule
-(docs/architecture.md, "Placeholder rule") and the stop string. Raises PromptError when images and
-placeholders do not fit. Does not own: tokenizing (tokenizer.py), pixels (imageproc.py).
+(docs/architecture.md, "Placeholder rule") and the END OF AN ANSWER: a template declares its stop
+string (the card's `template.sep.strip()`) and, through a tokenizer, its stop token ids (the card's
+`tokenizer.convert_tokens_to_ids(template.sep.strip())`, which replaces the LLM config's EOS in
+`generate`). The serving path passes both to the engine with every request (serving/llm.py).
+Raises PromptError when images and placeholders do not fit. Does not own: tokenizing (tokenizer.py),
+pixels (imageproc.py), stopping generation (engine/stopping.py) or the text's strip (engine/detokenizer.py).
 
-The template (OpenGVLab/InternVL conversation.py, `internvl_zh`, sep_style INTERNVL_ZH):
+A template is data: a new one is an entry in TEMPLATES, not new code. Two separator styles:
 
-    system_message + " " + "<human>: Q1 <bot>: A1</s><human>: Q2 <bot>:"
-
-i.e. seps [" ", "</s>"] after the human and bot turns, a leading space (the empty system message is
-followed by the first sep) and no space after the final colon.
+    internvl_zh (InternVL-Chat-V1-1, sep_style INTERNVL_ZH; seps [" ", "</s>"]):
+        system_message + " " + "<human>: Q1 <bot>: A1</s><human>: Q2 <bot>:"          stop "</s>"
+    mpt (Hermes-2, the ChatML style of later InternVL chat models, sep_style MPT):
+        "<|im_start|>system\\n{system_message}<|im_end|><|im_start|>user\\nQ1<|im_end|>"
+        "<|im_start|>assistant\\nA1<|im_end|><|im_start|>user\\nQ2<|im_end|><|im_start|>assistant\\n"
+                                                                                      stop "<|im_end|>"
 """
 
 from __future__ import annotations
@@ -33,28 +39,66 @@ class Template:
     name: str
     system_message: str
     roles: tuple[str, str]
-    sep: str    # after a bot turn; its strip() is the stop string
-    sep2: str   # after a human turn
+    sep: str    # after a bot turn (internvl_zh) or after every turn (mpt); its strip() is the stop string
+    sep2: str = ""   # internvl_zh: after a human turn; mpt: unused
+    style: str = "internvl_zh"  # the card's sep_style: "internvl_zh" or "mpt"
+    system_template: str = "{system_message}"
 
     def get_prompt(self, messages: Sequence[tuple[str, str | None]]) -> str:
-        """conversation.py get_prompt for INTERNVL_ZH: a message that is None or "" ends with 'role:'."""
-        seps = (self.sep2, self.sep)
-        ret = self.system_message + seps[0]
-        for i, (role, message) in enumerate(messages):
-            if message:
-                ret += role + ": " + message + seps[i % 2]
-            else:
-                ret += role + ":"
-        return ret
+        """conversation.py get_prompt: a message that is None or "" ends the prompt with its role."""
+        system = self.system_template.format(system_message=self.system_message)
+        if self.style == "internvl_zh":  # role + ": " + message, seps alternate sep2 / sep
+            seps = (self.sep2, self.sep)
+            ret = system + seps[0]
+            for i, (role, message) in enumerate(messages):
+                ret += role + ": " + message + seps[i % 2] if message else role + ":"
+            return ret
+        if self.style == "mpt":          # role + message + sep, the role alone for the open turn
+            ret = system + self.sep
+            for role, message in messages:
+                ret += role + message + self.sep if message else role
+            return ret
+        raise PromptError(f"template {self.name!r} has an unknown style {self.style!r}")
 
+    # -- the end of an answer ------------------------------------------------------------------------
     @property
     def stop_str(self) -> str:
-        """The card's EOS rule: `tokenizer.convert_tokens_to_ids(template.sep.strip())` ('</s>')."""
+        """The card's stop string, `template.sep.strip()`: generation ends at it, the answer is cut before it."""
         return self.sep.strip()
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """The stop strings the engine watches the decoded text for."""
+        return (self.stop_str,)
+
+    def stop_token_ids(self, tokenizer) -> tuple[int, ...]:
+        """The card's `eos_token_id = tokenizer.convert_tokens_to_ids(template.sep.strip())`: the token ids
+        that end the answer (they replace the LLM config's EOS). PromptError when the stop string is not
+        one token of this tokenizer (the card would then stop on <unk>)."""
+        tid = tokenizer.convert_tokens_to_ids(self.stop_str)
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if not isinstance(tid, int) or (tid == unk and self.stop_str != getattr(tokenizer, "unk_token", None)):
+            raise PromptError(f"template {self.name!r} stops on {self.stop_str!r}, which is not a token of this "
+                              f"tokenizer; use a tokenizer that has it or another template")
+        return (tid,)
+
+    def end_of_answer(self, tokenizer) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """(stop strings, stop token ids): what the serving path passes to the engine with each request."""
+        return self.stop_strings, self.stop_token_ids(tokenizer)
+
+    def clean(self, text: str) -> str:
+        """The card's post-processing of a decoded answer: `text.split(stop)[0].strip()`."""
+        return text.split(self.stop_str)[0].strip()
 
 
 INTERNVL_ZH = Template(name="internvl_zh", system_message="", roles=("<human>", "<bot>"), sep="</s>", sep2=" ")
-TEMPLATES = {INTERNVL_ZH.name: INTERNVL_ZH}
+# InternVL's conversation.py 'Hermes-2' (ChatML; InternVL 1.5 / 2 chat models); the card's chat() stops on
+# sep.strip() '<|im_end|>' (its stop_str '<|endoftext|>' is not used by chat()).
+HERMES_2 = Template(
+    name="Hermes-2", style="mpt", system_template="<|im_start|>system\n{system_message}",
+    system_message="你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。",
+    roles=("<|im_start|>user\n", "<|im_start|>assistant\n"), sep="<|im_end|>")
+TEMPLATES = {t.name: t for t in (INTERNVL_ZH, HERMES_2)}
 
 
 def get_template(template: str | Template = "internvl_zh", system_message: str | None = None) -> Template:
@@ -70,7 +114,7 @@ def get_template(template: str | Template = "internvl_zh", system_message: str |
 
 def clean_response(text: str, template: str | Template = "internvl_zh") -> str:
     """The card's post-processing of a decoded answer: cut at the stop string, strip."""
-    return text.split(get_template(template).stop_str)[0].strip()
+    return get_template(template).clean(text)
 
 
 # ---- questions the card builds ------------------------------------------------------------------------

@@ -561,18 +561,22 @@ def _json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def make_tiny_tokenizer(out_folder: str | os.PathLike, vocab_size: int = 1000) -> int:
+def make_tiny_tokenizer(out_folder: str | os.PathLike, vocab_size: int = 1000,
+                        extra_special_tokens: tuple[str, ...] = ()) -> int:
     """Write a tiny LLaMA slow-tokenizer folder (with InternVL's 9 added tokens); return its length.
 
     The files mirror what transformers 4.37.2 `LlamaTokenizer.save_pretrained` writes after InternVL's
-    `tokenizer.add_tokens(token_list, special_tokens=True)`. Deterministic bytes for the same arguments.
+    `tokenizer.add_tokens(token_list, special_tokens=True)`. extra_special_tokens are added after them
+    the same way (e.g. ChatML's '<|im_start|>', '<|im_end|>' for a second conversation template's tests).
+    Deterministic bytes for the same arguments.
     """
     os.makedirs(out_folder, exist_ok=True)
     proto = train_tiny_sentencepiece(vocab_size)
     sp = spm.SentencePieceProcessor()
     sp.LoadFromSerializedProto(proto)
     base = sp.get_piece_size()
-    added_ids = {tok: base + i for i, tok in enumerate(INTERNVL_ADDED_TOKENS)}
+    added_tokens = tuple(dict.fromkeys(tuple(INTERNVL_ADDED_TOKENS) + tuple(extra_special_tokens)))
+    added_ids = {tok: base + i for i, tok in enumerate(added_tokens)}
 
     def entry(content: str) -> dict:
         return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
@@ -585,7 +589,7 @@ def make_tiny_tokenizer(out_folder: str | os.PathLike, vocab_size: int = 1000) -
         "add_bos_token": True,
         "add_eos_token": False,
         "added_tokens_decoder": decoder,
-        "additional_special_tokens": list(INTERNVL_ADDED_TOKENS),
+        "additional_special_tokens": list(added_tokens),
         "bos_token": "<s>",
         "clean_up_tokenization_spaces": False,
         "eos_token": "</s>",
@@ -599,7 +603,7 @@ def make_tiny_tokenizer(out_folder: str | os.PathLike, vocab_size: int = 1000) -
         "use_default_system_prompt": False,
     }
     special_map = {
-        "additional_special_tokens": [entry(t) for t in INTERNVL_ADDED_TOKENS],
+        "additional_special_tokens": [entry(t) for t in added_tokens],
         "bos_token": entry("<s>"),
         "eos_token": entry("</s>"),
         "unk_token": entry("<unk>"),
@@ -613,4 +617,4 @@ def make_tiny_tokenizer(out_folder: str | os.PathLike, vocab_size: int = 1000) -
     for name, data in files.items():
         with open(os.path.join(out_folder, name), "wb") as f:
             f.write(data)
-    return base + len(INTERNVL_ADDED_TOKENS)
+    return base + len(added_tokens)

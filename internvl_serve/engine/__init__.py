@@ -10,7 +10,8 @@
     llama.py          our LLaMA forward over the paged KV cache (same weights as HF)
     runner.py         ModelRunner: weights + KV tensors; runs one scheduled batch
     sampler.py        greedy / temperature / top-k / top-p / repetition penalty
-    detokenizer.py    IncrementalDetokenizer: text deltas from the cumulative decode
+    detokenizer.py    IncrementalDetokenizer: text deltas from the cumulative decode (the one strip)
+    stopping.py       StopChecker: the end of an answer (stop tokens, stop strings, length)
     engine.py         LLMEngine (add_request / abort / step), EngineThread
     fake_runner.py    FakeRunner: a torch-free stand-in model for scheduler and adapter tests
 
@@ -24,6 +25,7 @@ _LAZY = {
     "BlockAllocator": "block_manager", "Sequence": "sequence", "SequenceStatus": "sequence",
     "Scheduler": "scheduler", "SchedulerConfig": "scheduler", "ScheduledBatch": "scheduler",
     "ScheduledSeq": "scheduler", "ModelRunner": "runner", "IncrementalDetokenizer": "detokenizer",
+    "StopChecker": "stopping",
     "LLMEngine": "engine", "EngineThread": "engine", "FakeRunner": "fake_runner",
     "Llama": "llama", "LlamaArgs": "llama", "load_llama": "llama",
 }

@@ -4,25 +4,28 @@ Every update decodes ALL generated ids at once (`tokenizer.decode(ids, skip_spec
 never token by token: SentencePiece drops a piece's leading space at the start of a decode, and a
 multi-byte character split across byte-fallback tokens only decodes whole. The emitted text is the
 stable part of that decode, so that all deltas concatenate to the card's post-processing,
-`full_text.split('</s>')[0].strip()`, with generation ending at the first stop string ('</s>' always
-stops; the text is cut before it). Held back until later: leading whitespace (until text starts),
-trailing whitespace (until more text follows), a trailing incomplete UTF-8 character ('\\ufffd'), and
-any suffix that could be the start of a stop string.
+`full_text.split(stop)[0].strip()`, with generation ending at the first stop string (the text is cut
+before it). The stop strings are the request's (SamplingParams.stop: the conversation template's, e.g.
+'</s>', and the client's); none is built in. Held back until later: leading whitespace (until text
+starts), trailing whitespace (until more text follows), a trailing incomplete UTF-8 character
+('\\ufffd'), and any suffix that could be the start of a stop string.
+
+This is the one place where the answer is stripped: everything downstream (serving/llm.py's
+ResponseStream, the clients) passes the deltas on unchanged.
 
 Cost: one decode of the whole output per token, O(n^2) characters over a request; fine for
 answers of a few thousand tokens with SentencePiece's C++ decode.
 
-Does not own: the tokenizer (injected), finish reasons other than stop strings (engine.py).
+Does not own: the tokenizer (injected), which stop strings a request has (prompt.py's template, the
+client), stop tokens and the length limit (stopping.py).
 """
 from __future__ import annotations
 
-ALWAYS_STOP = ("</s>",)  # the internvl_zh template's sep; the card splits the answer on it
-
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: tuple[str, ...] = (), *, always_stop: tuple[str, ...] = ALWAYS_STOP):
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
-        self.stop = tuple(dict.fromkeys(tuple(always_stop) + tuple(stop)))  # unique, in order
+        self.stop = tuple(dict.fromkeys(stop))  # unique, in order
         self._max_stop = max((len(s) for s in self.stop), default=0)
         self.token_ids: list[int] = []
         self.emitted = ""       # concatenation of all deltas so far

@@ -4,13 +4,14 @@
         batch = scheduler.schedule()        # decodes + prefill chunks within the token budget
         tokens = runner.execute(batch)      # one forward, one token per sequence that samples
         scheduler.update(batch, tokens)     # computed counts, prefix-cache blocks, new tokens
-        -> per new token: EOS / stop string / length checks, text delta, RequestOutput
+        -> per new token: StopChecker (stop token / stop string / length), text delta, RequestOutput
 
 EngineThread owns an engine in a background thread: submit/abort are thread-safe and only queue work;
 the thread steps while there is work and sleeps on a condition variable otherwise. A step that raises
 fails the requests of that batch (RequestOutput.error), never the thread.
 
-Does not own: Triton or request parsing (serving/), tokenization of prompts (prompt.py, tokenizer.py).
+Does not own: Triton or request parsing (serving/), tokenization of prompts (prompt.py, tokenizer.py),
+when an answer ends (stopping.py, from the request's SamplingParams).
 """
 from __future__ import annotations
 
@@ -22,11 +23,11 @@ from typing import Callable
 import torch
 
 from internvl_serve.engine.block_manager import BlockAllocator
-from internvl_serve.engine.detokenizer import IncrementalDetokenizer
 from internvl_serve.engine.errors import EngineBusy, EngineError, InvalidRequest
 from internvl_serve.engine.request import FinishReason, Request, RequestOutput
 from internvl_serve.engine.scheduler import Scheduler, SchedulerConfig
 from internvl_serve.engine.sequence import Sequence
+from internvl_serve.engine.stopping import StopChecker
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,9 @@ class LLMEngine:
     def __init__(self, runner, tokenizer=None, *, eos_token_id: int | None = None,
                  image_context_token_id: int | None = None, scheduler_config: SchedulerConfig | None = None):
         """runner: a ModelRunner (or any object with its interface); tokenizer: decode(ids,
-        skip_special_tokens=True) for text deltas (None: token ids only). eos_token_id defaults to the
-        runner's config (2, '</s>'); image_context_token_id to the tokenizer's '<IMG_CONTEXT>'."""
+        skip_special_tokens=True) for text deltas (None: token ids only). eos_token_id (default: the
+        runner's config, 2 '</s>') ends a request whose SamplingParams.stop_token_ids is None (the serving
+        path always gives the template's); image_context_token_id defaults to the tokenizer's '<IMG_CONTEXT>'."""
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id if eos_token_id is not None else getattr(runner, "eos_token_id", None)
@@ -73,7 +75,7 @@ class LLMEngine:
         self.allocator = BlockAllocator(runner.num_blocks, runner.block_size)
         self.scheduler = Scheduler(self.scheduler_config, self.allocator)
         self.max_model_len = min(runner.context_window, runner.num_blocks * runner.block_size)
-        self._detok: dict[str, IncrementalDetokenizer | None] = {}
+        self._stops: dict[str, StopChecker] = {}
 
     # -- requests ----------------------------------------------------------------------------------
     def validate_request(self, request: Request):
@@ -90,7 +92,7 @@ class LLMEngine:
 
     def add_request(self, request: Request) -> None:
         positions = self.validate_request(request)
-        if request.request_id in self._detok:
+        if request.request_id in self._stops:
             raise InvalidRequest(f"request_id {request.request_id!r} is already running")
         keys = _image_keys(request) if self.scheduler_config.enable_prefix_caching else []
         if request.image_embeds is not None and not keys:
@@ -98,8 +100,9 @@ class LLMEngine:
         seq = Sequence(request, block_size=self.runner.block_size, max_len=self.max_model_len,
                        image_positions=positions, image_keys=keys)
         self.scheduler.add(seq)
-        self._detok[request.request_id] = (None if self.tokenizer is None
-                                           else IncrementalDetokenizer(self.tokenizer, request.sampling.stop))
+        self._stops[request.request_id] = StopChecker(
+            request.sampling, self.tokenizer,
+            default_stop_token_ids=() if self.eos_token_id is None else (self.eos_token_id,))
 
     def abort(self, request_id: str) -> None:
         """Finish the request with 'abort' at the next step (its blocks are freed then)."""
@@ -129,19 +132,9 @@ class LLMEngine:
         return outputs
 
     def _on_token(self, seq: Sequence, token: int) -> RequestOutput:
-        detok = self._detok[seq.request_id]
-        delta, reason = "", None
-        if token == self.eos_token_id and not seq.sampling.ignore_eos:
-            reason = "stop"
-        elif detok is not None:
-            delta, stopped = detok.update([token])
-            if stopped:
-                reason = "stop"
-        if reason is None and seq.num_output_tokens >= seq.max_output_tokens:
-            reason = "length"
+        delta, reason = self._stops[seq.request_id].update(
+            token, at_limit=seq.num_output_tokens >= seq.max_output_tokens)
         if reason is not None:
-            if detok is not None:
-                delta += detok.finish()
             self._finish(seq, reason)
         return RequestOutput(seq.request_id, [token], delta, reason is not None, reason, seq.prompt_len,
                              seq.num_output_tokens, seq.num_cached_tokens)
@@ -149,11 +142,11 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self.scheduler.finish(seq, reason)
         self.runner.release(seq.request_id)
-        self._detok.pop(seq.request_id, None)
+        self._stops.pop(seq.request_id, None)
 
     def _final_output(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> RequestOutput:
         self.runner.release(seq.request_id)
-        self._detok.pop(seq.request_id, None)
+        self._stops.pop(seq.request_id, None)
         return RequestOutput(seq.request_id, [], "", True, reason, seq.prompt_len, seq.num_output_tokens,
                              seq.num_cached_tokens, error)
 

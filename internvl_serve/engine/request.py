@@ -50,6 +50,9 @@ class Request:
         if lo < 0 or hi >= vocab_size:
             raise InvalidRequest(f"prompt_token_ids must lie in [0, {vocab_size - 1}] (the vocabulary), "
                                  f"got {lo if lo < 0 else hi}")
+        for tid in self.sampling.stop_token_ids or ():
+            if tid >= vocab_size:
+                raise InvalidRequest(f"stop_token_ids must lie in [0, {vocab_size - 1}] (the vocabulary), got {tid}")
         n = ids.size
         if n >= context_window:
             raise InvalidRequest(f"the prompt has {n} tokens but the context window is {context_window} tokens "
@@ -92,9 +95,10 @@ class Request:
 
 @dataclass
 class RequestOutput:
-    """One step's news for one request. new_token_ids: the tokens sampled this step (the final EOS
-    included, as HF generate returns it); text_delta: new text (all deltas concatenate to the card's
-    `answer.split('</s>')[0].strip()`); num_output_tokens counts every token generated so far.
+    """One step's news for one request. new_token_ids: the tokens sampled this step (the final stop token
+    included, as HF generate returns its EOS); text_delta: new text (all deltas concatenate to the card's
+    `answer.split(stop)[0].strip()`: stripped once, in the detokenizer); num_output_tokens counts every
+    token generated so far.
     error: set when the engine failed this request (finish_reason 'abort', finished True)."""
     request_id: str
     new_token_ids: list[int]

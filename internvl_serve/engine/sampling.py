@@ -1,17 +1,21 @@
 """SamplingParams: how one request picks its tokens (the card's generate options, per request).
 
-Owns the values and their allowed ranges (validate). Does not own the sampling math (sampler.py) or the
-stop-string matching (detokenizer.py).
+Owns the values and their allowed ranges (validate), including how the answer ends: `stop_token_ids`
+(the conversation template's stop token, which replaces the LLM config's EOS as in the card's generate)
+and `stop` strings (the template's and the client's). Does not own the sampling math (sampler.py), the
+decision to finish (stopping.py), the stop-string matching (detokenizer.py) or which template's stops a
+request gets (the serving path reads them from prompt.py's template: `ending_with`).
 """
 from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from internvl_serve.engine.errors import InvalidRequest
 
-MAX_STOP_WORDS = 16
+MAX_STOP_WORDS = 32      # the serving contract's 16 client stop words plus the template's own
+MAX_STOP_TOKEN_IDS = 16
 MAX_SEED = 2**64 - 1
 # A positive temperature below this is greedy: logits / 1e-45 overflow to inf and softmax gives NaN,
 # while the limit of sampling as the temperature goes to 0 is the argmax (vLLM's _SAMPLING_EPS).
@@ -34,18 +38,29 @@ class SamplingParams:
     top_k: int = 0                   # 0 -> off
     repetition_penalty: float = 1.0  # HF semantics over the generated tokens; 1 -> off
     seed: int = 0                    # seed of this request's own torch.Generator
-    stop: tuple[str, ...] = ()       # extra stop strings ('</s>' always stops, unless ignore_eos)
-    ignore_eos: bool = False         # benchmarks: generate max_tokens whatever comes (vLLM's ignore_eos)
+    stop: tuple[str, ...] = ()       # stop strings: the answer ends before the first one (the text is cut)
+    # tokens that end the answer (kept in the output ids, as HF generate keeps its EOS; not in the text).
+    # None: the engine's eos_token_id (the LLM config's, HF generate's default); the serving path always
+    # passes the conversation template's (`ending_with`), as the card's chat() does.
+    stop_token_ids: tuple[int, ...] | None = None
+    ignore_eos: bool = False         # benchmarks: the stop tokens do not end the answer (vLLM's ignore_eos)
 
     def __post_init__(self):
-        if isinstance(self.stop, list):  # keep the dataclass hashable
-            object.__setattr__(self, "stop", tuple(self.stop))
+        for name in ("stop", "stop_token_ids"):  # keep the dataclass hashable
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if _is_real(self.temperature) and 0 < self.temperature < MIN_TEMPERATURE:
             object.__setattr__(self, "temperature", 0.0)  # greedy (see MIN_TEMPERATURE)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def ending_with(self, stop: tuple[str, ...], stop_token_ids: tuple[int, ...]) -> "SamplingParams":
+        """These params with a conversation template's end of answer: its stop token ids, and its stop
+        strings ahead of the client's (duplicates dropped)."""
+        return replace(self, stop=tuple(dict.fromkeys(tuple(stop) + tuple(self.stop))),
+                       stop_token_ids=tuple(stop_token_ids))
 
     def validate(self) -> "SamplingParams":
         """Raise InvalidRequest naming the first field out of range; return self when all are valid."""
@@ -72,4 +87,11 @@ class SamplingParams:
         for i, word in enumerate(self.stop):
             if not isinstance(word, str) or not word:
                 raise InvalidRequest(f"stop[{i}] must be a non-empty string, got {word!r}")
+        if self.stop_token_ids is not None:
+            if not isinstance(self.stop_token_ids, tuple) or len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+                raise InvalidRequest(f"stop_token_ids must be a tuple of at most {MAX_STOP_TOKEN_IDS} token ids, "
+                                     f"got {self.stop_token_ids!r}")
+            for i, tid in enumerate(self.stop_token_ids):
+                if not _is_int(tid) or tid < 0:
+                    raise InvalidRequest(f"stop_token_ids[{i}] must be a token id (an integer >= 0), got {tid!r}")
         return self

@@ -1,12 +1,14 @@
 """The generation service behind the decoupled `llm` Triton model.
 
 Owns: loading only the checkpoint's language_model.* weights into the engine's ModelRunner; the
-engine thread (in-flight batching across requests); turning one request's RequestOutputs into the
-responses its client sees (`ResponseStream`: text deltas or one whole text, the card's strip(),
-the echo of text_input, finish reasons, token counts); the one way a running request is cancelled:
-`cancel(request id, cancel key)`, which aborts it in the engine (its KV blocks are freed at the next
-step) only when the key is the one the request was sent with, so a client can cancel only its own
-requests. Engine requests are keyed by a server-unique id, never by a client's id alone.
+engine thread (in-flight batching across requests); giving every request the end of answer of the
+checkpoint's conversation template (prompt.py: its stop strings and stop token ids, in SamplingParams,
+so the engine stops where the card's chat() stops); turning one request's RequestOutputs into the
+responses its client sees (`ResponseStream`: text deltas or one whole text, the echo of text_input,
+finish reasons, token counts; the text comes stripped from the engine's detokenizer); the one way a
+running request is cancelled: `cancel(request id, cancel key)`, which aborts it in the engine (its KV
+blocks are freed at the next step) only when the key is the one the request was sent with, so a client
+can cancel only its own requests. Engine requests are keyed by a server-unique id, never by a client's id alone.
 Does not own: Triton (the adapter in model_repository/llm implements `ResponseSink` over a response
 sender and turns side-channel requests into cancel()), or the engine.
 
@@ -44,41 +46,27 @@ class ResponseStream:
     """One request's engine outputs -> response dicts (contract.OUTPUTS), or None when there is
     nothing to send yet.
 
-    The text is the card's `answer.strip()`: leading whitespace is dropped, trailing whitespace is
-    held back until more text follows (and dropped at the end), so the deltas concatenate to exactly
-    the stripped answer. stream=False: one response with the whole text at the end.
+    The engine's deltas already concatenate to the card's `answer.split(stop)[0].strip()` (the one strip
+    is in engine/detokenizer.py): they are passed on unchanged. stream=True: one response per non-empty
+    delta and the final one; stream=False: one response with the whole text at the end.
     """
 
     def __init__(self, text_input: str, *, stream: bool, exclude_input_in_output: bool = True):
         self.stream = stream
         self._echo = "" if exclude_input_in_output else text_input
-        self._started = False
-        self._held = ""
         self._parts: list[str] = []
         self.finished = False
-
-    def _strip(self, delta: str) -> str:
-        if not self._started:
-            delta = delta.lstrip()
-            self._started = bool(delta)
-        if not delta:
-            return ""
-        text = self._held + delta
-        kept = text.rstrip()
-        self._held = text[len(kept):]
-        return kept
 
     def add(self, text_delta: str, *, finished: bool, finish_reason: str | None, num_input_tokens: int,
             num_output_tokens: int) -> dict[str, np.ndarray] | None:
         if self.finished:
             raise RuntimeError("output after the final one")
-        delta = self._strip(text_delta)
         if self.stream:
-            if not delta and not finished:
+            if not text_delta and not finished:
                 return None
-            text = delta
+            text = text_delta
         else:
-            self._parts.append(delta)
+            self._parts.append(text_delta)
             if not finished:
                 return None
             text = "".join(self._parts)
@@ -198,12 +186,16 @@ class LLMService:
         from internvl_serve.checkpoint import load_state_dict
         from internvl_serve.config import InternVLChatConfig
         from internvl_serve.engine import EngineThread, LLMEngine, ModelRunner, SchedulerConfig
+        from internvl_serve.prompt import get_template
         from internvl_serve.tokenizer import load_tokenizer
 
         self.device = resolve_device(device)
         self.dtype = dtype or default_dtype(self.device)
         self.config = InternVLChatConfig.from_pretrained(checkpoint)
         self.tokenizer = load_tokenizer(checkpoint)
+        # the end of an answer, as the card's chat(): the template's stop strings and stop token ids
+        self.stop, self.stop_token_ids = get_template(
+            self.config.template, self.config.system_message).end_of_answer(self.tokenizer)
         self._log = log or (lambda message: None)
         options = EngineOptions.from_parameters(engine_options or {})
         runner_options = dict(block_size=options.block_size, num_blocks=options.num_blocks,
@@ -256,7 +248,8 @@ class LLMService:
                          client_id=client_id, cancel_key=cancel_key)
         embeds = None if request.image_embeds is None else torch.from_numpy(np.ascontiguousarray(request.image_embeds))
         engine_request = Request(request_id=request_id, prompt_token_ids=request.input_ids.tolist(),
-                                 image_embeds=embeds, sampling=gen.sampling)
+                                 image_embeds=embeds,
+                                 sampling=gen.sampling.ending_with(self.stop, self.stop_token_ids))
         with self._lock:
             self._active[request_id] = active
         try:

@@ -9,45 +9,15 @@ import pytest
 
 from internvl_serve.engine import FakeRunner, LLMEngine, Request, SamplingParams, SchedulerConfig
 from internvl_serve.engine.detokenizer import IncrementalDetokenizer
+from internvl_serve.prompt import INTERNVL_ZH
 
-PIECES = ["<unk>", "<s>", "</s>", "▁Hello", "▁world", "!", "<0xC3>", "<0xA9>", "▁caf", "▁", "<0x0A>", "ST",
-          "OP", "▁ST", "</", "s>", "xSTOPy", "ar", "▁▁", "<0xE2>", "<0x82>", "<0xAC>", "ok", "▁</s>", "▁ok", "▁</"]
-ID = {p: i for i, p in enumerate(PIECES)}
-SPECIAL = {0, 1, 2}
+from fake_sentencepiece import PIECES, FakeSentencePiece, ids
 
-
-class FakeSentencePiece:
-    """decode joins pieces ('▁' -> ' '), merges <0xNN> byte pieces as UTF-8 (invalid -> '\\ufffd') and
-    drops the one leading space of the text, as SentencePiece does."""
-    eos_token_id = 2
-
-    def __init__(self):
-        self.calls = []
-
-    def decode(self, ids, skip_special_tokens=False):
-        self.calls.append(len(ids))
-        out, buf = [], bytearray()
-        for i in ids:
-            if skip_special_tokens and i in SPECIAL:
-                continue
-            p = PIECES[i]
-            if p.startswith("<0x"):
-                buf.append(int(p[3:5], 16))
-                continue
-            out.append(buf.decode("utf-8", errors="replace"))
-            buf.clear()
-            out.append(p.replace("▁", " "))
-        out.append(buf.decode("utf-8", errors="replace"))
-        text = "".join(out)
-        return text[1:] if text.startswith(" ") else text
-
-
-def ids(*pieces):
-    return [ID[p] for p in pieces]
+TEMPLATE_STOP = INTERNVL_ZH.stop_strings  # ("</s>",): the engine is given it, as the serving path does
 
 
 def run(token_ids, stop=()):
-    d = IncrementalDetokenizer(FakeSentencePiece(), stop)
+    d = IncrementalDetokenizer(FakeSentencePiece(), TEMPLATE_STOP + tuple(stop))
     deltas = []
     for t in token_ids:
         delta, stopped = d.update([t])
@@ -107,11 +77,18 @@ def test_stop_word_inside_one_token():
     assert stopped and "".join(deltas) == "Hellox"
 
 
-def test_literal_end_of_sequence_text_always_stops():
+def test_the_template_stop_string_in_the_text_stops():
     deltas, stopped = run(ids("▁Hello", "▁</", "s>", "▁world"))
     assert stopped and "".join(deltas) == "Hello"
     deltas, stopped = run(ids("▁ok", "▁</s>"))
     assert stopped and "".join(deltas) == "ok"
+
+
+def test_no_stop_string_is_built_in():
+    """The stop strings are the request's (the template's come with it), not the detokenizer's."""
+    d = IncrementalDetokenizer(FakeSentencePiece())
+    text = "".join(d.update([t])[0] for t in ids("▁ok", "▁</s>", "▁ok")) + d.finish()
+    assert text == "ok </s> ok" and not d.stopped
 
 
 @pytest.mark.parametrize("seed", range(40))

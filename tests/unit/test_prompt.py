@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from internvl_serve.prompt import (
-    INTERNVL_ZH, PromptError, build_prompt, clean_response, count_image_placeholders, get_template,
+    HERMES_2, INTERNVL_ZH, PromptError, build_prompt, clean_response, count_image_placeholders, get_template,
     resolve_num_patches_list, separate_images_question, video_question,
 )
 
@@ -179,3 +179,43 @@ def test_template_details():
     assert get_template("internvl_zh", "x").system_message == "x"
     assert clean_response("  The answer. </s> junk") == "The answer."
     assert clean_response("\nno stop  ") == "no stop"
+
+
+# ---- the end of an answer, and a second template ---------------------------------------------------------
+def test_internvl_zh_declares_its_end_of_answer(tiny_tokenizer):
+    """The card: stop string template.sep.strip(), stop token convert_tokens_to_ids of it ('</s>', 2)."""
+    assert INTERNVL_ZH.end_of_answer(tiny_tokenizer) == (("</s>",), (2,))
+
+
+def test_hermes_2_builds_the_chatml_prompt():
+    """InternVL's conversation.py 'Hermes-2' (sep_style MPT): role + message + '<|im_end|>' per turn, the
+    assistant role alone at the end; config.json's system_message replaces the template's."""
+    question, patches = resolve_num_patches_list("Q2", [("<image>\nQ1", "A1")], 1)
+    prompt = build_prompt(question, [("<image>\nQ1", "A1")], patches, 2, "Hermes-2", system_message="SYS")
+    assert prompt == ("<|im_start|>system\nSYS<|im_end|>"
+                      "<|im_start|>user\n" + IMG + "\nQ1<|im_end|><|im_start|>assistant\nA1<|im_end|>"
+                      "<|im_start|>user\nQ2<|im_end|><|im_start|>assistant\n")
+    assert build_prompt("Q", None, [], 2, HERMES_2).startswith("<|im_start|>system\n你是由上海人工智能实验室")
+    assert HERMES_2.stop_str == "<|im_end|>" and HERMES_2.stop_strings == ("<|im_end|>",)
+    assert HERMES_2.clean("\n A cat.<|im_end|><|im_start|>user") == "A cat."
+
+
+def test_a_stop_string_that_is_not_one_token_is_refused(tiny_tokenizer):
+    """V1-1's tokenizer has no '<|im_end|>': the card would stop on <unk>; we name the problem instead."""
+    with pytest.raises(PromptError, match="template 'Hermes-2' stops on '<\\|im_end\\|>', which is not a token"):
+        HERMES_2.stop_token_ids(tiny_tokenizer)
+
+
+def test_a_config_without_system_message_keeps_the_template_default(v1_1_config_dict):
+    """The card: `config.system_message if hasattr(config, 'system_message') else the template's`; a ChatML
+    checkpoint's config.json without the key keeps Hermes-2's system message, and writing it back keeps it absent."""
+    from internvl_serve.config import InternVLChatConfig
+
+    d = {k: v for k, v in v1_1_config_dict.items() if k != "system_message"}
+    config = InternVLChatConfig.from_dict({**d, "template": "Hermes-2"})
+    assert config.system_message is None and "system_message" not in config.to_dict()
+    prompt = build_prompt("Q", None, [], 2, config.template, system_message=config.system_message)
+    assert prompt.startswith("<|im_start|>system\n" + HERMES_2.system_message + "<|im_end|>")
+    with_key = InternVLChatConfig.from_dict({**d, "template": "Hermes-2", "system_message": "SYS"})
+    assert build_prompt("Q", None, [], 2, with_key.template, system_message=with_key.system_message).startswith(
+        "<|im_start|>system\nSYS<|im_end|>")

@@ -17,24 +17,49 @@ def run(deltas, *, stream=True, echo=None, reason="stop"):
     return out
 
 
-@pytest.mark.parametrize("deltas", [
-    [" ", " a", " b ", " ", "c \n", "\n"],
-    ["hello", " world"],
-    ["\n\n", "x"],
-    ["   "],
-    ["a", "", "b", ""],
-    ["多", "语言 ", " 文本\t"],
-])
-def test_stream_deltas_concatenate_to_the_stripped_answer(deltas):
-    out = run(deltas)
-    assert "".join(t for t, *_ in out) == "".join(deltas).strip()
-    assert [r for _, r, *_ in out] == [""] * (len(out) - 1) + ["stop"]  # one final, reason only there
-    assert all(t for t, *_ in out[:-1])  # no empty non-final responses
+def test_deltas_are_passed_on_unchanged():
+    """The answer is stripped once, in the engine's detokenizer; the response path does not strip again."""
+    out = run([" a", " b ", "c"])
+    assert [t for t, *_ in out] == [" a", " b ", "c"]
+    assert run([" a", " b "], stream=False)[0][0] == " a b "
 
 
 def test_non_stream_sends_one_response_with_the_whole_text():
-    out = run([" The", " cat", " sat. "], stream=False, reason="length")
+    out = run(["The", " cat", " sat."], stream=False, reason="length")
     assert out == [("The cat sat.", "length", 7, 3)]
+
+
+@pytest.mark.parametrize("pieces", [
+    ("<0x0A>", "▁", "▁Hello", "▁", "▁▁", "▁world", "▁", "<0x0A>", "</s>"),
+    ("▁", "▁▁", "<0x0A>"),                                   # only whitespace: the answer is ""
+    ("▁Hello", "▁▁", "▁</", "s>", "▁world"),                 # the stop string as text, after spaces
+    ("▁caf", "<0xC3>", "<0xA9>", "▁", "<0x0A>", "▁ok", "▁▁"),  # inner whitespace kept, trailing dropped
+])
+@pytest.mark.parametrize("stream", [True, False])
+def test_engine_and_response_stream_give_the_card_answer(pieces, stream):
+    """Engine (detokenizer, the one strip) -> ResponseStream, streamed or not: the client's text is the
+    card's `decode(ids).split('</s>')[0].strip()`."""
+    from fake_sentencepiece import PIECES, FakeSentencePiece, ids
+
+    from internvl_serve.engine import FakeRunner, LLMEngine, Request, SamplingParams, SchedulerConfig
+    from internvl_serve.prompt import INTERNVL_ZH
+
+    script = ids(*pieces)
+    runner = FakeRunner(next_token=lambda ctx: script[len(ctx) - 1], vocab_size=len(PIECES), eos_token_id=2)
+    engine = LLMEngine(runner, FakeSentencePiece(), scheduler_config=SchedulerConfig())
+    sampling = SamplingParams(max_tokens=len(script)).ending_with(INTERNVL_ZH.stop_strings, (2,))
+    outputs = engine.generate([Request("r", [7], None, sampling)])["r"]
+    rs = ResponseStream("Q?", stream=stream)
+    texts = []
+    for o in outputs:
+        r = rs.add(o.text_delta, finished=o.finished, finish_reason=o.finish_reason, num_input_tokens=1,
+                   num_output_tokens=o.num_output_tokens)
+        if r is not None:
+            texts.append(r["text_output"][0].decode())
+    generated = [t for o in outputs for t in o.new_token_ids]
+    card = FakeSentencePiece().decode(generated, skip_special_tokens=True).split("</s>")[0].strip()
+    assert "".join(texts) == card
+    assert (len(texts) == 1) if not stream else all(texts[:-1])  # streamed: no empty non-final response
 
 
 def test_echo_of_the_input_prefixes_the_first_response_only():

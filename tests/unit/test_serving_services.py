@@ -262,6 +262,29 @@ def test_llm_single_response_with_echo(llm, preprocessor, full_model):
     assert int(sink.responses[0][0]["num_output_tokens"][0]) <= 6
 
 
+def test_llm_requests_end_on_the_template_stop_token(llm, preprocessor, full_model):
+    """The service gives every request its template's end of answer (V1-1's internvl_zh: '</s>', id 2) and
+    the engine ends on that token, whichever it is: with another stop token the answer ends there."""
+    from internvl_serve import reference
+
+    assert (llm.stop, llm.stop_token_ids) == (("</s>",), (2,))
+    tok = preprocessor.tokenizer
+    *_, input_ids, mask = reference.prepare_chat(full_model, tok, None, "Hello, who are you?", None, None)
+    with torch.inference_mode():
+        greedy = reference.generate(full_model, input_ids, mask, None, tok.convert_tokens_to_ids(IMG_CONTEXT_TOKEN),
+                                    max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[0].tolist()
+    k = next(i for i in range(2, len(greedy)) if greedy[i] not in greedy[:i] and greedy[i] != 2)
+    saved, llm.stop_token_ids = llm.stop_token_ids, (greedy[k],)  # as if the template's stop token were it
+    try:
+        sink = RecordingSink()
+        llm.submit(llm_request(preprocessor, "Hello, who are you?", max_tokens=8), sink)
+        sink.wait()
+    finally:
+        llm.stop_token_ids = saved
+    assert sink.reasons == ["stop"] and int(sink.responses[0][0]["num_output_tokens"][0]) == k + 1
+    assert sink.texts == [tok.decode(greedy[:k], skip_special_tokens=True).split("</s>")[0].strip()]
+
+
 KEY, OTHER_KEY = "k" * 32, "x" * 32
 
 
