@@ -92,6 +92,7 @@ def time_steps(graph, steps: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+@torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fused", choices=("both", "on", "off"), default="both")
