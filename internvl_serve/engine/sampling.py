@@ -59,7 +59,8 @@ class SamplingParams:
             raise InvalidRequest(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})",
                                  "min_tokens")
         if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise InvalidRequest(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}", "temperature")
+            raise InvalidRequest(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}",
+                                 "temperature")
         if not _is_real(self.top_p) or not (0.0 < self.top_p <= 1.0):
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p!r}", "top_p")
         if not _is_int(self.top_k) or self.top_k < 0:

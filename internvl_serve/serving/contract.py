@@ -6,10 +6,11 @@ SamplingParams field it fills, its OpenAI, model-card and TensorRT-LLM names; co
 and checks every copy); `ServingLimits` (request size limits, overridable from config.pbtxt
 `parameters`); turning a dict of numpy arrays (what an adapter pulls out of a Triton request) into a
 typed `ChatRequest` / `GenerationRequest`, raising `InvalidInput` with a message that names the tensor
-and says what is allowed; refusing request parameters (the contract has none); the cancellation inputs
-(`cancel_key`, the llm's `cancel_request_id`); and the numpy form of a response. Does not own: the prompt rules (prompt.py),
-image decoding (imageproc.py), enforcing sampling-parameter ranges (engine/sampling.py validates them,
-as declared here; InvalidRequest.field is mapped back to the tensor), or anything that imports Triton or torch.
+and says what is allowed (and `.input`, the tensor's name); refusing request parameters (the contract has
+none); the cancellation inputs (`cancel_key`, the llm's `cancel_request_id`); and the numpy form of a
+response. Does not own: the prompt rules (prompt.py), image decoding (imageproc.py), enforcing the
+sampling ranges (engine/sampling.py validates them as declared here, a test checks they agree, and
+InvalidRequest.field is mapped back to the tensor), or anything that imports Triton or torch.
 
 Images may be sent raw (the encoded file bytes) or, for JSON clients such as HTTP `generate_stream`,
 as a `data:image/<type>;base64,<payload>` string; a video likewise as raw bytes or `data:video/...`.
@@ -69,7 +70,8 @@ CHAT_INPUTS: tuple[TensorSpec, ...] = (
                    "the server samples the frames (the card's `get_index`)"),
     TensorSpec("num_segments", "INT32", (1,), default=8, doc="frames to sample from the video, 1..12 (max_frames)"),
     TensorSpec("history", "BYTES", (1,),
-               doc="JSON list of earlier `[question, answer]` pairs, questions as they were sent (with their `<image>`)"),
+               doc="JSON list of earlier `[question, answer]` pairs, questions as they were sent "
+                   "(with their `<image>`)"),
     TensorSpec("num_patches_list", "INT32", (-1,),
                doc="the card's `num_patches_list`: images per `<image>` placeholder (default: derived)"),
 )
@@ -98,6 +100,7 @@ class GenerationInput:
     openai: str | None = None      # the OpenAI / vLLM request field (the gateway)
     card: str | None = None        # the model card's generation_config word (the SDK, the CLI)
     aliases: tuple[str, ...] = ()  # other tensor names accepted for it (TensorRT-LLM's)
+    tensorrt_llm: bool = False     # `name` is TensorRT-LLM's name too (its ensemble's input of that name)
     only_empty: bool = False       # a TensorRT-LLM input accepted only empty (not implemented here)
 
     def specs(self) -> tuple[TensorSpec, ...]:
@@ -123,36 +126,37 @@ def _number_text(v: float) -> str:
 # Inputs that shape generation (read by llm, and validated early by preprocess and the BLS model).
 GENERATION: tuple[GenerationInput, ...] = (
     GenerationInput("max_tokens", "INT32", 1024, "new tokens at most (capped by the context window)",
-                    field="max_tokens", low=1, high=INT32_MAX, openai="max_tokens", card="max_new_tokens"),
+                    field="max_tokens", low=1, high=INT32_MAX, openai="max_tokens", card="max_new_tokens",
+                    tensorrt_llm=True),
     GenerationInput("min_length", "INT32", 0,
                     "new tokens at least: `</s>` cannot be generated before (TensorRT-LLM's `min_length`, "
                     "vLLM's `min_tokens`); stop words still stop", field="min_tokens", low=0, high=INT32_MAX,
-                    openai="min_tokens", card="min_new_tokens"),
+                    openai="min_tokens", card="min_new_tokens", tensorrt_llm=True),
     GenerationInput("temperature", "FP32", 0.0,
                     "0 is greedy (the card's `do_sample=False`); > 0 samples; a positive value below 1e-5 is "
                     "greedy too (dividing the logits by 1e-45 overflows them)",
-                    field="temperature", low=0, openai="temperature", card="temperature"),
+                    field="temperature", low=0, openai="temperature", card="temperature", tensorrt_llm=True),
     GenerationInput("top_p", "FP32", 1.0, "nucleus sampling; 1 is off", field="top_p", low=0, high=1,
-                    low_open=True, openai="top_p", card="top_p"),
+                    low_open=True, openai="top_p", card="top_p", tensorrt_llm=True),
     GenerationInput("top_k", "INT32", 0, "0 is off", field="top_k", low=0, high=INT32_MAX,
-                    openai="top_k", card="top_k"),
+                    openai="top_k", card="top_k", tensorrt_llm=True),
     GenerationInput("repetition_penalty", "FP32", 1.0, "transformers' semantics, over the generated tokens; "
                     "1 is off", field="repetition_penalty", low=0, low_open=True,
-                    openai="repetition_penalty", card="repetition_penalty"),
+                    openai="repetition_penalty", card="repetition_penalty", tensorrt_llm=True),
     GenerationInput("seed", "UINT64", 0, "seed of this request's sampler (same seed + same request = same "
                     "sample)", field="seed", low=0, high=UINT64_MAX, openai="seed", card="seed",
                     aliases=("random_seed",)),
     GenerationInput("stop_words", "BYTES", (), "extra stop strings (at most 16; empty strings are ignored, "
                     'so TensorRT-LLM\'s `""` means none); `</s>` always stops', dims=(-1,), field="stop",
-                    openai="stop", card="stop"),
+                    openai="stop", card="stop", tensorrt_llm=True),
     GenerationInput("bad_words", "BYTES", (), "TensorRT-LLM's; accepted only empty (`\"\"`): banning words "
-                    "is not implemented", dims=(-1,), only_empty=True),
+                    "is not implemented", dims=(-1,), only_empty=True, tensorrt_llm=True),
     GenerationInput("ignore_eos", "BOOL", False, "keep generating past `</s>` up to `max_tokens` (benchmarks)",
                     field="ignore_eos", openai="ignore_eos", card="ignore_eos"),
     GenerationInput("stream", "BOOL", False, "true: one response per text delta; false: one response with the "
-                    "whole answer"),
+                    "whole answer", tensorrt_llm=True),
     GenerationInput("exclude_input_in_output", "BOOL", True,
-                    "false: the first `text_output` starts with `text_input`"),
+                    "false: the first `text_output` starts with `text_input`", tensorrt_llm=True),
 )
 GENERATION_BY_NAME: dict[str, GenerationInput] = {g.name: g for g in GENERATION}
 GENERATION_INPUTS: tuple[TensorSpec, ...] = tuple(spec for g in GENERATION for spec in g.specs())

@@ -3,7 +3,7 @@
 Owns: the text of every generated copy of the generation inputs and the input table: the blocks between
 `# <generated:KEY>` / `# </generated:KEY>` markers in the model_repository/*/config.pbtxt files (input
 lists and the ensemble's maps), the table between `<!-- contract-table:begin/end -->` in README.md and
-docs/contract.md, and the whole of client/internvl_client/contract_inputs.py (the SDK must not import
+docs/contract.md (and docs/contract.md's table of each input's other names), and the whole of client/internvl_client/contract_inputs.py (the SDK must not import
 this package, so it gets a generated copy). `--write` rewrites them; `--check` (and
 tests/unit/test_contract_files.py) fails when one differs. Does not own: the declaration itself
 (contract.py), or consumers that read the client copy at run time (the SDK's request builder, card
@@ -26,6 +26,8 @@ WRITE_COMMAND = "python -m internvl_serve.serving.contract_files --write"
 CLIENT_MODULE = "client/internvl_client/contract_inputs.py"
 TABLE_FILES = {"README.md": True, "docs/contract.md": False}  # path -> with the outputs
 TABLE_BEGIN, TABLE_END = "<!-- contract-table:begin -->", "<!-- contract-table:end -->"
+NAMES_FILE = "docs/contract.md"  # also holds the names table
+NAMES_BEGIN, NAMES_END = "<!-- generation-names:begin -->", "<!-- generation-names:end -->"
 # config.pbtxt -> its generated blocks
 CONFIG_BLOCKS = {
     "model_repository/internvl_chat/config.pbtxt": ("inputs", "preprocess-map", "llm-map"),
@@ -65,6 +67,18 @@ def generated_table_file(path: str, text: str) -> str:
     return _replace_between(text, TABLE_BEGIN, TABLE_END, c.contract_table_markdown(TABLE_FILES[path]) + "\n", path)
 
 
+def names_table() -> str:
+    """Each generation input's names in the engine, the model card (SDK, CLI), the gateway, TensorRT-LLM."""
+    rows = ["| input | engine (`SamplingParams`) | model card `generation_config` / CLI flag | OpenAI gateway "
+            "| TensorRT-LLM |", "|---|---|---|---|---|"]
+    for g in c.GENERATION:
+        card = f"`{g.card}` / `--{g.card.replace('_', '-')}`" if g.card else ""
+        trt = ", ".join(f"`{n}`" for n in ((g.name,) if g.tensorrt_llm else ()) + g.aliases)
+        rows.append(f"| `{g.name}` | {f'`{g.field}`' if g.field else ''} | {card} | "
+                    f"{f'`{g.openai}`' if g.openai else ''} | {trt} |")
+    return "\n".join(rows)
+
+
 def client_module() -> str:
     """client/internvl_client/contract_inputs.py, whole."""
     lines = [
@@ -88,7 +102,7 @@ def client_module() -> str:
     for g in c.GENERATION:
         lines.append("    dict(")
         for key in ("name", "datatype", "default", "low", "high", "low_open", "openai", "card", "aliases",
-                    "only_empty", "doc"):
+                    "tensorrt_llm", "only_empty", "doc"):
             lines.append(f"        {key}={getattr(g, key)!r},")
         lines.append("    ),")
     lines.append(")")
@@ -102,6 +116,7 @@ def expected_files() -> dict[str, str]:
         out[path] = generated_config(path, (ROOT / path).read_text())
     for path in TABLE_FILES:
         out[path] = generated_table_file(path, (ROOT / path).read_text())
+    out[NAMES_FILE] = _replace_between(out[NAMES_FILE], NAMES_BEGIN, NAMES_END, names_table() + "\n", NAMES_FILE)
     return out
 
 
