@@ -5,7 +5,8 @@ SDK's `ChatRequest` (question, history, images, generation inputs); which reques
 refused (a value the server cannot honour) or ignored (unknown fields, as vLLM: accepted, reported in
 `CompletionRequest.ignored` for the app to log); the OpenAI error objects and the mapping of the SDK's
 errors onto HTTP statuses. Does not own: HTTP (app.py), fetching remote images (app.py), the answer
-and chunk objects (answers.py), the contract (internvl_client.request).
+and chunk objects (answers.py), the contract (internvl_client.request) or its generation inputs' OpenAI
+names, types and ranges (internvl_client.contract_inputs, generated from the server's declaration).
 
 Messages -> the model card's chat(question, history):
 - `system` / `developer` messages: refused (400), or dropped with `system_messages="ignore"`: the
