@@ -192,3 +192,9 @@ def test_the_node_client_sends_declared_inputs_with_their_types():
     declared = {s.name: s.datatype for s in (*c.ENSEMBLE_INPUTS, c.CANCEL)}  # CANCEL: the llm's side channel
     for kind, name in sent:
         assert declared.get(name) == kinds[kind], f"chat.js sends {name!r} as {kind}"
+
+
+def test_the_grpc_guard_lets_a_request_with_every_input_through():
+    from internvl_serve.serving.grpc_checks import GuardPolicy
+
+    assert GuardPolicy().max_inputs >= len(c.ENSEMBLE_INPUTS)
