@@ -244,7 +244,8 @@ def _declared(body: Mapping[str, Any], key: str, g: Mapping[str, Any]) -> Any:
     high = g["high"] if g["high"] is not None else math.inf
     integer = g["datatype"] in ("INT32", "UINT64")
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) \
-            or not math.isfinite(value) or not low <= value <= high or g["low_open"] and value == low:
+            or isinstance(value, float) and not math.isfinite(value) or not low <= value <= high \
+            or g["low_open"] and value == low:
         kind = "an integer" if integer else "a number"
         bounds = f"{'(' if g['low_open'] else '['}{low}, {high}{')' if high == math.inf else ']'}"
         raise bad_request(f"'{key}' must be {kind} in {bounds}, got {value!r}", key)
