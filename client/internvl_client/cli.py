@@ -20,6 +20,7 @@ from typing import Any, TextIO
 from . import __version__
 from .client import DEFAULT_TIMEOUT, DEFAULT_URL, Client
 from .errors import InternVLError, InvalidInputError, RequestTimeoutError, ServerUnavailableError
+from .generation import DECLARED
 from .session import ChatSession
 
 HELP_TEXT = "commands: /reset (forget the conversation), /save FILE, /help, /quit"
@@ -40,25 +41,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", metavar="PATH", help="a video file; the server samples --num-segments frames")
     p.add_argument("--num-segments", type=int, default=8, help="frames sampled from the video (default 8)")
     g = p.add_argument_group("generation (the model card's generation_config)")
-    g.add_argument("--max-new-tokens", type=int, help="new tokens at most (server default 1024)")
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float, help="sampling temperature; > 0 implies --do-sample, 0 is greedy")
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--repetition-penalty", type=float)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1] (with sampling)")
+    g.add_argument("--top-k", type=int, help="keep the k most likely tokens, 0 is off (with sampling)")
     g.add_argument("--stop", action="append", metavar="TEXT", help="extra stop string (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true", help="generate --max-new-tokens whatever the text (benchmarks)")
+    for key, spec in DECLARED.items():  # the other card words, one flag each (generated declaration)
+        if key not in OWN_FLAGS:
+            _declared_flag(g, key, spec)
     p.add_argument("--load", metavar="FILE", help="continue a session saved with /save or --save")
     p.add_argument("--save", metavar="FILE", help="save the session after the one-shot answer")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
 
+# Card words whose flags have rules of their own (sampling implies --do-sample; --stop repeats).
+OWN_FLAGS = ("temperature", "top_p", "top_k", "stop")
+_FLAG_TYPES = {"INT32": int, "UINT64": int, "FP32": float}
+
+
+def _declared_flag(group: argparse._ArgumentGroup, key: str, spec: dict) -> None:
+    """--<card word> for a declared generation input: its type, meaning and server default."""
+    flag = "--" + key.replace("_", "-")
+    if spec["datatype"] == "BOOL":
+        group.add_argument(flag, action="store_true", default=None, help=spec["doc"])
+    else:
+        group.add_argument(flag, type=_FLAG_TYPES[spec["datatype"]],
+                           help=f"{spec['doc']} (server default {spec['default']})")
+
+
 def generation_config_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
-    cfg: dict[str, Any] = {}
-    if args.max_new_tokens is not None:
-        cfg["max_new_tokens"] = args.max_new_tokens
+    cfg: dict[str, Any] = {key: getattr(args, key) for key in DECLARED
+                           if key not in OWN_FLAGS and getattr(args, key) is not None}
     do_sample = args.do_sample
     if args.temperature is not None:
         if args.temperature > 0:
@@ -75,14 +89,8 @@ def generation_config_from_args(args: argparse.Namespace) -> dict[str, Any] | No
         raise ValueError("--top-p / --top-k need sampling: add --do-sample or a --temperature > 0")
     else:
         cfg["do_sample"] = False
-    if args.repetition_penalty is not None:
-        cfg["repetition_penalty"] = args.repetition_penalty
-    if args.seed is not None:
-        cfg["seed"] = args.seed
     if args.stop:
         cfg["stop"] = list(args.stop)
-    if args.ignore_eos:
-        cfg["ignore_eos"] = True
     return cfg
 
 

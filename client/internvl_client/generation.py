@@ -19,21 +19,13 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-# The card's words this client understands. `stop` / `stop_words` and
-# `ignore_eos` (benchmarks: generate max_new_tokens whatever the text) are ours.
-KNOWN_KEYS = (
-    "max_new_tokens",
-    "do_sample",
-    "temperature",
-    "top_p",
-    "top_k",
-    "repetition_penalty",
-    "seed",
-    "stop",
-    "stop_words",
-    "num_beams",
-    "ignore_eos",
-)
+from .contract_inputs import GENERATION
+
+# The card's words this client understands: each declared input's card word (contract_inputs.py, generated
+# from the server's declaration), plus do_sample, num_beams and `stop_words` (our name for `stop`).
+DECLARED = {g["card"]: g for g in GENERATION if g["card"]}
+SAMPLING_KEYS = ("temperature", "top_p", "top_k")  # honoured only with do_sample=True, as transformers does
+KNOWN_KEYS = ("do_sample", "num_beams", *DECLARED, "stop_words")
 
 UINT64_MAX = 2**64 - 1
 INT32_MAX = 2**31 - 1
@@ -60,9 +52,6 @@ def to_contract_inputs(generation_config: Mapping[str, Any] | None) -> dict[str,
     cfg = dict(generation_config)
     out: dict[str, Any] = {}
 
-    if "max_new_tokens" in cfg and cfg["max_new_tokens"] is not None:
-        out["max_tokens"] = _int(cfg, "max_new_tokens", low=1, high=INT32_MAX)
-
     num_beams = cfg.get("num_beams")
     if num_beams is not None and _int(cfg, "num_beams", low=1) != 1:
         raise ValueError("generation_config['num_beams'] > 1: beam search is not supported by this server")
@@ -80,13 +69,9 @@ def to_contract_inputs(generation_config: Mapping[str, Any] | None) -> dict[str,
                 "(use do_sample=False for greedy decoding)"
             )
         out["temperature"] = temperature
-        if cfg.get("top_p") is not None:
-            top_p = _float(cfg, "top_p")
-            if not 0.0 < top_p <= 1.0:
-                raise ValueError(f"generation_config['top_p'] must be in (0, 1], got {top_p}")
-            out["top_p"] = top_p
-        if cfg.get("top_k") is not None:
-            out["top_k"] = _int(cfg, "top_k", low=0, high=INT32_MAX)
+        for key in ("top_p", "top_k"):
+            if cfg.get(key) is not None:
+                out[DECLARED[key]["name"]] = _declared(cfg, key, DECLARED[key])
     else:
         if sampling_keys:
             warnings.warn(
@@ -98,20 +83,12 @@ def to_contract_inputs(generation_config: Mapping[str, Any] | None) -> dict[str,
         if do_sample is False or sampling_keys:
             out["temperature"] = 0.0
 
-    if cfg.get("repetition_penalty") is not None:
-        penalty = _float(cfg, "repetition_penalty")
-        if not penalty > 0.0:
-            raise ValueError(f"generation_config['repetition_penalty'] must be > 0, got {penalty}")
-        out["repetition_penalty"] = penalty
-
-    if cfg.get("seed") is not None:
-        out["seed"] = _int(cfg, "seed", low=0, high=UINT64_MAX)
-
-    if cfg.get("ignore_eos") is not None:
-        if not isinstance(cfg["ignore_eos"], bool):
-            raise ValueError(f"generation_config['ignore_eos'] must be True or False, got {cfg['ignore_eos']!r}")
-        if cfg["ignore_eos"]:
-            out["ignore_eos"] = True
+    for key, g in DECLARED.items():  # the card words with no rule of their own: typed and range-checked
+        if key in SAMPLING_KEYS or key == "stop" or cfg.get(key) is None:
+            continue
+        value = _declared(cfg, key, g)
+        if value != g["default"] or g["datatype"] != "BOOL":
+            out[g["name"]] = value
 
     if cfg.get("stop") is not None and cfg.get("stop_words") is not None:
         raise ValueError("generation_config: give 'stop' or 'stop_words', not both")
@@ -119,6 +96,21 @@ def to_contract_inputs(generation_config: Mapping[str, Any] | None) -> dict[str,
     if cfg.get(stop_key) is not None:
         out["stop_words"] = _stop_words(cfg[stop_key], stop_key)
     return out
+
+
+def _declared(cfg: Mapping[str, Any], key: str, g: Mapping[str, Any]) -> Any:
+    """cfg[key] as the declared input's type, in its declared range."""
+    if g["datatype"] == "BOOL":
+        if not isinstance(cfg[key], bool):
+            raise ValueError(f"generation_config[{key!r}] must be True or False, got {cfg[key]!r}")
+        return cfg[key]
+    value = _int(cfg, key) if g["datatype"] in ("INT32", "UINT64") else _float(cfg, key)
+    low, high = g["low"], g["high"]
+    if low is not None and (value <= low if g["low_open"] else value < low) or high is not None and value > high:
+        bounds = "(" if g["low_open"] else "["
+        bounds += f"{low}, {'inf)' if high is None else f'{high}]'}"
+        raise ValueError(f"generation_config[{key!r}] must be in {bounds}, got {value}")
+    return value
 
 
 def _int(cfg: Mapping[str, Any], key: str, *, low: int | None = None, high: int | None = None) -> int:

@@ -3,7 +3,8 @@ response parsing. Triton-transport-free apart from `tritonclient.grpc.InferInput
 
 Owns: `ChatRequest` (a validated request), `to_infer_inputs` (-> Triton input tensors),
 `parse_response` (one streamed Triton response -> `Chunk`), `ChatResponse` (the finished answer).
-Does not own: the transport (client.py / aio.py). docs/contract.md is the prose form of this file.
+Does not own: the transport (client.py / aio.py), the input names, types and defaults (contract_inputs.py,
+generated from the server's declaration). docs/contract.md is the prose form of this file.
 """
 
 from __future__ import annotations
@@ -17,34 +18,14 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import InferInput
 
+from . import contract_inputs
+
 MODEL_NAME = "internvl_chat"
 
-# Input names and Triton datatypes (docs/contract.md).
-INPUTS: dict[str, str] = {
-    "text_input": "BYTES",
-    "images": "BYTES",
-    "video": "BYTES",
-    "num_segments": "INT32",
-    "history": "BYTES",
-    "num_patches_list": "INT32",
-    "max_tokens": "INT32",
-    "temperature": "FP32",
-    "top_p": "FP32",
-    "top_k": "INT32",
-    "repetition_penalty": "FP32",
-    "seed": "UINT64",
-    "stop_words": "BYTES",
-    "ignore_eos": "BOOL",
-    "stream": "BOOL",
-    "exclude_input_in_output": "BOOL",
-    "cancel_key": "BYTES",  # made anew for each request by client.py / aio.py (cancel.py), never by callers
-}
-OUTPUTS: dict[str, str] = {
-    "text_output": "BYTES",
-    "finish_reason": "BYTES",
-    "num_input_tokens": "INT32",
-    "num_output_tokens": "INT32",
-}
+# Input and output names and Triton datatypes: generated from the server's declaration
+# (contract_inputs.py; cancel_key is made anew for each request by client.py / aio.py, never by callers).
+INPUTS: dict[str, str] = contract_inputs.INPUTS
+OUTPUTS: dict[str, str] = contract_inputs.OUTPUTS
 FINISH_REASONS = ("stop", "length", "cancelled")
 # Response parameter Triton sets when the request asked for `triton_enable_empty_final_response`.
 FINAL_RESPONSE_PARAM = "triton_final_response"

@@ -5,7 +5,8 @@ SDK's `ChatRequest` (question, history, images, generation inputs); which reques
 refused (a value the server cannot honour) or ignored (unknown fields, as vLLM: accepted, reported in
 `CompletionRequest.ignored` for the app to log); the OpenAI error objects and the mapping of the SDK's
 errors onto HTTP statuses. Does not own: HTTP (app.py), fetching remote images (app.py), the answer
-and chunk objects (answers.py), the contract (internvl_client.request).
+and chunk objects (answers.py), the contract (internvl_client.request) or its generation inputs' OpenAI
+names, types and ranges (internvl_client.contract_inputs, generated from the server's declaration).
 
 Messages -> the model card's chat(question, history):
 - `system` / `developer` messages: refused (400), or dropped with `system_messages="ignore"`: the
@@ -36,6 +37,7 @@ from internvl_client.errors import (
     RequestTimeoutError,
     ServerUnavailableError,
 )
+from internvl_client.contract_inputs import GENERATION
 from internvl_client.request import ChatRequest
 
 from .config import GatewayConfig
@@ -48,8 +50,11 @@ CHAT, COMPLETIONS = "chat", "completions"
 # is ignored too, but reported (CompletionRequest.ignored, logged by the app), as vLLM does.
 IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "reasoning_effort",
                   "verbosity", "prompt_cache_key", "safety_identifier"}
-# Extensions (as vLLM's, sent with the openai client's extra_body): contract inputs of the same name.
-EXTRA_FIELDS = {"top_k", "repetition_penalty", "ignore_eos"}
+# The contract's generation inputs by their OpenAI / vLLM field (the declaration, generated into the SDK):
+# OpenAI's own (max_tokens, temperature, top_p, seed, stop) and vLLM's extensions, sent with the openai
+# client's extra_body (top_k, repetition_penalty, ignore_eos, min_tokens).
+DECLARED = {g["openai"]: g for g in GENERATION if g["openai"]}
+OWN_RULES = ("max_tokens", "temperature", "stop")  # OpenAI's shapes and ranges, below
 
 
 class GatewayError(Exception):
@@ -229,6 +234,24 @@ def _integer(body: Mapping[str, Any], key: str, low: int, high: int) -> int | No
     return value
 
 
+def _declared(body: Mapping[str, Any], key: str, g: Mapping[str, Any]) -> Any:
+    value = body[key]
+    if g["datatype"] == "BOOL":
+        if not isinstance(value, bool):
+            raise bad_request(f"'{key}' must be true or false", key)
+        return value
+    low = g["low"] if g["low"] is not None else -math.inf
+    high = g["high"] if g["high"] is not None else math.inf
+    integer = g["datatype"] in ("INT32", "UINT64")
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) \
+            or isinstance(value, float) and not math.isfinite(value) or not low <= value <= high \
+            or g["low_open"] and value == low:
+        kind = "an integer" if integer else "a number"
+        bounds = f"{'(' if g['low_open'] else '['}{low}, {high}{')' if high == math.inf else ']'}"
+        raise bad_request(f"'{key}' must be {kind} in {bounds}, got {value!r}", key)
+    return value if integer else float(value)
+
+
 # Fields whose value the server cannot honour: refused (400 unsupported_parameter) unless harmless.
 COMMON_CHECKS = {
     "n": lambda v: v in (None, 1),
@@ -252,7 +275,7 @@ CHECKS = {
                   "best_of": lambda v: v in (None, 1),
                   "suffix": lambda v: not v},
 }
-USED_FIELDS = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "stop", "seed"}
+USED_FIELDS = {"model", "stream", "stream_options", *DECLARED}
 ENDPOINT_FIELDS = {CHAT: {"messages", "max_completion_tokens"}, COMPLETIONS: {"prompt", "echo"}}
 
 
@@ -263,7 +286,7 @@ def check_fields(body: Mapping[str, Any], endpoint: str) -> list[str]:
     for key, ok in checks.items():
         if key in body and not ok(body[key]):
             raise bad_request(f"'{key}'={body[key]!r} is not supported by this server", key, "unsupported_parameter")
-    known = set(checks) | IGNORED_FIELDS | EXTRA_FIELDS | USED_FIELDS | ENDPOINT_FIELDS[endpoint]
+    known = set(checks) | IGNORED_FIELDS | USED_FIELDS | ENDPOINT_FIELDS[endpoint]
     return sorted(set(body) - known)
 
 
@@ -279,14 +302,6 @@ def generation_inputs(body: Mapping[str, Any]) -> dict[str, Any]:
     temperature = _number(body, "temperature", 0.0, 2.0)
     if temperature is not None:
         out["temperature"] = temperature
-    top_p = _number(body, "top_p", 0.0, 1.0)
-    if top_p is not None:
-        if top_p == 0.0:
-            raise bad_request("'top_p' must be in (0, 1]", "top_p")
-        out["top_p"] = top_p
-    seed = _integer(body, "seed", 0, UINT64_MAX)
-    if seed is not None:
-        out["seed"] = seed
     stop = body.get("stop")
     if stop is not None:
         words = [stop] if isinstance(stop, str) else stop
@@ -294,16 +309,9 @@ def generation_inputs(body: Mapping[str, Any]) -> dict[str, Any]:
             raise bad_request("'stop' must be a non-empty string or a list of them", "stop")
         if words:
             out["stop_words"] = words
-    top_k = _integer(body, "top_k", 0, INT32_MAX)
-    if top_k is not None:
-        out["top_k"] = top_k
-    penalty = _number(body, "repetition_penalty", 1e-6, 1e6)
-    if penalty is not None:
-        out["repetition_penalty"] = penalty
-    if body.get("ignore_eos") is not None:
-        if not isinstance(body["ignore_eos"], bool):
-            raise bad_request("'ignore_eos' must be true or false", "ignore_eos")
-        out["ignore_eos"] = body["ignore_eos"]
+    for key, g in DECLARED.items():  # the rest as declared: type and range
+        if key not in OWN_RULES and body.get(key) is not None:
+            out[g["name"]] = _declared(body, key, g)
     return out
 
 

@@ -69,6 +69,7 @@ class LLMEngine:
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id if eos_token_id is not None else getattr(runner, "eos_token_id", None)
+        runner.end_token_ids = (self.eos_token_id,)  # the sampler masks them below a request's min_tokens
         self.image_context_token_id = (image_context_token_id if image_context_token_id is not None
                                        else _image_context_id(tokenizer))
         self.scheduler_config = scheduler_config or SchedulerConfig()

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 
 class InvalidRequest(ValueError):
-    """A request the engine refuses; the message says which field and what is allowed."""
+    """A request the engine refuses; the message says which field and what is allowed. `field` names it
+    (a SamplingParams field, e.g. "top_p") where one field is at fault, so callers map it back to their
+    own names (serving/contract.py: to the input tensor) without reading the message."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class EngineError(RuntimeError):

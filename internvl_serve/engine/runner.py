@@ -79,6 +79,8 @@ CUDA_CONTEXT_BYTES = 600 * 2**20  # a CUDA context and cuBLAS workspaces, outsid
 
 
 class ModelRunner:
+    end_token_ids: tuple[int, ...] = ()  # the engine's end tokens: masked in rows below their min_tokens
+
     def __init__(self, config, state_dict: Mapping[str, torch.Tensor], *, device="cpu",
                  dtype: torch.dtype | None = None, block_size: int = 16, num_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int = 2048,
@@ -337,6 +339,7 @@ class ModelRunner:
         outputs = [s.seq.output_token_ids if needs_history and s.seq.sampling.repetition_penalty != 1.0 else []
                    for s in sampling]
         generators = [None if p.temperature == 0 else self._generator(s.seq) for p, s in zip(params, sampling)]
-        tokens = sample_tokens(logits, SamplingBatch.build(params, outputs, generators, self.device)).tolist()
+        tokens = sample_tokens(logits, SamplingBatch.build(params, outputs, generators, self.device, [
+            s.seq.num_output_tokens for s in sampling], self.end_token_ids)).tolist()
         it = iter(tokens)
         return [next(it) if s.sample else None for s in batch.seqs]

@@ -1,12 +1,15 @@
 """Sampler: logits (S, vocab) -> one token per row, as a chain of small named functions.
 
-    apply_repetition_penalty -> greedy argmax (rows with temperature 0)
+    apply_min_tokens -> apply_repetition_penalty -> greedy argmax (rows with temperature 0)
                              -> apply_temperature -> apply_top_k -> apply_top_p -> sample (other rows)
 
 HF semantics throughout (RepetitionPenaltyLogitsProcessor over the tokens generated so far only, since
 the card's generate runs on inputs_embeds; TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper).
 Each sampled row draws from its own torch.Generator, seeded from the request's seed, so a request's
 tokens do not depend on which other requests share its batch. Greedy and sampled rows share one batch.
+
+apply_min_tokens masks the end tokens (EOS, and a request's stop token ids) of rows that have generated
+fewer than their min_tokens (TensorRT-LLM's min_length, vLLM's min_tokens), so they cannot end early.
 
 Does not own: the generators' lifetime (runner.py keeps one per request), stop conditions (engine.py).
 """
@@ -30,10 +33,14 @@ class SamplingBatch:
     any_top_k: bool = False
     any_top_p: bool = False
     any_penalty: bool = False
+    end_mask: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token ids) set to -inf (min_tokens)
 
     @classmethod
-    def build(cls, params: list, output_token_ids: list[list[int]], generators: list, device) -> "SamplingBatch":
-        """params: SamplingParams per row; output_token_ids: the tokens each row generated so far."""
+    def build(cls, params: list, output_token_ids: list[list[int]], generators: list, device,
+              num_generated: list[int] | None = None, end_token_ids=()) -> "SamplingBatch":
+        """params: SamplingParams per row; output_token_ids: the tokens each row generated so far (may be
+        empty where no penalty needs them); num_generated: how many each row generated so far;
+        end_token_ids: the model's end tokens (EOS) masked in rows below their min_tokens."""
         temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
         top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64)
         top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
@@ -57,7 +64,33 @@ class SamplingBatch:
                    all_greedy=all(p.temperature == 0 for p in params),
                    any_top_k=any(p.top_k > 0 and p.temperature > 0 for p in params),
                    any_top_p=any(p.top_p < 1.0 and p.temperature > 0 for p in params),
-                   any_penalty=any_penalty)
+                   any_penalty=any_penalty,
+                   end_mask=min_tokens_mask(params, num_generated, end_token_ids, device))
+
+
+def min_tokens_mask(params: list, num_generated: list[int] | None, end_token_ids,
+                    device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rows, token ids) to mask: every end token of each row that generated fewer than its min_tokens.
+    A row's end tokens are its request's stop_token_ids (the conversation template's), or the engine's
+    `end_token_ids` (its EOS) when the request gives none, as stopping.StopChecker decides the finish."""
+    if num_generated is None:
+        return None
+    rows, ids = [], []
+    for i, (p, n) in enumerate(zip(params, num_generated)):
+        if n < p.min_tokens:
+            ends = p.stop_token_ids if p.stop_token_ids is not None else end_token_ids
+            for t in sorted(set(ends) - {None}):
+                rows.append(i)
+                ids.append(t)
+    if not rows:
+        return None
+    return (torch.tensor(rows, dtype=torch.int64, device=device), torch.tensor(ids, dtype=torch.int64, device=device))
+
+
+def apply_min_tokens(logits: torch.Tensor, end_mask: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Set logits[row, token] to -inf for each (row, token) pair of the mask (a copy)."""
+    rows, ids = end_mask
+    return logits.index_put((rows, ids), torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
 
 
 def apply_repetition_penalty(logits: torch.Tensor, output_ids: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -106,6 +139,8 @@ def sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> tor
 
 def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """logits (S, vocab) fp32 -> (S,) int64 token ids."""
+    if batch.end_mask is not None:
+        logits = apply_min_tokens(logits, batch.end_mask)
     if batch.any_penalty:
         logits = apply_repetition_penalty(logits, batch.output_ids, batch.repetition_penalty)
     greedy = logits.argmax(dim=-1)

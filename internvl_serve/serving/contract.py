@@ -1,13 +1,16 @@
 """The `internvl_chat` ensemble's contract as data, and the Triton-free parsing of its requests.
 
 Owns: the tensor table (names, Triton datatypes, dims, defaults, meaning) that the config.pbtxt tests,
-the README and clients read; `ServingLimits` (request size limits, overridable from config.pbtxt
+the README and clients read, with each generation input declared once (`GENERATION`: its range, the
+SamplingParams field it fills, its OpenAI, model-card and TensorRT-LLM names; contract_files.py generates
+and checks every copy); `ServingLimits` (request size limits, overridable from config.pbtxt
 `parameters`); turning a dict of numpy arrays (what an adapter pulls out of a Triton request) into a
 typed `ChatRequest` / `GenerationRequest`, raising `InvalidInput` with a message that names the tensor
-and says what is allowed; refusing request parameters (the contract has none); the cancellation inputs
-(`cancel_key`, the llm's `cancel_request_id`); and the numpy form of a response. Does not own: the prompt rules (prompt.py),
-image decoding (imageproc.py), sampling-parameter ranges (engine/sampling.py validates them; their
-errors are re-raised here naming the tensor), or anything that imports Triton or torch.
+and says what is allowed (and `.input`, the tensor's name); refusing request parameters (the contract has
+none); the cancellation inputs (`cancel_key`, the llm's `cancel_request_id`); and the numpy form of a
+response. Does not own: the prompt rules (prompt.py), image decoding (imageproc.py), enforcing the
+sampling ranges (engine/sampling.py validates them as declared here, a test checks they agree, and
+InvalidRequest.field is mapped back to the tensor), or anything that imports Triton or torch.
 
 Images may be sent raw (the encoded file bytes) or, for JSON clients such as HTTP `generate_stream`,
 as a `data:image/<type>;base64,<payload>` string; a video likewise as raw bytes or `data:video/...`.
@@ -60,36 +63,107 @@ CHAT_INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("text_input", "BYTES", (1,), optional=False,
                doc="the question, UTF-8; may hold `<image>` placeholders"),
     TensorSpec("images", "BYTES", (-1,), default=(),
-               doc="encoded images (JPEG, PNG, WebP, GIF first frame, BMP, ...) or "
-                   "`data:image/...;base64,` strings, one per element"),
+               doc="encoded images (JPEG, PNG, WebP, GIF first frame, BMP, ...), one per element, sent as "
+                   "the file's bytes; or `data:image/<type>;base64,<payload>` strings (for JSON clients)"),
     TensorSpec("video", "BYTES", (1,),
-               doc="an encoded video file (or a `data:video/...;base64,` string); "
-                   "frames sampled as the card's get_index"),
-    TensorSpec("num_segments", "INT32", (1,), default=8, doc="frames to sample from the video"),
+               doc="an encoded video file (MP4, AVI, ...) or a `data:video/...;base64,` string; "
+                   "the server samples the frames (the card's `get_index`)"),
+    TensorSpec("num_segments", "INT32", (1,), default=8, doc="frames to sample from the video, 1..12 (max_frames)"),
     TensorSpec("history", "BYTES", (1,),
-               doc="JSON list of earlier [question, answer] pairs (questions as sent, with their `<image>`)"),
+               doc="JSON list of earlier `[question, answer]` pairs, questions as they were sent "
+                   "(with their `<image>`)"),
     TensorSpec("num_patches_list", "INT32", (-1,),
-               doc="the card's num_patches_list: images per `<image>` placeholder (default: derived)"),
+               doc="the card's `num_patches_list`: images per `<image>` placeholder (default: derived)"),
 )
 
-# Inputs that shape generation (read by llm, and validated early by preprocess).
-GENERATION_INPUTS: tuple[TensorSpec, ...] = (
-    TensorSpec("max_tokens", "INT32", (1,), default=1024,
-               doc="new tokens at most (capped by the context window)"),
-    TensorSpec("temperature", "FP32", (1,), default=0.0, doc="0 means greedy (the card's do_sample=False)"),
-    TensorSpec("top_p", "FP32", (1,), default=1.0, doc="nucleus sampling, in (0, 1]"),
-    TensorSpec("top_k", "INT32", (1,), default=0, doc="0 means off"),
-    TensorSpec("repetition_penalty", "FP32", (1,), default=1.0,
-               doc="> 0; HF semantics, over generated tokens"),
-    TensorSpec("seed", "UINT64", (1,), default=0, doc="seed of this request's sampler"),
-    TensorSpec("stop_words", "BYTES", (-1,), default=(), doc="extra stop strings; `</s>` always stops"),
-    TensorSpec("ignore_eos", "BOOL", (1,), default=False,
-               doc="keep generating past `</s>` up to max_tokens (benchmarks)"),
-    TensorSpec("stream", "BOOL", (1,), default=False,
-               doc="true: one response per text delta; false: one response"),
-    TensorSpec("exclude_input_in_output", "BOOL", (1,), default=True,
-               doc="false: the first text_output starts with text_input"),
+INT32_MAX = 2**31 - 1
+UINT64_MAX = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class GenerationInput:
+    """One generation input, declared once. Everything else is generated from these declarations or
+    tested against them: the config.pbtxt input lists and ensemble maps, the README and docs/contract.md
+    tables, the SDK's `internvl_client/contract_inputs.py` (its request builder, card words and CLI flags),
+    the gateway's OpenAI fields, the Node client's tensors (serving/contract_files.py writes and checks
+    them: `python -m internvl_serve.serving.contract_files --write`)."""
+
+    name: str                      # the tensor name (TensorRT-LLM's where it has one)
+    datatype: str                  # BYTES, INT32, FP32, UINT64, BOOL
+    default: Any
+    doc: str
+    dims: tuple[int, ...] = (1,)
+    field: str | None = None       # the SamplingParams field it fills; None: a response option
+    low: float | None = None       # the range SamplingParams.validate enforces (a test checks they agree)
+    high: float | None = None
+    low_open: bool = False         # (low, high] instead of [low, high]
+    openai: str | None = None      # the OpenAI / vLLM request field (the gateway)
+    card: str | None = None        # the model card's generation_config word (the SDK, the CLI)
+    aliases: tuple[str, ...] = ()  # other tensor names accepted for it (TensorRT-LLM's)
+    tensorrt_llm: bool = False     # `name` is TensorRT-LLM's name too (its ensemble's input of that name)
+    only_empty: bool = False       # a TensorRT-LLM input accepted only empty (not implemented here)
+
+    def specs(self) -> tuple[TensorSpec, ...]:
+        """Its tensor and its aliases' tensors."""
+        main = TensorSpec(self.name, self.datatype, self.dims, default=self.default, doc=self.doc)
+        return (main, *(TensorSpec(a, self.datatype, self.dims, default=self.default,
+                                   doc=f"TensorRT-LLM's name for `{self.name}` (send one of the two)")
+                        for a in self.aliases))
+
+    @property
+    def range_text(self) -> str:
+        """The range as the tables show it, e.g. "(0, 1]"; "" when unbounded."""
+        if self.low is None and self.high is None:
+            return ""
+        high = "inf)" if self.high is None else _number_text(self.high) + "]"
+        return f"{'(' if self.low_open else '['}{_number_text(self.low)}, {high}"
+
+
+def _number_text(v: float) -> str:
+    return {INT32_MAX: "2^31-1", UINT64_MAX: "2^64-1"}.get(v) or (str(int(v)) if float(v).is_integer() else str(v))
+
+
+# Inputs that shape generation (read by llm, and validated early by preprocess and the BLS model).
+# SamplingParams fields that no client input fills: the serving path sets them (stop_token_ids: the
+# conversation template's stop token, prompt.py Template.end_of_answer, passed with every request).
+SERVER_SET_SAMPLING_FIELDS = ("stop_token_ids",)
+
+GENERATION: tuple[GenerationInput, ...] = (
+    GenerationInput("max_tokens", "INT32", 1024, "new tokens at most (capped by the context window)",
+                    field="max_tokens", low=1, high=INT32_MAX, openai="max_tokens", card="max_new_tokens",
+                    tensorrt_llm=True),
+    GenerationInput("min_length", "INT32", 0,
+                    "new tokens at least: `</s>` cannot be generated before (TensorRT-LLM's `min_length`, "
+                    "vLLM's `min_tokens`); stop words still stop", field="min_tokens", low=0, high=INT32_MAX,
+                    openai="min_tokens", card="min_new_tokens", tensorrt_llm=True),
+    GenerationInput("temperature", "FP32", 0.0,
+                    "0 is greedy (the card's `do_sample=False`); > 0 samples; a positive value below 1e-5 is "
+                    "greedy too (dividing the logits by 1e-45 overflows them)",
+                    field="temperature", low=0, openai="temperature", card="temperature", tensorrt_llm=True),
+    GenerationInput("top_p", "FP32", 1.0, "nucleus sampling; 1 is off", field="top_p", low=0, high=1,
+                    low_open=True, openai="top_p", card="top_p", tensorrt_llm=True),
+    GenerationInput("top_k", "INT32", 0, "0 is off", field="top_k", low=0, high=INT32_MAX,
+                    openai="top_k", card="top_k", tensorrt_llm=True),
+    GenerationInput("repetition_penalty", "FP32", 1.0, "transformers' semantics, over the generated tokens; "
+                    "1 is off", field="repetition_penalty", low=0, low_open=True,
+                    openai="repetition_penalty", card="repetition_penalty", tensorrt_llm=True),
+    GenerationInput("seed", "UINT64", 0, "seed of this request's sampler (same seed + same request = same "
+                    "sample)", field="seed", low=0, high=UINT64_MAX, openai="seed", card="seed",
+                    aliases=("random_seed",)),
+    GenerationInput("stop_words", "BYTES", (), "extra stop strings (at most 16; empty strings are ignored, "
+                    'so TensorRT-LLM\'s `""` means none); `</s>` always stops', dims=(-1,), field="stop",
+                    openai="stop", card="stop", tensorrt_llm=True),
+    GenerationInput("bad_words", "BYTES", (), "TensorRT-LLM's; accepted only empty (`\"\"`): banning words "
+                    "is not implemented", dims=(-1,), only_empty=True, tensorrt_llm=True),
+    GenerationInput("ignore_eos", "BOOL", False, "keep generating past `</s>` up to `max_tokens` (benchmarks)",
+                    field="ignore_eos", openai="ignore_eos", card="ignore_eos"),
+    GenerationInput("stream", "BOOL", False, "true: one response per text delta; false: one response with the "
+                    "whole answer", tensorrt_llm=True),
+    GenerationInput("exclude_input_in_output", "BOOL", True,
+                    "false: the first `text_output` starts with `text_input`", tensorrt_llm=True),
 )
+GENERATION_BY_NAME: dict[str, GenerationInput] = {g.name: g for g in GENERATION}
+GENERATION_INPUTS: tuple[TensorSpec, ...] = tuple(spec for g in GENERATION for spec in g.specs())
 
 # The key that makes a request cancellable by name (docs/contract.md, Cancellation): passed by the
 # ensemble to the llm step, which keeps it with the request; the llm's side channel needs it.
@@ -131,10 +205,11 @@ SPECS: dict[str, TensorSpec] = {s.name: s for s in ENSEMBLE_INPUTS + OUTPUTS}
 DECLARED_OPTIONAL: tuple[str, ...] = ("text_input",)
 
 
-def contract_table_markdown() -> str:
-    """The ensemble's inputs and outputs as a Markdown table (the README's)."""
-    rows = ["| name | type | dims | default | meaning |", "|---|---|---|---|---|"]
-    for s in ENSEMBLE_INPUTS + OUTPUTS:
+def contract_table_markdown(outputs: bool = True) -> str:
+    """The ensemble's inputs (and outputs) as a Markdown table (the README's; docs/contract.md's inputs)."""
+    rows = ["| name | type | dims | default | range | meaning |", "|---|---|---|---|---|---|"]
+    generation = {spec.name: g for g in GENERATION for spec in g.specs()}
+    for s in ENSEMBLE_INPUTS + (OUTPUTS if outputs else ()):
         if not s.optional:
             default = "required" if s in ENSEMBLE_INPUTS else "always"
         elif s.default is None or s.default == ():
@@ -142,12 +217,21 @@ def contract_table_markdown() -> str:
         else:
             default = json.dumps(s.default)
         dims = "[" + ",".join(str(d) for d in s.dims) + "]"
-        rows.append(f"| {s.name} | {s.datatype} | {dims} | {default} | {s.doc} |")
+        g = generation.get(s.name)
+        doc = s.doc
+        if g is not None and g.name == s.name and g.openai and g.openai != g.name:
+            doc += f"; OpenAI gateway: `{g.openai}`"
+        rows.append(f"| `{s.name}` | {s.datatype} | {dims} | {default} | {g.range_text if g else ''} | {doc} |")
     return "\n".join(rows)
 
 
 class InvalidInput(ValueError):
-    """A request the client must fix; the message names the tensor and says what is allowed."""
+    """A request the client must fix; the message names the tensor and says what is allowed, and `input`
+    holds the tensor's name where one input is at fault (callers read it, never the message)."""
+
+    def __init__(self, message: str, input: str | None = None):
+        super().__init__(message)
+        self.input = input
 
 
 @dataclass(frozen=True)
@@ -230,15 +314,15 @@ def _checked(inputs: Mapping[str, np.ndarray], spec: TensorSpec) -> np.ndarray |
     array = inputs.get(spec.name)
     if array is None:
         if not spec.optional:
-            raise InvalidInput(f"input '{spec.name}' is required ({spec.datatype} {_shape_text(spec.dims)})")
+            raise InvalidInput(f"input '{spec.name}' is required ({spec.datatype} {_shape_text(spec.dims)})", spec.name)
         return None
     array = np.asarray(array)
     got = _numpy_datatype(array)
     if got != spec.datatype:
-        raise InvalidInput(f"input '{spec.name}' must be {spec.datatype}, got {got}")
+        raise InvalidInput(f"input '{spec.name}' must be {spec.datatype}, got {got}", spec.name)
     if len(array.shape) != len(spec.dims) or any(d != -1 and d != n for d, n in zip(spec.dims, array.shape)):
         raise InvalidInput(f"input '{spec.name}' must have shape {_shape_text(spec.dims)}, "
-                           f"got {_shape_text(array.shape)}")
+                           f"got {_shape_text(array.shape)}", spec.name)
     return array
 
 
@@ -402,51 +486,60 @@ def parse_chat_request(inputs: Mapping[str, np.ndarray], limits: ServingLimits =
 
 # ---- generation ---------------------------------------------------------------------------------
 
-# SamplingParams field -> the tensor that sets it (for error messages)
-_SAMPLING_TENSOR = {"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-                    "repetition_penalty": "repetition_penalty", "seed": "seed", "stop": "stop_words",
-                    "ignore_eos": "ignore_eos"}
+_PYTHON_TYPES = {"INT32": int, "UINT64": int, "FP32": float, "BOOL": bool}
 
 
-def _parse_stop_words(inputs, limits: ServingLimits) -> tuple[str, ...]:
-    array = _checked(inputs, SPECS["stop_words"])
+def _generation_array(inputs, g: GenerationInput) -> tuple[str, np.ndarray | None]:
+    """(the name it was sent under, the checked tensor) of a generation input or one of its aliases."""
+    sent = [spec for spec in g.specs() if spec.name in inputs]
+    if len(sent) > 1:
+        names = " and ".join(f"'{spec.name}'" for spec in sent)
+        raise InvalidInput(f"inputs {names} are the same setting: send one of them", sent[-1].name)
+    spec = sent[0] if sent else g.specs()[0]
+    return spec.name, _checked(inputs, spec)
+
+
+def _strings(name: str, array: np.ndarray, limit: int) -> tuple[str, ...]:
+    """A BYTES list's non-empty strings (TensorRT-LLM sends "" for none)."""
+    if array.shape[0] > limit:
+        raise InvalidInput(f"input '{name}' holds {array.shape[0]} strings; at most {limit} allowed", name)
+    words = tuple(_as_text(f"{name}[{i}]", v) for i, v in enumerate(array.reshape(-1)))
+    return tuple(w for w in words if w)
+
+
+def _generation_value(inputs, g: GenerationInput, limits: ServingLimits) -> tuple[str, Any]:
+    name, array = _generation_array(inputs, g)
     if array is None:
-        return ()
-    if array.shape[0] > limits.max_stop_words:
-        raise InvalidInput(f"input 'stop_words' holds {array.shape[0]} strings; at most {limits.max_stop_words} allowed")
-    words = tuple(_as_text(f"stop_words[{i}]", v) for i, v in enumerate(array.reshape(-1)))
-    if any(not w for w in words):
-        raise InvalidInput("input 'stop_words' must not hold empty strings")
-    return words
+        return name, g.default
+    if g.datatype == "BYTES":
+        words = _strings(name, array, limits.max_stop_words)
+        if g.only_empty and words:
+            raise InvalidInput(f"input '{name}' is not supported by this server: send it empty (\"\") or "
+                               f"leave it out; got {list(words)[:4]}", name)
+        return name, words
+    return name, _PYTHON_TYPES[g.datatype](array.reshape(-1)[0].item())
 
 
 def parse_generation_request(inputs: Mapping[str, np.ndarray],
                              limits: ServingLimits = ServingLimits()) -> GenerationRequest:
     """Sampling parameters and response options; raises InvalidInput naming the offending tensor."""
-    values = {name: _scalar(inputs, SPECS[name]) for name in
-              ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "ignore_eos")}
-    kwargs = dict(max_tokens=int(values["max_tokens"]), temperature=float(values["temperature"]),
-                  top_p=float(values["top_p"]), top_k=int(values["top_k"]),
-                  repetition_penalty=float(values["repetition_penalty"]), seed=int(values["seed"]),
-                  stop=_parse_stop_words(inputs, limits))
-    stream = bool(_scalar(inputs, SPECS["stream"]))
-    exclude_input = bool(_scalar(inputs, SPECS["exclude_input_in_output"]))
-    fields = {f.name for f in dataclasses.fields(SamplingParams)}
-    if "ignore_eos" in fields:
-        kwargs["ignore_eos"] = bool(values["ignore_eos"])
-    elif values["ignore_eos"]:
-        raise InvalidInput("input 'ignore_eos' is not supported by this engine")
-    if kwargs["max_tokens"] > limits.max_output_tokens:
-        raise InvalidInput(f"input 'max_tokens' is {kwargs['max_tokens']}; at most {limits.max_output_tokens} allowed")
+    sent_as, values = {}, {}
+    for g in GENERATION:
+        sent_as[g.name], values[g.name] = _generation_value(inputs, g, limits)
+    if values["max_tokens"] > limits.max_output_tokens:
+        raise InvalidInput(f"input 'max_tokens' is {values['max_tokens']}; at most {limits.max_output_tokens} "
+                           f"allowed", "max_tokens")
     try:
-        sampling = SamplingParams(**kwargs)
-        sampling.validate()
+        sampling = SamplingParams(**{g.field: values[g.name] for g in GENERATION if g.field}).validate()
     except InvalidRequest as e:
-        message = str(e)
-        field_name = re.match(r"[a-z_]+", message)
-        tensor = _SAMPLING_TENSOR.get(field_name.group(0)) if field_name else None
-        raise InvalidInput(f"input '{tensor}': {message}" if tensor else message) from None
-    return GenerationRequest(sampling=sampling, stream=stream, exclude_input_in_output=exclude_input)
+        g = next((g for g in GENERATION if g.field == e.field), None)
+        if g is None:
+            raise InvalidInput(str(e)) from None
+        name = sent_as[g.name]
+        message = str(e).replace(g.field, name, 1) if g.field != name else str(e)
+        raise InvalidInput(f"input '{name}': {message}", name) from None
+    return GenerationRequest(sampling=sampling, stream=values["stream"],
+                             exclude_input_in_output=values["exclude_input_in_output"])
 
 
 # ---- request parameters ---------------------------------------------------------------------------

@@ -52,7 +52,7 @@ class GuardPolicy:
     """What the guard lets through. expose_all_models: every model (tests and debugging of the steps)."""
 
     max_request_bytes: int = default_max_request_bytes()
-    max_inputs: int = 64  # the ensemble has 16
+    max_inputs: int = 64  # well above the ensemble's inputs (contract.ENSEMBLE_INPUTS; a test checks)
     max_dims: int = 16
     exposed_models: tuple[str, ...] = EXPOSED_MODELS
     expose_all_models: bool = False

@@ -56,7 +56,7 @@ def test_num_beams_one_is_accepted_more_is_refused():
         to_contract_inputs(dict(num_beams=5))
 
 
-@pytest.mark.parametrize("key", ["max_length", "min_new_tokens", "eos_token_id", "temprature", "length_penalty"])
+@pytest.mark.parametrize("key", ["max_length", "min_length", "eos_token_id", "temprature", "length_penalty"])
 def test_unknown_keys_raise_naming_the_key(key):
     with pytest.raises(ValueError, match=repr(key)):
         to_contract_inputs({key: 1})
@@ -87,6 +87,12 @@ def test_invalid_values_raise(cfg, match):
 
 def test_integral_float_max_new_tokens_is_accepted():
     assert to_contract_inputs(dict(max_new_tokens=64.0)) == {"max_tokens": 64}
+
+
+def test_min_new_tokens_is_the_contracts_min_length():
+    assert to_contract_inputs(dict(min_new_tokens=5, max_new_tokens=8)) == {"min_length": 5, "max_tokens": 8}
+    with pytest.raises(ValueError, match=r"generation_config\['min_new_tokens'\] must be in \[0, 2147483647\]"):
+        to_contract_inputs(dict(min_new_tokens=-1))
 
 
 def test_ignore_eos():

@@ -50,7 +50,8 @@ def test_deeply_nested_json_is_refused_and_the_server_stays_up(server, oracle, e
     assert_still_serving(server, oracle)
 
 
-@pytest.mark.parametrize("name, value", [("max_tokens", 2**32 + 1), ("top_k", 2**32), ("num_segments", -2**31 - 1)])
+@pytest.mark.parametrize("name, value", [("max_tokens", 2**32 + 1), ("top_k", 2**32), ("num_segments", -2**31 - 1),
+                                         ("min_length", 2**31)])
 def test_integers_that_do_not_fit_their_type_are_refused_naming_the_input(server, oracle, name, value):
     r = post(server, GENERATE, json.dumps({"text_input": QUESTION, name: value}))
     assert r.status_code == 400, (r.status_code, r.text)
@@ -67,6 +68,9 @@ def test_integers_that_do_not_fit_their_type_are_refused_naming_the_input(server
     ('{"text_input": "hi", "max_tokens": "many"}', "input 'max_tokens' must hold integers (INT32), got a string"),
     ('{"text_input": "hi", "temperature": [1]}', "input 'temperature' takes one value (FP32), got a list"),
     ('{"text_input": "hi", "stream": "yes"}', "input 'stream' must hold booleans (BOOL), got a string"),
+    ('{"text_input": "hi", "min_length": "few"}', "input 'min_length' must hold integers (INT32), got a string"),
+    ('{"text_input": "hi", "random_seed": -1}', "input 'random_seed' must be in [0, 18446744073709551615] (UINT64)"),
+    ('{"text_input": "hi", "bad_words": 3}', "input 'bad_words' must hold strings (BYTES)"),
     ('["text_input"]', "the request body must be a JSON object of inputs, got a list"),
 ])
 def test_malformed_or_wrongly_typed_bodies_get_400_naming_the_input(server, oracle, body, message):

@@ -51,9 +51,10 @@ def test_table_names_are_unique_and_only_text_input_is_required():
 def test_markdown_table_lists_every_tensor_with_its_default():
     table = c.contract_table_markdown()
     for s in c.ENSEMBLE_INPUTS + c.OUTPUTS:
-        assert f"| {s.name} | {s.datatype} |" in table
-    assert "| max_tokens | INT32 | [1] | 1024 |" in table
-    assert "| text_input | BYTES | [1] | required |" in table
+        assert f"| `{s.name}` | {s.datatype} |" in table
+    assert "| `max_tokens` | INT32 | [1] | 1024 | [1, 2^31-1] |" in table
+    assert "| `top_p` | FP32 | [1] | 1.0 | (0, 1] |" in table
+    assert "| `text_input` | BYTES | [1] | required |  |" in table
 
 
 # ---- chat: the happy paths ----------------------------------------------------------------------
@@ -266,7 +267,8 @@ def test_generation_wrong_types_and_shapes():
 
 @pytest.mark.parametrize("name, value", [
     ("max_tokens", i32(0)), ("temperature", f32(-1.0)), ("top_p", f32(0.0)), ("top_p", f32(1.5)),
-    ("top_k", i32(-1)), ("repetition_penalty", f32(0.0)),
+    ("top_k", i32(-1)), ("repetition_penalty", f32(0.0)), ("min_length", i32(-1)),
+    ("random_seed", np.array([1], np.int64)),
 ])
 def test_generation_out_of_range_names_the_tensor(name, value):
     assert gen_error(**{name: value}).startswith(f"input '{name}'")
@@ -288,7 +290,7 @@ def test_no_request_parameters_is_fine(parameters):
 
 @pytest.mark.parametrize("parameters, message", [
     ('{"foo": "bar", "a": 1}', "unknown request parameter(s) 'a', 'foo': this model takes no request parameters; "
-                               "its settings are the inputs max_tokens, temperature, top_p"),
+                               "its settings are the inputs max_tokens, min_length, temperature"),
     ({"max_token": 4}, "unknown request parameter(s) 'max_token'"),
     ({"max_tokens": 5, "x": 1}, "request parameter(s) 'max_tokens' must be sent as input tensors, not as request "
                                 "parameters"),
@@ -306,7 +308,7 @@ def test_text_input_is_required_but_declared_optional_to_triton():
 
 
 def test_stop_words_errors():
-    assert gen_error(stop_words=b("")) == "input 'stop_words' must not hold empty strings"
+    assert gen(stop_words=b("")).sampling.stop == ()  # TensorRT-LLM's "" for none (was refused)
     assert gen_error(stop_words=b(b"\xff")) == "input 'stop_words[0]' is not valid UTF-8 (bad byte at offset 0)"
     with pytest.raises(InvalidInput, match="input 'stop_words' holds 2 strings; at most 1 allowed"):
         parse_generation_request({"stop_words": b("a", "b")}, ServingLimits(max_stop_words=1))

@@ -179,3 +179,17 @@ def test_seeded_sampling_is_independent_of_the_batch(hf):
     other_seed = tokens_of(make_engine(hf).generate([make_request("x", 9, n_img=4, data=50,
                                                                   **{**s, "seed": 99})])["x"])
     assert other_seed != alone
+
+
+def test_min_tokens_when_the_first_greedy_token_is_eos_equals_hf_min_new_tokens(hf):
+    """EOS = the model's first greedy token: without min_tokens the answer is that token alone; with
+    min_tokens=5 the engine generates at least 5 tokens, equal to HF's min_new_tokens (which masks EOS)."""
+    probe = make_request("probe", 12, n_img=4, data=40, max_tokens=1)
+    first = tokens_of(make_engine(hf).generate([probe])["probe"])[0]
+    plain = make_request("plain", 12, n_img=4, data=40, max_tokens=12)
+    out = make_engine(hf, eos=first).generate([plain])["plain"]
+    assert tokens_of(out) == [first] and out[-1].finish_reason == "stop"
+    held = make_request("held", 12, n_img=4, data=40, max_tokens=12, min_tokens=5)
+    got = tokens_of(make_engine(hf, eos=first).generate([held])["held"])
+    assert len(got) >= 5 and first not in got[:5]
+    assert got == hf_generate(hf, held, eos=first, min_new_tokens=5)

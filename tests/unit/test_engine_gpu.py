@@ -119,3 +119,20 @@ def test_cuda_graph_decode_equals_eager_decode():
 
     assert run(True, torch.float32) == run(False, torch.float32)
     assert len(reqs) == 4
+
+
+@torch.no_grad()
+def test_min_tokens_on_cuda_with_cuda_graphs():
+    """min_tokens on CUDA (decode through CUDA graphs): EOS = the first greedy token of each request, so
+    without min_tokens each answer is that one token; with min_tokens=5 no answer ends before 5 tokens."""
+    hf = tiny(torch.float32)
+    reqs = requests(n=2, max_tokens=1)
+    firsts = {r.request_id: [t for o in out for t in o.new_token_ids][0]
+              for r, out in ((r, engine_for(hf, torch.float32).generate([r])[r.request_id]) for r in reqs)}
+    for r in requests(n=2, max_tokens=12, min_tokens=5):
+        eos = firsts[r.request_id]
+        runner = ModelRunner(hf.config, hf.state_dict(), device="cuda", dtype=torch.float32, block_size=4,
+                             num_blocks=64)
+        engine = LLMEngine(runner, None, eos_token_id=eos, image_context_token_id=IMG)
+        got = [t for o in engine.generate([r])[r.request_id] for t in o.new_token_ids]
+        assert len(got) >= 5 and eos not in got[:5], (r.request_id, got)

@@ -16,12 +16,13 @@ from internvl_serve.engine import FakeRunner, InvalidRequest, LLMEngine, Request
     ("repetition_penalty", 0.0, "> 0"), ("repetition_penalty", float("inf"), "finite"),
     ("seed", -1, "2**64-1"), ("seed", 2**64, "2**64-1"),
     ("stop", ("",), "non-empty"), ("stop", (b"x",), "non-empty string"), ("stop", tuple("x" * 33), "at most 32"),
-    ("stop", "abc", "tuple"),
+    ("stop", "abc", "tuple"), ("min_tokens", -1, ">= 0"), ("min_tokens", 2000, "<= max_tokens"),
 ])
 def test_invalid_sampling_params_name_the_field(field, value, words):
     with pytest.raises(InvalidRequest) as e:
         SamplingParams(**{field: value}).validate()
     assert field in str(e.value) and words in str(e.value)
+    assert e.value.field == field  # carried, so callers map it back without reading the message
     assert isinstance(e.value, ValueError)
 
 

@@ -7,7 +7,7 @@ from transformers.generation.logits_process import (RepetitionPenaltyLogitsProce
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
 from internvl_serve.engine import SamplingParams
-from internvl_serve.engine.sampler import (SamplingBatch, apply_repetition_penalty, apply_temperature,
+from internvl_serve.engine.sampler import (SamplingBatch, apply_min_tokens, apply_repetition_penalty, apply_temperature,
                                            apply_top_k, apply_top_p, sample_tokens)
 
 V = 50
@@ -115,3 +115,47 @@ def test_a_positive_temperature_too_small_to_divide_by_is_greedy():
         batch = SamplingBatch.build(params, [[] for _ in params], [gen(s) for s in range(3)], "cpu")
         assert sample_tokens(x.clone(), batch).tolist() == x.argmax(dim=-1).tolist()
     assert SamplingParams(temperature=MIN_TEMPERATURE).temperature == MIN_TEMPERATURE  # still sampling
+
+
+def test_min_tokens_masks_the_end_token_until_enough_were_generated():
+    """Rows below their min_tokens cannot pick the end token (greedy or sampled); rows at or past it,
+    and rows without min_tokens, can. The other tokens' logits are untouched."""
+    x = logits_rows(4, seed=7)
+    eos = 3
+    x[:, eos] = 100.0  # the end token wins every row unless masked
+    params = [SamplingParams(min_tokens=2), SamplingParams(min_tokens=2), SamplingParams(),
+              SamplingParams(min_tokens=5, temperature=1.0, seed=1)]
+    generated = [1, 2, 0, 4]
+    batch = SamplingBatch.build(params, [[] for _ in params], [None, None, None, gen(1)], "cpu", generated, (eos,))
+    got = sample_tokens(x.clone(), batch).tolist()
+    assert got[1] == eos and got[2] == eos  # reached min_tokens / none asked
+    assert got[0] == x[0].topk(2).indices[1].item()  # the best token but the end token
+    assert got[3] != eos
+    masked = apply_min_tokens(x, batch.end_mask)
+    assert masked[0, eos] == float("-inf") and masked[3, eos] == float("-inf")
+    assert torch.equal(masked[:, :eos], x[:, :eos]) and torch.equal(masked[1:3], x[1:3])
+    # no count given (as before min_tokens existed): nothing masked
+    assert SamplingBatch.build(params, [[] for _ in params], [None] * 4, "cpu").end_mask is None
+
+
+def test_min_tokens_masks_the_requests_own_stop_tokens_instead_of_the_engine_eos():
+    """A request that brings its template's stop token ids has those masked, not the engine's EOS (which
+    does not end that request, so masking it would change its distribution)."""
+    from internvl_serve.engine.sampler import min_tokens_mask
+
+    params = [SamplingParams(min_tokens=3, stop_token_ids=(5, 6)), SamplingParams(min_tokens=3)]
+    rows, ids = min_tokens_mask(params, [0, 0], (2,), "cpu")
+    assert list(zip(rows.tolist(), ids.tolist())) == [(0, 5), (0, 6), (1, 2)]
+
+
+def test_min_tokens_range():
+    import pytest
+
+    from internvl_serve.engine import InvalidRequest
+
+    for bad, words in (({"min_tokens": -1}, ">= 0"), ({"min_tokens": 5, "max_tokens": 4}, "<= max_tokens"),
+                       ({"min_tokens": 1.5}, "integer")):
+        with pytest.raises(InvalidRequest, match=words) as e:
+            SamplingParams(**bad).validate()
+        assert e.value.field == "min_tokens"
+    SamplingParams(min_tokens=4, max_tokens=4).validate()
