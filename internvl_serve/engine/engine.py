@@ -119,12 +119,17 @@ class LLMEngine:
         seq = Sequence(request, block_size=self.runner.block_size, max_len=self.max_model_len,
                        image_positions=positions, image_keys=keys)
         self.scheduler.add(seq)
-        self._detok[request.request_id] = (None if self.tokenizer is None or not self.detokenize
-                                           else IncrementalDetokenizer(self.tokenizer, request.sampling.stop))
+        self._detok[request.request_id] = self.new_detokenizer(request.sampling) if self.detokenize else None
 
-    def abort(self, request_id: str) -> None:
-        """Finish the request with 'abort' at the next step (its blocks are freed then)."""
-        self.scheduler.abort(request_id)
+    def new_detokenizer(self, sampling) -> IncrementalDetokenizer | None:
+        """The text state of one request (None without a tokenizer); the engine's own, or the response
+        path's when the engine runs with detokenize=False (one place decides how a text ends)."""
+        return None if self.tokenizer is None else IncrementalDetokenizer(self.tokenizer, sampling.stop)
+
+    def abort(self, request_id: str, reason: FinishReason = "abort") -> None:
+        """Finish the request at the next step (its blocks are freed then) with `reason`: 'abort', or
+        'stop' when the caller found a stop string in its text (detokenize=False)."""
+        self.scheduler.abort(request_id, reason)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self._inflight is not None
@@ -136,7 +141,7 @@ class LLMEngine:
             outputs += self._process(*self._inflight)
             self._inflight = None
         batch = self.scheduler.schedule()
-        outputs += [self._final_output(seq, "abort") for seq in batch.aborted]
+        outputs += [self._final_output(seq, seq.finish_reason) for seq in batch.aborted]
         launched = None
         if batch.seqs:
             prev = self._inflight[1] if self._inflight is not None else None
@@ -258,7 +263,7 @@ class EngineThread:
         self.max_pending = max_pending
         self._cv = threading.Condition()
         self._inbox: list[tuple[Request, Callback]] = []
-        self._aborts: list[str] = []
+        self._aborts: list[tuple[str, FinishReason]] = []
         self._callbacks: dict[str, Callback] = {}  # accepted and not yet finished (guarded by _cv)
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -283,9 +288,9 @@ class EngineThread:
             self._inbox.append((request, callback))
             self._cv.notify()
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, reason: FinishReason = "abort") -> None:
         with self._cv:
-            self._aborts.append(request_id)
+            self._aborts.append((request_id, reason))
             self._cv.notify()
 
     def shutdown(self, timeout: float | None = 30.0) -> None:
@@ -332,8 +337,8 @@ class EngineThread:
                     failed.append(RequestOutput(request.request_id, [], "", True, "abort",
                                                 len(request.prompt_token_ids), 0, 0, f"{type(e).__name__}: {e}"))
             self._deliver(failed)
-            for request_id in aborts:
-                engine.abort(request_id)
+            for request_id, reason in aborts:
+                engine.abort(request_id, reason)
             try:
                 outputs = engine.step()
             except Exception as e:  # a bug outside the runner: fail everyone, keep serving

@@ -97,7 +97,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the newest is last
         self._by_id: dict[str, Sequence] = {}
-        self._pending_aborts: list[str] = []
+        self._pending_aborts: list[tuple[str, FinishReason]] = []
         self._watermark_blocks = int(config.watermark * allocator.num_blocks)
         self.num_preemptions = 0
 
@@ -109,9 +109,9 @@ class Scheduler:
         self._by_id[seq.request_id] = seq
         self.waiting.append(seq)
 
-    def abort(self, request_id: str) -> None:
-        """Finish the request with 'abort' (and free its blocks) at the next schedule()."""
-        self._pending_aborts.append(request_id)
+    def abort(self, request_id: str, reason: FinishReason = "abort") -> None:
+        """Finish the request with `reason` (and free its blocks) at the next schedule()."""
+        self._pending_aborts.append((request_id, reason))
 
     def get(self, request_id: str) -> Sequence | None:
         return self._by_id.get(request_id)
@@ -214,10 +214,10 @@ class Scheduler:
     # -- helpers -----------------------------------------------------------------------------------
     def _apply_aborts(self) -> list[Sequence]:
         aborted = []
-        for request_id in self._pending_aborts:
+        for request_id, reason in self._pending_aborts:
             seq = self._by_id.get(request_id)
             if seq is not None:
-                self.finish(seq, "abort")
+                self.finish(seq, reason)
                 aborted.append(seq)
         self._pending_aborts.clear()
         return aborted

@@ -16,7 +16,8 @@ each RequestOutput into the request's mailbox; sender threads detokenize (Increm
 decode per token, as the engine did) and send, coalescing whatever piled up while a client was slow
 into one response. Stop strings are found here, on the text: the request's final response ('stop',
 the text cut before the stop string, num_output_tokens counted at the token that completed it) is sent
-at once and the engine is told to abort the sequence; tokens it generated meanwhile are never sent.
+at once and the engine is told to finish the sequence with 'stop' (EngineThread.abort(id, "stop"));
+tokens it generated meanwhile are never sent.
 So answers are the same as when the engine thread detokenized, and a slow client never stalls a step.
 
 Why no polling of is_cancelled(): in Triton 2.51 no client of this model's running step ever reports
@@ -264,7 +265,6 @@ class LLMService:
         the log). Raises the engine's InvalidRequest for a request it refuses. cancel(client_id,
         cancel_key) aborts it; without a key (or an id) it cannot be cancelled by name."""
         from internvl_serve.engine import Request
-        from internvl_serve.engine.detokenizer import IncrementalDetokenizer
 
         if self._broken:
             raise RuntimeError(self._broken)
@@ -274,7 +274,7 @@ class LLMService:
         active = _Active(sink, ResponseStream(request.text_input, stream=gen.stream,
                                               exclude_input_in_output=gen.exclude_input_in_output),
                          client_id=client_id, cancel_key=cancel_key,
-                         detok=IncrementalDetokenizer(self.tokenizer, gen.sampling.stop))
+                         detok=self.engine.new_detokenizer(gen.sampling))
         embeds = None if request.image_embeds is None else torch.from_numpy(np.ascontiguousarray(request.image_embeds))
         engine_request = Request(request_id=request_id, prompt_token_ids=request.input_ids.tolist(),
                                  image_embeds=embeds, sampling=gen.sampling)
@@ -335,7 +335,7 @@ class LLMService:
                 text, last = text + delta, output
                 if finished:
                     if not output.finished:  # a stop string: the engine still runs it
-                        self.thread.abort(request_id)
+                        self.thread.abort(request_id, "stop")
                     break
             response = active.stream.add(text, finished=finished, finish_reason=reason,
                                          num_input_tokens=last.num_prompt_tokens,
