@@ -187,8 +187,12 @@ class LLMEngine:
         for s, token in zip(batch.seqs, sampled, strict=True):
             if token is None or s.seq.is_finished:
                 continue  # finished after this step was launched: the token is never emitted
-            self.scheduler.resolve(s.seq, token)
+            s.seq.resolve_pending(token)
             outputs.append(self._on_token(s.seq, token))
+            if not s.seq.is_finished:
+                # a block completed by a token that ends the sequence is not cached (as without overlap:
+                # that token's KV is written only by the step launched after it, then dropped)
+                self.scheduler.register_blocks(s.seq)
         return outputs
 
     def _on_token(self, seq: Sequence, token: int) -> RequestOutput:

@@ -178,7 +178,7 @@ class Scheduler:
         for s in batch.seqs:
             seq = s.seq
             seq.num_computed_tokens = s.start + s.num_tokens
-            self._register_blocks(seq)
+            self.register_blocks(seq)
             if s.sample:
                 seq.append_pending(row)
                 row += 1
@@ -186,9 +186,9 @@ class Scheduler:
     def resolve(self, seq: Sequence, token: int) -> None:
         """The value of seq's oldest pending token arrived."""
         seq.resolve_pending(token)
-        self._register_blocks(seq)
+        self.register_blocks(seq)
 
-    def _register_blocks(self, seq: Sequence) -> None:
+    def register_blocks(self, seq: Sequence) -> None:
         """Put the blocks that are full of computed, known tokens into the prefix cache."""
         if not self.config.enable_prefix_caching:
             return

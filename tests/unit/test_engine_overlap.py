@@ -7,6 +7,8 @@ from __future__ import annotations
 import random
 from types import SimpleNamespace
 
+import pytest
+
 from internvl_serve.engine import FakeRunner, LLMEngine, Request, SamplingParams, SchedulerConfig
 from internvl_serve.engine.fake_runner import default_next_token
 
@@ -113,3 +115,23 @@ def test_async_scheduling_defaults_to_on_for_cuda_only():
     cuda.device = SimpleNamespace(type="cuda")
     assert LLMEngine(cuda, None).async_scheduling
     assert not LLMEngine(cuda, None, scheduler_config=SchedulerConfig(async_scheduling=False)).async_scheduling
+
+
+@pytest.mark.parametrize("eos_at", range(1, 6))
+def test_the_prefix_cache_after_eos_is_the_synchronous_one(eos_at):
+    """The step launched after EOS writes the EOS token's KV; a block it completes is not cached (it is
+    not cached without overlap either), so a next turn gets the same prefix hits in both modes."""
+    r = req("a", max_tokens=30, seed=3)
+
+    def next_token(ctx):
+        return EOS if len(ctx) == len(r.prompt_token_ids) + eos_at - 1 else default_next_token(ctx, VOCAB, EOS)
+
+    got = {}
+    for overlap in (False, True):
+        engine = make(overlap, next_token=next_token)
+        first = outputs_of(engine, [req("a", max_tokens=30, seed=3)])["a"]
+        answer = [t for o in first for t in o[0]]
+        turn2 = Request("b", r.prompt_token_ids + answer + [7, 8, 9], None, SamplingParams(max_tokens=2))
+        second = engine.generate([turn2])["b"]
+        got[overlap] = (first, engine.allocator.num_cached, second[-1].num_cached_tokens)
+    assert got[True] == got[False]
