@@ -86,26 +86,36 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
-    def run(self, token_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray,
+    def run(self, token_ids: np.ndarray | torch.Tensor, positions: np.ndarray, slots: np.ndarray,
             tables: np.ndarray, context_lens: np.ndarray) -> torch.Tensor:
         """Replay for n <= largest bucket sequences; returns their (n, vocab) fp32 logits (a view of the
-        graph's output buffer: consume it before the next replay)."""
+        graph's output buffer: consume it before the next replay). token_ids may be a device tensor
+        (overlap scheduling computes it on the device from the previous step's tokens); the host arrays
+        travel through pinned memory, so the replay is queued without waiting for the device."""
         n = len(token_ids)
         st = self._static[self.bucket_for(n)]
         b = st.token_ids.shape[0]
 
+        def copy(dst: torch.Tensor, full: np.ndarray) -> None:
+            src = torch.from_numpy(full)
+            dst.copy_(src.pin_memory() if dst.device.type == "cuda" else src, non_blocking=True)
+
         def put(dst: torch.Tensor, src: np.ndarray, pad) -> None:
             full = np.full((b, *src.shape[1:]), pad, dtype=src.dtype)
             full[:n] = src
-            dst.copy_(torch.from_numpy(full), non_blocking=True)
+            copy(dst, full)
 
-        put(st.token_ids, token_ids.astype(np.int64), 0)
+        if isinstance(token_ids, torch.Tensor):
+            st.token_ids[:n].copy_(token_ids, non_blocking=True)
+            st.token_ids[n:].zero_()
+        else:
+            put(st.token_ids, token_ids.astype(np.int64), 0)
         put(st.positions, positions.astype(np.int64), 0)
         put(st.slots, slots.astype(np.int64), -1)
         w = min(tables.shape[1], self.max_blocks)
         full = np.zeros((b, self.max_blocks), dtype=np.int32)
         full[:n, :w] = tables[:, :w]
-        st.block_tables.copy_(torch.from_numpy(full), non_blocking=True)
+        copy(st.block_tables, full)
         put(st.context_lens, context_lens.astype(np.int32), 0)
         st.graph.replay()
         return st.logits[:n]

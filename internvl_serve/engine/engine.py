@@ -1,10 +1,21 @@
 """LLMEngine (token-only generation with in-flight batching) and EngineThread (serving loop).
 
-    step() = schedule -> run -> update:
-        batch = scheduler.schedule()        # decodes + prefill chunks within the token budget
-        tokens = runner.execute(batch)      # one forward, one token per sequence that samples
-        scheduler.update(batch, tokens)     # computed counts, prefix-cache blocks, new tokens
+    step() = schedule -> launch -> process the previous launch:
+        batch = scheduler.schedule()              # decodes + prefill chunks within the token budget
+        future = runner.launch(batch, inflight)   # queued on the device, returns at once
+        scheduler.advance(batch)                  # computed counts; a pending token per sampling seq
+        inflight.result() -> scheduler.resolve()  # the host waits here, for the PREVIOUS step only
         -> per new token: StopChecker (stop token / stop string / length), text delta, RequestOutput
+
+Overlap scheduling (SchedulerConfig.async_scheduling; default on when the runner is on CUDA): step N+1 is
+scheduled and queued while step N runs; its decode inputs are step N's tokens, taken on the device
+(runner.py). Tokens are processed one step late, and a sequence that finishes at step N (EOS, stop
+string, length, abort) may already be in step N+1: that token is dropped (Scheduler.finish), its KV
+slot freed with the sequence; a sequence whose pending tokens reach max_tokens is not scheduled again.
+Outputs are identical to the synchronous loop (async_scheduling=False: each launch is processed at once).
+The engine falls back to processing the running step before scheduling the next when a running
+sequence uses repetition_penalty (the history must be on the host) or the runner cannot overlap
+(tensor parallelism: its channel sends token ids from the host).
 
 EngineThread owns an engine in a background thread: submit/abort are thread-safe and only queue work;
 the thread steps while there is work and sleeps on a condition variable otherwise. A step that raises
@@ -23,6 +34,7 @@ from typing import Callable
 import torch
 
 from internvl_serve.engine.block_manager import BlockAllocator
+from internvl_serve.engine.detokenizer import IncrementalDetokenizer
 from internvl_serve.engine.errors import EngineBusy, EngineError, InvalidRequest
 from internvl_serve.engine.request import FinishReason, Request, RequestOutput
 from internvl_serve.engine.scheduler import Scheduler, SchedulerConfig
@@ -61,11 +73,15 @@ def _image_keys(request: Request) -> list[bytes]:
 
 class LLMEngine:
     def __init__(self, runner, tokenizer=None, *, eos_token_id: int | None = None,
-                 image_context_token_id: int | None = None, scheduler_config: SchedulerConfig | None = None):
+                 image_context_token_id: int | None = None, scheduler_config: SchedulerConfig | None = None,
+                 detokenize: bool = True):
         """runner: a ModelRunner (or any object with its interface); tokenizer: decode(ids,
         skip_special_tokens=True) for text deltas (None: token ids only). eos_token_id (default: the
         runner's config, 2 '</s>') ends a request whose SamplingParams.stop_token_ids is None (the serving
-        path always gives the template's); image_context_token_id defaults to the tokenizer's '<IMG_CONTEXT>'."""
+        path always gives the template's); image_context_token_id defaults to the tokenizer's '<IMG_CONTEXT>'.
+        detokenize=False: token ids only even with a tokenizer (no text deltas, no stop strings; stop
+        tokens and length still end a request): the caller detokenizes off the engine thread and aborts a
+        request whose text hits a stop string (serving/llm.py)."""
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id if eos_token_id is not None else getattr(runner, "eos_token_id", None)
@@ -77,6 +93,12 @@ class LLMEngine:
         self.scheduler = Scheduler(self.scheduler_config, self.allocator)
         self.max_model_len = min(runner.context_window, runner.num_blocks * runner.block_size)
         self._stops: dict[str, StopChecker] = {}
+        self.detokenize = detokenize
+        overlap = self.scheduler_config.async_scheduling
+        if overlap is None:
+            overlap = getattr(getattr(runner, "device", None), "type", "cpu") == "cuda"
+        self.async_scheduling = bool(overlap) and hasattr(runner, "launch")
+        self._inflight = None  # (batch, future) of the launched step whose tokens are not processed yet
 
     # -- requests ----------------------------------------------------------------------------------
     def validate_request(self, request: Request):
@@ -102,34 +124,81 @@ class LLMEngine:
                        image_positions=positions, image_keys=keys)
         self.scheduler.add(seq)
         self._stops[request.request_id] = StopChecker(
-            request.sampling, self.tokenizer,
+            request.sampling, self.tokenizer if self.detokenize else None,
             default_stop_token_ids=() if self.eos_token_id is None else (self.eos_token_id,))
 
-    def abort(self, request_id: str) -> None:
-        """Finish the request with 'abort' at the next step (its blocks are freed then)."""
-        self.scheduler.abort(request_id)
+    def new_detokenizer(self, sampling) -> IncrementalDetokenizer | None:
+        """The text state of one request (None without a tokenizer); the engine's own, or the response
+        path's when the engine runs with detokenize=False (one place decides how a text ends)."""
+        return None if self.tokenizer is None else IncrementalDetokenizer(self.tokenizer, sampling.stop)
+
+    def abort(self, request_id: str, reason: FinishReason = "abort") -> None:
+        """Finish the request at the next step (its blocks are freed then) with `reason`: 'abort', or
+        'stop' when the caller found a stop string in its text (detokenize=False)."""
+        self.scheduler.abort(request_id, reason)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     # -- one step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        if self._inflight is not None and not self._can_overlap():
+            outputs += self._process(*self._inflight)
+            self._inflight = None
         batch = self.scheduler.schedule()
-        outputs = [self._final_output(seq, "abort") for seq in batch.aborted]
+        outputs += [self._final_output(seq, seq.finish_reason) for seq in batch.aborted]
+        launched = None
         if batch.seqs:
+            prev = self._inflight[1] if self._inflight is not None else None
             try:
-                sampled = self.runner.execute(batch)
+                launched = (batch, self.runner.launch(batch, prev))
             except Exception as e:  # fail this batch's requests, keep the engine alive
-                log.exception("engine step failed")
-                error = f"{type(e).__name__}: {e}"
-                for s in batch.seqs:
-                    self.scheduler.finish(s.seq, "abort")
-                    outputs.append(self._final_output(s.seq, "abort", error=error))
-                return outputs
-            self.scheduler.update(batch, sampled)
-            for s, token in zip(batch.seqs, sampled):
-                if token is not None:
-                    outputs.append(self._on_token(s.seq, token))
+                outputs += self._fail_batch(batch, e)
+            else:
+                self.scheduler.advance(batch)
+        if self._inflight is not None:
+            outputs += self._process(*self._inflight)
+        self._inflight = None
+        if launched is not None:
+            if self.async_scheduling:
+                self._inflight = launched
+            else:
+                outputs += self._process(*launched)
+        return outputs
+
+    def _can_overlap(self) -> bool:
+        """Whether the next step may be built before the running one's tokens are on the host."""
+        if not self.async_scheduling or not getattr(self.runner, "supports_overlap", True):
+            return False
+        return not any(seq.sampling.repetition_penalty != 1.0 for seq in self.scheduler.running)
+
+    def _fail_batch(self, batch, e: Exception) -> list[RequestOutput]:
+        log.exception("engine step failed")
+        error = f"{type(e).__name__}: {e}"
+        outputs = []
+        for s in batch.seqs:
+            if not s.seq.is_finished:
+                self.scheduler.finish(s.seq, "abort")
+                outputs.append(self._final_output(s.seq, "abort", error=error))
+        return outputs
+
+    def _process(self, batch, future) -> list[RequestOutput]:
+        """The tokens of a launched step (waits for it): resolve each pending token, check the stops."""
+        try:
+            sampled = future.result()
+        except Exception as e:  # a device error surfaces here
+            return self._fail_batch(batch, e)
+        outputs = []
+        for s, token in zip(batch.seqs, sampled, strict=True):
+            if token is None or s.seq.is_finished:
+                continue  # finished after this step was launched: the token is never emitted
+            s.seq.resolve_pending(token)
+            outputs.append(self._on_token(s.seq, token))
+            if not s.seq.is_finished:
+                # a block completed by a token that ends the sequence is not cached (as without overlap:
+                # that token's KV is written only by the step launched after it, then dropped)
+                self.scheduler.register_blocks(s.seq)
         return outputs
 
     def _on_token(self, seq: Sequence, token: int) -> RequestOutput:
@@ -153,6 +222,7 @@ class LLMEngine:
 
     def fail_all(self, error: str) -> list[RequestOutput]:
         """Finish every request with an error (after an unexpected failure, or at shutdown)."""
+        self._inflight = None
         outputs = []
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             self.scheduler.finish(seq, "abort")
@@ -193,7 +263,7 @@ class EngineThread:
         self.max_pending = max_pending
         self._cv = threading.Condition()
         self._inbox: list[tuple[Request, Callback]] = []
-        self._aborts: list[str] = []
+        self._aborts: list[tuple[str, FinishReason]] = []
         self._callbacks: dict[str, Callback] = {}  # accepted and not yet finished (guarded by _cv)
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -218,9 +288,9 @@ class EngineThread:
             self._inbox.append((request, callback))
             self._cv.notify()
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, reason: FinishReason = "abort") -> None:
         with self._cv:
-            self._aborts.append(request_id)
+            self._aborts.append((request_id, reason))
             self._cv.notify()
 
     def shutdown(self, timeout: float | None = 30.0) -> None:
@@ -267,8 +337,8 @@ class EngineThread:
                     failed.append(RequestOutput(request.request_id, [], "", True, "abort",
                                                 len(request.prompt_token_ids), 0, 0, f"{type(e).__name__}: {e}"))
             self._deliver(failed)
-            for request_id in aborts:
-                engine.abort(request_id)
+            for request_id, reason in aborts:
+                engine.abort(request_id, reason)
             try:
                 outputs = engine.step()
             except Exception as e:  # a bug outside the runner: fail everyone, keep serving

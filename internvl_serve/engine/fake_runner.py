@@ -6,6 +6,9 @@ table and checks it equals the sequence's tokens. So a wrong block table, a bloc
 being written, or a prefix-cache hit with other content fails loudly. The next token is a deterministic
 function of the context only (not of the batch), so preempted and resumed sequences must reproduce the
 same tokens.
+
+launch(batch, prev) is the overlap-scheduling interface (runner.py): placeholders -(row + 1) in the
+token ids take their value from prev, the step launched before (as the real runner does on the device).
 """
 from __future__ import annotations
 
@@ -20,7 +23,20 @@ def default_next_token(context: list[int], vocab_size: int, eos_token_id: int | 
     return token
 
 
+class DoneStep:
+    """A launched step whose tokens are already known (the fake runs synchronously)."""
+
+    def __init__(self, tokens: list[int | None]):
+        self.tokens = [t for t in tokens if t is not None]  # row k: the k-th sampling sequence
+        self._result = tokens
+
+    def result(self) -> list[int | None]:
+        return self._result
+
+
 class FakeRunner:
+    supports_overlap = True
+
     def __init__(self, *, num_blocks: int = 64, block_size: int = 4, vocab_size: int = 1000,
                  hidden_size: int = 8, context_window: int = 4096, eos_token_id: int | None = 2,
                  next_token: Callable[[list[int]], int] | None = None,
@@ -48,21 +64,25 @@ class FakeRunner:
         return block * self.block_size + pos % self.block_size
 
     def execute(self, batch: ScheduledBatch) -> list[int | None]:
+        return self.launch(batch).result()
+
+    def launch(self, batch: ScheduledBatch, prev: DoneStep | None = None) -> DoneStep:
         if self.fail_if is not None and self.fail_if(batch):
             raise RuntimeError("fake runner failure")
         self.steps.append([(s.seq.request_id, s.start, s.num_tokens) for s in batch.seqs])
         out: list[int | None] = []
         for s in batch.seqs:
             seq, end = s.seq, s.start + s.num_tokens
+            tokens = [t if t >= 0 else prev.tokens[-t - 1] for t in seq.token_ids[:end]]
             assert len(seq.block_table) * self.block_size >= end, "block table too short"
             for pos in range(s.start, end):
-                self.slots[self._slot(seq.block_table, pos)] = (seq.token_ids[pos], pos)
+                self.slots[self._slot(seq.block_table, pos)] = (tokens[pos], pos)
             self.computed_tokens += s.num_tokens
             if not s.sample:
                 out.append(None)
                 continue
             context = [self.slots[self._slot(seq.block_table, p)] for p in range(end)]
-            expected = [(t, p) for p, t in enumerate(seq.token_ids[:end])]
+            expected = [(t, p) for p, t in enumerate(tokens)]
             assert context == expected, f"{seq.request_id}: KV cache content differs from its tokens"
-            out.append(self.next_token(seq.token_ids[:end]))
-        return out
+            out.append(self.next_token(tokens))
+        return DoneStep(out)

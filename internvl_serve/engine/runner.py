@@ -9,6 +9,14 @@ layer i uses the views [i, 0] (K) and [i, 1] (V), each (num_blocks, block_size, 
 vLLM/FlashAttention paged caches. On CUDA, num_blocks=None sizes it from the free GPU memory after the
 weights are loaded and a profile forward of max_num_batched_tokens tokens has measured activations.
 
+Overlap scheduling: launch(batch, prev) queues one step on the device and returns a StepFuture at
+once; the sampled tokens stay on the device and are copied to pinned host memory behind an event.
+A token that `prev` (the step still running) samples appears in the sequences' token_ids as a
+placeholder -(row + 1) (sequence.py); the inputs of the next step take its value on the device from
+prev.tokens (torch.where + gather into the graph's static buffer or the eager ids), with no host sync.
+Every host->device copy of a step goes through pinned memory (non_blocking), so nothing on the step
+path waits for the device; the host waits only in StepFuture.result(). execute() = launch + result.
+
 Does not own: which sequences run (scheduler.py), block ids (block_manager.py), text (detokenizer.py).
 """
 from __future__ import annotations
@@ -75,6 +83,37 @@ class BlockTableBuffer:
             self._free.append(row)
 
 
+class StepFuture:
+    """The sampled tokens of one launched step. tokens: (S,) int64 on the device, one row per sampling
+    sequence of the batch in batch order; result() waits for the device copy to pinned memory (an
+    event, not a stream sync) and returns one token per scheduled sequence (None where it does not
+    sample)."""
+
+    def __init__(self, sample_mask: list[bool], tokens: torch.Tensor | None):
+        self.sample_mask = sample_mask
+        self.tokens = tokens
+        self._host, self._event = None, None
+        if tokens is not None and tokens.device.type == "cuda":
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        elif tokens is not None:
+            self._host = tokens
+        self._result: list[int | None] | None = None
+
+    def result(self) -> list[int | None]:
+        if self._result is None:
+            values: list[int] = []
+            if self._host is not None:
+                if self._event is not None:
+                    self._event.synchronize()
+                values = self._host.tolist()
+            it = iter(values)
+            self._result = [next(it) if m else None for m in self.sample_mask]
+        return self._result
+
+
 CUDA_CONTEXT_BYTES = 600 * 2**20  # a CUDA context and cuBLAS workspaces, outside torch's allocator
 
 
@@ -131,6 +170,7 @@ class ModelRunner:
         self.max_model_len = min(a.max_position_embeddings, num_blocks * block_size)
         self._tables = BlockTableBuffer(math.ceil(self.max_model_len / block_size))
         self._generators: dict[str, torch.Generator] = {}
+        self._prev_tokens: torch.Tensor | None = None  # the running step's tokens, while launch() builds inputs
         # Pure-decode steps replay a captured CUDA graph with the fused paged-attention kernel
         # (decode_graphs.py); prefill chunks and mixed steps run eagerly. Default: on for CUDA.
         self.decode_graphs = None
@@ -223,6 +263,30 @@ class ModelRunner:
             self._generators[seq.request_id] = g
         return g
 
+    @property
+    def supports_overlap(self) -> bool:
+        """Whether launch() may see placeholders: not with tensor parallelism, whose channel sends token
+        ids from the host (the engine then resolves each step before building the next)."""
+        return self.channel is None
+
+    def _h2d(self, array: np.ndarray) -> torch.Tensor:
+        """A host array on the device without waiting for the device: through pinned memory on CUDA
+        (the caching host allocator keeps the buffer until the copy ran); as is on the CPU."""
+        t = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def _token_ids(self, ids: np.ndarray) -> torch.Tensor:
+        """(T,) int64 token ids on the device; placeholders -(row + 1) take row of the running step's
+        sampled tokens, on the device."""
+        dev = self._h2d(ids.astype(np.int64, copy=False))
+        if len(ids) and int(ids.min()) < 0:
+            prev = self._prev_tokens
+            assert prev is not None, "a pending token without the step that samples it"
+            dev = torch.where(dev < 0, prev[(-dev - 1).clamp(min=0)], dev)
+        return dev
+
     def _input_embeds(self, seqs, q_starts: np.ndarray) -> torch.Tensor:
         token_ids: list[int] = []
         dst_parts, rows = [], []
@@ -234,11 +298,10 @@ class ModelRunner:
                 if a < b:
                     dst_parts.append(seq.image_positions[a:b] - start + offset)
                     rows.append(seq.request.image_embeds[a:b])
-        ids = torch.tensor(token_ids, dtype=torch.long).to(self.device, non_blocking=True)
-        embeds = self.model.embed(ids)  # (T, hidden)
+        embeds = self.model.embed(self._token_ids(np.array(token_ids, dtype=np.int64)))  # (T, hidden)
         if rows:
-            dst = torch.from_numpy(np.concatenate(dst_parts)).to(self.device, non_blocking=True)
-            src = torch.cat([r.to(device=self.device, dtype=self.dtype) for r in rows])
+            dst = self._h2d(np.concatenate(dst_parts))
+            src = torch.cat([r.to(device=self.device, dtype=self.dtype, non_blocking=True) for r in rows])
             embeds.index_copy_(0, dst, src)
         return embeds
 
@@ -262,11 +325,11 @@ class ModelRunner:
                 out = torch.empty(len(sampled), decode_logits.shape[1], dtype=decode_logits.dtype,
                                   device=decode_logits.device)
                 pos = {i: k for k, i in enumerate(sampled)}
-                dec_rows = torch.tensor([pos[i] for i in decode], device=out.device)
+                dec_rows = self._h2d(np.array([pos[i] for i in decode], dtype=np.int64))
                 out.index_copy_(0, dec_rows, decode_logits)
                 rest_sampled = [pos[i] for i, s in enumerate(seqs) if s.sample and i not in decode_set]
                 if rest_sampled:
-                    out.index_copy_(0, torch.tensor(rest_sampled, device=out.device), rest_logits)
+                    out.index_copy_(0, self._h2d(np.array(rest_sampled, dtype=np.int64)), rest_logits)
                 return out
         return self._eager_logits(seqs)
 
@@ -285,10 +348,10 @@ class ModelRunner:
         return self._forward_eager(step)
 
     def _forward_eager(self, step: EagerStep) -> torch.Tensor:
-        tables = torch.from_numpy(np.ascontiguousarray(step.tables)).to(self.device, non_blocking=True)
+        tables = self._h2d(step.tables)
         meta, positions = build_attention_metadata(step.q_lens, step.ctx_lens, tables, self.block_size,
                                                    max_gather_tokens=MAX_GATHER_TOKENS)
-        logits_idx = torch.from_numpy(step.logits_rows).to(self.device)
+        logits_idx = self._h2d(step.logits_rows)
         return self.model(step.embeds, positions, self.kv_caches, meta, logits_idx)
 
     def _decode_with_graph(self, seqs) -> torch.Tensor:
@@ -302,7 +365,8 @@ class ModelRunner:
         step = DecodeStep(token_ids, positions, slots, tables, positions + 1)
         if self.channel is not None:
             self.channel.send_decode(step)
-        return self.decode_graphs.run(step.token_ids, step.positions, step.slots, step.tables, step.context_lens)
+        return self.decode_graphs.run(self._token_ids(step.token_ids), step.positions, step.slots, step.tables,
+                                      step.context_lens)
 
     # -- tensor parallelism ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -324,22 +388,34 @@ class ModelRunner:
             if self.device.type == "cuda":  # the stop has reached the workers before anyone leaves the group
                 torch.cuda.synchronize(self.device)
 
-    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[int | None]:
-        """Run one step; the sampled token of each scheduled sequence (None where its chunk does not
-        end its known tokens)."""
-        if not batch.seqs:
-            return []
+        """Run one step and wait for it; the sampled token of each scheduled sequence (None where its
+        chunk does not end its known tokens)."""
+        return self.launch(batch).result()
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, prev: StepFuture | None = None) -> StepFuture:
+        """Queue one step on the device and return at once. prev: the step still running, whose tokens
+        appear as placeholders in this batch's inputs."""
+        self._prev_tokens = None if prev is None else prev.tokens
+        try:
+            return StepFuture([s.sample for s in batch.seqs], self._sample(batch) if batch.seqs else None)
+        finally:
+            self._prev_tokens = None
+
+    def _sample(self, batch: ScheduledBatch) -> torch.Tensor | None:
+        """The step's forward and sampling: (S,) int64 tokens on the device, or None if none samples."""
         logits = self.compute_logits(batch)
         sampling = [s for s in batch.seqs if s.sample]
         if not sampling:
-            return [None] * len(batch.seqs)
+            return None
         params = [s.seq.sampling for s in sampling]
         needs_history = any(p.repetition_penalty != 1.0 for p in params)
+        assert not (needs_history and any(s.seq.num_pending for s in sampling)), \
+            "repetition_penalty needs the token history: the engine resolves pending tokens first"
         outputs = [s.seq.output_token_ids if needs_history and s.seq.sampling.repetition_penalty != 1.0 else []
                    for s in sampling]
         generators = [None if p.temperature == 0 else self._generator(s.seq) for p, s in zip(params, sampling)]
-        tokens = sample_tokens(logits, SamplingBatch.build(params, outputs, generators, self.device, [
-            s.seq.num_output_tokens for s in sampling], self.end_token_ids)).tolist()
-        it = iter(tokens)
-        return [next(it) if s.sample else None for s in batch.seqs]
+        # min_tokens counts every token generated before this one, the pending ones included
+        return sample_tokens(logits, SamplingBatch.build(params, outputs, generators, self.device, [
+            s.seq.num_scheduled_outputs for s in sampling], self.end_token_ids))

@@ -58,9 +58,10 @@ class SamplingBatch:
             output_ids = torch.tensor(rows, dtype=torch.int64)
             penalty = torch.where(torch.tensor([bool(out) for out in output_token_ids]), penalty,
                                   torch.ones_like(penalty))
-        return cls(temperature=temperature.to(device), top_k=top_k.to(device), top_p=top_p.to(device),
-                   repetition_penalty=penalty.to(device), generators=generators,
-                   output_ids=None if output_ids is None else output_ids.to(device),
+        to = lambda t: _to_device(t, device)  # noqa: E731
+        return cls(temperature=to(temperature), top_k=to(top_k), top_p=to(top_p),
+                   repetition_penalty=to(penalty), generators=generators,
+                   output_ids=None if output_ids is None else to(output_ids),
                    all_greedy=all(p.temperature == 0 for p in params),
                    any_top_k=any(p.top_k > 0 and p.temperature > 0 for p in params),
                    any_top_p=any(p.top_p < 1.0 and p.temperature > 0 for p in params),
@@ -91,6 +92,15 @@ def apply_min_tokens(logits: torch.Tensor, end_mask: tuple[torch.Tensor, torch.T
     """Set logits[row, token] to -inf for each (row, token) pair of the mask (a copy)."""
     rows, ids = end_mask
     return logits.index_put((rows, ids), torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+
+
+def _to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """Host -> device without waiting for the device (pinned memory, non_blocking): the engine queues the
+    next step while the previous one runs."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, output_ids: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:

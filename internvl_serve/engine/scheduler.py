@@ -10,6 +10,11 @@ Policy (vLLM v1 style: one token budget, prefill chunks and decodes in the same 
    chunk only; with prefix caching the prompt's leading full blocks are first looked up in the cache and
    shared instead of recomputed. The head of the queue blocks the ones behind it (no starvation).
 Aborts are applied at the start of the next schedule(). Finished sequences free their blocks at once.
+Overlap scheduling (engine.py): advance() runs when a step is launched and appends a pending token per
+sampling sequence; resolve() puts its value in later. A sequence whose pending tokens already reach its
+length limit is not scheduled again (it finishes when they resolve); one with a pending token is not
+admitted from the queue (its block hashes need the value); blocks enter the prefix cache only once all
+their tokens are known.
 
 Does not own: the model (runner.py), stop conditions and text (engine.py, detokenizer.py).
 """
@@ -30,6 +35,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048   # tokens per step (decodes + prefill chunks)
     enable_prefix_caching: bool = True
     watermark: float = 0.01              # fraction of blocks a new sequence must leave free while others run
+    # overlap scheduling: schedule and launch step N+1 while step N runs on the device; None: on when the
+    # runner's device is CUDA (engine.py). Off: every step waits for its tokens before the next one.
+    async_scheduling: bool | None = None
 
     def validate(self) -> "SchedulerConfig":
         if self.max_num_seqs < 1:
@@ -89,7 +97,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the newest is last
         self._by_id: dict[str, Sequence] = {}
-        self._pending_aborts: list[str] = []
+        self._pending_aborts: list[tuple[str, FinishReason]] = []
         self._watermark_blocks = int(config.watermark * allocator.num_blocks)
         self.num_preemptions = 0
 
@@ -101,9 +109,9 @@ class Scheduler:
         self._by_id[seq.request_id] = seq
         self.waiting.append(seq)
 
-    def abort(self, request_id: str) -> None:
-        """Finish the request with 'abort' (and free its blocks) at the next schedule()."""
-        self._pending_aborts.append(request_id)
+    def abort(self, request_id: str, reason: FinishReason = "abort") -> None:
+        """Finish the request with `reason` (and free its blocks) at the next schedule()."""
+        self._pending_aborts.append((request_id, reason))
 
     def get(self, request_id: str) -> Sequence | None:
         return self._by_id.get(request_id)
@@ -130,6 +138,8 @@ class Scheduler:
                     break
                 if seq.status is not SequenceStatus.RUNNING or seq.request_id in scheduled:
                     continue
+                if seq.num_scheduled_outputs >= seq.max_output_tokens:
+                    continue  # its pending tokens reach the limit: it finishes when they resolve
                 remaining = seq.num_tokens - seq.num_computed_tokens
                 if (remaining == 1) != decode_pass:
                     continue
@@ -155,19 +165,37 @@ class Scheduler:
         """After the runner ran `batch`: advance the computed counts, cache the blocks that became full,
         and append each sampled token (sampled[i] belongs to batch.seqs[i]; None where nothing was
         sampled)."""
-        bs = self.block_size
-        caching = self.config.enable_prefix_caching
+        self.advance(batch)
         for s, token in zip(batch.seqs, sampled, strict=True):
+            if s.sample:
+                assert token is not None, f"{s.seq.request_id}: a sampled token is missing"
+                self.resolve(s.seq, int(token))
+
+    def advance(self, batch: ScheduledBatch) -> None:
+        """`batch` was launched: advance the computed counts and append a pending token for each sequence
+        that samples (the k-th sampling sequence of the batch is row k of the step's tokens)."""
+        row = 0
+        for s in batch.seqs:
             seq = s.seq
             seq.num_computed_tokens = s.start + s.num_tokens
-            if caching:
-                full = seq.num_computed_tokens // bs
-                for i in range(seq.num_registered_blocks, full):
-                    self.allocator.register(seq.block_table[i], seq.block_hash(i))
-                seq.num_registered_blocks = max(full, seq.num_registered_blocks)
+            self.register_blocks(seq)
             if s.sample:
-                assert token is not None, f"{seq.request_id}: a sampled token is missing"
-                seq.append_token(int(token))
+                seq.append_pending(row)
+                row += 1
+
+    def resolve(self, seq: Sequence, token: int) -> None:
+        """The value of seq's oldest pending token arrived."""
+        seq.resolve_pending(token)
+        self.register_blocks(seq)
+
+    def register_blocks(self, seq: Sequence) -> None:
+        """Put the blocks that are full of computed, known tokens into the prefix cache."""
+        if not self.config.enable_prefix_caching:
+            return
+        full = min(seq.num_computed_tokens, seq.num_known_tokens) // self.block_size
+        for i in range(seq.num_registered_blocks, full):
+            self.allocator.register(seq.block_table[i], seq.block_hash(i))
+        seq.num_registered_blocks = max(full, seq.num_registered_blocks)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """End a sequence: free its blocks now and forget it."""
@@ -178,6 +206,7 @@ class Scheduler:
         else:
             self.waiting.remove(seq)
         self._release_blocks(seq)
+        seq.drop_pending()  # sampled by a step launched before the finish was known: never emitted
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         del self._by_id[seq.request_id]
@@ -185,10 +214,10 @@ class Scheduler:
     # -- helpers -----------------------------------------------------------------------------------
     def _apply_aborts(self) -> list[Sequence]:
         aborted = []
-        for request_id in self._pending_aborts:
+        for request_id, reason in self._pending_aborts:
             seq = self._by_id.get(request_id)
             if seq is not None:
-                self.finish(seq, "abort")
+                self.finish(seq, reason)
                 aborted.append(seq)
         self._pending_aborts.clear()
         return aborted
@@ -235,6 +264,8 @@ class Scheduler:
         alloc, bs = self.allocator, self.block_size
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending:  # preempted with a token in flight: admitted once its value is known
+                break
             hits = self._cached_prefix(seq)
             computed = len(hits) * bs
             n = min(seq.num_tokens - computed, budget)

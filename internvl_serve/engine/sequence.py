@@ -4,6 +4,13 @@ token_ids holds prompt + generated tokens. num_computed_tokens of them have thei
 in the blocks of block_table. The scheduler moves a sequence between waiting and running; a preempted
 sequence drops its blocks and computed count and is recomputed later (its generated tokens are kept,
 so it continues where it stopped). Does not own tensors: the runner reads request.image_embeds.
+
+Pending tokens (overlap scheduling, engine.py): a token sampled by a step still running on the device
+is appended as a placeholder, `-(row + 1)`, where row is its row in that step's sampled-token tensor,
+so the next step can be scheduled (lengths, positions and slots are known without the value) and its
+input taken on the device. Placeholders are always the tail of token_ids; resolve_pending() puts the
+value in place of the oldest one, drop_pending() forgets them (the sequence finished meanwhile).
+num_tokens counts them; num_output_tokens / output_token_ids and the block hashes never do.
 """
 from __future__ import annotations
 
@@ -46,6 +53,7 @@ class Sequence:
         self.num_cached_tokens = 0                # prompt tokens served by the prefix cache (first admission)
         self.num_preemptions = 0
         self.finish_reason: FinishReason | None = None
+        self.num_pending = 0                      # trailing placeholders in token_ids (see the docstring)
 
     # -- sizes -----------------------------------------------------------------------------------
     @property
@@ -53,19 +61,46 @@ class Sequence:
         return len(self.token_ids)
 
     @property
+    def num_known_tokens(self) -> int:
+        return len(self.token_ids) - self.num_pending
+
+    @property
     def num_output_tokens(self) -> int:
+        """Generated tokens whose values are known (pending ones excluded)."""
+        return self.num_known_tokens - self.prompt_len
+
+    @property
+    def num_scheduled_outputs(self) -> int:
+        """Generated tokens, pending ones included (what the length limit counts when scheduling)."""
         return len(self.token_ids) - self.prompt_len
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len:]
+        return self.token_ids[self.prompt_len:self.num_known_tokens]
 
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
     def append_token(self, token_id: int) -> None:
+        assert not self.num_pending, "a known token after a pending one"
         self.token_ids.append(token_id)
+
+    def append_pending(self, row: int) -> None:
+        """A token that row `row` of the step now running will sample."""
+        self.token_ids.append(-(row + 1))
+        self.num_pending += 1
+
+    def resolve_pending(self, token_id: int) -> None:
+        """The oldest pending token's value arrived."""
+        assert self.num_pending, f"{self.request_id}: no pending token"
+        self.token_ids[len(self.token_ids) - self.num_pending] = int(token_id)
+        self.num_pending -= 1
+
+    def drop_pending(self) -> None:
+        if self.num_pending:
+            del self.token_ids[len(self.token_ids) - self.num_pending:]
+            self.num_pending = 0
 
     # -- image rows ------------------------------------------------------------------------------
     def image_rows(self, start: int, end: int) -> tuple[int, int]:
@@ -93,7 +128,7 @@ class Sequence:
         bs = self.block_size
         while len(self.block_hashes) <= i:
             j = len(self.block_hashes)
-            assert (j + 1) * bs <= len(self.token_ids), "only full blocks have a hash"
+            assert (j + 1) * bs <= self.num_known_tokens, "only full blocks of known tokens have a hash"
             parent = self.block_hashes[j - 1] if j else None
             self.block_hashes.append(hash_block(parent, self.token_ids[j * bs:(j + 1) * bs],
                                                 self._image_extra(j * bs, (j + 1) * bs)))

@@ -12,6 +12,16 @@ can cancel only its own requests. Engine requests are keyed by a server-unique i
 Does not own: Triton (the adapter in model_repository/llm implements `ResponseSink` over a response
 sender and turns side-channel requests into cancel()), or the engine.
 
+The response path is off the engine thread (response_path.py): the engine runs token-only
+(LLMEngine(detokenize=False): it ends a request on EOS, length or abort) and its callback only posts
+each RequestOutput into the request's mailbox; sender threads detokenize (IncrementalDetokenizer, one
+decode per token, as the engine did) and send, coalescing whatever piled up while a client was slow
+into one response. Stop strings are found here, on the text: the request's final response ('stop',
+the text cut before the stop string, num_output_tokens counted at the token that completed it) is sent
+at once and the engine is told to finish the sequence with 'stop' (EngineThread.abort(id, "stop"));
+tokens it generated meanwhile are never sent.
+So answers are the same as when the engine thread detokenized, and a slow client never stalls a step.
+
 Why no polling of is_cancelled(): in Triton 2.51 no client of this model's running step ever reports
 cancelled — the ensemble does not pass a client's cancellation to it, nor does a BLS caller's
 (python_backend r24.10 has no cancel() on a BLS response iterator) — so the owners cancel explicitly:
@@ -32,6 +42,7 @@ import torch
 
 from internvl_serve.serving.contract import FINISH_REASONS, LLMRequest, response_arrays
 from internvl_serve.serving.device import default_dtype, resolve_device
+from internvl_serve.serving.response_path import ResponsePath
 
 
 class ResponseSink(Protocol):
@@ -78,14 +89,17 @@ class ResponseStream:
 
 @dataclass
 class _Active:
-    """One request in flight. `lock` serialises the sink: once the final response is sent (`closed`),
-    the sink is never touched again (Triton 2.51's Python backend frees the response factory on the
-    final response). `client_id` and `cancel_key` are what a cancellation must present."""
+    """One request in flight. Its sink is touched only by the sender thread that holds its mailbox
+    (response_path.py: one at a time), so a send that blocks holds no lock; `lock` guards the flags.
+    Once the final response is sent (`closed`), the sink is never touched again (Triton 2.51's Python
+    backend frees the response factory on the final response). `client_id` and `cancel_key` are what
+    a cancellation must present."""
 
     sink: ResponseSink
     stream: ResponseStream
     client_id: str = ""
     cancel_key: str | None = None
+    detok: object = None  # IncrementalDetokenizer of this request's text (sender threads only)
     cancelled: bool = False
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -111,6 +125,10 @@ class EngineOptions:
     max_pending_requests: int = 1024
     # "int8": weight-only int8 projections of the LLM (engine/quantize.py); "": the model dtype
     quantization: str = ""
+    # overlap scheduling (engine.py): "true"/"false"; empty: on when the device is CUDA
+    async_scheduling: bool | None = None
+    # threads that detokenize and send responses (serving/response_path.py)
+    response_senders: int = 4
 
     def __post_init__(self):
         from internvl_serve.engine.quantize import validate_quantization
@@ -125,7 +143,7 @@ class EngineOptions:
             if not raw:
                 continue
             try:
-                if f.name == "enable_prefix_caching":
+                if f.name in ("enable_prefix_caching", "async_scheduling"):
                     if raw.lower() not in ("true", "false"):
                         raise ValueError
                     values[f.name] = raw.lower() == "true"
@@ -224,8 +242,10 @@ class LLMService:
         del state_dict  # the runner holds the weights now
         scheduler = SchedulerConfig(max_num_seqs=options.max_num_seqs,
                                     max_num_batched_tokens=options.max_num_batched_tokens,
-                                    enable_prefix_caching=options.enable_prefix_caching).validate()
-        self.engine = LLMEngine(runner, tokenizer=self.tokenizer, scheduler_config=scheduler)
+                                    enable_prefix_caching=options.enable_prefix_caching,
+                                    async_scheduling=options.async_scheduling).validate()
+        self.engine = LLMEngine(runner, tokenizer=self.tokenizer, scheduler_config=scheduler, detokenize=False)
+        self.responses = ResponsePath(num_senders=options.response_senders)
         self.thread = EngineThread(self.engine, max_pending=options.max_pending_requests)
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
@@ -243,52 +263,89 @@ class LLMService:
 
         request_id = f"{client_id}#{next(self._ids)}"
         gen = request.generation
+        sampling = gen.sampling.ending_with(self.stop, self.stop_token_ids)  # the template's end of answer
         active = _Active(sink, ResponseStream(request.text_input, stream=gen.stream,
                                               exclude_input_in_output=gen.exclude_input_in_output),
-                         client_id=client_id, cancel_key=cancel_key)
+                         client_id=client_id, cancel_key=cancel_key,
+                         detok=self.engine.new_detokenizer(sampling))
         embeds = None if request.image_embeds is None else torch.from_numpy(np.ascontiguousarray(request.image_embeds))
         engine_request = Request(request_id=request_id, prompt_token_ids=request.input_ids.tolist(),
-                                 image_embeds=embeds,
-                                 sampling=gen.sampling.ending_with(self.stop, self.stop_token_ids))
+                                 image_embeds=embeds, sampling=sampling)
         with self._lock:
             self._active[request_id] = active
+        self.responses.open(request_id, lambda outputs: self._on_outputs(request_id, outputs))
         try:
-            self.thread.submit(engine_request, lambda output: self._on_output(request_id, output))
+            self.thread.submit(engine_request, lambda output: self.responses.post(request_id, output))
         except Exception:
             with self._lock:
                 self._active.pop(request_id, None)
+            self.responses.close(request_id)
             raise
         return request_id
 
-    def _on_output(self, request_id: str, output) -> None:
-        """Engine thread: one RequestOutput of `request_id` -> at most one response."""
+    @staticmethod
+    def _text(active: _Active, output) -> tuple[str, bool, str | None]:
+        """One RequestOutput -> (text delta, finished, finish reason), stop strings included."""
+        detok = active.detok
+        if output.finished and output.finish_reason == "stop":  # EOS: not part of the text
+            return detok.finish(), True, "stop"
+        delta = ""
+        if output.new_token_ids:
+            delta, stopped = detok.update(list(output.new_token_ids))
+            if stopped:
+                return delta, True, "stop"
+        if output.finished and output.finish_reason == "length":
+            delta += detok.finish()
+        return delta, output.finished, output.finish_reason
+
+    def _on_outputs(self, request_id: str, outputs: list) -> bool:
+        """A sender thread: the outputs that piled up for `request_id`, in order -> one response (two
+        when an error ends them: the text before it, then the error). True when the request is done."""
         with self._lock:
             active = self._active.get(request_id)
         if active is None:
-            return
+            return True
+        if not active.closed:
+            self._respond(request_id, active, outputs)
+        return active.closed
+
+    def _close(self, request_id: str, active: _Active) -> None:
+        """The next response is the final one: forget the request first (num_active is 0 once a client
+        has its final response)."""
         with active.lock:
-            if not active.closed and output.error is not None:  # the engine failed this request
-                active.closed = True
-                self._fail(active.sink, f"llm: generation failed: {output.error}")
-            elif not active.closed:
-                try:
-                    response = active.stream.add(output.text_delta, finished=output.finished,
-                                                 finish_reason=output.finish_reason,
-                                                 num_input_tokens=output.num_prompt_tokens,
-                                                 num_output_tokens=output.num_output_tokens)
-                    if response is not None:
-                        active.closed = output.finished
-                        active.sink.send(response, final=output.finished)
-                except Exception as e:  # the response could not be built or sent: end the request
-                    if not active.closed:
-                        active.closed = True
-                        self._fail(active.sink, f"llm: {type(e).__name__}: {e}")
-                    if not output.finished:
-                        self.thread.abort(request_id)
-            done = active.closed
-        if done or output.finished:
-            with self._lock:
-                self._active.pop(request_id, None)
+            active.closed = True
+        with self._lock:
+            self._active.pop(request_id, None)
+
+    def _respond(self, request_id: str, active: _Active, outputs: list) -> None:
+        text, finished, reason, last, error = "", False, None, outputs[-1], None
+        try:
+            for output in outputs:
+                if output.error is not None:  # the engine (or a tensor-parallel worker) failed it
+                    error = output.error
+                    break
+                delta, finished, reason = self._text(active, output)
+                text, last = text + delta, output
+                if finished:
+                    if not output.finished:  # a stop string: the engine still runs it
+                        self.thread.abort(request_id, "stop")
+                    break
+            response = active.stream.add(text, finished=finished, finish_reason=reason,
+                                         num_input_tokens=last.num_prompt_tokens,
+                                         num_output_tokens=last.num_output_tokens)
+            if finished:
+                self._close(request_id, active)
+            if response is not None:
+                active.sink.send(response, final=finished)
+            if error is not None and not active.closed:
+                self._close(request_id, active)
+                self._fail(active.sink, error if error.startswith("llm: ") else f"llm: generation failed: {error}")
+        except Exception as e:  # the response could not be built or sent: end the request
+            if not active.closed:
+                self._close(request_id, active)
+                self._fail(active.sink, f"llm: {type(e).__name__}: {e}")
+            if not finished:
+                self.thread.abort(request_id)
 
     @staticmethod
     def _fail(sink: ResponseSink, message: str) -> None:
@@ -330,17 +387,18 @@ class LLMService:
         refuse new ones with the reason (the server must be restarted)."""
         self._broken = f"llm: {message}; the generation model cannot continue, restart the server"
         self._log(self._broken)
+        from internvl_serve.engine import RequestOutput
+
         with self._lock:
-            active = list(self._active.values())
-            self._active.clear()
-        for a in active:
-            with a.lock:
-                if not a.closed:
-                    a.closed = True
-                    self._fail(a.sink, self._broken)
+            request_ids = list(self._active)
+        for request_id in request_ids:  # after what is queued, on the sender threads (they own the sinks)
+            self.responses.post(request_id, RequestOutput(request_id, [], "", True, "abort", 0, 0, 0,
+                                                          error=self._broken))
 
     def shutdown(self) -> None:
-        """Stop the engine; requests still running get a final error response."""
+        """Stop the engine; requests still running get a final error response (every output already
+        produced is delivered first)."""
         self.thread.shutdown()
+        self.responses.shutdown()
         if self.workers is not None:
             self.workers.close(None if self._broken else self.engine.runner)

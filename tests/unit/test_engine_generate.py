@@ -1,6 +1,7 @@
 """LLMEngine + ModelRunner + our LLaMA vs transformers generate(inputs_embeds=...) (tiny model, fp32, CPU):
 greedy tokens equal token for token, with image rows injected, requests joining at different steps, chunked
-prefill forced by a small token budget, preemption, prefix reuse and the context-window cap."""
+prefill forced by a small token budget, preemption, prefix reuse and the context-window cap. Every test
+runs with the synchronous loop and with overlap scheduling (the same tokens, one step late)."""
 from __future__ import annotations
 
 import pytest
@@ -27,12 +28,22 @@ def hf():
     return model
 
 
+MODE = {"async_scheduling": False}
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["sync", "overlap"])
+def scheduling_mode(request, monkeypatch):
+    monkeypatch.setitem(MODE, "async_scheduling", request.param)
+    return request.param
+
+
 def make_engine(hf, *, num_blocks=64, block_size=4, budget=8, max_seqs=8, prefix=True, eos=EOS):
     runner = ModelRunner(hf.config, hf.state_dict(), device="cpu", dtype=torch.float32,
                          block_size=block_size, num_blocks=num_blocks)
     return LLMEngine(runner, None, eos_token_id=eos, image_context_token_id=IMG,
                      scheduler_config=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget,
-                                                      enable_prefix_caching=prefix, watermark=0.0))
+                                                      enable_prefix_caching=prefix, watermark=0.0,
+                                                      async_scheduling=MODE["async_scheduling"]))
 
 
 def make_request(rid, n_text, n_img=0, data=0, max_tokens=12, **sampling):

@@ -136,3 +136,41 @@ def test_min_tokens_on_cuda_with_cuda_graphs():
         engine = LLMEngine(runner, None, eos_token_id=eos, image_context_token_id=IMG)
         got = [t for o in engine.generate([r])[r.request_id] for t in o.new_token_ids]
         assert len(got) >= 5 and eos not in got[:5], (r.request_id, got)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
+def test_overlap_scheduling_on_cuda_gives_the_synchronous_tokens(graphs):
+    """Overlap scheduling on CUDA (decode inputs gathered on the device from the previous step's
+    tokens, into the graphs' static buffers or the eager ids): greedy, seeded sampling, EOS, max_tokens,
+    a mixed prefill/decode budget, a tiny cache that preempts, and an abort mid-stream give exactly the
+    tokens of the synchronous loop; every block is free afterwards."""
+    hf = tiny(torch.bfloat16)
+
+    def run(overlap: bool, *, eos=EOS, num_blocks=64, sampling=None):
+        runner = ModelRunner(hf.config, hf.state_dict(), device="cuda", dtype=torch.bfloat16, block_size=4,
+                             num_blocks=num_blocks, cuda_graphs=graphs)
+        engine = LLMEngine(runner, None, eos_token_id=eos, image_context_token_id=IMG,
+                           scheduler_config=SchedulerConfig(max_num_batched_tokens=8, watermark=0.0,
+                                                            async_scheduling=overlap))
+        assert engine.async_scheduling == overlap
+        reqs = requests(4, max_tokens=16, **(sampling or {}))
+        got: dict[str, list] = {r.request_id: [] for r in reqs}
+        for r in reqs:
+            engine.add_request(r)
+        while engine.has_unfinished():
+            for o in engine.step():
+                got[o.request_id].append(o)
+                if o.request_id == "r3" and o.num_output_tokens == 5 and not o.finished:
+                    engine.abort("r3")
+        assert engine.allocator.num_free == engine.allocator.num_blocks
+        return {k: ([t for o in v for t in o.new_token_ids], v[-1].finish_reason, v[-1].num_output_tokens)
+                for k, v in got.items()}
+
+    assert run(True) == run(False)
+    greedy = run(False)
+    eos = greedy["r0"][0][3]  # a token r0 produces: it stops there
+    assert run(True, eos=eos) == run(False, eos=eos)
+    assert run(True, num_blocks=14) == run(False, num_blocks=14)
+    s = dict(temperature=1.0, top_k=40, top_p=0.95, seed=77)
+    assert run(True, sampling=s) == run(False, sampling=s)

@@ -1,5 +1,6 @@
 """Scheduler + BlockAllocator through LLMEngine with a FakeRunner (pure Python, no model): join/leave,
-queueing when the cache is full, preemption and resume, abort, prefix reuse, no leaked blocks."""
+queueing when the cache is full, preemption and resume, abort, prefix reuse, no leaked blocks.
+Every test runs with the synchronous loop and with overlap scheduling (tokens one step late)."""
 from __future__ import annotations
 
 import random
@@ -13,11 +14,20 @@ from internvl_serve.engine.fake_runner import default_next_token
 VOCAB, EOS = 1000, 2
 
 
+MODE = {"async_scheduling": False}
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["sync", "overlap"])
+def scheduling_mode(request, monkeypatch):
+    monkeypatch.setitem(MODE, "async_scheduling", request.param)
+    return request.param
+
+
 def engine_with(num_blocks=64, block_size=4, budget=16, max_seqs=8, prefix=True, **runner_kw):
     runner = FakeRunner(num_blocks=num_blocks, block_size=block_size, vocab_size=VOCAB, eos_token_id=EOS,
                         **runner_kw)
     cfg = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, enable_prefix_caching=prefix,
-                          watermark=0.0)
+                          watermark=0.0, async_scheduling=MODE["async_scheduling"])
     return LLMEngine(runner, None, eos_token_id=EOS, scheduler_config=cfg)
 
 

@@ -17,11 +17,11 @@ class CountingRunner(FakeRunner):
         super().__init__(**kw)
         self.delay, self.calls = delay, 0
 
-    def execute(self, batch):
+    def launch(self, batch, prev=None):
         self.calls += 1
         if self.delay:
             time.sleep(self.delay)
-        return super().execute(batch)
+        return super().launch(batch, prev)
 
 
 class Collector:

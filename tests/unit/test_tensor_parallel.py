@@ -37,11 +37,12 @@ def requests(config) -> list[Request]:
     return out
 
 
-def generate(runner, reqs) -> dict[str, list[int]]:
+def generate(runner, reqs, overlap=False) -> dict[str, list[int]]:
     """Three requests first, the rest joining after two steps (in-flight batching); tokens per request."""
     engine = LLMEngine(runner, None, eos_token_id=2, image_context_token_id=92,
                        scheduler_config=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=24,
-                                                        enable_prefix_caching=True, watermark=0.0))
+                                                        enable_prefix_caching=True, watermark=0.0,
+                                                        async_scheduling=overlap))
     tokens: dict[str, list[int]] = {r.request_id: [] for r in reqs}
     for r in reqs[:3]:
         engine.add_request(r)
@@ -73,7 +74,9 @@ def test_two_ranks_give_the_tokens_of_one_process(checkpoint):
         assert (args.num_attention_heads, args.num_key_value_heads) == (
             config.llm_config.num_attention_heads // 2, config.llm_config.num_key_value_heads // 2)
         assert runner.kv_cache.shape[4] == config.llm_config.num_key_value_heads // 2
-        parallel = generate(runner, reqs)
+        # overlap scheduling asked for: the channel sends host token ids, so each step is resolved first
+        assert not runner.supports_overlap
+        parallel = generate(runner, reqs, overlap=True)
     finally:
         group.close(runner, timeout_s=60)
     assert [p.returncode for p in group.processes] == [0]
