@@ -7,9 +7,9 @@ backend stub, is refused here), too many inputs, models a production deployment 
 `llm` step only for the cancellation side channel), and the admin methods. Refusal messages are worded
 so that the SDK's error classification (client/internvl_client/errors.py) maps them: bad inputs to
 InvalidInputError ("unexpected shape for input ..."), unexposed models to ModelNotReadyError
-("Request for unknown model ..."). Also owns the one rewrite the guards make: a leading batch dimension
-of 1 on the chat models' inputs (TensorRT-LLM's clients send one) is dropped (`batch_of_one`; the HTTP
-guard uses it too). Does not own: the proxying (grpc_guard.py) or the models' own checks
+("Request for unknown model ..."). Also owns the one rewrite the guard makes: a leading batch dimension
+of 1 on the chat models' inputs (TensorRT-LLM's clients send one) is dropped (`drop_batch_of_one`).
+Does not own: the proxying (grpc_guard.py) or the models' own checks
 of values (contract.py). Imports nothing of Triton: the functions take tritonclient's protobuf messages.
 """
 from __future__ import annotations
@@ -159,13 +159,13 @@ def batch_of_one(model: str, name: str, shape) -> list[int] | None:
     TensorRT-LLM's clients send every input with a batch dimension (`max_tokens` [1,1], `text_input`
     [1,1]): its models are batching models. The chat models take one request per call (max_batch_size
     0), so a shape one dimension longer than an input's declared dims is unambiguous: a leading 1 is
-    the same data; any other leading size is a batch they do not take (ValueError saying so)."""
+    the same data; any other leading size is a batch they do not take (Refused, naming the input)."""
     spec = CHAT_INPUT_SPECS.get(name) if model in CHAT_MODELS else None
     if spec is None or len(shape) != len(spec.dims) + 1:
         return None
     if shape[0] != 1:
-        raise ValueError(f"shape {list(shape)} is a batch of {shape[0]}; this model takes one request per "
-                         f"call: dims {list(spec.dims)}, or a leading batch dimension of 1")
+        raise _bad(name, model, f"shape {list(shape)} is a batch of {shape[0]}; this model takes one request "
+                                f"per call: dims {list(spec.dims)}, or a leading batch dimension of 1")
     return list(shape[1:])
 
 
@@ -174,10 +174,7 @@ def drop_batch_of_one(request) -> bool:
     data is unchanged. True when a shape changed (the request must be serialized again)."""
     changed = False
     for tensor in request.inputs:
-        try:
-            shape = batch_of_one(request.model_name, tensor.name, tensor.shape)
-        except ValueError as e:
-            raise _bad(tensor.name, request.model_name, str(e)) from None
+        shape = batch_of_one(request.model_name, tensor.name, tensor.shape)
         if shape is not None:
             del tensor.shape[:]
             tensor.shape.extend(shape)
