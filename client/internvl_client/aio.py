@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -24,17 +24,8 @@ import tritonclient.grpc.aio as aiogrpcclient
 from .client import DEFAULT_TIMEOUT, DEFAULT_URL, STREAM_HEADERS
 from .cancel import CANCEL_TIMEOUT_S, cancel_key_input, new_cancel_key, send_cancel_async
 from .errors import InternVLError, RequestTimeoutError, ServerUnavailableError, from_grpc_status
-from .media import ImageLike, VideoLike
-from .request import (
-    MODEL_NAME,
-    ChatRequest,
-    ChatResponse,
-    Chunk,
-    History,
-    ResponseAssembler,
-    build_request,
-    to_infer_inputs,
-)
+from .card_call import takes_card_arguments
+from .request import MODEL_NAME, ChatRequest, ChatResponse, Chunk, ResponseAssembler, to_infer_inputs
 
 
 class AsyncChatStream:
@@ -123,67 +114,33 @@ class AsyncClient:
             self._tc = aiogrpcclient.InferenceServerClient(self.url, verbose=self._verbose, ssl=self._ssl)
         return self._tc
 
-    async def chat(
-        self,
-        question: str,
-        images: ImageLike | Sequence[ImageLike] | None = None,
-        video: VideoLike | None = None,
-        history: History | None = None,
-        num_patches_list: Sequence[int] | None = None,
-        generation_config: Mapping[str, Any] | None = None,
-        num_segments: int = 8,
-    ) -> str:
-        response = await self.generate(
-            question, images, video, history, num_patches_list, generation_config, num_segments
-        )
-        return response.text
+    # The card's arguments, as Client's methods take them (card_call.py).
+    @takes_card_arguments
+    async def chat(self, request: ChatRequest) -> str:
+        return (await self.generate_request(request)).text
 
-    async def generate(
-        self,
-        question: str,
-        images: ImageLike | Sequence[ImageLike] | None = None,
-        video: VideoLike | None = None,
-        history: History | None = None,
-        num_patches_list: Sequence[int] | None = None,
-        generation_config: Mapping[str, Any] | None = None,
-        num_segments: int = 8,
-    ) -> ChatResponse:
-        stream = self.stream_chunks(
-            question, images, video, history, num_patches_list, generation_config, num_segments
-        )
+    @takes_card_arguments
+    async def generate(self, request: ChatRequest) -> ChatResponse:
+        return await self.generate_request(request)
+
+    @takes_card_arguments
+    def stream(self, request: ChatRequest) -> AsyncChatStream:
+        """`async for delta in client.stream(...)`: text deltas as they arrive."""
+        return self.stream_request(request)
+
+    @takes_card_arguments
+    def stream_chunks(self, request: ChatRequest) -> AsyncChatStream:
+        return self.stream_request(request, as_chunks=True)
+
+    async def generate_request(self, request: ChatRequest) -> ChatResponse:
+        """The finished answer to a prepared ChatRequest."""
+        stream = self.stream_request(request, as_chunks=True)
         async with stream:
             async for _ in stream:
                 pass
         response = stream.response
         assert response is not None
         return response
-
-    def stream(
-        self,
-        question: str,
-        images: ImageLike | Sequence[ImageLike] | None = None,
-        video: VideoLike | None = None,
-        history: History | None = None,
-        num_patches_list: Sequence[int] | None = None,
-        generation_config: Mapping[str, Any] | None = None,
-        num_segments: int = 8,
-    ) -> AsyncChatStream:
-        """`async for delta in client.stream(...)`: text deltas as they arrive."""
-        request = build_request(
-            question,
-            images=images,
-            video=video,
-            history=history,
-            num_patches_list=num_patches_list,
-            generation_config=generation_config,
-            num_segments=num_segments,
-        )
-        return self.stream_request(request)
-
-    def stream_chunks(self, *args: Any, **kwargs: Any) -> AsyncChatStream:
-        stream = self.stream(*args, **kwargs)
-        stream._as_chunks = True
-        return stream
 
     def stream_request(self, request: ChatRequest, *, as_chunks: bool = False) -> AsyncChatStream:
         request_id = uuid.uuid4().hex

@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import tritonclient.grpc as grpcclient
@@ -26,17 +26,8 @@ from tritonclient.utils import InferenceServerException
 
 from .cancel import cancel_key_input, new_cancel_key, send_cancel
 from .errors import InternVLError, RequestTimeoutError, ServerUnavailableError, from_grpc_status
-from .media import ImageLike, VideoLike
-from .request import (
-    MODEL_NAME,
-    ChatRequest,
-    ChatResponse,
-    Chunk,
-    History,
-    ResponseAssembler,
-    build_request,
-    to_infer_inputs,
-)
+from .card_call import takes_card_arguments
+from .request import MODEL_NAME, ChatRequest, ChatResponse, Chunk, ResponseAssembler, to_infer_inputs
 
 DEFAULT_URL = "127.0.0.1:8001"
 DEFAULT_TIMEOUT = 600.0
@@ -137,69 +128,38 @@ class Client:
         self._closed = False
 
     # ---- public API -------------------------------------------------------------------------
-    def chat(
-        self,
-        question: str,
-        images: ImageLike | Sequence[ImageLike] | None = None,
-        video: VideoLike | None = None,
-        history: History | None = None,
-        num_patches_list: Sequence[int] | None = None,
-        generation_config: Mapping[str, Any] | None = None,
-        num_segments: int = 8,
-    ) -> str:
+    # chat / generate / stream / stream_chunks take the card's arguments (card_call.py):
+    # (question, images=None, video=None, history=None, num_patches_list=None, generation_config=None,
+    #  num_segments=8); each is written here for the ChatRequest those arguments build.
+    @takes_card_arguments
+    def chat(self, request: ChatRequest) -> str:
         """The answer to `question` (the card's `model.chat`, minus the tokenizer and pixel values)."""
-        return self.generate(
-            question, images, video, history, num_patches_list, generation_config, num_segments
-        ).text
+        return self.generate_request(request).text
 
-    def generate(
-        self,
-        question: str,
-        images: ImageLike | Sequence[ImageLike] | None = None,
-        video: VideoLike | None = None,
-        history: History | None = None,
-        num_patches_list: Sequence[int] | None = None,
-        generation_config: Mapping[str, Any] | None = None,
-        num_segments: int = 8,
-    ) -> ChatResponse:
+    @takes_card_arguments
+    def generate(self, request: ChatRequest) -> ChatResponse:
         """Like chat, returning a ChatResponse (text, finish_reason, num_input/output_tokens)."""
-        stream = self.stream_chunks(
-            question, images, video, history, num_patches_list, generation_config, num_segments
-        )
+        return self.generate_request(request)
+
+    @takes_card_arguments
+    def stream(self, request: ChatRequest) -> ChatStream:
+        """Text deltas as they arrive; `.response` holds the metadata once the stream has ended."""
+        return self.stream_request(request)
+
+    @takes_card_arguments
+    def stream_chunks(self, request: ChatRequest) -> ChatStream:
+        """Like stream, yielding `Chunk`s (text delta, and on the last: finish_reason, token counts)."""
+        return self.stream_request(request, as_chunks=True)
+
+    def generate_request(self, request: ChatRequest) -> ChatResponse:
+        """The finished answer to a prepared ChatRequest."""
+        stream = self.stream_request(request, as_chunks=True)
         with stream:
             for _ in stream:
                 pass
         response = stream.response
         assert response is not None  # the loop ended normally
         return response
-
-    def stream(
-        self,
-        question: str,
-        images: ImageLike | Sequence[ImageLike] | None = None,
-        video: VideoLike | None = None,
-        history: History | None = None,
-        num_patches_list: Sequence[int] | None = None,
-        generation_config: Mapping[str, Any] | None = None,
-        num_segments: int = 8,
-    ) -> ChatStream:
-        """Text deltas as they arrive; `.response` holds the metadata once the stream has ended."""
-        request = build_request(
-            question,
-            images=images,
-            video=video,
-            history=history,
-            num_patches_list=num_patches_list,
-            generation_config=generation_config,
-            num_segments=num_segments,
-        )
-        return self.stream_request(request)
-
-    def stream_chunks(self, *args: Any, **kwargs: Any) -> ChatStream:
-        """Like stream, yielding `Chunk`s (text delta, and on the last: finish_reason, token counts)."""
-        stream = self.stream(*args, **kwargs)
-        stream._as_chunks = True
-        return stream
 
     def stream_request(self, request: ChatRequest, *, as_chunks: bool = False) -> ChatStream:
         """Stream a prepared ChatRequest (the contract's terms, no card-word mapping)."""

@@ -7,7 +7,9 @@ backend stub, is refused here), too many inputs, models a production deployment 
 `llm` step only for the cancellation side channel), and the admin methods. Refusal messages are worded
 so that the SDK's error classification (client/internvl_client/errors.py) maps them: bad inputs to
 InvalidInputError ("unexpected shape for input ..."), unexposed models to ModelNotReadyError
-("Request for unknown model ..."). Does not own: the proxying (grpc_guard.py) or the models' own checks
+("Request for unknown model ..."). Also owns the one rewrite the guard makes: a leading batch dimension
+of 1 on the chat models' inputs (TensorRT-LLM's clients send one) is dropped (`drop_batch_of_one`).
+Does not own: the proxying (grpc_guard.py) or the models' own checks
 of values (contract.py). Imports nothing of Triton: the functions take tritonclient's protobuf messages.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 
-from internvl_serve.serving.contract import ENSEMBLE, ENSEMBLE_BLS, LLM, ServingLimits
+from internvl_serve.serving.contract import ENSEMBLE, ENSEMBLE_BLS, ENSEMBLE_INPUTS, LLM, ServingLimits
 
 # Bytes per element of each Triton datatype; BYTES elements are variable (a 4-byte length prefix each).
 DTYPE_SIZES = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2,
@@ -26,6 +28,9 @@ BYTES_PREFIX = 4
 # `llm` whose inputs are only these names is a cancel, everything else is a step-internal request.
 CANCEL_INPUTS = frozenset({"cancel_request_id", "cancel_key"})
 EXPOSED_MODELS = (ENSEMBLE, ENSEMBLE_BLS)
+# The chat models' inputs (both take the ensemble's interface, max_batch_size 0: dims without a batch dim).
+CHAT_MODELS = (ENSEMBLE, ENSEMBLE_BLS)
+CHAT_INPUT_SPECS = {spec.name: spec for spec in ENSEMBLE_INPUTS}
 
 # Methods of inference.GRPCInferenceService that only the admin key opens (the launcher's ADMIN_APIS:
 # model-repository, shared-memory, logging, trace).
@@ -146,6 +151,35 @@ def check_infer_request(request, policy: GuardPolicy) -> None:
     """Every check of one ModelInferRequest (unary or one message of a stream); raises Refused."""
     check_model(request, policy)
     check_inputs(request, policy)
+
+
+def batch_of_one(model: str, name: str, shape) -> list[int] | None:
+    """`shape` without its leading batch dimension of 1, or None when there is none to drop.
+
+    TensorRT-LLM's clients send every input with a batch dimension (`max_tokens` [1,1], `text_input`
+    [1,1]): its models are batching models. The chat models take one request per call (max_batch_size
+    0), so a shape one dimension longer than an input's declared dims is unambiguous: a leading 1 is
+    the same data; any other leading size is a batch they do not take (Refused, naming the input)."""
+    spec = CHAT_INPUT_SPECS.get(name) if model in CHAT_MODELS else None
+    if spec is None or len(shape) != len(spec.dims) + 1:
+        return None
+    if shape[0] != 1:
+        raise _bad(name, model, f"shape {list(shape)} is a batch of {shape[0]}; this model takes one request "
+                                f"per call: dims {list(spec.dims)}, or a leading batch dimension of 1")
+    return list(shape[1:])
+
+
+def drop_batch_of_one(request) -> bool:
+    """Drop the leading batch dimension of 1 from the chat models' inputs (batch_of_one) in place; the
+    data is unchanged. True when a shape changed (the request must be serialized again)."""
+    changed = False
+    for tensor in request.inputs:
+        shape = batch_of_one(request.model_name, tensor.name, tensor.shape)
+        if shape is not None:
+            del tensor.shape[:]
+            tensor.shape.extend(shape)
+            changed = True
+    return changed
 
 
 def check_admin(method: str, metadata, policy: GuardPolicy, header: str) -> None:

@@ -30,7 +30,8 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
 from internvl_serve.serving.contract import CANCEL_INPUT, CANCEL_KEY, ENSEMBLE, LLM
-from internvl_serve.serving.grpc_checks import GuardPolicy, Refused, check_admin, check_infer_request
+from internvl_serve.serving.grpc_checks import (GuardPolicy, Refused, check_admin, check_infer_request,
+                                                drop_batch_of_one)
 from internvl_serve.serving.launcher import ADMIN_GRPC_HEADER, ADMIN_KEY_ENV
 
 SERVICE = "inference.GRPCInferenceService"
@@ -194,7 +195,7 @@ class GrpcGuard:
             try:
                 check_admin(method, metadata, policy, ADMIN_GRPC_HEADER)
                 if method == "ModelInfer":
-                    check_infer_request(_parse(raw), policy)
+                    raw = admit(_parse(raw), raw, policy)
             except Refused as r:
                 await context.abort(_status(r.code), r.message)
             try:
@@ -239,7 +240,7 @@ class GrpcGuard:
             request = None
             try:
                 request = _parse(raw)
-                check_infer_request(request, policy)
+                raw = admit(request, raw, policy)
             except Refused as r:
                 await out.put(_error_response(r.message, request))
                 continue
@@ -292,6 +293,13 @@ class GrpcGuard:
         finally:
             call.cancel()
         return None
+
+
+def admit(request: pb.ModelInferRequest, raw: bytes, policy: GuardPolicy) -> bytes:
+    """The bytes to forward for a request the checks let through (Refused otherwise): the chat models'
+    inputs without a leading batch dimension of 1 (grpc_checks.batch_of_one), else `raw` itself."""
+    check_infer_request(request, policy)
+    return request.SerializeToString() if drop_batch_of_one(request) else raw
 
 
 def _parse(raw: bytes) -> pb.ModelInferRequest:

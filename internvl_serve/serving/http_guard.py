@@ -128,8 +128,10 @@ def _flatten(data) -> list:
 
 def check_generate_body(body) -> None:
     """A `generate` / `generate_stream` body: one object whose keys that name a contract input hold that
-    input's type (a list where the input takes several elements). Other keys are Triton's parameters,
-    which the models refuse themselves."""
+    input's type (a list where the input takes several elements). An input that takes one value may come
+    as a list holding exactly one, nested or not (`"max_tokens": [4]`, or `[[4]]` with TensorRT-LLM's
+    leading batch dimension of 1): tritonserver reads those as the one value. Other keys are Triton's
+    parameters, which the models refuse themselves."""
     if not isinstance(body, dict):
         raise Refused(400, f"the request body must be a JSON object of inputs, got {_kind(body)}")
     for key, value in body.items():
@@ -139,7 +141,12 @@ def check_generate_body(body) -> None:
         many = spec.dims == (-1,)
         if isinstance(value, list):
             if not many:
-                raise Refused(400, f"input '{key}' takes one value ({spec.datatype}), got a list")
+                items = _flatten(value)
+                if len(items) != 1:
+                    raise Refused(400, f"input '{key}' takes one value ({spec.datatype}), got a list of "
+                                       f"{len(items)}: a batch of one request at most")
+                check_element(key, spec.datatype, items[0])
+                continue
             for item in value:
                 check_element(key, spec.datatype, item)
         else:

@@ -145,6 +145,44 @@ def send_raw(guard, model, inputs) -> str:
     return answer.error
 
 
+def batched(inputs, batch: int = 1):
+    """The same tensors with a leading batch dimension, as TensorRT-LLM's clients send them ([1,1])."""
+    out = []
+    for tensor in inputs:
+        array = tensor._get_content()  # raw bytes: the same data, only the shape changes
+        shaped = grpcclient.InferInput(tensor.name(), [batch, *tensor.shape()], tensor.datatype())
+        shaped._raw_content = array * batch
+        out.append(shaped)
+    return out
+
+
+@pytest.mark.parametrize("model", ["internvl_chat", "internvl_chat_bls"])
+def test_tensorrt_llm_shapes_with_a_batch_of_one_get_the_same_answer(server, guard, direct_answer, model):
+    """text_input, max_tokens and stream shaped [1,1] (and images [1,N]) as TensorRT-LLM ensembles take
+    them: through the guard the answer is the one [1] gets; tritonserver alone refuses them."""
+    answer = send(Through(server, guard), batched(chat_inputs(QUESTION)), request_id="trtllm-shapes", model=model)
+    assert answer.error is None and answer.text == direct_answer.text and answer.finals == 1, answer
+    assert answer.num_output_tokens == direct_answer.num_output_tokens
+    image = image_bytes(3)
+    with_image = send(Through(server, guard), chat_inputs("<image>\nWhat is it?", images=[image]), model=model)
+    batched_image = send(Through(server, guard), batched(chat_inputs("<image>\nWhat is it?", images=[image])),
+                         model=model)
+    assert with_image.error is None and batched_image.error is None
+    assert batched_image.text == with_image.text and batched_image.num_input_tokens == with_image.num_input_tokens
+    alone = send(server, batched(chat_inputs(QUESTION)), request_id="alone", model=model, direct=True)
+    assert alone.error is not None and f"for model '{model}'. Expected [1], got [1,1]" in alone.error, alone
+
+
+def test_a_batch_of_two_is_refused_naming_the_input(server, guard, direct_answer):
+    inputs = chat_inputs(QUESTION)
+    two = [t for t in inputs if t.name() != "max_tokens"] + batched([t for t in inputs if t.name() == "max_tokens"], 2)
+    message = send_raw(guard, "internvl_chat", two)
+    assert ("unexpected shape for input 'max_tokens' for model 'internvl_chat': shape [2, 1] is a batch of 2; "
+            "this model takes one request per call") in message
+    assert isinstance(from_grpc_status(None, message), InvalidInputError)
+    assert_serves(Through(server, guard), direct_answer)
+
+
 @pytest.mark.parametrize("model", ["preprocess", "vision", "llm"])
 def test_the_steps_are_not_served(server, guard, model):
     message = send_raw(guard, model, chat_inputs(QUESTION))

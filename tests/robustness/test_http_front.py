@@ -66,7 +66,9 @@ def test_integers_that_do_not_fit_their_type_are_refused_naming_the_input(server
 @pytest.mark.parametrize("body, message", [
     ('{"text_input": "hi", ', "the request body is not valid JSON"),
     ('{"text_input": "hi", "max_tokens": "many"}', "input 'max_tokens' must hold integers (INT32), got a string"),
-    ('{"text_input": "hi", "temperature": [1]}', "input 'temperature' takes one value (FP32), got a list"),
+    ('{"text_input": "hi", "temperature": [1, 0]}', "input 'temperature' takes one value (FP32), got a list of 2"),
+    ('{"text_input": "hi", "max_tokens": [[4], [5]]}', "input 'max_tokens' takes one value (INT32), got a list of 2"),
+    ('{"text_input": "hi", "max_tokens": [["4"]]}', "input 'max_tokens' must hold integers (INT32), got a string"),
     ('{"text_input": "hi", "stream": "yes"}', "input 'stream' must hold booleans (BOOL), got a string"),
     ('{"text_input": "hi", "min_length": "few"}', "input 'min_length' must hold integers (INT32), got a string"),
     ('{"text_input": "hi", "random_seed": -1}', "input 'random_seed' must be in [0, 18446744073709551615] (UINT64)"),
@@ -78,6 +80,21 @@ def test_malformed_or_wrongly_typed_bodies_get_400_naming_the_input(server, orac
         r = post(server, f"/v2/models/internvl_chat/{endpoint}", body)
         assert r.status_code == 400 and message in r.json()["error"], (endpoint, r.status_code, r.text)
     assert_still_serving(server, oracle)
+
+
+def test_one_value_in_a_batch_of_one_gets_the_same_answer(server, oracle):
+    """TensorRT-LLM's clients send each value with a leading batch dimension of 1 (`[[4]]`), or as a list
+    of one; tritonserver reads both as the value. The guard let only the bare value through."""
+    events = []
+    for body in ({"text_input": QUESTION, "max_tokens": MAX_TOKENS, "stream": True},
+                 {"text_input": [[QUESTION]], "max_tokens": [[MAX_TOKENS]], "stream": [[True]], "temperature": [0.0]}):
+        with requests.post(f"{server.http_url}/v2/models/internvl_chat/generate_stream", json=body, stream=True,
+                           timeout=120) as r:
+            assert r.status_code == 200, r.text
+            events.append([json.loads(line[len("data: "):]) for line in r.iter_lines(decode_unicode=True)
+                           if line.startswith("data: ")])
+    assert events[1] == events[0]
+    assert "".join(e["text_output"] for e in events[1]) == oracle(QUESTION)
 
 
 def test_a_shape_that_overflows_is_refused_and_the_server_stays_up(server, oracle):

@@ -161,3 +161,36 @@ def test_the_guard_adds_a_cancel_key_where_the_client_sent_none():
     assert [t.name for t in cancel.inputs] == ["cancel_request_id", "cancel_key"]
     assert cancel.raw_input_contents[0] == b"\2\0\0\0r1"
     check_infer_request(cancel, POLICY)  # the guard's own cancel passes its checks
+
+
+def test_a_leading_batch_dimension_of_one_is_dropped_from_the_chat_models_inputs():
+    """TensorRT-LLM's clients send `text_input` [1,1], `max_tokens` [1,1]; the chat models take [1]."""
+    from internvl_serve.serving.grpc_checks import batch_of_one, drop_batch_of_one
+
+    for model in ("internvl_chat", "internvl_chat_bls"):
+        r = request(model, ("text_input", "BYTES", [1, 1], b"\2\0\0\0hi"), ("max_tokens", "INT32", [1, 1], b"\x08\0\0\0"),
+                    ("images", "BYTES", [1, 2], b"\1\0\0\0a\1\0\0\0b"), ("temperature", "FP32", [1], b"\0\0\0\0"))
+        check_infer_request(r, POLICY)
+        assert drop_batch_of_one(r)
+        assert [list(t.shape) for t in r.inputs] == [[1], [1], [2], [1]]
+        assert r.raw_input_contents[2] == b"\1\0\0\0a\1\0\0\0b"  # the data is untouched
+        assert not drop_batch_of_one(r)  # nothing left to drop
+    # not a chat model, not a contract input, or not one dim longer than declared: left as sent
+    assert batch_of_one("llm", "max_tokens", [1, 1]) is None
+    assert batch_of_one("internvl_chat", "pixel_values", [1, 1]) is None
+    assert batch_of_one("internvl_chat", "max_tokens", [1, 1, 1]) is None
+    assert batch_of_one("internvl_chat", "images", [3]) is None
+
+
+@pytest.mark.parametrize("name,shape", [("max_tokens", [2, 1]), ("text_input", [3, 1]), ("images", [2, 5]),
+                                        ("max_tokens", [0, 1])])
+def test_a_batch_of_more_than_one_is_refused_naming_the_input(name, shape):
+    from internvl_serve.serving.grpc_checks import drop_batch_of_one
+
+    r = request("internvl_chat", text(), (name, "INT32" if name == "max_tokens" else "BYTES", shape, b""))
+    with pytest.raises(Refused) as e:
+        drop_batch_of_one(r)
+    assert e.value.code == "INVALID_ARGUMENT"
+    assert e.value.message.startswith(f"unexpected shape for input '{name}' for model 'internvl_chat': "
+                                      f"shape {shape} is a batch of {shape[0]}; this model takes one request per call")
+    assert isinstance(from_grpc_status("INVALID_ARGUMENT", e.value.message), InvalidInputError)

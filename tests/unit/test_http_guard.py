@@ -51,7 +51,12 @@ def test_malformed_json_is_refused():
     ({"text_input": "hi", "temperature": 1e39}, "input 'temperature' must be a finite FP32 number, got 1e+39"),
     ({"text_input": "hi", "stream": 1}, "input 'stream' must hold booleans (BOOL), got an integer"),
     ({"text_input": 5}, "input 'text_input' must hold strings (BYTES), got an integer"),
-    ({"text_input": ["a", "b"]}, "input 'text_input' takes one value (BYTES), got a list"),
+    ({"text_input": ["a", "b"]}, "input 'text_input' takes one value (BYTES), got a list of 2: a batch of one "
+                                 "request at most"),
+    ({"text_input": [["a"], ["b"]]}, "input 'text_input' takes one value (BYTES), got a list of 2"),
+    ({"text_input": "hi", "max_tokens": []}, "input 'max_tokens' takes one value (INT32), got a list of 0"),
+    ({"text_input": "hi", "max_tokens": [[2**31]]}, "input 'max_tokens' must be in [-2147483648, 2147483647]"),
+    ({"text_input": "hi", "stop_words": [["a", "b"]]}, "input 'stop_words' must hold strings (BYTES), got a list"),
     ({"text_input": "hi", "images": ["data:", 3]}, "input 'images' must hold strings (BYTES), got an integer"),
     ({"text_input": "hi", "num_patches_list": [1, 2**31]}, "input 'num_patches_list' must be in"),
 ])
@@ -68,6 +73,9 @@ def test_good_generate_bodies_pass():
     assert set(body) - {"some_parameter"} <= {spec.name for spec in ENSEMBLE_INPUTS}
     check_request(CONFIG, "POST", GENERATE, {}, json.dumps(body).encode())
     check_request(CONFIG, "GET", "/v2/health/ready", {}, b"")
+    # one value as a list of one, or with TensorRT-LLM's leading batch dimension of 1: tritonserver reads it
+    trtllm = {"text_input": [["hi"]], "max_tokens": [[4]], "temperature": [0.5], "stream": [[True]], "seed": [[2**64 - 1]]}
+    check_request(CONFIG, "POST", GENERATE, {}, json.dumps(trtllm).encode())
 
 
 def test_infer_data_is_checked_against_its_datatype():

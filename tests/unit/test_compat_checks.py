@@ -1,0 +1,69 @@
+"""The checks scripts/compat/run.py applies to the benchmark tools' exports (docs/tools.md), on exports
+shaped as perf_analyzer 2.51 and genai-perf 0.0.16 wrote them against this server. The tools themselves
+do not run here: they do not install next to the project's pins."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+RUN_PY = Path(__file__).resolve().parents[2] / "scripts" / "compat" / "run.py"
+spec = importlib.util.spec_from_file_location("compat_run", RUN_PY)
+run = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(run)
+
+
+def triton_request(tokens=4, reason="length", texts=("mountain", " street", "x", "人色")):
+    outputs = [{"text_output": t, "num_output_tokens": i + 1, "num_input_tokens": 29, "finish_reason": ""}
+               for i, t in enumerate(texts)]
+    if outputs:
+        outputs[-1].update(num_output_tokens=tokens, finish_reason=reason)
+    return {"timestamp": 1, "request_inputs": {"text_input": "Hello, who are you?", "max_tokens": 4, "stream": True},
+            "response_timestamps": [2] * len(outputs), "response_outputs": outputs}
+
+
+def export(tmp_path, requests) -> Path:
+    path = tmp_path / "profile_export.json"
+    path.write_text(json.dumps({"experiments": [{"experiment": {"mode": "concurrency", "value": 1},
+                                                 "requests": requests}], "version": "2.51.0"}))
+    return path
+
+
+def test_a_good_triton_export_passes(tmp_path):
+    run.check_triton_requests(export(tmp_path, [triton_request()] * run.REQUESTS), 4)
+
+
+@pytest.mark.parametrize("requests, message", [
+    ([triton_request()] * 3, "3 requests, expected 4"),
+    ([triton_request()] * 3 + [triton_request(tokens=3)], "request 3 generated 3 tokens, asked 4"),
+    ([triton_request()] * 3 + [triton_request(reason="stop")], "request 3 ended with 'stop'"),
+    ([triton_request()] * 3 + [triton_request(texts=())], "request 3 got no response outputs"),
+    ([triton_request()] * 3 + [triton_request(texts=("", "", "", ""))], "request 3 has no text"),
+])
+def test_a_short_or_failed_triton_export_fails(tmp_path, requests, message):
+    with pytest.raises(run.RunFailed, match=message):
+        run.check_triton_requests(export(tmp_path, requests), 4)
+
+
+def test_openai_stream_texts_reads_the_chunks_perf_analyzer_recorded():
+    def chunk(delta, reason=None):
+        body = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+        return {"response": f"data: {json.dumps(body)}\n\n"}
+
+    request = {"response_outputs": [chunk({"role": "assistant", "content": ""}), chunk({"content": "ere"}),
+                                    chunk({"content": " 白"}), chunk({}, "length"), {"response": "data: [DONE]\n\n"}]}
+    assert run.openai_stream_texts(request) == ("ere 白", ["length"])
+
+
+def test_the_gateway_log_check_sees_only_what_the_run_added(tmp_path):
+    log = tmp_path / "gateway.log"
+    log.write_text("WARNING: /v1/chat/completions: ignored unknown request field(s): old_field\n")
+    args = type("Args", (), {"gateway_log": str(log)})()
+    with run.gateway_took_every_field(args):
+        pass  # nothing new in the log
+    with pytest.raises(run.RunFailed, match="ignored unknown request field\\(s\\): min_tokens"):
+        with run.gateway_took_every_field(args):
+            with open(log, "a") as f:
+                f.write("WARNING: /v1/chat/completions: ignored unknown request field(s): min_tokens\n")
