@@ -17,6 +17,8 @@ Does not own: the prompt (prompt.py), the vision model.
 
 from __future__ import annotations
 
+import functools
+
 import faulthandler
 import io
 import json
@@ -167,10 +169,24 @@ def to_pixel_values(images: Sequence[Image.Image], size: int = 448, mean: Sequen
     # card: .convert('RGB').resize((448, 448)) with PIL's default filter (BICUBIC for RGB)
     pixels = np.stack([np.asarray(to_tile(img, size), dtype=np.uint8) for img in images])  # (N, S, S, 3) uint8
     # CLIPImageProcessor: shortest-edge resize and centre crop are no-ops at (size, size);
-    # rescale: uint8 * (1/255) -> float32; normalize: float32 (x - mean) / std, channels last
-    x = (pixels * (1 / 255)).astype(np.float32)
-    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))                       # (N, 3, S, S)
+    # rescale: uint8 * (1/255) -> float32; normalize: float32 (x - mean) / std, channels last.
+    # Each output value depends only on its byte and channel, so the arithmetic is done once for the 256
+    # byte values of each channel (normalization_table) and looked up: the same bits, ~5x faster.
+    table = normalization_table(tuple(mean), tuple(std))                       # (3, 256) float32
+    out = np.empty((pixels.shape[0], 3, size, size), dtype=np.float32)
+    for c in range(3):
+        np.take(table[c], pixels[..., c], out=out[:, c])
+    return out                                                                 # (N, 3, S, S)
+
+
+@functools.lru_cache(maxsize=8)
+def normalization_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(3, 256) float32: CLIPImageProcessor's rescale then normalize of each byte value, per channel."""
+    x = (np.arange(256, dtype=np.uint8)[:, None] * (1 / 255)).astype(np.float32)  # (256, 1), as for pixels
+    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)  # (256, 3)
+    table = np.ascontiguousarray(x.T)
+    table.flags.writeable = False
+    return table
 
 
 # ---- video ---------------------------------------------------------------------------------------------

@@ -56,9 +56,11 @@ def _image_context_id(tokenizer) -> int | None:
 
 
 def image_content_key(image_embeds: torch.Tensor) -> bytes:
-    """A content hash of image rows (their bytes and dtype), for when the caller gives no image_hashes."""
+    """A content hash of image rows (their bytes and dtype), for when the caller gives no image_hashes.
+    SHA-256, as serving/vision.py's tile_key: with the CPU's SHA instructions about twice as fast as
+    BLAKE2b on the 5 MB of one V1-1 image's float32 rows (it is on every image request's way in)."""
     rows = image_embeds.detach().to("cpu").contiguous()
-    return hashlib.blake2b(rows.view(torch.uint8).numpy().data, digest_size=16).digest() + str(rows.dtype).encode()
+    return hashlib.sha256(rows.view(torch.uint8).numpy().data).digest() + str(rows.dtype).encode()
 
 
 def _image_keys(request: Request) -> list[bytes]:
