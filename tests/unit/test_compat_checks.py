@@ -99,3 +99,20 @@ def test_the_gateway_log_check_sees_only_what_the_run_added(tmp_path):
         with run.gateway_took_every_field(args):
             with open(log, "a") as f:
                 f.write("WARNING: /v1/chat/completions: ignored unknown request field(s): min_tokens\n")
+
+
+def test_a_relative_out_folder_reaches_the_tools_as_paths_they_can_open(tmp_path, monkeypatch, capsys):
+    """The tools run inside their own folder under --out: the paths run.py hands them must still resolve
+    there (a stand-in perf_analyzer opens its --input-data and writes an empty export)."""
+    fake = tmp_path / "tools" / "perf" / "bin" / "perf_analyzer"
+    fake.parent.mkdir(parents=True)
+    fake.write_text('#!/bin/sh\nwhile [ $# -gt 0 ]; do case $1 in\n'
+                    '  --input-data) test -f "$2" || { echo "cannot open $2"; exit 3; };;\n'
+                    '  --profile-export-file) echo \'{"experiments": []}\' > "$2" || exit 4;;\n'
+                    'esac; shift; done\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(run, "TOOLS_VENV", tmp_path / "tools")
+    monkeypatch.chdir(tmp_path)
+    assert run.main(["perf-analyzer", "--out", "relative", "--tokenizer", "unused"]) == 1
+    printed = capsys.readouterr().out
+    assert "FAIL perf-analyzer" in printed and "0 requests, expected 4" in printed, printed  # the tool ran fine
