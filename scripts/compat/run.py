@@ -18,6 +18,7 @@ genai-perf-generate (HTTP generate_stream), aiperf-chat, perf-analyzer (or `all`
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
@@ -28,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TOOLS_VENV = REPO_ROOT / ".venv-tools"  # scripts/compat/setup.sh
+TOOLS_VENV = Path(os.environ.get("INTERNVL_TOOLS_VENV") or REPO_ROOT / ".venv-tools")  # scripts/compat/setup.sh
 MODEL = "internvl_chat"
 GATEWAY_MODEL = "InternVL-Chat-V1-1"
 REQUESTS = 4  # per run: enough to see every request answered, few enough for 2 CPU cores
@@ -122,15 +123,32 @@ def gateway_took_every_field(args):
         check(not ignored, f"the gateway ignored fields the tool sent: {ignored[:2]}")
 
 
-def check_answers(args, answers: list[tuple[str, str]]) -> None:
-    """Each (question, text the tool received) is the SDK's greedy answer of OUTPUT_TOKENS tokens to the
-    same question (the server is deterministic: greedy decoding)."""
+IGNORE_EOS = dict(max_new_tokens=OUTPUT_TOKENS, ignore_eos=True)  # the SDK's words for what the tools sent
+MIN_TOKENS = dict(max_new_tokens=OUTPUT_TOKENS, min_new_tokens=OUTPUT_TOKENS)
+
+
+def check_answers(args, answers: list[tuple[str, list[bytes], dict, str]]) -> None:
+    """Each (question, images, SDK generation_config, text the tool received) is the SDK's answer to the
+    same request over gRPC, of OUTPUT_TOKENS tokens ended by `length` (the server is deterministic:
+    greedy decoding)."""
     from internvl_client import Client
 
     with Client(args.grpc) as client:
-        for question, text in answers:
-            want = client.generate(question, generation_config=dict(max_new_tokens=OUTPUT_TOKENS, ignore_eos=True)).text
-            check(text == want, f"the answer to {question!r} was {text!r}; the SDK gets {want!r}")
+        for question, images, generation, text in answers:
+            want = client.generate(question, images=images or None, generation_config=generation)
+            check(want.finish_reason == "length" and want.num_output_tokens == OUTPUT_TOKENS,
+                  f"the SDK's answer to {question!r} ended {want.finish_reason!r} after {want.num_output_tokens} tokens")
+            check(text == want.text, f"the answer to {question!r} was {text!r}; the SDK gets {want.text!r}")
+
+
+def chat_question(payload: dict) -> tuple[str, list[bytes]]:
+    """The SDK's question and images for a one-message chat request with text and one data-URL image: the
+    card's `<image>\\n` placeholder in front of the text (docs/gateway.md)."""
+    (message,) = payload["messages"]
+    text = "".join(p["text"] for p in message["content"] if p.get("type") == "text")
+    urls = [p["image_url"]["url"] for p in message["content"] if p.get("type") == "image_url"]
+    check(len(urls) == 1 and urls[0].startswith("data:image/png;base64,"), f"expected one PNG data URL, got {urls}")
+    return "<image>\n" + text, [base64.b64decode(urls[0].split(",", 1)[1])]
 
 
 def check_genai_perf_summary(out: Path) -> dict:
@@ -140,18 +158,27 @@ def check_genai_perf_summary(out: Path) -> dict:
     return summary
 
 
-def openai_stream_texts(request: dict) -> tuple[str, list[str]]:
-    """The content and the finish reasons of one streamed chat request in perf_analyzer's export."""
-    text, reasons = "", []
-    for output in request.get("response_outputs", []):
-        for line in str(output.get("response", "")).splitlines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            for choice in json.loads(line[len("data: "):]).get("choices", []):
-                text += (choice.get("delta") or {}).get("content") or ""
-                if choice.get("finish_reason"):
-                    reasons.append(choice["finish_reason"])
-    return text, reasons
+def openai_stream(events: list[str]) -> tuple[str, list[str], list[dict]]:
+    """The content, the finish reasons and the usage objects of one streamed chat answer (its SSE `data`
+    values, `[DONE]` last)."""
+    check(bool(events) and events[-1] == "[DONE]", f"the stream did not end with [DONE]: {events[-1:]}")
+    text, reasons, usages = "", [], []
+    for event in events[:-1]:
+        chunk = json.loads(event)
+        check("error" not in chunk, f"error event: {chunk}")
+        if chunk.get("usage"):
+            usages.append(chunk["usage"])
+        for choice in chunk.get("choices", []):
+            text += (choice.get("delta") or {}).get("content") or ""
+            if choice.get("finish_reason"):
+                reasons.append(choice["finish_reason"])
+    return text, reasons, usages
+
+
+def perf_analyzer_events(request: dict) -> list[str]:
+    """The SSE `data` values of one streamed request in perf_analyzer's (genai-perf's) export."""
+    return [line[len("data: "):] for output in request.get("response_outputs", [])
+            for line in str(output.get("response", "")).splitlines() if line.startswith("data: ")]
 
 
 # ---- the runs --------------------------------------------------------------------------------------------
@@ -171,7 +198,8 @@ def genai_perf_grpc(args, out: Path) -> None:
     check(sent.get("min_length") == OUTPUT_TOKENS and sent.get("max_tokens") == OUTPUT_TOKENS,
           f"genai-perf sent {sent}, expected min_length = max_tokens = {OUTPUT_TOKENS}")
     check_triton_requests(find(out, "profile_export.json"), OUTPUT_TOKENS)
-    check_answers(args, [(r["request_inputs"]["text_input"], "".join(o.get("text_output", "") for o in r["response_outputs"]))
+    check_answers(args, [(r["request_inputs"]["text_input"], [], MIN_TOKENS,
+                          "".join(o.get("text_output", "") for o in r["response_outputs"]))
                          for r in triton_requests(find(out, "profile_export.json"))])
     check_genai_perf_summary(out)
 
@@ -195,8 +223,10 @@ def genai_perf_chat(args, out: Path) -> None:
         parts = payload["messages"][-1]["content"]
         check(any(p.get("type") == "image_url" for p in parts), f"request {i} sent no image: {parts}")
         check(payload.get("max_tokens") == OUTPUT_TOKENS, f"request {i} asked max_tokens {payload.get('max_tokens')}")
-        text, reasons = openai_stream_texts(request)
+        check(payload.get("ignore_eos") is True, f"request {i} sent ignore_eos {payload.get('ignore_eos')!r}")
+        text, reasons, _ = openai_stream(perf_analyzer_events(request))
         check(text != "" and reasons == ["length"], f"request {i}: text {text!r}, finish reasons {reasons}")
+        check_answers(args, [(*chat_question(payload), IGNORE_EOS, text)])
     check_genai_perf_summary(out)
 
 
@@ -218,7 +248,7 @@ def genai_perf_generate(args, out: Path) -> None:
         check(events[-1]["finish_reason"] == "length" and events[-1]["num_output_tokens"] == OUTPUT_TOKENS,
               f"request {i} ended with {events[-1]}")
         question = json.loads(request["request_inputs"]["payload"])["text_input"][0]
-        check_answers(args, [(question, "".join(e["text_output"] for e in events))])
+        check_answers(args, [(question, [], IGNORE_EOS, "".join(e["text_output"] for e in events))])
     check_genai_perf_summary(out)
 
 
@@ -233,12 +263,22 @@ def aiperf_chat(args, out: Path) -> None:
                  "--extra-inputs", f"min_tokens:{OUTPUT_TOKENS}", "--use-server-token-count",
                  "--image-width-mean", IMAGE_SIDE, "--image-height-mean", IMAGE_SIDE, "--image-format", "png",
                  "--request-count", REQUESTS, "--concurrency", 1, "--tokenizer", args.tokenizer,
-                 "--artifact-dir", out / "artifacts", "--ui-type", "none"], out)
-    for i, payload in enumerate(p for entry in json.loads(find(out, "inputs.json").read_text())["data"]
-                                for p in entry["payloads"]):
-        check(payload.get("min_tokens") == OUTPUT_TOKENS, f"aiperf request {i} sent min_tokens {payload.get('min_tokens')}")
-        check(any(part.get("type") == "image_url" for part in payload["messages"][-1]["content"]),
-              f"aiperf request {i} sent no image")
+                 "--artifact-dir", out / "artifacts", "--ui-type", "none",
+                 "--export-level", "raw"], out)  # raw: each request's payload and streamed answer
+    records = [json.loads(line) for line in find(out, "profile_export_raw.jsonl").read_text().splitlines() if line]
+    check(len(records) == REQUESTS, f"aiperf recorded {len(records)} requests, expected {REQUESTS}")
+    for i, record in enumerate(records):
+        payload = record["payload"]
+        check(payload.get("min_tokens") == OUTPUT_TOKENS and payload.get("max_completion_tokens") == OUTPUT_TOKENS,
+              f"aiperf request {i} sent min_tokens {payload.get('min_tokens')}, "
+              f"max_completion_tokens {payload.get('max_completion_tokens')}")
+        check(record.get("status") == 200, f"aiperf request {i}: HTTP {record.get('status')}")
+        events = [p["value"] for r in record["responses"] for p in r.get("packets", []) if p.get("name") == "data"]
+        text, reasons, usages = openai_stream(events)
+        check(reasons == ["length"], f"aiperf request {i}: finish reasons {reasons}")
+        # stream_options.include_usage (aiperf sends it): one usage chunk, the server's count
+        check([u.get("completion_tokens") for u in usages] == [OUTPUT_TOKENS], f"aiperf request {i}: usage {usages}")
+        check_answers(args, [(*chat_question(payload), MIN_TOKENS, text)])
     summary = json.loads(find(out, "profile_export_aiperf.json").read_text())
     count = summary.get("request_count", {}).get("avg")
     check(count is not None and int(count) == REQUESTS, f"aiperf counted {count} requests, expected {REQUESTS}")
@@ -261,7 +301,8 @@ def perf_analyzer(args, out: Path) -> None:
              "--input-data", data, "--concurrency-range", "1", "--request-count", REQUESTS,
              "--profile-export-file", out / "profile_export.json"], out, perf_env())
     check_triton_requests(out / "profile_export.json", OUTPUT_TOKENS)
-    check_answers(args, [(r["request_inputs"]["text_input"], "".join(o.get("text_output", "") for o in r["response_outputs"]))
+    check_answers(args, [(r["request_inputs"]["text_input"], [], IGNORE_EOS,
+                          "".join(o.get("text_output", "") for o in r["response_outputs"]))
                          for r in triton_requests(out / "profile_export.json")])
 
 
@@ -325,7 +366,8 @@ def main(argv=None) -> int:
     p.add_argument("--start", action="store_true", help="serve the tiny checkpoint (and a gateway) for the runs")
     args = p.parse_args(argv)
     names = list(RUNS) if "all" in args.runs else args.runs
-    out = args.out or Path(tempfile.mkdtemp(prefix="compat-"))
+    # absolute: each tool runs with its own folder as working directory, and gets paths under `out`
+    out = (args.out or Path(tempfile.mkdtemp(prefix="compat-"))).resolve()
     with (started(out / "server") if args.start else contextlib.nullcontext(args)) as target:
         check(target.tokenizer is not None, "--tokenizer is needed (a folder with the tokenizer's files)")
         failed = []

@@ -6,10 +6,10 @@
 #                       `perf-analyzer` wheels (2.58+) and tritonclient 2.52+ need glibc 2.38. It links
 #                       libb64 (Debian/Ubuntu: apt-get install libb64-0d) and libcudart.so.12 (a pip wheel).
 #   .venv-tools/aiperf: aiperf.
-# Idempotent. PYTHON picks the interpreter (3.11 or 3.12; default python3).
+# Idempotent. INTERNVL_TOOLS_VENV picks another folder (run.py reads it too). PYTHON picks the interpreter (3.11 or 3.12; default python3).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
-tools=$root/.venv-tools
+tools=${INTERNVL_TOOLS_VENV:-$root/.venv-tools}
 python=${PYTHON:-python3}
 
 make_venv() {  # name, then the requirements

@@ -1,5 +1,5 @@
 """The checks scripts/compat/run.py applies to the benchmark tools' exports (docs/tools.md), on exports
-shaped as perf_analyzer 2.51 and genai-perf 0.0.16 wrote them against this server. The tools themselves
+shaped as perf_analyzer 2.51, genai-perf 0.0.16 and aiperf 0.13.0 wrote them against this server. The tools themselves
 do not run here: they do not install next to the project's pins."""
 from __future__ import annotations
 
@@ -47,14 +47,46 @@ def test_a_short_or_failed_triton_export_fails(tmp_path, requests, message):
         run.check_triton_requests(export(tmp_path, requests), 4)
 
 
-def test_openai_stream_texts_reads_the_chunks_perf_analyzer_recorded():
-    def chunk(delta, reason=None):
-        body = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
-        return {"response": f"data: {json.dumps(body)}\n\n"}
+def chunk(delta=None, reason=None, usage=None):
+    body = {"object": "chat.completion.chunk",
+            "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": reason}]}
+    if usage is not None:
+        body["usage"] = usage
+    return json.dumps(body)
 
-    request = {"response_outputs": [chunk({"role": "assistant", "content": ""}), chunk({"content": "ere"}),
-                                    chunk({"content": " 白"}), chunk({}, "length"), {"response": "data: [DONE]\n\n"}]}
-    assert run.openai_stream_texts(request) == ("ere 白", ["length"])
+
+def test_openai_stream_reads_the_chunks_perf_analyzer_recorded():
+    events = [chunk({"role": "assistant", "content": ""}), chunk({"content": "ere"}), chunk({"content": " 白"}),
+              chunk({}, "length")]
+    request = {"response_outputs": [{"response": f"data: {e}\n\n"} for e in [*events, "[DONE]"]]}
+    assert run.openai_stream(run.perf_analyzer_events(request)) == ("ere 白", ["length"], [])
+
+
+def test_openai_stream_returns_the_usage_chunk_aiperf_asked_for():
+    events = [chunk({"content": "mountain"}), chunk({}, "length"),
+              chunk(usage={"prompt_tokens": 291, "completion_tokens": 4, "total_tokens": 295}), "[DONE]"]
+    assert run.openai_stream(events) == ("mountain", ["length"], [{"prompt_tokens": 291, "completion_tokens": 4,
+                                                                   "total_tokens": 295}])
+
+
+@pytest.mark.parametrize("events, message", [
+    ([chunk({"content": "a"}, "length")], "did not end with \\[DONE\\]"),
+    ([], "did not end with \\[DONE\\]"),
+    ([json.dumps({"error": {"message": "boom"}}), "[DONE]"], "error event"),
+])
+def test_a_broken_stream_fails(events, message):
+    with pytest.raises(run.RunFailed, match=message):
+        run.openai_stream(events)
+
+
+def test_chat_question_is_the_cards_question_with_the_image():
+    payload = {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0K"}}]}]}
+    assert run.chat_question(payload) == ("<image>\nWhat is this?", [b"\x89PNG\r\n"])
+    payload["messages"][0]["content"].pop()
+    with pytest.raises(run.RunFailed, match="expected one PNG data URL"):
+        run.chat_question(payload)
 
 
 def test_the_gateway_log_check_sees_only_what_the_run_added(tmp_path):
@@ -67,3 +99,20 @@ def test_the_gateway_log_check_sees_only_what_the_run_added(tmp_path):
         with run.gateway_took_every_field(args):
             with open(log, "a") as f:
                 f.write("WARNING: /v1/chat/completions: ignored unknown request field(s): min_tokens\n")
+
+
+def test_a_relative_out_folder_reaches_the_tools_as_paths_they_can_open(tmp_path, monkeypatch, capsys):
+    """The tools run inside their own folder under --out: the paths run.py hands them must still resolve
+    there (a stand-in perf_analyzer opens its --input-data and writes an empty export)."""
+    fake = tmp_path / "tools" / "perf" / "bin" / "perf_analyzer"
+    fake.parent.mkdir(parents=True)
+    fake.write_text('#!/bin/sh\nwhile [ $# -gt 0 ]; do case $1 in\n'
+                    '  --input-data) test -f "$2" || { echo "cannot open $2"; exit 3; };;\n'
+                    '  --profile-export-file) echo \'{"experiments": []}\' > "$2" || exit 4;;\n'
+                    'esac; shift; done\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(run, "TOOLS_VENV", tmp_path / "tools")
+    monkeypatch.chdir(tmp_path)
+    assert run.main(["perf-analyzer", "--out", "relative", "--tokenizer", "unused"]) == 1
+    printed = capsys.readouterr().out
+    assert "FAIL perf-analyzer" in printed and "0 requests, expected 4" in printed, printed  # the tool ran fine
