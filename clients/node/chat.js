@@ -193,7 +193,7 @@ function main() {
   const deadline = setTimeout(() => abandon(
     `chat.js: DEADLINE_EXCEEDED: no complete answer within --timeout ${args.timeout} s; ` +
     `cancelled request ${request.id} on the server`, 4), args.timeout * 1000);
-  process.on('SIGINT', () => abandon(`[interrupted: cancelled request ${request.id} on the server]`, 130));
+  process.on('SIGINT', () => abandon('[cancelled]', 130));
 
   call.on('data', (message) => {
     if (message.error_message) { // the request failed; the server ends the stream after this
