@@ -161,10 +161,14 @@ CASES = [
      ["stream", "data-type is 'INT32'", "BOOL"]),
     ("text-input-two-elements", lambda: [raw_input("text_input", b("a", "b"), "BYTES")], None,
      ["text_input", "unexpected shape", "Expected [1], got [2]"]),
-    ("max-tokens-rank-2", lambda: q()[:1] + [raw_input("max_tokens", np.array([[8]], np.int32), "INT32")], None,
+    # a leading batch dimension of 1 is TensorRT-LLM's shape and accepted ([1, 1] for [1]); two extra
+    # dimensions, or a batch of more than one, are not
+    ("max-tokens-rank-3", lambda: q()[:1] + [raw_input("max_tokens", np.array([[[8]]], np.int32), "INT32")], None,
      ["max_tokens", "unexpected shape"]),
-    ("images-rank-2", lambda: q()[:1] + [raw_input("images", b(GOOD_PNG).reshape(1, 1), "BYTES")], None,
+    ("images-rank-3", lambda: q()[:1] + [raw_input("images", b(GOOD_PNG).reshape(1, 1, 1), "BYTES")], None,
      ["images", "unexpected shape"]),
+    ("max-tokens-batch-of-2", lambda: q()[:1] + [raw_input("max_tokens", np.array([[8], [8]], np.int32), "INT32")],
+     None, ["max_tokens", "batch of 2"]),
     ("unknown-input", lambda: q() + [raw_input("bogus", np.array([1], np.int32), "INT32")], None,
      ["unexpected inference input 'bogus'"]),
     # missing inputs
