@@ -146,7 +146,7 @@ GENERATION = (
         aliases=(),
         tensorrt_llm=True,
         only_empty=False,
-        doc='extra stop strings (at most 16; empty strings are ignored, so TensorRT-LLM\'s `""` means none); `</s>` always stops',
+        doc='extra stop strings (at most 16; empty strings are ignored, so TensorRT-LLM\'s `""` means none); the template\'s stop (`</s>` for V1-1) always stops',
     ),
     dict(
         name='bad_words',
@@ -174,7 +174,7 @@ GENERATION = (
         aliases=(),
         tensorrt_llm=False,
         only_empty=False,
-        doc='keep generating past `</s>` up to `max_tokens` (benchmarks)',
+        doc="keep generating past the template's stop token (`</s>`) up to `max_tokens` (benchmarks)",
     ),
     dict(
         name='stream',

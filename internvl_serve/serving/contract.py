@@ -151,11 +151,13 @@ GENERATION: tuple[GenerationInput, ...] = (
                     "sample)", field="seed", low=0, high=UINT64_MAX, openai="seed", card="seed",
                     aliases=("random_seed",)),
     GenerationInput("stop_words", "BYTES", (), "extra stop strings (at most 16; empty strings are ignored, "
-                    'so TensorRT-LLM\'s `""` means none); `</s>` always stops', dims=(-1,), field="stop",
+                    'so TensorRT-LLM\'s `""` means none); the template\'s stop (`</s>` for V1-1) always stops',
+                    dims=(-1,), field="stop",
                     openai="stop", card="stop", tensorrt_llm=True),
     GenerationInput("bad_words", "BYTES", (), "TensorRT-LLM's; accepted only empty (`\"\"`): banning words "
                     "is not implemented", dims=(-1,), only_empty=True, tensorrt_llm=True),
-    GenerationInput("ignore_eos", "BOOL", False, "keep generating past `</s>` up to `max_tokens` (benchmarks)",
+    GenerationInput("ignore_eos", "BOOL", False, "keep generating past the template's stop token (`</s>`) up to "
+                    "`max_tokens` (benchmarks)",
                     field="ignore_eos", openai="ignore_eos", card="ignore_eos"),
     GenerationInput("stream", "BOOL", False, "true: one response per text delta; false: one response with the "
                     "whole answer", tensorrt_llm=True),
