@@ -40,7 +40,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--mmap-large-allocations", action="store_true",
+                        help="set the malloc mmap threshold as the vision model's Triton adapter does "
+                             "(serving/heap.py): every large host buffer a fresh mapping")
     args = parser.parse_args()
+    if args.mmap_large_allocations:
+        from internvl_serve.serving.heap import mmap_large_allocations
+
+        assert mmap_large_allocations()
     work = Path(tempfile.mkdtemp(prefix="vision-step-"))
     ckpt = make_random_checkpoint(work / "random", tokenizer_from=make_tiny_checkpoint(work / "tiny"))
     t0 = time.perf_counter()
@@ -53,6 +60,7 @@ def main() -> int:
     gpu_pixels = torch.from_numpy(next(tiles)).to("cuda", service.dtype)
     result = {
         "device": torch.cuda.get_device_name(), "load_and_compile_s": load_s, "compiled": service.compiled,
+        "mmap_large_allocations": args.mmap_large_allocations,
         "embed_new_tile_ms": wall_ms(lambda: service.embed([next(tiles)]), args.iters),
         "encode_ms (CPU pixels -> CPU bf16 rows)": wall_ms(lambda: service._encode(torch.from_numpy(next(tiles))),
                                                           args.iters),
