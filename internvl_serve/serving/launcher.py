@@ -40,7 +40,7 @@ from internvl_serve.serving.http_guard import DEFAULT_MAX_BODY_BYTES, DEFAULT_MO
 from internvl_serve.serving.triton_install import (  # noqa: F401  (LaunchError, TritonInstall: part of this API)
     LaunchError, TritonInstall, find_triton, server_environment)
 from internvl_serve.serving.processes import (  # noqa: F401  (free_port, shm_regions: part of this API)
-    free_port, kill_group, port_in_use, port_owner, python_stubs, remove_shm_regions, shm_regions)
+    free_port, free_ports, kill_group, port_in_use, port_owner, python_stubs, remove_shm_regions, shm_regions)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
@@ -56,7 +56,11 @@ GUARD_NAMES = {"grpc": "gRPC", "http": "HTTP"}  # the public ports' guards (docs
 
 
 class PortInUse(LaunchError):
-    """Another process listens on one of the server's ports."""
+    """Another process listens on one of the server's ports (`kinds`: which, where known)."""
+
+    def __init__(self, message: str, kinds: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.kinds = tuple(kinds)
 
 
 def _answers_200(url: str) -> bool:
@@ -216,8 +220,9 @@ class TritonServer:
                 raise PortInUse(f"address already in use: {kind} port {port} on {self.host or '0.0.0.0'} is held by "
                                 f"another process")
         for attempt in range(3):
-            self.ports = {k: v if v is not None else free_port("127.0.0.1" if k.startswith("triton_") else self.host or
-                                                               "127.0.0.1") for k, v in self._ports.items()}
+            picked = free_ports({k: "127.0.0.1" if k.startswith("triton_") else self.host or "127.0.0.1"
+                                 for k, v in self._ports.items() if v is None})
+            self.ports = {k: v if v is not None else picked[k] for k, v in self._ports.items()}
             self._log = open(self.log_file, "ab")
             self._stopping.clear()
             self._proc = subprocess.Popen(self.command(install), stdout=self._log, stderr=subprocess.STDOUT,
@@ -228,9 +233,13 @@ class TritonServer:
                 self._start_guards()
                 self._start_watchdog()
                 return self
-            except PortInUse:
+            except PortInUse as e:
                 self.stop()
-                raise
+                # a port picked here was taken by another process before this server or its guard bound
+                # it (a race of free ports): pick again; a port the caller gave stays an error
+                if not e.kinds or any(self._ports[k] is not None for k in e.kinds) or attempt == 2:
+                    raise
+                self.log_file.write_bytes(b"")
             except LaunchError:
                 lost_port_race = "already in use" in self.log_tail(200)
                 self.stop()
@@ -246,7 +255,7 @@ class TritonServer:
         taken = [kind for kind, owner in owners.items() if owner == "other"]
         if taken:
             raise PortInUse("address already in use: " + ", ".join(
-                f"{kind} port {self.ports[kind]}" for kind in taken) + " held by another process")
+                f"{kind} port {self.ports[kind]}" for kind in taken) + " held by another process", tuple(taken))
         return all(owner == "mine" for owner in owners.values())
 
     def wait_ready(self, timeout_s: float | None = None) -> None:

@@ -29,6 +29,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_ports(hosts: dict[str, str]) -> dict[str, int]:
+    """A free port for each key (bound on its host), all different: every socket stays bound until the
+    last port is picked (free_port called once per key can hand out the same port twice)."""
+    sockets = []
+    try:
+        ports = {}
+        for key, host in hosts.items():
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(s)
+            s.bind((host, 0))
+            ports[key] = s.getsockname()[1]
+        return ports
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def python_stubs(server_pid: int) -> dict[int, str]:
     """The live Python backend stubs tritonserver `server_pid` started: pid -> model instance name
     ('preprocess_0_1'). Read from /proc; zombies (dead, not reaped yet) are left out."""

@@ -3,6 +3,7 @@ fail fast when a model cannot load, notice a server that died, and the CLI's sta
 from __future__ import annotations
 
 import os
+import socket
 import select
 import shutil
 import signal
@@ -130,6 +131,44 @@ def test_a_second_launcher_on_taken_ports_says_address_in_use_and_never_ready(tm
         assert not other.is_running()
         assert first.is_running()
         assert requests.get(f"{first.http_url}/v2/health/ready", timeout=10).status_code == 200
+
+
+def test_a_picked_port_taken_before_its_guard_binds_it_is_picked_again(tmp_path, monkeypatch):
+    """The public ports are picked free at start and bound by the guards only once tritonserver is ready;
+    another process may listen on one meanwhile (seen once in CI: 'grpc port ... held by another
+    process'). A port the launcher picked is picked again; a port the caller gave stays an error (the
+    test above)."""
+    from internvl_serve.serving import launcher
+
+    repo, checkpoint = make_repository(tmp_path)
+    squatter = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    real, picks = launcher.free_ports, []
+
+    def first_pick_collides(hosts):
+        ports = real(hosts)
+        if not picks:
+            ports["grpc"] = taken  # as if another process took it between the pick and the guard's bind
+        picks.append(ports)
+        return ports
+
+    monkeypatch.setattr(launcher, "free_ports", first_pick_collides)
+    try:
+        with TritonServer(checkpoint, model_repository=repo, log_file=tmp_path / "log", exit_timeout_s=2,
+                          ready_timeout_s=120) as server:
+            assert len(picks) == 2 and server.ports["grpc"] == picks[1]["grpc"] != taken
+            assert requests.get(f"{server.http_url}/v2/health/ready", timeout=10).status_code == 200
+    finally:
+        squatter.close()
+
+
+def test_free_ports_are_all_different():
+    from internvl_serve.serving.processes import free_ports
+
+    ports = free_ports({f"k{i}": "127.0.0.1" for i in range(64)})
+    assert len(set(ports.values())) == 64
 
 
 def test_a_server_that_dies_before_it_is_ready_leaves_no_shared_memory(tmp_path):
