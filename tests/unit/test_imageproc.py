@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import resource
+import subprocess
+import sys
 import struct
 import time
 import zlib
@@ -355,3 +358,36 @@ def test_a_video_whose_header_lies_cannot_take_the_memory(tiny_video_bytes):
     assert video_frame_size(lying) == (64, 48)
     with pytest.raises(InvalidVideo, match="crashed|could not be decoded|larger than their header"):
         sample_video_frames(lying, num_segments=1, max_pixels=64 * 48)
+
+
+FAULT_PROBE = """
+import io, resource
+import numpy as np
+from PIL import Image
+from internvl_serve.imageproc import decode_image, to_pixel_values, to_tile
+from internvl_serve.serving.heap import mmap_large_allocations
+
+def png(seed):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.RandomState(seed).randint(0, 256, (448, 448, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+assert mmap_large_allocations()  # as the preprocess stub runs: every buffer from 1 MiB a fresh mapping
+images = [png(seed) for seed in range(5)]
+to_pixel_values([to_tile(decode_image(images[0]))])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for data in images[1:]:  # as Preprocessor does for one image
+    to_pixel_values([to_tile(decode_image(data))])
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / (len(images) - 1))
+"""
+
+
+def test_pixel_values_touch_little_more_than_their_output():
+    """In the preprocess stub each buffer from 1 MiB is a fresh mapping (serving/heap.py), so every
+    temporary of that size page-faults anew on each request. A tile's float32 output is 2.4 MB (588
+    pages of 4 KiB); numpy's take() widened the uint8 indices to int64 first (three 1.6 MB copies,
+    ~2,350 faults a tile in all). Counted in a fresh interpreter, as minor page faults per image (decode, tile, pixel values)."""
+    run = subprocess.run([sys.executable, "-c", FAULT_PROBE], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    output_pages = 3 * 448 * 448 * 4 / resource.getpagesize()
+    assert float(run.stdout) < 1.25 * output_pages, (float(run.stdout), output_pages)
