@@ -9,23 +9,34 @@ arenas of the request threads, which fragment: the H200 soak's RSS crept ~12 MiB
 bench/malloc_replay.py (the vision model's buffers without a model) grows 3.4 -> 5.8 GiB over 12,800
 requests with glibc's default and stays at 1.25 GiB with a fixed 1 MiB threshold.
 
-A fixed threshold costs an mmap, page faults and an munmap per large buffer: nothing next to a GPU
-forward, but a model computing on the CPU makes large temporaries at every layer (the tiny checkpoint
-served 40 % fewer tokens/s with it), so the adapters set it for preprocess, and for vision and llm
-when they run on a GPU.
+Fixing the mmap threshold also fixes glibc's trim threshold, at its 128 KiB default: free space above
+that at the top of a heap goes back to the system, so the buffers below 1 MiB (PIL's images of a tile,
+numpy copies) page-fault anew too, whenever the heap's top was handed back. So the setting also keeps
+up to TRIM_THRESHOLD_BYTES free at the top of each heap (bounded, no creep): the preprocess path for one
+PNG went from ~1,470 to ~610 minor page faults here (tests/unit/test_imageproc.py counts them).
+
+A fixed threshold costs an mmap, page faults and an munmap per large buffer: a fresh page costs a few
+microseconds (more in a VM: the vision stub's embed() for one image took 56 ms with the setting against
+27 ms without on the H100 machine, ~20 MB of host buffers), so the hot paths reuse their large buffers
+rather than allocating them per request; and a model computing on the CPU makes large temporaries at
+every layer (the tiny checkpoint served 40 % fewer tokens/s with it), so the adapters set it for
+preprocess, and for vision and llm when they run on a GPU.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
+M_MMAP_THRESHOLD = -3
 LARGE_BUFFER_BYTES = 1 << 20
+TRIM_THRESHOLD_BYTES = 32 << 20
 
 
 def mmap_large_allocations(threshold_bytes: int = LARGE_BUFFER_BYTES) -> bool:
-    """Fix this process's malloc mmap threshold at `threshold_bytes` (glibc's mallopt). True when set;
-    False where the C library has no mallopt or refuses the value (nothing changes then)."""
+    """Fix this process's malloc mmap threshold at `threshold_bytes` and its trim threshold at
+    TRIM_THRESHOLD_BYTES (glibc's mallopt). True when set; False where the C library has no mallopt or
+    refuses the value (nothing changes then)."""
     if threshold_bytes <= 0:
         raise ValueError(f"threshold_bytes must be > 0, got {threshold_bytes}")
     try:
@@ -35,4 +46,5 @@ def mmap_large_allocations(threshold_bytes: int = LARGE_BUFFER_BYTES) -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    return mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)) == 1
+    return (mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)) == 1
+            and mallopt(M_TRIM_THRESHOLD, max(TRIM_THRESHOLD_BYTES, int(threshold_bytes))) == 1)
