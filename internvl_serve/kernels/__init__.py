@@ -5,6 +5,8 @@
 - prefill_attention: varlen attention of a step's prefill chunks and decodes (causal by absolute
   position) read through the block tables of the paged cache (the engine's default on CUDA).
 - int8_linear: weight-only int8 linears (per-output-channel scales) for the language model.
+- fp8_linear: e4m3 linears (per-channel weight, per-token activation scales, torch._scaled_mm) for the
+  vision encoder's compute-bound matmuls (the vision model's `quantization: fp8`; not exported here).
 - fused_ops: the LLaMA layer's elementwise work fused: residual add + RMSNorm, rotary in place,
   SiLU-and-mul (engine/llama.py calls them when its fused path is on).
 

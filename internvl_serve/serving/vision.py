@@ -21,10 +21,15 @@ import numpy as np
 import torch
 
 from internvl_serve.checkpoint import load_model
+from internvl_serve.kernels.fp8_linear import quantize_linears_fp8_
 from internvl_serve.config import InternVLChatConfig
 from internvl_serve.serving.contract import IMAGE_SIZE, VISION_INPUT_DIMS, InvalidInput, ServingLimits, TensorSpec
 from internvl_serve.serving.device import default_dtype, resolve_device
 
+VISION_QUANTIZATIONS = ("fp8",)
+# the matmuls of each ViT block (model/vision.py) that `quantization: fp8` runs in e4m3; the patch
+# embedding, the norms, attention itself and the projector (mlp1) stay in the model dtype
+VISION_BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 DEFAULT_IMAGE_CACHE_MB = 1024.0  # ~400 tiles of V1-1 in bf16 (256 x 5120 x 2 bytes = 2.6 MB each)
 
 
@@ -142,6 +147,7 @@ class VisionOptions:
     max_images_per_forward: int = 32
     image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB  # 0 disables the embedding cache
     compile: str = "auto"  # torch.compile each ViT block: auto (on CUDA) | true | false
+    quantization: str = ""  # "fp8": the blocks' matmuls in e4m3 (kernels/fp8_linear.py); "": the model dtype
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> "VisionOptions":
@@ -153,6 +159,11 @@ class VisionOptions:
             if raw["compile"].lower() not in ("auto", "true", "false"):
                 raise ValueError(f"vision parameter 'compile': {raw['compile']!r} is not auto, true or false")
             values["compile"] = raw["compile"].lower()
+        if "quantization" in raw:
+            if raw["quantization"].lower() not in VISION_QUANTIZATIONS:
+                raise ValueError(f"vision parameter 'quantization': {raw['quantization']!r} is not "
+                                 f"{' or '.join(VISION_QUANTIZATIONS)} (or empty: none)")
+            values["quantization"] = raw["quantization"].lower()
         checks = {"max_images_per_forward": (int, lambda v: v >= 1, "an integer >= 1"),
                   "image_cache_mb": (float, lambda v: math.isfinite(v) and v >= 0, "a number of MiB >= 0")}
         for name, (kind, ok, what) in checks.items():
@@ -167,13 +178,25 @@ class VisionOptions:
         return cls(**values)
 
 
+def quantize_vision_fp8_(encoder: torch.nn.Module) -> torch.nn.Module:
+    """The vision model's `quantization: fp8`: every block's qkv, proj, fc1 and fc2 become Fp8Linears,
+    in place (before the blocks are compiled). The embeddings then differ from the model dtype's by a few
+    per cent (tests/unit/test_vision.py measures it), so answers can change: an opt-in for throughput."""
+    layers = encoder.vision_model.encoder.layers
+    replaced = quantize_linears_fp8_(layers, VISION_BLOCK_LINEARS)
+    if replaced != len(VISION_BLOCK_LINEARS) * len(layers):
+        raise ValueError(f"fp8: replaced {replaced} linears, expected {len(VISION_BLOCK_LINEARS)} per block x "
+                         f"{len(layers)} blocks (already quantized?)")
+    return encoder
+
+
 class VisionService:
     """`embed([pixel_values of request 1, of request 2, ...])` -> their image embeddings, one forward
     over the tiles the cache does not hold."""
 
     def __init__(self, checkpoint: str | Path, *, device: str = "auto", dtype: torch.dtype | None = None,
                  max_images_per_forward: int = 32, image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
-                 image_cache_entries: int | None = None, compile: str = "auto",
+                 image_cache_entries: int | None = None, compile: str = "auto", quantization: str = "",
                  log: Callable[[str], None] | None = None):
         self.device = resolve_device(device)
         if self.device.type == "cuda" and self.device.index is not None:
@@ -186,6 +209,9 @@ class VisionService:
         self.num_image_token = self.config.num_image_token
         self.hidden_size = self.config.llm_config.hidden_size
         self.cache = EmbeddingCache(int(image_cache_mb * 2**20), image_cache_entries)
+        self.quantization = quantization or ""
+        if self.quantization == "fp8":
+            quantize_vision_fp8_(self.encoder)
         self.compiled = False
         if compile == "true" or (compile == "auto" and self.device.type == "cuda"):
             self.compiled = self._compile_blocks(log or (lambda message: None))
@@ -195,7 +221,7 @@ class VisionService:
                         log: Callable[[str], None] | None = None) -> "VisionService":
         o = VisionOptions.from_parameters(parameters)
         return cls(checkpoint, device=o.device, max_images_per_forward=o.max_images_per_forward,
-                   image_cache_mb=o.image_cache_mb, compile=o.compile, log=log)
+                   image_cache_mb=o.image_cache_mb, compile=o.compile, quantization=o.quantization, log=log)
 
     @torch.inference_mode()
     def _compile_blocks(self, log: Callable[[str], None]) -> bool:

@@ -1,0 +1,98 @@
+"""FP8 (e4m3) linears for the vision encoder's compute-bound matmuls.
+
+Why: InternViT-6B's 45 blocks are ~11.3 TFLOP of matmuls per 448 tile (qkv, proj, fc1, fc2 over 1,025
+tokens); at batch 8 the compiled bf16 encoder took 21.5 ms per image on an H100, ~17 ms of it in those
+matmuls, already near the bf16 tensor-core peak. FP8 tensor cores have twice that peak, so the issue's
+vision target (<= 17 ms per image at batch 8) needs them; the LLM's decode is bound by weight bytes, not
+FLOPs, and keeps its own int8 option (int8_linear.py).
+
+Owns: per-output-channel e4m3 quantization of a weight (N, K) (scale = max|w[n]| / 448, once at load);
+per-row (token) dynamic e4m3 quantization of the activations (M, K) at each call; their product through
+torch._scaled_mm with both scales applied in the epilogue, output in the activations' dtype; `Fp8Linear`,
+an nn.Linear stand-in; `quantize_linears_fp8_`, which swaps named linears of a module's blocks in place;
+`relative_error`, what a swap costs. torch._scaled_mm runs on the CPU too (the tests), and on CUDA needs
+FP8 tensor cores (compute capability 8.9+: H100) and K and N divisible by 16 (ViT-6B: 3200, 9600, 12800).
+Does not own: deciding to quantize (the vision model's `quantization` parameter, serving/vision.py).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+
+
+def quantize_weight_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) float -> (w_fp8 (N, K) e4m3, scale (N,) float32) with w ~= w_fp8 * scale[:, None].
+    A row of zeros gets scale 1."""
+    assert w.dim() == 2, w.shape
+    wf = w.float()
+    amax = wf.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (wf / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8).contiguous(), scale.contiguous()
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) -> (x_fp8 (M, K) e4m3, scale (M, 1) float32), one scale per row (token)."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ (w_fp8 * w_scale).T (+ bias) -> (..., N) in x's dtype."""
+    shape = x.shape
+    xq, x_scale = quantize_rows_fp8(x.reshape(-1, shape[-1]))
+    y = torch._scaled_mm(xq, w_fp8.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=x.dtype)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*shape[:-1], w_fp8.shape[0])
+
+
+class Fp8Linear(nn.Module):
+    """An nn.Linear whose weight is e4m3 with one float32 scale per output channel; the bias stays in
+    the model dtype."""
+
+    def __init__(self, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = w_fp8.shape[1], w_fp8.shape[0]
+        self.register_buffer("weight_fp8", w_fp8)
+        self.register_buffer("weight_scale", w_scale)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Fp8Linear":
+        w_fp8, w_scale = quantize_weight_fp8(linear.weight.detach())
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(w_fp8, w_scale, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight_fp8, self.weight_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, e4m3"
+
+
+def quantize_linears_fp8_(blocks: nn.ModuleList, names: tuple[str, ...]) -> int:
+    """In every block, replace the nn.Linear at each dotted name (e.g. "attn.qkv") with an Fp8Linear,
+    in place, freeing the float weight. Returns how many were replaced (a name that is not an
+    nn.Linear, e.g. already replaced, is skipped)."""
+    replaced = 0
+    for block in blocks:
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = block.get_submodule(parent_name) if parent_name else block
+            linear = getattr(parent, child)
+            if type(linear) is nn.Linear:
+                setattr(parent, child, Fp8Linear.from_linear(linear))
+                replaced += 1
+    return replaced
+
+
+def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """||other - reference|| / ||reference||, in float32."""
+    reference, other = reference.detach().float(), other.detach().float()
+    return float((other - reference).norm() / reference.norm().clamp_min(1e-30))
