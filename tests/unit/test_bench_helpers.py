@@ -1,7 +1,8 @@
 """bench/benchmark.py's CPU-side helpers, so the GPU run does not find their bugs: the targets table of
 results.md, loadgen.summarize's row, the open loop's arrival schedule, options and table (bench/openloop.py;
-its run against the real server is tests/load/test_bench_loadgen.py). (The Prometheus parse and the KV-blocks-free poll are loadtest/servermetrics.py's, tested in
-test_servermetrics.py; the --int8 run's model repository is serving/layout.py's, tested in test_layout.py.)"""
+its run against the real server is tests/load/test_bench_loadgen.py). (The Prometheus parse and the
+KV-blocks-free poll are loadtest/servermetrics.py's, tested in test_servermetrics.py; the --int8 run's
+model repository is serving/layout.py's, tested in test_layout.py.)"""
 from __future__ import annotations
 
 import importlib.util
