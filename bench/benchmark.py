@@ -3,7 +3,7 @@
 One command on a GPU machine (random bf16 weights drawn on the GPU; nothing of size is carried):
 
     python bench/benchmark.py --out results/ [--levels 1,8,32,64] [--skip-baseline] [--int8] \
-        [--engine-alone-compare async_scheduling=false] [--warm-levels 1,32]
+        [--engine-alone-compare async_scheduling=false] [--warm-levels 1,32] [--arrival-rates 1,2,4]
     python bench/benchmark.py --markdown-only --out bench/results      # rewrite results.md from results.json
 
 Measures, in one run and on one device:
@@ -24,7 +24,12 @@ Measures, in one run and on one device:
     repository with that one value changed) at --int8-levels (default 1 stream).
 Every request sends its own image (nothing cached, as real traffic); --warm-levels adds rows, on the
 same server after those, where every request sends the same image (the vision embedding cache and the
-KV prefix cache hit: the warm-cache case), as a second table.
+KV prefix cache hit: the warm-cache case), as a second table. --arrival-rates adds the open loop on the
+same server after the closed-loop levels (openloop.py): requests arrive by a seeded Poisson process at
+each rate, each with its own new image, whatever the server is doing (--arrival-requests per rate, or
+--arrival-duration-s; no cap on requests in flight unless --arrival-max-in-flight), in results.json's
+`open_loop` section and its own table. The speed issue's TTFT targets stay those of the closed loop.
+With --merge and --levels "" (and --skip-baseline --skip-engine-alone) a run adds only the open loop.
 Writes results.json and results.md (the table, then the speed issue's targets beside the measured values)
 under --out and prints the tables last.
 """
@@ -62,6 +67,7 @@ from internvl_serve.kernels.fp8_linear import relative_error  # noqa: E402
 from internvl_serve.serving.vision import quantize_vision_fp8_  # noqa: E402
 
 import loadgen  # noqa: E402
+import openloop  # noqa: E402
 from servermetrics import kv_blocks_after_run  # noqa: E402
 
 
@@ -203,14 +209,22 @@ def level_images(level: int, n: int) -> list[bytes]:
     return [png_bytes(test_image(1_000_000 + 10_000 * level + i)) for i in range(n)]
 
 
+def open_loop_images(k: int, n: int) -> list[bytes]:
+    """n distinct PNGs for the k-th open-loop rate (seeds apart from level_images' and each other's)."""
+    return [png_bytes(test_image(5_000_000 + 100_000 * k + i)) for i in range(n)]
+
+
 def run_server(ckpt: Path, results: dict, levels: list[int], requests_per_stream: int, log_dir: Path,
                *, key: str = "server", distinct_images: bool = True, warm_levels: list[int] = (),
-               kv_free_timeout_s: float = 30.0, layout=None) -> None:
+               kv_free_timeout_s: float = 30.0, layout=None, open_loop: dict | None = None) -> None:
+    """open_loop: openloop.run_rates' keyword arguments (rates, num_requests or duration_s, seed,
+    max_in_flight), run after the closed-loop levels into results["open_loop"]."""
     from internvl_serve.serving.launcher import TritonServer
 
     image = png_bytes(test_image(0))
     log_file = log_dir / ("tritonserver.log" if key == "server" else f"tritonserver-{key}.log")
-    results[key] = []
+    if levels or key not in results:  # --levels "" with --merge keeps the closed-loop rows of before
+        results[key] = []
     with GpuMemoryPoller() as mem:
         t0 = time.perf_counter()
         with TritonServer(ckpt, ready_timeout_s=900, log_file=log_file, layout=layout,
@@ -225,6 +239,9 @@ def run_server(ckpt: Path, results: dict, levels: list[int], requests_per_stream
                 row = asyncio.run(loadgen.run_level(url, level, n, QUESTION, images, NEW_TOKENS))
                 print(json.dumps(row), flush=True)
                 results[key].append(row)
+            if open_loop:
+                results["open_loop"] = openloop.run_rates(url, question=QUESTION, images_for=open_loop_images,
+                                                          max_tokens=NEW_TOKENS, **open_loop)
             if warm_levels:  # the same image for every request: vision cache and KV prefix cache hit
                 results[f"{key}_warm"] = []
                 asyncio.run(loadgen.run_level(url, 1, 1, QUESTION, image, 16))
@@ -236,7 +253,7 @@ def run_server(ckpt: Path, results: dict, levels: list[int], requests_per_stream
             # every request has finished: each KV block must be free again
             results[f"{key}_after"] = kv_blocks_after_run(server.metrics_url, kv_free_timeout_s)
             print(json.dumps(results[f"{key}_after"]), flush=True)
-        results[f"{key}_peak_gpu_mib"] = mem.peak_mib
+        results[f"{key}_peak_gpu_mib"] = max(mem.peak_mib, results.get(f"{key}_peak_gpu_mib") or 0)
 
 
 def run_engine_alone(ckpt: Path, results: dict, levels: list[int], requests_per_stream: int, out_dir: Path,
@@ -422,6 +439,8 @@ def markdown(results: dict) -> str:
                           f"{cold['output_tok_per_s']:.0f} vs {warm['output_tok_per_s']:.0f}, ITL p50 "
                           f"{cold['itl_p50_ms']:.1f} vs {warm['itl_p50_ms']:.1f} ms "
                           f"({100 * (cold['itl_p50_ms'] / warm['itl_p50_ms'] - 1):+.0f} %)."]
+    if results.get("open_loop"):
+        lines += openloop.markdown_lines(results["open_loop"])
     profiles = [(k, r) for k in _engine_alone_keys(results) for r in results[k].get("profile", [])]
     if profiles:
         lines += ["", "Per decode step, engine alone, steady decode (torch.profiler; GPU busy = union of kernel and "
@@ -476,6 +495,7 @@ def main(argv=None) -> int:
                         help="every request the same image (the old default: vision and prefix caches hit)")
     parser.add_argument("--warm-levels", default="",
                         help="after the distinct-image levels, these levels with one image for all (warm caches)")
+    openloop.add_arguments(parser)
     parser.add_argument("--skip-engine-alone", action="store_true")
     parser.add_argument("--engine-alone-compare", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                         help="also run the engine alone with these llm parameters (repeatable)")
@@ -497,6 +517,7 @@ def main(argv=None) -> int:
         (args.out / "results.md").write_text(table)
         print(table)
         return 0
+    open_loop = openloop.options(args, parser)  # bad values refused before any GPU work
     assert torch.cuda.is_available(), "the benchmark needs a CUDA GPU"
     args.out.mkdir(parents=True, exist_ok=True)
     tiny = make_tiny_checkpoint(args.work / "tiny")
@@ -519,9 +540,9 @@ def main(argv=None) -> int:
         results["llm_weight_bytes_per_step"] = 2 * (40 * (4 * 5120 * 5120 + 3 * 5120 * 13824) + 41840 * 5120 + 2 * 5120)
     results["hbm_floor_ms"] = results["llm_weight_bytes_per_step"] / (results["copy_bandwidth_gbs"] * 1e9) * 1e3
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    levels = [int(x) for x in args.levels.split(",")]
+    levels = [int(x) for x in args.levels.split(",") if x]
     profile_levels = [int(x) for x in args.profile_levels.split(",") if x]
-    if not args.skip_engine_alone:
+    if not args.skip_engine_alone and levels:
         run_engine_alone(ckpt, results, levels, args.requests_per_stream, args.out, profile_levels=profile_levels)
         for compare in args.engine_alone_compare:
             run_engine_alone(ckpt, results, levels, args.requests_per_stream, args.out,
@@ -530,7 +551,7 @@ def main(argv=None) -> int:
     if not args.skip_server:
         run_server(ckpt, results, levels, args.requests_per_stream, args.out,
                    distinct_images=not args.same_image, kv_free_timeout_s=args.kv_free_timeout_s,
-                   warm_levels=[int(x) for x in args.warm_levels.split(",") if x])
+                   warm_levels=[int(x) for x in args.warm_levels.split(",") if x], open_loop=open_loop)
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
     if args.int8:
         from internvl_serve.serving.layout import Layout
@@ -539,7 +560,7 @@ def main(argv=None) -> int:
                    args.out, key="server_int8", layout=Layout(llm_parameters={"quantization": "int8"}),
                    distinct_images=not args.same_image, kv_free_timeout_s=args.kv_free_timeout_s)
     for name in args.layout:
-        run_server(ckpt, results, [int(x) for x in args.levels.split(",")], args.requests_per_stream, args.out,
+        run_server(ckpt, results, levels, args.requests_per_stream, args.out,
                    key=f"server_{name}", layout=layout_named(name), distinct_images=not args.same_image,
                    kv_free_timeout_s=args.kv_free_timeout_s)
         (args.out / "results.json").write_text(json.dumps(results, indent=2))

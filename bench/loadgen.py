@@ -1,8 +1,11 @@
 """Concurrent streaming load against the `internvl_chat` ensemble over gRPC, with per-token timing.
 
-Owns: sending N streaming chat requests at a fixed concurrency through tritonclient's asyncio gRPC
-client, and turning response arrival times into time-to-first-token, inter-token latency and output
-tokens/s. Does not own: starting the server (the launcher does) or printing tables (benchmark.py).
+Owns: sending N streaming chat requests at a fixed concurrency (the closed loop) through tritonclient's
+asyncio gRPC client, and turning response arrival times into one row: time-to-first-token, inter-token
+latency, end-to-end latency, output tokens/s, requests in flight (`summarize`, the one place for
+percentiles and token accounting; engine_alone.py and openloop.py use it too). Does not own: starting
+the server (the launcher does), the open loop's Poisson arrivals (openloop.py) or printing tables
+(benchmark.py).
 
 Token accounting: a streamed response carries a text delta and the cumulative `num_output_tokens`, so
 a delta that holds k tokens contributes k inter-token gaps of (its gap / k).
@@ -26,6 +29,12 @@ class RequestTiming:
     output_tokens: int = 0
     gaps: list[float] = field(default_factory=list)  # seconds between tokens, one per token after the first
     error: str | None = None
+    # open loop: when the request was due (before any wait for a slot): TTFT and latency count from it
+    arrival: float | None = None
+
+    @property
+    def origin(self) -> float:
+        return self.start if self.arrival is None else self.arrival
 
 
 def _tensor(name: str, array: np.ndarray, datatype: str) -> grpcclient.InferInput:
@@ -47,8 +56,9 @@ def build_inputs(question: str, image: bytes | None, max_tokens: int, ignore_eos
     return inputs
 
 
-async def one_request(client, model: str, inputs: list, request_id: str) -> RequestTiming:
-    timing = RequestTiming(start=time.perf_counter())
+async def one_request(client, model: str, inputs: list, request_id: str,
+                      arrival: float | None = None) -> RequestTiming:
+    timing = RequestTiming(start=time.perf_counter(), arrival=arrival)
 
     async def requests():
         yield {"model_name": model, "inputs": inputs, "request_id": request_id}
@@ -109,17 +119,32 @@ async def run_level(url: str, concurrency: int, num_requests: int, question: str
     return summarize(concurrency, timings, wall)
 
 
-def _pct(values: list[float], p: float) -> float:
+def pct(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
     return float(np.percentile(np.asarray(values), p))
 
 
+def in_flight(timings: list[RequestTiming], wall: float) -> tuple[int, float]:
+    """(peak, time-averaged) number of requests between their send and their end, over `wall` seconds
+    (the mean is Little's law: the sum of the requests' times in flight / wall)."""
+    spans = [(t.start, t.end) for t in timings if t.end is not None]
+    # at equal times an end comes before a start: a request sent as another ends does not overlap it
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    peak = current = 0
+    for _, step in events:
+        current += step
+        peak = max(peak, current)
+    return peak, (sum(e - s for s, e in spans) / wall if wall > 0 else float("nan"))
+
+
 def summarize(concurrency: int, timings: list[RequestTiming], wall: float) -> dict:
     ok = [t for t in timings if t.error is None]
-    ttft = [t.first_token - t.start for t in ok if t.first_token is not None]
+    ttft = [t.first_token - t.origin for t in ok if t.first_token is not None]
+    latency = [t.end - t.origin for t in ok if t.end is not None]
     gaps = [g for t in ok for g in t.gaps]
     tokens = sum(t.output_tokens for t in ok)
+    peak, mean_in_flight = in_flight(timings, wall)
     return {
         "concurrency": concurrency,
         "requests": len(timings),
@@ -128,9 +153,14 @@ def summarize(concurrency: int, timings: list[RequestTiming], wall: float) -> di
         "output_tokens": tokens,
         "wall_s": wall,
         "output_tok_per_s": tokens / wall if wall > 0 else float("nan"),
-        "ttft_p50_ms": 1e3 * _pct(ttft, 50),
-        "ttft_p95_ms": 1e3 * _pct(ttft, 95),
-        "itl_p50_ms": 1e3 * _pct(gaps, 50),
-        "itl_p95_ms": 1e3 * _pct(gaps, 95),
+        "ttft_p50_ms": 1e3 * pct(ttft, 50),
+        "ttft_p95_ms": 1e3 * pct(ttft, 95),
+        "ttft_p99_ms": 1e3 * pct(ttft, 99),
+        "itl_p50_ms": 1e3 * pct(gaps, 50),
+        "itl_p95_ms": 1e3 * pct(gaps, 95),
+        "latency_p50_ms": 1e3 * pct(latency, 50),
+        "latency_p95_ms": 1e3 * pct(latency, 95),
+        "peak_in_flight": peak,
+        "mean_in_flight": mean_in_flight,
         "mean_tokens_per_request": statistics.mean([t.output_tokens for t in ok]) if ok else 0,
     }

@@ -6,6 +6,10 @@
 #   BENCH_COMMIT=abc1234 bash scripts/dev/gpu_bench.sh start [benchmark.py options]   # in the background
 #   bash scripts/dev/gpu_bench.sh wait 560                                            # until it ends or 560 s pass
 #   bash scripts/dev/gpu_bench.sh collect "$OUT"                                      # results, logs
+# Every option after `start` goes to bench/benchmark.py as given, e.g. the open loop (Poisson arrivals):
+#   bash scripts/dev/gpu_bench.sh start --arrival-rates 1,2,4,8 --arrival-requests 100
+# or only the open loop, added to an earlier run's results of the same commit on the same machine:
+#   bash scripts/dev/gpu_bench.sh start --merge --skip-baseline --skip-engine-alone --levels "" --arrival-rates 2,4
 # The run: bench/benchmark.py (baseline, engine alone, server; its options are passed on), then
 # bench/ttft_timeline.py on the same random checkpoint. It runs in its own session (setsid), so a
 # command that ends does not end it. Work folder: $BENCH_WORK (default /tmp/bench-gpu).

@@ -1,12 +1,15 @@
 """bench/benchmark.py's CPU-side helpers, so the GPU run does not find their bugs: the targets table of
-results.md. (The Prometheus parse and the KV-blocks-free poll are loadtest/servermetrics.py's, tested in
-test_servermetrics.py; the --int8 run's model repository is serving/layout.py's, tested in test_layout.py.)"""
+results.md, loadgen.summarize's row, the open loop's arrival schedule, options and table (bench/openloop.py;
+its run against the real server is tests/load/test_bench_loadgen.py). (The Prometheus parse and the
+KV-blocks-free poll are loadtest/servermetrics.py's, tested in test_servermetrics.py; the --int8 run's
+model repository is serving/layout.py's, tested in test_layout.py.)"""
 from __future__ import annotations
 
 import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,3 +87,130 @@ def test_int8_weight_bytes(bench):
     assert int8 == 40 * (4 * 5120 * 5120 + 3 * 5120 * 13824) + 4 * 40 * (5 * 5120 + 2 * 13824) \
         + 2 * (41840 * 5120 + 2 * 5120)
     assert 13.0e9 < int8 < 13.2e9
+
+
+# ---- the open loop (bench/openloop.py) and loadgen.summarize's rows ---------------------------------------
+@pytest.fixture(scope="module")
+def openloop(bench):
+    import openloop  # bench/ is on sys.path (the bench fixture)
+
+    return openloop
+
+
+def test_the_arrival_schedule_is_seeded(openloop):
+    a = openloop.poisson_arrivals(2.0, seed=7, num_requests=50)
+    assert a == openloop.poisson_arrivals(2.0, seed=7, num_requests=50)
+    assert a != openloop.poisson_arrivals(2.0, seed=8, num_requests=50)
+    assert len(a) == 50 and a[0] == 0.0 and all(x < y for x, y in zip(a, a[1:]))
+    # by duration: the same draws, cut at the end
+    d = openloop.poisson_arrivals(2.0, seed=7, duration_s=5.0)
+    assert d == a[:len(d)] and d[-1] < 5.0 <= a[len(d)]
+
+
+def test_the_mean_gap_is_one_over_the_rate(openloop):
+    for rate in (0.5, 4.0, 100.0):
+        gaps = np.diff(openloop.poisson_arrivals(rate, seed=0, num_requests=20_001))
+        assert abs(gaps.mean() - 1 / rate) < 0.03 / rate  # 20,000 gaps: the mean's sd is 0.7 % of it
+        assert abs(gaps.std() - 1 / rate) < 0.05 / rate   # exponential: sd = mean
+    n = [len(openloop.poisson_arrivals(4.0, seed=s, duration_s=50.0)) for s in range(20)]
+    assert abs(np.mean(n) - 200) < 10  # ~ rate x duration arrivals
+
+
+@pytest.mark.parametrize("rate", [0, 0.0, -1.0, float("nan"), float("inf"), "2", None, True])
+def test_a_rate_that_is_not_positive_is_refused(openloop, rate):
+    with pytest.raises(ValueError, match=r"arrival rate must be a finite number of requests per second > 0, got "):
+        openloop.poisson_arrivals(rate, seed=0, num_requests=3)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({}, "give exactly one of num_requests and duration_s"),
+    ({"num_requests": 3, "duration_s": 1.0}, "give exactly one of num_requests and duration_s"),
+    ({"num_requests": 0}, "num_requests must be an integer >= 1, got 0"),
+    ({"duration_s": -1.0}, "duration_s must be a finite number of seconds > 0, got -1.0"),
+])
+def test_a_schedule_needs_one_count_or_duration(openloop, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        openloop.poisson_arrivals(1.0, seed=0, **kwargs)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arrival-rates", "1,0"], "--arrival-rates '1,0' / --arrival-requests / --arrival-duration-s: arrival rate "
+                                 "must be a finite number of requests per second > 0, got 0.0"),
+    (["--arrival-rates", "1,-2"], "got -2.0"),
+    (["--arrival-rates", "x"], "could not convert string to float: 'x'"),
+    (["--arrival-rates", "1", "--arrival-requests", "0"], "num_requests must be an integer >= 1, got 0"),
+    (["--arrival-rates", "1", "--arrival-requests", "3", "--arrival-duration-s", "2"],
+     "give --arrival-requests or --arrival-duration-s, not both"),
+    (["--arrival-rates", "1", "--arrival-max-in-flight", "0"], "--arrival-max-in-flight must be >= 1, got 0"),
+])
+def test_the_benchmark_refuses_bad_arrival_options_before_any_gpu_work(bench, argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--out", str(tmp_path), *argv])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_arrival_options(bench, openloop):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    openloop.add_arguments(parser)
+    assert openloop.options(parser.parse_args([]), parser) is None  # default: no open loop
+    assert openloop.options(parser.parse_args(["--arrival-rates", "0.5,2"]), parser) == {
+        "rates": [0.5, 2.0], "seed": 0, "num_requests": openloop.DEFAULT_REQUESTS, "duration_s": None,
+        "max_in_flight": None}
+    assert openloop.options(parser.parse_args(["--arrival-rates", "3", "--arrival-duration-s", "10",
+                                               "--arrival-max-in-flight", "4", "--arrival-seed", "5"]), parser) == {
+        "rates": [3.0], "seed": 5, "num_requests": None, "duration_s": 10.0, "max_in_flight": 4}
+
+
+def test_summarize_counts_from_the_arrival_and_tracks_requests_in_flight(bench):
+    import loadgen
+
+    T = loadgen.RequestTiming
+    timings = [T(start=0.0, first_token=0.1, end=1.0, output_tokens=4, gaps=[0.3, 0.3, 0.3]),
+               T(start=0.5, first_token=0.8, end=1.5, output_tokens=4, gaps=[0.2] * 3, arrival=0.2),
+               T(start=1.0, first_token=1.2, end=2.0, output_tokens=4, gaps=[0.25] * 3),  # sent as the first ends
+               T(start=1.1, end=1.3, error="boom")]
+    row = loadgen.summarize(2, timings, wall=2.0)
+    assert row["peak_in_flight"] == 3  # 0.5-1.5, 1.0-2.0 and the failed 1.1-1.3; the first ended at 1.0
+    assert row["mean_in_flight"] == pytest.approx((1.0 + 1.0 + 1.0 + 0.2) / 2.0)
+    assert row["requests"] == 4 and row["errors"] == 1 and row["first_error"] == "boom"
+    assert row["output_tokens"] == 12 and row["output_tok_per_s"] == 6.0
+    # TTFT 0.1, 0.6 (from the arrival at 0.2, not the send at 0.5), 0.2; latency 1.0, 1.3, 1.0
+    assert row["ttft_p50_ms"] == pytest.approx(200.0) and row["ttft_p99_ms"] == pytest.approx(592.0)
+    assert row["latency_p50_ms"] == pytest.approx(1000.0) and row["latency_p95_ms"] == pytest.approx(1270.0)
+    assert row["itl_p50_ms"] == pytest.approx(250.0)
+
+
+def open_loop_row(rate, requests, errors=0):
+    return {"offered_req_per_s": rate, "scheduled_req_per_s": rate * 1.1, "achieved_req_per_s": rate * 0.9,
+            "answered": requests - errors, "requests": requests, "errors": errors, "first_error": None,
+            "output_tokens": 256 * requests, "wall_s": 10.0, "output_tok_per_s": 512.0, "ttft_p50_ms": 120.0,
+            "ttft_p95_ms": 240.0, "ttft_p99_ms": 300.0, "itl_p50_ms": 11.0, "itl_p95_ms": 14.0,
+            "latency_p50_ms": 2900.0, "latency_p95_ms": 3400.0, "peak_in_flight": 7, "mean_in_flight": 3.25,
+            "mean_tokens_per_request": 256, "max_in_flight": None, "waited_for_slot": 0, "send_delay_p95_ms": 0.2}
+
+
+def test_the_open_loop_table_and_markdown_only(bench, tmp_path):
+    import json
+
+    results = {"device": "GPU", "date": "d", "commit": "c", "copy_bandwidth_gbs": 3000.0,
+               "llm_weight_bytes_per_step": 25.8e9, "hbm_floor_ms": 8.6, "server": [row(32, 1600, 250, 19)],
+               "open_loop": {"seed": 0, "requests_per_rate": 64, "duration_s": None, "max_in_flight": None,
+                             "max_tokens": 256, "rows": [open_loop_row(2, 64), open_loop_row(8, 64, errors=1)]}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert bench.main(["--markdown-only", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "results.md").read_text()
+    assert ("Open loop (Poisson arrivals, new image per request): 64 requests per rate, seed 0, no cap on requests "
+            "in flight; TTFT and latency from each request's arrival time.") in md
+    assert "| 2 | 2.20 / 1.80 | 64 (0) | 120 / 240 / 300 | 11.0 / 14.0 | 2900 / 3400 | 512.0 | 7 / 3.2 | 0 |" in md
+    assert "| 8 | 8.80 / 7.20 | 64 (1) |" in md
+    # the closed loop's table and targets are unchanged by the section
+    assert "| Triton server (gRPC stream) | 32 | 1600.0 |" in md
+    assert "| TTFT p50 at 32 streams | <= 300 ms | 250 ms | met |" in md
+    results["open_loop"].update(requests_per_rate=None, duration_s=30.0, max_in_flight=16)
+    assert "arrivals for 30.0 s per rate, seed 0, at most 16 in flight (TTFT and latency include the wait for a " \
+           "slot)" in bench.markdown(results)
+    del results["open_loop"]
+    assert "Open loop" not in bench.markdown(results)
