@@ -59,8 +59,8 @@ class ResponseStream:
     nothing to send yet.
 
     The deltas (stopping.AnswerText's) already concatenate to the card's `answer.split(stop)[0].strip()`
-    (the one strip is in engine/detokenizer.py): they are passed on unchanged. stream=True: one response per non-empty
-    delta and the final one; stream=False: one response with the whole text at the end.
+    (the one strip is in engine/detokenizer.py): they are passed on unchanged. stream=True: one response
+    per non-empty delta and the final one; stream=False: one response with the whole text at the end.
     """
 
     def __init__(self, text_input: str, *, stream: bool, exclude_input_in_output: bool = True):
