@@ -20,8 +20,8 @@ engine's finish reason for them (StopChecker's, or 'abort'), the text delta and 
   finish the sequence (EngineThread.abort(id, "stop")); tokens generated meanwhile are never sent.
   Deltas from one token at a time or from coalesced tokens concatenate to the same text.
 
-min_tokens is not decided here: the sampler masks the stop tokens below it (sampler.py), so no stop
-token arrives early; stop strings still stop.
+min_tokens: the sampler masks the same stop tokens (end_token_ids, also with ignore_eos) below it
+(sampler.py), so no stop token arrives early; stop strings still stop.
 
 Does not own: which stops a request has (the template in prompt.py, passed by the serving path in
 SamplingParams), decoding and the stop-string search itself (detokenizer.py), freeing the request
@@ -36,12 +36,19 @@ from internvl_serve.engine.request import FinishReason
 from internvl_serve.engine.sampling import SamplingParams
 
 
+def end_token_ids(sampling: SamplingParams, default: tuple[int | None, ...]) -> tuple[int | None, ...]:
+    """The tokens that end this request: its stop_token_ids (the conversation template's), or `default`
+    (the engine's EOS) when it gives none. ignore_eos aside, StopChecker finishes on them and the sampler
+    masks them below min_tokens (sampler.min_tokens_mask)."""
+    return tuple(sampling.stop_token_ids) if sampling.stop_token_ids is not None else tuple(default)
+
+
 class StopChecker:
     """The token-level end of one request: stop tokens and the length limit (no text)."""
 
     def __init__(self, sampling: SamplingParams, *, default_stop_token_ids: tuple[int, ...] = ()):
         """default_stop_token_ids: used when sampling.stop_token_ids is None (the engine's EOS)."""
-        ids = sampling.stop_token_ids if sampling.stop_token_ids is not None else default_stop_token_ids
+        ids = end_token_ids(sampling, default_stop_token_ids)
         self.stop_token_ids = frozenset() if sampling.ignore_eos else frozenset(ids)
 
     def check(self, token: int, *, at_limit: bool) -> FinishReason | None:
