@@ -11,7 +11,8 @@
     runner.py         ModelRunner: weights + KV tensors; runs one scheduled batch
     sampler.py        greedy / temperature / top-k / top-p / repetition penalty
     detokenizer.py    IncrementalDetokenizer: text deltas from the cumulative decode (the one strip)
-    stopping.py       StopChecker: the end of an answer (stop tokens, stop strings, length)
+    stopping.py       the end of an answer: StopChecker (stop tokens, length; the engine) and AnswerText
+                      (text deltas, stop strings, the final flush; whoever detokenizes)
     engine.py         LLMEngine (add_request / abort / step), EngineThread
     fake_runner.py    FakeRunner: a torch-free stand-in model for scheduler and adapter tests
 
@@ -25,7 +26,7 @@ _LAZY = {
     "BlockAllocator": "block_manager", "Sequence": "sequence", "SequenceStatus": "sequence",
     "Scheduler": "scheduler", "SchedulerConfig": "scheduler", "ScheduledBatch": "scheduler",
     "ScheduledSeq": "scheduler", "ModelRunner": "runner", "IncrementalDetokenizer": "detokenizer",
-    "StopChecker": "stopping",
+    "StopChecker": "stopping", "AnswerText": "stopping",
     "LLMEngine": "engine", "EngineThread": "engine", "FakeRunner": "fake_runner",
     "Llama": "llama", "LlamaArgs": "llama", "load_llama": "llama",
 }

@@ -17,7 +17,8 @@ Cost: one decode of the whole output per token, O(n^2) characters over a request
 answers of a few thousand tokens with SentencePiece's C++ decode.
 
 Does not own: the tokenizer (injected), which stop strings a request has (prompt.py's template, the
-client), stop tokens and the length limit (stopping.py).
+client), when an answer ends: stop tokens (never decoded), the length limit and when to flush (stopping.py;
+its AnswerText is the one user of this class, in the engine and in the serving path alike).
 """
 from __future__ import annotations
 

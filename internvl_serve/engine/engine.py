@@ -5,7 +5,8 @@
         future = runner.launch(batch, inflight)   # queued on the device, returns at once
         scheduler.advance(batch)                  # computed counts; a pending token per sampling seq
         inflight.result() -> scheduler.resolve()  # the host waits here, for the PREVIOUS step only
-        -> per new token: StopChecker (stop token / stop string / length), text delta, RequestOutput
+        -> per new token: StopChecker (stop token / length), with detokenize=True AnswerText (text delta,
+           stop string), RequestOutput
 
 Overlap scheduling (SchedulerConfig.async_scheduling; default on when the runner is on CUDA): step N+1 is
 scheduled and queued while step N runs; its decode inputs are step N's tokens, taken on the device
@@ -22,7 +23,8 @@ the thread steps while there is work and sleeps on a condition variable otherwis
 fails the requests of that batch (RequestOutput.error), never the thread.
 
 Does not own: Triton or request parsing (serving/), tokenization of prompts (prompt.py, tokenizer.py),
-when an answer ends (stopping.py, from the request's SamplingParams).
+the rules of when an answer ends and its text (stopping.py: StopChecker, AnswerText, from the request's
+SamplingParams; the engine applies them, the serving path applies AnswerText itself with detokenize=False).
 """
 from __future__ import annotations
 
@@ -34,12 +36,11 @@ from typing import Callable
 import torch
 
 from internvl_serve.engine.block_manager import BlockAllocator
-from internvl_serve.engine.detokenizer import IncrementalDetokenizer
 from internvl_serve.engine.errors import EngineBusy, EngineError, InvalidRequest
 from internvl_serve.engine.request import FinishReason, Request, RequestOutput
 from internvl_serve.engine.scheduler import Scheduler, SchedulerConfig
 from internvl_serve.engine.sequence import Sequence
-from internvl_serve.engine.stopping import StopChecker
+from internvl_serve.engine.stopping import AnswerText, StopChecker
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,9 @@ class LLMEngine:
         runner's config, 2 '</s>') ends a request whose SamplingParams.stop_token_ids is None (the serving
         path always gives the template's); image_context_token_id defaults to the tokenizer's '<IMG_CONTEXT>'.
         detokenize=False: token ids only even with a tokenizer (no text deltas, no stop strings; stop
-        tokens and length still end a request): the caller detokenizes off the engine thread and aborts a
-        request whose text hits a stop string (serving/llm.py)."""
+        tokens and length still end a request): the caller detokenizes off the engine thread with the same
+        stopping.AnswerText (new_answer_text) and aborts a request whose text hits a stop string
+        (abort(id, "stop"); serving/llm.py)."""
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id if eos_token_id is not None else getattr(runner, "eos_token_id", None)
@@ -95,6 +97,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.scheduler_config, self.allocator)
         self.max_model_len = min(runner.context_window, runner.num_blocks * runner.block_size)
         self._stops: dict[str, StopChecker] = {}
+        self._texts: dict[str, AnswerText] = {}  # detokenize=True only
         self.detokenize = detokenize
         overlap = self.scheduler_config.async_scheduling
         if overlap is None:
@@ -126,13 +129,15 @@ class LLMEngine:
                        image_positions=positions, image_keys=keys)
         self.scheduler.add(seq)
         self._stops[request.request_id] = StopChecker(
-            request.sampling, self.tokenizer if self.detokenize else None,
-            default_stop_token_ids=() if self.eos_token_id is None else (self.eos_token_id,))
+            request.sampling, default_stop_token_ids=() if self.eos_token_id is None else (self.eos_token_id,))
+        text = self.new_answer_text(request.sampling) if self.detokenize else None
+        if text is not None:
+            self._texts[request.request_id] = text
 
-    def new_detokenizer(self, sampling) -> IncrementalDetokenizer | None:
-        """The text state of one request (None without a tokenizer); the engine's own, or the response
-        path's when the engine runs with detokenize=False (one place decides how a text ends)."""
-        return None if self.tokenizer is None else IncrementalDetokenizer(self.tokenizer, sampling.stop)
+    def new_answer_text(self, sampling) -> AnswerText | None:
+        """The text half of one request's end (stopping.AnswerText; None without a tokenizer): the
+        engine's own with detokenize=True, the response path's with detokenize=False."""
+        return None if self.tokenizer is None else AnswerText(self.tokenizer, sampling)
 
     def abort(self, request_id: str, reason: FinishReason = "abort") -> None:
         """Finish the request at the next step (its blocks are freed then) with `reason`: 'abort', or
@@ -204,8 +209,10 @@ class LLMEngine:
         return outputs
 
     def _on_token(self, seq: Sequence, token: int) -> RequestOutput:
-        delta, reason = self._stops[seq.request_id].update(
-            token, at_limit=seq.num_output_tokens >= seq.max_output_tokens)
+        reason = self._stops[seq.request_id].check(token, at_limit=seq.num_output_tokens >= seq.max_output_tokens)
+        delta, text = "", self._texts.get(seq.request_id)
+        if text is not None:
+            delta, reason = text.update([token], reason)
         if reason is not None:
             self._finish(seq, reason)
         return RequestOutput(seq.request_id, [token], delta, reason is not None, reason, seq.prompt_len,
@@ -215,10 +222,12 @@ class LLMEngine:
         self.scheduler.finish(seq, reason)
         self.runner.release(seq.request_id)
         self._stops.pop(seq.request_id, None)
+        self._texts.pop(seq.request_id, None)
 
     def _final_output(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> RequestOutput:
         self.runner.release(seq.request_id)
         self._stops.pop(seq.request_id, None)
+        self._texts.pop(seq.request_id, None)
         return RequestOutput(seq.request_id, [], "", True, reason, seq.prompt_len, seq.num_output_tokens,
                              seq.num_cached_tokens, error)
 

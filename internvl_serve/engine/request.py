@@ -96,9 +96,9 @@ class Request:
 @dataclass
 class RequestOutput:
     """One step's news for one request. new_token_ids: the tokens sampled this step (the final stop token
-    included, as HF generate returns its EOS); text_delta: new text (all deltas concatenate to the card's
-    `answer.split(stop)[0].strip()`: stripped once, in the detokenizer); num_output_tokens counts every
-    token generated so far.
+    included, as HF generate returns its EOS); text_delta: new text, "" with LLMEngine(detokenize=False)
+    (all deltas concatenate to the card's `answer.split(stop)[0].strip()`: stripped once, in the
+    detokenizer; stopping.AnswerText makes them); num_output_tokens counts every token generated so far.
     error: set when the engine failed this request (finish_reason 'abort', finished True)."""
     request_id: str
     new_token_ids: list[int]

@@ -11,13 +11,16 @@ tokens do not depend on which other requests share its batch. Greedy and sampled
 apply_min_tokens masks the end tokens (EOS, and a request's stop token ids) of rows that have generated
 fewer than their min_tokens (TensorRT-LLM's min_length, vLLM's min_tokens), so they cannot end early.
 
-Does not own: the generators' lifetime (runner.py keeps one per request), stop conditions (engine.py).
+Does not own: the generators' lifetime (runner.py keeps one per request), stop conditions and which
+tokens end a request (stopping.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from internvl_serve.engine.stopping import end_token_ids as request_end_token_ids
 
 
 @dataclass
@@ -72,15 +75,14 @@ class SamplingBatch:
 def min_tokens_mask(params: list, num_generated: list[int] | None, end_token_ids,
                     device) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(rows, token ids) to mask: every end token of each row that generated fewer than its min_tokens.
-    A row's end tokens are its request's stop_token_ids (the conversation template's), or the engine's
-    `end_token_ids` (its EOS) when the request gives none, as stopping.StopChecker decides the finish."""
+    A row's end tokens are stopping.end_token_ids: its request's stop_token_ids (the conversation
+    template's), or the engine's `end_token_ids` (its EOS) when the request gives none."""
     if num_generated is None:
         return None
     rows, ids = [], []
     for i, (p, n) in enumerate(zip(params, num_generated)):
         if n < p.min_tokens:
-            ends = p.stop_token_ids if p.stop_token_ids is not None else end_token_ids
-            for t in sorted(set(ends) - {None}):
+            for t in sorted(set(request_end_token_ids(p, end_token_ids)) - {None}):
                 rows.append(i)
                 ids.append(t)
     if not rows:

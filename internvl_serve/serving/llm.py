@@ -5,7 +5,7 @@ engine thread (in-flight batching across requests); giving every request the end
 checkpoint's conversation template (prompt.py: its stop strings and stop token ids, in SamplingParams,
 so the engine stops where the card's chat() stops); turning one request's RequestOutputs into the
 responses its client sees (`ResponseStream`: text deltas or one whole text, the echo of text_input,
-finish reasons, token counts; the text comes stripped from the engine's detokenizer); the one way a
+finish reasons, token counts; the text comes stripped from engine/stopping.AnswerText); the one way a
 running request is cancelled: `cancel(request id, cancel key)`, which aborts it in the engine (its KV
 blocks are freed at the next step) only when the key is the one the request was sent with, so a client
 can cancel only its own requests. Engine requests are keyed by a server-unique id, never by a client's id alone.
@@ -14,13 +14,14 @@ sender and turns side-channel requests into cancel()), or the engine.
 
 The response path is off the engine thread (response_path.py): the engine runs token-only
 (LLMEngine(detokenize=False): it ends a request on EOS, length or abort) and its callback only posts
-each RequestOutput into the request's mailbox; sender threads detokenize (IncrementalDetokenizer, one
-decode per token, as the engine did) and send, coalescing whatever piled up while a client was slow
-into one response. Stop strings are found here, on the text: the request's final response ('stop',
-the text cut before the stop string, num_output_tokens counted at the token that completed it) is sent
-at once and the engine is told to finish the sequence with 'stop' (EngineThread.abort(id, "stop"));
-tokens it generated meanwhile are never sent.
-So answers are the same as when the engine thread detokenized, and a slow client never stalls a step.
+each RequestOutput into the request's mailbox; sender threads turn them into text with the request's
+engine/stopping.AnswerText (the same object the engine uses with detokenize=True: one decode per token,
+stop strings, EOS never in the text, the final flush) and send, coalescing whatever piled up while a
+client was slow into one response. When AnswerText finds a stop string, the request's final response
+('stop', the text cut before the stop string, num_output_tokens counted at the token that completed it)
+is sent at once and the engine is told to finish the sequence with 'stop' (EngineThread.abort(id,
+"stop")); tokens it generated meanwhile are never sent. So answers are the same as when the engine
+thread detokenizes (the rules are written once, in stopping.py), and a slow client never stalls a step.
 
 Why no polling of is_cancelled(): in Triton 2.51 no client of this model's running step ever reports
 cancelled — the ensemble does not pass a client's cancellation to it, nor does a BLS caller's
@@ -57,9 +58,9 @@ class ResponseStream:
     """One request's engine outputs -> response dicts (contract.OUTPUTS), or None when there is
     nothing to send yet.
 
-    The engine's deltas already concatenate to the card's `answer.split(stop)[0].strip()` (the one strip
-    is in engine/detokenizer.py): they are passed on unchanged. stream=True: one response per non-empty
-    delta and the final one; stream=False: one response with the whole text at the end.
+    The deltas (stopping.AnswerText's) already concatenate to the card's `answer.split(stop)[0].strip()`
+    (the one strip is in engine/detokenizer.py): they are passed on unchanged. stream=True: one response
+    per non-empty delta and the final one; stream=False: one response with the whole text at the end.
     """
 
     def __init__(self, text_input: str, *, stream: bool, exclude_input_in_output: bool = True):
@@ -99,7 +100,7 @@ class _Active:
     stream: ResponseStream
     client_id: str = ""
     cancel_key: str | None = None
-    detok: object = None  # IncrementalDetokenizer of this request's text (sender threads only)
+    text: object = None  # stopping.AnswerText of this request (sender threads only)
     cancelled: bool = False
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -267,7 +268,7 @@ class LLMService:
         active = _Active(sink, ResponseStream(request.text_input, stream=gen.stream,
                                               exclude_input_in_output=gen.exclude_input_in_output),
                          client_id=client_id, cancel_key=cancel_key,
-                         detok=self.engine.new_detokenizer(sampling))
+                         text=self.engine.new_answer_text(sampling))
         embeds = None if request.image_embeds is None else torch.from_numpy(np.ascontiguousarray(request.image_embeds))
         engine_request = Request(request_id=request_id, prompt_token_ids=request.input_ids.tolist(),
                                  image_embeds=embeds, sampling=sampling)
@@ -282,21 +283,6 @@ class LLMService:
             self.responses.close(request_id)
             raise
         return request_id
-
-    @staticmethod
-    def _text(active: _Active, output) -> tuple[str, bool, str | None]:
-        """One RequestOutput -> (text delta, finished, finish reason), stop strings included."""
-        detok = active.detok
-        if output.finished and output.finish_reason == "stop":  # EOS: not part of the text
-            return detok.finish(), True, "stop"
-        delta = ""
-        if output.new_token_ids:
-            delta, stopped = detok.update(list(output.new_token_ids))
-            if stopped:
-                return delta, True, "stop"
-        if output.finished and output.finish_reason == "length":
-            delta += detok.finish()
-        return delta, output.finished, output.finish_reason
 
     def _on_outputs(self, request_id: str, outputs: list) -> bool:
         """A sender thread: the outputs that piled up for `request_id`, in order -> one response (two
@@ -324,7 +310,9 @@ class LLMService:
                 if output.error is not None:  # the engine (or a tensor-parallel worker) failed it
                     error = output.error
                     break
-                delta, finished, reason = self._text(active, output)
+                delta, reason = active.text.update(output.new_token_ids,
+                                                   output.finish_reason if output.finished else None)
+                finished = output.finished or reason is not None
                 text, last = text + delta, output
                 if finished:
                     if not output.finished:  # a stop string: the engine still runs it

@@ -9,8 +9,8 @@ blocks), its outputs pile up in its mailbox and are coalesced into the next resp
 never reordered (one sender at a time per request), the final response last (the handler closes the
 request with it; later posts are dropped). Other requests keep being served by the other senders.
 
-Does not own: what a response contains, detokenization or stop strings (serving/llm.py's handler), the
-engine.
+Does not own: what a response contains (serving/llm.py's handler), the text and where it ends
+(engine/stopping.py's AnswerText, which the handler calls), the engine.
 """
 from __future__ import annotations
 
