@@ -1,4 +1,5 @@
-"""Serving on Triton: the ensemble's contract (contract.py), the Triton-free services the model
+"""Serving on Triton: the ensemble's contract (contract.py; its requests parsed by parsing.py against
+limits.py), the Triton-free services the model
 repository's adapters call (preprocess.py, vision.py, llm.py; device.py picks CUDA or CPU) and the
 server launcher (launcher.py).
 
