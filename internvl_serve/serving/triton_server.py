@@ -2,15 +2,15 @@
 
 Owns: the server's command line (production flags); its ports (an explicit port already held fails the
 start; readiness is of THIS server: it must listen on its ports itself; ports it picked that another
-process takes first are picked again); waiting for readiness (telling a progress callable which models
-have loaded, once per change; failing fast, with the log's tail, if the server dies); starting the
+process takes first are picked again); waiting for readiness (failing fast, with the log's tail, if the
+server dies; the models' loading progress told on the way: server_log.LoadingProgress); starting the
 guards (serving/grpc_guard.py, http_guard.py) in front of tritonserver's own gRPC and HTTP front ends
 (bound to 127.0.0.1; docs/security.md); stopping all of them (SIGTERM, then SIGKILL of the process
 groups, also when tritonserver hangs on its way out) and removing the shared memory a dead server left;
 hardening (admin APIs behind a key, a watchdog for dead Python stubs and guards: docs/serving.md
-"Hardening and limits"). Does not own: the command-line interface (launcher.py), finding the binary and
-its environment (serving/triton_install.py), /proc reading (serving/processes.py), the checks the
-guards make, the models, any client.
+"Hardening and limits"). Does not own: the command-line interface (launcher.py), reading the log back
+(server_log.py), finding the binary and its environment (serving/triton_install.py), /proc reading
+(serving/processes.py), the checks the guards make, the models, any client.
 
 API:  with TritonServer(checkpoint=..., grpc_port=None) as server: server.grpc_url ...  (None: a free port;
       server.triton_grpc_url / triton_http_url: tritonserver itself, every model, 127.0.0.1 only)
@@ -34,6 +34,7 @@ from pathlib import Path
 from internvl_serve.serving.http_guard import DEFAULT_MAX_BODY_BYTES, DEFAULT_MODELS
 from internvl_serve.serving.processes import (free_ports, kill_group, port_in_use, port_owner, python_stubs,
                                               remove_shm_regions, shm_regions)
+from internvl_serve.serving.server_log import LoadingProgress, log_tail
 from internvl_serve.serving.triton_install import LaunchError, TritonInstall, find_triton, server_environment
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -248,10 +249,10 @@ class TritonServer:
         way (removed at stop even if the server dies before it is ready)."""
         deadline = time.monotonic() + (self.ready_timeout_s if timeout_s is None else timeout_s)
         url = f"{self.triton_http_url}/v2/health/ready"
-        loading = self._loading_state()
+        loading = LoadingProgress(self.progress, self.log_file, self.model_repository)
         while True:
             self._note_shm_regions()
-            self._report_loading(loading)
+            loading.report()
             if self._proc is None or self._proc.poll() is not None:
                 code = None if self._proc is None else self._proc.returncode
                 raise LaunchError(f"tritonserver exited (code {code}) before it was ready; "
@@ -265,31 +266,6 @@ class TritonServer:
                 self._proc.wait(timeout=0.25)
             except subprocess.TimeoutExpired:
                 pass
-
-    def _loading_state(self) -> dict | None:
-        """What _report_loading needs: the repository's models (its folders) and where in the log this
-        start's lines begin. None when there is no one to tell or the log cannot be read back."""
-        if self.progress is None or self.log_file is None or not self.log_file.is_file():
-            return None
-        names = sorted(d.name for d in self.model_repository.iterdir() if (d / "config.pbtxt").is_file())
-        return {"names": names, "offset": self.log_file.stat().st_size, "ready": set()}
-
-    def _report_loading(self, state: dict | None) -> None:
-        """Tell progress() which models are ready, when that changed. From the log's "successfully loaded
-        'NAME'" lines: tritonserver opens its HTTP and gRPC endpoints only once every model has loaded,
-        so a model's /v2/models/NAME/ready cannot be asked while they load."""
-        if state is None:
-            return
-        with open(self.log_file, "rb") as f:
-            f.seek(state["offset"])
-            chunk = f.read()
-        chunk = chunk[:chunk.rfind(b"\n") + 1]  # whole lines only
-        state["offset"] += len(chunk)
-        loaded = {m.decode("utf-8", "replace") for m in re.findall(rb"successfully loaded '([^']+)'", chunk)}
-        if loaded - state["ready"]:
-            state["ready"] |= loaded
-            self.progress("loading models: " + ", ".join(
-                f"{name} ready" if name in state["ready"] else f"{name} loading..." for name in state["names"]))
 
     def _guard_commands(self) -> dict[str, list[str]]:
         """The public ports' guards: serving/grpc_guard.py and serving/http_guard.py in front of
@@ -341,17 +317,8 @@ class TritonServer:
         return self._proc is not None and self._proc.poll() is None
 
     def log_tail(self, lines: int = 40) -> str:
-        """The log's last lines. A log that is not a regular file (a pipe or a terminal: `--log-file
-        /dev/stdout` in a container) cannot be read back; its lines are already where it points."""
-        if self.log_file is None or not self.log_file.exists():
-            return ""
-        if not self.log_file.is_file():  # opening a pipe to read would steal its lines, and seek fails
-            return f"(the server log went to {self.log_file}, which cannot be read back: see its last lines there)"
-        with open(self.log_file, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 200 * lines))
-            text = f.read().decode("utf-8", "replace")
-        return "\n".join(text.splitlines()[-lines:])
+        """The log's last lines (server_log.log_tail)."""
+        return log_tail(self.log_file, lines)
 
     def terminate(self) -> None:
         """Ask for a graceful shutdown (SIGTERM): in-flight requests get exit_timeout_s to finish."""
