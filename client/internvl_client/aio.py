@@ -3,7 +3,8 @@
 Owns: the asyncio transport: one `stream_infer` call (one gRPC stream) per request, all over one
 channel, so many requests run concurrently from one event loop. Leaving a stream early (break +
 `aclose()`, task cancellation, `asyncio.timeout`) cancels the gRPC call, and Triton the request.
-Does not own: the contract (request.py), card words (generation.py).
+Does not own: the settings shared with `Client` and the streams' request id and response (base.py),
+the contract (request.py), card words (generation.py).
 
 End of a request: the request iterator ends right after the one request (the client half-closes),
 and Triton ends the stream once the request's last response is written, so the stream's end is
@@ -21,25 +22,19 @@ from typing import Any
 import grpc
 import tritonclient.grpc.aio as aiogrpcclient
 
-from .client import DEFAULT_TIMEOUT, DEFAULT_URL, STREAM_HEADERS
+from .base import STREAM_HEADERS, ClientBase, StreamBase
 from .cancel import CANCEL_TIMEOUT_S, cancel_key_input, new_cancel_key, send_cancel_async
 from .errors import InternVLError, RequestTimeoutError, ServerUnavailableError, from_grpc_status
 from .card_call import takes_card_arguments
-from .request import MODEL_NAME, ChatRequest, ChatResponse, Chunk, ResponseAssembler, to_infer_inputs
+from .request import ChatRequest, ChatResponse, Chunk, ResponseAssembler, to_infer_inputs
 
 
-class AsyncChatStream:
+class AsyncChatStream(StreamBase):
     """Async iterator over one streamed answer (text deltas, or Chunks from `stream_chunks`).
 
     `response` holds the ChatResponse after the end. Use `async with client.stream(...) as s:` or call
     `aclose()` when leaving early, so the request is cancelled at once rather than at garbage collection.
     """
-
-    def __init__(self, chunks: AsyncIterator[Chunk], box: list, *, as_chunks: bool = False):
-        self._chunks = chunks
-        self._box = box
-        self._as_chunks = as_chunks
-        self._done = False
 
     def __aiter__(self) -> "AsyncChatStream":
         return self
@@ -51,19 +46,9 @@ class AsyncChatStream:
             except StopAsyncIteration:
                 self._done = True
                 raise
-            if self._as_chunks:
-                return chunk
-            if chunk.text:
-                return chunk.text
-
-    @property
-    def request_id(self) -> str | None:
-        """The id sent with the request (Triton passes it to the models; it appears in server logs)."""
-        return self._box[0].request_id if self._box else None
-
-    @property
-    def response(self) -> ChatResponse | None:
-        return self._box[0].response() if self._done and self._box else None
+            item = self._item(chunk)
+            if item is not None:
+                return item
 
     async def aclose(self) -> None:
         await self._chunks.aclose()
@@ -75,7 +60,7 @@ class AsyncChatStream:
         await self.aclose()
 
 
-class AsyncClient:
+class AsyncClient(ClientBase):
     """asyncio client of the `internvl_chat` ensemble; same arguments and semantics as `Client`.
 
     >>> async with AsyncClient("127.0.0.1:8001") as client:
@@ -84,26 +69,8 @@ class AsyncClient:
     ...         print(delta, end="")
     """
 
-    def __init__(
-        self,
-        url: str = DEFAULT_URL,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        *,
-        model_name: str = MODEL_NAME,
-        retries: int = 2,
-        retry_backoff: float = 0.25,
-        ssl: bool = False,
-        verbose: bool = False,
-    ):
-        self.url = url
-        self.timeout = timeout
-        self.model_name = model_name
-        self.retries = retries
-        self.retry_backoff = retry_backoff
-        self._ssl = ssl
-        self._verbose = verbose
+    def _init_transport(self) -> None:
         self._tc: aiogrpcclient.InferenceServerClient | None = None
-        self._closed = False
         self._cancels: set[asyncio.Task] = set()  # cancellation requests in flight (cancel.py)
 
     def _client(self) -> aiogrpcclient.InferenceServerClient:

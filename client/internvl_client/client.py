@@ -3,7 +3,8 @@
 Owns: the transport of one request: a gRPC bidirectional stream per request (`start_stream` +
 `async_stream_infer` of tritonclient.grpc), the end of a request (Triton's final-response flag),
 cancellation when a caller leaves a stream early, error mapping and the safe retry.
-Does not own: the contract's tensors (request.py), card-word mapping (generation.py), conversations
+Does not own: the settings and defaults both clients share, and what a stream knows of its request
+(base.py), the contract's tensors (request.py), card-word mapping (generation.py), conversations
 (session.py).
 
 Why one stream per request: an error on a shared stream carries no request id, and cancelling a
@@ -24,31 +25,22 @@ from typing import Any
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from .base import DEFAULT_TIMEOUT, DEFAULT_URL, STREAM_HEADERS, ClientBase, StreamBase  # noqa: F401 (re-exported)
 from .cancel import cancel_key_input, new_cancel_key, send_cancel
 from .errors import InternVLError, RequestTimeoutError, ServerUnavailableError, from_grpc_status
 from .card_call import takes_card_arguments
-from .request import MODEL_NAME, ChatRequest, ChatResponse, Chunk, ResponseAssembler, to_infer_inputs
+from .request import ChatRequest, ChatResponse, Chunk, ResponseAssembler, to_infer_inputs
 
-DEFAULT_URL = "127.0.0.1:8001"
-DEFAULT_TIMEOUT = 600.0
-# No `triton_grpc_error: true` header: with Triton 2.51 it crashed the server (errors.py says more).
-STREAM_HEADERS: dict[str, str] = {}
 _POLL_S = 0.5  # how often a waiting reader checks that tritonclient's reader thread is still alive
 
 
-class ChatStream:
+class ChatStream(StreamBase):
     """Iterator over one streamed answer.
 
     Iterating yields text deltas (str), or `Chunk`s for `Client.stream_chunks`. After the last one,
     `response` holds the `ChatResponse` (whole text, finish_reason, token counts). Leaving early
     (`break`, `close()`, an exception, leaving a `with` block) cancels the request on the server.
     """
-
-    def __init__(self, chunks: Iterator[Chunk], assembler_box: list, *, as_chunks: bool = False):
-        self._chunks = chunks
-        self._box = assembler_box  # [ResponseAssembler] of the attempt that produced the answer
-        self._as_chunks = as_chunks
-        self._done = False
 
     def __iter__(self) -> "ChatStream":
         return self
@@ -60,20 +52,9 @@ class ChatStream:
             except StopIteration:
                 self._done = True
                 raise
-            if self._as_chunks:
-                return chunk
-            if chunk.text:
-                return chunk.text
-
-    @property
-    def request_id(self) -> str | None:
-        """The id sent with the request (Triton passes it to the models; it appears in server logs)."""
-        return self._box[0].request_id if self._box else None
-
-    @property
-    def response(self) -> ChatResponse | None:
-        """The finished answer; None until the stream has ended normally."""
-        return self._box[0].response() if self._done and self._box else None
+            item = self._item(chunk)
+            if item is not None:
+                return item
 
     def close(self) -> None:
         """Stop reading; a request still running on the server is cancelled."""
@@ -94,38 +75,18 @@ class ChatStream:
             pass
 
 
-class Client:
+class Client(ClientBase):
     """Client of the `internvl_chat` ensemble on a Triton server's gRPC port.
 
     >>> client = Client("127.0.0.1:8001")
     >>> client.chat("Describe the image.", images=["cat.png"], generation_config=dict(max_new_tokens=64))
 
-    `timeout` is the deadline of one request in seconds (None: no deadline). `retries` is how often a
-    request that failed to connect is tried again; a request is retried only while no response has
-    arrived, so a retry never duplicates text the caller has already seen.
+    Arguments (url, timeout, model_name, retries, retry_backoff, ssl, verbose): ClientBase (base.py).
     """
 
-    def __init__(
-        self,
-        url: str = DEFAULT_URL,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        *,
-        model_name: str = MODEL_NAME,
-        retries: int = 2,
-        retry_backoff: float = 0.25,
-        ssl: bool = False,
-        verbose: bool = False,
-    ):
-        self.url = url
-        self.timeout = timeout
-        self.model_name = model_name
-        self.retries = retries
-        self.retry_backoff = retry_backoff
-        self._ssl = ssl
-        self._verbose = verbose
+    def _init_transport(self) -> None:
         self._lock = threading.Lock()
         self._idle: list[grpcclient.InferenceServerClient] = []
-        self._closed = False
 
     # ---- public API -------------------------------------------------------------------------
     # chat / generate / stream / stream_chunks take the card's arguments (card_call.py):

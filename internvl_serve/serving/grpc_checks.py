@@ -10,7 +10,7 @@ InvalidInputError ("unexpected shape for input ..."), unexposed models to ModelN
 ("Request for unknown model ..."). Also owns the one rewrite the guard makes: a leading batch dimension
 of 1 on the chat models' inputs (TensorRT-LLM's clients send one) is dropped (`drop_batch_of_one`).
 Does not own: the proxying (grpc_guard.py) or the models' own checks
-of values (contract.py). Imports nothing of Triton: the functions take tritonclient's protobuf messages.
+of values (parsing.py). Imports nothing of Triton: the functions take tritonclient's protobuf messages.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ as Triton's own, and the stream stays open); forwarding metadata, deadlines and 
 that cancels or vanishes cancels the upstream call); and, for `internvl_chat` requests still in flight
 when their client vanishes, sending the llm step's cancel side channel itself (Triton 2.51's ensemble
 does not pass the cancellation on). Does not own: the checks (grpc_checks.py), the server's start
-(launcher.py), or the cancel side channel's semantics (llm.py, client/internvl_client/cancel.py).
+(triton_server.py), or the cancel side channel's semantics (llm.py, client/internvl_client/cancel.py).
 
 CLI:  python -m internvl_serve.serving.grpc_guard --listen 0.0.0.0:8001 --upstream 127.0.0.1:18001
       [--max-request-bytes N] [--expose-all-models] [--admin-key KEY]
@@ -32,7 +32,7 @@ from tritonclient.grpc import service_pb2 as pb
 from internvl_serve.serving.contract import CANCEL_INPUT, CANCEL_KEY, ENSEMBLE, LLM
 from internvl_serve.serving.grpc_checks import (GuardPolicy, Refused, check_admin, check_infer_request,
                                                 drop_batch_of_one)
-from internvl_serve.serving.launcher import ADMIN_GRPC_HEADER, ADMIN_KEY_ENV
+from internvl_serve.serving.triton_server import ADMIN_GRPC_HEADER, ADMIN_KEY_ENV
 
 SERVICE = "inference.GRPCInferenceService"
 _METHODS = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods

@@ -5,7 +5,7 @@ Owns: decoding the images (or sampling the video's frames) within the request's 
 the headers before anything is decoded; each image becomes its 448 tile before the next is decoded), the
 card's placeholder rules (through
 prompt.py), tokenizing the prompt, and refusing a prompt that does not fit the context window.
-Does not own: parsing tensors (contract.py), the template itself (prompt.py), pixel math (imageproc.py).
+Does not own: parsing tensors (parsing.py), the template itself (prompt.py), pixel math (imageproc.py).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ backend stubs, the shared-memory regions they map, which process listens on a po
 process group.
 
 Owns: /proc reading, /dev/shm region removal, port checks. Does not own: starting or stopping the
-server (serving/launcher.py), the models.
+server (serving/triton_server.py), the models.
 """
 from __future__ import annotations
 

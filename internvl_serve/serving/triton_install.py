@@ -4,7 +4,7 @@ environment the server and its Python stubs must run in.
 Owns: finding `tritonserver`; preparing (once, cached) a `--backend-directory` whose `python/` holds the
 stub built for the running Python; the environment (the venv's `bin/` first on PATH so the stub embeds
 this interpreter, LD_LIBRARY_PATH with libpython's folder and the wheel's bundled libraries,
-INTERNVL_CHECKPOINT for the models). Does not own: starting or stopping the server (serving/launcher.py).
+INTERNVL_CHECKPOINT for the models). Does not own: starting or stopping the server (serving/triton_server.py).
 """
 from __future__ import annotations
 

@@ -139,26 +139,37 @@ def stream_chat_to(server, model: str, inputs, *, timeout_s: float = 120.0, requ
     client = grpcclient.InferenceServerClient(server.grpc_url)
     responses: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    answer = Answer()
     try:
         client.async_stream_infer(model, inputs, request_id=request_id, enable_empty_final_response=True)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                result, error = responses.get(timeout=1.0)
-            except queue.Empty:
-                _fail_if_dead(server, f"answering request {request_id!r}")
-                if time.monotonic() > deadline:
-                    pytest.fail(f"no final response for {request_id!r} after {timeout_s}s; got {answer}")
-                continue
-            if error is not None:
-                answer.error = str(error)
-                return answer
-            if answer.add(result):
-                return answer
+        return read_stream(server, responses, Answer(), request_id=request_id, timeout_s=timeout_s)
     finally:
         client.stop_stream()
         client.close()
+
+
+def read_stream(server, responses: queue.Queue, answer: Answer, *, request_id: str = "", timeout_s: float = 120.0,
+                poll_s: float = 1.0, server_may_exit: bool = False, on_response=None) -> Answer:
+    """Take a gRPC stream's (result, error) pairs, as its callback put them in `responses`, into `answer`
+    until the final response or an error (then `answer.error`). A server that dies (unless
+    server_may_exit), or no end within timeout_s, fails the test. `on_response(error)` sees each response,
+    data or error, before it is taken. The caller owns the stream (and stops it)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            result, error = responses.get(timeout=poll_s)
+        except queue.Empty:
+            if not server_may_exit:
+                _fail_if_dead(server, f"answering request {request_id!r}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no final response for {request_id!r} after {timeout_s}s; got {answer}")
+            continue
+        if on_response is not None:
+            on_response(error)
+        if error is not None:
+            answer.error = str(error)
+            return answer
+        if answer.add(result):
+            return answer
 
 
 def sse_chat(server, payload: dict, *, timeout_s: float = 120.0, stream: bool = True) -> tuple[int, list[dict]]:

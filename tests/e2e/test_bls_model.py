@@ -21,7 +21,7 @@ from e2e_client import make_inputs, metric, wait_for
 from internvl_serve.serving.contract import ENSEMBLE
 from test_ensemble import LONG, finish_stream, start_stream
 from test_ensemble import ask as ensemble_ask
-from test_ensemble import assert_answer, image_bytes, oracle  # noqa: F401  (oracle: a fixture)
+from test_ensemble import assert_text_and_image_answers, oracle  # noqa: F401  (oracle: a fixture)
 
 BLS = "internvl_chat_bls"
 
@@ -46,11 +46,7 @@ def ask(server, question, images=(), **extra):
 
 
 def test_answers_equal_the_card(server, oracle):  # noqa: F811
-    question = "Hello, who are you?"
-    assert_answer(ask(server, question), oracle(question))
-    image = image_bytes(7)
-    question = "<image>\nWhat is in the image?"
-    assert_answer(ask(server, question, [image]), oracle(question, [image]))
+    question, image = assert_text_and_image_answers(server, oracle, 7, model=BLS)
     single = ask(server, question, [image], stream=False)
     assert single.error is None and single.deltas == [oracle(question, [image])] and single.finals == 1
 
@@ -95,7 +91,7 @@ def test_a_client_that_leaves_aborts_only_its_own_generation(server, oracle):
     client.close()
     wait_for(server, lambda: aborted(server, "shared-bls") > before, timeout_s=60,
              what="the BLS model to abort its generation")
-    answer = finish_stream(*other)
+    answer = finish_stream(server, *other)
     assert answer.error is None and answer.finish_reasons[-1] in ("stop", "length"), answer
     assert answer.text == oracle(question, max_tokens=LONG)
     assert aborted(server, "shared-bls") == before + 1  # its own, and only it

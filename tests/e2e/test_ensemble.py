@@ -18,8 +18,8 @@ import requests
 import torch
 from PIL import Image
 
-from e2e_client import (image_bytes, in_parallel, make_inputs, mjpeg_avi, sse_chat, stream_chat,  # noqa: F401
-                        stream_chat_to, wait_for)  # (image_bytes: used here and by other modules)
+from e2e_client import (image_bytes, in_parallel, make_inputs, mjpeg_avi, read_stream, sse_chat,  # noqa: F401
+                        stream_chat, stream_chat_to, wait_for)  # (image_bytes: used here and by other modules)
 from internvl_serve.serving.contract import ENSEMBLE
 
 MAX_TOKENS = 12  # short answers keep the module fast on 2 cores
@@ -72,6 +72,17 @@ def assert_answer(answer, expected):
     assert answer.finish_reasons[-1] in ("stop", "length")
     assert all(r == "" for r in answer.finish_reasons[:-1])
     assert answer.num_output_tokens <= MAX_TOKENS and answer.num_input_tokens > 0
+
+
+def assert_text_and_image_answers(server, oracle, image_seed: int, *, model=ENSEMBLE):
+    """The smoke check of another way to serve the contract (BLS, tensor parallel): a pure-text answer
+    and a one-image answer equal the card's. Returns the image question and its image."""
+    question = "Hello, who are you?"
+    assert_answer(ask(server, question, model=model), oracle(question))
+    image = image_bytes(image_seed)
+    question = "<image>\nWhat is in the image?"
+    assert_answer(ask(server, question, [image], model=model), oracle(question, [image]))
+    return question, image
 
 
 # ---- the card's scenarios ----------------------------------------------------------------------------
@@ -330,16 +341,10 @@ def start_stream(server, model, request_id, question, max_tokens, **extra):
     return client, responses, answer
 
 
-def finish_stream(client, responses, answer):
+def finish_stream(server, client, responses, answer):
     """Read the stream to its final response (or error); the Answer."""
     try:
-        while True:
-            result, error = responses.get(timeout=300)
-            if error is not None:
-                answer.error = str(error)
-                return answer
-            if answer.add(result):
-                return answer
+        return read_stream(server, responses, answer, timeout_s=300)
     finally:
         client.stop_stream()
         client.close()
@@ -353,7 +358,7 @@ def test_another_client_cannot_cancel_a_request_by_its_id(server, oracle):
     victim = start_stream(server, ENSEMBLE, "shared-1", question, LONG)  # sent without a key: not cancellable
     refused = cancel_on_the_side_channel(server, "shared-1", None)  # the id alone
     other_key = cancel_on_the_side_channel(server, "shared-1", "x" * 32)  # the id and another key
-    answer = finish_stream(*victim)
+    answer = finish_stream(server, *victim)
     assert answer.error is None and answer.finish_reasons[-1] in ("stop", "length"), answer
     assert answer.text == oracle(question, max_tokens=LONG)
     assert not isinstance(refused, str) and "needs input 'cancel_key'" in refused.error, refused
@@ -365,6 +370,6 @@ def test_two_clients_with_the_same_request_id_each_cancel_only_their_own(server,
     victim = start_stream(server, ENSEMBLE, "shared-2", question, LONG, cancel_key="v" * 32)
     start_and_cancel(server, "shared-2", max_tokens=1000, cancel_key="w" * 32, direct=True)  # the other leaves...
     assert cancel_on_the_side_channel(server, "shared-2", "w" * 32) == "cancelled"  # ... and cancels its own
-    answer = finish_stream(*victim)
+    answer = finish_stream(server, *victim)
     assert answer.error is None and answer.finish_reasons[-1] in ("stop", "length"), answer
     assert answer.text == oracle(question, max_tokens=LONG)

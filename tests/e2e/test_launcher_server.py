@@ -138,14 +138,14 @@ def test_a_picked_port_taken_before_its_guard_binds_it_is_picked_again(tmp_path,
     another process may listen on one meanwhile (seen once in CI: 'grpc port ... held by another
     process'). A port the launcher picked is picked again; a port the caller gave stays an error (the
     test above)."""
-    from internvl_serve.serving import launcher
+    from internvl_serve.serving import triton_server
 
     repo, checkpoint = make_repository(tmp_path)
     squatter = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     squatter.bind(("127.0.0.1", 0))
     squatter.listen()
     taken = squatter.getsockname()[1]
-    real, picks = launcher.free_ports, []
+    real, picks = triton_server.free_ports, []
 
     def first_pick_collides(hosts):
         ports = real(hosts)
@@ -154,7 +154,7 @@ def test_a_picked_port_taken_before_its_guard_binds_it_is_picked_again(tmp_path,
         picks.append(ports)
         return ports
 
-    monkeypatch.setattr(launcher, "free_ports", first_pick_collides)
+    monkeypatch.setattr(triton_server, "free_ports", first_pick_collides)
     try:
         with TritonServer(checkpoint, model_repository=repo, log_file=tmp_path / "log", exit_timeout_s=2,
                           ready_timeout_s=120) as server:

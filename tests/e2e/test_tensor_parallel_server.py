@@ -9,7 +9,7 @@ import pytest
 
 from internvl_serve.serving.launcher import TritonServer
 from internvl_serve.serving.layout import Layout
-from test_ensemble import ask, assert_answer, image_bytes, oracle  # noqa: F401  (oracle is a fixture)
+from test_ensemble import ask, assert_answer, assert_text_and_image_answers, oracle  # noqa: F401  (oracle is a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +26,7 @@ def test_the_llm_runs_on_two_ranks(server):
 
 
 def test_text_and_image_answers_equal_the_card(server, oracle):  # noqa: F811
-    question = "Hello, who are you?"
-    assert_answer(ask(server, question), oracle(question))
-    image = image_bytes(5)
-    question = "<image>\nWhat is in the image?"
-    assert_answer(ask(server, question, [image]), oracle(question, [image]))
+    assert_text_and_image_answers(server, oracle, 5)
 
 
 def test_concurrent_streams_each_get_their_own_answer(server, oracle):  # noqa: F811

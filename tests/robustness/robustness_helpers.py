@@ -25,7 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 from e2e_client import (Answer, image_bytes, in_parallel, make_echo_repository, make_inputs,  # noqa: E402,F401
-                        mjpeg_avi)  # (re-exported)
+                        mjpeg_avi, read_stream)  # (re-exported)
 
 from internvl_serve.serving.contract import ENSEMBLE  # noqa: E402
 from internvl_serve.serving.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer  # noqa: E402
@@ -85,27 +85,17 @@ def send(server, inputs, *, parameters: dict | None = None, timeout_s: float = 1
     responses: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     answer = Timed(started=time.monotonic())
+
+    def counted(error) -> None:
+        answer.responses += 1
+        if on_first is not None and error is None and answer.responses == 1:
+            on_first()  # the first data response: the request is streaming
+
     try:
         client.async_stream_infer(model, inputs, request_id=request_id, parameters=parameters,
                                   enable_empty_final_response=True)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                result, error = responses.get(timeout=0.5)
-            except queue.Empty:
-                if not server_may_exit and not server.is_running():
-                    pytest.fail(f"tritonserver died while answering {request_id!r}; log:\n{server.log_tail(60)}")
-                if time.monotonic() > deadline:
-                    pytest.fail(f"no final response for {request_id!r} after {timeout_s}s; got {answer}")
-                continue
-            answer.responses += 1
-            if on_first is not None and error is None and answer.responses == 1:
-                on_first()  # the first data response: the request is streaming
-            if error is not None:
-                answer.error = str(error)
-                return answer
-            if answer.add(result):
-                return answer
+        return read_stream(server, responses, answer, request_id=request_id, timeout_s=timeout_s, poll_s=0.5,
+                           server_may_exit=server_may_exit, on_response=counted)
     finally:
         answer.ended = time.monotonic()
         client.stop_stream(cancel_requests=True)

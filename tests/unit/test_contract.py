@@ -1,4 +1,5 @@
-"""Request parsing and validation of the ensemble's contract (Triton-free): every error message."""
+"""The ensemble's contract (serving/contract.py) and the parsing and validation of its requests
+(serving/parsing.py, serving/limits.py; Triton-free): every error message."""
 import base64
 import json
 
@@ -6,8 +7,8 @@ import numpy as np
 import pytest
 
 from internvl_serve.serving import contract as c
-from internvl_serve.serving.contract import (ChatRequest, InvalidInput, ServingLimits, parse_chat_request,
-                                             parse_generation_request, response_arrays)
+from internvl_serve.serving.contract import ChatRequest, InvalidInput, ServingLimits, response_arrays
+from internvl_serve.serving.parsing import check_request_parameters, parse_chat_request, parse_generation_request
 
 PNG = b"\x89PNG\r\n\x1a\nfake-but-nonempty"
 
@@ -285,7 +286,7 @@ def test_max_tokens_upper_bound():
 
 @pytest.mark.parametrize("parameters", [None, "", "{}", {}])
 def test_no_request_parameters_is_fine(parameters):
-    c.check_request_parameters(parameters)
+    check_request_parameters(parameters)
 
 
 @pytest.mark.parametrize("parameters, message", [
@@ -298,7 +299,7 @@ def test_no_request_parameters_is_fine(parameters):
 ])
 def test_request_parameters_are_refused(parameters, message):
     with pytest.raises(InvalidInput) as e:
-        c.check_request_parameters(parameters)
+        check_request_parameters(parameters)
     assert str(e.value).startswith(message)
 
 

@@ -15,6 +15,7 @@ import pytest
 from internvl_serve.engine import InvalidRequest, SamplingParams
 from internvl_serve.serving import contract as c
 from internvl_serve.serving import contract_files
+from internvl_serve.serving.parsing import parse_generation_request
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_VALUES = {"INT32": 3, "UINT64": 2**63 + 5, "FP32": 0.5, "BOOL": True}
@@ -103,7 +104,7 @@ def test_each_declared_input_and_alias_fills_its_field(g):
         inputs = {spec.name: _tensor(g, value)}
         if g.name == "min_length":
             inputs["max_tokens"] = np.array([8], np.int32)
-        request = c.parse_generation_request(inputs)
+        request = parse_generation_request(inputs)
         if g.field:
             assert getattr(request.sampling, g.field) == pytest.approx(expected), spec.name
         elif not g.only_empty:
@@ -116,29 +117,29 @@ def test_an_out_of_range_value_is_refused_naming_the_input(g):
     for spec in g.specs():
         value = g.low if g.low_open else g.low - 1
         with pytest.raises(c.InvalidInput) as e:
-            c.parse_generation_request({spec.name: _tensor(g, value)})
+            parse_generation_request({spec.name: _tensor(g, value)})
         assert e.value.input == spec.name and str(e.value).startswith(f"input '{spec.name}'")
 
 
 def test_errors_name_the_tensor_the_client_sent():
     with pytest.raises(c.InvalidInput) as e:
-        c.parse_generation_request({"min_length": _tensor(c.GENERATION_BY_NAME["min_length"], 9),
+        parse_generation_request({"min_length": _tensor(c.GENERATION_BY_NAME["min_length"], 9),
                                     "max_tokens": np.array([4], np.int32)})
     assert (e.value.input, str(e.value)) == ("min_length", "input 'min_length': min_length (9) must be <= "
                                                            "max_tokens (4)")
     with pytest.raises(c.InvalidInput) as e:
-        c.parse_generation_request({"seed": np.array([1], np.uint64), "random_seed": np.array([2], np.uint64)})
+        parse_generation_request({"seed": np.array([1], np.uint64), "random_seed": np.array([2], np.uint64)})
     assert (e.value.input, str(e.value)) == ("random_seed", "inputs 'seed' and 'random_seed' are the same "
                                                             "setting: send one of them")
 
 
 def test_tensorrt_llm_empty_word_lists_are_accepted_and_bad_words_refused():
     empty = np.array([b""], dtype=object)
-    request = c.parse_generation_request({"bad_words": empty, "stop_words": empty})
+    request = parse_generation_request({"bad_words": empty, "stop_words": empty})
     assert request.sampling.stop == ()
-    assert c.parse_generation_request({"stop_words": np.array([b"", b"END"], dtype=object)}).sampling.stop == ("END",)
+    assert parse_generation_request({"stop_words": np.array([b"", b"END"], dtype=object)}).sampling.stop == ("END",)
     with pytest.raises(c.InvalidInput) as e:
-        c.parse_generation_request({"bad_words": np.array([b"", b"damn"], dtype=object)})
+        parse_generation_request({"bad_words": np.array([b"", b"damn"], dtype=object)})
     assert e.value.input == "bad_words"
     assert str(e.value) == ("input 'bad_words' is not supported by this server: send it empty (\"\") or leave "
                             "it out; got ['damn']")

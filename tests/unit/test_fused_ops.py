@@ -12,21 +12,17 @@ Tiers as in test_kernels.py:
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_helpers import gpu, needs_triton, run_interpreted
 
 from internvl_serve.kernels.fused_ops import (add_rmsnorm, add_rmsnorm_torch, apply_rope, rms_norm_torch, rotary_,
                                               silu_and_mul)
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-HAS_CUDA = torch.cuda.is_available()
 
 
 def tiny_hf(seed=0, layers=2, heads=4, kv_heads=2, hidden=64, inter=112, vocab=97, positions=128):
@@ -269,23 +265,15 @@ def test_fused_switch_env(monkeypatch):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@needs_triton
 @pytest.mark.parametrize("which", ["norm", "rotary", "silu", "forward"])
 def test_triton_fused_interpreted(which):
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), which], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"interpreted {which} checks failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
-    assert "max err" in proc.stdout
+    assert "max err" in run_interpreted(__file__, which)
 
 
 # --------------------------------------------------------------------------------------------------
 # tier 3: the GPU
 # --------------------------------------------------------------------------------------------------
-
-gpu = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
 
 
 @pytest.mark.gpu

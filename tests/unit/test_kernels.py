@@ -15,41 +15,19 @@ reference by ||out - ref|| / ||ref||.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+from kernel_helpers import gpu, nan_paged_cache, needs_triton, rel_err, run_interpreted
 from torch import nn
 
-from internvl_serve.kernels.int8_linear import (
-    Int8Linear,
-    Int8MatmulConfig,
-    compare_logits,
-    int8_linear,
-    int8_linear_torch,
-    logit_error,
-    quantize_llama_linears,
-    quantize_weight,
-)
-from internvl_serve.kernels.paged_attention import (
-    paged_decode_attention,
-    paged_decode_attention_ref,
-    paged_decode_attention_torch,
-    write_kv,
-    write_kv_ref,
-)
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-HAS_CUDA = torch.cuda.is_available()
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all(), "output has NaN/inf: an element was not written or a bad value was read"
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+from internvl_serve.kernels import (Int8Linear, compare_logits, int8_linear, logit_error, paged_decode_attention,
+                                    paged_decode_attention_ref, paged_decode_attention_torch, quantize_llama_linears,
+                                    quantize_weight, write_kv)
+from internvl_serve.kernels.int8_linear import Int8MatmulConfig, int8_linear_torch
+from internvl_serve.kernels.paged_attention import write_kv_ref
 
 
 # --------------------------------------------------------------------------------------------------
@@ -64,18 +42,12 @@ def make_paged_case(
     """A paged cache where every slot no sequence owns holds NaN, so a read past a context, of a
     table entry past a sequence's last block, or of another sequence's block shows up as NaN.
 
-    layout 'bthd' stores (num_blocks, block_size, Hkv, D); 'bhtd' stores (num_blocks, Hkv, block_size,
-    D) and hands over the permuted view. Block ids are a random permutation (non-contiguous); unused
-    table entries point at a block full of NaN. Returns q, k_cache, v_cache, block_tables, context_lens.
+    The cache and its layouts are kernel_helpers.nan_paged_cache's; block ids are handed out in its random
+    order (non-contiguous); unused table entries point at a block full of NaN. Returns q, k_cache,
+    v_cache, block_tables, context_lens.
     """
     need = [(n + block_size - 1) // block_size for n in lens]
-    num_blocks = sum(need) + 3
-    perm = torch.randperm(num_blocks, device=device)
-    shape = (num_blocks, block_size, Hkv, D) if layout == "bthd" else (num_blocks, Hkv, block_size, D)
-    k_store = torch.full(shape, float("nan"), dtype=dtype, device=device)
-    v_store = torch.full(shape, float("nan"), dtype=dtype, device=device)
-    k_cache = k_store if layout == "bthd" else k_store.permute(0, 2, 1, 3)
-    v_cache = v_store if layout == "bthd" else v_store.permute(0, 2, 1, 3)
+    perm, k_cache, v_cache = nan_paged_cache(sum(need) + 3, block_size, Hkv, D, dtype, device, layout)
     tables = torch.full((B, max_blocks), int(perm[-1]), dtype=torch.int32, device=device)
     first = 0
     for b, n in enumerate(lens):
@@ -291,23 +263,16 @@ def test_logit_error_reports_quantization_cost():
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton==3.7.1)")
+@needs_triton
 @pytest.mark.parametrize("which", ["attention", "write_kv", "int8"])
 def test_triton_kernel_interpreted(which):
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), which], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"interpreted {which} checks failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
-    assert "rel err" in proc.stdout or "ok" in proc.stdout
+    out = run_interpreted(__file__, which, timeout=300)
+    assert "rel err" in out or "ok" in out
 
 
 # --------------------------------------------------------------------------------------------------
 # tier 3: compiled kernels on the GPU, real shapes, bfloat16
 # --------------------------------------------------------------------------------------------------
-
-gpu = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
 
 
 @pytest.mark.gpu

@@ -15,23 +15,20 @@ Three tiers, as tests/unit/test_kernels.py:
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from kernel_helpers import HAS_TRITON, gpu, nan_paged_cache, needs_triton, rel_err, run_interpreted
 
 from internvl_serve.engine.attention import (PREFILL_KERNEL_ENV, build_attention_metadata, paged_attention,
                                              prefill_kernel_default, sdpa_paged_attention)
 from internvl_serve.kernels.prefill_attention import prefill_block_m, prefill_tiles
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON:
     import triton
-HAS_CUDA = torch.cuda.is_available()
 
 
 def make_step(seqs, Hq, Hkv, D, block_size, dtype, device="cpu", layout="bthd", extra_blocks=3):
@@ -44,13 +41,7 @@ def make_step(seqs, Hq, Hkv, D, block_size, dtype, device="cpu", layout="bthd", 
     ctx_lens = [c for c, _ in seqs]
     q_lens = [q for _, q in seqs]
     need = [-(-(c + q) // block_size) for c, q in seqs]
-    num_blocks = sum(need) + extra_blocks
-    perm = torch.randperm(num_blocks, device=device)
-    shape = (num_blocks, block_size, Hkv, D) if layout == "bthd" else (num_blocks, Hkv, block_size, D)
-    k_store = torch.full(shape, float("nan"), dtype=dtype, device=device)
-    v_store = torch.full(shape, float("nan"), dtype=dtype, device=device)
-    k_cache = k_store if layout == "bthd" else k_store.permute(0, 2, 1, 3)
-    v_cache = v_store if layout == "bthd" else v_store.permute(0, 2, 1, 3)
+    perm, k_cache, v_cache = nan_paged_cache(sum(need) + extra_blocks, block_size, Hkv, D, dtype, device, layout)
     width = max(need) + 1
     tables = torch.full((len(seqs), width), int(perm[-1]), dtype=torch.int32, device=device)
     first = 0
@@ -72,12 +63,6 @@ def reference(q, k_cache, v_cache, tables, q_lens, ctx_lens, block_size, scale):
     meta, _ = build_attention_metadata(q_lens, ctx_lens, tables, block_size, prefill_kernel=False)
     k, v = k_cache.double().contiguous(), v_cache.double().contiguous()  # the reference needs (N, bs, Hkv, D) storage
     return sdpa_paged_attention(q.double(), k, v, meta, scale)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all(), "output has NaN/inf: a row was not written or a bad slot was read"
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def check_kernel(seqs, Hq, Hkv, D, block_size, dtype, device, layout="bthd", tol=1e-5,
@@ -219,29 +204,18 @@ def test_reference_groups_are_built_once_and_only_when_read():
 # --------------------------------------------------------------------------------------------------
 
 
-def run_interpreted(which: str) -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(os.path.dirname(here))
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    env["PYTHONPATH"] = os.pathsep.join([root, here, env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), which], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"interpreted {which} checks failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
-    return proc.stdout
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton==3.7.1)")
+@needs_triton
 def test_prefill_kernel_interpreted():
-    assert run_interpreted("kernel").count("rel err") == len(INTERPRETED_CASES)
+    assert run_interpreted(__file__, "kernel").count("rel err") == len(INTERPRETED_CASES)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton==3.7.1)")
+@needs_triton
 def test_engine_with_interpreted_kernel_gives_the_same_tokens():
     # the whole path: engine -> runner -> build_attention_metadata -> paged_attention -> the kernel
-    assert "same greedy tokens" in run_interpreted("engine")
+    assert "same greedy tokens" in run_interpreted(__file__, "engine")
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton==3.7.1)")
+@needs_triton
 @pytest.mark.parametrize("block_m", [16, 64])
 def test_kernel_compiles_for_the_h100(block_m):
     # Triton's real compiler (not the interpreter) down to an sm_90 cubin, without a GPU: the engine's
@@ -262,8 +236,6 @@ def test_kernel_compiles_for_the_h100(block_m):
 # --------------------------------------------------------------------------------------------------
 # tier 3: the compiled kernel on the GPU
 # --------------------------------------------------------------------------------------------------
-
-gpu = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
 
 
 @pytest.mark.gpu

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from internvl_serve.prompt import PromptError
-from internvl_serve.serving.contract import ChatRequest, InvalidInput, LLMRequest, ServingLimits, \
-    parse_generation_request
+from internvl_serve.serving.contract import ChatRequest, InvalidInput, LLMRequest, ServingLimits
+from internvl_serve.serving.parsing import parse_generation_request
 from internvl_serve.tokenizer import IMG_CONTEXT_TOKEN
 
 WAIT_S = 60
@@ -370,7 +370,7 @@ def test_engine_options_from_parameters():
 
 def test_history_json_round_trip_matches_the_card_history(preprocessor):
     # what a client sends as `history` is json.dumps of the card's [(question, answer), ...]
-    from internvl_serve.serving.contract import parse_chat_request
+    from internvl_serve.serving.parsing import parse_chat_request
 
     history = [("<image>\nWhat is it?", "A cat.")]
     request = parse_chat_request({"text_input": np.array([b"And?"], dtype=object),

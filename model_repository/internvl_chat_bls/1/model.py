@@ -20,8 +20,8 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from internvl_serve.serving.contract import (CANCEL_INPUT, CANCEL_KEY, CHAT_INPUTS, ENSEMBLE_INPUTS,
-                                             GENERATION_INPUTS, InvalidInput, check_request_parameters,
-                                             parse_cancel_key)
+                                             GENERATION_INPUTS, InvalidInput)
+from internvl_serve.serving.parsing import check_request_parameters, parse_cancel_key
 from internvl_serve.serving.relay import client_error, relay
 from internvl_serve.serving.tensors import read_inputs
 

@@ -17,13 +17,13 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from internvl_serve.serving.contract import (LLM_INPUTS, parse_cancel_key, parse_cancel_request,
-                                             parse_llm_request, response_arrays)
+from internvl_serve.serving.contract import LLM_INPUTS, response_arrays
 from internvl_serve.engine.errors import EngineBusy
 from internvl_serve.serving.device import instance_device
 from internvl_serve.serving.heap import mmap_large_allocations
 from internvl_serve.serving.llm import LLMService
 from internvl_serve.serving.metrics import LLMExporter
+from internvl_serve.serving.parsing import parse_cancel_key, parse_cancel_request, parse_llm_request
 from internvl_serve.serving.preprocess import client_errors
 from internvl_serve.serving.tensors import read_inputs
 

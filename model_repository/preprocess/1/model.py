@@ -15,9 +15,9 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from internvl_serve.serving.contract import (CHAT_INPUTS, GENERATION_INPUTS, ServingLimits, check_request_parameters,
-                                             parse_chat_request, parse_generation_request)
+from internvl_serve.serving.contract import CHAT_INPUTS, GENERATION_INPUTS, ServingLimits
 from internvl_serve.serving.heap import mmap_large_allocations
+from internvl_serve.serving.parsing import check_request_parameters, parse_chat_request, parse_generation_request
 from internvl_serve.serving.preprocess import Preprocessor, client_errors
 from internvl_serve.serving.tensors import read_inputs
 
