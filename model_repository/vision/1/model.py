@@ -47,7 +47,9 @@ class TritonPythonModel:
                 responses[i] = pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
         try:
-            embeds = self.service.embed(tiles)
+            # views of the service's reused output buffer (no fresh host buffer per request, serving/hostbuf.py):
+            # valid until the next embed; the python backend copies them out before the next execute
+            embeds = self.service.embed(tiles, reuse_output=True)
         except Exception as e:  # one failed forward fails every request of the batch
             error = pb_utils.TritonError(f"vision: {type(e).__name__}: {e}", pb_utils.TritonError.INTERNAL)
             embeds = None

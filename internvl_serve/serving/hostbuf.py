@@ -1,0 +1,64 @@
+"""Reused host buffers for a request's hot path: with serving/heap.py's malloc setting every host buffer
+from 1 MiB up is a fresh mmap, so a buffer allocated per request page-faults anew on every request (on the
+H100 VM: embed() of one new image 27 -> 56 ms). The services keep their large host buffers here instead,
+touched once and reused.
+
+Owns: `HostBuffers`, named flat buffers grown on demand (page-locked on CUDA, so host<->device copies
+from and to them are real async copies), handed out as views; `SlotPool`, fixed-shape tensors made in
+blocks, handed out and given back (the embedding cache's entries).
+Does not own: what the buffers hold, locking (the callers serialize their use), the malloc setting
+(serving/heap.py).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class HostBuffers:
+    """`get(name, shape, dtype)` -> a view of the buffer `name`, grown (never shrunk) when too small.
+    The view is valid until the next get of the same name; its contents are whatever was there. Pinned
+    when `pin` (a CUDA device's host side). Not thread-safe: the caller holds a lock around a use."""
+
+    def __init__(self, pin: bool = False):
+        self.pin = pin
+        self._buffers: dict[str, torch.Tensor] = {}
+        self.grown = 0  # buffers allocated (a new name, or grown): each is fresh memory to fault in
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.dtype != dtype or buf.numel() < numel:
+            buf = torch.empty(max(numel, 1), dtype=dtype, pin_memory=self.pin)
+            self._buffers[name] = buf
+            self.grown += 1
+        return buf[:numel].view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
+class SlotPool:
+    """Tensors of one shape and dtype, made `block` at a time (one allocation each block, at most `limit`
+    slots in all), taken and given back: a slot freed by an eviction holds the next entry, so its pages
+    are faulted in once. Not thread-safe (the cache's lock covers it)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, limit: int, block: int = 16):
+        self.shape, self.dtype, self.limit, self.block = tuple(shape), dtype, limit, block
+        self.made = 0
+        self._free: list[torch.Tensor] = []
+
+    def take(self) -> torch.Tensor | None:
+        """A free slot, or None when `limit` slots are out."""
+        if not self._free:
+            n = min(self.block, self.limit - self.made)
+            if n <= 0:
+                return None
+            self._free = list(torch.empty((n, *self.shape), dtype=self.dtype).unbind(0))[::-1]
+            self.made += n
+        return self._free.pop()
+
+    def give(self, slot: torch.Tensor) -> None:
+        self._free.append(slot)
