@@ -2,7 +2,7 @@
 embed() (as the adapter calls it: reuse_output) against its parts: the tile key, the encoder forward on
 the GPU; and the minor page faults per embed() (median; getrusage), which the malloc setting the adapter
 makes (--mmap-large-allocations, serving/heap.py) turns into a fresh mapping per large host buffer unless
-the service reuses its buffers (serving/hostbuf.py). Random full-size V1-1 weights, the service exactly
+the service reuses its buffers (internvl_serve/hostbuf.py). Random full-size V1-1 weights, the service exactly
 as the `vision` model builds it (compiled blocks).
 
     python bench/vision_step_profile.py [--iters 10] [--mmap-large-allocations] [--out vision_step.json]

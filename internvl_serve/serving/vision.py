@@ -24,7 +24,7 @@ from internvl_serve.checkpoint import load_model
 from internvl_serve.config import InternVLChatConfig
 from internvl_serve.serving.contract import IMAGE_SIZE, VISION_INPUT_DIMS, InvalidInput, ServingLimits, TensorSpec
 from internvl_serve.serving.device import default_dtype, resolve_device
-from internvl_serve.serving.hostbuf import HostBuffers, SlotPool
+from internvl_serve.hostbuf import HostBuffers, SlotPool, all_finite
 
 DEFAULT_IMAGE_CACHE_MB = 1024.0  # ~400 tiles of V1-1 in bf16 (256 x 5120 x 2 bytes = 2.6 MB each)
 
@@ -62,7 +62,7 @@ def request_tiles(pixel_values: np.ndarray, limits: ServingLimits) -> np.ndarray
     if tiles.shape[0] > max_tiles(limits):
         raise InvalidInput(f"input 'pixel_values' holds {tiles.shape[0]} tiles; at most {max_tiles(limits)} allowed "
                            f"(one per image or video frame)")
-    if not np.isfinite(tiles).all():
+    if not all_finite(tiles):
         raise InvalidInput("input 'pixel_values' must be finite: it holds NaN or infinity")
     return tiles
 

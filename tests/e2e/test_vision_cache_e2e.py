@@ -55,7 +55,7 @@ def test_hits_misses_and_evictions_give_the_cards_answers(server, oracle):
 
 
 def test_concurrent_direct_calls_each_get_their_own_tiles_embeddings(server, tiny_checkpoint):
-    """The adapter answers with views of the service's reused output buffer (serving/hostbuf.py): requests
+    """The adapter answers with views of the service's reused output buffer (internvl_serve/hostbuf.py): requests
     sent at once (dynamic batching: several executes in a row, new tiles, the two-tile cache evicting)
     must each get the embeddings of their own tiles, not a later batch's."""
     import numpy as np

@@ -47,7 +47,7 @@ class TritonPythonModel:
                 responses[i] = pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
         try:
-            # views of the service's reused output buffer (no fresh host buffer per request, serving/hostbuf.py):
+            # views of the service's reused output buffer (no fresh host buffer per request, internvl_serve/hostbuf.py):
             # valid until the next embed; the python backend copies them out before the next execute
             embeds = self.service.embed(tiles, reuse_output=True)
         except Exception as e:  # one failed forward fails every request of the batch
