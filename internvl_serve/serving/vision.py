@@ -5,6 +5,11 @@ CPU), running several requests' images as one batched forward (chunked to bound 
 per request, and a bounded LRU cache of tile embeddings keyed by a hash of the tile's pixels, so a
 multi-round chat that resends its image is not encoded again; one request's checks (request_tiles:
 shape, the ensemble's tile limit, finite pixels) for clients that call the vision model directly.
+A new tile allocates no fresh large host buffer (the adapter's malloc setting, serving/heap.py, makes each
+one an mmap that faults in anew): its pixels go through a reused staging buffer (pinned on CUDA), the
+embeddings are made float32 on the device and copied into the output, which can be a reused buffer
+(embed(reuse_output=True), what the adapter uses), and cache entries live in reused slots
+(internvl_serve/hostbuf.py). One embed() at a time runs the encoder (a lock around the buffers).
 Does not own: Triton (the adapter in model_repository/vision) or image decoding.
 """
 from __future__ import annotations
