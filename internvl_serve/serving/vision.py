@@ -9,7 +9,9 @@ A new tile allocates no fresh large host buffer (the adapter's malloc setting, s
 one an mmap that faults in anew): its pixels go through a reused staging buffer (pinned on CUDA), the
 embeddings are made float32 on the device and copied into the output, which can be a reused buffer
 (embed(reuse_output=True), what the adapter uses), and cache entries live in reused slots
-(internvl_serve/hostbuf.py). One embed() at a time runs the encoder (a lock around the buffers).
+(internvl_serve/hostbuf.py). One embed() at a time runs the encoder (a lock around the buffers). The
+buffers grow to the largest call seen and stay: the output at most Triton's max_batch_size x the tile
+limit (8 x 12 V1-1 tiles: 503 MB), the pixel and bf16 staging max_images_per_forward tiles (32: 161 MB).
 Does not own: Triton (the adapter in model_repository/vision) or image decoding.
 """
 from __future__ import annotations
