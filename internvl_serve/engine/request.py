@@ -14,6 +14,7 @@ import torch
 
 from internvl_serve.engine.errors import InvalidRequest
 from internvl_serve.engine.sampling import SamplingParams
+from internvl_serve.hostbuf import all_finite
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -73,7 +74,7 @@ class Request:
                                      f"got {shape}")
             if not e.is_floating_point():
                 raise InvalidRequest(f"image_embeds must be floating point, got {e.dtype}")
-            if not bool(torch.isfinite(e).all()):  # NaN/inf would spread through attention to its KV
+            if not all_finite(e):  # NaN/inf would spread through attention to its KV (no temporaries: hostbuf.py)
                 raise InvalidRequest("image_embeds must be finite: it holds NaN or infinity")
             if image_context_token_id is None:
                 raise InvalidRequest("image_embeds given but the engine has no image_context_token_id")

@@ -17,10 +17,14 @@ PNG went from ~1,470 to ~610 minor page faults here (tests/unit/test_imageproc.p
 
 A fixed threshold costs an mmap, page faults and an munmap per large buffer: a fresh page costs a few
 microseconds (more in a VM: the vision stub's embed() for one image took 56 ms with the setting against
-27 ms without on the H100 machine, ~20 MB of host buffers), so the hot paths reuse their large buffers
-rather than allocating them per request; and a model computing on the CPU makes large temporaries at
-every layer (the tiny checkpoint served 40 % fewer tokens/s with it), so the adapters set it for
-preprocess, and for vision and llm when they run on a GPU.
+27 ms without on the H100 machine, before its buffers were reused); and a model computing on the CPU
+makes large temporaries at every layer (the tiny checkpoint served 40 % fewer tokens/s with it), so the
+adapters set it for preprocess, and for vision and llm when they run on a GPU.
+
+The cost is per buffer allocated, so the request paths reuse their large host buffers instead
+(internvl_serve/hostbuf.py): the vision service its pixel staging, output and cache slots, the NaN
+checks no temporaries the size of the tensor; and preprocess keeps a few of Pillow's image blocks for
+the next image (cache_image_blocks: Pillow frees every block of a decoded or resized image by default).
 """
 from __future__ import annotations
 
@@ -48,3 +52,18 @@ def mmap_large_allocations(threshold_bytes: int = LARGE_BUFFER_BYTES) -> bool:
     mallopt.restype = ctypes.c_int
     return (mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)) == 1
             and mallopt(M_TRIM_THRESHOLD, max(TRIM_THRESHOLD_BYTES, int(threshold_bytes))) == 1)
+
+
+IMAGE_BLOCKS_BYTES = 64 << 20
+
+
+def cache_image_blocks(max_bytes: int = IMAGE_BLOCKS_BYTES) -> int:
+    """Let Pillow keep up to `max_bytes` of freed image blocks (its arena's blocks_max; at least one block)
+    for the next image, instead of freeing them: with the fixed threshold each freed block is an munmap
+    and the next image's decode and resize fault their pages in anew (a 1024x768 JPEG: ~2,800 faults,
+    ~570 with the blocks kept). Process-wide; returns the number of blocks allowed."""
+    from PIL import Image
+
+    blocks = max(1, int(max_bytes) // Image.core.get_block_size())
+    Image.core.set_blocks_max(blocks)
+    return blocks

@@ -5,6 +5,13 @@ CPU), running several requests' images as one batched forward (chunked to bound 
 per request, and a bounded LRU cache of tile embeddings keyed by a hash of the tile's pixels, so a
 multi-round chat that resends its image is not encoded again; one request's checks (request_tiles:
 shape, the ensemble's tile limit, finite pixels) for clients that call the vision model directly.
+A new tile allocates no fresh large host buffer (the adapter's malloc setting, serving/heap.py, makes each
+one an mmap that faults in anew): its pixels go through a reused staging buffer (pinned on CUDA), the
+embeddings are made float32 on the device and copied into the output, which can be a reused buffer
+(embed(reuse_output=True), what the adapter uses), and cache entries live in reused slots
+(internvl_serve/hostbuf.py). One embed() at a time runs the encoder (a lock around the buffers). The
+buffers grow to the largest call seen and stay: the output at most Triton's max_batch_size x the tile
+limit (8 x 12 V1-1 tiles: 503 MB), the pixel and bf16 staging max_images_per_forward tiles (32: 161 MB).
 Does not own: Triton (the adapter in model_repository/vision) or image decoding.
 """
 from __future__ import annotations
@@ -25,6 +32,7 @@ from internvl_serve.kernels.fp8_linear import quantize_linears_fp8_
 from internvl_serve.config import InternVLChatConfig
 from internvl_serve.serving.contract import IMAGE_SIZE, VISION_INPUT_DIMS, InvalidInput, ServingLimits, TensorSpec
 from internvl_serve.serving.device import default_dtype, resolve_device
+from internvl_serve.hostbuf import HostBuffers, SlotPool, all_finite
 
 VISION_QUANTIZATIONS = ("fp8",)
 # the matmuls of each ViT block (model/vision.py) that `quantization: fp8` runs in e4m3; the patch
@@ -66,15 +74,18 @@ def request_tiles(pixel_values: np.ndarray, limits: ServingLimits) -> np.ndarray
     if tiles.shape[0] > max_tiles(limits):
         raise InvalidInput(f"input 'pixel_values' holds {tiles.shape[0]} tiles; at most {max_tiles(limits)} allowed "
                            f"(one per image or video frame)")
-    if not np.isfinite(tiles).all():
+    if not all_finite(tiles):
         raise InvalidInput("input 'pixel_values' must be finite: it holds NaN or infinity")
     return tiles
 
 
 class EmbeddingCache:
-    """Bounded LRU map tile_key -> embedding tensor (num_image_token, hidden), on the CPU, in the encoder's
-    dtype (so a hit returns exactly the values the forward produced). Bounded by bytes (and, if given, by
+    """Bounded LRU map tile_key -> embedding (num_image_token, hidden), on the CPU, in the encoder's dtype
+    (so a hit returns exactly the values the forward produced). Bounded by bytes (and, if given, by
     entries); max_bytes 0 disables it. Thread-safe: every method takes one lock.
+
+    put copies the embedding into a slot (hostbuf.SlotPool, one pool per shape and dtype): slots are made
+    in blocks and an evicted entry's slot holds the next one, so a miss allocates no fresh host memory.
 
     Counters: hits (tiles served without a forward), misses (tiles encoded), evictions."""
 
@@ -83,7 +94,8 @@ class EmbeddingCache:
             raise ValueError(f"cache bounds must be >= 0, got max_bytes={max_bytes}, max_entries={max_entries}")
         self.max_bytes = int(max_bytes)
         self.max_entries = max_entries
-        self._entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # oldest first
+        self._entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # oldest first; values are slots
+        self._pools: dict[tuple, SlotPool] = {}  # (shape, dtype) -> its slots
         self._lock = threading.Lock()
         self.bytes = 0
         self.hits = 0
@@ -102,35 +114,63 @@ class EmbeddingCache:
             return key in self._entries
 
     def get(self, key: bytes) -> torch.Tensor | None:
-        """The cached embedding (now the most recently used), or None. Counts nothing: the caller
-        counts hits and misses per tile (see count)."""
+        """A copy of the cached embedding (now the most recently used), or None. Counts nothing: the
+        caller counts hits and misses per tile (see count)."""
         with self._lock:
             value = self._entries.get(key)
-            if value is not None:
-                self._entries.move_to_end(key)
-            return value
+            if value is None:
+                return None
+            self._entries.move_to_end(key)
+            return value.clone()
+
+    def copy_to(self, key: bytes, dest: torch.Tensor) -> bool:
+        """dest.copy_(the cached embedding) (now the most recently used) and True, or False when absent:
+        under the lock, so the slot cannot be reused by a concurrent put meanwhile."""
+        with self._lock:
+            value = self._entries.get(key)
+            if value is None:
+                return False
+            self._entries.move_to_end(key)
+            dest.copy_(value)
+            return True
 
     def count(self, hits: int, misses: int) -> None:
         with self._lock:
             self.hits += hits
             self.misses += misses
 
+    def _pool(self, value: torch.Tensor, size: int) -> SlotPool:
+        spec = (tuple(value.shape), value.dtype)
+        if spec not in self._pools:
+            limit = self.max_bytes // size if self.max_entries is None else min(self.max_bytes // size,
+                                                                                 self.max_entries)
+            self._pools[spec] = SlotPool(spec[0], spec[1], limit)
+        return self._pools[spec]
+
+    def _drop(self, value: torch.Tensor) -> None:
+        self.bytes -= value.numel() * value.element_size()
+        self._pools[(tuple(value.shape), value.dtype)].give(value)
+
     def put(self, key: bytes, value: torch.Tensor) -> None:
-        """Insert (or refresh) an entry, evicting the least recently used until it fits. An entry larger
-        than the whole cache is not stored. `value` must own its storage (not a view of a batch)."""
+        """Insert (or refresh) a copy of `value`, evicting the least recently used until it fits. An entry
+        larger than the whole cache is not stored."""
         size = value.numel() * value.element_size()
         if not self.enabled or size > self.max_bytes:
             return
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
-                self.bytes -= old.numel() * old.element_size()
+                self._drop(old)
             while self._entries and (self.bytes + size > self.max_bytes or
                                      (self.max_entries is not None and len(self._entries) >= self.max_entries)):
                 _, evicted = self._entries.popitem(last=False)
-                self.bytes -= evicted.numel() * evicted.element_size()
+                self._drop(evicted)
                 self.evictions += 1
-            self._entries[key] = value
+            slot = self._pool(value, size).take()
+            if slot is None:  # the bounds leave room for one more entry of a shape once the loop is done
+                return
+            slot.copy_(value)
+            self._entries[key] = slot
             self.bytes += size
 
     def keys(self) -> list[bytes]:
@@ -212,6 +252,8 @@ class VisionService:
         self.quantization = quantization or ""
         if self.quantization == "fp8":
             quantize_vision_fp8_(self.encoder)
+        self._buffers = HostBuffers(pin=self.device.type == "cuda")  # staging and output, reused (hostbuf.py)
+        self._lock = threading.Lock()  # one embed() at a time uses the buffers
         self.compiled = False
         if compile == "true" or (compile == "auto" and self.device.type == "cuda"):
             self.compiled = self._compile_blocks(log or (lambda message: None))
@@ -265,55 +307,80 @@ class VisionService:
     def cache_bytes(self) -> int:
         return self.cache.bytes
 
-    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(n, 3, S, S) float32 on the CPU -> (n, num_image_token, hidden) on the CPU in the encoder's dtype,
-        in chunks of max_images_per_forward."""
-        out = torch.empty((pixels.shape[0], self.num_image_token, self.hidden_size), dtype=self.dtype)
-        for start in range(0, pixels.shape[0], self.max_images_per_forward):
-            chunk = pixels[start:start + self.max_images_per_forward]
-            chunk = chunk.to(device=self.device, dtype=self.dtype, non_blocking=True)
-            out[start:start + chunk.shape[0]] = self.encoder(chunk).cpu()
-        return out
-
     @torch.inference_mode()
-    def embed(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+    def embed(self, batches: list[np.ndarray], *, reuse_output: bool = False) -> list[np.ndarray]:
         """Each element (N_i, 3, S, S) float32 -> (N_i * num_image_token, llm_hidden) float32.
 
         With the cache: each tile is looked up by its content hash; the misses (each distinct tile
         once, also when it repeats within this call) run as one batched forward and are stored; every
-        result is scattered back to its tile's place."""
+        result is scattered back to its tile's place.
+
+        reuse_output: the results are views of one buffer the service reuses, valid until the next
+        embed(reuse_output=True) (for one caller at a time: the Triton adapter, whose responses are
+        copied out before its next execute); otherwise they own their memory (on CUDA page-locked, from
+        torch's caching host allocator, so freed ones are reused)."""
         counts = [int(b.shape[0]) for b in batches]
         total = sum(counts)
-        out = torch.empty((total, self.num_image_token, self.hidden_size), dtype=torch.float32)
-        if total:
-            pixels = np.concatenate([b for b in batches if b.shape[0]], axis=0)
-            if self.cache.enabled:
-                self._embed_cached(pixels, out)
-            else:
-                out.copy_(self._encode(torch.from_numpy(pixels)))
+        shape = (total, self.num_image_token, self.hidden_size)
+        if reuse_output:
+            with self._lock:
+                out = self._buffers.get("output", shape, torch.float32)
+        else:
+            out = torch.empty(shape, dtype=torch.float32, pin_memory=self._buffers.pin)
+        tiles = [tile for b in batches for tile in b]  # views of the callers' arrays: no copy
+        if self.cache.enabled:
+            self._embed_cached(tiles, out)
+        else:
+            self._encode(tiles, [(None, [i]) for i in range(total)], out)
         embeds, start = [], 0
         for n in counts:  # (n, tokens, H) -> (n * tokens, H), in image order
             embeds.append(out[start:start + n].reshape(n * self.num_image_token, self.hidden_size).numpy())
             start += n
         return embeds
 
-    def _embed_cached(self, pixels: np.ndarray, out: torch.Tensor) -> None:
-        keys = [tile_key(tile) for tile in pixels]
+    def _embed_cached(self, tiles: list[np.ndarray], out: torch.Tensor) -> None:
         missing: dict[bytes, list[int]] = {}  # key -> the tiles (indices) that need it, first-seen order
-        for i, key in enumerate(keys):
+        for i, tile in enumerate(tiles):
+            key = tile_key(tile)
             if key in missing:
                 missing[key].append(i)
-                continue
-            cached = self.cache.get(key)
-            if cached is None:
+            elif not self.cache.copy_to(key, out[i]):
                 missing[key] = [i]
-            else:
-                out[i].copy_(cached)
-        self.cache.count(hits=len(keys) - len(missing), misses=len(missing))
-        if not missing:
-            return
-        firsts = [indices[0] for indices in missing.values()]
-        encoded = self._encode(torch.from_numpy(pixels[firsts]))  # (misses, tokens, H)
-        for (key, indices), embedding in zip(missing.items(), encoded):
-            self.cache.put(key, embedding.clone())  # own storage: not a view that pins the whole batch
-            out[indices] = embedding.float()
+        self.cache.count(hits=len(tiles) - len(missing), misses=len(missing))  # a repeat in the call hits
+        if missing:
+            self._encode(tiles, list(missing.items()), out)
+
+    def _encode(self, tiles: list[np.ndarray], groups: list[tuple[bytes | None, list[int]]],
+                out: torch.Tensor) -> None:
+        """Encode tiles[indices[0]] of each group, in forwards of at most max_images_per_forward, into
+        out[i] (float32) for every i of its indices, and into the cache under its key (when not None).
+        Host side through reused buffers: the pixels copied into a staging buffer (pinned on CUDA: async
+        H2D), the embeddings made float32 on the device and copied straight into `out`, the cache's copy
+        through a pinned staging buffer."""
+        size = self.config.vision_config.image_size
+        cuda = self.device.type == "cuda"
+        with self._lock:
+            for start in range(0, len(groups), self.max_images_per_forward):
+                part = groups[start:start + self.max_images_per_forward]
+                pixels = self._buffers.get("pixels", (len(part), 3, size, size), torch.float32)
+                staged = pixels.numpy()
+                for j, (_, indices) in enumerate(part):
+                    np.copyto(staged[j], tiles[indices[0]], casting="same_kind")
+                encoded = self.encoder(pixels.to(device=self.device, dtype=self.dtype, non_blocking=True))
+                host = encoded
+                if cuda:
+                    rows = encoded.float()
+                    for j, (_, indices) in enumerate(part):
+                        out[indices[0]].copy_(rows[j], non_blocking=True)
+                    if any(key is not None for key, _ in part):
+                        host = self._buffers.get("encoded", tuple(encoded.shape), encoded.dtype)
+                        host.copy_(encoded, non_blocking=True)
+                    torch.cuda.current_stream(self.device).synchronize()
+                else:
+                    for j, (_, indices) in enumerate(part):
+                        out[indices[0]].copy_(host[j])
+                for j, (key, indices) in enumerate(part):
+                    if key is not None:
+                        self.cache.put(key, host[j])
+                    for i in indices[1:]:
+                        out[i].copy_(out[indices[0]])

@@ -52,3 +52,30 @@ def test_hits_misses_and_evictions_give_the_cards_answers(server, oracle):
     wait_for(server, lambda: (metric(server, "internvl_image_cache_hits_total"),
                               metric(server, "internvl_image_cache_misses_total")) == (2, 4),
              timeout_s=20, what="the image-cache counters to read 2 hits and 4 misses")
+
+
+def test_concurrent_direct_calls_each_get_their_own_tiles_embeddings(server, tiny_checkpoint):
+    """The adapter answers with views of the service's reused output buffer (internvl_serve/hostbuf.py): requests
+    sent at once (dynamic batching: several executes in a row, new tiles, the two-tile cache evicting)
+    must each get the embeddings of their own tiles, not a later batch's."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from internvl_serve.serving.vision import VisionService
+    from e2e_client import in_parallel
+
+    fresh = VisionService(tiny_checkpoint, device="cpu", image_cache_mb=0)
+    requests = [np.random.default_rng(100 + k).standard_normal((1, 1 + k % 2, 3, 448, 448), dtype=np.float32)
+                for k in range(12)]
+    url = server.triton_grpc_url  # tritonserver itself: every model, the composing ones too
+
+    def call(pixels):
+        client = grpcclient.InferenceServerClient(url)
+        tensor = grpcclient.InferInput("pixel_values", list(pixels.shape), "FP32")
+        tensor.set_data_from_numpy(pixels)
+        return client.infer("vision", [tensor]).as_numpy("image_embeds")[0]
+
+    answers = in_parallel([lambda p=p: call(p) for p in requests])
+    for pixels, got in zip(requests, answers):
+        want = fresh.embed([pixels[0]])[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

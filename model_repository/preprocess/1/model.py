@@ -16,7 +16,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from internvl_serve.serving.contract import CHAT_INPUTS, GENERATION_INPUTS, ServingLimits
-from internvl_serve.serving.heap import mmap_large_allocations
+from internvl_serve.serving.heap import cache_image_blocks, mmap_large_allocations
 from internvl_serve.serving.parsing import check_request_parameters, parse_chat_request, parse_generation_request
 from internvl_serve.serving.preprocess import Preprocessor, client_errors
 from internvl_serve.serving.tensors import read_inputs
@@ -29,6 +29,7 @@ class TritonPythonModel:
         self.preprocessor = Preprocessor(os.environ["INTERNVL_CHECKPOINT"], self.limits)
         self.client_errors = client_errors()
         mmap_large_allocations()  # image buffers: no heap fragmentation (serving/heap.py)
+        cache_image_blocks()  # ... and Pillow's image blocks reused, not faulted in anew per image
 
     def execute(self, requests):
         return [self._one(request) for request in requests]

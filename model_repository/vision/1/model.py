@@ -47,7 +47,10 @@ class TritonPythonModel:
                 responses[i] = pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
         try:
-            embeds = self.service.embed(tiles)
+            # views of the service's reused output buffer (no fresh host buffer per request, internvl_serve/hostbuf.py):
+            # valid until the next embed; the python backend copies them to shm right after execute returns,
+            # before its next execute (python_backend's Stub::ProcessReturnedResponses)
+            embeds = self.service.embed(tiles, reuse_output=True)
         except Exception as e:  # one failed forward fails every request of the batch
             error = pb_utils.TritonError(f"vision: {type(e).__name__}: {e}", pb_utils.TritonError.INTERNAL)
             embeds = None

@@ -1,0 +1,93 @@
+"""Reused host buffers for a request's hot path: with serving/heap.py's malloc setting every host buffer
+from 1 MiB up is a fresh mmap, so a buffer allocated per request page-faults anew on every request (on the
+H100 VM: embed() of one new image 27 -> 56 ms). The services keep their large host buffers here instead,
+touched once and reused.
+
+Owns: `all_finite`, the NaN/inf check of request tensors without temporaries their size (torch.isfinite
+of one V1-1 image's float32 embeddings makes ~11 MB of them: ~1.7 page faults per page of the input);
+`HostBuffers`, named flat buffers grown on demand (page-locked on CUDA, so host<->device copies
+from and to them are real async copies), handed out as views; `SlotPool`, fixed-shape tensors made in
+blocks, handed out and given back (the embedding cache's entries).
+Does not own: what the buffers hold, locking (the callers serialize their use), the malloc setting
+(serving/heap.py).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+# Elements per isfinite: temporaries under glibc's trim threshold (128 KiB), so the heap's top is not given
+# back and grown (faulted in) again at every chunk. np.isfinite makes a bool temporary (64 KiB);
+# torch.isfinite float ones too (64 KiB for float32).
+_NUMPY_CHUNK = 1 << 16
+_TORCH_CHUNK = 1 << 14
+
+
+def all_finite(x: np.ndarray | torch.Tensor) -> bool:
+    """No element of `x` is NaN or infinite, checked in chunks whose temporaries stay below the mmap
+    threshold (as fast as one isfinite over a float32 tile or image here); a device tensor at once."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        if x.device.type != "cpu" or not x.is_contiguous():  # (a flat view of the latter would be a copy)
+            return bool(torch.isfinite(x).all())
+        if x.dtype == torch.bfloat16:  # no numpy view of it
+            flat = x.reshape(-1)
+            return all(bool(torch.isfinite(flat[i:i + _TORCH_CHUNK]).all())
+                       for i in range(0, flat.numel(), _TORCH_CHUNK))
+        x = x.numpy()
+    if not np.issubdtype(x.dtype, np.inexact):
+        return True
+    if not x.flags.c_contiguous:  # a flat view would be a copy
+        return bool(np.isfinite(x).all())
+    flat = x.reshape(-1)
+    return all(bool(np.isfinite(flat[i:i + _NUMPY_CHUNK]).all()) for i in range(0, flat.size, _NUMPY_CHUNK))
+
+
+class HostBuffers:
+    """`get(name, shape, dtype)` -> a view of the buffer `name`, grown (never shrunk) when too small.
+    The view is valid until the next get of the same name; its contents are whatever was there. Pinned
+    when `pin` (a CUDA device's host side). Not thread-safe: the caller holds a lock around a use."""
+
+    def __init__(self, pin: bool = False):
+        self.pin = pin
+        self._buffers: dict[str, torch.Tensor] = {}
+        self.grown = 0  # buffers allocated (a new name, or grown): each is fresh memory to fault in
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.dtype != dtype or buf.numel() < numel:
+            buf = torch.empty(max(numel, 1), dtype=dtype, pin_memory=self.pin)
+            self._buffers[name] = buf
+            self.grown += 1
+        return buf[:numel].view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
+class SlotPool:
+    """Tensors of one shape and dtype, made `block` at a time (one allocation each block, at most `limit`
+    slots in all), taken and given back: a slot freed by an eviction holds the next entry, so its pages
+    are faulted in once. Not thread-safe (the cache's lock covers it)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, limit: int, block: int = 16):
+        self.shape, self.dtype, self.limit, self.block = tuple(shape), dtype, limit, block
+        self.made = 0
+        self._free: list[torch.Tensor] = []
+
+    def take(self) -> torch.Tensor | None:
+        """A free slot, or None when `limit` slots are out."""
+        if not self._free:
+            n = min(self.block, self.limit - self.made)
+            if n <= 0:
+                return None
+            self._free = list(torch.empty((n, *self.shape), dtype=self.dtype).unbind(0))[::-1]
+            self.made += n
+        return self._free.pop()
+
+    def give(self, slot: torch.Tensor) -> None:
+        self._free.append(slot)
