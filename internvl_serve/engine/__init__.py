@@ -9,6 +9,7 @@
     attention.py      paged attention: per-step metadata, KV write, the varlen kernel (CUDA) or reference SDPA
     llama.py          our LLaMA forward over the paged KV cache (same weights as HF)
     runner.py         ModelRunner: weights + KV tensors; runs one scheduled batch
+    kv_cache.py       the KV cache's layout and size (blocks that fit after a profile forward)
     sampler.py        greedy / temperature / top-k / top-p / repetition penalty
     detokenizer.py    IncrementalDetokenizer: text deltas from the cumulative decode (the one strip)
     stopping.py       the end of an answer: StopChecker (stop tokens, length; the engine) and AnswerText

@@ -4,10 +4,8 @@ One step: build the flattened inputs (token ids -> embed_tokens, then the image 
 <IMG_CONTEXT> positions of the chunk being prefilled), the attention metadata (slots, block tables),
 run llama.forward with logits only for the sequences that sample, and sample one token each.
 
-KV cache: one tensor (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim) in the model dtype;
-layer i uses the views [i, 0] (K) and [i, 1] (V), each (num_blocks, block_size, Hkv, D), the layout of
-vLLM/FlashAttention paged caches. On CUDA, num_blocks=None sizes it from the free GPU memory after the
-weights are loaded and a profile forward of max_num_batched_tokens tokens has measured activations.
+KV cache: allocated here, after the weights (and int8 quantization), in kv_cache.py's layout; with
+num_blocks=None sized by kv_cache.py (on CUDA from the free GPU memory after a profile forward).
 
 Overlap scheduling: launch(batch, prev) queues one step on the device and returns a StepFuture at
 once; the sampled tokens stay on the device and are copied to pinned host memory behind an event.
@@ -17,7 +15,8 @@ prev.tokens (torch.where + gather into the graph's static buffer or the eager id
 Every host->device copy of a step goes through pinned memory (non_blocking), so nothing on the step
 path waits for the device; the host waits only in StepFuture.result(). execute() = launch + result.
 
-Does not own: which sequences run (scheduler.py), block ids (block_manager.py), text (detokenizer.py).
+Does not own: which sequences run (scheduler.py), block ids (block_manager.py), the cache's layout and
+size (kv_cache.py), text (detokenizer.py).
 """
 from __future__ import annotations
 
@@ -27,6 +26,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from internvl_serve.engine import kv_cache
 from internvl_serve.engine.attention import AttentionFn, build_attention_metadata, paged_attention
 from internvl_serve.engine.llama import LlamaArgs, load_llama
 from internvl_serve.engine.parallel import DecodeStep, EagerStep, StepChannel, TensorParallel
@@ -34,9 +34,6 @@ from internvl_serve.engine.quantize import quantize_model_, validate_quantizatio
 from internvl_serve.engine.sampler import SamplingBatch, sample_tokens
 from internvl_serve.engine.scheduler import ScheduledBatch
 from internvl_serve.engine.sequence import Sequence
-
-CPU_DEFAULT_NUM_BLOCKS = 512
-MAX_GATHER_TOKENS = 32768  # the reference attention's K/V gather per SDPA call (tokens, all layers share it)
 
 
 class BlockTableBuffer:
@@ -114,9 +111,6 @@ class StepFuture:
         return self._result
 
 
-CUDA_CONTEXT_BYTES = 600 * 2**20  # a CUDA context and cuBLAS workspaces, outside torch's allocator
-
-
 class ModelRunner:
     end_token_ids: tuple[int, ...] = ()  # the engine's end tokens: masked in rows below their min_tokens
 
@@ -153,20 +147,21 @@ class ModelRunner:
         self.channel = (StepChannel(self.tp, self.device, self.args.hidden_size, self.dtype)
                         if self.tp.enabled else None)
         a = self.model.local_args  # this rank's heads
-        self.bytes_per_block = (a.num_hidden_layers * 2 * block_size * a.num_key_value_heads * a.head_dim
-                                * torch.empty((), dtype=self.dtype).element_size())
+        self.bytes_per_block = kv_cache.bytes_per_block(a, block_size, self.dtype)
         if num_blocks is None:
             if self.device.type == "cuda":
-                num_blocks = self._auto_num_blocks(gpu_memory_utilization, max_num_batched_tokens, max_num_seqs)
+                num_blocks = kv_cache.auto_num_blocks(
+                    self.model, block_size=block_size, dtype=self.dtype, device=self.device,
+                    utilization=gpu_memory_utilization, max_num_batched_tokens=max_num_batched_tokens,
+                    max_num_seqs=max_num_seqs, reserved_bytes=self.reserved_bytes)
             else:
-                num_blocks = max(CPU_DEFAULT_NUM_BLOCKS, math.ceil(a.max_position_embeddings / block_size) + 1)
+                num_blocks = kv_cache.cpu_num_blocks(a, block_size)
         num_blocks = self.tp.min_across_ranks(num_blocks, self.device)  # the same cache on every rank
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
-        self.kv_cache = torch.zeros(a.num_hidden_layers, 2, num_blocks, block_size, a.num_key_value_heads,
-                                    a.head_dim, dtype=self.dtype, device=self.device)
-        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(a.num_hidden_layers)]
+        self.kv_cache, self.kv_caches = kv_cache.allocate(a, num_blocks, block_size, dtype=self.dtype,
+                                                          device=self.device)
         self.max_model_len = min(a.max_position_embeddings, num_blocks * block_size)
         self._tables = BlockTableBuffer(math.ceil(self.max_model_len / block_size))
         self._generators: dict[str, torch.Generator] = {}
@@ -202,52 +197,6 @@ class ModelRunner:
                 "num_tokens": self.num_blocks * self.block_size, "bytes": self.num_blocks * self.bytes_per_block,
                 "bytes_per_block": self.bytes_per_block, "dtype": str(self.dtype).replace("torch.", ""),
                 "device": str(self.device)}
-
-    # -- cache sizing (CUDA) -----------------------------------------------------------------------
-    def _auto_num_blocks(self, utilization: float, max_num_batched_tokens: int, max_num_seqs: int) -> int:
-        """Blocks that fit in total * utilization, after the weights, the CUDA context and the peak
-        activations of a profile forward of max_num_batched_tokens tokens (plus the sampler's and the
-        reference attention's largest gathers, which the profile does not reach)."""
-        a = self.model.local_args
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        base = torch.cuda.memory_allocated(self.device)
-        self._profile_forward(min(max_num_batched_tokens, a.max_position_embeddings - 1), max_num_seqs)
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - base
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(self.device)
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        gather = MAX_GATHER_TOKENS * 2 * a.num_attention_heads * a.head_dim * elem * 2
-        sampler = min(max_num_seqs, max_num_batched_tokens) * a.vocab_size * 4 * 6
-        # Memory in use: what the device reports, or at least our own (+ CUDA context) plus what the
-        # other models will take once loaded, whichever is larger (they may load after us).
-        own = torch.cuda.memory_reserved(self.device) + CUDA_CONTEXT_BYTES
-        in_use = max(total - free, own + self.reserved_bytes)
-        available = total * utilization - in_use - peak - gather - sampler
-        num_blocks = int(available // self.bytes_per_block)
-        if num_blocks < 1:
-            raise RuntimeError(f"no GPU memory left for the KV cache: total {total / 2**30:.1f} GiB, in use "
-                               f"{(total - free) / 2**30:.1f} GiB, activations {peak / 2**30:.2f} GiB, "
-                               f"gpu_memory_utilization {utilization}")
-        return num_blocks
-
-    @torch.inference_mode()
-    def _profile_forward(self, num_tokens: int, max_num_seqs: int) -> None:
-        a, bs = self.model.local_args, self.block_size
-        nb = math.ceil(num_tokens / bs)
-        cache = torch.zeros(a.num_hidden_layers, 2, nb, bs, a.num_key_value_heads, a.head_dim,
-                            dtype=self.dtype, device=self.device)
-        caches = [(cache[i, 0], cache[i, 1]) for i in range(a.num_hidden_layers)]
-        tables = torch.arange(nb, dtype=torch.int32, device=self.device)[None]
-        meta, positions = build_attention_metadata([num_tokens], [0], tables, bs,
-                                                   max_gather_tokens=MAX_GATHER_TOKENS)
-        embeds = self.model.embed(torch.zeros(num_tokens, dtype=torch.long, device=self.device))
-        n_logits = min(num_tokens, max_num_seqs)
-        idx = torch.arange(num_tokens - n_logits, num_tokens, device=self.device)
-        self.model(embeds, positions, caches, meta, idx)
-        del cache, caches
 
     # -- one step ----------------------------------------------------------------------------------
     def release(self, request_id: str) -> None:
@@ -350,7 +299,7 @@ class ModelRunner:
     def _forward_eager(self, step: EagerStep) -> torch.Tensor:
         tables = self._h2d(step.tables)
         meta, positions = build_attention_metadata(step.q_lens, step.ctx_lens, tables, self.block_size,
-                                                   max_gather_tokens=MAX_GATHER_TOKENS)
+                                                   max_gather_tokens=kv_cache.MAX_GATHER_TOKENS)
         logits_idx = self._h2d(step.logits_rows)
         return self.model(step.embeds, positions, self.kv_caches, meta, logits_idx)
 
