@@ -32,15 +32,18 @@ class TritonPythonModel:
         cache_image_blocks()  # ... and Pillow's image blocks reused, not faulted in anew per image
 
     def execute(self, requests):
-        return [self._one(request) for request in requests]
+        # each request's pixel values in its own reused buffer (Preprocessor's output_slot: no fresh mapping to
+        # fault in per request, serving/heap.py), valid until the next execute; the python backend copies the
+        # responses to shared memory right after execute returns (python_backend's Stub::ProcessReturnedResponses)
+        return [self._one(request, slot) for slot, request in enumerate(requests)]
 
-    def _one(self, request):
+    def _one(self, request, slot):
         try:
             inputs = read_inputs(request.inputs(), CHAT_INPUTS + GENERATION_INPUTS)  # shapes first
             check_request_parameters(request.parameters())
             chat = parse_chat_request(inputs, self.limits)
             parse_generation_request(inputs, self.limits)  # fail before the vision model runs
-            out = self.preprocessor(chat)
+            out = self.preprocessor(chat, output_slot=slot)
         except self.client_errors as e:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
         except Exception as e:
