@@ -29,7 +29,7 @@ from internvl_serve.tokenizer import load_tokenizer
 @dataclass(frozen=True)
 class Preprocessed:
     input_ids: np.ndarray  # (T,) int32, <IMG_CONTEXT> * num_image_token per image, BOS first
-    pixel_values: np.ndarray  # (N, 3, S, S) float32, N = images or frames (0 for text)
+    pixel_values: np.ndarray  # (N, 3, S, S) float32, N = images or frames (0 for text); output_slot: a reused view
 
 
 class Preprocessor:

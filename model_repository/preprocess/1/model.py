@@ -1,5 +1,6 @@
 """Triton adapter for internvl_serve.serving.preprocess.Preprocessor: request tensors -> input_ids
-(T,) and pixel_values (1, N, 3, 448, 448). A bad request (request parameters included: the contract has
+(T,) and pixel_values (1, N, 3, 448, 448), the latter views of the service's reused buffers (one per request
+of an execute: Preprocessor's output_slot). A bad request (request parameters included: the contract has
 none) gets INVALID_ARG with a message naming the input; the other requests of the same execute() are
 unaffected. The limits come from config.pbtxt `parameters`; a bad value fails the load."""
 import json
