@@ -95,6 +95,26 @@ def test_output_slots_reuse_their_buffer_until_the_next_call_with_the_slot(prepr
     assert not any(np.shares_memory(mine, slot) for mine in owned.values() for slot in (first, second, grown))
 
 
+def test_the_preprocess_service_runs_without_torch(tiny_checkpoint):
+    """The preprocess stubs run without torch (its config.pbtxt: "no torch here"): the service, its
+    reused buffers (hostbuf.py) included, must not import it."""
+    from fault_probe import run_probe
+
+    probe = """
+import sys
+from internvl_serve.serving.contract import ChatRequest
+from internvl_serve.serving.preprocess import Preprocessor
+import io
+from PIL import Image
+
+image = io.BytesIO()
+Image.new("RGB", (64, 48), (1, 2, 3)).save(image, "PNG")
+Preprocessor(sys.argv[1])(ChatRequest(question="Describe.", images=[image.getvalue()]), output_slot=0)
+print("torch" in sys.modules)
+"""
+    assert run_probe(probe, tiny_checkpoint).strip() == "False"
+
+
 def test_video_frames(preprocessor, tiny_video_bytes):
     out = preprocessor(ChatRequest(question="What happens?", video=tiny_video_bytes, num_segments=4))
     assert out.pixel_values.shape == (4, 3, 448, 448)
