@@ -5,18 +5,23 @@ touched once and reused.
 
 Owns: `all_finite`, the NaN/inf check of request tensors without temporaries their size (torch.isfinite
 of one V1-1 image's float32 embeddings makes ~11 MB of them: ~1.7 page faults per page of the input);
-`HostBuffers`, named flat buffers grown on demand (page-locked on CUDA, so host<->device copies
-from and to them are real async copies), handed out as views; `SlotPool`, fixed-shape tensors made in
-blocks, handed out and given back (the embedding cache's entries).
+`HostBuffers`, named flat buffers grown on demand (torch tensors, page-locked on CUDA so host<->device
+copies from and to them are real async copies, or numpy arrays for a process without torch: the preprocess
+stub's pixel values), handed out as views; `SlotPool`, fixed-shape tensors made in blocks, handed out and
+given back (the embedding cache's entries). torch is imported only where a torch buffer is asked for.
 Does not own: what the buffers hold, locking (the callers serialize their use), the malloc setting
 (serving/heap.py).
 """
 from __future__ import annotations
 
 import math
+import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 # Elements per isfinite: temporaries under glibc's trim threshold (128 KiB), so the heap's top is not given
 # back and grown (faulted in) again at every chunk. np.isfinite makes a bool temporary (64 KiB);
@@ -28,7 +33,8 @@ _TORCH_CHUNK = 1 << 14
 def all_finite(x: np.ndarray | torch.Tensor) -> bool:
     """No element of `x` is NaN or infinite, checked in chunks whose temporaries stay below the mmap
     threshold (as fast as one isfinite over a float32 tile or image here); a device tensor at once."""
-    if isinstance(x, torch.Tensor):
+    torch = sys.modules.get("torch")  # x is no tensor where torch was never imported
+    if torch is not None and isinstance(x, torch.Tensor):
         x = x.detach()
         if x.device.type != "cpu" or not x.is_contiguous():  # (a flat view of the latter would be a copy)
             return bool(torch.isfinite(x).all())
@@ -46,27 +52,38 @@ def all_finite(x: np.ndarray | torch.Tensor) -> bool:
 
 
 class HostBuffers:
-    """`get(name, shape, dtype)` -> a view of the buffer `name`, grown (never shrunk) when too small.
-    The view is valid until the next get of the same name; its contents are whatever was there. Pinned
-    when `pin` (a CUDA device's host side). Not thread-safe: the caller holds a lock around a use."""
+    """`get(name, shape, dtype)` -> a view of the buffer `name`, grown (never shrunk) when too small: a
+    torch tensor for a torch dtype (pinned when `pin`, a CUDA device's host side), a numpy array for a
+    numpy one. The view is valid until the next get of the same name (one that grows the buffer leaves
+    the earlier views on the old one, which they keep alive); its contents are whatever was there. Not
+    thread-safe: the caller holds a lock around a use."""
 
     def __init__(self, pin: bool = False):
         self.pin = pin
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._buffers: dict[str, torch.Tensor | np.ndarray] = {}
         self.grown = 0  # buffers allocated (a new name, or grown): each is fresh memory to fault in
 
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def get(self, name: str, shape: tuple[int, ...], dtype) -> torch.Tensor | np.ndarray:
         numel = math.prod(shape)
+        torch = sys.modules.get("torch")
+        is_torch = torch is not None and isinstance(dtype, torch.dtype)
+        if not is_torch:
+            dtype = np.dtype(dtype)
+            if self.pin:
+                raise ValueError(f"host buffer {name!r}: a pinned buffer needs a torch dtype, got {dtype}")
         buf = self._buffers.get(name)
-        if buf is None or buf.dtype != dtype or buf.numel() < numel:
-            buf = torch.empty(max(numel, 1), dtype=dtype, pin_memory=self.pin)
+        if (buf is None or isinstance(buf, np.ndarray) == is_torch or buf.dtype != dtype
+                or (buf.numel() if is_torch else buf.size) < numel):
+            buf = (torch.empty(max(numel, 1), dtype=dtype, pin_memory=self.pin) if is_torch
+                   else np.empty(max(numel, 1), dtype=dtype))
             self._buffers[name] = buf
             self.grown += 1
-        return buf[:numel].view(shape)
+        view = buf[:numel]
+        return view.view(shape) if is_torch else view.reshape(shape)
 
     @property
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+        return sum(b.nbytes for b in self._buffers.values())
 
 
 class SlotPool:
@@ -85,6 +102,8 @@ class SlotPool:
             n = min(self.block, self.limit - self.made)
             if n <= 0:
                 return None
+            import torch
+
             self._free = list(torch.empty((n, *self.shape), dtype=self.dtype).unbind(0))[::-1]
             self.made += n
         return self._free.pop()

@@ -162,9 +162,17 @@ def to_tile(img: Image.Image, size: int = 448) -> Image.Image:
 
 
 def to_pixel_values(images: Sequence[Image.Image], size: int = 448, mean: Sequence[float] = IMAGENET_MEAN,
-                    std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
-    """RGB images -> (N, 3, size, size) float32: the card's resize then CLIPImageProcessor's arithmetic."""
-    out = np.empty((len(images), 3, size, size), dtype=np.float32)
+                    std: Sequence[float] = IMAGENET_STD, *, out: np.ndarray | None = None) -> np.ndarray:
+    """RGB images -> (N, 3, size, size) float32: the card's resize then CLIPImageProcessor's arithmetic.
+
+    out: a C-contiguous float32 array of that shape to write into (and return), such as a reused host
+    buffer (internvl_serve/hostbuf.py); by default a new array."""
+    shape = (len(images), 3, size, size)
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"out must be a writeable C-contiguous float32 array of shape {shape}, "
+                         f"got {out.dtype} {out.shape}")
     # CLIPImageProcessor: shortest-edge resize and centre crop are no-ops at (size, size);
     # rescale: uint8 * (1/255) -> float32; normalize: float32 (x - mean) / std, channels last.
     # Each output value depends only on its byte and channel, so the arithmetic is done once for the 256

@@ -24,7 +24,8 @@ adapters set it for preprocess, and for vision and llm when they run on a GPU.
 The cost is per buffer allocated, so the request paths reuse their large host buffers instead
 (internvl_serve/hostbuf.py): the vision service its pixel staging, output and cache slots, the NaN
 checks no temporaries the size of the tensor; and preprocess keeps a few of Pillow's image blocks for
-the next image (cache_image_blocks: Pillow frees every block of a decoded or resized image by default).
+the next image (cache_image_blocks: Pillow frees every block of a decoded or resized image by default)
+and writes each request's pixel values into a reused buffer (Preprocessor's output_slot).
 """
 from __future__ import annotations
 

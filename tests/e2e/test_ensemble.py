@@ -178,6 +178,34 @@ def test_sixteen_concurrent_streams_each_get_their_own_answer(server, oracle):
     assert inferences == 16 and executions < inferences  # the vision model batched requests together
 
 
+def test_concurrent_preprocess_calls_each_get_their_own_pixel_values(server, tiny_checkpoint):
+    """The preprocess adapter answers with views of reused buffers (Preprocessor's output_slot,
+    internvl_serve/hostbuf.py), valid until its next execute: requests sent at once to its two instances
+    (new images, one or two each, so the buffers also grow) must each get exactly their own images' pixel
+    values and prompt, as the service computes them in this process."""
+    import tritonclient.grpc as grpcclient
+
+    from internvl_serve.serving.contract import ChatRequest
+    from internvl_serve.serving.preprocess import Preprocessor
+
+    question = "<image>\nDescribe the image."
+    cases = [[image_bytes(200 + k, size=(96 + 8 * k, 80))] + ([image_bytes(300 + k)] if k % 3 == 1 else [])
+             for k in range(12)]
+    url = server.triton_grpc_url  # tritonserver itself: the composing models too
+
+    def call(images):
+        client = grpcclient.InferenceServerClient(url)
+        result = client.infer("preprocess", make_inputs(text_input=question, images=images))
+        return result.as_numpy("input_ids"), result.as_numpy("pixel_values")
+
+    answers = in_parallel([lambda images=images: call(images) for images in cases])
+    preprocessor = Preprocessor(tiny_checkpoint)
+    for images, (ids, pixels) in zip(cases, answers):
+        want = preprocessor(ChatRequest(question=question, images=images))
+        assert np.array_equal(ids, want.input_ids)
+        assert pixels.shape == (1, *want.pixel_values.shape) and np.array_equal(pixels[0], want.pixel_values)
+
+
 # ---- streaming and response shaping -------------------------------------------------------------------
 
 

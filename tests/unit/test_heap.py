@@ -7,11 +7,9 @@ cache_image_blocks: with that setting, decoding and resizing a new image (prepro
 in far fewer pages when Pillow keeps its freed blocks (minor page faults, getrusage)."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
+from fault_probe import run_probe
 from internvl_serve.serving.heap import cache_image_blocks, mmap_large_allocations
 
 PROBE = """
@@ -65,9 +63,7 @@ print(before - libc.mallinfo2().arena)  # bytes handed back to the system
 
 
 def heap_bytes_handed_back(mode: str) -> int:
-    run = subprocess.run([sys.executable, "-c", TOP_PROBE, mode], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    return int(run.stdout)
+    return int(run_probe(TOP_PROBE, mode))
 
 
 def test_a_freed_block_below_the_threshold_stays_in_the_heap():
@@ -76,9 +72,7 @@ def test_a_freed_block_below_the_threshold_stays_in_the_heap():
 
 
 def mmapped_blocks(mode: str) -> int:
-    run = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
-    return int(run.stdout)
+    return int(run_probe(PROBE, mode))
 
 
 def test_large_blocks_stay_mmapped_with_the_setting():
@@ -119,9 +113,7 @@ print(faults() - before)
 
 
 def image_faults(mode: str) -> int:
-    run = subprocess.run([sys.executable, "-c", IMAGE_PROBE, mode], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    return int(run.stdout)
+    return int(run_probe(IMAGE_PROBE, mode))
 
 
 def test_kept_image_blocks_spare_the_page_faults_of_a_new_images_decode_and_resize():

@@ -73,6 +73,48 @@ def test_images_expand_to_their_tokens(preprocessor):
     assert len(separate.input_ids) > len(out.input_ids)  # two <img></img> blocks and the labels
 
 
+def test_output_slots_reuse_their_buffer_until_the_next_call_with_the_slot(preprocessor):
+    """output_slot (the adapter: each request's index in its execute) writes the pixel values into that
+    slot's reused buffer: the same values as a call without one, kept until the slot is used again, by
+    another slot's calls too; a call without a slot gets an array of its own."""
+    def call(seeds, slot=None):
+        return preprocessor(ChatRequest(question="Describe.", images=[png(s) for s in seeds]),
+                            output_slot=slot).pixel_values
+
+    owned = {seeds: call(seeds) for seeds in [(1,), (2, 3), (4,)]}
+    first, second = call((1,), slot=0), call((2, 3), slot=1)
+    assert np.array_equal(first, owned[(1,)]) and np.array_equal(second, owned[(2, 3)])
+    assert not np.shares_memory(first, second)
+    call((2, 3))                                               # a call without a slot leaves both
+    assert np.array_equal(first, owned[(1,)]) and np.array_equal(second, owned[(2, 3)])
+    third = call((4,), slot=0)                                 # slot 0 again: its buffer, the new values
+    assert np.shares_memory(first, third) and np.array_equal(third, owned[(4,)])
+    assert np.array_equal(second, owned[(2, 3)])
+    grown = call((2, 3), slot=0)                               # larger than slot 0's buffer: it grows
+    assert np.array_equal(grown, owned[(2, 3)]) and np.array_equal(third, owned[(4,)])  # the old one lives on
+    assert not any(np.shares_memory(mine, slot) for mine in owned.values() for slot in (first, second, grown))
+
+
+def test_the_preprocess_service_runs_without_torch(tiny_checkpoint):
+    """The preprocess stubs run without torch (its config.pbtxt: "no torch here"): the service, its
+    reused buffers (hostbuf.py) included, must not import it."""
+    from fault_probe import run_probe
+
+    probe = """
+import sys
+from internvl_serve.serving.contract import ChatRequest
+from internvl_serve.serving.preprocess import Preprocessor
+import io
+from PIL import Image
+
+image = io.BytesIO()
+Image.new("RGB", (64, 48), (1, 2, 3)).save(image, "PNG")
+Preprocessor(sys.argv[1])(ChatRequest(question="Describe.", images=[image.getvalue()]), output_slot=0)
+print("torch" in sys.modules)
+"""
+    assert run_probe(probe, tiny_checkpoint).strip() == "False"
+
+
 def test_video_frames(preprocessor, tiny_video_bytes):
     out = preprocessor(ChatRequest(question="What happens?", video=tiny_video_bytes, num_segments=4))
     assert out.pixel_values.shape == (4, 3, 448, 448)

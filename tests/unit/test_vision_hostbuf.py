@@ -8,14 +8,12 @@ temporaries their size either (torch.isfinite did: ~1.7 faults per page checked)
 and infinity. Also: the reuse_output contract, and the cache's slots reused after an eviction."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import torch
 
 import pytest
 
+from fault_probe import run_probe
 from internvl_serve.hostbuf import HostBuffers, SlotPool, all_finite
 from internvl_serve.serving.vision import EmbeddingCache, VisionService
 
@@ -47,10 +45,7 @@ print(host_faults, moved // 4096)
 
 
 def test_an_embed_of_new_tiles_faults_in_almost_none_of_its_host_buffers(tiny_checkpoint):
-    run = subprocess.run([sys.executable, "-c", PROBE, str(tiny_checkpoint)], capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr
-    host_faults, pages = map(int, run.stdout.split())
+    host_faults, pages = map(int, run_probe(PROBE, tiny_checkpoint).split())
     assert pages > 4000                 # 8 tiles: 19 MB of pixels in, 1 MB of embeddings out
     assert host_faults < pages / 10, (host_faults, pages)   # the original code: ~2 faults per page moved
 
@@ -82,9 +77,7 @@ print(faults() - before, (embeds.numel() * 4 + pixels.nbytes) // 4096)
 
 
 def test_the_finiteness_checks_of_request_tensors_make_no_temporaries_their_size():
-    run = subprocess.run([sys.executable, "-c", FINITE_PROBE], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    check_faults, pages = map(int, run.stdout.split())
+    check_faults, pages = map(int, run_probe(FINITE_PROBE).split())
     assert pages > 4000 and check_faults < pages / 10, (check_faults, pages)   # torch.isfinite: ~1.7 a page
 
 
@@ -149,6 +142,16 @@ def test_host_buffers_grow_only_when_too_small_and_slot_pool_limit():
     assert a.data_ptr() == b.data_ptr() and buffers.grown == 1
     c = buffers.get("x", (4, 3), torch.float32)
     assert c.shape == (4, 3) and buffers.grown == 2 and buffers.nbytes == 48
+    d = buffers.get("y", (2, 2), np.float32)                  # a numpy dtype: a numpy buffer (no torch needed)
+    assert isinstance(d, np.ndarray) and d.shape == (2, 2) and buffers.grown == 3
+    d[:] = 7
+    e = buffers.get("y", (3,), np.float32)
+    assert np.shares_memory(d, e) and buffers.grown == 3 and buffers.nbytes == 48 + 16
+    f = buffers.get("y", (5,), np.float32)                    # grown: the earlier views keep the old buffer
+    assert not np.shares_memory(d, f) and (d == 7).all() and buffers.grown == 4
+    assert isinstance(buffers.get("y", (2,), torch.float32), torch.Tensor) and buffers.grown == 5
+    with pytest.raises(ValueError, match="a pinned buffer needs a torch dtype"):
+        HostBuffers(pin=True).get("z", (1,), np.float32)
     pool = SlotPool((2,), torch.float32, limit=3, block=2)
     taken = [pool.take() for _ in range(3)]
     assert pool.take() is None and pool.made == 3

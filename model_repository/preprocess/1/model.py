@@ -1,5 +1,6 @@
 """Triton adapter for internvl_serve.serving.preprocess.Preprocessor: request tensors -> input_ids
-(T,) and pixel_values (1, N, 3, 448, 448). A bad request (request parameters included: the contract has
+(T,) and pixel_values (1, N, 3, 448, 448), the latter views of the service's reused buffers (one per request
+of an execute: Preprocessor's output_slot). A bad request (request parameters included: the contract has
 none) gets INVALID_ARG with a message naming the input; the other requests of the same execute() are
 unaffected. The limits come from config.pbtxt `parameters`; a bad value fails the load."""
 import json
@@ -32,15 +33,18 @@ class TritonPythonModel:
         cache_image_blocks()  # ... and Pillow's image blocks reused, not faulted in anew per image
 
     def execute(self, requests):
-        return [self._one(request) for request in requests]
+        # each request's pixel values in its own reused buffer (Preprocessor's output_slot: no fresh mapping to
+        # fault in per request, serving/heap.py), valid until the next execute; the python backend copies the
+        # responses to shared memory right after execute returns (python_backend's Stub::ProcessReturnedResponses)
+        return [self._one(request, slot) for slot, request in enumerate(requests)]
 
-    def _one(self, request):
+    def _one(self, request, slot):
         try:
             inputs = read_inputs(request.inputs(), CHAT_INPUTS + GENERATION_INPUTS)  # shapes first
             check_request_parameters(request.parameters())
             chat = parse_chat_request(inputs, self.limits)
             parse_generation_request(inputs, self.limits)  # fail before the vision model runs
-            out = self.preprocessor(chat)
+            out = self.preprocessor(chat, output_slot=slot)
         except self.client_errors as e:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
         except Exception as e:
