@@ -12,31 +12,7 @@ import pytest
 from fault_probe import run_probe
 from internvl_serve.serving.heap import cache_image_blocks, mmap_large_allocations
 
-PROBE = """
-import ctypes, sys
-from internvl_serve.serving.heap import mmap_large_allocations
-
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
-
-libc = ctypes.CDLL("libc.so.6")
-libc.mallinfo2.restype = MallInfo2
-libc.malloc.restype = ctypes.c_void_p
-libc.malloc.argtypes = (ctypes.c_size_t,)
-libc.free.argtypes = (ctypes.c_void_p,)
-if sys.argv[1] == "set":
-    assert mmap_large_allocations()
-libc.free(libc.malloc(2 << 20))           # a 2 MiB block freed: glibc's default raises its threshold past it
-before = libc.mallinfo2().hblks
-block = libc.malloc(2 << 20)
-print(libc.mallinfo2().hblks - before)    # 1: the new block is an mmap; 0: it came from the heap
-libc.free(block)
-"""
-
-
-TOP_PROBE = """
+MALLOC = """
 import ctypes, sys
 from internvl_serve.serving.heap import LARGE_BUFFER_BYTES, M_MMAP_THRESHOLD, mmap_large_allocations
 
@@ -52,8 +28,19 @@ libc.malloc.argtypes = (ctypes.c_size_t,)
 libc.free.argtypes = (ctypes.c_void_p,)
 if sys.argv[1] == "set":
     assert mmap_large_allocations()
-else:  # the mmap threshold alone
+elif sys.argv[1] == "mmap-threshold-only":
     assert libc.mallopt(M_MMAP_THRESHOLD, LARGE_BUFFER_BYTES) == 1
+"""  # a probe's first lines: glibc's malloc through ctypes, the setting by argv[1] (else glibc's default)
+
+PROBE = MALLOC + """
+libc.free(libc.malloc(2 << 20))           # a 2 MiB block freed: glibc's default raises its threshold past it
+before = libc.mallinfo2().hblks
+block = libc.malloc(2 << 20)
+print(libc.mallinfo2().hblks - before)    # 1: the new block is an mmap; 0: it came from the heap
+libc.free(block)
+"""
+
+TOP_PROBE = MALLOC + """
 block = libc.malloc(LARGE_BUFFER_BYTES // 2)  # 512 KiB: from the heap, at its top
 ctypes.memset(block, 1, LARGE_BUFFER_BYTES // 2)
 before = libc.mallinfo2().arena
