@@ -23,9 +23,9 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-# Elements per isfinite: temporaries under glibc's trim threshold (128 KiB), so the heap's top is not given
-# back and grown (faulted in) again at every chunk. np.isfinite makes a bool temporary (64 KiB);
-# torch.isfinite float ones too (64 KiB for float32).
+# Elements per isfinite: temporaries under 128 KiB, glibc's trim threshold where nothing else sets it (heap.py's
+# setting keeps 32 MiB), so the heap's top is not given back and faulted in again at every chunk.
+# np.isfinite makes a bool temporary (64 KiB); torch.isfinite float ones too (64 KiB for float32).
 _NUMPY_CHUNK = 1 << 16
 _TORCH_CHUNK = 1 << 14
 
