@@ -221,7 +221,7 @@ class VisionOptions:
 def quantize_vision_fp8_(encoder: torch.nn.Module) -> torch.nn.Module:
     """The vision model's `quantization: fp8`: every block's qkv, proj, fc1 and fc2 become Fp8Linears,
     in place (before the blocks are compiled). The embeddings then differ from the model dtype's by a few
-    per cent (tests/unit/test_vision.py measures it), so answers can change: an opt-in for throughput."""
+    per cent (tests/unit/test_vision_fp8.py measures it), so answers can change: an opt-in for throughput."""
     layers = encoder.vision_model.encoder.layers
     replaced = quantize_linears_fp8_(layers, VISION_BLOCK_LINEARS)
     if replaced != len(VISION_BLOCK_LINEARS) * len(layers):
