@@ -49,7 +49,8 @@ def layout_from_args(args: argparse.Namespace):
         gpus = tuple(int(g) for g in args.gpus.split(",") if g.strip())
         return Layout(gpus=gpus, tensor_parallel_size=args.tensor_parallel_size,
                       llm_parameters=parse_key_values(args.llm_param),
-                      vision_parameters=parse_key_values(args.vision_param)).validate()
+                      vision_parameters=parse_key_values(args.vision_param),
+                      preprocess_instances=args.preprocess_instances).validate()
     except ValueError as e:
         raise LaunchError(f"layout: {e}") from None
 
@@ -72,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpus", default="", help="GPUs to serve on, e.g. 0,1: one vision and one llm instance "
                    "per GPU (data parallel), or with --tensor-parallel-size the GPUs of one split llm")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="split the LLM over this many GPUs")
+    p.add_argument("--preprocess-instances", type=int, default=None, metavar="N",
+                   help="processes decoding images (default: one per 4 CPU cores, at most 8, and at least "
+                        "the repository's 2: serving/layout.py)")
     p.add_argument("--llm-param", action="append", default=[], metavar="KEY=VALUE",
                    help="override a parameter of model_repository/llm/config.pbtxt (repeatable)")
     p.add_argument("--vision-param", action="append", default=[], metavar="KEY=VALUE",

@@ -1,6 +1,7 @@
 """A full engine queue on a real tritonserver: with max_pending_requests 1 (set through the launcher's
 layout, as `--llm-param max_pending_requests=1` does), a second request while one generates is refused
-at once with UNAVAILABLE naming the limit, and is served once the first is cancelled."""
+at once with UNAVAILABLE naming the limit, and is served once the first is cancelled. The same layout
+asks for 3 preprocess instances (`--preprocess-instances 3`): three preprocess stubs run."""
 from __future__ import annotations
 
 import queue
@@ -19,7 +20,7 @@ from internvl_serve.serving.layout import Layout
 def server(tiny_checkpoint, tmp_path_factory):
     log = tmp_path_factory.mktemp("triton-busy") / "server.log"
     with TritonServer(tiny_checkpoint, log_file=log, exit_timeout_s=5, ready_timeout_s=300,
-                      layout=Layout(llm_parameters={"max_pending_requests": "1"})) as s:
+                      layout=Layout(llm_parameters={"max_pending_requests": "1"}, preprocess_instances=3)) as s:
         yield s
 
 KEY = "b" * 32  # the long request's cancel_key (docs/contract.md, Cancellation)
@@ -55,3 +56,8 @@ def test_a_full_engine_refuses_with_a_clear_error_then_serves_again(server):
             break
     assert answer.error is None, answer.error
     assert answer.finals == 1 and answer.num_output_tokens <= 4
+
+
+def test_the_layout_sets_the_preprocess_instances(server):
+    names = sorted(name for name in server.stub_processes().values() if name.startswith("preprocess_"))
+    assert len(names) == 3, names

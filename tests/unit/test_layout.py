@@ -1,5 +1,6 @@
-"""GPU layouts (serving/layout.py): the derived model repository's configs, parsed back with Triton's
-model_config protobuf, place the models as asked; bad layouts are refused with a reason."""
+"""Layouts (serving/layout.py): the derived model repository's configs, parsed back with Triton's
+model_config protobuf, place the models as asked and size preprocess to the machine; bad layouts are
+refused with a reason."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +8,8 @@ from pathlib import Path
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from internvl_serve.serving.layout import Layout, parse_key_values, read_config, write_model_repository
+from internvl_serve.serving.layout import (REPOSITORY_PREPROCESS_INSTANCES, Layout, auto_preprocess_instances,
+                                           parse_key_values, read_config, write_model_repository)
 from internvl_serve.serving.launcher import LaunchError, layout_from_args, parse_args
 
 REPO = Path(__file__).resolve().parents[2] / "model_repository"
@@ -46,6 +48,7 @@ def test_tensor_parallel_keeps_one_llm_instance_and_names_its_gpus(tmp_path):
     (Layout(gpus=(0, 1, 2, 3), tensor_parallel_size=2), "several tensor-parallel groups"),
     (Layout(gpus=(0, 0)), "distinct"),
     (Layout(tensor_parallel_size=0), ">= 1"),
+    (Layout(preprocess_instances=0), "preprocess_instances must be >= 1"),
     (Layout(llm_parameters={"max_num_seq": "8"}), "no parameter 'max_num_seq'"),
 ])
 def test_bad_layouts_are_refused(tmp_path, layout, words):
@@ -60,3 +63,15 @@ def test_launcher_flags_make_the_layout():
     with pytest.raises(LaunchError, match="key=value"):
         layout_from_args(parse_args(["--llm-param", "oops"]))
     assert parse_key_values(["a=1", "b = x=y"]) == {"a": "1", "b": "x=y"}
+
+
+def test_preprocess_instances_follow_the_cpus_unless_given(tmp_path):
+    assert REPOSITORY_PREPROCESS_INSTANCES == read_config(REPO / "preprocess" / "config.pbtxt").instance_group[0].count
+    assert [auto_preprocess_instances(c) for c in (1, 2, 8, 11, 12, 16, 32, 64)] == [None] * 4 + [3, 4, 8, 8]
+    configs, _ = written(tmp_path, Layout(preprocess_instances=5))
+    assert [(g.kind, g.count) for g in configs["preprocess"].instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 5)]
+    assert configs["vision"] == read_config(REPO / "vision" / "config.pbtxt")  # nothing else changes
+    assert not Layout(preprocess_instances=5).is_default
+    assert Layout().preprocess_count == auto_preprocess_instances()  # this machine's
+    assert layout_from_args(parse_args(["--preprocess-instances", "6"])).preprocess_instances == 6
+    assert layout_from_args(parse_args([])).preprocess_instances is None
