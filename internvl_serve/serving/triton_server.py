@@ -102,8 +102,12 @@ class TritonServer:
         self.progress = progress
         self._install_args = (tritonserver, backend_directory)
         self.extra_args = tuple(extra_args)
-        # a GPU layout (serving/layout.py): served from a derived copy of the repository, written at start
-        self.layout = layout if layout is not None and not layout.is_default else None
+        # a layout (serving/layout.py; None: the default one, which sizes preprocess to this machine's CPUs):
+        # served from a derived copy of the repository, written at start, unless it changes nothing
+        if layout is None:
+            from internvl_serve.serving.layout import Layout
+            layout = Layout()
+        self.layout = None if layout.is_default else layout
         self._generated: Path | None = None
         self._proc: subprocess.Popen | None = None
         self._log = None

@@ -75,3 +75,12 @@ def test_preprocess_instances_follow_the_cpus_unless_given(tmp_path):
     assert Layout().preprocess_count == auto_preprocess_instances()  # this machine's
     assert layout_from_args(parse_args(["--preprocess-instances", "6"])).preprocess_instances == 6
     assert layout_from_args(parse_args([])).preprocess_instances is None
+
+
+def test_a_server_without_a_layout_sizes_preprocess_to_the_machine(monkeypatch, tiny_checkpoint):
+    from internvl_serve.serving.triton_server import TritonServer
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert TritonServer(tiny_checkpoint).layout == Layout()  # derived: 4 preprocess instances
+    assert Layout().preprocess_count == 4
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert TritonServer(tiny_checkpoint).layout is None  # the repository as checked in
