@@ -74,8 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "per GPU (data parallel), or with --tensor-parallel-size the GPUs of one split llm")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="split the LLM over this many GPUs")
     p.add_argument("--preprocess-instances", type=int, default=None, metavar="N",
-                   help="processes decoding images (default: one per 4 CPU cores, at most 8, and at least "
-                        "the repository's 2: serving/layout.py)")
+                   help="processes decoding images (default: one per 4 available CPU cores, a container's limit "
+                        "included, at most 8, and at least the repository's 2: serving/layout.py)")
     p.add_argument("--llm-param", action="append", default=[], metavar="KEY=VALUE",
                    help="override a parameter of model_repository/llm/config.pbtxt (repeatable)")
     p.add_argument("--vision-param", action="append", default=[], metavar="KEY=VALUE",

@@ -32,12 +32,25 @@ REPOSITORY_PREPROCESS_INSTANCES = 2  # model_repository/preprocess/config.pbtxt
 MAX_AUTO_PREPROCESS_INSTANCES = 8
 
 
+def available_cpus(cgroup_cpu_max: str | Path = "/sys/fs/cgroup/cpu.max") -> int:
+    """The cores this process may use: its CPU affinity, bounded by a cgroup v2 CPU quota (a container's
+    CPU limit, which os.cpu_count() does not see), rounded down, at least 1."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path(cgroup_cpu_max).read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, int(quota) // int(period))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 CPU controller here
+    return max(1, cpus)
+
+
 def auto_preprocess_instances(cpus: int | None = None) -> int | None:
-    """Preprocess instances for a machine with `cpus` cores (default: this one's): one per 4 cores, at most
-    8; None (the repository's 2) where that is not more. Each instance is a process decoding one request's
-    images at a time (~15 ms for a new 448 PNG): a burst of 32 new images waits up to ~240 ms for the
-    last with 2 instances, ~120 ms with 4 (the H100 machines here have 16 cores)."""
-    n = min(MAX_AUTO_PREPROCESS_INSTANCES, (cpus if cpus is not None else os.cpu_count() or 1) // 4)
+    """Preprocess instances for a machine with `cpus` cores (default: available_cpus()): one per 4 cores,
+    at most 8; None (the repository's 2) where that is not more. Each instance is a process decoding one
+    request's images at a time (~15 ms for a new 448 PNG): a burst of 32 new images waits up to ~240 ms
+    for the last with 2 instances, ~120 ms with 4 (the H100 machines here have 16 cores)."""
+    n = min(MAX_AUTO_PREPROCESS_INSTANCES, (cpus if cpus is not None else available_cpus()) // 4)
     return n if n > REPOSITORY_PREPROCESS_INSTANCES else None
 
 

@@ -9,7 +9,7 @@ import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
 from internvl_serve.serving.layout import (REPOSITORY_PREPROCESS_INSTANCES, Layout, auto_preprocess_instances,
-                                           parse_key_values, read_config, write_model_repository)
+                                           available_cpus, parse_key_values, read_config, write_model_repository)
 from internvl_serve.serving.launcher import LaunchError, layout_from_args, parse_args
 
 REPO = Path(__file__).resolve().parents[2] / "model_repository"
@@ -79,8 +79,20 @@ def test_preprocess_instances_follow_the_cpus_unless_given(tmp_path):
 
 def test_a_server_without_a_layout_sizes_preprocess_to_the_machine(monkeypatch, tiny_checkpoint):
     from internvl_serve.serving.triton_server import TritonServer
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("internvl_serve.serving.layout.available_cpus", lambda: 16)
     assert TritonServer(tiny_checkpoint).layout == Layout()  # derived: 4 preprocess instances
     assert Layout().preprocess_count == 4
-    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("internvl_serve.serving.layout.available_cpus", lambda: 2)
     assert TritonServer(tiny_checkpoint).layout is None  # the repository as checked in
+
+
+def test_available_cpus_sees_a_containers_cpu_limit(tmp_path):
+    own = available_cpus(tmp_path / "missing")  # no cgroup file: the affinity
+    assert own >= 1
+    limit = tmp_path / "cpu.max"
+    limit.write_text("150000 100000\n")  # 1.5 CPUs
+    assert available_cpus(limit) == 1
+    limit.write_text(f"{400000 * own} 100000\n")  # more than the affinity allows
+    assert available_cpus(limit) == own
+    limit.write_text("max 100000\n")
+    assert available_cpus(limit) == own
