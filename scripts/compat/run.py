@@ -184,16 +184,22 @@ def perf_analyzer_events(request: dict) -> list[str]:
 # ---- the runs --------------------------------------------------------------------------------------------
 
 
-def genai_perf_grpc(args, out: Path) -> None:
-    """genai-perf as for a TensorRT-LLM ensemble: gRPC streaming, `min_length` = `max_tokens` (what
-    --output-tokens-mean-deterministic sends), so every answer has exactly OUTPUT_TOKENS tokens."""
-    execute([tool("perf", "genai-perf"), "profile", "-m", MODEL, "--endpoint-type", "kserve",
-             "--backend", "tensorrtllm", "--streaming", "-u", args.grpc,
+def genai_perf(args, out: Path, *endpoint) -> None:
+    """`genai-perf profile` with the runs' shared load (REQUESTS requests one at a time, INPUT_TOKENS in,
+    OUTPUT_TOKENS out, exports under `out`) and `endpoint`: the model, endpoint type, URL and extras."""
+    execute([tool("perf", "genai-perf"), "profile", *endpoint,
              "--synthetic-input-tokens-mean", INPUT_TOKENS, "--synthetic-input-tokens-stddev", 0,
-             "--output-tokens-mean", OUTPUT_TOKENS, "--output-tokens-stddev", 0, "--output-tokens-mean-deterministic",
+             "--output-tokens-mean", OUTPUT_TOKENS, "--output-tokens-stddev", 0,
              "--num-dataset-entries", REQUESTS, "--request-count", REQUESTS, "--warmup-request-count", 0,
              "--concurrency", 1, "--tokenizer", args.tokenizer, "--artifact-dir", out / "artifacts",
              "--profile-export-file", "profile_export.json"], out, perf_env())
+
+
+def genai_perf_grpc(args, out: Path) -> None:
+    """genai-perf as for a TensorRT-LLM ensemble: gRPC streaming, `min_length` = `max_tokens` (what
+    --output-tokens-mean-deterministic sends), so every answer has exactly OUTPUT_TOKENS tokens."""
+    genai_perf(args, out, "-m", MODEL, "--endpoint-type", "kserve", "--backend", "tensorrtllm", "--streaming",
+               "-u", args.grpc, "--output-tokens-mean-deterministic")
     sent = triton_requests(find(out, "profile_export.json"))[0]["request_inputs"]
     check(sent.get("min_length") == OUTPUT_TOKENS and sent.get("max_tokens") == OUTPUT_TOKENS,
           f"genai-perf sent {sent}, expected min_length = max_tokens = {OUTPUT_TOKENS}")
@@ -207,15 +213,10 @@ def genai_perf_grpc(args, out: Path) -> None:
 def genai_perf_chat(args, out: Path) -> None:
     """genai-perf against the gateway's /v1/chat/completions, each request with one synthetic image."""
     with gateway_took_every_field(args):
-        execute([tool("perf", "genai-perf"), "profile", "-m", GATEWAY_MODEL, "--endpoint-type", "multimodal",
-                 "--streaming", "-u", args.gateway.removeprefix("http://"),
-                 "--synthetic-input-tokens-mean", INPUT_TOKENS, "--synthetic-input-tokens-stddev", 0,
-                 "--output-tokens-mean", OUTPUT_TOKENS, "--output-tokens-stddev", 0,
-                 "--extra-inputs", "ignore_eos:true",  # the gateway's vLLM-style extension: exactly max_tokens
-                 "--image-width-mean", IMAGE_SIDE, "--image-height-mean", IMAGE_SIDE, "--image-format", "png",
-                 "--num-dataset-entries", REQUESTS, "--request-count", REQUESTS, "--warmup-request-count", 0,
-                 "--concurrency", 1, "--tokenizer", args.tokenizer, "--artifact-dir", out / "artifacts",
-                 "--profile-export-file", "profile_export.json"], out, perf_env())
+        genai_perf(args, out, "-m", GATEWAY_MODEL, "--endpoint-type", "multimodal", "--streaming",
+                   "-u", args.gateway.removeprefix("http://"),
+                   "--extra-inputs", "ignore_eos:true",  # the gateway's vLLM-style extension: exactly max_tokens
+                   "--image-width-mean", IMAGE_SIDE, "--image-height-mean", IMAGE_SIDE, "--image-format", "png")
     requests = triton_requests(find(out, "profile_export.json"))
     check(len(requests) == REQUESTS, f"{len(requests)} chat requests, expected {REQUESTS}")
     for i, request in enumerate(requests):
@@ -232,13 +233,8 @@ def genai_perf_chat(args, out: Path) -> None:
 
 def genai_perf_generate(args, out: Path) -> None:
     """genai-perf over HTTP `generate_stream` (docs/http.md: its `generate` endpoint type needs --endpoint)."""
-    execute([tool("perf", "genai-perf"), "profile", "-m", MODEL, "--endpoint-type", "generate", "--streaming",
-             "--endpoint", f"v2/models/{MODEL}/generate_stream", "-u", args.http,
-             "--synthetic-input-tokens-mean", INPUT_TOKENS, "--synthetic-input-tokens-stddev", 0,
-             "--output-tokens-mean", OUTPUT_TOKENS, "--output-tokens-stddev", 0, "--extra-inputs", "ignore_eos:true",
-             "--num-dataset-entries", REQUESTS, "--request-count", REQUESTS, "--warmup-request-count", 0,
-             "--concurrency", 1, "--tokenizer", args.tokenizer, "--artifact-dir", out / "artifacts",
-             "--profile-export-file", "profile_export.json"], out, perf_env())
+    genai_perf(args, out, "-m", MODEL, "--endpoint-type", "generate", "--streaming",
+               "--endpoint", f"v2/models/{MODEL}/generate_stream", "-u", args.http, "--extra-inputs", "ignore_eos:true")
     requests = triton_requests(find(out, "profile_export.json"))
     check(len(requests) == REQUESTS, f"{len(requests)} generate_stream requests, expected {REQUESTS}")
     for i, request in enumerate(requests):
