@@ -43,7 +43,6 @@ from internvl_client.request import ChatRequest
 from .config import GatewayConfig
 
 INT32_MAX = 2**31 - 1
-UINT64_MAX = 2**64 - 1
 CHAT, COMPLETIONS = "chat", "completions"
 
 # Request fields accepted and not used (they change nothing about the answer); any other unknown field
