@@ -44,21 +44,11 @@ class TimedSink:
 
     def __init__(self, on_final):
         self.timing = loadgen.RequestTiming(start=time.perf_counter())
-        self._last_time, self._last_count, self._on_final = None, 0, on_final
+        self._on_final = on_final
 
     def send(self, response: dict, final: bool) -> None:
         now = time.perf_counter()
-        count = int(np.asarray(response["num_output_tokens"]).reshape(-1)[0])
-        new = count - self._last_count
-        t = self.timing
-        if new > 0:
-            if t.first_token is None:
-                t.first_token, gaps, since = now, new - 1, now
-            else:
-                gaps, since = new, self._last_time
-            if gaps > 0:
-                t.gaps.extend([(now - since) / gaps] * gaps)
-            self._last_time, self._last_count = now, count
+        self.timing.record(now, int(np.asarray(response["num_output_tokens"]).reshape(-1)[0]))
         if final:
             self._finish(now)
 
@@ -67,12 +57,12 @@ class TimedSink:
         self._finish(time.perf_counter())
 
     def _finish(self, now: float) -> None:
-        self.timing.end, self.timing.output_tokens = now, self._last_count
+        self.timing.end = now
         self._on_final()
 
     @property
     def tokens(self) -> int:
-        return self._last_count
+        return self.timing.output_tokens
 
 
 def prompt_ids(service, question: str) -> np.ndarray:
@@ -94,26 +84,16 @@ def run_level(service, ids: np.ndarray, level: int, num_requests: int, new_token
     """num_requests requests, `level` in flight at a time; loadgen.summarize's row."""
     rows, hidden = service.config.num_image_token, service.config.llm_config.hidden_size
     requests = [make_request(ids, rows, hidden, seed0 + i, new_tokens) for i in range(num_requests)]
-    slots = threading.Semaphore(level)
-    done = threading.Event()
-    remaining = [num_requests]
-    lock = threading.Lock()
+    slots = threading.Semaphore(level)  # each request's final response gives its slot back
     sinks: list[TimedSink] = []
-
-    def on_final():
-        slots.release()
-        with lock:
-            remaining[0] -= 1
-            if remaining[0] == 0:
-                done.set()
-
     t0 = time.perf_counter()
     for i, request in enumerate(requests):
         slots.acquire()
-        sink = TimedSink(on_final)
+        sink = TimedSink(slots.release)
         sinks.append(sink)
         service.submit(request, sink, client_id=f"alone-{level}-{i}")
-    done.wait()
+    for _ in range(level):  # every slot back: every request answered
+        slots.acquire()
     wall = time.perf_counter() - t0
     return loadgen.summarize(level, [s.timing for s in sinks], wall)
 

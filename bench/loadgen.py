@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
+from internvl_client.request import ChatRequest, to_infer_inputs
 
 
 @dataclass
@@ -31,29 +32,31 @@ class RequestTiming:
     error: str | None = None
     # open loop: when the request was due (before any wait for a slot): TTFT and latency count from it
     arrival: float | None = None
+    last_token: float | None = None  # when the last response that carried tokens arrived
+
+    def record(self, now: float, count: int) -> None:
+        """A response at `now` whose cumulative token count is `count`: a delta of k new tokens gives k
+        gaps of (its gap / k); the first response's first token is the TTFT, not a gap."""
+        new = count - self.output_tokens
+        if new <= 0:
+            return
+        if self.first_token is None:
+            self.first_token, gaps, since = now, new - 1, now
+        else:
+            gaps, since = new, self.last_token
+        if gaps > 0:
+            self.gaps.extend([(now - since) / gaps] * gaps)
+        self.last_token, self.output_tokens = now, count
 
     @property
     def origin(self) -> float:
         return self.start if self.arrival is None else self.arrival
 
 
-def _tensor(name: str, array: np.ndarray, datatype: str) -> grpcclient.InferInput:
-    t = grpcclient.InferInput(name, list(array.shape), datatype)
-    t.set_data_from_numpy(array)
-    return t
-
-
 def build_inputs(question: str, image: bytes | None, max_tokens: int, ignore_eos: bool) -> list:
-    inputs = [
-        _tensor("text_input", np.array([question.encode()], dtype=object), "BYTES"),
-        _tensor("max_tokens", np.array([max_tokens], dtype=np.int32), "INT32"),
-        _tensor("stream", np.array([True]), "BOOL"),
-    ]
-    if image is not None:
-        inputs.append(_tensor("images", np.array([image], dtype=object), "BYTES"))
-    if ignore_eos:
-        inputs.append(_tensor("ignore_eos", np.array([True]), "BOOL"))
-    return inputs
+    """One streamed request's input tensors, built by the client SDK (internvl_client.request)."""
+    generation = {"max_tokens": max_tokens, **({"ignore_eos": True} if ignore_eos else {})}
+    return to_infer_inputs(ChatRequest(question, images=[] if image is None else [image], generation=generation))
 
 
 async def one_request(client, model: str, inputs: list, request_id: str,
@@ -63,32 +66,18 @@ async def one_request(client, model: str, inputs: list, request_id: str,
     async def requests():
         yield {"model_name": model, "inputs": inputs, "request_id": request_id}
 
-    last_time, last_count = None, 0
     try:
         async for result, error in client.stream_infer(requests()):
             now = time.perf_counter()
             if error is not None:
                 timing.error = str(error)
                 break
-            count = int(result.as_numpy("num_output_tokens")[0])
-            new = count - last_count
-            if new > 0:
-                if timing.first_token is None:
-                    timing.first_token = now
-                    new_gaps = new - 1
-                    gap_from = now
-                else:
-                    new_gaps = new
-                    gap_from = last_time
-                if new_gaps > 0:
-                    timing.gaps.extend([(now - gap_from) / new_gaps] * new_gaps)
-                last_time, last_count = now, count
+            timing.record(now, int(result.as_numpy("num_output_tokens")[0]))
             if result.as_numpy("finish_reason")[0]:
                 break
     except Exception as exc:  # noqa: BLE001 - a benchmark records every failure
         timing.error = repr(exc)
     timing.end = time.perf_counter()
-    timing.output_tokens = last_count
     return timing
 
 

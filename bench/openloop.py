@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import sys
@@ -86,11 +87,8 @@ async def run_rate(url: str, rate: float, arrivals: list[float], question: str, 
     async def send(i: int, due: float) -> None:
         nonlocal waited
         inputs = loadgen.build_inputs(question, images[i], max_tokens, ignore_eos)
-        if slots is None:
-            timings.append(await loadgen.one_request(client, model, inputs, f"r{rate:g}-{i}", arrival=due))
-            return
-        waited += slots.locked()
-        async with slots:
+        waited += bool(slots and slots.locked())
+        async with slots or contextlib.nullcontext():
             timings.append(await loadgen.one_request(client, model, inputs, f"r{rate:g}-{i}", arrival=due))
 
     t0 = time.perf_counter()

@@ -175,6 +175,16 @@ def test_arrival_options(bench, openloop):
         "rates": [3.0], "seed": 5, "num_requests": None, "duration_s": 10.0, "max_in_flight": 4}
 
 
+def test_a_timing_records_its_ttft_and_one_gap_per_token_after_the_first(bench):
+    import loadgen
+
+    t = loadgen.RequestTiming(start=0.0)
+    for now, count in [(0.1, 0), (0.2, 3), (0.2, 3), (0.5, 5), (0.8, 6)]:  # cumulative token counts
+        t.record(now, count)
+    assert t.first_token == 0.2 and t.output_tokens == 6
+    assert t.gaps == pytest.approx([0.0, 0.0, 0.15, 0.15, 0.3])  # a delta of k tokens: k gaps of its gap / k
+
+
 def test_summarize_counts_from_the_arrival_and_tracks_requests_in_flight(bench):
     import loadgen
 
