@@ -4,7 +4,7 @@
         batch = scheduler.schedule()              # decodes + prefill chunks within the token budget
         future = runner.launch(batch, inflight)   # queued on the device, returns at once
         scheduler.advance(batch)                  # computed counts; a pending token per sampling seq
-        inflight.result() -> scheduler.resolve()  # the host waits here, for the PREVIOUS step only
+        inflight.result() -> seq.resolve_pending  # the host waits here, for the PREVIOUS step only
         -> per new token: StopChecker (stop token / length), with detokenize=True AnswerText (text delta,
            stop string), RequestOutput
 

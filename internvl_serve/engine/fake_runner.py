@@ -63,9 +63,6 @@ class FakeRunner:
         assert 0 <= block < self.num_blocks, block
         return block * self.block_size + pos % self.block_size
 
-    def execute(self, batch: ScheduledBatch) -> list[int | None]:
-        return self.launch(batch).result()
-
     def launch(self, batch: ScheduledBatch, prev: DoneStep | None = None) -> DoneStep:
         if self.fail_if is not None and self.fail_if(batch):
             raise RuntimeError("fake runner failure")

@@ -13,7 +13,7 @@ A token that `prev` (the step still running) samples appears in the sequences' t
 placeholder -(row + 1) (sequence.py); the inputs of the next step take its value on the device from
 prev.tokens (torch.where + gather into the graph's static buffer or the eager ids), with no host sync.
 Every host->device copy of a step goes through pinned memory (non_blocking), so nothing on the step
-path waits for the device; the host waits only in StepFuture.result(). execute() = launch + result.
+path waits for the device; the host waits only in StepFuture.result().
 
 Does not own: which sequences run (scheduler.py), block ids (block_manager.py), the cache's layout and
 size (kv_cache.py), text (detokenizer.py).
@@ -336,11 +336,6 @@ class ModelRunner:
             self.channel = None
             if self.device.type == "cuda":  # the stop has reached the workers before anyone leaves the group
                 torch.cuda.synchronize(self.device)
-
-    def execute(self, batch: ScheduledBatch) -> list[int | None]:
-        """Run one step and wait for it; the sampled token of each scheduled sequence (None where its
-        chunk does not end its known tokens)."""
-        return self.launch(batch).result()
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, prev: StepFuture | None = None) -> StepFuture:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Sequence as Seq
 
 from internvl_serve.engine.block_manager import BlockAllocator
 from internvl_serve.engine.request import FinishReason
@@ -161,16 +160,6 @@ class Scheduler:
         batch.seqs = list(scheduled.values())
         return batch
 
-    def update(self, batch: ScheduledBatch, sampled: Seq[int | None]) -> None:
-        """After the runner ran `batch`: advance the computed counts, cache the blocks that became full,
-        and append each sampled token (sampled[i] belongs to batch.seqs[i]; None where nothing was
-        sampled)."""
-        self.advance(batch)
-        for s, token in zip(batch.seqs, sampled, strict=True):
-            if s.sample:
-                assert token is not None, f"{s.seq.request_id}: a sampled token is missing"
-                self.resolve(s.seq, int(token))
-
     def advance(self, batch: ScheduledBatch) -> None:
         """`batch` was launched: advance the computed counts and append a pending token for each sequence
         that samples (the k-th sampling sequence of the batch is row k of the step's tokens)."""
@@ -182,11 +171,6 @@ class Scheduler:
             if s.sample:
                 seq.append_pending(row)
                 row += 1
-
-    def resolve(self, seq: Sequence, token: int) -> None:
-        """The value of seq's oldest pending token arrived."""
-        seq.resolve_pending(token)
-        self.register_blocks(seq)
 
     def register_blocks(self, seq: Sequence) -> None:
         """Put the blocks that are full of computed, known tokens into the prefix cache."""
