@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
+from internvl_serve.kernels import prefill_attention
+
 # cuDNN attention rebuilds its graph for every new key length (each decode step): ~1.5 ms of CPU per
 # call on the H100 host. Flash (no mask) and memory-efficient (masks) attention have no such cost.
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -93,12 +95,7 @@ def prefill_kernel_default(device: torch.device) -> bool:
         raise ValueError(f"{PREFILL_KERNEL_ENV} must be 0 or 1, got {flag!r}")
     if flag == "0" or (flag == "" and device.type != "cuda"):
         return False
-    return _prefill_kernel_module() is not None
-
-
-def _prefill_kernel_module():
-    from internvl_serve.kernels import prefill_attention
-    return prefill_attention if prefill_attention.triton is not None else None
+    return prefill_attention.triton is not None
 
 
 def _pack(order: np.ndarray, seq_lens: np.ndarray, q_lens: np.ndarray, max_tokens: int, max_mask: int):
@@ -154,11 +151,10 @@ def build_attention_metadata(q_lens, ctx_lens, block_tables: torch.Tensor, block
         prefill_kernel = prefill_kernel_default(device)
     tiles = None
     if prefill_kernel:
-        kernel = _prefill_kernel_module()
-        if kernel is None:
+        if prefill_attention.triton is None:
             raise RuntimeError("prefill_kernel=True needs triton (pip install triton)")
-        block_m = kernel.prefill_block_m(int(q_lens.max(initial=0)))
-        tile_seq, tile_start = kernel.prefill_tiles(q_lens, block_m, ctx_lens)
+        block_m = prefill_attention.prefill_block_m(int(q_lens.max(initial=0)))
+        tile_seq, tile_start = prefill_attention.prefill_tiles(q_lens, block_m, ctx_lens)
         tiles = PrefillTiles(_dev(tile_seq, device), _dev(tile_start, device), block_m)
 
     meta = AttentionMetadata(
@@ -261,9 +257,8 @@ def sdpa_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 def kernel_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """The varlen paged kernel (kernels/prefill_attention.py) over metadata built with its tiles."""
-    from internvl_serve.kernels.prefill_attention import paged_prefill_attention
     t = meta.prefill_tiles
-    return paged_prefill_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+    return prefill_attention.paged_prefill_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
                                    t.tile_seq, t.tile_start, scale, t.block_m)
 
 

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from internvl_serve.engine import kv_cache
-from internvl_serve.engine.attention import AttentionFn, build_attention_metadata, paged_attention
+from internvl_serve.engine.attention import (AttentionFn, build_attention_metadata, paged_attention,
+                                             prefill_kernel_default)
 from internvl_serve.engine.llama import LlamaArgs, load_llama
 from internvl_serve.engine.parallel import DecodeStep, EagerStep, StepChannel, TensorParallel
 from internvl_serve.engine.quantize import quantize_model_, validate_quantization
@@ -140,6 +141,9 @@ class ModelRunner:
         # on for CUDA unless INTERNVL_SERVE_FUSED_KERNELS=0, off on the CPU.
         self.model = load_llama(self.args, state_dict, device=self.device, dtype=self.dtype, attention=attention,
                                 tp=self.tp, fused_kernels=fused_kernels)
+        # the varlen prefill kernel's tiles in each eager step's metadata: decided once (the environment
+        # switch, attention.py), and only where the model's attention is the one that runs the kernel
+        self.prefill_kernel = attention is paged_attention and prefill_kernel_default(self.device)
         # quantization "int8": weight-only int8 projections (quantize.py), before the KV cache is sized
         # and the decode graphs are captured; it empties state_dict so the bf16 weights can be freed.
         self.quantization = validate_quantization(quantization)
@@ -299,7 +303,8 @@ class ModelRunner:
     def _forward_eager(self, step: EagerStep) -> torch.Tensor:
         tables = self._h2d(step.tables)
         meta, positions = build_attention_metadata(step.q_lens, step.ctx_lens, tables, self.block_size,
-                                                   max_gather_tokens=kv_cache.MAX_GATHER_TOKENS)
+                                                   max_gather_tokens=kv_cache.MAX_GATHER_TOKENS,
+                                                   prefill_kernel=self.prefill_kernel)
         logits_idx = self._h2d(step.logits_rows)
         return self.model(step.embeds, positions, self.kv_caches, meta, logits_idx)
 
