@@ -25,11 +25,12 @@ from internvl_serve.engine.stopping import end_token_ids as request_end_token_id
 
 @dataclass
 class SamplingBatch:
-    """Per-row sampling inputs, on the logits' device."""
-    temperature: torch.Tensor          # (S,) float32; 0 = greedy
-    top_k: torch.Tensor                # (S,) int64; 0 = off
-    top_p: torch.Tensor                # (S,) float32; 1 = off
-    repetition_penalty: torch.Tensor   # (S,) float32; 1 = off
+    """Per-row sampling inputs, on the logits' device; a step reads only those it needs, so only those are
+    built: temperature/top_k/top_p unless every row is greedy, the penalty where one applies."""
+    temperature: torch.Tensor | None   # (S,) float32; 0 = greedy; None when all_greedy
+    top_k: torch.Tensor | None         # (S,) int64; 0 = off; None when all_greedy
+    top_p: torch.Tensor | None         # (S,) float32; 1 = off; None when all_greedy
+    repetition_penalty: torch.Tensor | None  # (S,) float32; 1 = off; None unless any_penalty
     generators: list[torch.Generator | None]  # one per row; None for greedy rows
     output_ids: torch.Tensor | None = None    # (S, N) int64 generated tokens, padded by repeating one
     all_greedy: bool = False
@@ -44,13 +45,16 @@ class SamplingBatch:
         """params: SamplingParams per row; output_token_ids: the tokens each row generated so far (may be
         empty where no penalty needs them); num_generated: how many each row generated so far;
         end_token_ids: the model's end tokens (EOS) masked in rows below their min_tokens."""
-        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
-        top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64)
-        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
-        penalty = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32)
+        to = lambda t: _to_device(t, device)  # noqa: E731
+        all_greedy = all(p.temperature == 0 for p in params)
+        temperature = top_k = top_p = penalty = output_ids = None
+        if not all_greedy:
+            temperature = to(torch.tensor([p.temperature for p in params], dtype=torch.float32))
+            top_k = to(torch.tensor([p.top_k for p in params], dtype=torch.int64))
+            top_p = to(torch.tensor([p.top_p for p in params], dtype=torch.float32))
         any_penalty = any(p.repetition_penalty != 1.0 and out for p, out in zip(params, output_token_ids))
-        output_ids = None
         if any_penalty:
+            penalty = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32)
             width = max(len(out) for out in output_token_ids)
             rows = []
             for p, out in zip(params, output_token_ids):
@@ -58,14 +62,11 @@ class SamplingBatch:
                     rows.append([0] * width)  # penalty 1 (set below for empty rows) leaves row unchanged
                 else:
                     rows.append(out + [out[0]] * (width - len(out)))  # repeats are harmless (HF gathers too)
-            output_ids = torch.tensor(rows, dtype=torch.int64)
-            penalty = torch.where(torch.tensor([bool(out) for out in output_token_ids]), penalty,
-                                  torch.ones_like(penalty))
-        to = lambda t: _to_device(t, device)  # noqa: E731
-        return cls(temperature=to(temperature), top_k=to(top_k), top_p=to(top_p),
-                   repetition_penalty=to(penalty), generators=generators,
-                   output_ids=None if output_ids is None else to(output_ids),
-                   all_greedy=all(p.temperature == 0 for p in params),
+            output_ids = to(torch.tensor(rows, dtype=torch.int64))
+            penalty = to(torch.where(torch.tensor([bool(out) for out in output_token_ids]), penalty,
+                                     torch.ones_like(penalty)))
+        return cls(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty,
+                   generators=generators, output_ids=output_ids, all_greedy=all_greedy,
                    any_top_k=any(p.top_k > 0 and p.temperature > 0 for p in params),
                    any_top_p=any(p.top_p < 1.0 and p.temperature > 0 for p in params),
                    any_penalty=any_penalty,
