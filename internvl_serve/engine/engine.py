@@ -89,7 +89,10 @@ class LLMEngine:
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id if eos_token_id is not None else getattr(runner, "eos_token_id", None)
-        runner.end_token_ids = (self.eos_token_id,)  # the sampler masks them below a request's min_tokens
+        # the engine's end tokens (a request without its own stop_token_ids ends on them; stopping.py), and
+        # the sampler masks them below a request's min_tokens
+        self.end_token_ids = () if self.eos_token_id is None else (self.eos_token_id,)
+        runner.end_token_ids = self.end_token_ids
         self.image_context_token_id = (image_context_token_id if image_context_token_id is not None
                                        else _image_context_id(tokenizer))
         self.scheduler_config = scheduler_config or SchedulerConfig()
@@ -128,8 +131,7 @@ class LLMEngine:
         seq = Sequence(request, block_size=self.runner.block_size, max_len=self.max_model_len,
                        image_positions=positions, image_keys=keys)
         self.scheduler.add(seq)
-        self._stops[request.request_id] = StopChecker(
-            request.sampling, default_stop_token_ids=() if self.eos_token_id is None else (self.eos_token_id,))
+        self._stops[request.request_id] = StopChecker(request.sampling, default_stop_token_ids=self.end_token_ids)
         text = self.new_answer_text(request.sampling) if self.detokenize else None
         if text is not None:
             self._texts[request.request_id] = text

@@ -83,7 +83,7 @@ def min_tokens_mask(params: list, num_generated: list[int] | None, end_token_ids
     rows, ids = [], []
     for i, (p, n) in enumerate(zip(params, num_generated)):
         if n < p.min_tokens:
-            for t in sorted(set(request_end_token_ids(p, end_token_ids)) - {None}):
+            for t in sorted(set(request_end_token_ids(p, end_token_ids))):
                 rows.append(i)
                 ids.append(t)
     if not rows:

@@ -36,7 +36,7 @@ from internvl_serve.engine.request import FinishReason
 from internvl_serve.engine.sampling import SamplingParams
 
 
-def end_token_ids(sampling: SamplingParams, default: tuple[int | None, ...]) -> tuple[int | None, ...]:
+def end_token_ids(sampling: SamplingParams, default: tuple[int, ...]) -> tuple[int, ...]:
     """The tokens that end this request: its stop_token_ids (the conversation template's), or `default`
     (the engine's EOS) when it gives none. ignore_eos aside, StopChecker finishes on them and the sampler
     masks them below min_tokens (sampler.min_tokens_mask)."""
