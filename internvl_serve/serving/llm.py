@@ -31,6 +31,7 @@ ensemble clients through the side channel, internvl_chat_bls (serving/relay.py) 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hmac
 import itertools
 import threading
@@ -274,7 +275,7 @@ class LLMService:
                                  image_embeds=embeds, sampling=sampling)
         with self._lock:
             self._active[request_id] = active
-        self.responses.open(request_id, lambda outputs: self._on_outputs(request_id, outputs))
+        self.responses.open(request_id, functools.partial(self._on_outputs, request_id, active))
         try:
             self.thread.submit(engine_request, lambda output: self.responses.post(request_id, output))
         except Exception:
@@ -284,13 +285,9 @@ class LLMService:
             raise
         return request_id
 
-    def _on_outputs(self, request_id: str, outputs: list) -> bool:
+    def _on_outputs(self, request_id: str, active: _Active, outputs: list) -> bool:
         """A sender thread: the outputs that piled up for `request_id`, in order -> one response (two
         when an error ends them: the text before it, then the error). True when the request is done."""
-        with self._lock:
-            active = self._active.get(request_id)
-        if active is None:
-            return True
         if not active.closed:
             self._respond(request_id, active, outputs)
         return active.closed
