@@ -145,7 +145,7 @@ class EngineOptions:
             if not raw:
                 continue
             try:
-                if f.name in ("enable_prefix_caching", "async_scheduling"):
+                if f.type in ("bool", "bool | None"):
                     if raw.lower() not in ("true", "false"):
                         raise ValueError
                     values[f.name] = raw.lower() == "true"
