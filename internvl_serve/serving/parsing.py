@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import re
 from typing import Any, Mapping
@@ -229,13 +230,20 @@ def parse_chat_request(inputs: Mapping[str, np.ndarray], limits: ServingLimits =
 _PYTHON_TYPES = {"INT32": int, "UINT64": int, "FP32": float, "BOOL": bool}
 
 
+@functools.cache
+def _specs(g: GenerationInput) -> tuple[TensorSpec, ...]:
+    """g.specs(), made once per declared input rather than on every request."""
+    return g.specs()
+
+
 def _generation_array(inputs, g: GenerationInput) -> tuple[str, np.ndarray | None]:
     """(the name it was sent under, the checked tensor) of a generation input or one of its aliases."""
-    sent = [spec for spec in g.specs() if spec.name in inputs]
+    specs = _specs(g)
+    sent = [spec for spec in specs if spec.name in inputs]
     if len(sent) > 1:
         names = " and ".join(f"'{spec.name}'" for spec in sent)
         raise InvalidInput(f"inputs {names} are the same setting: send one of them", sent[-1].name)
-    spec = sent[0] if sent else g.specs()[0]
+    spec = sent[0] if sent else specs[0]
     return spec.name, _checked(inputs, spec)
 
 
