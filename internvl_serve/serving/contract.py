@@ -166,6 +166,10 @@ CANCEL_KEY = TensorSpec("cancel_key", "BYTES", (1,),
                             "it lets the sender cancel this request (docs/contract.md); none: not cancellable by name")
 
 ENSEMBLE_INPUTS: tuple[TensorSpec, ...] = CHAT_INPUTS + GENERATION_INPUTS + (CANCEL_KEY,)
+# The models with the chat interface (the ensemble's inputs; max_batch_size 0: dims without a batch dim),
+# the ones a client reaches through the guards by default.
+CHAT_MODELS = (ENSEMBLE, ENSEMBLE_BLS)
+CHAT_INPUT_SPECS = {spec.name: spec for spec in ENSEMBLE_INPUTS}
 
 OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("text_output", "BYTES", (1,), optional=False,

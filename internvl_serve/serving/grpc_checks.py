@@ -17,7 +17,7 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 
-from internvl_serve.serving.contract import ENSEMBLE, ENSEMBLE_BLS, ENSEMBLE_INPUTS, LLM, ServingLimits
+from internvl_serve.serving.contract import CHAT_INPUT_SPECS, CHAT_MODELS, LLM, ServingLimits
 
 # Bytes per element of each Triton datatype; BYTES elements are variable (a 4-byte length prefix each).
 DTYPE_SIZES = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2,
@@ -27,10 +27,7 @@ BYTES_PREFIX = 4
 # The cancellation side channel of the llm step (client/internvl_client/cancel.py; llm.py): a request to
 # `llm` whose inputs are only these names is a cancel, everything else is a step-internal request.
 CANCEL_INPUTS = frozenset({"cancel_request_id", "cancel_key"})
-EXPOSED_MODELS = (ENSEMBLE, ENSEMBLE_BLS)
-# The chat models' inputs (both take the ensemble's interface, max_batch_size 0: dims without a batch dim).
-CHAT_MODELS = (ENSEMBLE, ENSEMBLE_BLS)
-CHAT_INPUT_SPECS = {spec.name: spec for spec in ENSEMBLE_INPUTS}
+EXPOSED_MODELS = CHAT_MODELS
 
 # Methods of inference.GRPCInferenceService that only the admin key opens (the launcher's ADMIN_APIS:
 # model-repository, shared-memory, logging, trace).

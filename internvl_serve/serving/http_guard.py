@@ -29,10 +29,10 @@ import math
 import re
 from dataclasses import dataclass
 
-from internvl_serve.serving.contract import ENSEMBLE, ENSEMBLE_BLS, ENSEMBLE_INPUTS
+from internvl_serve.serving.contract import CHAT_INPUT_SPECS, CHAT_MODELS
 from internvl_serve.serving.grpc_checks import BYTES_PREFIX, DTYPE_SIZES, GuardPolicy
 
-DEFAULT_MODELS = (ENSEMBLE, ENSEMBLE_BLS)
+DEFAULT_MODELS = CHAT_MODELS
 # The chat's largest request: preprocess's max_request_bytes (64 MiB of images and video) as base64 data
 # URLs (4/3), plus the question and history.
 DEFAULT_MAX_BODY_BYTES = 96 * 1024 * 1024
@@ -44,7 +44,6 @@ INTEGER_RANGES = {"INT8": (-2**7, 2**7 - 1), "INT16": (-2**15, 2**15 - 1), "INT3
                   "INT64": (-2**63, 2**63 - 1), "UINT8": (0, 2**8 - 1), "UINT16": (0, 2**16 - 1),
                   "UINT32": (0, 2**32 - 1), "UINT64": (0, 2**64 - 1)}
 FLOAT_MAX = {"FP16": 65504.0, "FP32": 3.4028234663852886e38, "FP64": math.inf, "BF16": 3.3895313892515355e38}
-INPUTS = {spec.name: spec for spec in ENSEMBLE_INPUTS}
 
 
 class Refused(Exception):
@@ -135,7 +134,7 @@ def check_generate_body(body) -> None:
     if not isinstance(body, dict):
         raise Refused(400, f"the request body must be a JSON object of inputs, got {_kind(body)}")
     for key, value in body.items():
-        spec = INPUTS.get(key)
+        spec = CHAT_INPUT_SPECS.get(key)
         if spec is None:
             continue
         many = spec.dims == (-1,)
@@ -195,7 +194,7 @@ def check_infer_body(body, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
         name, datatype = tensor["name"], tensor.get("datatype")
         if not isinstance(datatype, str):
             raise Refused(400, f"input '{name}' needs a 'datatype' string")
-        spec = INPUTS.get(name)
+        spec = CHAT_INPUT_SPECS.get(name)
         if spec is not None and datatype != spec.datatype:
             raise Refused(400, f"input '{name}' must be {spec.datatype}, got {datatype}")
         values = _flatten(tensor["data"]) if "data" in tensor else None
