@@ -26,13 +26,14 @@ QUANTIZATIONS = ("int8",)
 ENGINE_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
-def validate_quantization(quantization: str | None) -> str | None:
-    """None or "" -> None; "int8" -> "int8" (case and spaces ignored); anything else raises ValueError."""
+def validate_quantization(quantization: str | None, allowed: tuple[str, ...] = QUANTIZATIONS) -> str | None:
+    """None or "" -> None; one of `allowed` (the engine's: "int8"; case and spaces ignored) -> itself;
+    anything else raises ValueError."""
     if quantization is None or not str(quantization).strip():
         return None
     q = str(quantization).strip().lower()
-    if q not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or empty (none), "
+    if q not in allowed:
+        raise ValueError(f"quantization must be one of {', '.join(allowed)} or empty (none), "
                          f"got {quantization!r}")
     return q
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from internvl_serve.checkpoint import load_model
+from internvl_serve.engine.quantize import validate_quantization
 from internvl_serve.kernels.fp8_linear import quantize_linears_fp8_
 from internvl_serve.config import InternVLChatConfig
 from internvl_serve.serving.contract import IMAGE_SIZE, VISION_INPUT_DIMS, InvalidInput, ServingLimits, TensorSpec
@@ -200,10 +201,10 @@ class VisionOptions:
                 raise ValueError(f"vision parameter 'compile': {raw['compile']!r} is not auto, true or false")
             values["compile"] = raw["compile"].lower()
         if "quantization" in raw:
-            if raw["quantization"].lower() not in VISION_QUANTIZATIONS:
-                raise ValueError(f"vision parameter 'quantization': {raw['quantization']!r} is not "
-                                 f"{' or '.join(VISION_QUANTIZATIONS)} (or empty: none)")
-            values["quantization"] = raw["quantization"].lower()
+            try:
+                values["quantization"] = validate_quantization(raw["quantization"], VISION_QUANTIZATIONS)
+            except ValueError as e:
+                raise ValueError(f"vision parameter 'quantization': {raw['quantization']!r}: {e}") from None
         checks = {"max_images_per_forward": (int, lambda v: v >= 1, "an integer >= 1"),
                   "image_cache_mb": (float, lambda v: math.isfinite(v) and v >= 0, "a number of MiB >= 0")}
         for name, (kind, ok, what) in checks.items():
@@ -249,7 +250,7 @@ class VisionService:
         self.num_image_token = self.config.num_image_token
         self.hidden_size = self.config.llm_config.hidden_size
         self.cache = EmbeddingCache(int(image_cache_mb * 2**20), image_cache_entries)
-        self.quantization = quantization or ""
+        self.quantization = validate_quantization(quantization, VISION_QUANTIZATIONS) or ""
         if self.quantization == "fp8":
             quantize_vision_fp8_(self.encoder)
         self._buffers = HostBuffers(pin=self.device.type == "cuda")  # staging and output, reused (hostbuf.py)
