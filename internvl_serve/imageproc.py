@@ -176,11 +176,11 @@ def to_pixel_values(images: Sequence[Image.Image], size: int = 448, mean: Sequen
     # CLIPImageProcessor: shortest-edge resize and centre crop are no-ops at (size, size);
     # rescale: uint8 * (1/255) -> float32; normalize: float32 (x - mean) / std, channels last.
     # Each output value depends only on its byte and channel, so the arithmetic is done once for the 256
-    # byte values of each channel (normalization_table) and looked up by PIL's point() on each band:
+    # byte values of each channel (normalization_tables) and looked up by PIL's point() on each band:
     # the same bits, without numpy's take(), which first widens the uint8 indices to an int64 copy
     # (three 1.6 MB temporaries a tile, each a fresh mapping that page-faults in the preprocess stub,
     # serving/heap.py: 13.9 -> 9.2 ms a tile here with that setting, 5.2 -> 4.8 ms without).
-    tables = _band_tables(tuple(mean), tuple(std))
+    tables = normalization_tables(tuple(mean), tuple(std))
     for i, img in enumerate(images):
         tile = img if img.mode == "RGB" and img.size == (size, size) else to_tile(img, size)  # card: resize
         for c, band in enumerate(tile.split()):
@@ -189,20 +189,13 @@ def to_pixel_values(images: Sequence[Image.Image], size: int = 448, mean: Sequen
 
 
 @functools.lru_cache(maxsize=8)
-def normalization_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """(3, 256) float32: CLIPImageProcessor's rescale then normalize of each byte value, per channel."""
+def normalization_tables(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[list[float], ...]:
+    """Per channel, CLIPImageProcessor's rescale then normalize of each of the 256 byte values: float32
+    values as Python floats, PIL point()'s "F" tables (stored as float32, so the looked-up values keep
+    their bits)."""
     x = (np.arange(256, dtype=np.uint8)[:, None] * (1 / 255)).astype(np.float32)  # (256, 1), as for pixels
     x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)  # (256, 3)
-    table = np.ascontiguousarray(x.T)
-    table.flags.writeable = False
-    return table
-
-
-@functools.lru_cache(maxsize=8)
-def _band_tables(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[list[float], ...]:
-    """normalization_table as PIL point() tables: per channel 256 floats, each a float32 value exactly
-    (PIL stores an "F" table as float32, so the looked-up values keep their bits)."""
-    return tuple(row.tolist() for row in normalization_table(mean, std))
+    return tuple(channel.tolist() for channel in x.T)
 
 
 def get_frame_indices(bound: Sequence[float] | None, fps: float, max_frame: int, first_idx: int = 0,
