@@ -10,6 +10,7 @@
     llama.py          our LLaMA forward over the paged KV cache (same weights as HF)
     runner.py         ModelRunner: weights + KV tensors; runs one scheduled batch
     kv_cache.py       the KV cache's layout and size (blocks that fit after a profile forward)
+    host_copy.py      to_device: a step's host inputs to the device through pinned memory (no wait)
     sampler.py        greedy / temperature / top-k / top-p / repetition penalty
     detokenizer.py    IncrementalDetokenizer: text deltas from the cumulative decode (the one strip)
     stopping.py       the end of an answer: StopChecker (stop tokens, length; the engine) and AnswerText

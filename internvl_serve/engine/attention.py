@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
+from internvl_serve.engine.host_copy import to_device
 from internvl_serve.kernels import prefill_attention
 
 # cuDNN attention rebuilds its graph for every new key length (each decode step): ~1.5 ms of CPU per
@@ -117,10 +118,6 @@ def _pack(order: np.ndarray, seq_lens: np.ndarray, q_lens: np.ndarray, max_token
     return groups
 
 
-def _dev(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
-
-
 def build_attention_metadata(q_lens, ctx_lens, block_tables: torch.Tensor, block_size: int,
                              *, max_gather_tokens: int = 32768, max_mask_elems: int = 1 << 26,
                              prefill_kernel: bool | None = None) -> tuple[AttentionMetadata, torch.Tensor]:
@@ -143,9 +140,9 @@ def build_attention_metadata(q_lens, ctx_lens, block_tables: torch.Tensor, block
     seq_of_token = np.repeat(np.arange(B), q_lens)
     positions_np = np.arange(T) - qsl[:-1][seq_of_token] + ctx_lens[seq_of_token]
 
-    positions = _dev(positions_np, device)
+    positions = to_device(positions_np, device)
     bt = block_tables.long()
-    slot_mapping = bt[_dev(seq_of_token, device), positions // block_size] * block_size + positions % block_size
+    slot_mapping = bt[to_device(seq_of_token, device), positions // block_size] * block_size + positions % block_size
 
     if prefill_kernel is None:
         prefill_kernel = prefill_kernel_default(device)
@@ -155,11 +152,11 @@ def build_attention_metadata(q_lens, ctx_lens, block_tables: torch.Tensor, block
             raise RuntimeError("prefill_kernel=True needs triton (pip install triton)")
         block_m = prefill_attention.prefill_block_m(int(q_lens.max(initial=0)))
         tile_seq, tile_start = prefill_attention.prefill_tiles(q_lens, block_m, ctx_lens)
-        tiles = PrefillTiles(_dev(tile_seq, device), _dev(tile_start, device), block_m)
+        tiles = PrefillTiles(to_device(tile_seq, device), to_device(tile_start, device), block_m)
 
     meta = AttentionMetadata(
         slot_mapping=slot_mapping,
-        query_start_loc=_dev(qsl.astype(np.int32), device), seq_lens=_dev(seq_lens.astype(np.int32), device),
+        query_start_loc=to_device(qsl.astype(np.int32), device), seq_lens=to_device(seq_lens.astype(np.int32), device),
         block_tables=block_tables.int(), max_query_len=int(q_lens.max(initial=0)),
         max_seq_len=int(seq_lens.max(initial=0)), prefill_tiles=tiles,
         _group_inputs=(q_lens, ctx_lens, block_size, max_gather_tokens, max_mask_elems))
@@ -177,7 +174,7 @@ def _build_groups(bt: torch.Tensor, q_lens: np.ndarray, ctx_lens: np.ndarray, bl
     T = int(qsl[-1])
 
     def dev(a):
-        return _dev(a, device)
+        return to_device(a, device)
 
     groups = []
     for rows in (np.flatnonzero(q_lens == 1), np.flatnonzero(q_lens > 1)):

@@ -12,8 +12,9 @@ once; the sampled tokens stay on the device and are copied to pinned host memory
 A token that `prev` (the step still running) samples appears in the sequences' token_ids as a
 placeholder -(row + 1) (sequence.py); the inputs of the next step take its value on the device from
 prev.tokens (torch.where + gather into the graph's static buffer or the eager ids), with no host sync.
-Every host->device copy of a step goes through pinned memory (non_blocking), so nothing on the step
-path waits for the device; the host waits only in StepFuture.result().
+Every host->device copy of a step's inputs goes through pinned memory (host_copy.to_device), so nothing
+on the step path waits for the device (the image rows of a prefill chunk are copied from the request's
+own tensor, non_blocking, not pinned); the host waits only in StepFuture.result().
 
 Does not own: which sequences run (scheduler.py), block ids (block_manager.py), the cache's layout and
 size (kv_cache.py), text (detokenizer.py).
@@ -29,6 +30,7 @@ import torch
 from internvl_serve.engine import kv_cache
 from internvl_serve.engine.attention import (AttentionFn, build_attention_metadata, paged_attention,
                                              prefill_kernel_default)
+from internvl_serve.engine.host_copy import to_device
 from internvl_serve.engine.llama import LlamaArgs, load_llama
 from internvl_serve.engine.parallel import DecodeStep, EagerStep, StepChannel, TensorParallel
 from internvl_serve.engine.quantize import quantize_model_, validate_quantization
@@ -223,12 +225,8 @@ class ModelRunner:
         return self.channel is None
 
     def _h2d(self, array: np.ndarray) -> torch.Tensor:
-        """A host array on the device without waiting for the device: through pinned memory on CUDA
-        (the caching host allocator keeps the buffer until the copy ran); as is on the CPU."""
-        t = torch.from_numpy(np.ascontiguousarray(array))
-        if self.device.type != "cuda":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
+        """A host array on this runner's device without waiting for the device (host_copy.py)."""
+        return to_device(array, self.device)
 
     def _token_ids(self, ids: np.ndarray) -> torch.Tensor:
         """(T,) int64 token ids on the device; placeholders -(row + 1) take row of the running step's

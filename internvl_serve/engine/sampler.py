@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from internvl_serve.engine.host_copy import to_device
 from internvl_serve.engine.stopping import end_token_ids as request_end_token_ids
 
 
@@ -45,7 +46,7 @@ class SamplingBatch:
         """params: SamplingParams per row; output_token_ids: the tokens each row generated so far (may be
         empty where no penalty needs them); num_generated: how many each row generated so far;
         end_token_ids: the model's end tokens (EOS) masked in rows below their min_tokens."""
-        to = lambda t: _to_device(t, device)  # noqa: E731
+        to = lambda t: to_device(t, device)  # noqa: E731
         all_greedy = all(p.temperature == 0 for p in params)
         temperature = top_k = top_p = penalty = output_ids = None
         if not all_greedy:
@@ -95,15 +96,6 @@ def apply_min_tokens(logits: torch.Tensor, end_mask: tuple[torch.Tensor, torch.T
     """Set logits[row, token] to -inf for each (row, token) pair of the mask (a copy)."""
     rows, ids = end_mask
     return logits.index_put((rows, ids), torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
-
-
-def _to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """Host -> device without waiting for the device (pinned memory, non_blocking): the engine queues the
-    next step while the previous one runs."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, output_ids: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
