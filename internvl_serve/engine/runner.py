@@ -171,7 +171,6 @@ class ModelRunner:
         self.max_model_len = min(a.max_position_embeddings, num_blocks * block_size)
         self._tables = BlockTableBuffer(math.ceil(self.max_model_len / block_size))
         self._generators: dict[str, torch.Generator] = {}
-        self._prev_tokens: torch.Tensor | None = None  # the running step's tokens, while launch() builds inputs
         # Pure-decode steps replay a captured CUDA graph with the fused paged-attention kernel
         # (decode_graphs.py); prefill chunks and mixed steps run eagerly. Default: on for CUDA.
         self.decode_graphs = None
@@ -228,17 +227,16 @@ class ModelRunner:
         """A host array on this runner's device without waiting for the device (host_copy.py)."""
         return to_device(array, self.device)
 
-    def _token_ids(self, ids: np.ndarray) -> torch.Tensor:
-        """(T,) int64 token ids on the device; placeholders -(row + 1) take row of the running step's
-        sampled tokens, on the device."""
+    def _token_ids(self, ids: np.ndarray, prev: torch.Tensor | None) -> torch.Tensor:
+        """(T,) int64 token ids on the device; placeholders -(row + 1) take row of `prev`, the running
+        step's sampled tokens, on the device."""
         dev = self._h2d(ids.astype(np.int64, copy=False))
         if len(ids) and int(ids.min()) < 0:
-            prev = self._prev_tokens
             assert prev is not None, "a pending token without the step that samples it"
             dev = torch.where(dev < 0, prev[(-dev - 1).clamp(min=0)], dev)
         return dev
 
-    def _input_embeds(self, seqs, q_starts: np.ndarray) -> torch.Tensor:
+    def _input_embeds(self, seqs, q_starts: np.ndarray, prev: torch.Tensor | None) -> torch.Tensor:
         token_ids: list[int] = []
         dst_parts, rows = [], []
         for s, offset in zip(seqs, q_starts):
@@ -249,7 +247,7 @@ class ModelRunner:
                 if a < b:
                     dst_parts.append(seq.image_positions[a:b] - start + offset)
                     rows.append(seq.request.image_embeds[a:b])
-        embeds = self.model.embed(self._token_ids(np.array(token_ids, dtype=np.int64)))  # (T, hidden)
+        embeds = self.model.embed(self._token_ids(np.array(token_ids, dtype=np.int64), prev))  # (T, hidden)
         if rows:
             dst = self._h2d(np.concatenate(dst_parts))
             src = torch.cat([r.to(device=self.device, dtype=self.dtype, non_blocking=True) for r in rows])
@@ -257,21 +255,22 @@ class ModelRunner:
         return embeds
 
     @torch.inference_mode()
-    def compute_logits(self, batch: ScheduledBatch) -> torch.Tensor:
+    def compute_logits(self, batch: ScheduledBatch, prev: torch.Tensor | None = None) -> torch.Tensor:
         """Run the forward of one step; (S, vocab) fp32 logits, one row per sequence that samples, in
-        batch order. Writes the step's K/V into the cache."""
+        batch order. Writes the step's K/V into the cache. prev: the running step's sampled tokens (the
+        values of this batch's placeholders)."""
         seqs = batch.seqs
         if self.decode_graphs is not None:
             decode = [i for i, s in enumerate(seqs) if s.num_tokens == 1 and s.sample]
             if decode and self.decode_graphs.bucket_for(len(decode)) is not None:
                 if len(decode) == len(seqs):
-                    return self._decode_with_graph(seqs)
+                    return self._decode_with_graph(seqs, prev)
                 # A mixed step: the decodes replay the graph, the prefill chunks run eagerly; they
                 # write different cache slots, so the order does not matter. Logits in batch order.
                 decode_set = set(decode)
-                decode_logits = self._decode_with_graph([seqs[i] for i in decode]).clone()
+                decode_logits = self._decode_with_graph([seqs[i] for i in decode], prev).clone()
                 rest = [s for i, s in enumerate(seqs) if i not in decode_set]
-                rest_logits = self._eager_logits(rest)
+                rest_logits = self._eager_logits(rest, prev)
                 sampled = [i for i, s in enumerate(seqs) if s.sample]
                 out = torch.empty(len(sampled), decode_logits.shape[1], dtype=decode_logits.dtype,
                                   device=decode_logits.device)
@@ -282,9 +281,9 @@ class ModelRunner:
                 if rest_sampled:
                     out.index_copy_(0, self._h2d(np.array(rest_sampled, dtype=np.int64)), rest_logits)
                 return out
-        return self._eager_logits(seqs)
+        return self._eager_logits(seqs, prev)
 
-    def _eager_logits(self, seqs) -> torch.Tensor:
+    def _eager_logits(self, seqs, prev: torch.Tensor | None) -> torch.Tensor:
         """The eager forward (reference attention) of any mix of prefill chunks and decodes."""
         q_lens = np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=len(seqs))
         ctx = np.fromiter((s.start for s in seqs), dtype=np.int64, count=len(seqs))
@@ -292,7 +291,7 @@ class ModelRunner:
         rows = self._tables.rows_for([s.seq for s in seqs])
         width = max(1, math.ceil(int((q_lens + ctx).max()) / self.block_size))
         sample_rows = [i for i, s in enumerate(seqs) if s.sample]
-        step = EagerStep(self._input_embeds(seqs, q_starts), q_lens, ctx, self._tables.table[rows, :width],
+        step = EagerStep(self._input_embeds(seqs, q_starts, prev), q_lens, ctx, self._tables.table[rows, :width],
                          (q_starts[sample_rows] + q_lens[sample_rows] - 1).astype(np.int64))
         if self.channel is not None:
             self.channel.send_eager(step)
@@ -306,7 +305,7 @@ class ModelRunner:
         logits_idx = self._h2d(step.logits_rows)
         return self.model(step.embeds, positions, self.kv_caches, meta, logits_idx)
 
-    def _decode_with_graph(self, seqs) -> torch.Tensor:
+    def _decode_with_graph(self, seqs, prev: torch.Tensor | None) -> torch.Tensor:
         """One new token per sequence through the captured graph of the smallest fitting bucket."""
         bs = self.block_size
         positions = np.fromiter((s.start for s in seqs), dtype=np.int64, count=len(seqs))
@@ -317,7 +316,7 @@ class ModelRunner:
         step = DecodeStep(token_ids, positions, slots, tables, positions + 1)
         if self.channel is not None:
             self.channel.send_decode(step)
-        return self.decode_graphs.run(self._token_ids(step.token_ids), step.positions, step.slots, step.tables,
+        return self.decode_graphs.run(self._token_ids(step.token_ids, prev), step.positions, step.slots, step.tables,
                                       step.context_lens)
 
     # -- tensor parallelism ------------------------------------------------------------------------
@@ -344,15 +343,12 @@ class ModelRunner:
     def launch(self, batch: ScheduledBatch, prev: StepFuture | None = None) -> StepFuture:
         """Queue one step on the device and return at once. prev: the step still running, whose tokens
         appear as placeholders in this batch's inputs."""
-        self._prev_tokens = None if prev is None else prev.tokens
-        try:
-            return StepFuture([s.sample for s in batch.seqs], self._sample(batch) if batch.seqs else None)
-        finally:
-            self._prev_tokens = None
+        tokens = self._sample(batch, None if prev is None else prev.tokens) if batch.seqs else None
+        return StepFuture([s.sample for s in batch.seqs], tokens)
 
-    def _sample(self, batch: ScheduledBatch) -> torch.Tensor | None:
+    def _sample(self, batch: ScheduledBatch, prev: torch.Tensor | None) -> torch.Tensor | None:
         """The step's forward and sampling: (S,) int64 tokens on the device, or None if none samples."""
-        logits = self.compute_logits(batch)
+        logits = self.compute_logits(batch, prev)
         sampling = [s for s in batch.seqs if s.sample]
         if not sampling:
             return None
