@@ -71,8 +71,6 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor    # (B+1,) int32
     seq_lens: torch.Tensor           # (B,) int32: context length after this step (cached + this step's)
     block_tables: torch.Tensor       # (B, M) int32
-    max_query_len: int
-    max_seq_len: int
     prefill_tiles: PrefillTiles | None = None  # set: paged_attention runs the varlen kernel
     _group_inputs: tuple | None = field(default=None, repr=False)
     _groups: list[AttentionGroup] | None = field(default=None, repr=False)
@@ -157,8 +155,7 @@ def build_attention_metadata(q_lens, ctx_lens, block_tables: torch.Tensor, block
     meta = AttentionMetadata(
         slot_mapping=slot_mapping,
         query_start_loc=to_device(qsl.astype(np.int32), device), seq_lens=to_device(seq_lens.astype(np.int32), device),
-        block_tables=block_tables.int(), max_query_len=int(q_lens.max(initial=0)),
-        max_seq_len=int(seq_lens.max(initial=0)), prefill_tiles=tiles,
+        block_tables=block_tables.int(), prefill_tiles=tiles,
         _group_inputs=(q_lens, ctx_lens, block_size, max_gather_tokens, max_mask_elems))
     return meta, positions
 
