@@ -103,6 +103,13 @@ def targets(results: dict) -> list[dict]:
     return rows
 
 
+def _level_line(label: str, row: dict) -> str:
+    """One closed-loop level (loadgen.summarize's row) as a row of the speed table."""
+    return (f"| {label} | {row['concurrency']} | {row['output_tok_per_s']:.1f} | "
+            f"{row['ttft_p50_ms']:.0f} / {row['ttft_p95_ms']:.0f} | "
+            f"{row['itl_p50_ms']:.1f} / {row['itl_p95_ms']:.1f} | {row['errors']} |")
+
+
 def markdown(results: dict) -> str:
     floor_ms = results["hbm_floor_ms"]
     seq = results.get("baseline_sequential", {})
@@ -141,26 +148,20 @@ def markdown(results: dict) -> str:
                        *((k, LAYOUT_LABELS[k[len('server_'):]]) for k in results
                          if k.startswith("server_") and k[len('server_'):] in LAYOUT_LABELS)):
         for row in results.get(key, []) if isinstance(results.get(key), list) else []:
-            lines.append(f"| {label} | {row['concurrency']} | {row['output_tok_per_s']:.1f} | "
-                         f"{row['ttft_p50_ms']:.0f} / {row['ttft_p95_ms']:.0f} | "
-                         f"{row['itl_p50_ms']:.1f} / {row['itl_p95_ms']:.1f} | {row['errors']} |")
+            lines.append(_level_line(label, row))
     for key in _engine_alone_keys(results):
         label = "llm engine alone (in-process, no Triton" + (f"; {key[len('engine_alone['):-1]}" if "[" in key else "") + ")"
         if "error" in results[key]:
             lines.append(f"| {label} | | {results[key]['error']} | | | |")
         for row in results[key].get("levels", []):
-            lines.append(f"| {label} | {row['concurrency']} | {row['output_tok_per_s']:.1f} | "
-                         f"{row['ttft_p50_ms']:.0f} / {row['ttft_p95_ms']:.0f} | "
-                         f"{row['itl_p50_ms']:.1f} / {row['itl_p95_ms']:.1f} | {row['errors']} |")
+            lines.append(_level_line(label, row))
     if results.get("server_warm"):
         lines += ["", "Warm caches (the same server after the rows above; every request sends the same image, so "
                   "the vision embedding cache and the KV prefix cache hit):", "",
                   "| path | streams | output tok/s | TTFT p50 / p95 ms | ITL p50 / p95 ms | errors |",
                   "|---|---|---|---|---|---|"]
         for row in results["server_warm"]:
-            lines.append(f"| Triton server, same image | {row['concurrency']} | {row['output_tok_per_s']:.1f} | "
-                         f"{row['ttft_p50_ms']:.0f} / {row['ttft_p95_ms']:.0f} | "
-                         f"{row['itl_p50_ms']:.1f} / {row['itl_p95_ms']:.1f} | {row['errors']} |")
+            lines.append(_level_line("Triton server, same image", row))
         for warm in results["server_warm"]:
             cold = _server_row(results, "server", warm["concurrency"])
             if cold and warm["concurrency"] > 1:
