@@ -5,7 +5,7 @@ makes (--mmap-large-allocations, serving/heap.py) turns into a fresh mapping per
 the service reuses its buffers (internvl_serve/hostbuf.py). Random full-size V1-1 weights, the service exactly
 as the `vision` model builds it (compiled blocks).
 
-    python bench/vision_step_profile.py [--iters 10] [--mmap-large-allocations] [--out vision_step.json]
+    python bench/vision_step_profile.py [--iters 10] [--mmap-large-allocations] [--quantization fp8] [--out vision_step.json]
     python bench/vision_step_profile.py --tiny [--mmap-large-allocations]   # CPU, tiny checkpoint: faults only
 """
 from __future__ import annotations
@@ -65,6 +65,8 @@ def main() -> int:
     parser.add_argument("--mmap-large-allocations", action="store_true",
                         help="set the malloc mmap threshold as the vision model's Triton adapter does "
                              "(serving/heap.py): every large host buffer a fresh mapping")
+    parser.add_argument("--quantization", default="", choices=["", "fp8"],
+                        help="the vision model's `quantization` parameter (fp8: the blocks' matmuls in e4m3)")
     parser.add_argument("--tiny", action="store_true",
                         help="the tiny checkpoint on the CPU (no GPU needed): the page faults of the service's "
                              "host buffers; its times say nothing about the GPU")
@@ -79,22 +81,24 @@ def main() -> int:
     ckpt = tiny if args.tiny else make_random_checkpoint(work / "random", tokenizer_from=tiny)
     np.core.multiarray._set_madvise_hugepage(False)  # numpy's big arrays in 4 KiB pages, as torch's: faults count pages
     t0 = time.perf_counter()
-    service = VisionService(ckpt, device=device)
+    service = VisionService(ckpt, device=device, quantization=args.quantization)
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     tiles = iter([rng.standard_normal((1, 3, 448, 448), dtype=np.float32) for _ in range(8 * args.iters + 8)])
     for _ in range(3):
         service.embed([next(tiles)], reuse_output=True)  # warm-up
     gpu_pixels = torch.from_numpy(next(tiles)).to(device, service.dtype)
+    gpu_pixels8 = gpu_pixels.expand(8, -1, -1, -1).contiguous()
     new_tile = lambda: service.embed([next(tiles)], reuse_output=True)  # noqa: E731 - as the adapter calls it
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (tiny checkpoint)",
         "load_and_compile_s": load_s, "compiled": service.compiled,
-        "mmap_large_allocations": args.mmap_large_allocations,
+        "mmap_large_allocations": args.mmap_large_allocations, "quantization": args.quantization or "none",
         "embed_new_tile_ms": wall_ms(new_tile, args.iters),
         "embed_new_tile_minor_faults": minor_faults(new_tile, args.iters),
         "embed_new_tile_owned_output_minor_faults": minor_faults(lambda: service.embed([next(tiles)]), args.iters),
         "encoder_forward_ms (device in, device out)": wall_ms(lambda: service.encoder(gpu_pixels), args.iters),
+        "encoder_forward_b8_ms_per_image": wall_ms(lambda: service.encoder(gpu_pixels8), args.iters) / 8,
         "encoder_forward_minor_faults": minor_faults(lambda: service.encoder(gpu_pixels), args.iters),
         "host_buffer_pages (pixels in + float32 out)": (3 * 448 * 448 + service.num_image_token *
                                                        service.hidden_size) * 4 // 4096,
