@@ -35,6 +35,7 @@ from typing import Callable
 
 import torch
 
+from internvl_serve.content_key import content_key
 from internvl_serve.engine.block_manager import BlockAllocator
 from internvl_serve.engine.errors import EngineBusy, EngineError, InvalidRequest
 from internvl_serve.engine.request import FinishReason, Request, RequestOutput
@@ -57,11 +58,10 @@ def _image_context_id(tokenizer) -> int | None:
 
 
 def image_content_key(image_embeds: torch.Tensor) -> bytes:
-    """A content hash of image rows (their bytes and dtype), for when the caller gives no image_hashes.
-    SHA-256, as serving/vision.py's tile_key: with the CPU's SHA instructions about twice as fast as
-    BLAKE2b on the 5 MB of one V1-1 image's float32 rows (it is on every image request's way in)."""
+    """The content key (internvl_serve/content_key.py) of image rows: their dtype, shape and bytes; for
+    when the caller gives no image_hashes (on every image request's way in)."""
     rows = image_embeds.detach().to("cpu").contiguous()
-    return hashlib.sha256(rows.view(torch.uint8).numpy().data).digest() + str(rows.dtype).encode()
+    return content_key(f"image rows {rows.dtype}{tuple(rows.shape)}", rows.view(torch.uint8).numpy())
 
 
 def _image_keys(request: Request) -> list[bytes]:
