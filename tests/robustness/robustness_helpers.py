@@ -129,6 +129,7 @@ class Traffic:
     requests: list
     threads: int = 3
     intervals: list = field(default_factory=list)
+    latest_start: dict = field(default_factory=dict)  # worker -> start of its last answered request
     done: list = field(default_factory=list)  # names of requests answered exactly
     failures: list = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -156,6 +157,7 @@ class Traffic:
                 return
             with self._lock:
                 self.intervals.append((answer.started, answer.ended))
+                self.latest_start[worker] = answer.started
                 if answer.error is not None or answer.text != expected or answer.finals != 1:
                     self.failures.append(f"{name}: error={answer.error!r} text={answer.text!r} "
                                          f"expected={expected!r} finals={answer.finals}")
@@ -163,15 +165,20 @@ class Traffic:
                     self.done.append(name)
                 self._lock.notify_all()
 
-    def overlapped(self, start: float, end: float, timeout_s: float = 60.0) -> bool:
-        """Whether a healthy request was in flight at some time in [start, end] (waits for the requests
-        started before `end` to finish)."""
+    def overlapped(self, start: float, end: float) -> bool:
+        """Whether a healthy request was in flight at some time in [start, end]. Waits, however long the
+        server takes, until one such request has its answer, or until every worker has an answer to a
+        request it started after `end` (then every earlier request is known), or a request fails."""
+        def overlap():
+            return any(s <= end and e >= start for s, e in self.intervals)
+
         def settled():
-            return self.failures or any(s <= end and e >= start for s, e in self.intervals)
+            return (self.failures or overlap() or len(self.latest_start) == self.threads
+                    and all(s > end for s in self.latest_start.values()))
 
         with self._lock:
-            self._lock.wait_for(settled, timeout=timeout_s)
-            return any(s <= end and e >= start for s, e in self.intervals)
+            self._lock.wait_for(settled)
+            return overlap()
 
     def stop(self, timeout_s: float = 120.0) -> None:
         self._stop.set()
