@@ -10,8 +10,10 @@ Owns: per-output-channel e4m3 quantization of a weight (N, K) (scale = max|w[n]|
 per-row (token) dynamic e4m3 quantization of the activations (M, K) at each call; their product through
 torch._scaled_mm with both scales applied in the epilogue, output in the activations' dtype; `Fp8Linear`,
 an nn.Linear stand-in; `quantize_linears_fp8_`, which swaps named linears of a module's blocks in place;
-`relative_error`, what a swap costs. torch._scaled_mm runs on the CPU too (the tests), and on CUDA needs
-FP8 tensor cores (compute capability 8.9+: H100) and K and N divisible by 16 (ViT-6B: 3200, 9600, 12800).
+`relative_error`, what a swap costs. On CUDA, torch._scaled_mm needs FP8 tensor cores (compute capability
+8.9+: H100) and K and N divisible by 16 (ViT-6B: 3200, 9600, 12800); on the CPU (the tests) the same
+product runs in float32 from the e4m3 values, since torch 2.11's CPU _scaled_mm refuses per-row scales
+(2.13's takes them).
 Does not own: deciding to quantize (the vision model's `quantization` parameter, serving/vision.py).
 """
 from __future__ import annotations
@@ -46,7 +48,10 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
     """x (..., K) @ (w_fp8 * w_scale).T (+ bias) -> (..., N) in x's dtype."""
     shape = x.shape
     xq, x_scale = quantize_rows_fp8(x.reshape(-1, shape[-1]))
-    y = torch._scaled_mm(xq, w_fp8.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=x.dtype)
+    if xq.is_cuda:
+        y = torch._scaled_mm(xq, w_fp8.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=x.dtype)
+    else:  # the same product in float32: torch's CPU _scaled_mm takes per-row scales only in some versions
+        y = ((xq.float() * x_scale) @ (w_fp8.float() * w_scale[:, None]).t()).to(x.dtype)
     if bias is not None:
         y = y + bias
     return y.reshape(*shape[:-1], w_fp8.shape[0])
