@@ -250,7 +250,9 @@ class ModelRunner:
         embeds = self.model.embed(self._token_ids(np.array(token_ids, dtype=np.int64), prev))  # (T, hidden)
         if rows:
             dst = self._h2d(np.concatenate(dst_parts))
-            src = torch.cat([r.to(device=self.device, dtype=self.dtype, non_blocking=True) for r in rows])
+            # copied as they are, converted on the device: a host-to-device copy that also changes the
+            # dtype converts on the CPU first (ATen), into a fresh host buffer, on the engine thread
+            src = torch.cat([r.to(device=self.device, non_blocking=True) for r in rows]).to(self.dtype)
             embeds.index_copy_(0, dst, src)
         return embeds
 

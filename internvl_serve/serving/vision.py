@@ -363,7 +363,9 @@ class VisionService:
                 staged = pixels.numpy()
                 for j, (_, indices) in enumerate(part):
                     np.copyto(staged[j], tiles[indices[0]], casting="same_kind")
-                encoded = self.encoder(pixels.to(device=self.device, dtype=self.dtype, non_blocking=True))
+                # float32 to the device, converted there: a copy that also changed the dtype would convert
+                # on the CPU first (ATen), into a fresh pageable buffer, and copy that synchronously
+                encoded = self.encoder(pixels.to(device=self.device, non_blocking=True).to(self.dtype))
                 host = encoded
                 if cuda:
                     rows = encoded.float()
