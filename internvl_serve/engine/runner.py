@@ -13,8 +13,8 @@ A token that `prev` (the step still running) samples appears in the sequences' t
 placeholder -(row + 1) (sequence.py); the inputs of the next step take its value on the device from
 prev.tokens (torch.where + gather into the graph's static buffer or the eager ids), with no host sync.
 Every host->device copy of a step's inputs goes through pinned memory (host_copy.to_device), so nothing
-on the step path waits for the device (the image rows of a prefill chunk are copied from the request's
-own tensor, non_blocking, not pinned); the host waits only in StepFuture.result().
+on the step path waits for the device (a copy from pageable memory may wait for the stream: the step
+still running); the host waits only in StepFuture.result().
 
 Does not own: which sequences run (scheduler.py), block ids (block_manager.py), the cache's layout and
 size (kv_cache.py), text (detokenizer.py).
@@ -223,8 +223,8 @@ class ModelRunner:
         ids from the host (the engine then resolves each step before building the next)."""
         return self.channel is None
 
-    def _h2d(self, array: np.ndarray) -> torch.Tensor:
-        """A host array on this runner's device without waiting for the device (host_copy.py)."""
+    def _h2d(self, array: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """A host array or tensor on this runner's device without waiting for the device (host_copy.py)."""
         return to_device(array, self.device)
 
     def _token_ids(self, ids: np.ndarray, prev: torch.Tensor | None) -> torch.Tensor:
@@ -252,7 +252,7 @@ class ModelRunner:
             dst = self._h2d(np.concatenate(dst_parts))
             # copied as they are, converted on the device: a host-to-device copy that also changes the
             # dtype converts on the CPU first (ATen), into a fresh host buffer, on the engine thread
-            src = torch.cat([r.to(device=self.device, non_blocking=True) for r in rows]).to(self.dtype)
+            src = torch.cat([self._h2d(r) for r in rows]).to(self.dtype)
             embeds.index_copy_(0, dst, src)
         return embeds
 
