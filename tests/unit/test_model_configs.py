@@ -167,3 +167,44 @@ def test_llm_engine_parameters_parse():
     options = EngineOptions.from_parameters(params)
     assert set(params) - {"device"} <= {f for f in EngineOptions.__dataclass_fields__}
     assert options == EngineOptions()  # the checked-in values are the documented defaults
+
+
+def test_preprocess_warms_every_instance_up_with_requests_it_accepts(tiny_checkpoint):
+    """model_warmup: Triton runs these samples on each preprocess instance at load (warmup_samples.py).
+    Each names files in warmup/ that hold one serialized string for an input of that name and type, and
+    together they make a request the service accepts: one image, one 448 tile, the card's image tokens."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from tritonclient.utils import deserialize_bytes_tensor
+
+    from internvl_serve.serving import warmup_samples
+    from internvl_serve.serving.parsing import parse_chat_request
+    from internvl_serve.serving.preprocess import Preprocessor
+    from internvl_serve.tokenizer import IMG_CONTEXT_TOKEN
+
+    config = load(c.PREPROCESS)
+    declared = tensors(config.input)
+    assert [s.name for s in config.model_warmup] == ["png", "jpeg", "png again"]
+    preprocessor = Preprocessor(tiny_checkpoint)
+    context_id = preprocessor.tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+    for sample in config.model_warmup:
+        assert sample.batch_size == 1 and sorted(sample.inputs) == ["images", "text_input"]
+        inputs = {}
+        for name, spec in sample.inputs.items():
+            assert declared[name][0] == type_name(spec.data_type) == "TYPE_STRING" and tuple(spec.dims) == (1,)
+            inputs[name] = deserialize_bytes_tensor((warmup_samples.FOLDER / spec.input_data_file).read_bytes())
+            assert inputs[name].shape == (1,), (sample.name, name)
+        out = preprocessor(parse_chat_request(inputs), output_slot=0)
+        assert out.pixel_values.shape == (1, 3, 448, 448), sample.name
+        assert int((out.input_ids == context_id).sum()) == preprocessor.config.num_image_token
+    # the checked-in files are what warmup_samples.py writes (images compared as pixels: encoders differ)
+    files = {name: deserialize_bytes_tensor((warmup_samples.FOLDER / name).read_bytes())[0]
+             for name in warmup_samples.samples()}
+    assert files["text_input"] == warmup_samples.QUESTION
+    for name, ((height, width), fmt) in warmup_samples.IMAGES.items():
+        image = Image.open(io.BytesIO(files[name]))
+        assert (image.format, image.size) == (fmt, (width, height))
+    png = np.asarray(Image.open(io.BytesIO(files["image_png"])))
+    assert np.array_equal(png, np.asarray(Image.open(io.BytesIO(warmup_samples.samples()["image_png"]))))
