@@ -7,8 +7,8 @@ Owns: `all_finite`, the NaN/inf check of request tensors without temporaries the
 of one V1-1 image's float32 embeddings makes ~11 MB of them: ~1.7 page faults per page of the input);
 `HostBuffers`, named flat buffers grown on demand (torch tensors, page-locked on CUDA so host<->device
 copies from and to them are real async copies, or numpy arrays for a process without torch: the preprocess
-stub's pixel values), handed out as views; `SlotPool`, fixed-shape tensors made in blocks, handed out and
-given back (the embedding cache's entries). torch is imported only where a torch buffer is asked for.
+stub's pixel values), handed out as views; `SlotPool`, fixed-shape tensors made in blocks (or all at once,
+touched: reserve), handed out and given back (the embedding cache's entries). torch is imported only where a torch buffer is asked for.
 Does not own: what the buffers hold, locking (the callers serialize their use), the malloc setting
 (serving/heap.py).
 """
@@ -110,3 +110,13 @@ class SlotPool:
 
     def give(self, slot: torch.Tensor) -> None:
         self._free.append(slot)
+
+    def reserve(self) -> None:
+        """Make every slot not yet made now, in one allocation whose pages are written here: no entry
+        then faults in a fresh slot's pages on the request path (a new slot is one fault per 4 KiB)."""
+        n = self.limit - self.made
+        if n > 0:
+            import torch
+
+            self._free = list(torch.zeros((n, *self.shape), dtype=self.dtype).unbind(0))[::-1] + self._free
+            self.made += n

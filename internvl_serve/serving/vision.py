@@ -136,13 +136,22 @@ class EmbeddingCache:
             self.hits += hits
             self.misses += misses
 
-    def _pool(self, value: torch.Tensor, size: int) -> SlotPool:
-        spec = (tuple(value.shape), value.dtype)
+    def _pool(self, shape: tuple[int, ...], dtype: torch.dtype) -> SlotPool:
+        spec = (tuple(shape), dtype)
         if spec not in self._pools:
+            size = math.prod(shape) * dtype.itemsize
             limit = self.max_bytes // size if self.max_entries is None else min(self.max_bytes // size,
                                                                                  self.max_entries)
             self._pools[spec] = SlotPool(spec[0], spec[1], limit)
         return self._pools[spec]
+
+    def reserve(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """Allocate and touch, now, every slot that entries of this shape and dtype can fill (the whole
+        bound's worth): a miss then faults in no fresh memory (640 faults, ~2 ms on the H100 machine, for
+        each new V1-1 image until the cache is full)."""
+        with self._lock:
+            if self.enabled:
+                self._pool(shape, dtype).reserve()
 
     def _drop(self, value: torch.Tensor) -> None:
         self.bytes -= value.numel() * value.element_size()
@@ -163,7 +172,7 @@ class EmbeddingCache:
                 _, evicted = self._entries.popitem(last=False)
                 self._drop(evicted)
                 self.evictions += 1
-            slot = self._pool(value, size).take()
+            slot = self._pool(value.shape, value.dtype).take()
             if slot is None:  # the bounds leave room for one more entry of a shape once the loop is done
                 return
             slot.copy_(value)
@@ -246,6 +255,8 @@ class VisionService:
         self.num_image_token = self.config.num_image_token
         self.hidden_size = self.config.llm_config.hidden_size
         self.cache = EmbeddingCache(int(image_cache_mb * 2**20), image_cache_entries)
+        if self.device.type == "cuda":  # the cache's memory taken and touched at load, off the request path
+            self.cache.reserve((self.num_image_token, self.hidden_size), self.dtype)
         self.quantization = validate_quantization(quantization, VISION_QUANTIZATIONS) or ""
         if self.quantization == "fp8":
             quantize_vision_fp8_(self.encoder)

@@ -1,6 +1,6 @@
 """The vision service on CUDA (skipped without a GPU): with its ViT blocks compiled (the default on CUDA)
 the embeddings match the eager encoder's, for one image and for a batch (the dynamic-batch graph); its host
-buffers (internvl_serve/hostbuf.py) are page-locked and reused: results through them equal the plain path's, a
+buffers (internvl_serve/hostbuf.py) are page-locked and reused, its cache's slots all made at load: results through them equal the plain path's, a
 cache hit equals the forward exactly, and with the adapter's malloc setting an embed() of a new tile
 faults in almost none of its host pages."""
 from __future__ import annotations
@@ -31,6 +31,8 @@ def test_compiled_blocks_give_the_eager_embeddings(tiny_checkpoint):
 
 def test_host_buffers_are_pinned_and_give_the_plain_results(tiny_checkpoint):
     service = VisionService(tiny_checkpoint, device="cuda", max_images_per_forward=2)   # bf16, cache on
+    pool = service.cache._pools[((service.num_image_token, service.hidden_size), service.dtype)]
+    assert pool.made == pool.limit > 0 and service.cache.bytes == 0      # every slot made at load, none used
     rng = np.random.default_rng(1)
     size = service.config.vision_config.image_size
     pixels = rng.standard_normal((3, 3, size, size)).astype(np.float32)

@@ -135,6 +135,23 @@ def test_cache_slots_are_reused_after_an_eviction():
     assert not cache.copy_to(bytes([0]), value) and cache.evictions == 37
 
 
+def test_a_reserved_cache_has_every_slot_made_at_once_and_makes_none_later():
+    cache = EmbeddingCache(max_bytes=5 * 40)
+    cache.reserve((10,), torch.float32)
+    pool = next(iter(cache._pools.values()))
+    reserved = {slot.data_ptr() for slot in pool._free}
+    assert pool.made == 5 and len(reserved) == 5
+    for k in range(12):                                  # 12 misses, the last 7 evicting
+        cache.put(bytes([k]), torch.full((10,), float(k)))
+    assert pool.made == 5 and {v.data_ptr() for v in cache._entries.values()} == reserved
+    value = torch.empty(10)
+    assert cache.copy_to(bytes([11]), value) and torch.equal(value, torch.full((10,), 11.0))
+    assert cache.keys() == [bytes([k]) for k in range(7, 12)] and cache.evictions == 7
+    disabled = EmbeddingCache(max_bytes=0)
+    disabled.reserve((10,), torch.float32)
+    assert not disabled._pools
+
+
 def test_host_buffers_grow_only_when_too_small_and_slot_pool_limit():
     buffers = HostBuffers()
     a = buffers.get("x", (2, 3), torch.float32)
