@@ -11,7 +11,7 @@ time per engine step against the time the GPU was busy (the union of every kerne
 a torch.profiler trace), so the host's share of a step is a number.
 
     python bench/engine_alone.py --checkpoint DIR --levels 1,32 --out engine.json \
-        [--engine-option async_scheduling=false] [--profile-levels 1,32]
+        [--engine-option async_scheduling=false] [--profile-levels 1,32] [--profile-first-token]
 
 Owns: the in-process driver and the breakdown. Does not own: the server runs (benchmark.py, loadgen.py).
 benchmark.py runs this as a subprocess so that all its GPU memory is returned before the server starts.
@@ -42,13 +42,17 @@ import loadgen  # noqa: E402
 class TimedSink:
     """A ResponseSink that records when each response arrived and how many tokens it carried."""
 
-    def __init__(self, on_final):
+    def __init__(self, on_final, on_first_token=None):
         self.timing = loadgen.RequestTiming(start=time.perf_counter())
         self._on_final = on_final
+        self._on_first_token = on_first_token
 
     def send(self, response: dict, final: bool) -> None:
         now = time.perf_counter()
+        had_tokens = self.tokens > 0
         self.timing.record(now, int(np.asarray(response["num_output_tokens"]).reshape(-1)[0]))
+        if self._on_first_token is not None and not had_tokens and self.tokens > 0:
+            self._on_first_token()
         if final:
             self._finish(now)
 
@@ -149,6 +153,31 @@ def profile_level(service, ids: np.ndarray, level: int, new_tokens: int, seed0: 
             "gpu_busy_ms_per_step": busy_ms / steps, "host_gap_ms_per_step": (1e3 * wall - busy_ms) / steps}
 
 
+def profile_first_token(service, ids: np.ndarray, seed0: int, repeats: int = 3) -> dict:
+    """One new request at a time on an idle engine, profiled from submit to its first token: the TTFT,
+    the GPU busy in it (ms), and (of the last repeat) the ops with the most CUDA time, as a torch.profiler
+    table (the engine thread's CPU ops are not recorded: the profiler follows this thread). Where the
+    engine's own ~29 ms of TTFT at 1 stream go."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows, hidden = service.config.num_image_token, service.config.llm_config.hidden_size
+    out = {"repeats": []}
+    for r in range(repeats):
+        first, finished = threading.Event(), threading.Semaphore(0)
+        sink = TimedSink(finished.release, on_first_token=first.set)
+        request = make_request(ids, rows, hidden, seed0 + r, 8)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            service.submit(request, sink, client_id=f"ttft-{r}")
+            first.wait()
+            ttft_ms = 1e3 * (time.perf_counter() - t0)
+        finished.acquire()
+        out["repeats"].append({"ttft_ms": ttft_ms, "gpu_busy_ms": gpu_busy_us(prof) / 1e3})
+    averages = prof.key_averages()
+    out["top_cuda"] = averages.table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True)
@@ -160,6 +189,8 @@ def main(argv=None) -> int:
                         help="an llm model parameter (config.pbtxt `parameters`), e.g. quantization=int8")
     parser.add_argument("--profile-levels", default="",
                         help="levels at which to add the per-step wall vs GPU-busy breakdown")
+    parser.add_argument("--profile-first-token", action="store_true",
+                        help="also profile single requests from submit to their first token")
     parser.add_argument("--out", type=Path, required=True, help="results JSON")
     parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a check of this script)")
     args = parser.parse_args(argv)
@@ -182,6 +213,10 @@ def main(argv=None) -> int:
             row = profile_level(service, ids, level, args.new_tokens, seed0=7_000_000 + 1000 * level)
             print(json.dumps(row), flush=True)
             result["profile"].append(row)
+        if args.profile_first_token:
+            result["first_token"] = profile_first_token(service, ids, seed0=8_000_000)
+            print(json.dumps(result["first_token"]["repeats"]), flush=True)
+            print(result["first_token"]["top_cuda"], flush=True)
         result["stats_after"] = service.engine.stats()
     finally:
         service.shutdown()
