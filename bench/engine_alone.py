@@ -46,13 +46,18 @@ class TimedSink:
         self.timing = loadgen.RequestTiming(start=time.perf_counter())
         self._on_final = on_final
         self._on_first_token = on_first_token
+        # more than 1: the first token's text was held back (empty, an incomplete character, trailing
+        # whitespace or a possible stop string) and went out with a later token's
+        self.tokens_in_first_response = 0
 
     def send(self, response: dict, final: bool) -> None:
         now = time.perf_counter()
         had_tokens = self.tokens > 0
         self.timing.record(now, int(np.asarray(response["num_output_tokens"]).reshape(-1)[0]))
-        if self._on_first_token is not None and not had_tokens and self.tokens > 0:
-            self._on_first_token()
+        if not had_tokens and self.tokens > 0:
+            self.tokens_in_first_response = self.tokens
+            if self._on_first_token is not None:
+                self._on_first_token()
         if final:
             self._finish(now)
 
@@ -172,7 +177,8 @@ def profile_first_token(service, ids: np.ndarray, seed0: int, repeats: int = 3) 
             first.wait()
             ttft_ms = 1e3 * (time.perf_counter() - t0)
         finished.acquire()
-        out["repeats"].append({"ttft_ms": ttft_ms, "gpu_busy_ms": gpu_busy_us(prof) / 1e3})
+        out["repeats"].append({"ttft_ms": ttft_ms, "gpu_busy_ms": gpu_busy_us(prof) / 1e3,
+                               "tokens_in_first_response": sink.tokens_in_first_response})
     averages = prof.key_averages()
     out["top_cuda"] = averages.table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60)
     return out
