@@ -202,6 +202,8 @@ def markdown(results: dict) -> str:
         if after.get("image_cache_hits") is not None:
             cache = (f"; vision embedding cache: {after['image_cache_hits']} hits, "
                      f"{after.get('image_cache_misses')} misses")
+        if after.get("preemptions") is not None:
+            cache += f"; requests preempted for KV blocks: {after['preemptions']}"
         lines.append(f"KV blocks in use after the {label} run: {text}{cache}.")
     lines += ["", "Against the speed issue's targets:", "",
               "| target | goal | measured | status | gap |", "|---|---|---|---|---|"]

@@ -14,6 +14,7 @@ REQUESTS_RUNNING = "internvl_requests_running"
 REQUESTS_WAITING = "internvl_requests_waiting"
 IMAGE_CACHE_HITS = "internvl_image_cache_hits_total"
 IMAGE_CACHE_MISSES = "internvl_image_cache_misses_total"
+PREEMPTIONS = "internvl_preemptions_total"
 
 
 def parse_metric(text: str, name: str) -> float | None:
@@ -41,13 +42,14 @@ def kv_blocks_after_run(metrics_url: str, timeout_s: float = 30.0, period_s: flo
     """Poll the llm's KV gauge until it reads 0 or timeout_s passes (the model pushes its gauges every
     0.5 s). {"kv_blocks_used_after": N | None, "kv_blocks_total": M | None, ...}; None: not available."""
     deadline = clock() + timeout_s
-    used = total = hits = misses = None
+    used = total = hits = misses = preemptions = None
     error = None
     while True:
         try:
             text = read(metrics_url)
             used, total = parse_metric(text, KV_BLOCKS_USED), parse_metric(text, KV_BLOCKS_TOTAL)
             hits, misses = parse_metric(text, IMAGE_CACHE_HITS), parse_metric(text, IMAGE_CACHE_MISSES)
+            preemptions = parse_metric(text, PREEMPTIONS)
             error = None
         except Exception as e:  # noqa: BLE001 - a missing endpoint is recorded, not fatal
             error = f"{type(e).__name__}: {e}"
@@ -57,7 +59,8 @@ def kv_blocks_after_run(metrics_url: str, timeout_s: float = 30.0, period_s: flo
     out = {"kv_blocks_used_after": None if used is None else int(used),
            "kv_blocks_total": None if total is None else int(total),
            "image_cache_hits": None if hits is None else int(hits),
-           "image_cache_misses": None if misses is None else int(misses)}
+           "image_cache_misses": None if misses is None else int(misses),
+           "preemptions": None if preemptions is None else int(preemptions)}
     if error:
         out["metrics_error"] = error
     return out

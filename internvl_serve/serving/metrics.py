@@ -101,6 +101,7 @@ REQUESTS_WAITING = "internvl_requests_waiting"
 REQUESTS_RUNNING = "internvl_requests_running"
 KV_BLOCKS_USED = "internvl_kv_cache_blocks_used"
 KV_BLOCKS_TOTAL = "internvl_kv_cache_blocks_total"
+PREEMPTIONS = "internvl_preemptions_total"
 IMAGE_CACHE_HITS = "internvl_image_cache_hits_total"
 IMAGE_CACHE_MISSES = "internvl_image_cache_misses_total"
 
@@ -127,6 +128,8 @@ LLM_METRICS = (
     MetricSpec(REQUESTS_RUNNING, GAUGE, "Requests the engine is generating for (in-flight batch)"),
     MetricSpec(KV_BLOCKS_USED, GAUGE, "Paged KV-cache blocks held by requests"),
     MetricSpec(KV_BLOCKS_TOTAL, GAUGE, "Paged KV-cache blocks in the pool"),
+    MetricSpec(PREEMPTIONS, COUNTER, "Requests preempted for KV-cache blocks (their KV freed, recomputed "
+               "when admitted again)"),
 )
 VISION_METRICS = (
     MetricSpec(IMAGE_CACHE_HITS, COUNTER, "Image tiles whose embedding came from the vision model's cache"),
@@ -229,12 +232,14 @@ class MeteredEngineThread:
 
 
 def engine_gauges(engine: Any) -> dict[str, float]:
-    """The engine's queue and KV-cache state. Read from another thread without a lock: each value is
-    one len() (atomic in CPython); together they may be one step apart, which a gauge tolerates."""
+    """The engine's queue and KV-cache state, and its preemptions so far. Read from another thread
+    without a lock: each value is one len() or int (atomic in CPython); together they may be one step
+    apart, which a gauge tolerates."""
     allocator = engine.allocator
     total = allocator.num_blocks
     return {REQUESTS_WAITING: engine.scheduler.num_waiting, REQUESTS_RUNNING: engine.scheduler.num_running,
-            KV_BLOCKS_USED: total - allocator.num_free, KV_BLOCKS_TOTAL: total}
+            KV_BLOCKS_USED: total - allocator.num_free, KV_BLOCKS_TOTAL: total,
+            PREEMPTIONS: engine.scheduler.num_preemptions}
 
 
 def image_cache_counters(service: Any) -> dict[str, float]:

@@ -149,6 +149,18 @@ def test_engine_gauges_count_blocks_held_by_requests_only():
     assert (g[m.REQUESTS_WAITING], g[m.REQUESTS_RUNNING]) == (0, 0)
 
 
+def test_preemptions_are_counted():
+    # 8 blocks of 4: two 10-token prompts growing by 12 tokens each need 12 blocks, so one is preempted
+    engine = make_engine(num_blocks=8, block_size=4)
+    for i in range(2):
+        engine.add_request(Request(f"r{i}", list(range(3 + i, 13 + i)),
+                                   sampling=SamplingParams(max_tokens=12, ignore_eos=True)))
+    assert m.engine_gauges(engine)[m.PREEMPTIONS] == 0
+    while engine.has_unfinished():
+        engine.step()
+    assert m.engine_gauges(engine)[m.PREEMPTIONS] == engine.scheduler.num_preemptions >= 1
+
+
 def test_image_cache_counters():
     assert m.image_cache_counters(SimpleNamespace(cache_hits=3, cache_misses=5)) == {
         m.IMAGE_CACHE_HITS: 3, m.IMAGE_CACHE_MISSES: 5}
@@ -304,4 +316,4 @@ def test_names_are_the_documented_ones():
         "internvl_inter_token_latency_seconds_sum", "internvl_inter_token_latency_seconds_count",
         "internvl_requests_waiting", "internvl_requests_running", "internvl_kv_cache_blocks_used",
         "internvl_kv_cache_blocks_total", "internvl_image_cache_hits_total", "internvl_image_cache_misses_total",
-        "internvl_generated_tokens_total"}
+        "internvl_generated_tokens_total", "internvl_preemptions_total"}
