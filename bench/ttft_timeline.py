@@ -43,16 +43,21 @@ SEGMENTS = ("client -> ensemble start", "preprocess queue", "preprocess compute"
 
 
 def trace_args(path: Path) -> tuple[str, ...]:
-    return ("--trace-config", f"triton,file={path}", "--trace-config", "level=TIMESTAMPS",
-            "--trace-config", "rate=1", "--trace-config", "count=-1")
+    """Every request traced with its timestamps, each trace written as it completes (log-frequency 1:
+    files <path>.0, .1, ...), so traces survive a server whose exit hangs (Triton writes the rest only
+    at exit)."""
+    return ("--trace-config", f"triton,file={path}", "--trace-config", "triton,log-frequency=1",
+            "--trace-config", "level=TIMESTAMPS", "--trace-config", "rate=1", "--trace-config", "count=-1")
 
 
 def read_traces(path: Path) -> dict[int, dict]:
-    """trace id -> {"model": name, "parent": id or None, "request_id": str, "ts": {NAME: ns}}."""
-    text = path.read_text().strip()
-    if not text:
-        return {}
-    records = json.loads(text) if text.startswith("[") else [json.loads(line) for line in text.splitlines()]
+    """trace id -> {"model": name, "parent": id or None, "request_id": str, "ts": {NAME: ns}}, from `path`
+    and its numbered parts (<path>.0, .1, ...), each a JSON array (or JSON lines)."""
+    records = []
+    for part in [path, *sorted(path.parent.glob(path.name + ".*"))]:
+        text = part.read_text().strip() if part.is_file() else ""
+        if text:
+            records += json.loads(text) if text.startswith("[") else [json.loads(line) for line in text.splitlines()]
     traces: dict[int, dict] = {}
     for r in records:
         t = traces.setdefault(r["id"], {"model": None, "parent": None, "request_id": "", "ts": {}})

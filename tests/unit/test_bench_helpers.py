@@ -235,3 +235,20 @@ def test_the_open_loop_table_and_markdown_only(bench, report, tmp_path):
            "slot)" in report.markdown(results)
     del results["open_loop"]
     assert "Open loop" not in report.markdown(results)
+
+
+def test_the_timeline_reads_every_part_of_a_trace(tmp_path):
+    """ttft_timeline.py has Triton write each trace as it completes (<file>.0, .1, ...), so a server whose
+    exit hangs keeps them; read_traces merges the parts (and a whole file written at exit)."""
+    timeline = load_bench_module("ttft_timeline")
+    path = tmp_path / "trace.json"
+    (tmp_path / "trace.json.0").write_text(
+        '[{"id":1,"model_name":"internvl_chat","request_id":"r0"},{"id":1,"timestamps":[{"name":"REQUEST_START","ns":5}]}]')
+    (tmp_path / "trace.json.1").write_text(
+        '[{"id":2,"model_name":"llm","parent_id":1},{"id":2,"timestamps":[{"name":"QUEUE_START","ns":7}]}]')
+    traces = timeline.read_traces(path)
+    assert traces[1] == {"model": "internvl_chat", "parent": None, "request_id": "r0", "ts": {"REQUEST_START": 5}}
+    assert traces[2]["parent"] == 1 and traces[2]["ts"] == {"QUEUE_START": 7}
+    path.write_text('{"id":3,"model_name":"vision","parent_id":1}\n')
+    assert timeline.read_traces(path)[3]["model"] == "vision"
+    assert timeline.read_traces(tmp_path / "none.json") == {}
