@@ -49,6 +49,7 @@ def test_host_buffers_are_pinned_and_give_the_plain_results(tiny_checkpoint):
     assert np.array_equal(owned[2], owned[0][:n])
     assert np.abs(owned[0][:n] - want[0]).max() <= 0.05 * np.abs(want[0]).max()   # bf16, other batching
     assert service.cache_hits == 1 + 4 and service.cache_misses == 3
+    assert list(service.cache._pools.values()) == [pool] and pool.made == pool.limit   # the entries used it
 
 
 PROBE = """
