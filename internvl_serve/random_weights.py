@@ -68,11 +68,23 @@ def is_random_checkpoint(folder: str | Path) -> bool:
     return (Path(folder) / MARKER).is_file()
 
 
-def write_marker(folder: str | Path, *, seed: int = 0, std: float = 0.02, tokenizer_size: int | None = None) -> Path:
+def write_marker(folder: str | Path, *, seed: int = 0, std: float = 0.02, tokenizer_size: int | None = None,
+                 silent_ids: list[int] | None = None) -> Path:
     path = Path(folder) / MARKER
     path.write_text(json.dumps({"seed": seed, "std": std, "tokenizer_size": tokenizer_size,
-                                "purpose": "benchmark only: random weights"}) + "\n")
+                                "silent_ids": silent_ids or [], "purpose": "benchmark only: random weights"}) + "\n")
     return path
+
+
+def silent_token_ids(tokenizer) -> list[int]:
+    """The ids that, as the first token of an answer, give the detokenizer no text to send yet (engine/
+    detokenizer.py: special tokens, a lone space or other whitespace, an incomplete UTF-8 character from
+    a byte-fallback piece). A streamed response carries text, so such a first token goes out only with a
+    later one. A real model rarely starts an answer so; a random one over a small test vocabulary often
+    does (151 of the tiny tokenizer's 1,009 ids), which adds decode steps to the TTFT a benchmark measures."""
+    from .engine.detokenizer import IncrementalDetokenizer
+
+    return [i for i in range(len(tokenizer)) if not IncrementalDetokenizer(tokenizer).update([i])[0]]
 
 
 def real_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
@@ -90,8 +102,10 @@ class RandomShard:
         self.seed = int(settings.get("seed", 0))
         self.std = float(settings.get("std", 0.02))
         # A benchmark's tokenizer may be smaller than the real vocabulary: lm_head rows past it are
-        # zero, so greedy decoding (whose best logit is > 0) only picks ids the tokenizer can decode.
+        # zero, so greedy decoding (whose best logit is > 0) only picks ids the tokenizer can decode;
+        # the rows of its silent ids (silent_token_ids) are zero too, so answers start in words.
         self.tokenizer_size = settings.get("tokenizer_size")
+        self.silent_ids = [int(i) for i in settings.get("silent_ids", [])]
         self.shapes = real_shapes(folder)
 
     def __contains__(self, key: str) -> bool:
@@ -118,13 +132,16 @@ class RandomShard:
         out.normal_(0.0, self.std, generator=gen)
         if key.endswith("lm_head.weight") and self.tokenizer_size:
             out[int(self.tokenizer_size):] = 0
+            if self.silent_ids:
+                out[torch.tensor(self.silent_ids, device=out.device)] = 0
         return out
 
 
 def make_random_checkpoint(out: str | Path, *, tokenizer_from: str | Path, seed: int = 0) -> Path:
     """A folder serving the full-size V1-1 shapes with random weights: config.json (the sheet's
     values), the tokenizer and preprocessor files of `tokenizer_from` (ids must fit the vocabulary),
-    and the marker. Nothing of size is written."""
+    and the marker (with the tokenizer's silent ids, which the model then never picks greedily).
+    Nothing of size is written."""
     from .tokenizer import load_tokenizer
 
     out = Path(out)
@@ -135,11 +152,12 @@ def make_random_checkpoint(out: str | Path, *, tokenizer_from: str | Path, seed:
         if (src / name).is_file():
             shutil.copy2(src / name, out / name)
     vocab = V1_1_SHEET_CONFIG["llm_config"]["vocab_size"]
-    tokenizer_size = len(load_tokenizer(out))
+    tokenizer = load_tokenizer(out)
+    tokenizer_size = len(tokenizer)
     if tokenizer_size > vocab:
         raise ValueError(f"tokenizer of {src} has more ids than the vocabulary ({vocab})")
     (out / "config.json").write_text(json.dumps(V1_1_SHEET_CONFIG, indent=2) + "\n")
-    write_marker(out, seed=seed, tokenizer_size=tokenizer_size)
+    write_marker(out, seed=seed, tokenizer_size=tokenizer_size, silent_ids=silent_token_ids(tokenizer))
     return out
 
 

@@ -26,3 +26,25 @@ def test_lm_head_rows_past_the_tokenizer_are_zero(tiny_checkpoint, tmp_path):
     head = RandomShard(folder).make("language_model.lm_head.weight", torch.bfloat16, "cpu")
     assert head.shape == (41840, 5120)
     assert torch.all(head[n:] == 0) and head[:n].abs().sum() > 0
+
+
+def test_the_random_model_never_picks_a_silent_first_token(tiny_checkpoint, tmp_path):
+    """The ids that give the detokenizer no text to send as an answer's first token (special, whitespace,
+    byte pieces) have zero lm_head rows, as the ids past the tokenizer do: greedy decoding, whose best
+    logit is > 0, picks words, so a streamed answer starts at its first token, as a real model's does."""
+    import json
+
+    from internvl_serve.engine.detokenizer import IncrementalDetokenizer
+    from internvl_serve.random_weights import MARKER, RandomShard
+    from internvl_serve.tokenizer import load_tokenizer
+    folder = make_random_checkpoint(tmp_path / "rand", tokenizer_from=tiny_checkpoint)
+    tokenizer = load_tokenizer(folder)
+    silent = json.loads((folder / MARKER).read_text())["silent_ids"]
+    assert 0 < len(silent) < len(tokenizer) // 2
+    for i in range(len(tokenizer)):
+        assert (i in silent) == (IncrementalDetokenizer(tokenizer).update([i])[0] == ""), i
+    assert tokenizer.eos_token_id in silent and tokenizer.convert_tokens_to_ids("<0x80>") in silent
+    head = RandomShard(folder).make("language_model.lm_head.weight", torch.float32, "cpu")
+    assert torch.all(head[silent] == 0)
+    spoken = sorted(set(range(len(tokenizer))) - set(silent))
+    assert bool((head[spoken].abs().sum(dim=1) > 0).all())
