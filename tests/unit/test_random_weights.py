@@ -34,7 +34,8 @@ def test_the_random_model_never_picks_a_silent_first_token(tiny_checkpoint, tmp_
     logit is > 0, picks words, so a streamed answer starts at its first token, as a real model's does."""
     import json
 
-    from internvl_serve.engine.detokenizer import IncrementalDetokenizer
+    from internvl_serve.engine.sampling import SamplingParams
+    from internvl_serve.engine.stopping import AnswerText
     from internvl_serve.random_weights import MARKER, RandomShard
     from internvl_serve.tokenizer import load_tokenizer
     folder = make_random_checkpoint(tmp_path / "rand", tokenizer_from=tiny_checkpoint)
@@ -42,7 +43,7 @@ def test_the_random_model_never_picks_a_silent_first_token(tiny_checkpoint, tmp_
     silent = json.loads((folder / MARKER).read_text())["silent_ids"]
     assert 0 < len(silent) < len(tokenizer) // 2
     for i in range(len(tokenizer)):
-        assert (i in silent) == (IncrementalDetokenizer(tokenizer).update([i])[0] == ""), i
+        assert (i in silent) == (AnswerText(tokenizer, SamplingParams()).update([i], None)[0] == ""), i
     assert tokenizer.eos_token_id in silent and tokenizer.convert_tokens_to_ids("<0x80>") in silent
     head = RandomShard(folder).make("language_model.lm_head.weight", torch.float32, "cpu")
     assert torch.all(head[silent] == 0)
