@@ -8,7 +8,8 @@ of one V1-1 image's float32 embeddings makes ~11 MB of them: ~1.7 page faults pe
 `HostBuffers`, named flat buffers grown on demand (torch tensors, page-locked on CUDA so host<->device
 copies from and to them are real async copies, or numpy arrays for a process without torch: the preprocess
 stub's pixel values), handed out as views; `SlotPool`, fixed-shape tensors made in blocks (or all at once,
-touched: reserve), handed out and given back (the embedding cache's entries). torch is imported only where a torch buffer is asked for.
+touched: reserve), handed out and given back (the embedding cache's entries). torch is imported only
+where a torch buffer is asked for.
 Does not own: what the buffers hold, locking (the callers serialize their use), the malloc setting
 (serving/heap.py).
 """

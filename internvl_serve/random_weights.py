@@ -79,9 +79,10 @@ def write_marker(folder: str | Path, *, seed: int = 0, std: float = 0.02, tokeni
 def silent_token_ids(tokenizer) -> list[int]:
     """The ids that, as the first token of an answer, give no text to send yet (engine/stopping.py's
     AnswerText, the one maker of an answer's text: special tokens, a lone space or other whitespace, an
-    incomplete UTF-8 character from a byte-fallback piece). A streamed response carries text, so such a first token goes out only with a
-    later one. A real model rarely starts an answer so; a random one over a small test vocabulary often
-    does (151 of the tiny tokenizer's 1,009 ids), which adds decode steps to the TTFT a benchmark measures."""
+    incomplete UTF-8 character from a byte-fallback piece). A streamed response carries text, so such a
+    first token goes out only with a later one. A real model rarely starts an answer so; a random one over
+    a small test vocabulary often does (151 of the tiny tokenizer's 1,009 ids), which adds decode steps to
+    the TTFT a benchmark measures."""
     from .engine.sampling import SamplingParams
     from .engine.stopping import AnswerText
 

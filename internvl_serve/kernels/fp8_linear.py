@@ -2,9 +2,10 @@
 
 Why: InternViT-6B's 45 blocks are ~11.3 TFLOP of matmuls per 448 tile (qkv, proj, fc1, fc2 over 1,025
 tokens); at batch 8 the compiled bf16 encoder took 21.5 ms per image on an H100, so those matmuls alone
-run at >= 525 TFLOP/s, near what bf16 tensor cores reach (at batch 1 the profile gave them 15.5 of 21.7 ms). FP8 tensor cores have twice that peak, so the issue's
-vision target (<= 17 ms per image at batch 8) needs them; the LLM's decode is bound by weight bytes, not
-FLOPs, and keeps its own int8 option (int8_linear.py).
+run at >= 525 TFLOP/s, near what bf16 tensor cores reach (at batch 1 the profile gave them 15.5 of 21.7
+ms). FP8 tensor cores have twice that peak, so the issue's vision target (<= 17 ms per image at batch 8)
+needs them; the LLM's decode is bound by weight bytes, not FLOPs, and keeps its own int8 option
+(int8_linear.py).
 
 Owns: per-output-channel e4m3 quantization of a weight (N, K) (scale = max|w[n]| / 448, once at load);
 per-row (token) dynamic e4m3 quantization of the activations (M, K) at each call; their product through

@@ -155,7 +155,7 @@ class EmbeddingCache:
 
     def _drop(self, value: torch.Tensor) -> None:
         self.bytes -= value.numel() * value.element_size()
-        self._pools[(tuple(value.shape), value.dtype)].give(value)
+        self._pool(value.shape, value.dtype).give(value)
 
     def put(self, key: bytes, value: torch.Tensor) -> None:
         """Insert (or refresh) a copy of `value`, evicting the least recently used until it fits. An entry

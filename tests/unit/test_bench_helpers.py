@@ -242,8 +242,8 @@ def test_the_timeline_reads_every_part_of_a_trace(tmp_path):
     exit hangs keeps them; read_traces merges the parts (and a whole file written at exit)."""
     timeline = load_bench_module("ttft_timeline")
     path = tmp_path / "trace.json"
-    (tmp_path / "trace.json.0").write_text(
-        '[{"id":1,"model_name":"internvl_chat","request_id":"r0"},{"id":1,"timestamps":[{"name":"REQUEST_START","ns":5}]}]')
+    (tmp_path / "trace.json.0").write_text('[{"id":1,"model_name":"internvl_chat","request_id":"r0"},'
+                                           '{"id":1,"timestamps":[{"name":"REQUEST_START","ns":5}]}]')
     (tmp_path / "trace.json.1").write_text(
         '[{"id":2,"model_name":"llm","parent_id":1},{"id":2,"timestamps":[{"name":"QUEUE_START","ns":7}]}]')
     traces = timeline.read_traces(path)
