@@ -1,8 +1,8 @@
 """The vision service on CUDA (skipped without a GPU): with its ViT blocks compiled (the default on CUDA)
 the embeddings match the eager encoder's, for one image and for a batch (the dynamic-batch graph); its host
-buffers (internvl_serve/hostbuf.py) are page-locked and reused, its cache's slots all made at load: results through them equal the plain path's, a
-cache hit equals the forward exactly, and with the adapter's malloc setting an embed() of a new tile
-faults in almost none of its host pages."""
+buffers (internvl_serve/hostbuf.py) are page-locked and reused, its cache's slots all made at load:
+results through them equal the plain path's, a cache hit equals the forward exactly, and with the
+adapter's malloc setting an embed() of a new tile faults in almost none of its host pages."""
 from __future__ import annotations
 
 import subprocess
