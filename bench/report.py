@@ -204,6 +204,8 @@ def markdown(results: dict) -> str:
                      f"{after.get('image_cache_misses')} misses")
         if after.get("preemptions") is not None:
             cache += f"; requests preempted for KV blocks: {after['preemptions']}"
+        if after.get("encoder_wait_s") is not None:
+            cache += f"; decode steps held for the vision encoder: {after['encoder_wait_s']:.1f} s in all"
         lines.append(f"KV blocks in use after the {label} run: {text}{cache}.")
     lines += ["", "Against the speed issue's targets:", "",
               "| target | goal | measured | status | gap |", "|---|---|---|---|---|"]

@@ -15,6 +15,7 @@ REQUESTS_WAITING = "internvl_requests_waiting"
 IMAGE_CACHE_HITS = "internvl_image_cache_hits_total"
 IMAGE_CACHE_MISSES = "internvl_image_cache_misses_total"
 PREEMPTIONS = "internvl_preemptions_total"
+ENCODER_WAIT = "internvl_encoder_priority_wait_seconds_total"
 
 
 def parse_metric(text: str, name: str) -> float | None:
@@ -42,7 +43,7 @@ def kv_blocks_after_run(metrics_url: str, timeout_s: float = 30.0, period_s: flo
     """Poll the llm's KV gauge until it reads 0 or timeout_s passes (the model pushes its gauges every
     0.5 s). {"kv_blocks_used_after": N | None, "kv_blocks_total": M | None, ...}; None: not available."""
     deadline = clock() + timeout_s
-    used = total = hits = misses = preemptions = None
+    used = total = hits = misses = preemptions = encoder_wait = None
     error = None
     while True:
         try:
@@ -50,6 +51,7 @@ def kv_blocks_after_run(metrics_url: str, timeout_s: float = 30.0, period_s: flo
             used, total = parse_metric(text, KV_BLOCKS_USED), parse_metric(text, KV_BLOCKS_TOTAL)
             hits, misses = parse_metric(text, IMAGE_CACHE_HITS), parse_metric(text, IMAGE_CACHE_MISSES)
             preemptions = parse_metric(text, PREEMPTIONS)
+            encoder_wait = parse_metric(text, ENCODER_WAIT)
             error = None
         except Exception as e:  # noqa: BLE001 - a missing endpoint is recorded, not fatal
             error = f"{type(e).__name__}: {e}"
@@ -60,7 +62,8 @@ def kv_blocks_after_run(metrics_url: str, timeout_s: float = 30.0, period_s: flo
            "kv_blocks_total": None if total is None else int(total),
            "image_cache_hits": None if hits is None else int(hits),
            "image_cache_misses": None if misses is None else int(misses),
-           "preemptions": None if preemptions is None else int(preemptions)}
+           "preemptions": None if preemptions is None else int(preemptions),
+           "encoder_wait_s": encoder_wait}
     if error:
         out["metrics_error"] = error
     return out

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from typing import Callable
 
 import torch
@@ -151,10 +152,7 @@ class LLMEngine:
 
     # -- one step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        outputs: list[RequestOutput] = []
-        if self._inflight is not None and not self._can_overlap():
-            outputs += self._process(*self._inflight)
-            self._inflight = None
+        outputs = [] if self._can_overlap() else self.finish_inflight()
         batch = self.scheduler.schedule()
         outputs += [self._final_output(seq, seq.finish_reason) for seq in batch.aborted]
         launched = None
@@ -175,6 +173,20 @@ class LLMEngine:
             else:
                 outputs += self._process(*launched)
         return outputs
+
+    def finish_inflight(self) -> list[RequestOutput]:
+        """Wait for the launched step and process its tokens (nothing when none is in flight)."""
+        if self._inflight is None:
+            return []
+        inflight, self._inflight = self._inflight, None
+        return self._process(*inflight)
+
+    def next_step_decodes_only(self) -> bool:
+        """Whether the next step would only decode: requests are running, none waits to be admitted and
+        every running one has its prompt computed (no request's first token is in it)."""
+        running = self.scheduler.running
+        return (bool(running) and not self.scheduler.waiting
+                and all(seq.num_tokens - seq.num_computed_tokens <= 1 for seq in running))
 
     def _can_overlap(self) -> bool:
         """Whether the next step may be built before the running one's tokens are on the host."""
@@ -266,14 +278,27 @@ Callback = Callable[[RequestOutput], None]
 
 class EngineThread:
     """A background thread that owns `engine`. submit()/abort() may be called from any thread;
-    callbacks run on the engine thread (keep them short: hand the output to a queue or a sender)."""
+    callbacks run on the engine thread (keep them short: hand the output to a queue or a sender).
+
+    Encoder priority (encoder_busy, a check that a vision encoder on the engine's GPU runs a forward now:
+    serving/encoder_activity.py): after each step, while the encoder runs and the next step would only
+    decode, the thread finishes the step in flight, delivers its tokens and holds the next one back,
+    until the encoder is done, new work comes in, or encoder_priority_s pass. A step with a prefill in it
+    (a new request's first token) is never held. The hold ends when encoder_busy() turns false; it is
+    read every ENCODER_POLL_S (another process sets it, so there is nothing to wait on)."""
+
+    ENCODER_POLL_S = 0.0005
 
     def __init__(self, engine: LLMEngine, *, name: str = "llm-engine", start: bool = True,
-                 max_pending: int | None = None):
+                 max_pending: int | None = None, encoder_busy: Callable[[], bool] | None = None,
+                 encoder_priority_s: float = 0.0):
         # max_pending: unfinished requests (running + waiting) at most; one more is refused with
         # EngineBusy at submit, so a burst far above capacity gets a clear error, not an unbounded queue.
         self.engine = engine
         self.max_pending = max_pending
+        self._encoder_busy = encoder_busy if encoder_priority_s > 0 else None
+        self.encoder_priority_s = encoder_priority_s
+        self.encoder_wait_s = 0.0  # steps held back for the encoder, in all (a counter for the metrics)
         self._cv = threading.Condition()
         self._inbox: list[tuple[Request, Callback]] = []
         self._aborts: list[tuple[str, FinishReason]] = []
@@ -331,6 +356,26 @@ class EngineThread:
             except Exception:
                 log.exception("callback of request %s raised", out.request_id)
 
+    def _give_way_to_encoder(self) -> None:
+        engine = self.engine
+        if not engine.next_step_decodes_only() or not self._encoder_busy():
+            return
+        start = time.monotonic()
+        try:
+            self._deliver(engine.finish_inflight())
+        except Exception as e:  # as a failed step(): fail everyone, keep serving
+            log.exception("engine step failed outside the model")
+            self._deliver(engine.fail_all(f"{type(e).__name__}: {e}"))
+            return
+        # the step just finished may have ended every request (only this thread changes the engine)
+        if not engine.next_step_decodes_only():
+            return
+        deadline, held = start + self.encoder_priority_s, time.monotonic()
+        while (self._encoder_busy() and time.monotonic() < deadline
+               and not (self._inbox or self._aborts or self._stopping)):
+            time.sleep(self.ENCODER_POLL_S)
+        self.encoder_wait_s += time.monotonic() - held
+
     def _run(self) -> None:
         engine = self.engine
         while True:
@@ -358,6 +403,8 @@ class EngineThread:
                 log.exception("engine step failed outside the model")
                 outputs = engine.fail_all(f"{type(e).__name__}: {e}")
             self._deliver(outputs)
+            if self._encoder_busy is not None:
+                self._give_way_to_encoder()
         # shutdown: everyone still here finishes with an error
         outputs = engine.fail_all("EngineError: the engine shut down")
         self._deliver(outputs)

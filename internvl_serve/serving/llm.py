@@ -44,7 +44,11 @@ import torch
 
 from internvl_serve.serving.contract import FINISH_REASONS, LLMRequest, response_arrays
 from internvl_serve.serving.device import default_dtype, resolve_device
+from internvl_serve.serving.encoder_activity import EncoderActivity, device_number
 from internvl_serve.serving.response_path import ResponsePath
+
+
+DEFAULT_ENCODER_PRIORITY_MS = 50.0  # EngineOptions.encoder_priority_ms on CUDA
 
 
 class ResponseSink(Protocol):
@@ -131,6 +135,10 @@ class EngineOptions:
     async_scheduling: bool | None = None
     # threads that detokenize and send responses (serving/response_path.py)
     response_senders: int = 4
+    # encoder priority (engine.py EngineThread, serving/encoder_activity.py): while the vision model's
+    # encoder runs on the engine's GPU, a step of decodes only waits for it, at most this many ms; 0: never.
+    # None (empty): 50 on CUDA, 0 on the CPU.
+    encoder_priority_ms: float | None = None
 
     def __post_init__(self):
         from internvl_serve.engine.quantize import validate_quantization
@@ -154,6 +162,10 @@ class EngineOptions:
                 elif f.name == "gpu_memory_utilization":
                     values[f.name] = float(raw)
                     if not 0 < values[f.name] <= 1:
+                        raise ValueError
+                elif f.name == "encoder_priority_ms":
+                    values[f.name] = float(raw)
+                    if not 0 <= values[f.name] <= 10_000:
                         raise ValueError
                 else:
                     values[f.name] = int(raw)
@@ -248,7 +260,15 @@ class LLMService:
                                     async_scheduling=options.async_scheduling).validate()
         self.engine = LLMEngine(runner, tokenizer=self.tokenizer, scheduler_config=scheduler, detokenize=False)
         self.responses = ResponsePath(num_senders=options.response_senders)
-        self.thread = EngineThread(self.engine, max_pending=options.max_pending_requests)
+        self.encoder_activity, encoder_busy, priority_ms = None, None, options.encoder_priority_ms
+        if priority_ms is None:
+            priority_ms = DEFAULT_ENCODER_PRIORITY_MS if self.device.type == "cuda" else 0.0
+        if priority_ms > 0:
+            self.encoder_activity = EncoderActivity.from_environment()
+        if self.encoder_activity is not None:
+            encoder_busy = functools.partial(self.encoder_activity.busy, [device_number(d) for d in self.devices])
+        self.thread = EngineThread(self.engine, max_pending=options.max_pending_requests,
+                                   encoder_busy=encoder_busy, encoder_priority_s=priority_ms / 1000)
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -385,5 +405,7 @@ class LLMService:
         produced is delivered first)."""
         self.thread.shutdown()
         self.responses.shutdown()
+        if self.encoder_activity is not None:
+            self.encoder_activity.close()
         if self.workers is not None:
             self.workers.close(None if self._broken else self.engine.runner)

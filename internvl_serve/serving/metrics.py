@@ -102,6 +102,7 @@ REQUESTS_RUNNING = "internvl_requests_running"
 KV_BLOCKS_USED = "internvl_kv_cache_blocks_used"
 KV_BLOCKS_TOTAL = "internvl_kv_cache_blocks_total"
 PREEMPTIONS = "internvl_preemptions_total"
+ENCODER_WAIT = "internvl_encoder_priority_wait_seconds_total"
 IMAGE_CACHE_HITS = "internvl_image_cache_hits_total"
 IMAGE_CACHE_MISSES = "internvl_image_cache_misses_total"
 
@@ -130,6 +131,8 @@ LLM_METRICS = (
     MetricSpec(KV_BLOCKS_TOTAL, GAUGE, "Paged KV-cache blocks in the pool"),
     MetricSpec(PREEMPTIONS, COUNTER, "Requests preempted for KV-cache blocks (their KV freed, recomputed "
                "when admitted again)"),
+    MetricSpec(ENCODER_WAIT, COUNTER, "Seconds the engine held its decode steps back while the vision encoder "
+               "ran on its GPU (encoder_priority_ms)"),
 )
 VISION_METRICS = (
     MetricSpec(IMAGE_CACHE_HITS, COUNTER, "Image tiles whose embedding came from the vision model's cache"),
@@ -248,8 +251,11 @@ def image_cache_counters(service: Any) -> dict[str, float]:
             IMAGE_CACHE_MISSES: int(getattr(service, "cache_misses", 0) or 0)}
 
 
-def llm_values(engine: Any, generation: GenerationMetrics) -> dict[str, float]:
-    return {**generation.counters(), **engine_gauges(engine)}
+def llm_values(engine: Any, generation: GenerationMetrics, thread: Any = None) -> dict[str, float]:
+    """Every LLM_METRICS value: the generation counters, the engine's gauges, and the engine thread's
+    time held for the vision encoder (EngineThread.encoder_wait_s)."""
+    return {**generation.counters(), **engine_gauges(engine),
+            ENCODER_WAIT: float(getattr(thread, "encoder_wait_s", 0.0))}
 
 
 class TritonMetrics:
@@ -346,10 +352,11 @@ class LLMExporter:
     def __init__(self, service: Any, pb_utils: Any, args: Mapping[str, str], *, interval_s: float = 0.5,
                  log: Callable[[str], None] | None = None):
         self.generation = GenerationMetrics()
-        service.thread = MeteredEngineThread(service.thread, self.generation)
+        thread = service.thread
+        service.thread = MeteredEngineThread(thread, self.generation)
         self.triton = TritonMetrics(pb_utils, LLM_METRICS, model_labels(args))
         engine = service.engine
-        self._pusher = PeriodicPush(lambda: llm_values(engine, self.generation), self.triton.push,
+        self._pusher = PeriodicPush(lambda: llm_values(engine, self.generation, thread), self.triton.push,
                                     interval_s=interval_s, log=log, name="llm-metrics")
 
     def close(self) -> None:

@@ -7,8 +7,9 @@ server dies; the models' loading progress told on the way: server_log.LoadingPro
 guards (serving/grpc_guard.py, http_guard.py) in front of tritonserver's own gRPC and HTTP front ends
 (bound to 127.0.0.1; docs/security.md); stopping all of them (SIGTERM, then SIGKILL of the process
 groups, also when tritonserver hangs on its way out) and removing the shared memory a dead server left;
-hardening (admin APIs behind a key, a watchdog for dead Python stubs and guards: docs/serving.md
-"Hardening and limits"). Does not own: the command-line interface (launcher.py), reading the log back
+the vision and llm models' encoder-activity record (serving/encoder_activity.py: made at start, removed
+at stop); hardening (admin APIs behind a key, a watchdog for dead Python stubs and guards:
+docs/serving.md "Hardening and limits"). Does not own: the command-line interface (launcher.py), reading the log back
 (server_log.py), finding the binary and its environment (serving/triton_install.py), /proc reading
 (serving/processes.py), the checks the guards make, the models, any client.
 
@@ -31,6 +32,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from internvl_serve.serving.encoder_activity import ENCODER_ACTIVITY_ENV, create_record
 from internvl_serve.serving.http_guard import DEFAULT_MAX_BODY_BYTES, DEFAULT_MODELS
 from internvl_serve.serving.processes import (free_ports, kill_group, port_in_use, port_owner, python_stubs,
                                               remove_shm_regions, shm_regions)
@@ -125,6 +127,7 @@ class TritonServer:
         self.malloc_mmap_threshold = malloc_mmap_threshold
         self.stub_failure: str | None = None  # the instance(s) whose stub died (or "the gRPC guard"...), when the watchdog acted
         self.shm_regions: set[str] = set()  # /dev/shm regions of the server's Python backend, removed at stop
+        self.encoder_activity: Path | None = None  # made at start, removed at stop
         self._stopping = threading.Event()
 
     # -- addresses
@@ -201,6 +204,11 @@ class TritonServer:
             self.model_repository = self._generated
         install = find_triton(*self._install_args)
         env = server_environment(install, self.checkpoint, malloc_mmap_threshold=self.malloc_mmap_threshold)
+        if self.encoder_activity is None:  # the vision and llm models' shared record (serving/encoder_activity.py)
+            fd, path = tempfile.mkstemp(prefix="internvl-encoder-activity-")
+            os.close(fd)
+            self.encoder_activity = create_record(path)
+        env[ENCODER_ACTIVITY_ENV] = str(self.encoder_activity)
         if self.log_file is None:
             self.log_file = Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
         for kind, port in self._ports.items():  # an explicit port someone already listens on: fail now
@@ -415,6 +423,9 @@ class TritonServer:
                 self._log = None
             if self._generated is not None:  # the derived repository of a layout
                 shutil.rmtree(self._generated.parent, ignore_errors=True)
+            if self.encoder_activity is not None:
+                self.encoder_activity.unlink(missing_ok=True)
+                self.encoder_activity = None
             left = remove_shm_regions(self.shm_regions)
             if left:
                 print(f"launcher: removed {len(left)} shared-memory region(s) tritonserver left in /dev/shm",

@@ -9,13 +9,15 @@ A new tile allocates no fresh large host buffer (the adapter's malloc setting, s
 one an mmap that faults in anew): its pixels go through a reused staging buffer (pinned on CUDA), the
 embeddings are made float32 on the device and copied into the output, which can be a reused buffer
 (embed(reuse_output=True), what the adapter uses), and cache entries live in reused slots
-(internvl_serve/hostbuf.py). One embed() at a time runs the encoder (a lock around the buffers). The
+(internvl_serve/hostbuf.py). One embed() at a time runs the encoder (a lock around the buffers); with the
+server's encoder-activity record each forward is flagged there (serving/encoder_activity.py). The
 buffers grow to the largest call seen and stay: the output at most Triton's max_batch_size x the tile
 limit (8 x 12 V1-1 tiles: 503 MB), the pixel and bf16 staging max_images_per_forward tiles (32: 161 MB).
 Does not own: Triton (the adapter in model_repository/vision) or image decoding.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from collections import OrderedDict
@@ -33,6 +35,7 @@ from internvl_serve.kernels.fp8_linear import quantize_linears_fp8_
 from internvl_serve.config import InternVLChatConfig
 from internvl_serve.serving.contract import IMAGE_SIZE, VISION_INPUT_DIMS, InvalidInput, ServingLimits, TensorSpec
 from internvl_serve.serving.device import default_dtype, resolve_device
+from internvl_serve.serving.encoder_activity import EncoderActivity, device_number
 from internvl_serve.hostbuf import HostBuffers, SlotPool, all_finite
 
 VISION_QUANTIZATIONS = ("fp8",)
@@ -243,7 +246,9 @@ class VisionService:
     def __init__(self, checkpoint: str | Path, *, device: str = "auto", dtype: torch.dtype | None = None,
                  max_images_per_forward: int = 32, image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
                  image_cache_entries: int | None = None, compile: str = "auto", quantization: str = "",
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, activity: EncoderActivity | None = None):
+        """activity: the server's encoder-activity record (serving/encoder_activity.py); every forward is
+        flagged in a slot of it, so the llm engine on the same GPU holds its decode steps back meanwhile."""
         self.device = resolve_device(device)
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # compiled (Triton) kernels launch on the current device
@@ -265,13 +270,17 @@ class VisionService:
         self.compiled = False
         if compile == "true" or (compile == "auto" and self.device.type == "cuda"):
             self.compiled = self._compile_blocks(log or (lambda message: None))
+        # claimed after the warm-up forwards above, so that only requests' forwards are flagged
+        self.encoder_slot = None if activity is None else activity.claim(device_number(self.device))
 
     @classmethod
     def from_parameters(cls, checkpoint: str | Path, parameters: Mapping[str, str],
-                        log: Callable[[str], None] | None = None) -> "VisionService":
+                        log: Callable[[str], None] | None = None,
+                        activity: EncoderActivity | None = None) -> "VisionService":
         o = VisionOptions.from_parameters(parameters)
         return cls(checkpoint, device=o.device, max_images_per_forward=o.max_images_per_forward,
-                   image_cache_mb=o.image_cache_mb, compile=o.compile, quantization=o.quantization, log=log)
+                   image_cache_mb=o.image_cache_mb, compile=o.compile, quantization=o.quantization, log=log,
+                   activity=activity)
 
     @torch.inference_mode()
     def _compile_blocks(self, log: Callable[[str], None]) -> bool:
@@ -367,7 +376,8 @@ class VisionService:
         through a pinned staging buffer."""
         size = self.config.vision_config.image_size
         cuda = self.device.type == "cuda"
-        with self._lock:
+        running = self.encoder_slot.running() if self.encoder_slot is not None else contextlib.nullcontext()
+        with self._lock, running:
             for start in range(0, len(groups), self.max_images_per_forward):
                 part = groups[start:start + self.max_images_per_forward]
                 pixels = self._buffers.get("pixels", (len(part), 3, size, size), torch.float32)

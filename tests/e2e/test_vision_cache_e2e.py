@@ -2,7 +2,9 @@
 tiles (a copy of model_repository with `image_cache_mb` changed), requests that hit, miss and evict; every
 answer must equal the model card's chat (internvl_serve.reference, fresh encodes) on the tiny checkpoint, and
 a repeated request its first answer. Where the server exports the cache counters as Prometheus metrics,
-they must count the hits and misses this sequence makes."""
+they must count the hits and misses this sequence makes. The llm of this server holds its decode steps for
+the encoder also on the CPU (`encoder_priority_ms`, by default only on CUDA), which must leave every answer
+as it is, and the vision model flags each forward in the server's encoder-activity record."""
 from __future__ import annotations
 
 import json
@@ -20,10 +22,13 @@ TILE_MIB = 256 * 128 * 4 / 2**20  # tiny checkpoint: 256 image tokens x hidden 1
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory):
     work = tmp_path_factory.mktemp("vision-cache")
-    layout = Layout(vision_parameters={"image_cache_mb": f"{2.4 * TILE_MIB:.4f}"})
+    layout = Layout(vision_parameters={"image_cache_mb": f"{2.4 * TILE_MIB:.4f}"},
+                    llm_parameters={"encoder_priority_ms": "20"})
     with TritonServer(tiny_checkpoint, layout=layout, log_file=work / "server.log", exit_timeout_s=5,
                       ready_timeout_s=300) as s:
+        record = s.encoder_activity
         yield s
+    assert not record.exists()  # removed with the server
 
 
 def ask(server, question, images, **extra) -> str:
@@ -79,3 +84,18 @@ def test_concurrent_direct_calls_each_get_their_own_tiles_embeddings(server, tin
     for pixels, got in zip(requests, answers):
         want = fresh.embed([pixels[0]])[0]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_vision_model_flags_its_forwards_in_the_servers_record(server):
+    from internvl_serve.serving.encoder_activity import DEVICE, FORWARDS, PID, EncoderActivity
+
+    record = EncoderActivity(server.encoder_activity)
+    vision = [pid for pid, name in server.stub_processes().items() if name.startswith("vision_")]
+    assert len(vision) == 1
+    slot = record.slots[record.slots[:, PID] == vision[0]]
+    assert len(slot) == 1 and slot[0, DEVICE] == -1  # its device: the CPU
+    before = int(slot[0, FORWARDS])
+    q = "<image>\nPlease describe the image shortly."
+    ask(server, q, [image_bytes(21)])                                   # a new image: one forward
+    ask(server, q, [image_bytes(21)])                                   # cached: none
+    assert int(record.slots[record.slots[:, PID] == vision[0]][0, FORWARDS]) == before + 1

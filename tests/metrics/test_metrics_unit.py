@@ -250,6 +250,9 @@ def test_llm_exporter_meters_the_service_and_pushes(pb_utils):
     assert value[m.GENERATED_TOKENS] == 6 and value[m.TTFT_COUNT] == 1 and value[m.ITL_COUNT] == 5
     assert value[m.PROMPT_TOKENS] == 5 and value[m.E2E_COUNT] == 1
     assert value[m.KV_BLOCKS_TOTAL] == 64 and value[m.KV_BLOCKS_USED] == 0
+    assert value[m.ENCODER_WAIT] == 0  # no encoder-priority check on this thread: never held
+    held = SimpleNamespace(encoder_wait_s=1.25)  # the engine thread's own counter, as it is exported
+    assert m.llm_values(engine, m.GenerationMetrics(), held)[m.ENCODER_WAIT] == 1.25
     itl = {x.labels["le"]: x.value for x in FakeFamily.created[m.ITL_BUCKET].metrics}
     assert len(itl) == len(m.ITL_BUCKETS) + 1 and itl["+Inf"] == 5  # every bucket exported, even at 0
     reasons = {x.labels["reason"]: x.value for x in FakeFamily.created[m.REQUESTS_FINISHED].metrics}
@@ -316,4 +319,5 @@ def test_names_are_the_documented_ones():
         "internvl_inter_token_latency_seconds_sum", "internvl_inter_token_latency_seconds_count",
         "internvl_requests_waiting", "internvl_requests_running", "internvl_kv_cache_blocks_used",
         "internvl_kv_cache_blocks_total", "internvl_image_cache_hits_total", "internvl_image_cache_misses_total",
-        "internvl_generated_tokens_total", "internvl_preemptions_total"}
+        "internvl_generated_tokens_total", "internvl_preemptions_total",
+        "internvl_encoder_priority_wait_seconds_total"}

@@ -187,3 +187,79 @@ def test_a_full_engine_refuses_more_requests_until_one_finishes():
     assert [t for o in col.wait("c") for t in o.new_token_ids] == expected([5], 2)
     thread.abort("b")
     thread.shutdown()
+
+
+class BusyEncoder:
+    """encoder_busy for the EngineThread: a vision encoder that runs until finish(). `holding` is set
+    once the thread waits for it with no step in flight."""
+
+    def __init__(self):
+        self.busy = True
+        self.holding = threading.Event()
+        self.engine = None
+        self.calls = 0
+
+    def __call__(self):
+        self.calls += 1
+        assert self.engine.next_step_decodes_only()  # asked only before a step of decodes only
+        if self.busy and self.engine._inflight is None:
+            self.holding.set()
+        return self.busy
+
+    def finish(self):
+        self.busy = False
+
+
+def with_encoder(encoder, priority_s):
+    runner = CountingRunner(num_blocks=64, block_size=4)
+    engine = LLMEngine(runner, None, eos_token_id=2, scheduler_config=SchedulerConfig(async_scheduling=True))
+    encoder.engine = engine
+    return runner, EngineThread(engine, encoder_busy=encoder, encoder_priority_s=priority_s)
+
+
+def test_decode_steps_wait_for_a_running_encoder_and_a_new_request_prefill_does_not():
+    encoder = BusyEncoder()
+    runner, thread = with_encoder(encoder, priority_s=3600)  # the encoder's end is what ends the hold here
+    col = Collector()
+    firsts = {"a": threading.Event(), "b": threading.Event()}
+
+    def first_then(rid):
+        on_output = col.callback(rid)
+
+        def callback(out):
+            on_output(out)
+            firsts[rid].set()
+        return callback
+
+    thread.submit(Request("a", [5, 6, 7], None, SamplingParams(max_tokens=6, ignore_eos=True)), first_then("a"))
+    encoder.holding.wait()
+    # a's prefill ran, its token was delivered before the hold, and no decode step was launched since
+    assert runner.calls == 1 and len(col.outputs["a"]) == 1 and firsts["a"].is_set()
+    encoder.holding.clear()
+    thread.submit(Request("b", [8, 9], None, SamplingParams(max_tokens=4, ignore_eos=True)), first_then("b"))
+    firsts["b"].wait()  # b's prefill ran although the encoder is still busy
+    encoder.holding.wait()  # and then the decodes are held again
+    assert [step for step in runner.steps if ("b", 0, 2) in step]
+    assert len(col.outputs["a"]) < 6
+    encoder.finish()
+    for rid, prompt, n in (("a", [5, 6, 7], 6), ("b", [8, 9], 4)):
+        assert [t for o in col.wait(rid) for t in o.new_token_ids] == expected(prompt, n)
+    assert thread.encoder_wait_s > 0
+    thread.shutdown()
+
+
+def test_the_hold_is_bounded_and_off_without_a_priority():
+    always = BusyEncoder()
+    runner, thread = with_encoder(always, priority_s=0.001)  # never finishes: each hold ends at its bound
+    col = Collector()
+    thread.submit(Request("a", [5, 6], None, SamplingParams(max_tokens=5, ignore_eos=True)), col.callback("a"))
+    assert [t for o in col.wait("a") for t in o.new_token_ids] == expected([5, 6], 5)
+    assert always.calls >= 4 and thread.encoder_wait_s > 0  # four decode steps, each held first
+    thread.shutdown()
+
+    never = BusyEncoder()
+    runner, thread = with_encoder(never, priority_s=0)
+    thread.submit(Request("b", [5, 6], None, SamplingParams(max_tokens=5, ignore_eos=True)), col.callback("b"))
+    assert [t for o in col.wait("b") for t in o.new_token_ids] == expected([5, 6], 5)
+    assert never.calls == 0 and thread.encoder_wait_s == 0
+    thread.shutdown()

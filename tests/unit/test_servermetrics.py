@@ -12,6 +12,7 @@ internvl_kv_cache_blocks_used{model="llm",version="1"} 7
 internvl_kv_cache_blocks_total{model="llm",version="1"} 4096
 internvl_image_cache_hits_total{model="vision",version="1"} 126
 internvl_preemptions_total{model="llm",version="1"} 3
+internvl_encoder_priority_wait_seconds_total{model="llm",version="1"} 1.5
 nv_inference_count{model="llm",version="1"} 130
 """
 
@@ -20,7 +21,7 @@ def test_the_names_are_the_servers():
     from internvl_serve.serving import metrics as served
 
     for name in ("KV_BLOCKS_USED", "KV_BLOCKS_TOTAL", "REQUESTS_RUNNING", "REQUESTS_WAITING", "IMAGE_CACHE_HITS",
-                 "IMAGE_CACHE_MISSES", "PREEMPTIONS"):
+                 "IMAGE_CACHE_MISSES", "PREEMPTIONS", "ENCODER_WAIT"):
         assert getattr(metrics, name) == getattr(served, name) in served.METRIC_NAMES, name
 
 
@@ -72,6 +73,7 @@ def test_kv_poll_until_free():
     out = metrics.kv_blocks_after_run("http://m/metrics", 30, read=read, clock=clock, wait=clock.wait)
     assert out["kv_blocks_used_after"] == 0 and out["kv_blocks_total"] == 4096 and len(calls) == 3
     assert out["image_cache_hits"] == 126 and out["image_cache_misses"] is None and out["preemptions"] == 3
+    assert out["encoder_wait_s"] == 1.5
 
 
 def test_kv_poll_gives_up_at_the_deadline_and_when_absent():

@@ -404,10 +404,40 @@ def test_engine_options_from_parameters():
                                              "gpu_memory_utilization": "0.5", "device": "cpu"})
     assert (options.max_num_seqs, options.num_blocks, options.enable_prefix_caching) == (4, None, False)
     assert options.gpu_memory_utilization == 0.5
+    assert options.encoder_priority_ms is None  # the device's default
+    assert EngineOptions.from_parameters({"encoder_priority_ms": "0"}).encoder_priority_ms == 0
+    assert EngineOptions.from_parameters({"encoder_priority_ms": "12.5"}).encoder_priority_ms == 12.5
     for key, bad in (("max_num_seqs", "0"), ("block_size", "x"), ("enable_prefix_caching", "yes"),
-                     ("gpu_memory_utilization", "1.5")):
+                     ("gpu_memory_utilization", "1.5"), ("encoder_priority_ms", "-1"),
+                     ("encoder_priority_ms", "soon")):
         with pytest.raises(ValueError, match=f"parameter '{key}'"):
             EngineOptions.from_parameters({key: bad})
+
+
+def test_the_engine_waits_for_the_vision_forwards_of_its_device(tiny_checkpoint, tmp_path, monkeypatch):
+    # the two services as the server runs them, joined by the launcher's record (here in one process)
+    from internvl_serve.serving.encoder_activity import EncoderActivity, create_record
+    from internvl_serve.serving.llm import LLMService
+    from internvl_serve.serving.vision import VisionService
+
+    monkeypatch.setenv("INTERNVL_ENCODER_ACTIVITY", str(create_record(tmp_path / "activity")))
+    vision = VisionService(tiny_checkpoint, device="cpu", image_cache_mb=0,
+                           activity=EncoderActivity.from_environment())
+    default = LLMService(tiny_checkpoint, device="cpu")
+    held = LLMService(tiny_checkpoint, device="cpu", engine_options={"encoder_priority_ms": "20"})
+    try:
+        assert default.encoder_activity is None and default.thread.encoder_priority_s == 0  # off on the CPU
+        assert held.thread.encoder_priority_s == 0.02
+        busy = held.thread._encoder_busy
+        assert not busy()
+        seen = []
+        vision.encoder.register_forward_hook(lambda *_: seen.append(busy()))
+        vision.embed([np.zeros((2, 3, 448, 448), np.float32)])
+        assert seen == [True] and not busy() and vision.encoder_slot.forwards == 1
+    finally:
+        default.shutdown()
+        held.shutdown()
+        vision.encoder_slot.release()
 
 
 def test_history_json_round_trip_matches_the_card_history(preprocessor):

@@ -18,6 +18,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from internvl_serve.serving.contract import InvalidInput, ServingLimits
 from internvl_serve.serving.metrics import VisionExporter
 from internvl_serve.serving.device import instance_device
+from internvl_serve.serving.encoder_activity import EncoderActivity
 from internvl_serve.serving.heap import mmap_large_allocations
 from internvl_serve.serving.tensors import read_inputs
 from internvl_serve.serving.vision import VISION_PIXEL_VALUES, VisionService, request_tiles
@@ -28,8 +29,10 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
         params["device"] = instance_device(args, params.get("device", "auto"))  # KIND_GPU: the instance's GPU
         self.limits = ServingLimits.from_parameters(params)  # the ensemble's image and frame limits
+        # the server's encoder-activity record (the launcher's): the llm engine gives each forward the GPU
         self.service = VisionService.from_parameters(os.environ["INTERNVL_CHECKPOINT"], params,
-                                                    log=pb_utils.Logger.log_warn)
+                                                    log=pb_utils.Logger.log_warn,
+                                                    activity=EncoderActivity.from_environment())
         pb_utils.Logger.log_info(f"vision: {self.service.device} {self.service.dtype}; compiled blocks: {self.service.compiled}")
         if self.service.device.type == "cuda":  # host buffers only; on the CPU the forward's temporaries suffer
             mmap_large_allocations()  # serving/heap.py
@@ -62,3 +65,5 @@ class TritonPythonModel:
 
     def finalize(self):
         self.metrics.close()
+        if self.service.encoder_slot is not None:
+            self.service.encoder_slot.release()

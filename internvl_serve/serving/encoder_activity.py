@@ -1,0 +1,137 @@
+"""Which vision encoders of one server run a forward right now, shared between its processes, so that the
+llm engine can give them the GPU (EngineThread's encoder priority, engine/engine.py).
+
+Why: the vision and llm models run in two processes (Triton's Python backend), and a GPU time-slices the
+kernels of two processes. While both have work each runs at about half its speed (H100, 32 streams,
+bench/vision_decode_overlap.py: the encoder 24 images/s instead of 46 alone, a decode step 37 ms instead
+of 16), so a new request waits about twice as long for its image while every running stream's steps slow
+down as much. The engine holds a step of decodes only back while an encoder of its GPU runs (bounded per
+step), so an image is encoded at full speed and the decode loses that time in one piece.
+
+The record: a small file the launcher makes and names in $INTERNVL_ENCODER_ACTIVITY (unset: no record,
+no priority), mapped by every process that uses it. One slot per encoder process: its pid, its device
+(the CUDA index, -1 on the CPU), since when it runs a forward (CLOCK_MONOTONIC ns, the same clock in
+every process of the machine; 0: idle) and how many forwards it ran. An encoder claims a free slot, or a
+dead process's, under an flock and then writes only its own slot; a forward flagged longer than
+STALE_NS ago (its process died in the middle of it) counts as idle.
+
+Owns: the file's layout, claiming a slot, reading it. Does not own: when the engine holds a step
+(engine/engine.py), the forward (serving/vision.py), making and removing the file (serving/triton_server.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import mmap
+import os
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+ENCODER_ACTIVITY_ENV = "INTERNVL_ENCODER_ACTIVITY"
+SLOTS = 64
+PID, DEVICE, SINCE_NS, FORWARDS = range(4)  # the fields of a slot, int64 each
+RECORD_BYTES = SLOTS * 4 * 8
+STALE_NS = 10 * 10**9  # a forward of the most tiles a request may send takes ~1 s on an H100
+
+
+def device_number(device) -> int:
+    """A device as the record stores it: the CUDA index (0 for a bare "cuda"), -1 for the CPU."""
+    import torch
+
+    device = torch.device(device)
+    return (device.index or 0) if device.type == "cuda" else -1
+
+
+def create_record(path: str | Path) -> Path:
+    """Write an empty record (every slot free) at `path`."""
+    path = Path(path)
+    path.write_bytes(bytes(RECORD_BYTES))
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+class EncoderActivity:
+    """The record at `path`, mapped: `busy(devices)` for the engine, `claim(device)` for an encoder."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._file = open(self.path, "r+b")
+        if os.fstat(self._file.fileno()).st_size != RECORD_BYTES:
+            self._file.close()
+            raise ValueError(f"{self.path} is not an encoder-activity record ({RECORD_BYTES} bytes)")
+        self._map = mmap.mmap(self._file.fileno(), RECORD_BYTES)
+        self.slots = np.ndarray((SLOTS, 4), dtype=np.int64, buffer=self._map)
+
+    @classmethod
+    def from_environment(cls) -> "EncoderActivity | None":
+        """The server's record, or None when the process was not started with one."""
+        path = os.environ.get(ENCODER_ACTIVITY_ENV, "")
+        return cls(path) if path else None
+
+    def busy(self, devices: Iterable[int]) -> bool:
+        """Whether an encoder on one of `devices` runs a forward now (one that started more than STALE_NS
+        ago counts as idle)."""
+        since = self.slots[:, SINCE_NS]
+        running = (since > 0) & np.isin(self.slots[:, DEVICE], list(devices))
+        return bool(running.any()) and bool((since[running] > time.monotonic_ns() - STALE_NS).any())
+
+    def claim(self, device: int) -> "EncoderSlot":
+        """A slot for this process's encoder on `device`: a free one, or one whose process is gone."""
+        with self._locked():
+            for index in range(SLOTS):
+                pid = int(self.slots[index, PID])
+                if pid == 0 or pid == os.getpid() or not _alive(pid):
+                    self.slots[index] = (os.getpid(), device, 0, 0)
+                    return EncoderSlot(self, index)
+        raise RuntimeError(f"{self.path}: all {SLOTS} encoder slots are taken")
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fcntl.flock(self._file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        self.slots = None
+        self._map.close()
+        self._file.close()
+
+
+class EncoderSlot:
+    """One encoder's slot: `with slot.running(): forward...` flags the forward; `release()` frees it."""
+
+    def __init__(self, activity: EncoderActivity, index: int):
+        self.activity = activity
+        self.index = index
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        row = self.activity.slots[self.index]
+        row[SINCE_NS] = time.monotonic_ns()
+        try:
+            yield
+        finally:
+            row[SINCE_NS] = 0
+            row[FORWARDS] += 1
+
+    @property
+    def forwards(self) -> int:
+        return int(self.activity.slots[self.index, FORWARDS])
+
+    def release(self) -> None:
+        with self.activity._locked():
+            self.activity.slots[self.index] = 0
