@@ -84,6 +84,8 @@ class EncoderActivity:
         """Whether an encoder on one of `devices` runs a forward now (one that started more than STALE_NS
         ago counts as idle)."""
         since = self.slots[:, SINCE_NS]
+        if not since.any():  # the usual answer, read after every engine step: keep it cheap
+            return False
         running = (since > 0) & np.isin(self.slots[:, DEVICE], list(devices))
         return bool(running.any()) and bool((since[running] > time.monotonic_ns() - STALE_NS).any())
 
