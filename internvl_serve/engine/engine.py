@@ -356,17 +356,20 @@ class EngineThread:
             except Exception:
                 log.exception("callback of request %s raised", out.request_id)
 
+    def _outside_the_model(self, call: Callable[[], list[RequestOutput]]) -> list[RequestOutput]:
+        """call() (a step, or finishing one); a bug outside the runner fails everyone, the thread goes on."""
+        try:
+            return call()
+        except Exception as e:
+            log.exception("engine step failed outside the model")
+            return self.engine.fail_all(f"{type(e).__name__}: {e}")
+
     def _give_way_to_encoder(self) -> None:
         engine = self.engine
         if not engine.next_step_decodes_only() or not self._encoder_busy():
             return
         start = time.monotonic()
-        try:
-            self._deliver(engine.finish_inflight())
-        except Exception as e:  # as a failed step(): fail everyone, keep serving
-            log.exception("engine step failed outside the model")
-            self._deliver(engine.fail_all(f"{type(e).__name__}: {e}"))
-            return
+        self._deliver(self._outside_the_model(engine.finish_inflight))
         # the step just finished may have ended every request (only this thread changes the engine)
         if not engine.next_step_decodes_only():
             return
@@ -397,12 +400,7 @@ class EngineThread:
             self._deliver(failed)
             for request_id, reason in aborts:
                 engine.abort(request_id, reason)
-            try:
-                outputs = engine.step()
-            except Exception as e:  # a bug outside the runner: fail everyone, keep serving
-                log.exception("engine step failed outside the model")
-                outputs = engine.fail_all(f"{type(e).__name__}: {e}")
-            self._deliver(outputs)
+            self._deliver(self._outside_the_model(engine.step))
             if self._encoder_busy is not None:
                 self._give_way_to_encoder()
         # shutdown: everyone still here finishes with an error
