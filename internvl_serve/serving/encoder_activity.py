@@ -25,7 +25,7 @@ import fcntl
 import mmap
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -75,10 +75,18 @@ class EncoderActivity:
         self.slots = np.ndarray((SLOTS, 4), dtype=np.int64, buffer=self._map)
 
     @classmethod
-    def from_environment(cls) -> "EncoderActivity | None":
-        """The server's record, or None when the process was not started with one."""
+    def from_environment(cls, log: Callable[[str], None] | None = None) -> "EncoderActivity | None":
+        """The server's record; None when the process was not started with one, or when it cannot be
+        read (told to `log`: the model then runs without it, it does not fail)."""
         path = os.environ.get(ENCODER_ACTIVITY_ENV, "")
-        return cls(path) if path else None
+        if not path:
+            return None
+        try:
+            return cls(path)
+        except (OSError, ValueError) as e:
+            if log is not None:
+                log(f"encoder activity: {ENCODER_ACTIVITY_ENV}={path} cannot be used ({e}); running without it")
+            return None
 
     def busy(self, devices: Iterable[int]) -> bool:
         """Whether an encoder on one of `devices` runs a forward now (one that started more than STALE_NS

@@ -204,11 +204,6 @@ class TritonServer:
             self.model_repository = self._generated
         install = find_triton(*self._install_args)
         env = server_environment(install, self.checkpoint, malloc_mmap_threshold=self.malloc_mmap_threshold)
-        if self.encoder_activity is None:  # the vision and llm models' shared record (serving/encoder_activity.py)
-            fd, path = tempfile.mkstemp(prefix="internvl-encoder-activity-")
-            os.close(fd)
-            self.encoder_activity = create_record(path)
-        env[ENCODER_ACTIVITY_ENV] = str(self.encoder_activity)
         if self.log_file is None:
             self.log_file = Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
         for kind, port in self._ports.items():  # an explicit port someone already listens on: fail now
@@ -221,6 +216,7 @@ class TritonServer:
             self.ports = {k: v if v is not None else picked[k] for k, v in self._ports.items()}
             self._log = open(self.log_file, "ab")
             self._stopping.clear()
+            env[ENCODER_ACTIVITY_ENV] = str(self._encoder_record())
             self._proc = subprocess.Popen(self.command(install), stdout=self._log, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, env=env, start_new_session=True)
             try:
@@ -243,6 +239,15 @@ class TritonServer:
                     raise
                 self.log_file.write_bytes(b"")
         return self
+
+    def _encoder_record(self) -> Path:
+        """The vision and llm models' shared record (serving/encoder_activity.py): made for each start,
+        removed by stop()."""
+        if self.encoder_activity is None:
+            fd, path = tempfile.mkstemp(prefix="internvl-encoder-activity-")
+            os.close(fd)
+            self.encoder_activity = create_record(path)
+        return self.encoder_activity
 
     def _own_ports(self, proc: subprocess.Popen, kinds) -> bool:
         """Whether `proc` listens on the ports of `kinds`; PortInUse if another process does (a probe

@@ -3,8 +3,8 @@ tiles (a copy of model_repository with `image_cache_mb` changed), requests that 
 answer must equal the model card's chat (internvl_serve.reference, fresh encodes) on the tiny checkpoint, and
 a repeated request its first answer. Where the server exports the cache counters as Prometheus metrics,
 they must count the hits and misses this sequence makes. The llm of this server holds its decode steps for
-the encoder also on the CPU (`encoder_priority_ms`, by default only on CUDA), which must leave every answer
-as it is, and the vision model flags each forward in the server's encoder-activity record."""
+the encoder (`encoder_priority_ms`, off by default), which must leave every answer as it is, and the vision
+model flags each forward in the server's encoder-activity record."""
 from __future__ import annotations
 
 import json

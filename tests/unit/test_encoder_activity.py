@@ -85,4 +85,8 @@ def test_from_environment(tmp_path, monkeypatch):
     assert EncoderActivity.from_environment() is None
     monkeypatch.setenv("INTERNVL_ENCODER_ACTIVITY", str(create_record(tmp_path / "activity")))
     assert EncoderActivity.from_environment().path == tmp_path / "activity"
+    told = []
+    monkeypatch.setenv("INTERNVL_ENCODER_ACTIVITY", str(tmp_path / "gone"))  # a model runs on without it
+    assert EncoderActivity.from_environment(told.append) is None
+    assert len(told) == 1 and "gone" in told[0] and "running without it" in told[0]
     assert (device_number("cuda"), device_number("cuda:2"), device_number("cpu")) == (0, 2, -1)

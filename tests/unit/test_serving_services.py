@@ -404,7 +404,7 @@ def test_engine_options_from_parameters():
                                              "gpu_memory_utilization": "0.5", "device": "cpu"})
     assert (options.max_num_seqs, options.num_blocks, options.enable_prefix_caching) == (4, None, False)
     assert options.gpu_memory_utilization == 0.5
-    assert options.encoder_priority_ms is None  # the device's default
+    assert options.encoder_priority_ms == 0  # off unless asked for
     assert EngineOptions.from_parameters({"encoder_priority_ms": "0"}).encoder_priority_ms == 0
     assert EngineOptions.from_parameters({"encoder_priority_ms": "12.5"}).encoder_priority_ms == 12.5
     for key, bad in (("max_num_seqs", "0"), ("block_size", "x"), ("enable_prefix_caching", "yes"),
@@ -426,7 +426,7 @@ def test_the_engine_waits_for_the_vision_forwards_of_its_device(tiny_checkpoint,
     default = LLMService(tiny_checkpoint, device="cpu")
     held = LLMService(tiny_checkpoint, device="cpu", engine_options={"encoder_priority_ms": "20"})
     try:
-        assert default.encoder_activity is None and default.thread.encoder_priority_s == 0  # off on the CPU
+        assert default.encoder_activity is None and default.thread.encoder_priority_s == 0  # off by default
         assert held.thread.encoder_priority_s == 0.02
         busy = held.thread._encoder_busy
         assert not busy()

@@ -32,7 +32,7 @@ class TritonPythonModel:
         # the server's encoder-activity record (the launcher's): the llm engine gives each forward the GPU
         self.service = VisionService.from_parameters(os.environ["INTERNVL_CHECKPOINT"], params,
                                                     log=pb_utils.Logger.log_warn,
-                                                    activity=EncoderActivity.from_environment())
+                                                    activity=EncoderActivity.from_environment(pb_utils.Logger.log_warn))
         pb_utils.Logger.log_info(f"vision: {self.service.device} {self.service.dtype}; compiled blocks: {self.service.compiled}")
         if self.service.device.type == "cuda":  # host buffers only; on the CPU the forward's temporaries suffer
             mmap_large_allocations()  # serving/heap.py
