@@ -21,7 +21,10 @@ Measures, in one run and on one device:
     metrics port), polled until it reads 0 or --kv-free-timeout-s passes: every KV block must be free
     again after the run ("not available" when the server does not export it);
   * with --int8, the server again with the llm's `quantization` parameter "int8" (a copy of the model
-    repository with that one value changed) at --int8-levels (default 1 stream).
+    repository with that one value changed) at --int8-levels (default 1 stream);
+  * with --server-compare MODEL.KEY=VALUE[,...] (repeatable), the server again at --levels with those
+    model parameters changed (MODEL: llm or vision), right after the default one on the same machine:
+    an A/B in one run, e.g. llm.encoder_priority_ms=50, or llm.quantization=int8,vision.quantization=fp8.
 Every request sends its own image (nothing cached, as real traffic); --warm-levels adds rows, on the
 same server after those, where every request sends the same image (the vision embedding cache and the
 KV prefix cache hit: the warm-cache case), as a second table. --arrival-rates adds the open loop on the
@@ -46,6 +49,7 @@ import gc
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -226,7 +230,8 @@ def run_server(ckpt: Path, results: dict, levels: list[int], requests_per_stream
     from internvl_serve.serving.launcher import TritonServer
 
     image = png_bytes(test_image(0))
-    log_file = log_dir / ("tritonserver.log" if key == "server" else f"tritonserver-{key}.log")
+    log_file = log_dir / ("tritonserver.log" if key == "server"
+                          else f"tritonserver-{re.sub(r'[^A-Za-z0-9_-]+', '-', key).strip('-')}.log")
     if levels or key not in results:  # --levels "" with --merge keeps the closed-loop rows of before
         results[key] = []
     with GpuMemoryPoller() as mem:
@@ -256,6 +261,21 @@ def run_server(ckpt: Path, results: dict, levels: list[int], requests_per_stream
             results[f"{key}_after"] = kv_blocks_after_run(server.metrics_url, kv_free_timeout_s)
             print(json.dumps(results[f"{key}_after"]), flush=True)
         results[f"{key}_peak_gpu_mib"] = max(mem.peak_mib, results.get(f"{key}_peak_gpu_mib") or 0)
+
+
+def compare_layout(spec: str):
+    """--server-compare's 'llm.encoder_priority_ms=50,vision.quantization=fp8' -> a Layout with those
+    model parameters."""
+    from internvl_serve.serving.layout import Layout
+
+    parameters: dict[str, dict[str, str]] = {"llm": {}, "vision": {}}
+    for item in spec.split(","):
+        name, equals, value = item.partition("=")
+        model, dot, key = name.strip().partition(".")
+        if not (equals and dot and key) or model not in parameters:
+            raise ValueError(f"--server-compare {spec!r}: expected MODEL.KEY=VALUE[,...] with MODEL llm or vision")
+        parameters[model][key] = value.strip()
+    return Layout(llm_parameters=parameters["llm"], vision_parameters=parameters["vision"])
 
 
 def run_engine_alone(ckpt: Path, results: dict, levels: list[int], requests_per_stream: int, out_dir: Path,
@@ -297,6 +317,9 @@ def main(argv=None) -> int:
     parser.add_argument("--int8", action="store_true",
                         help="also run the server with the llm's quantization=int8 at --int8-levels")
     parser.add_argument("--int8-levels", default="1")
+    parser.add_argument("--server-compare", action="append", default=[], metavar="MODEL.KEY=VALUE[,MODEL.KEY=VALUE]",
+                        help="also run the server at --levels with these model parameters (MODEL: llm or vision; "
+                             "repeatable), e.g. llm.encoder_priority_ms=50")
     parser.add_argument("--same-image", action="store_true",
                         help="every request the same image (the old default: vision and prefix caches hit)")
     parser.add_argument("--warm-levels", default="",
@@ -322,6 +345,10 @@ def main(argv=None) -> int:
         print(report.write_markdown(json.loads((args.out / "results.json").read_text()), args.out))
         return 0
     open_loop = openloop.options(args, parser)  # bad values refused before any GPU work
+    try:  # likewise
+        compare_layouts = {spec: compare_layout(spec) for spec in args.server_compare}
+    except ValueError as e:
+        parser.error(str(e))
     assert torch.cuda.is_available(), "the benchmark needs a CUDA GPU"
     args.out.mkdir(parents=True, exist_ok=True)
     tiny = make_tiny_checkpoint(args.work / "tiny")
@@ -356,6 +383,11 @@ def main(argv=None) -> int:
         run_server(ckpt, results, levels, args.requests_per_stream, args.out,
                    distinct_images=not args.same_image, kv_free_timeout_s=args.kv_free_timeout_s,
                    warm_levels=[int(x) for x in args.warm_levels.split(",") if x], open_loop=open_loop)
+        (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    for spec, layout in compare_layouts.items():
+        run_server(ckpt, results, levels, args.requests_per_stream, args.out, key=f"server[{spec}]",
+                   layout=layout, distinct_images=not args.same_image,
+                   kv_free_timeout_s=args.kv_free_timeout_s)
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
     if args.int8:
         from internvl_serve.serving.layout import Layout

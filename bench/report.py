@@ -33,6 +33,11 @@ def _engine_alone_keys(results: dict) -> list[str]:
     return [k for k in results if k.startswith("engine_alone") and isinstance(results[k], dict)]
 
 
+def _compare_keys(results: dict) -> list[str]:
+    """The --server-compare runs: results["server[llm.key=value,...]"]."""
+    return [k for k in results if k.startswith("server[") and k.endswith("]") and isinstance(results[k], list)]
+
+
 def _server_row(results: dict, key: str, streams: int) -> dict | None:
     return next((r for r in results.get(key, []) if r["concurrency"] == streams), None)
 
@@ -146,7 +151,8 @@ def markdown(results: dict) -> str:
         lines.append(f"| transformers batch_chat | {b['batch']} | {b['output_tok_per_s']:.1f} | | | 0 |")
     for key, label in (("server", "Triton server (gRPC stream)"), ("server_int8", "Triton server, int8 weights"),
                        *((k, LAYOUT_LABELS[k[len('server_'):]]) for k in results
-                         if k.startswith("server_") and k[len('server_'):] in LAYOUT_LABELS)):
+                         if k.startswith("server_") and k[len('server_'):] in LAYOUT_LABELS),
+                       *((k, f"Triton server (gRPC stream; {k[len('server['):-1]})") for k in _compare_keys(results))):
         for row in results.get(key, []) if isinstance(results.get(key), list) else []:
             lines.append(_level_line(label, row))
     for key in _engine_alone_keys(results):
@@ -186,7 +192,8 @@ def markdown(results: dict) -> str:
                   + (f", int8 server {results['server_int8_peak_gpu_mib']:.0f} MiB"
                      if "server_int8_peak_gpu_mib" in results else "") + "."]
     for key, label in (("server", "server"), ("server_int8", "int8 server"),
-                       *((f"server_{n}", LAYOUT_LABELS[n]) for n in LAYOUT_LABELS)):
+                       *((f"server_{n}", LAYOUT_LABELS[n]) for n in LAYOUT_LABELS),
+                       *((k, f"server with {k[len('server['):-1]}") for k in _compare_keys(results))):
         if key not in results:
             continue
         after = results.get(f"{key}_after")

@@ -92,6 +92,25 @@ def test_engine_alone_rows_and_target(report):
     assert "Every request sent its own image (nothing cached)." in md
 
 
+def test_server_compare_runs_get_their_rows_and_after_line(bench, report):
+    layout = bench.compare_layout("llm.encoder_priority_ms=50, vision.quantization=fp8")
+    assert layout.llm_parameters == {"encoder_priority_ms": "50"}
+    assert layout.vision_parameters == {"quantization": "fp8"}
+    for bad in ("encoder_priority_ms=50", "preprocess.x=1", "llm.quantization"):
+        with pytest.raises(ValueError, match="MODEL.KEY=VALUE"):
+            bench.compare_layout(bad)
+    spec = "llm.encoder_priority_ms=50"
+    results = {"device": "GPU", "date": "d", "commit": "c", "copy_bandwidth_gbs": 3000.0,
+               "llm_weight_bytes_per_step": 25.8e9, "hbm_floor_ms": 8.6, "server": [row(32, 1400, 900, 16)],
+               f"server[{spec}]": [row(32, 1350, 800, 17)],
+               f"server[{spec}]_after": {"kv_blocks_used_after": 0, "kv_blocks_total": 2153, "encoder_wait_s": 0.91}}
+    md = report.markdown(results)
+    assert f"| Triton server (gRPC stream; {spec}) | 32 | 1350.0 | 800 / 800 |" in md
+    assert (f"KV blocks in use after the server with {spec} run: 0 of 2153; decode steps held for the vision "
+            "encoder: 0.9 s in all.") in md
+    assert {r["target"]: r for r in report.targets(results)}["output tok/s at 32 streams"]["measured"] == "1400.0 tok/s"
+
+
 def test_int8_weight_bytes(report):
     bf16 = 2 * (40 * (4 * 5120 * 5120 + 3 * 5120 * 13824) + 41840 * 5120 + 2 * 5120)
     int8 = report.int8_weight_bytes_per_step(bf16)
@@ -153,6 +172,7 @@ def test_a_schedule_needs_one_count_or_duration(openloop, kwargs, message):
     (["--arrival-rates", "1", "--arrival-requests", "3", "--arrival-duration-s", "2"],
      "give --arrival-requests or --arrival-duration-s, not both"),
     (["--arrival-rates", "1", "--arrival-max-in-flight", "0"], "--arrival-max-in-flight must be >= 1, got 0"),
+    (["--server-compare", "llm.quantization"], "expected MODEL.KEY=VALUE[,...] with MODEL llm or vision"),
 ])
 def test_the_benchmark_refuses_bad_arrival_options_before_any_gpu_work(bench, argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:
