@@ -48,11 +48,12 @@ def cpu_num_blocks(args: LlamaArgs, block_size: int) -> int:
 
 def auto_num_blocks(model: Llama, *, block_size: int, dtype: torch.dtype, device: torch.device,
                     utilization: float, max_num_batched_tokens: int, max_num_seqs: int,
-                    reserved_bytes: int = 0) -> int:
+                    reserved_bytes: int = 0, report: dict | None = None) -> int:
     """Blocks that fit in total * utilization, after the weights, the CUDA context and the peak
     activations of a profile forward of max_num_batched_tokens tokens (plus the sampler's and the
     reference attention's largest gathers, which the profile does not reach). reserved_bytes: device
-    memory that other processes will hold, whether or not they have loaded yet."""
+    memory that other processes will hold, whether or not they have loaded yet. report: filled with the
+    figures it used, in bytes (for the load's log line: whether the others had loaded shows here)."""
     a = model.local_args
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
@@ -72,6 +73,8 @@ def auto_num_blocks(model: Llama, *, block_size: int, dtype: torch.dtype, device
     own = torch.cuda.memory_reserved(device) + CUDA_CONTEXT_BYTES
     in_use = max(total - free, own + reserved_bytes)
     available = total * utilization - in_use - peak - gather - sampler
+    if report is not None:
+        report.update(total=total, device_in_use=total - free, own=own, reserved=reserved_bytes, activations=peak)
     num_blocks = int(available // bytes_per_block(a, block_size, dtype))
     if num_blocks < 1:
         raise RuntimeError(f"no GPU memory left for the KV cache: total {total / 2**30:.1f} GiB, in use "

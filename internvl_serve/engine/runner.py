@@ -154,12 +154,13 @@ class ModelRunner:
                         if self.tp.enabled else None)
         a = self.model.local_args  # this rank's heads
         self.bytes_per_block = kv_cache.bytes_per_block(a, block_size, self.dtype)
+        self.kv_sizing: dict = {}  # the figures auto_num_blocks sized the cache with (bytes; CUDA only)
         if num_blocks is None:
             if self.device.type == "cuda":
                 num_blocks = kv_cache.auto_num_blocks(
                     self.model, block_size=block_size, dtype=self.dtype, device=self.device,
                     utilization=gpu_memory_utilization, max_num_batched_tokens=max_num_batched_tokens,
-                    max_num_seqs=max_num_seqs, reserved_bytes=self.reserved_bytes)
+                    max_num_seqs=max_num_seqs, reserved_bytes=self.reserved_bytes, report=self.kv_sizing)
             else:
                 num_blocks = kv_cache.cpu_num_blocks(a, block_size)
         num_blocks = self.tp.min_across_ranks(num_blocks, self.device)  # the same cache on every rank

@@ -191,6 +191,18 @@ def tensor_parallel_devices(device: torch.device, size: int, devices: str = "") 
     return ["cpu"] * size
 
 
+def kv_sizing_text(sizing: Mapping[str, int]) -> str:
+    """The load log's account of how the KV cache was sized (ModelRunner.kv_sizing; empty: not sized
+    from free memory): the device memory in use then against this process's own plus the vision
+    reserve, which tells whether the vision model had loaded first."""
+    if not sizing:
+        return ""
+    gib = {k: v / 2**30 for k, v in sizing.items()}
+    return (f"sized with {gib.get('device_in_use', 0):.1f} of {gib.get('total', 0):.1f} GiB in use on the device "
+            f"(own {gib.get('own', 0):.1f} + vision reserve {gib.get('reserved', 0):.1f}; "
+            f"activations {gib.get('activations', 0):.2f})")
+
+
 def vision_reserve_bytes(config, dtype: torch.dtype) -> int:
     """GPU memory the vision model's instance takes on the same device: its weights (only the ViT
     blocks select_layer needs), activations of a batch of 8 images, and its CUDA context."""

@@ -414,6 +414,16 @@ def test_engine_options_from_parameters():
             EngineOptions.from_parameters({key: bad})
 
 
+def test_the_kv_sizing_is_told_in_the_load_log():
+    from internvl_serve.serving.llm import kv_sizing_text
+
+    assert kv_sizing_text({}) == ""  # the CPU, or num_blocks given
+    gib = 2**30
+    text = kv_sizing_text({"total": 80 * gib, "device_in_use": 42 * gib, "own": 27 * gib, "reserved": 13 * gib,
+                           "activations": gib // 4})
+    assert text == "sized with 42.0 of 80.0 GiB in use on the device (own 27.0 + vision reserve 13.0; activations 0.25)"
+
+
 def test_the_engine_waits_for_the_vision_forwards_of_its_device(tiny_checkpoint, tmp_path, monkeypatch):
     # the two services as the server runs them, joined by the launcher's record (here in one process)
     from internvl_serve.serving.encoder_activity import EncoderActivity, create_record

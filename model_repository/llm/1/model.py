@@ -21,7 +21,7 @@ from internvl_serve.serving.contract import LLM_INPUTS, response_arrays
 from internvl_serve.engine.errors import EngineBusy
 from internvl_serve.serving.device import instance_device
 from internvl_serve.serving.heap import mmap_large_allocations
-from internvl_serve.serving.llm import LLMService
+from internvl_serve.serving.llm import LLMService, kv_sizing_text
 from internvl_serve.serving.metrics import LLMExporter
 from internvl_serve.serving.parsing import parse_cancel_key, parse_cancel_request, parse_llm_request
 from internvl_serve.serving.preprocess import client_errors
@@ -56,10 +56,11 @@ class TritonPythonModel:
             mmap_large_allocations()  # serving/heap.py
         info = self.service.engine.runner.cache_info()
         graphs = self.service.engine.runner.decode_graphs
+        sizing = kv_sizing_text(getattr(self.service.engine.runner, "kv_sizing", {}))  # how the pool was sized
         pb_utils.Logger.log_info(
             f"llm: {self.service.device} {self.service.dtype}; KV cache {info['num_blocks']} blocks x "
-            f"{info['block_size']} tokens = {info['num_tokens']} tokens, {info['bytes'] / 2**30:.1f} GiB; "
-            f"decode CUDA graphs: {list(graphs.buckets) if graphs else 'off'}; "
+            f"{info['block_size']} tokens = {info['num_tokens']} tokens, {info['bytes'] / 2**30:.1f} GiB"
+            f"{'; ' + sizing if sizing else ''}; decode CUDA graphs: {list(graphs.buckets) if graphs else 'off'}; "
             f"tensor parallel: {len(self.service.devices)} ranks on {','.join(self.service.devices)}")
         # internvl_* metrics on Triton's /metrics (docs/metrics.md): meters the engine thread
         self.metrics = LLMExporter(self.service, pb_utils, args, log=pb_utils.Logger.log_warn)
