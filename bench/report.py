@@ -33,9 +33,10 @@ def _engine_alone_keys(results: dict) -> list[str]:
     return [k for k in results if k.startswith("engine_alone") and isinstance(results[k], dict)]
 
 
-def _compare_keys(results: dict) -> list[str]:
-    """The --server-compare runs: results["server[llm.key=value,...]"]."""
-    return [k for k in results if k.startswith("server[") and k.endswith("]") and isinstance(results[k], list)]
+def _compare_runs(results: dict) -> list[tuple[str, str]]:
+    """The --server-compare runs: (key, spec) of each results["server[<spec>]"]."""
+    return [(k, k[len("server["):-1]) for k in results
+            if k.startswith("server[") and k.endswith("]") and isinstance(results[k], list)]
 
 
 def _server_row(results: dict, key: str, streams: int) -> dict | None:
@@ -152,7 +153,7 @@ def markdown(results: dict) -> str:
     for key, label in (("server", "Triton server (gRPC stream)"), ("server_int8", "Triton server, int8 weights"),
                        *((k, LAYOUT_LABELS[k[len('server_'):]]) for k in results
                          if k.startswith("server_") and k[len('server_'):] in LAYOUT_LABELS),
-                       *((k, f"Triton server (gRPC stream; {k[len('server['):-1]})") for k in _compare_keys(results))):
+                       *((k, f"Triton server (gRPC stream; {spec})") for k, spec in _compare_runs(results))):
         for row in results.get(key, []) if isinstance(results.get(key), list) else []:
             lines.append(_level_line(label, row))
     for key in _engine_alone_keys(results):
@@ -193,7 +194,7 @@ def markdown(results: dict) -> str:
                      if "server_int8_peak_gpu_mib" in results else "") + "."]
     for key, label in (("server", "server"), ("server_int8", "int8 server"),
                        *((f"server_{n}", LAYOUT_LABELS[n]) for n in LAYOUT_LABELS),
-                       *((k, f"server with {k[len('server['):-1]}") for k in _compare_keys(results))):
+                       *((k, f"server with {spec}") for k, spec in _compare_runs(results))):
         if key not in results:
             continue
         after = results.get(f"{key}_after")

@@ -198,9 +198,8 @@ def kv_sizing_text(sizing: Mapping[str, int]) -> str:
     if not sizing:
         return ""
     gib = {k: v / 2**30 for k, v in sizing.items()}
-    return (f"sized with {gib.get('device_in_use', 0):.1f} of {gib.get('total', 0):.1f} GiB in use on the device "
-            f"(own {gib.get('own', 0):.1f} + vision reserve {gib.get('reserved', 0):.1f}; "
-            f"activations {gib.get('activations', 0):.2f})")
+    return (f"sized with {gib['device_in_use']:.1f} of {gib['total']:.1f} GiB in use on the device "
+            f"(own {gib['own']:.1f} + vision reserve {gib['reserved']:.1f}; activations {gib['activations']:.2f})")
 
 
 def vision_reserve_bytes(config, dtype: torch.dtype) -> int:
@@ -269,13 +268,13 @@ class LLMService:
                                     async_scheduling=options.async_scheduling).validate()
         self.engine = LLMEngine(runner, tokenizer=self.tokenizer, scheduler_config=scheduler, detokenize=False)
         self.responses = ResponsePath(num_senders=options.response_senders)
-        self.encoder_activity, encoder_busy, priority_ms = None, None, options.encoder_priority_ms
-        if priority_ms > 0:
-            self.encoder_activity = EncoderActivity.from_environment(self._log)
-        if self.encoder_activity is not None:
-            encoder_busy = functools.partial(self.encoder_activity.busy, [device_number(d) for d in self.devices])
+        # encoder priority (opt-in): the vision model's forwards, read from the launcher's record
+        self.encoder_activity = (EncoderActivity.from_environment(self._log) if options.encoder_priority_ms > 0
+                                 else None)
+        encoder_busy = None if self.encoder_activity is None else functools.partial(
+            self.encoder_activity.busy, [device_number(d) for d in self.devices])
         self.thread = EngineThread(self.engine, max_pending=options.max_pending_requests,
-                                   encoder_busy=encoder_busy, encoder_priority_s=priority_ms / 1000)
+                                   encoder_busy=encoder_busy, encoder_priority_s=options.encoder_priority_ms / 1000)
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()

@@ -56,7 +56,7 @@ class TritonPythonModel:
             mmap_large_allocations()  # serving/heap.py
         info = self.service.engine.runner.cache_info()
         graphs = self.service.engine.runner.decode_graphs
-        sizing = kv_sizing_text(getattr(self.service.engine.runner, "kv_sizing", {}))  # how the pool was sized
+        sizing = kv_sizing_text(self.service.engine.runner.kv_sizing)  # how the pool was sized
         pb_utils.Logger.log_info(
             f"llm: {self.service.device} {self.service.dtype}; KV cache {info['num_blocks']} blocks x "
             f"{info['block_size']} tokens = {info['num_tokens']} tokens, {info['bytes'] / 2**30:.1f} GiB"
