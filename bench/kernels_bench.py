@@ -13,6 +13,8 @@ against the engine's reference (`sdpa_paged_attention`: gather + SDPA per group)
 chunk and for a mixed step of 32 decodes + one 512-token chunk; eager calls (as the engine runs them),
 metadata built once outside the timing (the engine builds it once per step for all 40 layers).
 Int8 linears: `int8_linear` against bf16 F.linear (cuBLAS) at the LLaMA-2-13B projection shapes.
+Quantized projections (`--only quantized`): the engine's merged projections in bf16, int8 and fp8 at
+decode and prefill row counts, and the step's GEMM time each gives.
 
 GB/s counts the fewest bytes each op must move (K/V read once; weight, input and output once).
 The copy row is a device-to-device copy, bytes read plus written: the ceiling for those numbers.
@@ -39,6 +41,7 @@ from internvl_serve.engine.attention import (  # noqa: E402
     paged_attention,
     sdpa_paged_attention,
 )
+from internvl_serve.kernels.fp8_linear import fp8_linear, quantize_rows_fp8, quantize_weight_fp8  # noqa: E402
 from internvl_serve.kernels.int8_linear import Int8MatmulConfig, default_config, int8_linear, quantize_weight  # noqa: E402
 from internvl_serve.kernels.paged_attention import (  # noqa: E402
     default_decode_tiles,
@@ -322,10 +325,50 @@ def linear_table(bw: float, sweep: bool) -> list[str]:
     return rows
 
 
+LLM_PROJECTIONS = [("qkv", 15360, 5120), ("o", 5120, 5120), ("gate_up", 27648, 5120), ("down", 5120, 13824)]
+
+
+def quantized_projection_table(bw: float) -> list[str]:
+    """The engine's four merged projections (N, K) of one LLaMA-2-13B layer at decode and prefill row
+    counts: bf16 F.linear, weight-only int8 (dequantize + matmul above 64 rows), fp8 (the Triton row
+    quantizer + torch._scaled_mm), and fp8's two parts alone. The layer's sum (x 40: the step's GEMMs)."""
+    rows = Rows([f"{'M':>5} {'proj':>8} | {'bf16 us':>8} | {'int8 us':>8} | {'fp8 us':>8} {'GB/s':>6} | "
+                 f"{'mm us':>7} {'quant us':>8} | fp8 vs bf16"])
+    for M in (1, 32, 64, 288, 2048):
+        total = {"bf16": 0.0, "int8": 0.0, "fp8": 0.0}
+        for name, N, K in LLM_PROJECTIONS:
+            n_sets = max(2, ROTATE_BYTES // (N * K * 2))
+            ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(n_sets)]
+            qs = [quantize_weight(w) for w in ws]
+            fs = [quantize_weight_fp8(w) for w in ws]
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            xq, xs = quantize_rows_fp8(x)
+            ref = x.double() @ ws[0].double().t()
+            check(f"fp8_linear M={M} {name}", fp8_linear(x, *fs[0]), ref, 0.08)
+            check(f"int8_linear M={M} {name}", int8_linear(x, *qs[0]), ref, 1e-2)
+            t = {"bf16": graph_us([lambda w=w: torch.nn.functional.linear(x, w) for w in ws]),
+                 "int8": graph_us([lambda q=q: int8_linear(x, q[0], q[1]) for q in qs]),
+                 "fp8": graph_us([lambda f=f: fp8_linear(x, f[0], f[1]) for f in fs])}
+            mm = graph_us([lambda f=f: torch._scaled_mm(xq, f[0].t(), scale_a=xs, scale_b=f[1].view(1, -1),
+                                                         out_dtype=torch.bfloat16) for f in fs])
+            quant = graph_us([lambda: quantize_rows_fp8(x)])
+            for key in total:
+                total[key] += t[key]
+            fp8_bytes = N * K + N * 4 + M * K * 2 + M * N * 2
+            rows.append(f"{M:>5} {name:>8} | {t['bf16']:>8.1f} | {t['int8']:>8.1f} | {t['fp8']:>8.1f} "
+                        f"{fp8_bytes / t['fp8'] / 1e3:>6.0f} | {mm:>7.1f} {quant:>8.1f} | {t['bf16'] / t['fp8']:.2f}x")
+            del ws, qs, fs
+        rows.append(f"{M:>5} {'layer':>8} | {total['bf16']:>8.1f} | {total['int8']:>8.1f} | {total['fp8']:>8.1f} "
+                    f"{'':>6} | {'':>7} {'':>8} | {total['bf16'] / total['fp8']:.2f}x  (x40 layers: bf16 "
+                    f"{total['bf16'] * 40 / 1e3:.2f} ms, int8 {total['int8'] * 40 / 1e3:.2f}, fp8 "
+                    f"{total['fp8'] * 40 / 1e3:.2f})")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="also time other tile configs / partition sizes")
-    ap.add_argument("--only", choices=["attention", "prefill", "linear"], default=None)
+    ap.add_argument("--only", choices=["attention", "prefill", "linear", "quantized"], default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("kernels_bench needs a CUDA GPU")
@@ -342,6 +385,8 @@ def main() -> None:
         lines += prefill_table(args.sweep)
     if args.only in (None, "linear"):
         lines += ["", "weight-only int8 linear vs bf16 F.linear"] + linear_table(bw, args.sweep)
+    if args.only in (None, "quantized"):
+        lines += ["", "the LLM's projections: bf16, int8, fp8 (engine quantization)"] + quantized_projection_table(bw)
     print("\n".join(lines))
 
 

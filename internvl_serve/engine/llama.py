@@ -38,6 +38,7 @@ from internvl_serve import kernels
 from internvl_serve.engine.parallel import TensorParallel, local_args, shard_state_dict
 from internvl_serve.kernels.fused_ops import (add_rmsnorm, add_rmsnorm_torch, apply_rope, rms_norm_torch, rotary_,
                                               silu_and_mul, triton)
+from internvl_serve.kernels.fp8_linear import Fp8Linear, fp8_linear
 from internvl_serve.kernels.int8_linear import Int8Linear, int8_linear
 
 
@@ -164,6 +165,8 @@ def split_linear(linear: nn.Module, x: torch.Tensor, sizes: list[int]) -> list[t
     path's numerics equal those of separate q/k/v (gate/up) linears, bit for bit."""
     if isinstance(linear, Int8Linear):
         return [int8_linear(x, w, s) for w, s in zip(linear.weight.split(sizes), linear.scale.split(sizes))]
+    if isinstance(linear, Fp8Linear):
+        return [fp8_linear(x, w, s) for w, s in zip(linear.weight_fp8.split(sizes), linear.weight_scale.split(sizes))]
     return [F.linear(x, w) for w in linear.weight.split(sizes)]
 
 

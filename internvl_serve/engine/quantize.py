@@ -1,17 +1,24 @@
-"""Weight-only int8 for the engine's LLaMA (gpt-fast's quantize.py, for our model).
+"""The engine's `quantization` option: int8 or fp8 weights for the LLaMA's projections (opt-in).
 
-Owns: the engine's `quantization` option ("int8" or none) and what it does to a loaded Llama
-(engine/llama.py): the four projections of every layer (the merged qkv_proj, o_proj, the merged
-gate_up_proj, down_proj) become `Int8Linear`s, in place (int8 weight, one float32 scale per output channel; the Triton kernel on CUDA
-for decode batch sizes, a plain dequantize-and-matmul in PyTorch on the CPU and for prefill-sized
-inputs). lm_head, the embeddings and the norms stay in the model dtype. Swapping modules keeps every
-call site (`attn.qkv_proj(x)` in llama.py, the one forward the decode graphs capture), so the
-captured CUDA-graph decode replays the int8 kernels once the swap happened before capture. Quantizing a
-merged weight equals quantizing its parts: the scales are per output channel (row).
+Owns: the option ("int8", "fp8" or none) and what it does to a loaded Llama (engine/llama.py): the four
+projections of every layer (the merged qkv_proj, o_proj, the merged gate_up_proj, down_proj) are
+swapped in place for
+- "int8" (gpt-fast's quantize.py, for our model): `Int8Linear`, weight-only int8 with one float32 scale
+  per output channel; a Triton kernel on CUDA for decode batch sizes, a plain dequantize-and-matmul in
+  PyTorch on the CPU and for prefill-sized inputs (so prefill pays a dequantization per call);
+- "fp8": `Fp8Linear`, e4m3 weights with one float32 scale per output channel and the activations
+  quantized per token at each call, multiplied on FP8 tensor cores (torch._scaled_mm, compute
+  capability 8.9+: H100): half the weight bytes of bf16 in decode, FP8 rates in prefill; on the CPU the
+  same product in float32.
+lm_head, the embeddings and the norms stay in the model dtype. Swapping modules keeps every call site
+(`attn.qkv_proj(x)` in llama.py, the one forward the decode graphs capture), so the captured CUDA-graph
+decode replays the quantized kernels once the swap happened before capture. Quantizing a merged weight
+equals quantizing its parts: the weight scales are per output channel (row), and one activation row's
+scale is the same for every part.
 
-Does not own: the kernels and Int8Linear (kernels/int8_linear.py), loading weights (llama.py), or when to
-quantize (ModelRunner applies it after load_llama, before sizing the KV cache, so the cache gets the
-memory the bf16 weights leave: 13.1 of LLaMA2-13B's 26 GB).
+Does not own: the kernels and the Linear stand-ins (kernels/int8_linear.py, kernels/fp8_linear.py),
+loading weights (llama.py), or when to quantize (ModelRunner applies it after load_llama, before sizing
+the KV cache, so the cache gets the memory the bf16 weights leave: 13.1 of LLaMA2-13B's 26 GB).
 """
 from __future__ import annotations
 
@@ -19,9 +26,10 @@ from typing import MutableMapping
 
 from torch import nn
 
+from internvl_serve.kernels.fp8_linear import Fp8Linear, quantize_linears_fp8_
 from internvl_serve.kernels.int8_linear import Int8Linear, quantize_llama_linears
 
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "fp8")
 # our Llama's projections (q/k/v and gate/up merged at load: llama.merge_projections)
 ENGINE_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
@@ -38,21 +46,36 @@ def validate_quantization(quantization: str | None, allowed: tuple[str, ...] = Q
     return q
 
 
+# where each projection sits in a decoder layer (the dotted names quantize_linears_fp8_ takes)
+ENGINE_PROJECTION_PATHS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+def _check_replaced(quantization: str, replaced: int, layers: nn.ModuleList) -> None:
+    if replaced != len(ENGINE_PROJECTIONS) * len(layers):
+        raise ValueError(f"{quantization}: replaced {replaced} linears, expected {len(ENGINE_PROJECTIONS)} per "
+                         f"layer x {len(layers)} layers (already quantized, or not our Llama?)")
+
+
 def quantize_llama_int8_(model: nn.Module) -> nn.Module:
     """Replace, in place, the qkv/o/gate_up/down projections of every decoder layer with Int8Linear
     (symmetric per-output-channel scales). Returns the model. Each bf16 weight is freed as soon as its
     module is replaced, provided nothing else holds it (see quantize_model_ for the loader's dict)."""
     layers = model.model.layers
-    n = quantize_llama_linears(model.model.layers, names=ENGINE_PROJECTIONS, include_lm_head=False)
-    if n != len(ENGINE_PROJECTIONS) * len(layers):
-        raise ValueError(f"int8: replaced {n} linears, expected {len(ENGINE_PROJECTIONS)} per layer x "
-                         f"{len(layers)} layers (already quantized, or not our Llama?)")
+    _check_replaced("int8", quantize_llama_linears(layers, names=ENGINE_PROJECTIONS, include_lm_head=False), layers)
+    return model
+
+
+def quantize_llama_fp8_(model: nn.Module) -> nn.Module:
+    """The same projections as quantize_llama_int8_, as Fp8Linear (e4m3, per-output-channel weight scales,
+    per-token activation scales). Returns the model; each bf16 weight is freed as its module is replaced."""
+    layers = model.model.layers
+    _check_replaced("fp8", quantize_linears_fp8_(layers, ENGINE_PROJECTION_PATHS), layers)
     return model
 
 
 def quantize_model_(model: nn.Module, quantization: str | None,
                     state_dict: MutableMapping | None = None) -> nn.Module:
-    """Apply the engine option `quantization` ("int8" or None) to a loaded Llama, in place.
+    """Apply the engine option `quantization` ("int8", "fp8" or None) to a loaded Llama, in place.
 
     state_dict: the dict the model was loaded from. load_llama uses its tensors without a copy when
     they already have the device and dtype, so while the caller's dict holds them the bf16 weights
@@ -62,8 +85,8 @@ def quantize_model_(model: nn.Module, quantization: str | None,
         return model
     if isinstance(state_dict, dict):
         state_dict.clear()
-    return quantize_llama_int8_(model)
+    return quantize_llama_fp8_(model) if quantization == "fp8" else quantize_llama_int8_(model)
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, Int8Linear) for m in model.modules())
+    return any(isinstance(m, (Int8Linear, Fp8Linear)) for m in model.modules())

@@ -4,7 +4,7 @@ One step: build the flattened inputs (token ids -> embed_tokens, then the image 
 <IMG_CONTEXT> positions of the chunk being prefilled), the attention metadata (slots, block tables),
 run llama.forward with logits only for the sequences that sample, and sample one token each.
 
-KV cache: allocated here, after the weights (and int8 quantization), in kv_cache.py's layout; with
+KV cache: allocated here, after the weights (and their quantization), in kv_cache.py's layout; with
 num_blocks=None sized by kv_cache.py (on CUDA from the free GPU memory after a profile forward).
 
 Overlap scheduling: launch(batch, prev) queues one step on the device and returns a StepFuture at
@@ -146,7 +146,7 @@ class ModelRunner:
         # the varlen prefill kernel's tiles in each eager step's metadata: decided once (the environment
         # switch, attention.py), and only where the model's attention is the one that runs the kernel
         self.prefill_kernel = attention is paged_attention and prefill_kernel_default(self.device)
-        # quantization "int8": weight-only int8 projections (quantize.py), before the KV cache is sized
+        # quantization "int8" / "fp8": quantized projections (quantize.py), before the KV cache is sized
         # and the decode graphs are captured; it empties state_dict so the bf16 weights can be freed.
         self.quantization = validate_quantization(quantization)
         quantize_model_(self.model, self.quantization, state_dict)

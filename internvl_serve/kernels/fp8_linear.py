@@ -1,14 +1,15 @@
-"""FP8 (e4m3) linears for the vision encoder's compute-bound matmuls.
+"""FP8 (e4m3) linears: the vision encoder's compute-bound matmuls and the LLM's opt-in `quantization: fp8`.
 
 Why: InternViT-6B's 45 blocks are ~11.3 TFLOP of matmuls per 448 tile (qkv, proj, fc1, fc2 over 1,025
 tokens); at batch 8 the compiled bf16 encoder took 21.5 ms per image on an H100, so those matmuls alone
 run at >= 525 TFLOP/s, near what bf16 tensor cores reach (at batch 1 the profile gave them 15.5 of 21.7
 ms). FP8 tensor cores have twice that peak, so the issue's vision target (<= 17 ms per image at batch 8)
-needs them; the LLM's decode is bound by weight bytes, not FLOPs, and keeps its own int8 option
-(int8_linear.py).
+needs them. The LLM's decode is bound by weight bytes: e4m3 weights halve them, and its prefill (compute
+bound) gets the FP8 tensor cores too (engine/quantize.py; int8_linear.py is its weight-only option).
 
 Owns: per-output-channel e4m3 quantization of a weight (N, K) (scale = max|w[n]| / 448, once at load);
-per-row (token) dynamic e4m3 quantization of the activations (M, K) at each call; their product through
+per-row (token) dynamic e4m3 quantization of the activations (M, K) at each call (one Triton kernel on
+CUDA outside torch.compile, which fuses the torch ops itself; the torch ops elsewhere); their product through
 torch._scaled_mm with both scales applied in the epilogue, output in the activations' dtype; `Fp8Linear`,
 an nn.Linear stand-in; `quantize_linears_fp8_`, which swaps named linears of a module's blocks in place;
 `relative_error`, what a swap costs. On CUDA, torch._scaled_mm needs FP8 tensor cores (compute capability
@@ -21,6 +22,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU-only install has no triton: the torch path below still works
+    triton = None
+    tl = None
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -36,12 +44,47 @@ def quantize_weight_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (wf / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8).contiguous(), scale.contiguous()
 
 
-def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_fp8_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) -> (x_fp8 (M, K) e4m3, scale (M, 1) float32), one scale per row (token)."""
     xf = x.float()
     amax = xf.abs().amax(dim=1, keepdim=True)
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     return (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+if triton is not None:
+    @triton.jit
+    def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, fp8_max,
+                              BLOCK: tl.constexpr):
+        """One program per row: amax, scale = amax / 448 (1 for a row of zeros), x / scale clamped and
+        rounded to e4m3: quantize_rows_fp8_torch's ops in one pass over the row."""
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < K
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=0)
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, fp8_max), 1.0)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -fp8_max), fp8_max)  # IEEE division, as torch
+        tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(scale_ptr + row, scale)
+
+
+def quantize_rows_fp8(x: torch.Tensor, use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows_fp8_torch in one Triton kernel (use_triton None: on CUDA tensors, unless torch.compile
+    is tracing, which fuses the torch ops itself). x (M, K)."""
+    if use_triton is None:
+        use_triton = x.is_cuda and triton is not None and not torch.compiler.is_compiling()
+    if not use_triton:
+        return quantize_rows_fp8_torch(x)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    M, K = x.shape
+    q = torch.empty((M, K), device=x.device, dtype=FP8)
+    scale = torch.empty((M, 1), device=x.device, dtype=torch.float32)
+    if M:
+        block = triton.next_power_of_2(K)
+        _quantize_rows_kernel[(M,)](x, q, scale, K, x.stride(0), q.stride(0), FP8_MAX, BLOCK=block,
+                                    num_warps=8 if block >= 4096 else 4)
+    return q, scale
 
 
 def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,

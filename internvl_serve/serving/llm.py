@@ -126,7 +126,8 @@ class EngineOptions:
     # requests running or queued in the engine at most; one more is refused at once (UNAVAILABLE,
     # "the server is busy") instead of waiting in an unbounded queue
     max_pending_requests: int = 1024
-    # "int8": weight-only int8 projections of the LLM (engine/quantize.py); "": the model dtype
+    # "int8": weight-only int8 projections of the LLM; "fp8": e4m3 weights and per-token activations
+    # (FP8 tensor cores: H100) (engine/quantize.py); "": the model dtype
     quantization: str = ""
     # overlap scheduling (engine.py): "true"/"false"; empty: on when the device is CUDA
     async_scheduling: bool | None = None

@@ -1,6 +1,7 @@
 """The vision model's `quantization: fp8` (kernels/fp8_linear.py, serving/vision.py): e4m3 weights with one
 scale per output channel, activations quantized per token at each call; what it costs in accuracy on the
-tiny checkpoint; the parameter's checks. CPU here (torch._scaled_mm runs there); the GPU file times it."""
+tiny checkpoint; the parameter's checks. CPU here (torch._scaled_mm runs there); on the GPU (marked) the
+Triton activation quantizer against the torch ops and the compiled encoder."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +10,8 @@ import torch
 from torch import nn
 
 from internvl_serve.kernels.fp8_linear import (FP8, FP8_MAX, Fp8Linear, fp8_linear, quantize_linears_fp8_,
-                                               quantize_rows_fp8, quantize_weight_fp8, relative_error)
+                                               quantize_rows_fp8, quantize_rows_fp8_torch, quantize_weight_fp8,
+                                               relative_error)
 from internvl_serve.serving.vision import VISION_BLOCK_LINEARS, VisionOptions, VisionService
 
 
@@ -92,3 +94,21 @@ def test_fp8_compiled_on_cuda_stays_close_to_bf16(tiny_checkpoint):
     pixels = np.random.default_rng(1).standard_normal((5, 3, 448, 448)).astype(np.float32)
     (a,), (b,) = bf16.embed([pixels]), fp8.embed([pixels])
     assert 0 < relative_error(torch.from_numpy(a), torch.from_numpy(b)) < 0.1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_row_quantizer_equals_the_torch_ops_bit_for_bit(dtype):
+    """One program per row (the LLM's widths: 5,120 and 13,824; an odd one), a zero row, a strided input."""
+    for K in (5120, 13824, 200):
+        x = (torch.randn(37, K + 8, device="cuda") * torch.logspace(-4, 3, 37, device="cuda")[:, None]).to(dtype)
+        x[5] = 0
+        x = x[:, 3:K + 3]  # rows not contiguous with each other, nor 16-byte aligned
+        q, scale = quantize_rows_fp8(x)
+        q_ref, scale_ref = quantize_rows_fp8_torch(x)
+        assert q.dtype == FP8 and scale.shape == (37, 1) and scale[5].item() == 1
+        assert torch.equal(scale, scale_ref), K
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), K
+    empty_q, empty_scale = quantize_rows_fp8(torch.empty(0, 64, device="cuda", dtype=dtype))
+    assert empty_q.shape == (0, 64) and empty_scale.shape == (0, 1)
