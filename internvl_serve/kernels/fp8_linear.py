@@ -45,25 +45,27 @@ def quantize_weight_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_rows_fp8_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) -> (x_fp8 (M, K) e4m3, scale (M, 1) float32), one scale per row (token)."""
+    """x (M, K) -> (x_fp8 (M, K) e4m3, scale (M, 1) float32), one scale per row (token). The scale is
+    amax times the float32 reciprocal of 448 (what torch's CUDA division by a scalar computes), so that
+    the Triton kernel gives the same bits on any device."""
     xf = x.float()
     amax = xf.abs().amax(dim=1, keepdim=True)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    scale = torch.where(amax > 0, amax * (1.0 / FP8_MAX), torch.ones_like(amax))
     return (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 if triton is not None:
     @triton.jit
-    def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, fp8_max,
+    def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, fp8_max, inv_fp8_max,
                               BLOCK: tl.constexpr):
-        """One program per row: amax, scale = amax / 448 (1 for a row of zeros), x / scale clamped and
-        rounded to e4m3: quantize_rows_fp8_torch's ops in one pass over the row."""
+        """One program per row: amax, scale = amax * (1 / 448) (1 for a row of zeros), x / scale clamped
+        and rounded to e4m3: quantize_rows_fp8_torch's ops in one pass over the row."""
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < K
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         amax = tl.max(tl.abs(x), axis=0)
-        scale = tl.where(amax > 0, tl.math.div_rn(amax, fp8_max), 1.0)
+        scale = tl.where(amax > 0, amax * inv_fp8_max, 1.0)
         q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -fp8_max), fp8_max)  # IEEE division, as torch
         tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_ptr + row, scale)
@@ -82,7 +84,7 @@ def quantize_rows_fp8(x: torch.Tensor, use_triton: bool | None = None) -> tuple[
     scale = torch.empty((M, 1), device=x.device, dtype=torch.float32)
     if M:
         block = triton.next_power_of_2(K)
-        _quantize_rows_kernel[(M,)](x, q, scale, K, x.stride(0), q.stride(0), FP8_MAX, BLOCK=block,
+        _quantize_rows_kernel[(M,)](x, q, scale, K, x.stride(0), q.stride(0), FP8_MAX, 1.0 / FP8_MAX, BLOCK=block,
                                     num_warps=8 if block >= 4096 else 4)
     return q, scale
 
