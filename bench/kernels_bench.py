@@ -330,8 +330,9 @@ LLM_PROJECTIONS = [("qkv", 15360, 5120), ("o", 5120, 5120), ("gate_up", 27648, 5
 
 def quantized_projection_table(bw: float) -> list[str]:
     """The engine's four merged projections (N, K) of one LLaMA-2-13B layer at decode and prefill row
-    counts: bf16 F.linear, weight-only int8 (dequantize + matmul above 64 rows), fp8 (the Triton row
-    quantizer + torch._scaled_mm), and fp8's two parts alone. The layer's sum (x 40: the step's GEMMs)."""
+    counts: bf16 F.linear, weight-only int8 (dequantize + matmul above 64 rows), fp8 (fp8_linear: the
+    e4m3 weight times bf16 activations up to 64 rows, the Triton row quantizer + torch._scaled_mm above),
+    and the latter's two parts alone at every row count. The layer's sum (x 40: the step's GEMMs)."""
     rows = Rows([f"{'M':>5} {'proj':>8} | {'bf16 us':>8} | {'int8 us':>8} | {'fp8 us':>8} {'GB/s':>6} | "
                  f"{'mm us':>7} {'quant us':>8} | fp8 vs bf16"])
     for M in (1, 32, 64, 288, 2048):

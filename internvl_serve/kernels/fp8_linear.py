@@ -10,7 +10,8 @@ bound) gets the FP8 tensor cores too (engine/quantize.py; int8_linear.py is its 
 Owns: per-output-channel e4m3 quantization of a weight (N, K) (scale = max|w[n]| / 448, once at load);
 per-row (token) dynamic e4m3 quantization of the activations (M, K) at each call (one Triton kernel on
 CUDA outside torch.compile, which fuses the torch ops itself; the torch ops elsewhere); their product through
-torch._scaled_mm with both scales applied in the epilogue, output in the activations' dtype; `Fp8Linear`,
+torch._scaled_mm with both scales applied in the epilogue, output in the activations' dtype; for up to
+64 rows (decode batches) the weight-only product instead (int8_linear.py's kernels, reading e4m3); `Fp8Linear`,
 an nn.Linear stand-in; `quantize_linears_fp8_`, which swaps named linears of a module's blocks in place;
 `relative_error`, what a swap costs. On CUDA, torch._scaled_mm needs FP8 tensor cores (compute capability
 8.9+: H100) and K and N divisible by 16 (ViT-6B: 3200, 9600, 12800); on the CPU (the tests) the same
@@ -30,8 +31,12 @@ except ImportError:  # the CPU-only install has no triton: the torch path below 
     triton = None
     tl = None
 
+from internvl_serve.kernels.int8_linear import TRITON_MAX_M, int8_linear  # noqa: E402
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
+# rows up to which fp8_linear keeps the activations in their dtype (weight-only, decode batches)
+WEIGHT_ONLY_MAX_M = TRITON_MAX_M
 
 
 def quantize_weight_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,13 +96,22 @@ def quantize_rows_fp8(x: torch.Tensor, use_triton: bool | None = None) -> tuple[
 
 def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K) @ (w_fp8 * w_scale).T (+ bias) -> (..., N) in x's dtype."""
+    """x (..., K) @ (w_fp8 * w_scale).T (+ bias) -> (..., N) in x's dtype.
+
+    Up to WEIGHT_ONLY_MAX_M rows (decode batches, bound by the weight bytes) the activations stay in their
+    dtype: int8_linear's weight-only kernels read the e4m3 weight (half of bf16's bytes) and convert it
+    in registers. More rows (prefill, mixed steps, the vision encoder's tiles) quantize the activations
+    per token and multiply on the FP8 tensor cores. The same rule on every device."""
     shape = x.shape
-    xq, x_scale = quantize_rows_fp8(x.reshape(-1, shape[-1]))
-    if xq.is_cuda:
-        y = torch._scaled_mm(xq, w_fp8.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=x.dtype)
-    else:  # the same product in float32: torch's CPU _scaled_mm takes per-row scales only in some versions
-        y = ((xq.float() * x_scale) @ (w_fp8.float() * w_scale[:, None]).t()).to(x.dtype)
+    x2 = x.reshape(-1, shape[-1])
+    if x2.shape[0] <= WEIGHT_ONLY_MAX_M:
+        y = int8_linear(x2, w_fp8, w_scale)
+    else:
+        xq, x_scale = quantize_rows_fp8(x2)
+        if xq.is_cuda:
+            y = torch._scaled_mm(xq, w_fp8.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=x.dtype)
+        else:  # the same product in float32: torch's CPU _scaled_mm takes per-row scales only in some versions
+            y = ((xq.float() * x_scale) @ (w_fp8.float() * w_scale[:, None]).t()).to(x.dtype)
     if bias is not None:
         y = y + bias
     return y.reshape(*shape[:-1], w_fp8.shape[0])

@@ -30,6 +30,9 @@ except ImportError:  # the CPU-only install has no triton: the torch path below 
 # dequantized weight wins. The decode batch sizes served (1..64) stay under it.
 TRITON_MAX_M = 64
 
+# the weight types the kernels and the fallback take: int8, and e4m3 (fp8_linear's decode batches)
+WEIGHT_DTYPES = (torch.int8, torch.float8_e4m3fn)
+
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -190,13 +193,16 @@ def int8_linear(
 ) -> torch.Tensor:
     """x (M, K) @ (w_int8 (N, K) * scale (N,)[:, None]).T -> (M, N) in x's dtype.
 
+    The weight may also be e4m3 (float8_e4m3fn: the llm's fp8 decode, fp8_linear.py): the kernels convert
+    a weight tile to the activations' dtype (exact for both) before the product, whatever its type.
+
     use_triton: None runs the Triton kernel for CUDA tensors with M <= TRITON_MAX_M, the torch
     fallback otherwise. The kernel's launch depends only on shapes (CUDA-graph safe); with
     config.split_k > 1 it also allocates a (split_k, M, N) float32 buffer and sums it.
     """
     M, K = x.shape
     N, K2 = w_int8.shape
-    assert K == K2 and scale.shape == (N,) and w_int8.dtype == torch.int8, (x.shape, w_int8.shape, scale.shape)
+    assert K == K2 and scale.shape == (N,) and w_int8.dtype in WEIGHT_DTYPES, (x.shape, w_int8.shape, scale.shape)
     if use_triton is None:
         use_triton = triton is not None and x.is_cuda and M <= TRITON_MAX_M
     if not use_triton:
@@ -220,7 +226,7 @@ def int8_linear(
             *x.stride(), *w_int8.stride(), stride_os, out.stride(-2), out.stride(-1),
             BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k, EVEN_K=even_k,
             # the CPU interpreter turns int8 -> bf16 into NaN; the GPU path is checked on the GPU
-            CVT_VIA_BF16=x.is_cuda,
+            CVT_VIA_BF16=x.is_cuda and w_int8.dtype == torch.int8,
             num_warps=c.num_warps, num_stages=c.num_stages,
         )
     else:
