@@ -6,11 +6,11 @@ swapped in place for
 - "int8" (gpt-fast's quantize.py, for our model): `Int8Linear`, weight-only int8 with one float32 scale
   per output channel; a Triton kernel on CUDA for decode batch sizes, a plain dequantize-and-matmul in
   PyTorch on the CPU and for prefill-sized inputs (so prefill pays a dequantization per call);
-- "fp8": `Fp8Linear`, e4m3 weights with one float32 scale per output channel. Steps of up to 64 rows
-  (decode batches) multiply the activations, unquantized, by the e4m3 weight (int8_linear's weight-only
-  kernels: half the weight bytes of bf16); larger steps (prefill, mixed) quantize the activations per
-  token and multiply on the FP8 tensor cores (torch._scaled_mm, compute capability 8.9+: H100). On the
-  CPU the same rule, in float32.
+- "fp8": `Fp8Linear`, e4m3 weights with one float32 scale per output channel (half the weight bytes of
+  bf16). The activations are quantized per token at each call and multiplied on the FP8 tensor cores
+  (torch._scaled_mm, compute capability 8.9+: H100), except in a step of one row (a single sequence's
+  decode), which multiplies them unquantized by the e4m3 weight (int8_linear's weight-only GEMV: faster
+  there, kernels/fp8_linear.py says by how much). On the CPU the same rule, in float32.
 lm_head, the embeddings and the norms stay in the model dtype. Swapping modules keeps every call site
 (`attn.qkv_proj(x)` in llama.py, the one forward the decode graphs capture), so the captured CUDA-graph
 decode replays the quantized kernels once the swap happened before capture. Quantizing a merged weight

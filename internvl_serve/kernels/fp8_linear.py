@@ -10,8 +10,8 @@ bound) gets the FP8 tensor cores too (engine/quantize.py; int8_linear.py is its 
 Owns: per-output-channel e4m3 quantization of a weight (N, K) (scale = max|w[n]| / 448, once at load);
 per-row (token) dynamic e4m3 quantization of the activations (M, K) at each call (one Triton kernel on
 CUDA outside torch.compile, which fuses the torch ops itself; the torch ops elsewhere); their product through
-torch._scaled_mm with both scales applied in the epilogue, output in the activations' dtype; for up to
-64 rows (decode batches) the weight-only product instead (int8_linear.py's kernels, reading e4m3); `Fp8Linear`,
+torch._scaled_mm with both scales applied in the epilogue, output in the activations' dtype; for a
+single row (one sequence's decode) the weight-only product instead (int8_linear.py's GEMV, reading e4m3); `Fp8Linear`,
 an nn.Linear stand-in; `quantize_linears_fp8_`, which swaps named linears of a module's blocks in place;
 `relative_error`, what a swap costs. On CUDA, torch._scaled_mm needs FP8 tensor cores (compute capability
 8.9+: H100) and K and N divisible by 16 (ViT-6B: 3200, 9600, 12800); on the CPU (the tests) the same
@@ -31,12 +31,15 @@ except ImportError:  # the CPU-only install has no triton: the torch path below 
     triton = None
     tl = None
 
-from internvl_serve.kernels.int8_linear import TRITON_MAX_M, int8_linear  # noqa: E402
+from internvl_serve.kernels.int8_linear import int8_linear  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
-# rows up to which fp8_linear keeps the activations in their dtype (weight-only, decode batches)
-WEIGHT_ONLY_MAX_M = TRITON_MAX_M
+# rows up to which fp8_linear keeps the activations in their dtype (weight-only): one, the decode of a
+# single sequence. On an H100 (bench/kernels_bench.py --only quantized, 2026-12-06) one row took 123 us per
+# layer weight-only (int8_linear's GEMV kernel reading e4m3) against 183 quantized; at 32 and 64 rows the
+# matrix kernel, which converts each e4m3 tile to bf16, took 234 and 207 us against ~182 and ~170.
+WEIGHT_ONLY_MAX_M = 1
 
 
 def quantize_weight_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,10 +101,10 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ (w_fp8 * w_scale).T (+ bias) -> (..., N) in x's dtype.
 
-    Up to WEIGHT_ONLY_MAX_M rows (decode batches, bound by the weight bytes) the activations stay in their
-    dtype: int8_linear's weight-only kernels read the e4m3 weight (half of bf16's bytes) and convert it
-    in registers. More rows (prefill, mixed steps, the vision encoder's tiles) quantize the activations
-    per token and multiply on the FP8 tensor cores. The same rule on every device."""
+    A single row (WEIGHT_ONLY_MAX_M: one sequence's decode, bound by the weight bytes) stays in its dtype:
+    int8_linear's weight-only GEMV reads the e4m3 weight (half of bf16's bytes) and converts it in
+    registers. More rows (decode batches, prefill, mixed steps, the vision encoder's tiles) are quantized
+    per token and multiplied on the FP8 tensor cores. The same rule on every device."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.shape[0] <= WEIGHT_ONLY_MAX_M:

@@ -30,7 +30,7 @@ except ImportError:  # the CPU-only install has no triton: the torch path below 
 # dequantized weight wins. The decode batch sizes served (1..64) stay under it.
 TRITON_MAX_M = 64
 
-# the weight types the kernels and the fallback take: int8, and e4m3 (fp8_linear's decode batches)
+# the weight types the kernels and the fallback take: int8, and e4m3 (fp8_linear's single-row decode)
 WEIGHT_DTYPES = (torch.int8, torch.float8_e4m3fn)
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -89,11 +89,11 @@ if triton is not None:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
             if EVEN_K:
-                w = tl.load(w_ptrs, mask=mask_n[:, None], other=0)
+                w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
                 x = tl.load(x_ptrs, mask=mask_m[None, :], other=0.0)
             else:
                 mask_k = (k0 + tl.arange(0, BLOCK_K)) < K
-                w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0)
+                w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
                 x = tl.load(x_ptrs, mask=mask_m[None, :] & mask_k[:, None], other=0.0)
             if FP32_IEEE:
                 acc = tl.dot(w.to(tl.float32), x, acc, input_precision="ieee")
@@ -135,11 +135,11 @@ if triton is not None:
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
             if EVEN_K:
-                w = tl.load(w_ptrs, mask=mask_n[:, None], other=0)
+                w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
                 x = tl.load(x_ptrs)
             else:
                 mask_k = (k0 + tl.arange(0, BLOCK_K)) < K
-                w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0)
+                w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
                 x = tl.load(x_ptrs, mask=mask_k, other=0.0)
             if CVT_VIA_BF16:
                 wf = w.to(tl.bfloat16).to(tl.float32)  # exact: |w| <= 127
@@ -193,7 +193,7 @@ def int8_linear(
 ) -> torch.Tensor:
     """x (M, K) @ (w_int8 (N, K) * scale (N,)[:, None]).T -> (M, N) in x's dtype.
 
-    The weight may also be e4m3 (float8_e4m3fn: the llm's fp8 decode, fp8_linear.py): the kernels convert
+    The weight may also be e4m3 (float8_e4m3fn: a single row of the llm's fp8 decode, fp8_linear.py): the kernels convert
     a weight tile to the activations' dtype (exact for both) before the product, whatever its type.
 
     use_triton: None runs the Triton kernel for CUDA tensors with M <= TRITON_MAX_M, the torch

@@ -196,7 +196,7 @@ def test_runner_fp8_logits_close_to_fp32(tiny_checkpoint, config, capsys):
         print(f"\nfp8 vs fp32 (tiny checkpoint, greedy, 6 prompts x 32 tokens): {matched}/192 tokens equal, "
               f"{sum(a[k] == b[k] for k in a)}/6 sequences identical; prefill logits rel L2 {err.rel_l2:.4f}, "
               f"max abs {err.max_abs:.3f}, top-1 {err.top1_agreement:.2f}")
-    assert all(a[k][0] == b[k][0] for k in a)  # measured: 106/192 tokens, every first token equal
+    assert all(a[k][0] == b[k][0] for k in a)  # measured: 129/192 tokens, every first token equal
 
 
 def test_merged_fp8_projection_computed_by_parts_equals_the_whole():

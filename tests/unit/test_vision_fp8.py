@@ -49,6 +49,21 @@ def test_fp8_linear_is_close_to_the_float_product_with_bias_and_batch_dims():
     assert torch.equal(out, fp8_linear(x, q.weight_fp8, q.weight_scale, q.bias))
 
 
+
+def test_one_row_is_weight_only_and_more_rows_are_quantized_per_token():
+    """A single row (one sequence's decode) is multiplied unquantized by the e4m3 weight; two or more rows
+    are rounded to e4m3 first, each with its own scale."""
+    torch.manual_seed(0)
+    w_fp8, w_scale = quantize_weight_fp8(torch.randn(48, 64))
+    dequantized = w_fp8.float() * w_scale[:, None]
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(fp8_linear(x[:1], w_fp8, w_scale), x[:1] @ dequantized.t(), rtol=1e-5, atol=1e-5)
+    xq, x_scale = quantize_rows_fp8(x)
+    rounded = xq.float() * x_scale
+    assert not torch.equal(rounded, x)
+    torch.testing.assert_close(fp8_linear(x, w_fp8, w_scale), rounded @ dequantized.t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fp8_linear(x[1:], w_fp8, w_scale), rounded[1:] @ dequantized.t(), rtol=1e-5, atol=1e-5)
+
 def test_swap_replaces_each_named_linear_once():
     blocks = nn.ModuleList(nn.ModuleDict({"attn": nn.ModuleDict({"qkv": nn.Linear(16, 48), "proj": nn.Linear(16, 16)})})
                            for _ in range(3))
@@ -112,3 +127,16 @@ def test_triton_row_quantizer_equals_the_torch_ops_bit_for_bit(dtype):
         assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), K
     empty_q, empty_scale = quantize_rows_fp8(torch.empty(0, 64, device="cuda", dtype=dtype))
     assert empty_q.shape == (0, 64) and empty_scale.shape == (0, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_one_row_on_cuda_is_the_weight_only_gemv_of_the_e4m3_weight():
+    """The single-row path on the GPU: int8_linear's GEMV reading e4m3, against the float64 product."""
+    torch.manual_seed(0)
+    for n, k in ((5120, 5120), (27648, 5120), (5120, 13824)):
+        w_fp8, w_scale = quantize_weight_fp8(torch.randn(n, k, device="cuda") * 0.02)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        want = x.double() @ (w_fp8.double() * w_scale.double()[:, None]).t()
+        got = fp8_linear(x, w_fp8, w_scale)
+        assert got.dtype == torch.bfloat16 and relative_error(want, got) < 1e-2, (n, k)
