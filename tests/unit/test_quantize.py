@@ -11,8 +11,8 @@ from internvl_serve.checkpoint import load_state_dict
 from internvl_serve.config import InternVLChatConfig
 from internvl_serve.engine import LLMEngine, ModelRunner, Request, SamplingParams, SchedulerConfig
 from internvl_serve.engine.llama import load_llama
-from internvl_serve.engine.quantize import ENGINE_PROJECTIONS, is_quantized, quantize_llama_fp8_, quantize_llama_int8_, \
-    quantize_model_, validate_quantization
+from internvl_serve.engine.quantize import (ENGINE_PROJECTIONS, is_quantized, quantize_llama_fp8_,
+                                            quantize_llama_int8_, quantize_model_, validate_quantization)
 from internvl_serve.kernels import Int8Linear, compare_logits, quantize_weight
 from internvl_serve.kernels.fp8_linear import FP8, Fp8Linear
 from internvl_serve.kernels.int8_linear import LLAMA_PROJECTIONS
@@ -213,6 +213,27 @@ def test_merged_fp8_projection_computed_by_parts_equals_the_whole():
 
 # ---- GPU ---------------------------------------------------------------------------------------------------
 
+def cuda_runner(checkpoint, config, quantization, graphs: bool, dtype) -> ModelRunner:
+    weights = load_state_dict(checkpoint, prefixes=("language_model.",), dtype=dtype, device="cuda", progress=False)
+    r = ModelRunner(config, weights, device="cuda", dtype=dtype, block_size=16, num_blocks=64,
+                    quantization=quantization, cuda_graphs=graphs)
+    assert (r.decode_graphs is not None) == graphs and is_quantized(r.model) == (quantization is not None)
+    return r
+
+
+def decode_step_logits(runner, config) -> torch.Tensor:
+    """The logits of a pure-decode step of 6 sequences (replayed through a graph when the runner has them),
+    after their prefills. Synchronous steps: with overlap (the default on CUDA) the first tokens would
+    still be pending, placeholders that only the running step's tokens resolve."""
+    engine = engine_of(runner, config, async_scheduling=False)
+    for req in requests(config, max_tokens=4):
+        engine.add_request(req)
+    engine.step()                                   # the prefills (eager) and the first tokens
+    batch = engine.scheduler.schedule()
+    assert len(batch.seqs) == 6 and all(s.num_tokens == 1 for s in batch.seqs)
+    return runner.compute_logits(batch).float().clone()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @torch.no_grad()
@@ -220,34 +241,16 @@ def test_gpu_int8_cuda_graph_decode_equals_eager_and_is_close_to_bf16(tiny_check
     """Decode replays captured graphs of the int8 Triton kernels: in fp32 (the kernels' fp32 paths) greedy
     tokens equal the eager int8 path; in bf16 the int8 logits stay close to bf16 cuBLAS's, and a decode
     step replayed through the graph close to the same step run eagerly (reference attention)."""
-    def runner(quantization, graphs, dtype):
-        weights = load_state_dict(tiny_checkpoint, prefixes=("language_model.",), dtype=dtype, device="cuda",
-                                  progress=False)
-        r = ModelRunner(config, weights, device="cuda", dtype=dtype, block_size=16, num_blocks=64,
-                        quantization=quantization, cuda_graphs=graphs)
-        assert (r.decode_graphs is not None) == graphs and is_quantized(r.model) == (quantization == "int8")
-        return r
-
-    assert greedy_tokens(runner("int8", True, torch.float32), config) == \
-        greedy_tokens(runner("int8", False, torch.float32), config)
+    assert greedy_tokens(cuda_runner(tiny_checkpoint, config, "int8", True, torch.float32), config) == \
+        greedy_tokens(cuda_runner(tiny_checkpoint, config, "int8", False, torch.float32), config)
     # bf16: one prompt of 11 tokens (M = 11: the Triton matrix kernel) against bf16 cuBLAS; then one
     # pure-decode step replayed through the int8 graph against the same step run eagerly
     short = requests(config, n=1)
-    err = compare_logits(prefill_logits(runner(None, False, torch.bfloat16), config, short),
-                         prefill_logits(runner("int8", False, torch.bfloat16), config, short))
+    bf16, int8 = (cuda_runner(tiny_checkpoint, config, q, False, torch.bfloat16) for q in (None, "int8"))
+    err = compare_logits(prefill_logits(bf16, config, short), prefill_logits(int8, config, short))
     assert err.rel_l2 < 0.05, err
-    decode = {}
-    for graphs in (True, False):
-        r = runner("int8", graphs, torch.bfloat16)
-        # synchronous steps: with overlap (the default on CUDA) the first tokens would still be pending,
-        # placeholders that only the running step's tokens resolve
-        engine = engine_of(r, config, async_scheduling=False)
-        for req in requests(config, max_tokens=4):
-            engine.add_request(req)
-        engine.step()                                   # the prefills (eager) and the first tokens
-        batch = engine.scheduler.schedule()             # a pure-decode step of 6 sequences
-        assert len(batch.seqs) == 6 and all(s.num_tokens == 1 for s in batch.seqs)
-        decode[graphs] = r.compute_logits(batch).float().clone()
+    decode = {graphs: decode_step_logits(cuda_runner(tiny_checkpoint, config, "int8", graphs, torch.bfloat16), config)
+              for graphs in (True, False)}
     err = compare_logits(decode[False], decode[True])
     assert err.rel_l2 < 0.05, err
 
@@ -260,25 +263,10 @@ def test_gpu_fp8_cuda_graph_decode_equals_eager_and_is_close_to_bf16(tiny_checkp
     """fp8 on FP8 tensor cores: a decode step replayed through the captured graph (the Triton activation
     quantizer and _scaled_mm in it) gives the logits of the same step run eagerly, up to the summation
     order of a padded batch's GEMM; its prefill logits stay close to bf16's."""
-    def runner(quantization, graphs, dtype):
-        weights = load_state_dict(tiny_checkpoint, prefixes=("language_model.",), dtype=dtype, device="cuda",
-                                  progress=False)
-        r = ModelRunner(config, weights, device="cuda", dtype=dtype, block_size=16, num_blocks=64,
-                        quantization=quantization, cuda_graphs=graphs)
-        assert (r.decode_graphs is not None) == graphs and is_quantized(r.model) == (quantization == "fp8")
-        return r
-
-    err = compare_logits(prefill_logits(runner(None, False, torch.bfloat16), config),
-                         prefill_logits(runner("fp8", False, torch.bfloat16), config))
+    err = compare_logits(prefill_logits(cuda_runner(tiny_checkpoint, config, None, False, torch.bfloat16), config),
+                         prefill_logits(cuda_runner(tiny_checkpoint, config, "fp8", False, torch.bfloat16), config))
     assert err.rel_l2 < 0.06, err
-    decode = {}
-    for graphs in (True, False):
-        engine = engine_of(runner("fp8", graphs, torch.float32), config, async_scheduling=False)
-        for req in requests(config, max_tokens=4):
-            engine.add_request(req)
-        engine.step()                                   # the prefills (eager) and the first tokens
-        batch = engine.scheduler.schedule()             # a pure-decode step of 6 sequences
-        assert len(batch.seqs) == 6 and all(s.num_tokens == 1 for s in batch.seqs)
-        decode[graphs] = engine.runner.compute_logits(batch).float().clone()
+    decode = {graphs: decode_step_logits(cuda_runner(tiny_checkpoint, config, "fp8", graphs, torch.float32), config)
+              for graphs in (True, False)}
     err = compare_logits(decode[False], decode[True])
     assert err.rel_l2 < 1e-3 and err.top1_agreement == 1.0, err
