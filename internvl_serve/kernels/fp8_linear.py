@@ -107,7 +107,7 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
     per token and multiplied on the FP8 tensor cores. The same rule on every device."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if x2.shape[0] <= WEIGHT_ONLY_MAX_M:
+    if 0 < x2.shape[0] <= WEIGHT_ONLY_MAX_M:
         y = int8_linear(x2, w_fp8, w_scale)
     else:
         xq, x_scale = quantize_rows_fp8(x2)
