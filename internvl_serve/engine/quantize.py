@@ -31,8 +31,10 @@ from internvl_serve.kernels.fp8_linear import Fp8Linear, quantize_linears_fp8_
 from internvl_serve.kernels.int8_linear import Int8Linear, quantize_llama_linears
 
 QUANTIZATIONS = ("int8", "fp8")
-# our Llama's projections (q/k/v and gate/up merged at load: llama.merge_projections)
-ENGINE_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+# our Llama's projections (q/k/v and gate/up merged at load: llama.merge_projections), where each sits in
+# a decoder layer (the dotted names quantize_linears_fp8_ takes), and their names (quantize_llama_linears')
+ENGINE_PROJECTION_PATHS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+ENGINE_PROJECTIONS = tuple(path.rpartition(".")[2] for path in ENGINE_PROJECTION_PATHS)
 
 
 def validate_quantization(quantization: str | None, allowed: tuple[str, ...] = QUANTIZATIONS) -> str | None:
@@ -45,10 +47,6 @@ def validate_quantization(quantization: str | None, allowed: tuple[str, ...] = Q
         raise ValueError(f"quantization must be one of {', '.join(allowed)} or empty (none), "
                          f"got {quantization!r}")
     return q
-
-
-# where each projection sits in a decoder layer (the dotted names quantize_linears_fp8_ takes)
-ENGINE_PROJECTION_PATHS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
 def _check_replaced(quantization: str, replaced: int, layers: nn.ModuleList) -> None:
