@@ -3,6 +3,7 @@
     python bench/kernels_bench.py            # the tables
     python bench/kernels_bench.py --sweep    # also try other tile configs / partition sizes
     python bench/kernels_bench.py --only prefill   # just the prefill / mixed-step attention table
+    python bench/kernels_bench.py --only attention --kv-dtype fp8   # the attention tables over an e4m3 cache
 
 Decode attention (Hq = Hkv = 40, D = 128, block size 16, bf16): the flash-decoding kernel with a
 block table as wide as the context, and with the engine-wide table of 256 blocks (4096 tokens: the
@@ -48,9 +49,17 @@ from internvl_serve.kernels.paged_attention import (  # noqa: E402
     paged_decode_attention,
     paged_decode_attention_ref,
     paged_decode_attention_torch,
+    to_cache_dtype,
 )
 
 H, D, BS, ENGINE_BLOCKS = 40, 128, 16, 256
+KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}  # --kv-dtype: the attention tables' cache
+cache_dtype = torch.bfloat16
+
+
+def random_cache(num_blocks: int) -> torch.Tensor:
+    """One paged K or V cache of standard-normal values, in the --kv-dtype."""
+    return to_cache_dtype(torch.randn(num_blocks, BS, H, D, device="cuda", dtype=torch.bfloat16), cache_dtype)
 LINEAR_SHAPES = [(5120, 5120), (13824, 5120), (5120, 13824)]  # (N, K): o/qkv-part, gate/up, down
 
 
@@ -148,8 +157,7 @@ def paged_inputs(B: int, ctx: int, table_blocks: int):
     """Every sequence at `ctx` tokens; blocks shuffled over the cache; table `table_blocks` wide."""
     need = triton.cdiv(ctx, BS)
     num_blocks = B * need
-    k = torch.randn(num_blocks, BS, H, D, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn_like(k)
+    k, v = random_cache(num_blocks), random_cache(num_blocks)
     perm = torch.randperm(num_blocks, device="cuda").int().view(B, need)
     table = torch.zeros(B, table_blocks, dtype=torch.int32, device="cuda")
     table[:, :need] = perm
@@ -164,7 +172,8 @@ def attention_table(bw: float, sweep: bool) -> list[str]:
     scale = D**-0.5
     for ctx in (512, 2048):
         for B in (1, 8, 32, 64):
-            nbytes = 2 * B * ctx * H * D * 2 + 2 * B * H * D * 2  # K and V once, q and out
+            kv_elem = torch.empty((), dtype=cache_dtype).element_size()
+            nbytes = 2 * B * ctx * H * D * kv_elem + 2 * B * H * D * 2  # K and V once, q and out
             sets = []
             for _ in range(max(1, min(16, ROTATE_BYTES // nbytes))):
                 q, k, v, table, lens = paged_inputs(B, ctx, ENGINE_BLOCKS)
@@ -210,8 +219,7 @@ def attention_table(bw: float, sweep: bool) -> list[str]:
 def prefill_step(seqs: list[tuple[int, int]]):
     """A step of sequences (ctx, q): every key up to ctx + q written, blocks shuffled over the cache."""
     need = [triton.cdiv(c + q, BS) for c, q in seqs]
-    k = torch.randn(sum(need), BS, H, D, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn_like(k)
+    k, v = random_cache(sum(need)), random_cache(sum(need))
     perm = torch.randperm(sum(need), device="cuda").int()
     table = torch.zeros(len(seqs), max(need), dtype=torch.int32, device="cuda")
     first = 0
@@ -370,7 +378,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="also time other tile configs / partition sizes")
     ap.add_argument("--only", choices=["attention", "prefill", "linear", "quantized"], default=None)
+    ap.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="bf16",
+                    help="the KV cache of the attention tables (q stays bf16)")
     args = ap.parse_args()
+    global cache_dtype
+    cache_dtype = KV_DTYPES[args.kv_dtype]
     if not torch.cuda.is_available():
         raise SystemExit("kernels_bench needs a CUDA GPU")
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
@@ -380,9 +392,11 @@ def main() -> None:
              f"triton {triton.__version__}; copy bandwidth {bw:.0f} GB/s (read + write; %copy below is "
              f"against it); read-only (sum) {read_bw:.0f} GB/s"]
     if args.only in (None, "attention"):
-        lines += ["", "decode attention, Hq=Hkv=40, D=128, bf16; every sequence at ctx"] + attention_table(bw, args.sweep)
+        lines += ["", f"decode attention, Hq=Hkv=40, D=128, q bf16, KV cache {args.kv_dtype}; every sequence at ctx"]
+        lines += attention_table(bw, args.sweep)
     if args.only in (None, "prefill"):
-        lines += ["", "prefill / mixed-step attention, one layer, Hq=Hkv=40, D=128, block 16, bf16, eager"]
+        lines += ["", f"prefill / mixed-step attention, one layer, Hq=Hkv=40, D=128, block 16, bf16, KV cache "
+                      f"{args.kv_dtype}, eager"]
         lines += prefill_table(args.sweep)
     if args.only in (None, "linear"):
         lines += ["", "weight-only int8 linear vs bf16 F.linear"] + linear_table(bw, args.sweep)

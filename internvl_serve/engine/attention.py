@@ -36,6 +36,7 @@ from torch.nn.attention import SDPBackend
 
 from internvl_serve.engine.host_copy import to_device
 from internvl_serve.kernels import prefill_attention
+from internvl_serve.kernels.paged_attention import FP8_CACHE_DTYPES, cache_rows, to_cache_dtype
 
 # cuDNN attention rebuilds its graph for every new key length (each decode step): ~1.5 ms of CPU per
 # call on the H100 host. Flash (no mask) and memory-efficient (masks) attention have no such cost.
@@ -212,10 +213,14 @@ def _build_groups(bt: torch.Tensor, q_lens: np.ndarray, ctx_lens: np.ndarray, bl
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """caches (num_blocks, block_size, Hkv, D); k, v (T, Hkv, D): token t goes to slot_mapping[t]."""
+    """caches (num_blocks, block_size, Hkv, D), in k's dtype or e4m3; k, v (T, Hkv, D): token t goes to
+    slot_mapping[t]."""
     Hkv, D = k.shape[1:]
-    k_cache.view(-1, Hkv, D).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, Hkv, D).index_copy_(0, slot_mapping, v)
+    for cache, new in ((k_cache, k), (v_cache, v)):
+        new = to_cache_dtype(new, cache.dtype)
+        if cache.dtype in FP8_CACHE_DTYPES:  # index_copy_ has no float8 kernel: copy the bytes
+            cache, new = cache.view(torch.uint8), new.view(torch.uint8)
+        cache.view(-1, Hkv, D).index_copy_(0, slot_mapping, new)
 
 
 def sdpa_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -229,8 +234,8 @@ def sdpa_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     for g in meta.groups:
         n, qmax = g.q_index.shape
         qg = (q[:, None] if out is None else q[g.q_index]).transpose(1, 2)  # (n, H, Qmax, D)
-        kg = k_flat[g.kv_slots].transpose(1, 2)            # (n, Hkv, L, D)
-        vg = v_flat[g.kv_slots].transpose(1, 2)
+        kg = cache_rows(k_flat, g.kv_slots).transpose(1, 2).to(q.dtype)  # (n, Hkv, L, D), in q's dtype
+        vg = cache_rows(v_flat, g.kv_slots).transpose(1, 2).to(q.dtype)
         if g.kv_valid is not None:  # junk past a sequence's end may be NaN: select zeros, never multiply
             keep = g.kv_valid[:, None, :, None]
             kg = torch.where(keep, kg, 0)

@@ -1,12 +1,13 @@
 """The paged KV cache's tensors and their size: how they are laid out and how many blocks fit.
 
-Layout: one tensor (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim) in the model dtype;
+Layout: one tensor (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim) in the cache dtype
+(the model dtype, or e4m3 with the llm's `kv_cache_dtype: fp8`: KV_CACHE_DTYPES);
 layer i uses the views [i, 0] (K) and [i, 1] (V), each (num_blocks, block_size, Hkv, D), the layout of
 vLLM/FlashAttention paged caches. Size: on CUDA, `auto_num_blocks` sizes it from the free GPU memory
 after the weights are loaded and a profile forward of max_num_batched_tokens tokens has measured
 activations; on the CPU, `cpu_num_blocks`.
 
-Owns: the layout (`allocate`, `bytes_per_block`), the sizing and its profile forward, the memory bound of
+Owns: the layout (`allocate`, `bytes_per_block`), the cache dtype's option (`cache_dtype_of`), the sizing and its profile forward, the memory bound of
 the reference attention's gather (MAX_GATHER_TOKENS, which every eager step passes on). Does not own:
 which blocks a sequence holds (block_manager.py), the block tables and the steps that read and write the
 cache (runner.py, llama.py, decode_graphs.py), the slot arithmetic (attention.py).
@@ -25,6 +26,25 @@ MAX_GATHER_TOKENS = 32768  # the reference attention's K/V gather per SDPA call 
 CUDA_CONTEXT_BYTES = 600 * 2**20  # a CUDA context and cuBLAS workspaces, outside torch's allocator
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (K, V), each (num_blocks, block_size, Hkv, D)
+# the llm's `kv_cache_dtype` values: "" keeps the model dtype; "fp8" stores e4m3 values with no scale,
+# saturating at +-448 (kernels/paged_attention.py to_cache_dtype): half the bytes per token
+KV_CACHE_DTYPES = {"": None, "fp8": torch.float8_e4m3fn}
+
+
+def validate_kv_cache_dtype(value: str | None) -> str:
+    """The option's value, normalized ("" for None, "auto" or the model dtype); ValueError naming the
+    allowed values otherwise."""
+    v = (value or "").strip().lower()
+    v = "" if v in ("auto", "model") else v
+    if v not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype {value!r}: expected one of 'auto' (the model dtype), "
+                         + ", ".join(repr(k) for k in KV_CACHE_DTYPES if k))
+    return v
+
+
+def cache_dtype_of(value: str | None, model_dtype: torch.dtype) -> torch.dtype:
+    """The torch dtype the cache is stored in for a `kv_cache_dtype` value."""
+    return KV_CACHE_DTYPES[validate_kv_cache_dtype(value)] or model_dtype
 
 
 def bytes_per_block(args: LlamaArgs, block_size: int, dtype: torch.dtype) -> int:
@@ -48,19 +68,23 @@ def cpu_num_blocks(args: LlamaArgs, block_size: int) -> int:
 
 def auto_num_blocks(model: Llama, *, block_size: int, dtype: torch.dtype, device: torch.device,
                     utilization: float, max_num_batched_tokens: int, max_num_seqs: int,
-                    reserved_bytes: int = 0, report: dict | None = None) -> int:
+                    reserved_bytes: int = 0, report: dict | None = None,
+                    cache_dtype: torch.dtype | None = None) -> int:
     """Blocks that fit in total * utilization, after the weights, the CUDA context and the peak
     activations of a profile forward of max_num_batched_tokens tokens (plus the sampler's and the
     reference attention's largest gathers, which the profile does not reach). reserved_bytes: device
     memory that other processes will hold, whether or not they have loaded yet. report: filled with the
-    figures it used, in bytes (for the load's log line: whether the others had loaded shows here)."""
+    figures it used, in bytes (for the load's log line: whether the others had loaded shows here).
+    dtype: the model's (activations, the reference attention's gather); cache_dtype: the cache's
+    (default: dtype)."""
     a = model.local_args
+    cache_dtype = cache_dtype or dtype
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     _profile_forward(model, min(max_num_batched_tokens, a.max_position_embeddings - 1), max_num_seqs,
-                     block_size=block_size, dtype=dtype, device=device)
+                     block_size=block_size, cache_dtype=cache_dtype, device=device)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base
     torch.cuda.empty_cache()
@@ -75,7 +99,7 @@ def auto_num_blocks(model: Llama, *, block_size: int, dtype: torch.dtype, device
     available = total * utilization - in_use - peak - gather - sampler
     if report is not None:
         report.update(total=total, device_in_use=total - free, own=own, reserved=reserved_bytes, activations=peak)
-    num_blocks = int(available // bytes_per_block(a, block_size, dtype))
+    num_blocks = int(available // bytes_per_block(a, block_size, cache_dtype))
     if num_blocks < 1:
         raise RuntimeError(f"no GPU memory left for the KV cache: total {total / 2**30:.1f} GiB, in use "
                            f"{(total - free) / 2**30:.1f} GiB, activations {peak / 2**30:.2f} GiB, "
@@ -85,11 +109,11 @@ def auto_num_blocks(model: Llama, *, block_size: int, dtype: torch.dtype, device
 
 @torch.inference_mode()
 def _profile_forward(model: Llama, num_tokens: int, max_num_seqs: int, *, block_size: int,
-                     dtype: torch.dtype, device: torch.device) -> None:
+                     cache_dtype: torch.dtype, device: torch.device) -> None:
     """One prefill of num_tokens tokens into a cache of its own, logits for max_num_seqs rows."""
     a, bs = model.local_args, block_size
     nb = math.ceil(num_tokens / bs)
-    cache, caches = allocate(a, nb, bs, dtype=dtype, device=device)
+    cache, caches = allocate(a, nb, bs, dtype=cache_dtype, device=device)
     tables = torch.arange(nb, dtype=torch.int32, device=device)[None]
     meta, positions = build_attention_metadata([num_tokens], [0], tables, bs, max_gather_tokens=MAX_GATHER_TOKENS)
     embeds = model.embed(torch.zeros(num_tokens, dtype=torch.long, device=device))

@@ -123,7 +123,7 @@ class ModelRunner:
                  max_num_seqs: int = 256, attention: AttentionFn = paged_attention,
                  reserved_bytes: int = 0, cuda_graphs: bool | None = None,
                  tp: TensorParallel | None = None, quantization: str | None = None,
-                 fused_kernels: bool | None = None):
+                 fused_kernels: bool | None = None, kv_cache_dtype: str | None = None):
         # reserved_bytes: device memory that other processes (the vision model's Triton instance) will
         # hold, whether or not they have loaded yet: Triton loads models in parallel, in no fixed order.
         self.reserved_bytes = int(reserved_bytes)
@@ -153,21 +153,25 @@ class ModelRunner:
         self.channel = (StepChannel(self.tp, self.device, self.args.hidden_size, self.dtype)
                         if self.tp.enabled else None)
         a = self.model.local_args  # this rank's heads
-        self.bytes_per_block = kv_cache.bytes_per_block(a, block_size, self.dtype)
+        # kv_cache_dtype "fp8": the cache in e4m3 (kv_cache.py, kernels/paged_attention.py); "": the model dtype
+        self.kv_cache_dtype = kv_cache.validate_kv_cache_dtype(kv_cache_dtype)
+        self.cache_dtype = kv_cache.cache_dtype_of(self.kv_cache_dtype, self.dtype)
+        self.bytes_per_block = kv_cache.bytes_per_block(a, block_size, self.cache_dtype)
         self.kv_sizing: dict = {}  # the figures auto_num_blocks sized the cache with (bytes; CUDA only)
         if num_blocks is None:
             if self.device.type == "cuda":
                 num_blocks = kv_cache.auto_num_blocks(
                     self.model, block_size=block_size, dtype=self.dtype, device=self.device,
                     utilization=gpu_memory_utilization, max_num_batched_tokens=max_num_batched_tokens,
-                    max_num_seqs=max_num_seqs, reserved_bytes=self.reserved_bytes, report=self.kv_sizing)
+                    max_num_seqs=max_num_seqs, reserved_bytes=self.reserved_bytes, report=self.kv_sizing,
+                    cache_dtype=self.cache_dtype)
             else:
                 num_blocks = kv_cache.cpu_num_blocks(a, block_size)
         num_blocks = self.tp.min_across_ranks(num_blocks, self.device)  # the same cache on every rank
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
-        self.kv_cache, self.kv_caches = kv_cache.allocate(a, num_blocks, block_size, dtype=self.dtype,
+        self.kv_cache, self.kv_caches = kv_cache.allocate(a, num_blocks, block_size, dtype=self.cache_dtype,
                                                           device=self.device)
         self.max_model_len = min(a.max_position_embeddings, num_blocks * block_size)
         self._tables = BlockTableBuffer(math.ceil(self.max_model_len / block_size))
@@ -201,7 +205,7 @@ class ModelRunner:
     def cache_info(self) -> dict:
         return {"num_blocks": self.num_blocks, "block_size": self.block_size,
                 "num_tokens": self.num_blocks * self.block_size, "bytes": self.num_blocks * self.bytes_per_block,
-                "bytes_per_block": self.bytes_per_block, "dtype": str(self.dtype).replace("torch.", ""),
+                "bytes_per_block": self.bytes_per_block, "dtype": str(self.cache_dtype).replace("torch.", ""),
                 "device": str(self.device)}
 
     # -- one step ----------------------------------------------------------------------------------

@@ -10,6 +10,11 @@ Cache layout: one K and one V tensor per layer, each with the logical dims
 kernels), so a cache stored as (num_blocks, num_kv_heads, block_size, head_dim) is handed over as a
 permuted view. head_dim stride 1 gives 16-byte loads on the GPU.
 
+Cache dtype: the model's (bf16) or float8 e4m3 (the llm's opt-in `kv_cache_dtype: fp8`: half the bytes
+each decode step reads). An e4m3 cache holds the values themselves, with no scale (as vLLM's fp8 cache
+without calibrated scales): `to_cache_dtype` saturates at +-448 and rounds to nearest even; the kernels
+read any cache dtype into float32 (or q's dtype for the prefill kernel's dots).
+
 Flash-decoding: the context of each (sequence, query head) is cut into partitions of
 `partition_size` tokens; one program per (sequence, query head, partition) runs an online softmax
 over its tokens and writes a partial output with its running max and sum; a second kernel merges
@@ -33,6 +38,32 @@ except ImportError:  # the CPU-only install has no triton: the torch paths below
     tl = None
 
 _LOG2E = 1.4426950408889634
+FP8_CACHE_DTYPES = (torch.float8_e4m3fn,)
+FP8_E4M3_MAX = 448.0  # the largest finite e4m3fn value: larger K/V saturate there
+
+
+def to_cache_dtype(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """K/V values as the cache stores them: e4m3 saturating at +-448 (round to nearest even, as the
+    Triton write does on the GPU), any other dtype by a plain cast."""
+    if cache_dtype in FP8_CACHE_DTYPES:
+        return x.float().clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(cache_dtype)
+    return x.to(cache_dtype)
+
+
+def cache_rows(cache: torch.Tensor, index) -> torch.Tensor:
+    """cache[index], in the cache's dtype (CUDA's advanced indexing has no float8 kernels: an e4m3 cache
+    is indexed through its bytes)."""
+    if cache.dtype in FP8_CACHE_DTYPES:
+        return cache.view(torch.uint8)[index].view(cache.dtype)
+    return cache[index]
+
+
+def put_cache_rows(cache: torch.Tensor, index, values: torch.Tensor) -> None:
+    """cache[index] = values as the cache stores them (to_cache_dtype), for any cache dtype."""
+    values = to_cache_dtype(values, cache.dtype)
+    if cache.dtype in FP8_CACHE_DTYPES:
+        cache, values = cache.view(torch.uint8), values.view(torch.uint8)
+    cache[index] = values
 
 
 # --------------------------------------------------------------------------------------------------
@@ -63,8 +94,8 @@ def paged_decode_attention_ref(
         if n == 0:
             continue
         blocks = block_tables[b, : (n + block_size - 1) // block_size].long()
-        k = k_cache[blocks].reshape(-1, Hkv, D)[:n].double()  # (n, Hkv, D)
-        v = v_cache[blocks].reshape(-1, Hkv, D)[:n].double()
+        k = cache_rows(k_cache, blocks).reshape(-1, Hkv, D)[:n].double()  # (n, Hkv, D)
+        v = cache_rows(v_cache, blocks).reshape(-1, Hkv, D)[:n].double()
         k = k.repeat_interleave(group, dim=1)  # (n, Hq, D)
         v = v.repeat_interleave(group, dim=1)
         s = torch.einsum("hd,nhd->hn", q[b].double(), k) * scale  # (Hq, n)
@@ -89,8 +120,8 @@ def paged_decode_attention_torch(
     block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
     T = block_tables.shape[1] * block_size
     bt = block_tables.long().clamp(0, k_cache.shape[0] - 1)  # unused table slots may hold junk
-    k = k_cache[bt].reshape(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-    v = v_cache[bt].reshape(B, T, Hkv, D).transpose(1, 2)
+    k = cache_rows(k_cache, bt).reshape(B, T, Hkv, D).transpose(1, 2).to(q.dtype)  # (B, Hkv, T, D)
+    v = cache_rows(v_cache, bt).reshape(B, T, Hkv, D).transpose(1, 2).to(q.dtype)
     valid = torch.arange(T, device=q.device)[None, :] < context_lens.to(q.device)[:, None]  # (B, T)
     # Slots past a context may hold anything (torch.empty, NaN bit patterns): 0 * NaN would leak.
     k = torch.where(valid[:, None, :, None], k, 0)
@@ -114,8 +145,8 @@ def write_kv_ref(
     block_size = k_cache.shape[1]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    k_cache[slots // block_size, slots % block_size] = k_new[keep].to(k_cache.dtype)
-    v_cache[slots // block_size, slots % block_size] = v_new[keep].to(v_cache.dtype)
+    put_cache_rows(k_cache, (slots // block_size, slots % block_size), k_new[keep])
+    put_cache_rows(v_cache, (slots // block_size, slots % block_size), v_new[keep])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,6 +277,8 @@ if triton is not None:
         block_size,
         HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        SATURATE: tl.constexpr,  # an e4m3 cache: clamp to +-FP8_MAX before the (round-to-nearest) cast
+        FP8_MAX: tl.constexpr,
     ):
         t = tl.program_id(0)
         h = tl.program_id(1)
@@ -257,6 +290,9 @@ if triton is not None:
             mask_d = offs_d < HEAD_DIM
             k = tl.load(k_new_ptr + t * stride_knt + h * stride_knh + offs_d * stride_knd, mask=mask_d)
             v = tl.load(v_new_ptr + t * stride_vnt + h * stride_vnh + offs_d * stride_vnd, mask=mask_d)
+            if SATURATE:
+                k = tl.clamp(k.to(tl.float32), -FP8_MAX, FP8_MAX)
+                v = tl.clamp(v.to(tl.float32), -FP8_MAX, FP8_MAX)
             tl.store(
                 k_ptr + blk * stride_kn + off * stride_kt + h * stride_kh + offs_d * stride_kd,
                 k.to(k_ptr.dtype.element_ty), mask=mask_d,
@@ -314,7 +350,8 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context.
 
-    q (B, Hq, D); k_cache, v_cache with logical dims (num_blocks, block_size, Hkv, D), any strides;
+    q (B, Hq, D); k_cache, v_cache with logical dims (num_blocks, block_size, Hkv, D), any strides, in
+    q's dtype or e4m3 (read into float32);
     block_tables (B, max_blocks) int32, entries past a sequence's last block never read;
     context_lens (B,) int32, the new token's K/V already in the cache (0 gives a zero output;
     the kernels cut a length past max_blocks * block_size there instead of reading out of bounds).
@@ -384,7 +421,8 @@ def write_kv(
 ) -> None:
     """Write new tokens' K/V into the cache in place: token t goes to block slot_mapping[t] //
     block_size, offset slot_mapping[t] % block_size. Slots < 0 are skipped (padding of a captured
-    batch), with no host sync. k_new, v_new (T, Hkv, D); caches as in paged_decode_attention.
+    batch), with no host sync. k_new, v_new (T, Hkv, D); caches as in paged_decode_attention, in the
+    model's dtype or e4m3 (values as to_cache_dtype gives them).
     """
     T, Hkv, D = k_new.shape
     assert v_new.shape == k_new.shape and k_cache.shape[2:] == (Hkv, D) and slot_mapping.shape == (T,)
@@ -400,5 +438,6 @@ def write_kv(
         *k_new.stride(), *v_new.stride(), *k_cache.stride(), *v_cache.stride(),
         k_cache.shape[1],
         HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D),
+        SATURATE=k_cache.dtype in FP8_CACHE_DTYPES, FP8_MAX=FP8_E4M3_MAX,
         num_warps=1,
     )

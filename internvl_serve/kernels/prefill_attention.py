@@ -114,6 +114,8 @@ if triton is not None:
             v = tl.load(v_ptr + blk[:, None] * stride_vn + slot[:, None] * stride_vt + kvh * stride_vh
                         + offs_d[None, :] * stride_vd,
                         mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+            k = k.to(q.dtype)  # an e4m3 cache: its values in q's dtype for the dots (else a no-op)
+            v = v.to(q.dtype)
             s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N) fp32, log2 units
             visible = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]
             s = tl.where(visible, s, -float("inf"))
@@ -122,7 +124,7 @@ if triton is not None:
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])  # masked keys: exp2(-inf) = 0
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -148,9 +150,9 @@ def paged_prefill_attention(
     """Causal attention of every query of a step over its sequence's paged context.
 
     q (T, Hq, D), any strides (the step's tokens, each sequence's contiguous, in sequence order);
-    k_cache, v_cache with logical dims (num_blocks, block_size, Hkv, D), any strides, holding every
-    key of each sequence up to seq_lens (this step's K/V already written); query_start_loc (B+1,)
-    int32; seq_lens (B,) int32 = cached context + this step's queries; block_tables (B, M) int32;
+    k_cache, v_cache with logical dims (num_blocks, block_size, Hkv, D), any strides, in q's dtype or
+    e4m3 (read into q's dtype), holding every key of each sequence up to seq_lens (this step's K/V
+    already written); query_start_loc (B+1,) int32; seq_lens (B,) int32 = cached context + this step's queries; block_tables (B, M) int32;
     tile_seq / tile_start (n_tiles,) int32 from `prefill_tiles(q_lens, block_m, ctx_lens)` (any order).
     Returns (T, Hq, D) in q's dtype. Needs triton (CUDA tensors, or any tensors under TRITON_INTERPRET=1).
     """

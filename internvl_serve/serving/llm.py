@@ -129,6 +129,9 @@ class EngineOptions:
     # "int8": weight-only int8 projections of the LLM; "fp8": e4m3 weights and per-token activations
     # (FP8 tensor cores: H100) (engine/quantize.py); "": the model dtype
     quantization: str = ""
+    # "fp8": the KV cache in e4m3 (half the bytes a decode step's attention reads, ~1.9x the tokens in the
+    # same memory; values saturate at +-448, no scale: engine/kv_cache.py); "" or "auto": the model dtype
+    kv_cache_dtype: str = ""
     # overlap scheduling (engine.py): "true"/"false"; empty: on when the device is CUDA
     async_scheduling: bool | None = None
     # threads that detokenize and send responses (serving/response_path.py)
@@ -139,9 +142,11 @@ class EngineOptions:
     encoder_priority_ms: float = 0.0
 
     def __post_init__(self):
+        from internvl_serve.engine.kv_cache import validate_kv_cache_dtype
         from internvl_serve.engine.quantize import validate_quantization
 
         object.__setattr__(self, "quantization", validate_quantization(self.quantization) or "")
+        object.__setattr__(self, "kv_cache_dtype", validate_kv_cache_dtype(self.kv_cache_dtype))
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> "EngineOptions":
@@ -242,7 +247,8 @@ class LLMService:
         runner_options = dict(block_size=options.block_size, num_blocks=options.num_blocks,
                               gpu_memory_utilization=options.gpu_memory_utilization,
                               max_num_batched_tokens=options.max_num_batched_tokens,
-                              max_num_seqs=options.max_num_seqs, quantization=options.quantization or None)
+                              max_num_seqs=options.max_num_seqs, quantization=options.quantization or None,
+                              kv_cache_dtype=options.kv_cache_dtype)
         # Tensor parallelism: ranks 1..N-1 start first (they load their weights meanwhile); this
         # process is rank 0 on devices[0] and drives the engine.
         self.devices = tensor_parallel_devices(self.device, options.tensor_parallel_size,

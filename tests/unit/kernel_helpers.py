@@ -45,8 +45,9 @@ def nan_paged_cache(num_blocks: int, block_size: int, Hkv: int, D: int, dtype: t
     """
     perm = torch.randperm(num_blocks, device=device)
     shape = (num_blocks, block_size, Hkv, D) if layout == "bthd" else (num_blocks, Hkv, block_size, D)
-    k_store = torch.full(shape, float("nan"), dtype=dtype, device=device)
-    v_store = torch.full(shape, float("nan"), dtype=dtype, device=device)
+    # filled in float32 and cast: the NaN of any cache dtype, e4m3 included
+    k_store = torch.full(shape, float("nan"), device=device).to(dtype)
+    v_store = torch.full(shape, float("nan"), device=device).to(dtype)
     k_cache = k_store if layout == "bthd" else k_store.permute(0, 2, 1, 3)
     v_cache = v_store if layout == "bthd" else v_store.permute(0, 2, 1, 3)
     return perm, k_cache, v_cache

@@ -20,14 +20,19 @@ import sys
 
 import pytest
 import torch
-from kernel_helpers import gpu, nan_paged_cache, needs_triton, rel_err, run_interpreted
+from kernel_helpers import HAS_TRITON, gpu, nan_paged_cache, needs_triton, rel_err, run_interpreted
 from torch import nn
 
 from internvl_serve.kernels import (Int8Linear, compare_logits, int8_linear, logit_error, paged_decode_attention,
                                     paged_decode_attention_ref, paged_decode_attention_torch, quantize_llama_linears,
                                     quantize_weight, write_kv)
 from internvl_serve.kernels.int8_linear import Int8MatmulConfig, int8_linear_torch
-from internvl_serve.kernels.paged_attention import write_kv_ref
+from internvl_serve.kernels.paged_attention import put_cache_rows, write_kv_ref
+
+if HAS_TRITON:
+    import triton
+
+E4M3 = torch.float8_e4m3fn
 
 
 # --------------------------------------------------------------------------------------------------
@@ -37,9 +42,9 @@ from internvl_serve.kernels.paged_attention import write_kv_ref
 
 def make_paged_case(
     B: int, Hq: int, Hkv: int, D: int, block_size: int, max_blocks: int, lens: list[int],
-    dtype: torch.dtype, device: str = "cpu", layout: str = "bthd",
+    dtype: torch.dtype, device: str = "cpu", layout: str = "bthd", cache_dtype: torch.dtype | None = None,
 ):
-    """A paged cache where every slot no sequence owns holds NaN, so a read past a context, of a
+    """A paged cache (in cache_dtype, default q's dtype) where every slot no sequence owns holds NaN, so a read past a context, of a
     table entry past a sequence's last block, or of another sequence's block shows up as NaN.
 
     The cache and its layouts are kernel_helpers.nan_paged_cache's; block ids are handed out in its random
@@ -47,7 +52,7 @@ def make_paged_case(
     v_cache, block_tables, context_lens.
     """
     need = [(n + block_size - 1) // block_size for n in lens]
-    perm, k_cache, v_cache = nan_paged_cache(sum(need) + 3, block_size, Hkv, D, dtype, device, layout)
+    perm, k_cache, v_cache = nan_paged_cache(sum(need) + 3, block_size, Hkv, D, cache_dtype or dtype, device, layout)
     tables = torch.full((B, max_blocks), int(perm[-1]), dtype=torch.int32, device=device)
     first = 0
     for b, n in enumerate(lens):
@@ -56,8 +61,8 @@ def make_paged_case(
         tables[b, : need[b]] = ids.int()
         t = torch.arange(n, device=device)
         blk, off = ids[t // block_size], t % block_size
-        k_cache[blk, off] = torch.randn(n, Hkv, D, device=device).to(dtype)
-        v_cache[blk, off] = torch.randn(n, Hkv, D, device=device).to(dtype)
+        put_cache_rows(k_cache, (blk, off), torch.randn(n, Hkv, D, device=device).to(dtype))
+        put_cache_rows(v_cache, (blk, off), torch.randn(n, Hkv, D, device=device).to(dtype))
     # q as a strided slice of a wider projection output, the way a fused qkv hands it over
     q = torch.randn(B, Hq + 2 * Hkv, D, device=device).to(dtype)[:, :Hq]
     ctx = torch.tensor(lens, dtype=torch.int32, device=device)
@@ -81,19 +86,30 @@ def check_attention(case, partition_size=None, tol=1e-5, use_triton=True):
     return err
 
 
-def check_write_kv(T, Hkv, D, block_size, num_blocks, dtype, device, layout="bthd", use_triton=True):
+def check_write_kv(T, Hkv, D, block_size, num_blocks, dtype, device, layout="bthd", use_triton=True,
+                   cache_dtype=None):
+    """write_kv against write_kv_ref, byte for byte; an e4m3 cache (cache_dtype) also gets values past
+    its range, which both must saturate at +-448."""
     shape = (num_blocks, block_size, Hkv, D) if layout == "bthd" else (num_blocks, Hkv, block_size, D)
-    store = torch.randn(2, *shape).to(dtype).to(device)
+    store = torch.randn(2, *shape).to(cache_dtype or dtype).to(device)
     caches = [s if layout == "bthd" else s.permute(0, 2, 1, 3) for s in store]
     slots = torch.randperm(num_blocks * block_size)[:T].to(torch.int64)
-    slots[torch.rand(T) < 0.25] = -1  # padding rows
+    slots[1:][torch.rand(T - 1) < 0.25] = -1  # padding rows (row 0 is written)
     slots = slots.to(device)
-    new = torch.randn(3, T, Hkv, D).to(dtype).to(device)  # k_new, v_new from one buffer: strided
+    new = torch.randn(3, T, Hkv, D)
+    if cache_dtype == E4M3:  # past 448: row 0 for certain, others at random
+        new[:, 0, :, 0] = torch.tensor([1000.0, 0.0, -1000.0])[:, None]
+        new[:, 1::5, :, 1] *= 1000
+    new = new.to(dtype).to(device)  # k_new, v_new from one buffer: strided
     k_new, v_new = new[0], new[2]
     ref = [c.clone() for c in caches]
     write_kv_ref(k_new, v_new, ref[0], ref[1], slots)
     write_kv(k_new, v_new, caches[0], caches[1], slots, use_triton=use_triton)
-    assert torch.equal(caches[0], ref[0]) and torch.equal(caches[1], ref[1]), "write_kv differs from reference"
+    as_bytes = lambda t: t.contiguous().view(torch.uint8)  # noqa: E731 (torch.equal has no float8 kernel)
+    assert all(torch.equal(as_bytes(c), as_bytes(r)) for c, r in zip(caches, ref)), "write_kv differs from reference"
+    if cache_dtype == E4M3:
+        assert caches[0].float().max() == 448 and caches[1].float().min() == -448
+        assert torch.isfinite(caches[0].float()).all() and torch.isfinite(caches[1].float()).all()
 
 
 def check_int8(M, N, K, dtype, device, config=None, tol=1e-5, use_triton=True, x_strided=False):
@@ -122,6 +138,12 @@ ATTENTION_CASES = [
     (2, 2, 2, 32, 16, 16, [256, 130], torch.float32, "bthd", 256),  # one partition, 4 loop steps
     (2, 2, 1, 32, 16, 16, [200, 129], torch.float32, "bhtd", 128),  # 2 partitions of 2 steps
 ]
+# float32 queries over an e4m3 cache (the reference reads the same e4m3 values): the kernel's fp8 loads
+E4M3_CACHE_CASES = [
+    # B, Hq, Hkv, D, block_size, max_blocks, lens, layout, partition_size
+    (3, 4, 4, 32, 16, 6, [1, 16, 96], "bthd", 32),
+    (4, 8, 2, 32, 16, 8, [17, 128, 33, 0], "bhtd", None),
+]
 INT8_CASES = [
     # M, N, K, dtype, config, x_strided
     (1, 96, 256, torch.float32, Int8MatmulConfig(16, 64, 128, 1), False),
@@ -144,6 +166,10 @@ def run_interpreted_checks(which: str) -> None:
             case = make_paged_case(B, Hq, Hkv, D, bs, mb, lens, dtype, "cpu", layout)
             err = check_attention(case, part, tol)
             print(f"attention {(B, Hq, Hkv, D, bs, lens, dtype, layout, part)} rel err {err:.1e}")
+        for B, Hq, Hkv, D, bs, mb, lens, layout, part in E4M3_CACHE_CASES:
+            case = make_paged_case(B, Hq, Hkv, D, bs, mb, lens, torch.float32, "cpu", layout, cache_dtype=E4M3)
+            err = check_attention(case, part, 1e-5)
+            print(f"attention e4m3 cache {(B, Hq, Hkv, D, bs, lens, layout, part)} rel err {err:.1e}")
     elif which == "write_kv":
         check_write_kv(20, 2, 32, 16, 6, torch.float32, "cpu", "bthd")
         check_write_kv(20, 3, 24, 8, 5, torch.float16, "cpu", "bhtd")
@@ -163,9 +189,10 @@ def run_interpreted_checks(which: str) -> None:
 
 
 @pytest.mark.parametrize("layout", ["bthd", "bhtd"])
-def test_torch_attention_matches_reference(layout):
+@pytest.mark.parametrize("cache_dtype", [None, E4M3], ids=["model-dtype", "e4m3"])
+def test_torch_attention_matches_reference(layout, cache_dtype):
     # the batched SDPA fallback ignores the NaN the builder leaves in unowned slots
-    case = make_paged_case(4, 8, 2, 16, 4, 6, [1, 4, 21, 0], torch.float32, "cpu", layout)
+    case = make_paged_case(4, 8, 2, 16, 4, 6, [1, 4, 21, 0], torch.float32, "cpu", layout, cache_dtype)
     check_attention(case, use_triton=False)
 
 
@@ -267,7 +294,34 @@ def test_logit_error_reports_quantization_cost():
 @pytest.mark.parametrize("which", ["attention", "write_kv", "int8"])
 def test_triton_kernel_interpreted(which):
     out = run_interpreted(__file__, which, timeout=300)
+    if which == "attention":
+        assert out.count("rel err") == len(ATTENTION_CASES) + len(E4M3_CACHE_CASES), out
     assert "rel err" in out or "ok" in out
+
+
+@needs_triton
+@pytest.mark.parametrize("kernel", ["decode", "write"])
+def test_e4m3_cache_kernels_compile_for_the_h100(kernel):
+    # Triton's real compiler down to an sm_90 cubin, without a GPU: the decode attention reading an e4m3
+    # cache and the K/V write storing into one, at the engine's shapes
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from internvl_serve.kernels import paged_attention as pa
+    if kernel == "decode":
+        fn, cache_ptrs = pa._decode_partition_kernel, ("k_ptr", "v_ptr")
+        consts = dict(GROUP=1, PART_TOKENS=256, BLOCK_N=128, HEAD_DIM=128, BLOCK_D=128, SINGLE=False)
+    else:
+        fn, cache_ptrs = pa._write_kv_kernel, ("k_ptr", "v_ptr")
+        consts = dict(HEAD_DIM=128, BLOCK_D=128, SATURATE=True, FP8_MAX=448.0)
+    names = fn.arg_names
+    ints = ("bt_ptr", "lens_ptr", "slot_ptr")
+    sig = {n: ("*fp8e4nv" if n in cache_ptrs else "*i32" if n in ints else "*fp32" if n.startswith("part_")
+               else "*bf16") if n.endswith("_ptr")
+           else "fp32" if n == "qk_scale" else "constexpr" if n in consts else "i32" for n in names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    assert compiled.asm["cubin"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -318,6 +372,20 @@ def test_gpu_attention_cuda_graph_replay():
 def test_gpu_write_kv():
     check_write_kv(200, 40, 128, 16, 64, torch.bfloat16, "cuda", "bthd")
     check_write_kv(200, 8, 128, 16, 64, torch.bfloat16, "cuda", "bhtd")
+    # e4m3: the Triton kernel's saturate-and-round gives the bytes of to_cache_dtype (torch's cast)
+    check_write_kv(200, 40, 128, 16, 64, torch.bfloat16, "cuda", "bthd", cache_dtype=E4M3)
+    check_write_kv(200, 8, 128, 16, 64, torch.bfloat16, "cuda", "bhtd", cache_dtype=E4M3)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("B,Hq,Hkv,lens", [(7, 40, 40, [1, 16, 17, 511, 2048, 4095, 4096]), (64, 40, 40, None)])
+def test_gpu_attention_over_an_e4m3_cache(B, Hq, Hkv, lens):
+    if lens is None:
+        lens = torch.randint(1, 4097, (B,)).tolist()
+    case = make_paged_case(B, Hq, Hkv, 128, 16, 256, lens, torch.bfloat16, "cuda", "bthd", cache_dtype=E4M3)
+    for part in (None, 64, 512):
+        check_attention(case, part, tol=1e-2)
 
 
 @pytest.mark.gpu

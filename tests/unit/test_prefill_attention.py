@@ -25,14 +25,19 @@ from kernel_helpers import HAS_TRITON, gpu, nan_paged_cache, needs_triton, rel_e
 
 from internvl_serve.engine.attention import (PREFILL_KERNEL_ENV, build_attention_metadata, paged_attention,
                                              prefill_kernel_default, sdpa_paged_attention)
+from internvl_serve.kernels.paged_attention import put_cache_rows
 from internvl_serve.kernels.prefill_attention import prefill_block_m, prefill_tiles
+
+E4M3 = torch.float8_e4m3fn
 
 if HAS_TRITON:
     import triton
 
 
-def make_step(seqs, Hq, Hkv, D, block_size, dtype, device="cpu", layout="bthd", extra_blocks=3):
-    """One step: seqs is a list of (ctx, q) = (tokens already cached, this step's tokens).
+def make_step(seqs, Hq, Hkv, D, block_size, dtype, device="cpu", layout="bthd", extra_blocks=3,
+              cache_dtype=None):
+    """One step: seqs is a list of (ctx, q) = (tokens already cached, this step's tokens); the cache in
+    cache_dtype (default: q's dtype).
 
     Returns q (T, Hq, D), k_cache, v_cache, block_tables (B, M) int32, q_lens, ctx_lens. Every key of a
     sequence up to ctx + q is written (as the engine writes the step's K/V before attention); every
@@ -41,7 +46,8 @@ def make_step(seqs, Hq, Hkv, D, block_size, dtype, device="cpu", layout="bthd", 
     ctx_lens = [c for c, _ in seqs]
     q_lens = [q for _, q in seqs]
     need = [-(-(c + q) // block_size) for c, q in seqs]
-    perm, k_cache, v_cache = nan_paged_cache(sum(need) + extra_blocks, block_size, Hkv, D, dtype, device, layout)
+    perm, k_cache, v_cache = nan_paged_cache(sum(need) + extra_blocks, block_size, Hkv, D, cache_dtype or dtype,
+                                             device, layout)
     width = max(need) + 1
     tables = torch.full((len(seqs), width), int(perm[-1]), dtype=torch.int32, device=device)
     first = 0
@@ -52,8 +58,8 @@ def make_step(seqs, Hq, Hkv, D, block_size, dtype, device="cpu", layout="bthd", 
         n = c + q
         kv = torch.randn(2, need[b] * block_size, Hkv, D, device=device).to(dtype)
         kv[:, n:] = float("nan")  # the tail of the last block is not this sequence's
-        k_cache[blocks.long()] = kv[0].view(need[b], block_size, Hkv, D)
-        v_cache[blocks.long()] = kv[1].view(need[b], block_size, Hkv, D)
+        put_cache_rows(k_cache, blocks.long(), kv[0].view(need[b], block_size, Hkv, D))
+        put_cache_rows(v_cache, blocks.long(), kv[1].view(need[b], block_size, Hkv, D))
     q = torch.randn(sum(q_lens), Hq, D, device=device).to(dtype)
     return q, k_cache, v_cache, tables, q_lens, ctx_lens
 
@@ -66,8 +72,9 @@ def reference(q, k_cache, v_cache, tables, q_lens, ctx_lens, block_size, scale):
 
 
 def check_kernel(seqs, Hq, Hkv, D, block_size, dtype, device, layout="bthd", tol=1e-5,
-                 block_m=None, block_n=None) -> float:
-    q, k, v, bt, q_lens, ctx_lens = make_step(seqs, Hq, Hkv, D, block_size, dtype, device, layout)
+                 block_m=None, block_n=None, cache_dtype=None) -> float:
+    q, k, v, bt, q_lens, ctx_lens = make_step(seqs, Hq, Hkv, D, block_size, dtype, device, layout,
+                                              cache_dtype=cache_dtype)
     scale = D ** -0.5
     ref = reference(q, k, v, bt, q_lens, ctx_lens, block_size, scale)
     if block_m is None and block_n is None:  # the engine's path: metadata + paged_attention
@@ -83,7 +90,7 @@ def check_kernel(seqs, Hq, Hkv, D, block_size, dtype, device, layout="bthd", tol
                                 torch.from_numpy(ts).to(device), torch.from_numpy(st).to(device), scale,
                                 block_m, out=out, block_n=block_n)
     err = rel_err(out, ref)
-    assert err < tol, f"{seqs} Hq={Hq} Hkv={Hkv} D={D} bs={block_size} {dtype} {layout}: rel err {err:.2e}"
+    assert err < tol, f"{seqs} Hq={Hq} Hkv={Hkv} D={D} bs={block_size} {dtype} {layout} {cache_dtype}: rel err {err:.2e}"
     return err
 
 
@@ -96,6 +103,12 @@ INTERPRETED_CASES = [
     ([(0, 1), (1, 1), (31, 1), (64, 1)], 4, 2, 32, 16, torch.float32, "bthd", None, None),  # decodes only
     ([(200, 40), (0, 64), (3, 1)], 4, 2, 32, 8, torch.float32, "bhtd", 32, 16),  # many key steps
     ([(130, 50), (7, 2)], 4, 4, 16, 4, torch.float16, "bthd", 16, 32),  # tiny blocks: 4 per key step
+]
+# float32 queries over an e4m3 cache (the reference reads the same e4m3 values)
+E4M3_CACHE_CASES = [
+    # seqs [(ctx, q)], Hq, Hkv, D, block_size, layout
+    ([(0, 37), (5, 1), (100, 20), (0, 1)], 4, 4, 32, 16, "bthd"),
+    ([(45, 30), (0, 1), (11, 13)], 6, 2, 32, 8, "bhtd"),
 ]
 
 
@@ -149,6 +162,9 @@ def run_interpreted_checks() -> None:
         tol = 1e-5 if dtype == torch.float32 else 2e-3
         err = check_kernel(seqs, Hq, Hkv, D, bs, dtype, "cpu", layout, tol, bm, bn)
         print(f"prefill {seqs} Hq={Hq} Hkv={Hkv} D={D} bs={bs} {dtype} {layout} bm={bm} bn={bn}: rel err {err:.1e}")
+    for seqs, Hq, Hkv, D, bs, layout in E4M3_CACHE_CASES:
+        err = check_kernel(seqs, Hq, Hkv, D, bs, torch.float32, "cpu", layout, 1e-5, cache_dtype=E4M3)
+        print(f"prefill {seqs} Hq={Hq} Hkv={Hkv} D={D} bs={bs} e4m3 cache {layout}: rel err {err:.1e}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,7 +222,7 @@ def test_reference_groups_are_built_once_and_only_when_read():
 
 @needs_triton
 def test_prefill_kernel_interpreted():
-    assert run_interpreted(__file__, "kernel").count("rel err") == len(INTERPRETED_CASES)
+    assert run_interpreted(__file__, "kernel").count("rel err") == len(INTERPRETED_CASES) + len(E4M3_CACHE_CASES)
 
 
 @needs_triton
@@ -217,7 +233,8 @@ def test_engine_with_interpreted_kernel_gives_the_same_tokens():
 
 @needs_triton
 @pytest.mark.parametrize("block_m", [16, 64])
-def test_kernel_compiles_for_the_h100(block_m):
+@pytest.mark.parametrize("cache", ["bf16", "fp8e4nv"])
+def test_kernel_compiles_for_the_h100(block_m, cache):
     # Triton's real compiler (not the interpreter) down to an sm_90 cubin, without a GPU: the engine's
     # shapes (D 128, bf16) must compile and fit the H100's shared memory before anyone rents one.
     from triton.backends.compiler import GPUTarget
@@ -225,7 +242,8 @@ def test_kernel_compiles_for_the_h100(block_m):
 
     from internvl_serve.kernels.prefill_attention import _prefill_kernel as fn
     names = fn.arg_names
-    sig = {n: ("*bf16" if n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr") else "*i32") if n.endswith("_ptr")
+    sig = {n: ("*bf16" if n in ("q_ptr", "out_ptr") else f"*{cache}" if n in ("k_ptr", "v_ptr") else "*i32")
+           if n.endswith("_ptr")
            else "fp32" if n == "qk_scale" else "constexpr" if n.isupper() else "i32" for n in names}
     consts = dict(GROUP=1, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=block_m, BLOCK_N=64, DOT_PRECISION="tf32")
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
@@ -257,6 +275,14 @@ def test_gpu_prefill_kernel_bf16(seqs, Hkv):
 @gpu
 def test_gpu_prefill_kernel_fp32_and_permuted_layout():
     check_kernel([(100, 200), (0, 1), (7, 33)], 40, 40, 128, 16, torch.float32, "cuda", "bhtd", tol=1e-4)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_prefill_kernel_bf16_over_an_e4m3_cache():
+    mixed = [(int(c), 1) for c in torch.randint(1, 4000, (32,), generator=torch.Generator().manual_seed(1))]
+    check_kernel(mixed + [(700, 512)], 40, 40, 128, 16, torch.bfloat16, "cuda", tol=1e-2, cache_dtype=E4M3)
+    check_kernel([(0, 2048)], 40, 40, 128, 16, torch.bfloat16, "cuda", "bhtd", tol=1e-2, cache_dtype=E4M3)
 
 
 @pytest.mark.gpu

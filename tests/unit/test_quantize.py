@@ -213,10 +213,10 @@ def test_merged_fp8_projection_computed_by_parts_equals_the_whole():
 
 # ---- GPU ---------------------------------------------------------------------------------------------------
 
-def cuda_runner(checkpoint, config, quantization, graphs: bool, dtype) -> ModelRunner:
+def cuda_runner(checkpoint, config, quantization, graphs: bool, dtype, **kw) -> ModelRunner:
     weights = load_state_dict(checkpoint, prefixes=("language_model.",), dtype=dtype, device="cuda", progress=False)
     r = ModelRunner(config, weights, device="cuda", dtype=dtype, block_size=16, num_blocks=64,
-                    quantization=quantization, cuda_graphs=graphs)
+                    quantization=quantization, cuda_graphs=graphs, **kw)
     assert (r.decode_graphs is not None) == graphs and is_quantized(r.model) == (quantization is not None)
     return r
 

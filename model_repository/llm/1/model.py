@@ -59,7 +59,7 @@ class TritonPythonModel:
         sizing = kv_sizing_text(self.service.engine.runner.kv_sizing)  # how the pool was sized
         pb_utils.Logger.log_info(
             f"llm: {self.service.device} {self.service.dtype}; KV cache {info['num_blocks']} blocks x "
-            f"{info['block_size']} tokens = {info['num_tokens']} tokens, {info['bytes'] / 2**30:.1f} GiB"
+            f"{info['block_size']} tokens = {info['num_tokens']} tokens, {info['bytes'] / 2**30:.1f} GiB {info['dtype']}"
             f"{'; ' + sizing if sizing else ''}; decode CUDA graphs: {list(graphs.buckets) if graphs else 'off'}; "
             f"tensor parallel: {len(self.service.devices)} ranks on {','.join(self.service.devices)}")
         # internvl_* metrics on Triton's /metrics (docs/metrics.md): meters the engine thread
