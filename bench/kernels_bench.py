@@ -194,7 +194,7 @@ def attention_table(bw: float, sweep: bool) -> list[str]:
                 ])
 
             t_tri, t_256, t_sdpa = timed(True), timed(False), timed(True, paged_decode_attention_torch)
-            tiles = default_decode_tiles(B, H)
+            tiles = default_decode_tiles(B, H, kv_bytes=k.element_size())
             gb = lambda t: nbytes / t / 1e3
             rows.append(
                 f"{B:>3} {ctx:>5} | {t_tri:>9.1f} {gb(t_tri):>6.0f} {100 * gb(t_tri) / bw:>5.0f} | "
