@@ -129,7 +129,7 @@ class EngineOptions:
     # "int8": weight-only int8 projections of the LLM; "fp8": e4m3 weights and per-token activations
     # (FP8 tensor cores: H100) (engine/quantize.py); "": the model dtype
     quantization: str = ""
-    # "fp8": the KV cache in e4m3 (half the bytes a decode step's attention reads, ~1.9x the tokens in the
+    # "fp8": the KV cache in e4m3 (half the bytes a decode step's attention reads, twice the tokens in the
     # same memory; values saturate at +-448, no scale: engine/kv_cache.py); "" or "auto": the model dtype
     kv_cache_dtype: str = ""
     # overlap scheduling (engine.py): "true"/"false"; empty: on when the device is CUDA
