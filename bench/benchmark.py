@@ -77,7 +77,7 @@ from internvl_serve.serving.vision import quantize_vision_fp8_  # noqa: E402
 import loadgen  # noqa: E402
 import openloop  # noqa: E402
 import report  # noqa: E402
-from servermetrics import kv_blocks_after_run  # noqa: E402
+from servermetrics import ENGINE_COUNTERS, engine_step_figures, kv_blocks_after_run, read_values  # noqa: E402
 
 
 QUESTION = ("Please describe this image in detail: the objects, their colours, where they are, "
@@ -246,7 +246,10 @@ def run_server(ckpt: Path, results: dict, levels: list[int], requests_per_stream
                 asyncio.run(loadgen.run_level(url, 1, 1, QUESTION, image, 16))  # warm-up
                 for level in levels_:
                     n = max(level * requests_per_stream, 2)
+                    before = read_values(server.metrics_url, ENGINE_COUNTERS)
                     row = asyncio.run(loadgen.run_level(url, level, n, QUESTION, images_for(level, n), NEW_TOKENS))
+                    # the llm pushes its counters every 0.5 s: the level's last half second may be left out
+                    row["engine_steps"] = engine_step_figures(before, read_values(server.metrics_url, ENGINE_COUNTERS))
                     print(json.dumps({**tag, **row}), flush=True)
                     rows.append(row)
 

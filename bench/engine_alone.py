@@ -31,12 +31,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "loadtest"))
 
 from internvl_serve.prompt import build_prompt  # noqa: E402
 from internvl_serve.serving.contract import GenerationRequest, LLMRequest  # noqa: E402
 from internvl_serve.engine.sampling import SamplingParams  # noqa: E402
+from internvl_serve.serving.metrics import GenerationMetrics, llm_values  # noqa: E402
 
 import loadgen  # noqa: E402
+from servermetrics import ENGINE_COUNTERS, engine_step_figures  # noqa: E402
 
 
 class TimedSink:
@@ -95,6 +98,7 @@ def run_level(service, ids: np.ndarray, level: int, num_requests: int, new_token
     requests = [make_request(ids, rows, hidden, seed0 + i, new_tokens) for i in range(num_requests)]
     slots = threading.Semaphore(level)  # each request's final response gives its slot back
     sinks: list[TimedSink] = []
+    before = engine_counters(service)
     t0 = time.perf_counter()
     for i, request in enumerate(requests):
         slots.acquire()
@@ -104,7 +108,15 @@ def run_level(service, ids: np.ndarray, level: int, num_requests: int, new_token
     for _ in range(level):  # every slot back: every request answered
         slots.acquire()
     wall = time.perf_counter() - t0
-    return loadgen.summarize(level, [s.timing for s in sinks], wall)
+    row = loadgen.summarize(level, [s.timing for s in sinks], wall)
+    row["engine_steps"] = engine_step_figures(before, engine_counters(service))
+    return row
+
+
+def engine_counters(service) -> dict:
+    """The llm's step counters as its Triton model exports them (ENGINE_COUNTERS), read in-process."""
+    values = llm_values(service.engine, GenerationMetrics(), service.thread)
+    return {name: values[name] for name in ENGINE_COUNTERS}
 
 
 def gpu_busy_us(prof) -> float:

@@ -142,6 +142,7 @@ def markdown(results: dict) -> str:
         "| path | streams | output tok/s | TTFT p50 / p95 ms | ITL p50 / p95 ms | errors |",
         "|---|---|---|---|---|---|",
     ]
+    speed_rows: list[tuple[str, dict]] = []  # (label, level row) of the server and engine-alone rows
     if seq:
         for r in results.get("baseline_sequential_by_attention", {"": seq}).values():
             attn = f" ({r['attention']} attention)" if r.get("attention") else ""
@@ -156,12 +157,24 @@ def markdown(results: dict) -> str:
                        *((k, f"Triton server (gRPC stream; {spec})") for k, spec in _compare_runs(results))):
         for row in results.get(key, []) if isinstance(results.get(key), list) else []:
             lines.append(_level_line(label, row))
+            speed_rows.append((label, row))
     for key in _engine_alone_keys(results):
         label = "llm engine alone (in-process, no Triton" + (f"; {key[len('engine_alone['):-1]}" if "[" in key else "") + ")"
         if "error" in results[key]:
             lines.append(f"| {label} | | {results[key]['error']} | | | |")
         for row in results[key].get("levels", []):
             lines.append(_level_line(label, row))
+            speed_rows.append((label, row))
+    steps = [(label, row) for label, row in speed_rows if row.get("engine_steps")]
+    if steps:
+        lines += ["", "The llm engine during each level (its own counters, the same in the server and alone): "
+                  "milliseconds of engine-thread work per launched step, and the share of that work spent "
+                  "waiting for the GPU (near 1: the GPU sets the pace; lower: the host does):", "",
+                  "| path | streams | steps | ms of work per step | waiting for the GPU |", "|---|---|---|---|---|"]
+        for label, row in steps:
+            e = row["engine_steps"]
+            lines.append(f"| {label} | {row['concurrency']} | {e['steps']} | {e['ms_per_step']:.2f} | "
+                         f"{100 * e['device_wait_share']:.0f} % |")
     if results.get("server_warm"):
         lines += ["", "Warm caches (the same server after the rows above; every request sends the same image, so "
                   "the vision embedding cache and the KV prefix cache hit):", "",

@@ -16,6 +16,10 @@ IMAGE_CACHE_HITS = "internvl_image_cache_hits_total"
 IMAGE_CACHE_MISSES = "internvl_image_cache_misses_total"
 PREEMPTIONS = "internvl_preemptions_total"
 ENCODER_WAIT = "internvl_encoder_priority_wait_seconds_total"
+ENGINE_STEPS = "internvl_engine_steps_total"
+ENGINE_BUSY = "internvl_engine_busy_seconds_total"
+ENGINE_DEVICE_WAIT = "internvl_engine_device_wait_seconds_total"
+ENGINE_COUNTERS = (ENGINE_STEPS, ENGINE_BUSY, ENGINE_DEVICE_WAIT)
 
 
 def parse_metric(text: str, name: str) -> float | None:
@@ -36,6 +40,20 @@ def read_values(url: str, names: tuple[str, ...], read=read_metrics) -> dict[str
     except Exception:  # noqa: BLE001 - a scrape that fails is a blank, the caller goes on
         return dict.fromkeys(names)
     return {name: parse_metric(text, name) for name in names}
+
+
+def engine_step_figures(before: dict, after: dict) -> dict:
+    """From two readings of ENGINE_COUNTERS ({name: value or None}): the engine steps launched between
+    them, the engine thread's ms of work per step, and the share of that work spent waiting for the
+    device. {} when a reading is missing or no step ran between them."""
+    if any(d.get(name) is None for d in (before, after) for name in ENGINE_COUNTERS):
+        return {}
+    steps = after[ENGINE_STEPS] - before[ENGINE_STEPS]
+    busy = after[ENGINE_BUSY] - before[ENGINE_BUSY]
+    wait = after[ENGINE_DEVICE_WAIT] - before[ENGINE_DEVICE_WAIT]
+    if steps <= 0 or busy <= 0:
+        return {}
+    return {"steps": int(steps), "ms_per_step": 1e3 * busy / steps, "device_wait_share": wait / busy}
 
 
 def kv_blocks_after_run(metrics_url: str, timeout_s: float = 30.0, period_s: float = 0.5,

@@ -108,6 +108,10 @@ class LLMEngine:
             overlap = getattr(getattr(runner, "device", None), "type", "cpu") == "cuda"
         self.async_scheduling = bool(overlap) and hasattr(runner, "launch")
         self._inflight = None  # (batch, future) of the launched step whose tokens are not processed yet
+        # counters for the metrics (read from other threads: each one float or int): steps launched, and
+        # seconds the host waited for a step's tokens (the device still computing it)
+        self.num_steps = 0
+        self.device_wait_s = 0.0
 
     # -- requests ----------------------------------------------------------------------------------
     def validate_request(self, request: Request):
@@ -164,6 +168,7 @@ class LLMEngine:
                 outputs += self._fail_batch(batch, e)
             else:
                 self.scheduler.advance(batch)
+                self.num_steps += 1
         if self._inflight is not None:
             outputs += self._process(*self._inflight)
         self._inflight = None
@@ -206,10 +211,13 @@ class LLMEngine:
 
     def _process(self, batch, future) -> list[RequestOutput]:
         """The tokens of a launched step (waits for it): resolve each pending token, check the stops."""
+        waited = time.perf_counter()
         try:
             sampled = future.result()
         except Exception as e:  # a device error surfaces here
             return self._fail_batch(batch, e)
+        finally:
+            self.device_wait_s += time.perf_counter() - waited
         outputs = []
         for s, token in zip(batch.seqs, sampled, strict=True):
             if token is None or s.seq.is_finished:
@@ -299,6 +307,9 @@ class EngineThread:
         self._encoder_busy = encoder_busy if encoder_priority_s > 0 else None
         self.encoder_priority_s = encoder_priority_s
         self.encoder_wait_s = 0.0  # steps held back for the encoder, in all (a counter for the metrics)
+        # seconds the thread worked (admitting, stepping, delivering), in all: with engine.device_wait_s,
+        # the share of it spent waiting for the device (near 1: the GPU sets the pace; low: the host does)
+        self.busy_s = 0.0
         self._cv = threading.Condition()
         self._inbox: list[tuple[Request, Callback]] = []
         self._aborts: list[tuple[str, FinishReason]] = []
@@ -390,6 +401,7 @@ class EngineThread:
                 stopping = self._stopping
             if stopping:
                 break
+            started = time.perf_counter()
             failed = []
             for request, _ in inbox:
                 try:
@@ -402,7 +414,10 @@ class EngineThread:
                 engine.abort(request_id, reason)
             self._deliver(self._outside_the_model(engine.step))
             if self._encoder_busy is not None:
+                held = self.encoder_wait_s
                 self._give_way_to_encoder()
+                started += self.encoder_wait_s - held  # a hold for the encoder is not work
+            self.busy_s += time.perf_counter() - started
         # shutdown: everyone still here finishes with an error
         outputs = engine.fail_all("EngineError: the engine shut down")
         self._deliver(outputs)

@@ -103,6 +103,9 @@ KV_BLOCKS_USED = "internvl_kv_cache_blocks_used"
 KV_BLOCKS_TOTAL = "internvl_kv_cache_blocks_total"
 PREEMPTIONS = "internvl_preemptions_total"
 ENCODER_WAIT = "internvl_encoder_priority_wait_seconds_total"
+ENGINE_STEPS = "internvl_engine_steps_total"
+ENGINE_BUSY = "internvl_engine_busy_seconds_total"
+ENGINE_DEVICE_WAIT = "internvl_engine_device_wait_seconds_total"
 IMAGE_CACHE_HITS = "internvl_image_cache_hits_total"
 IMAGE_CACHE_MISSES = "internvl_image_cache_misses_total"
 
@@ -133,6 +136,10 @@ LLM_METRICS = (
                "when admitted again)"),
     MetricSpec(ENCODER_WAIT, COUNTER, "Seconds the engine held its decode steps back while the vision encoder "
                "ran on its GPU (encoder_priority_ms)"),
+    MetricSpec(ENGINE_STEPS, COUNTER, "Engine steps launched (one forward of the in-flight batch each)"),
+    MetricSpec(ENGINE_BUSY, COUNTER, "Seconds the engine thread worked (admitting, stepping, delivering tokens)"),
+    MetricSpec(ENGINE_DEVICE_WAIT, COUNTER, "Seconds of the engine thread's work spent waiting for the device to "
+               "finish a step (near the busy seconds: the GPU sets the pace; far below: the host does)"),
 )
 VISION_METRICS = (
     MetricSpec(IMAGE_CACHE_HITS, COUNTER, "Image tiles whose embedding came from the vision model's cache"),
@@ -252,10 +259,14 @@ def image_cache_counters(service: Any) -> dict[str, float]:
 
 
 def llm_values(engine: Any, generation: GenerationMetrics, thread: Any = None) -> dict[str, float]:
-    """Every LLM_METRICS value: the generation counters, the engine's gauges, and the engine thread's
-    time held for the vision encoder (EngineThread.encoder_wait_s)."""
+    """Every LLM_METRICS value: the generation counters, the engine's gauges, its steps and the time it
+    waited for the device, and the engine thread's busy time and time held for the vision encoder
+    (EngineThread.busy_s, encoder_wait_s)."""
     return {**generation.counters(), **engine_gauges(engine),
-            ENCODER_WAIT: float(getattr(thread, "encoder_wait_s", 0.0))}
+            ENCODER_WAIT: float(getattr(thread, "encoder_wait_s", 0.0)),
+            ENGINE_STEPS: int(getattr(engine, "num_steps", 0)),
+            ENGINE_BUSY: float(getattr(thread, "busy_s", 0.0)),
+            ENGINE_DEVICE_WAIT: float(getattr(engine, "device_wait_s", 0.0))}
 
 
 class TritonMetrics:

@@ -167,6 +167,11 @@ def test_metrics_follow_a_short_load(server, client):
         assert list(buckets.values()) == sorted(buckets.values()), f"{base} buckets not monotone: {buckets}"
         assert buckets["+Inf"] == count == after[f"{base}_count"], base
     assert histogram(server, m.E2E)[1] - before[m.E2E_COUNT] == n
+    # every request needs max_tokens steps of its own; no step goes without a token or a prompt's chunk
+    steps = after[m.ENGINE_STEPS] - before[m.ENGINE_STEPS]
+    assert max_tokens <= steps <= tokens + n, steps
+    wait, busy = (after[k] - before[k] for k in (m.ENGINE_DEVICE_WAIT, m.ENGINE_BUSY))
+    assert 0 < wait <= busy, (wait, busy)
 
 
 def test_a_cancelled_stream_counts_as_cancelled(server, client):

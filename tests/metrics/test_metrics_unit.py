@@ -251,6 +251,9 @@ def test_llm_exporter_meters_the_service_and_pushes(pb_utils):
     assert value[m.PROMPT_TOKENS] == 5 and value[m.E2E_COUNT] == 1
     assert value[m.KV_BLOCKS_TOTAL] == 64 and value[m.KV_BLOCKS_USED] == 0
     assert value[m.ENCODER_WAIT] == 0  # no encoder-priority check on this thread: never held
+    # the CPU engine steps synchronously: one prefill step and five decode steps for six tokens
+    assert value[m.ENGINE_STEPS] == 6
+    assert 0 < value[m.ENGINE_DEVICE_WAIT] <= value[m.ENGINE_BUSY]
     held = SimpleNamespace(encoder_wait_s=1.25)  # the engine thread's own counter, as it is exported
     assert m.llm_values(engine, m.GenerationMetrics(), held)[m.ENCODER_WAIT] == 1.25
     itl = {x.labels["le"]: x.value for x in FakeFamily.created[m.ITL_BUCKET].metrics}
@@ -320,4 +323,5 @@ def test_names_are_the_documented_ones():
         "internvl_requests_waiting", "internvl_requests_running", "internvl_kv_cache_blocks_used",
         "internvl_kv_cache_blocks_total", "internvl_image_cache_hits_total", "internvl_image_cache_misses_total",
         "internvl_generated_tokens_total", "internvl_preemptions_total",
-        "internvl_encoder_priority_wait_seconds_total"}
+        "internvl_encoder_priority_wait_seconds_total", "internvl_engine_steps_total",
+        "internvl_engine_busy_seconds_total", "internvl_engine_device_wait_seconds_total"}

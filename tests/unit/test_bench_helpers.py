@@ -90,6 +90,21 @@ def test_engine_alone_rows_and_target(report):
     assert "| default | 32 | 16.00 | 15.00 | 1.00 |" in md
     assert "output tok/s 1600 vs 1800, ITL p50 19.0 vs 16.0 ms (+19 %)" in md
     assert "Every request sent its own image (nothing cached)." in md
+    assert "ms of work per step" not in md  # no level carries the engine's step counters
+
+
+def test_the_engine_steps_table_has_a_row_per_level_that_carries_them(report):
+    server = row(64, 2000, 900, 22.0)
+    server["engine_steps"] = {"steps": 1000, "ms_per_step": 21.9, "device_wait_share": 0.62}
+    alone = row(64, 3200, 300, 15.9)
+    alone["engine_steps"] = {"steps": 800, "ms_per_step": 15.4, "device_wait_share": 0.97}
+    results = {"device": "GPU", "date": "d", "commit": "c", "copy_bandwidth_gbs": 3000.0,
+               "llm_weight_bytes_per_step": 25.8e9, "hbm_floor_ms": 8.6,
+               "server": [row(32, 1600, 250, 19), server], "engine_alone": {"levels": [alone]}}
+    md = report.markdown(results)
+    assert "| Triton server (gRPC stream) | 64 | 1000 | 21.90 | 62 % |" in md
+    assert "| llm engine alone (in-process, no Triton) | 64 | 800 | 15.40 | 97 % |" in md
+    assert "| Triton server (gRPC stream) | 32 |" not in md.split("ms of work per step")[1]
 
 
 def test_server_compare_runs_get_their_rows_and_after_line(bench, report):

@@ -21,7 +21,8 @@ def test_the_names_are_the_servers():
     from internvl_serve.serving import metrics as served
 
     for name in ("KV_BLOCKS_USED", "KV_BLOCKS_TOTAL", "REQUESTS_RUNNING", "REQUESTS_WAITING", "IMAGE_CACHE_HITS",
-                 "IMAGE_CACHE_MISSES", "PREEMPTIONS", "ENCODER_WAIT"):
+                 "IMAGE_CACHE_MISSES", "PREEMPTIONS", "ENCODER_WAIT", "ENGINE_STEPS", "ENGINE_BUSY",
+                 "ENGINE_DEVICE_WAIT"):
         assert getattr(metrics, name) == getattr(served, name) in served.METRIC_NAMES, name
 
 
@@ -89,3 +90,13 @@ def test_kv_poll_gives_up_at_the_deadline_and_when_absent():
     clock = FakeClock()
     out = metrics.kv_blocks_after_run("u", 2, read=refused, clock=clock, wait=clock.wait)
     assert out["kv_blocks_used_after"] is None and "ConnectionRefusedError" in out["metrics_error"]
+
+
+def test_engine_step_figures_between_two_readings():
+    before = {metrics.ENGINE_STEPS: 100, metrics.ENGINE_BUSY: 2.0, metrics.ENGINE_DEVICE_WAIT: 1.5}
+    after = {metrics.ENGINE_STEPS: 600, metrics.ENGINE_BUSY: 12.0, metrics.ENGINE_DEVICE_WAIT: 7.5}
+    figures = metrics.engine_step_figures(before, after)
+    assert figures["steps"] == 500 and abs(figures["ms_per_step"] - 20.0) < 1e-9
+    assert abs(figures["device_wait_share"] - 0.6) < 1e-9
+    assert metrics.engine_step_figures(before, before) == {}  # no step between them
+    assert metrics.engine_step_figures(before, dict(after, **{metrics.ENGINE_BUSY: None})) == {}  # a blank scrape
