@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_quantize import cuda_runner, decode_step_logits, greedy_tokens, make_runner, prefill_logits
+from test_quantize import agreement, cuda_runner, decode_step_logits, make_runner, prefill_logits
 
 from internvl_serve.config import InternVLChatConfig
 from internvl_serve.engine.attention import build_attention_metadata, sdpa_paged_attention, write_kv
@@ -85,17 +85,9 @@ def test_runner_with_an_e4m3_cache_against_the_model_dtype(tiny_checkpoint, conf
     assert fp8.kv_cache.dtype == E4M3 and all(k.dtype == v.dtype == E4M3 for k, v in fp8.kv_caches)
     assert fp8.cache_info()["dtype"] == "float8_e4m3fn" and full.cache_info()["dtype"] == "float32"
     assert fp8.bytes_per_block * 4 == full.bytes_per_block  # float32 on the CPU: a quarter of the bytes
-    ref, got = prefill_logits(full, config), prefill_logits(fp8, config)
-    err = compare_logits(ref, got)
-    a, b = greedy_tokens(full, config), greedy_tokens(fp8, config)
-    matched = sum(x == y for k in a for x, y in zip(a[k], b[k]))
-    with capsys.disabled():
-        print(f"\ne4m3 KV cache vs float32 (tiny checkpoint, greedy, 6 prompts x 32 tokens): {matched}/192 tokens "
-              f"equal, {sum(a[k] == b[k] for k in a)}/6 sequences identical; prefill logits rel L2 "
-              f"{err.rel_l2:.4f}, max abs {err.max_abs:.3f}")
-    assert 0 < err.rel_l2 < 0.03, err                  # measured 0.9 %
-    assert all(a[k][0] == b[k][0] for k in a)
-    assert sum(a[k] == b[k] for k in a) >= 4           # measured 6/6
+    a = agreement(full, fp8, config, "e4m3 KV cache vs float32", capsys)
+    assert 0 < a.err.rel_l2 < 0.03, a.err                  # measured 0.9 %
+    assert a.first_tokens_equal and a.same_sequences >= 4  # measured 192/192 tokens, 6/6 sequences
 
 
 def test_llm_service_passes_the_parameter_to_the_runner(tiny_checkpoint):

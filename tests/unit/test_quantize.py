@@ -3,6 +3,8 @@ equals the same model with dequantized weights, the logit error and greedy agree
 tiny checkpoint (CPU), the option's parsing, and (GPU, marked) CUDA-graph decode with the quantized kernels."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from torch import nn
@@ -13,7 +15,7 @@ from internvl_serve.engine import LLMEngine, ModelRunner, Request, SamplingParam
 from internvl_serve.engine.llama import load_llama
 from internvl_serve.engine.quantize import (ENGINE_PROJECTIONS, is_quantized, quantize_llama_fp8_,
                                             quantize_llama_int8_, quantize_model_, validate_quantization)
-from internvl_serve.kernels import Int8Linear, compare_logits, quantize_weight
+from internvl_serve.kernels import Int8Linear, LogitError, compare_logits, quantize_weight
 from internvl_serve.kernels.fp8_linear import FP8, Fp8Linear
 from internvl_serve.kernels.int8_linear import LLAMA_PROJECTIONS
 
@@ -59,6 +61,46 @@ def prefill_logits(runner, config, reqs=None) -> torch.Tensor:
 def greedy_tokens(runner, config) -> dict[str, list[int]]:
     return {k: [t for o in v for t in o.new_token_ids]
             for k, v in engine_of(runner, config).generate(requests(config)).items()}
+
+
+@dataclass
+class Agreement:
+    """A runner against a reference on the tiny checkpoint: prefill logits (n, vocab) of both, their error,
+    and the greedy tokens of both (6 prompts x 32 tokens)."""
+    ref: torch.Tensor
+    got: torch.Tensor
+    err: LogitError
+    ref_tokens: dict[str, list[int]]
+    got_tokens: dict[str, list[int]]
+
+    @property
+    def same_sequences(self) -> int:
+        return sum(self.ref_tokens[k] == self.got_tokens[k] for k in self.ref_tokens)
+
+    @property
+    def first_tokens_equal(self) -> bool:
+        return all(self.ref_tokens[k][0] == self.got_tokens[k][0] for k in self.ref_tokens)
+
+    def argmax_kept_where_clear(self) -> int:
+        """Positions whose reference top-2 margin exceeds twice the largest error keep their argmax (asserted);
+        returns how many such positions there are."""
+        top2 = self.ref.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 2 * self.err.max_abs
+        assert torch.equal(self.ref.argmax(-1)[clear], self.got.argmax(-1)[clear])
+        return int(clear.sum())
+
+
+def agreement(reference, candidate, config, label: str, capsys) -> Agreement:
+    """Compare two runners' prefill logits and greedy tokens; print the figures (the tests' measured values)."""
+    ref, got = prefill_logits(reference, config), prefill_logits(candidate, config)
+    a = Agreement(ref, got, compare_logits(ref, got), greedy_tokens(reference, config), greedy_tokens(candidate, config))
+    positions = sum(len(v) for v in a.ref_tokens.values())
+    matched = sum(x == y for k in a.ref_tokens for x, y in zip(a.ref_tokens[k], a.got_tokens[k]))
+    with capsys.disabled():
+        print(f"\n{label} (tiny checkpoint, greedy, 6 prompts x 32 tokens): {matched}/{positions} tokens equal, "
+              f"{a.same_sequences}/6 sequences identical; prefill logits rel L2 {a.err.rel_l2:.4f}, "
+              f"max abs {a.err.max_abs:.3f}, top-1 {a.err.top1_agreement:.2f}")
+    return a
 
 
 # ---- the module swap ------------------------------------------------------------------------------------
@@ -160,22 +202,10 @@ def test_runner_int8_logits_close_to_fp32_and_greedy_agreement(tiny_checkpoint, 
     fp32 = make_runner(tiny_checkpoint, config)
     int8 = make_runner(tiny_checkpoint, config, "int8")
     assert fp32.quantization is None and not is_quantized(fp32.model)
-    ref, got = prefill_logits(fp32, config), prefill_logits(int8, config)
-    err = compare_logits(ref, got)
-    assert err.rel_l2 < 0.02 and err.max_rel < 0.02, err          # measured: 0.53% and 0.52%
-    # a position keeps its argmax wherever fp32's top-2 margin exceeds twice the largest error
-    top2 = ref.topk(2, dim=-1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 2 * err.max_abs
-    assert clear.sum() >= 4 and torch.equal(ref.argmax(-1)[clear], got.argmax(-1)[clear])
-    a, b = greedy_tokens(fp32, config), greedy_tokens(int8, config)
-    positions = sum(len(v) for v in a.values())
-    matched = sum(x == y for k in a for x, y in zip(a[k], b[k]))
-    same_sequences = sum(a[k] == b[k] for k in a)
-    with capsys.disabled():
-        print(f"\nint8 vs fp32 (tiny checkpoint, greedy, 6 prompts x 32 tokens): {matched}/{positions} tokens "
-              f"equal, {same_sequences}/6 sequences identical; prefill logits rel L2 {err.rel_l2:.4f}, "
-              f"max abs {err.max_abs:.3f}, top-1 {err.top1_agreement:.2f}")
-    assert same_sequences >= 4      # measured 5/6: one prompt's first two candidates are 0.06 apart
+    a = agreement(fp32, int8, config, "int8 vs fp32", capsys)
+    assert a.err.rel_l2 < 0.02 and a.err.max_rel < 0.02, a.err          # measured: 0.53% and 0.52%
+    assert a.argmax_kept_where_clear() >= 4
+    assert a.same_sequences >= 4      # measured 5/6: one prompt's first two candidates are 0.06 apart
 
 
 def test_runner_fp8_logits_close_to_fp32(tiny_checkpoint, config, capsys):
@@ -184,19 +214,10 @@ def test_runner_fp8_logits_close_to_fp32(tiny_checkpoint, config, capsys):
     fp32 = make_runner(tiny_checkpoint, config)
     fp8 = make_runner(tiny_checkpoint, config, "fp8")
     assert fp8.quantization == "fp8" and is_quantized(fp8.model)
-    ref, got = prefill_logits(fp32, config), prefill_logits(fp8, config)
-    err = compare_logits(ref, got)
-    assert 0 < err.rel_l2 < 0.06 and err.max_rel < 0.06, err          # measured: 2.9% and 3.1%
-    top2 = ref.topk(2, dim=-1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 2 * err.max_abs
-    assert torch.equal(ref.argmax(-1)[clear], got.argmax(-1)[clear])
-    a, b = greedy_tokens(fp32, config), greedy_tokens(fp8, config)
-    matched = sum(x == y for k in a for x, y in zip(a[k], b[k]))
-    with capsys.disabled():
-        print(f"\nfp8 vs fp32 (tiny checkpoint, greedy, 6 prompts x 32 tokens): {matched}/192 tokens equal, "
-              f"{sum(a[k] == b[k] for k in a)}/6 sequences identical; prefill logits rel L2 {err.rel_l2:.4f}, "
-              f"max abs {err.max_abs:.3f}, top-1 {err.top1_agreement:.2f}")
-    assert all(a[k][0] == b[k][0] for k in a)  # measured: 129/192 tokens, every first token equal
+    a = agreement(fp32, fp8, config, "fp8 vs fp32", capsys)
+    assert 0 < a.err.rel_l2 < 0.06 and a.err.max_rel < 0.06, a.err          # measured: 2.9% and 3.1%
+    a.argmax_kept_where_clear()
+    assert a.first_tokens_equal  # measured: 129/192 tokens, every first token equal
 
 
 def test_merged_fp8_projection_computed_by_parts_equals_the_whole():
