@@ -16,6 +16,9 @@ Measures, in one run and on one device:
     --profile-levels; --engine-alone-compare KEY=VALUE adds the same rows with one llm parameter changed;
   * the Triton server through gRPC streaming at each concurrency level, the same requests with
     ignore_eos: output tokens/s, time to first token p50/p95, inter-token latency p50/p95;
+  * at each level, server and engine alone, the llm engine's own counters over the level (the
+    `internvl_engine_*` metrics; in-process for the engine alone): ms of engine-thread work per step and
+    the share of it spent waiting for the GPU;
   * peak GPU memory (nvidia-smi, whole device) and the server's KV-cache report;
   * after the last level, the llm's `internvl_kv_cache_blocks_used` gauge (Prometheus, the server's
     metrics port), polled until it reads 0 or --kv-free-timeout-s passes: every KV block must be free
