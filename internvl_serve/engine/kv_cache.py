@@ -7,10 +7,11 @@ vLLM/FlashAttention paged caches. Size: on CUDA, `auto_num_blocks` sizes it from
 after the weights are loaded and a profile forward of max_num_batched_tokens tokens has measured
 activations; on the CPU, `cpu_num_blocks`.
 
-Owns: the layout (`allocate`, `bytes_per_block`), the cache dtype's option (`cache_dtype_of`), the sizing and its profile forward, the memory bound of
-the reference attention's gather (MAX_GATHER_TOKENS, which every eager step passes on). Does not own:
-which blocks a sequence holds (block_manager.py), the block tables and the steps that read and write the
-cache (runner.py, llama.py, decode_graphs.py), the slot arithmetic (attention.py).
+Owns: the layout (`allocate`, `bytes_per_block`), the cache dtype's option (`cache_dtype_of`), the sizing
+and its profile forward, the memory bound of the reference attention's gather (MAX_GATHER_TOKENS, which
+every eager step passes on). Does not own: which blocks a sequence holds (block_manager.py), the block
+tables and the steps that read and write the cache (runner.py, llama.py, decode_graphs.py), the slot
+arithmetic (attention.py).
 """
 from __future__ import annotations
 
