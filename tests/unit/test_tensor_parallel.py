@@ -57,23 +57,27 @@ def generate(runner, reqs, overlap=False) -> dict[str, list[int]]:
     return tokens
 
 
-def test_two_ranks_give_the_tokens_of_one_process(checkpoint):
+@pytest.mark.parametrize("kv_cache_dtype", ["", "fp8"])
+def test_two_ranks_give_the_tokens_of_one_process(checkpoint, kv_cache_dtype):
+    # fp8: every rank stores its heads' K/V in e4m3, as the one process does (the workers get the option)
     config = InternVLChatConfig.from_pretrained(checkpoint)
     state_dict = load_state_dict(checkpoint, prefixes=("language_model.",), dtype=torch.float32, progress=False)
     reqs = requests(config)
+    options = dict(OPTIONS, kv_cache_dtype=kv_cache_dtype)
 
-    single = generate(ModelRunner(config, state_dict, device="cpu", dtype=torch.float32, **OPTIONS), reqs)
+    single = generate(ModelRunner(config, state_dict, device="cpu", dtype=torch.float32, **options), reqs)
     assert all(len(t) == 14 for t in single.values())
 
-    group = start_workers(checkpoint, devices=["cpu", "cpu"], dtype="float32", runner_options=OPTIONS,
+    group = start_workers(checkpoint, devices=["cpu", "cpu"], dtype="float32", runner_options=options,
                           timeout_s=120)
     runner = None
     try:
-        runner = ModelRunner(config, state_dict, device="cpu", dtype=torch.float32, tp=group.tp, **OPTIONS)
+        runner = ModelRunner(config, state_dict, device="cpu", dtype=torch.float32, tp=group.tp, **options)
         args = runner.model.local_args
         assert (args.num_attention_heads, args.num_key_value_heads) == (
             config.llm_config.num_attention_heads // 2, config.llm_config.num_key_value_heads // 2)
         assert runner.kv_cache.shape[4] == config.llm_config.num_key_value_heads // 2
+        assert runner.kv_cache.dtype == (torch.float8_e4m3fn if kv_cache_dtype else torch.float32)
         # overlap scheduling asked for: the channel sends host token ids, so each step is resolved first
         assert not runner.supports_overlap
         parallel = generate(runner, reqs, overlap=True)
