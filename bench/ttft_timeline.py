@@ -14,6 +14,8 @@ median of each segment and writes the rows as JSON (--out).
 
     python bench/ttft_timeline.py --checkpoint DIR --requests 8 --out timeline.json      # a GPU machine
     python bench/ttft_timeline.py --tiny --requests 3 --out /tmp/timeline.json          # the CPU, a check
+    python bench/ttft_timeline.py --checkpoint DIR --params llm.quantization=fp8,vision.quantization=fp8 \
+        --out timeline-fp8.json                     # the server with model parameters changed, as --server-compare
 
 Owns: the trace configuration, the join of trace and client times, the table. Does not own: the server.
 """
@@ -119,15 +121,18 @@ async def one(url: str, question: str, image: bytes, request_id: str, max_tokens
 def main(argv=None) -> int:
     import asyncio
 
-    from benchmark import QUESTION, level_images  # the benchmark's request and images
+    from benchmark import QUESTION, compare_layout, level_images  # the benchmark's request, images, layouts
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, help="a checkpoint folder (random full-size weights on a GPU)")
     parser.add_argument("--tiny", action="store_true", help="the tiny generated checkpoint (a CPU check)")
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--params", default="", metavar="MODEL.KEY=VALUE[,MODEL.KEY=VALUE]",
+                        help="model parameters to change, as benchmark.py --server-compare (MODEL: llm or vision)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    layout = compare_layout(args.params) if args.params else None
     from internvl_serve.serving.launcher import TritonServer
 
     work = Path(tempfile.mkdtemp(prefix="ttft-timeline-"))
@@ -138,7 +143,7 @@ def main(argv=None) -> int:
     trace_file = work / "trace.json"
     images = level_images(99, args.requests + 1)
     sent: list[tuple[str, int, int]] = []
-    with TritonServer(ckpt, extra_args=trace_args(trace_file), log_file=work / "server.log",
+    with TritonServer(ckpt, extra_args=trace_args(trace_file), log_file=work / "server.log", layout=layout,
                       tritonserver=os.environ.get("TRITONSERVER"),
                       backend_directory=os.environ.get("TRITON_BACKENDS")) as server:
         asyncio.run(one(server.grpc_url, QUESTION, images[-1], "warmup", args.max_tokens))
@@ -148,7 +153,7 @@ def main(argv=None) -> int:
             sent.append((request_id, send, first))
     traces = read_traces(trace_file)
     rows = [row for rid, s, f in sent if (row := timeline(traces, rid, s, f)) is not None]
-    result = {"requests": len(sent), "complete_traces": len(rows), "rows": rows,
+    result = {"parameters": args.params, "requests": len(sent), "complete_traces": len(rows), "rows": rows,
               "median_ms": {k: statistics.median(r[k] for r in rows) for k in SEGMENTS} if rows else {}}
     args.out.write_text(json.dumps(result, indent=2))
     print(f"{len(rows)} of {len(sent)} requests with complete traces; median ms per segment:")
