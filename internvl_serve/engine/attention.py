@@ -36,7 +36,7 @@ from torch.nn.attention import SDPBackend
 
 from internvl_serve.engine.host_copy import to_device
 from internvl_serve.kernels import prefill_attention
-from internvl_serve.kernels.paged_attention import FP8_CACHE_DTYPES, cache_rows, to_cache_dtype
+from internvl_serve.kernels.paged_attention import cache_rows, put_cache_rows
 
 # cuDNN attention rebuilds its graph for every new key length (each decode step): ~1.5 ms of CPU per
 # call on the H100 host. Flash (no mask) and memory-efficient (masks) attention have no such cost.
@@ -216,11 +216,8 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     """caches (num_blocks, block_size, Hkv, D), in k's dtype or e4m3; k, v (T, Hkv, D): token t goes to
     slot_mapping[t]."""
     Hkv, D = k.shape[1:]
-    for cache, new in ((k_cache, k), (v_cache, v)):
-        new = to_cache_dtype(new, cache.dtype)
-        if cache.dtype in FP8_CACHE_DTYPES:  # index_copy_ has no float8 kernel: copy the bytes
-            cache, new = cache.view(torch.uint8), new.view(torch.uint8)
-        cache.view(-1, Hkv, D).index_copy_(0, slot_mapping, new)
+    put_cache_rows(k_cache.view(-1, Hkv, D), slot_mapping, k)
+    put_cache_rows(v_cache.view(-1, Hkv, D), slot_mapping, v)
 
 
 def sdpa_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
