@@ -1,4 +1,5 @@
-"""Paged attention for our LLaMA: per-step metadata, the KV write, and the attention of a step.
+"""Paged attention for our LLaMA: per-step metadata and the attention of a step (the K/V write before it is
+`kernels.write_kv`, one for every step).
 
 A step's tokens are flattened (T of them, all sequences); `build_attention_metadata` says where each
 token's K/V go (slot_mapping) and how the sequences attend: decodes (one query each) and prefill chunks
@@ -36,7 +37,7 @@ from torch.nn.attention import SDPBackend
 
 from internvl_serve.engine.host_copy import to_device
 from internvl_serve.kernels import prefill_attention
-from internvl_serve.kernels.paged_attention import cache_rows, put_cache_rows
+from internvl_serve.kernels.paged_attention import cache_rows
 
 # cuDNN attention rebuilds its graph for every new key length (each decode step): ~1.5 ms of CPU per
 # call on the H100 host. Flash (no mask) and memory-efficient (masks) attention have no such cost.
@@ -209,16 +210,7 @@ def _build_groups(bt: torch.Tensor, q_lens: np.ndarray, ctx_lens: np.ndarray, bl
     return groups
 
 
-# -- KV write and attention -----------------------------------------------------------------------
-
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """caches (num_blocks, block_size, Hkv, D), in k's dtype or e4m3; k, v (T, Hkv, D): token t goes to
-    slot_mapping[t]."""
-    Hkv, D = k.shape[1:]
-    put_cache_rows(k_cache.view(-1, Hkv, D), slot_mapping, k)
-    put_cache_rows(v_cache.view(-1, Hkv, D), slot_mapping, v)
-
+# -- attention -------------------------------------------------------------------------------------
 
 def sdpa_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -254,8 +246,8 @@ def kernel_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """The varlen paged kernel (kernels/prefill_attention.py) over metadata built with its tiles."""
     t = meta.prefill_tiles
-    return prefill_attention.paged_prefill_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                                   t.tile_seq, t.tile_start, scale, t.block_m)
+    return prefill_attention.paged_prefill_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
+                                                     meta.block_tables, t.tile_seq, t.tile_start, scale, t.block_m)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -8,10 +8,11 @@ split; merge_projections).
 
 `Llama.forward` is the one layer loop, for prefill, decode and mixed steps, eager or captured in a CUDA
 graph (decode_graphs.py). The batch is ragged and flattened: T tokens of all sequences of one step,
-(T, hidden) embeddings and (T,) positions. The metadata selects the attention: an AttentionMetadata
-(attention.py) runs the attention function given at construction (the reference SDPA one by default)
-after the index_copy K/V write; a DecodeMetadata (one token per sequence, padding rows with slot -1)
-runs kernels.write_kv and kernels.paged_decode_attention. Logits are computed only at `logits_indices`.
+(T, hidden) embeddings and (T,) positions. Every step first writes its K/V with kernels.write_kv (the
+Triton kernel on a GPU; slots < 0 skipped). The metadata then selects the attention: an AttentionMetadata
+(attention.py) runs the attention function given at construction (the reference SDPA one by default); a
+DecodeMetadata (one token per sequence, padding rows with slot -1) runs kernels.paged_decode_attention.
+Logits are computed only at `logits_indices`.
 
 Two paths, chosen by `Llama.fused` (load_llama's fused_kernels; default on for CUDA, off on the CPU,
 INTERNVL_SERVE_FUSED_KERNELS=0 turns the default off): fused, one GEMM per merged projection and the
@@ -32,8 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import sdpa_kernel
 
-from internvl_serve.engine.attention import (SDPA_BACKENDS, AttentionFn, AttentionMetadata, sdpa_paged_attention,
-                                             write_kv)
+from internvl_serve.engine.attention import SDPA_BACKENDS, AttentionFn, AttentionMetadata, sdpa_paged_attention
 from internvl_serve import kernels
 from internvl_serve.engine.parallel import TensorParallel, local_args, shard_state_dict
 from internvl_serve.kernels.fused_ops import (add_rmsnorm, add_rmsnorm_torch, apply_rope, rms_norm_torch, rotary_,
@@ -196,11 +196,10 @@ class Attention(nn.Module):
             q = apply_rope(q.view(T, self.n_heads, D), step.cos, step.sin)
             k = apply_rope(k.view(T, self.n_kv, D), step.cos, step.sin)
             v = v.view(T, self.n_kv, D)
+        kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)  # first: attention reads them back
         if isinstance(meta, DecodeMetadata):
-            kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
             o = kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale)
         else:
-            write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
             o = self.attention(q, k_cache, v_cache, meta, self.scale)  # (T, H, D)
         return self.project_out(o.reshape(T, self.q_size))
 

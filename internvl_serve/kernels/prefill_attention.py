@@ -2,8 +2,8 @@
 
 Owns: the Triton kernel that runs the attention of a whole step (any mix of prefill chunks and single
 decode tokens) straight from the block-paged cache, and `prefill_tiles`, the host-side split of the
-step's queries into tiles. Does not own: the KV write (paged_attention.write_kv / the engine's
-write_kv, which must run first: a chunk's own K/V are read back from the cache), the cache, the block
+step's queries into tiles. Does not own: the KV write (paged_attention.write_kv, which must run first:
+a chunk's own K/V are read back from the cache), the cache, the block
 tables or the per-step metadata (engine/attention.py builds those once per step), nor the reference
 (engine/attention.py `sdpa_paged_attention`, the tests' oracle).
 

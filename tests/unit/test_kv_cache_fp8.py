@@ -1,5 +1,5 @@
 """The llm's opt-in e4m3 KV cache (`kv_cache_dtype: fp8`): the option, the values the cache stores
-(saturating, round to nearest even), the engine's torch write and reference attention over it, the runner
+(saturating, round to nearest even), the KV write on the CPU and the reference attention over it, the runner
 on the tiny checkpoint against the model-dtype cache (CPU), and (GPU, marked) a captured decode step over
 it against the eager one. The Triton kernels' own checks over an e4m3 cache are in test_kernels.py and
 test_prefill_attention.py."""
@@ -10,10 +10,10 @@ import torch
 from test_quantize import agreement, cuda_runner, decode_step_logits, make_runner, prefill_logits
 
 from internvl_serve.config import InternVLChatConfig
-from internvl_serve.engine.attention import build_attention_metadata, sdpa_paged_attention, write_kv
+from internvl_serve.engine.attention import build_attention_metadata, sdpa_paged_attention
 from internvl_serve.engine.kv_cache import cache_dtype_of, validate_kv_cache_dtype
 from internvl_serve.kernels import compare_logits
-from internvl_serve.kernels.paged_attention import to_cache_dtype, write_kv_ref
+from internvl_serve.kernels.paged_attention import cache_rows, to_cache_dtype, write_kv
 
 E4M3 = torch.float8_e4m3fn
 
@@ -52,9 +52,10 @@ def test_values_saturate_and_round_to_nearest_even():
     assert to_cache_dtype(same, torch.bfloat16) is same  # the model dtype: no copy
 
 
-def test_engine_write_and_reference_attention_over_an_e4m3_cache():
-    """The engine's torch KV write (index_copy_ through the bytes) stores what write_kv_ref stores, and
-    the reference attention over the e4m3 cache equals it over a float32 copy of the same values."""
+def test_write_and_reference_attention_over_an_e4m3_cache():
+    """The KV write of every step (kernels.write_kv; its torch path on the CPU, through the cache's bytes)
+    stores each new token's to_cache_dtype values at its slot and leaves every other slot alone, and the
+    reference attention over the e4m3 cache equals it over a float32 copy of the same values."""
     torch.manual_seed(0)
     blocks, bs, Hkv, D = 9, 4, 2, 8
     k_cache, v_cache = (torch.zeros(blocks, bs, Hkv, D, dtype=E4M3) for _ in range(2))
@@ -68,10 +69,14 @@ def test_engine_write_and_reference_attention_over_an_e4m3_cache():
                 torch.randn(n, Hkv, D) * 4, E4M3))
     meta, _ = build_attention_metadata(q_lens, ctx_lens, tables, bs, prefill_kernel=False)
     k, v = torch.randn(2, sum(q_lens), Hkv, D) * 300  # some past 448
-    ref_k, ref_v = k_cache.clone(), v_cache.clone()
-    write_kv_ref(k, v, ref_k, ref_v, meta.slot_mapping)
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-    assert torch.equal(as_bytes(k_cache), as_bytes(ref_k)) and torch.equal(as_bytes(v_cache), as_bytes(ref_v))
+    before_k, before_v = as_bytes(k_cache).clone(), as_bytes(v_cache).clone()
+    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    slots = meta.slot_mapping.long()
+    for cache, new, before in ((k_cache, k, before_k), (v_cache, v, before_v)):
+        assert torch.equal(as_bytes(cache_rows(cache.view(-1, Hkv, D), slots)), as_bytes(to_cache_dtype(new, E4M3)))
+        untouched = torch.ones(blocks * bs, dtype=torch.bool)
+        untouched[slots] = False
+        assert torch.equal(as_bytes(cache).view(blocks * bs, -1)[untouched], before.view(blocks * bs, -1)[untouched])
     assert k_cache.float().abs().max() == 448
     q = torch.randn(sum(q_lens), 4, D)
     out = sdpa_paged_attention(q, k_cache, v_cache, meta, D ** -0.5)
