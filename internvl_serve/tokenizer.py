@@ -301,6 +301,46 @@ class InternVLTokenizer:
         text = " ".join(sub_texts)
         return _clean_up_tokenization(text) if self.clean_up_tokenization_spaces else text
 
+    def decode_continuation(self, ids: Iterable[int]) -> str | None:
+        """The text `ids` add after a decode that already has text, without decoding what came before:
+        `decode(prefix + ids) == decode(prefix) + decode_continuation(ids)` (skip_special_tokens=True) for
+        every prefix whose decode is not empty, whose every token was plain (this returned a string for
+        it), and that does not end inside a character (its decode does not end with '\ufffd').
+
+        Plain: a sentencepiece piece, or a special id (skipped by the decode as if absent). None when ids
+        hold an added token that the decode renders (verbatim, or the special-token spacing of
+        convert_tokens_to_string) or clean-up is on: those depend on their neighbours, so decode the whole.
+        Why the rest is local: sentencepiece strips a leading space only at the start of a decode, and
+        decodes byte pieces character by character; here the pieces follow a fixed anchor piece, so none
+        of them is at the start, and the prefix ends on a whole character."""
+        if self.clean_up_tokenization_spaces:
+            return None
+        tokens = self.convert_ids_to_tokens([int(i) for i in ids], skip_special_tokens=True)
+        if any(t in self._added_encoder or t in self._special_set for t in tokens):
+            return None
+        if not tokens:
+            return ""
+        anchor = self._continuation_anchor()
+        if anchor is None:
+            return None
+        return self.sp_model.decode([anchor, *tokens])[len(anchor):]
+
+    def _continuation_anchor(self) -> str | None:
+        """A piece that decodes to itself, also before others (no leading "▁", not a byte, control or
+        unknown piece, no added token): found once, None if the vocabulary has none."""
+        if not hasattr(self, "_anchor"):
+            self._anchor = None
+            sp = self.sp_model
+            for i in range(self.vocab_size):
+                piece = sp.id_to_piece(i)
+                if (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)
+                        or piece.startswith(SPIECE_UNDERLINE) or piece in self._added_encoder):
+                    continue
+                if sp.decode([piece]) == piece and sp.decode([piece, piece]) == piece * 2:
+                    self._anchor = piece
+                    break
+        return self._anchor
+
     def batch_decode(self, sequences: Iterable[Iterable[int]], skip_special_tokens: bool = True) -> list[str]:
         return [self.decode(seq, skip_special_tokens=skip_special_tokens) for seq in sequences]
 

@@ -1,8 +1,11 @@
 """IncrementalDetokenizer: text deltas of one request from the cumulative decode of all its tokens.
 
-Every update decodes ALL generated ids at once (`tokenizer.decode(ids, skip_special_tokens=True)`),
-never token by token: SentencePiece drops a piece's leading space at the start of a decode, and a
-multi-byte character split across byte-fallback tokens only decodes whole. The emitted text is the
+The text is that of one decode of ALL generated ids (`tokenizer.decode(ids, skip_special_tokens=True)`),
+never of a token decoded alone: SentencePiece drops a piece's leading space at the start of a decode, and
+a multi-byte character split across byte-fallback tokens only decodes whole. A tokenizer with
+`decode_continuation` (tokenizer.py's) gives that text without decoding it all again at each token: the
+text of the tokens up to the last whole character is kept, and only the tokens after it are decoded, after
+it; without one, or after a token it declines, every update decodes all the ids. The emitted text is the
 stable part of that decode, so that all deltas concatenate to the card's post-processing,
 `full_text.split(stop)[0].strip()`, with generation ending at the first stop string (the text is cut
 before it). The stop strings are the request's (SamplingParams.stop: the conversation template's, e.g.
@@ -13,8 +16,10 @@ starts), trailing whitespace (until more text follows), a trailing incomplete UT
 This is the one place where the answer is stripped: everything downstream (serving/llm.py's
 ResponseStream, the clients) passes the deltas on unchanged.
 
-Cost: one decode of the whole output per token, O(n^2) characters over a request; fine for
-answers of a few thousand tokens with SentencePiece's C++ decode.
+Cost: with `decode_continuation`, the new tokens' pieces per update (while a character is split, the
+tokens since it began), plus string copies of the text; without it, one decode of the whole answer per
+update, O(n^2) over a request, which at 64 streams kept the llm's sender threads longer on the GIL than
+the engine thread's own work (bench/results/h100-2026-12-06, engine-steps-ae12b56).
 
 Does not own: the tokenizer (injected), which stop strings a request has (prompt.py's template, the
 client), when an answer ends: stop tokens (never decoded), the length limit and when to flush (stopping.py;
@@ -29,6 +34,9 @@ class IncrementalDetokenizer:
         self.stop = tuple(dict.fromkeys(stop))  # unique, in order
         self._max_stop = max((len(s) for s in self.stop), default=0)
         self.token_ids: list[int] = []
+        # decode(token_ids[:_kept_ids]) == _kept_text, kept only where decode_continuation may follow it
+        self._continuation = getattr(tokenizer, "decode_continuation", None)
+        self._kept_ids, self._kept_text = 0, ""
         self.emitted = ""       # concatenation of all deltas so far
         self._text = ""         # current stripped-left, stop-cut text candidate
         self.stopped = False    # a stop string was found
@@ -39,7 +47,19 @@ class IncrementalDetokenizer:
         return self.emitted
 
     def _decode(self) -> str:
-        return self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        """decode(all ids so far)."""
+        after = None
+        if self._continuation is not None:
+            after = self._continuation(self.token_ids[self._kept_ids:])
+            if after is None:  # a token whose text depends on its neighbours: decode all from now on
+                self._continuation = None
+        if after is None or not self._kept_text:  # at the start a decode strips a space: not a continuation
+            text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        else:
+            text = self._kept_text + after
+        if self._continuation is not None and not text.endswith("\ufffd"):  # ends on a whole character
+            self._kept_ids, self._kept_text = len(self.token_ids), text
+        return text
 
     def _find_stop(self, text: str) -> int:
         """Earliest start of a stop string in text (searching only where one can still start), or -1."""

@@ -147,3 +147,68 @@ def test_ignore_eos_must_be_a_bool():
     from internvl_serve.engine.errors import InvalidRequest
     with pytest.raises(InvalidRequest, match="ignore_eos must be a bool"):
         SamplingParams(ignore_eos=1).validate()
+
+
+class WholeDecodes:
+    """A tokenizer that offers only the whole decode (no decode_continuation), and counts its calls."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, 0
+
+    def decode(self, token_ids, skip_special_tokens=True):
+        self.calls += 1
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+
+class CountingDecodes(WholeDecodes):
+    def decode_continuation(self, token_ids):
+        return self.tokenizer.decode_continuation(token_ids)
+
+
+def deltas_of(tokenizer, chunks, stop):
+    d = IncrementalDetokenizer(tokenizer, TEMPLATE_STOP + tuple(stop))
+    deltas = []
+    for chunk in chunks:
+        delta, stopped = d.update(chunk)
+        deltas.append(delta)
+        if stopped:
+            return deltas
+    return deltas + [d.finish()]
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_continuations_give_the_deltas_of_whole_decodes(tiny_tokenizer, seed):
+    """With the checkpoint tokenizer's decode_continuation, every update's delta is the one that decoding
+    all the ids gives, over random ids (byte pieces, spaces, special and added ids among them) in random
+    chunks; and the deltas concatenate to the card's text."""
+    rng = random.Random(seed)
+    vocab = len(tiny_tokenizer)
+    pool = list(range(vocab)) + [tiny_tokenizer.convert_tokens_to_ids("▁")] * 50 + list(range(3, 259)) * 2
+    token_ids = [rng.choice(pool) for _ in range(rng.randrange(1, 60))]
+    if seed % 3:  # most answers hold no added token (the checkpoint's are all special: skipped)
+        token_ids = [t for t in token_ids if t < tiny_tokenizer.vocab_size]
+    chunks, i = [], 0
+    while i < len(token_ids):
+        n = rng.choice([1, 1, 1, 2, 3])
+        chunks.append(token_ids[i:i + n])
+        i += n
+    stop = tuple(rng.sample(["a", "in", "\n", "图片"], rng.randrange(0, 2)))
+    fast = deltas_of(tiny_tokenizer, chunks, stop)
+    assert fast == deltas_of(WholeDecodes(tiny_tokenizer), chunks, stop)
+    text = tiny_tokenizer.decode(token_ids).lstrip()
+    cuts = [j for j in (text.find(w) for w in ("</s>", *stop)) if j != -1]
+    assert "".join(fast) == (text[:min(cuts)] if cuts else text).strip()
+
+
+def test_a_long_answer_is_not_decoded_whole_at_every_token(tiny_tokenizer):
+    """Work done: 400 tokens one at a time decode all the ids only while the text is empty, not per token
+    (O(n^2) before: at 64 streams the senders' decodes held the GIL longer than the engine's own work)."""
+    text = "这张图片 shows a cat on a mat, café 😀 and 12 dogs. " * 30
+    token_ids = tiny_tokenizer.encode(text, add_special_tokens=False)[:400]
+    assert len(token_ids) == 400 and any(3 <= t < 259 for t in token_ids)  # byte pieces among them
+    counting = CountingDecodes(tiny_tokenizer)
+    deltas = deltas_of(counting, [[t] for t in token_ids], ())
+    assert "".join(deltas) == tiny_tokenizer.decode(token_ids).strip()
+    assert counting.calls <= 2
+    whole = WholeDecodes(tiny_tokenizer)
+    assert deltas_of(whole, [[t] for t in token_ids], ()) == deltas and whole.calls == 400

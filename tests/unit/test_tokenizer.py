@@ -69,6 +69,34 @@ def test_matches_transformers_437(recorded, tiny_tokenizer_dir, tmp_path, varian
     assert tok.batch_decode(sequences[:5]) == want["decode_skip_special"][:5]
 
 
+@pytest.mark.parametrize("variant", ["tiny", "legacy_false", "not_special", "eos_cleanup"])
+def test_decode_continuation_gives_the_recorded_decodes(recorded, tiny_tokenizer_dir, tmp_path, variant):
+    """decode(prefix + rest) == decode(prefix) + decode_continuation(rest) at every split of every recorded
+    sequence where the prefix qualifies (every token plain, text not empty, a whole last character), against
+    4.37.2's own decodes; a rendered added token, or clean-up, declines (None)."""
+    want = recorded["variants"][variant]
+    tok = load_tokenizer(variant_folder(tiny_tokenizer_dir, tmp_path, variant, want["files"]))
+    sequences = want["encode"] + recorded["random_ids"]
+    checked = declined = 0
+    for ids, full in zip(sequences, want["decode_skip_special"]):
+        for k in range(1, len(ids)):
+            prefix_text = tok.decode(ids[:k])
+            if tok.decode_continuation(ids[:k]) is None or not prefix_text or prefix_text.endswith("\ufffd"):
+                continue
+            rest = tok.decode_continuation(ids[k:])
+            if rest is None:
+                declined += 1
+                continue
+            assert prefix_text + rest == full, (ids, k)
+            checked += 1
+    if tok.clean_up_tokenization_spaces:  # its replacements reach across the split
+        assert checked == 0 and tok.decode_continuation([5]) is None
+    else:
+        assert checked > 500, checked
+    if variant == "not_special":  # added tokens rendered verbatim, joined by spaces: decode the whole
+        assert declined > 0 and tok.decode_continuation([tok.convert_tokens_to_ids(IMG_START_TOKEN)]) is None
+
+
 def test_make_tiny_tokenizer_is_deterministic(tmp_path):
     n1 = make_tiny_tokenizer(tmp_path / "a")
     n2 = make_tiny_tokenizer(tmp_path / "b")
