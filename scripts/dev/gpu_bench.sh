@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The speed benchmark across several device commands (one command may run 10 minutes; the whole run
 # takes longer). On the GPU machine, from the repository root, after the environment is set up (a venv
-# with the project's requirements and the tritonserver binary, e.g. scripts/gpu-setup.sh or a carried
-# bootstrap):
+# with the project's requirements and the tritonserver binary, e.g. scripts/gpu-setup.sh or, on a lent
+# machine, scripts/dev/device_carry.sh here and `source scripts/dev/device_env.sh` there):
 #   BENCH_COMMIT=abc1234 bash scripts/dev/gpu_bench.sh start [benchmark.py options]   # in the background
 #   bash scripts/dev/gpu_bench.sh wait 560                                            # until it ends or 560 s pass
 #   bash scripts/dev/gpu_bench.sh collect "$OUT"                                      # results, logs
