@@ -2,7 +2,7 @@
 service (random full-size V1-1 weights, `quantization: fp8`, blocks compiled as the vision model builds
 them), to choose what to build next against the issue's <= 17 ms per image at batch 8 (17.3 measured):
 
-- served: as the vision model runs today;
+- served: the compiled forward, as the vision model ran it before CUDA graphs;
 - multi_kernel: inductor's multi-kernel mode (`triton.multi_kernel=1`), which also generates persistent
   reductions for rows of up to 16K elements and keeps the faster per shape at run time. The per-token
   quantization of fc2's input (12,800 wide) was a looped two-pass reduction: 58.6 us of 21.8 ms per
@@ -10,7 +10,10 @@ them), to choose what to build next against the issue's <= 17 ms per image at ba
 - fast_accum: `torch._scaled_mm(..., use_fast_accum=True)`, Hopper's FP8 accumulation without periodic
   promotion (faster, less exact: the table gives the embeddings' relative error against `served`);
 - cudnn_attention: scaled_dot_product_attention through cuDNN's kernel instead of flash-attention 2;
-- all: the three together.
+- cuda_graphs: the forward replayed from a CUDA graph per batch size (serving/encoder_graphs.py; the
+  service's default since it was written, not yet measured: at one tile the compiled fp8 forward spent
+  32.8 ms of CPU on 21.8 ms of kernels);
+- all: the four together.
 
 For each: ms per image at batch 8 and at batch 1 (median of --iters, CUDA events, pixels on the device),
 the CUDA time of one batch-8 forward by kernel family (torch.profiler), and the relative L2 error of the
@@ -44,6 +47,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from internvl_serve.kernels.fp8_linear import relative_error  # noqa: E402
 from internvl_serve.random_weights import make_random_checkpoint  # noqa: E402
+from internvl_serve.serving.encoder_graphs import EncoderGraphs  # noqa: E402
 from internvl_serve.serving.vision import VisionService  # noqa: E402
 from internvl_serve.tiny import make_tiny_checkpoint  # noqa: E402
 from vision_speed import family  # noqa: E402
@@ -53,7 +57,8 @@ VARIANTS = {
     "multi_kernel": ("multi_kernel",),
     "fast_accum": ("fast_accum",),
     "cudnn_attention": ("cudnn_attention",),
-    "all": ("multi_kernel", "fast_accum", "cudnn_attention"),
+    "cuda_graphs": ("cuda_graphs",),
+    "all": ("multi_kernel", "fast_accum", "cudnn_attention", "cuda_graphs"),
 }
 
 
@@ -105,18 +110,25 @@ def run_variant(service: VisionService, changes: tuple[str, ...], pixels8: torch
     with variant(changes), torch.inference_mode():
         t0 = time.perf_counter()
         compiled = service._compile_blocks(print)
-        compile_s = time.perf_counter() - t0
         for _ in range(2):
             service.encoder(pixels8)  # the batch-8 shape, and multi-kernel's own timing runs
+        forward = service.encoder
+        if "cuda_graphs" in changes:
+            graphs = EncoderGraphs(service.encoder, tuple(pixels8.shape[1:]), service.dtype, service.device)
+            graphs.capture()
+            forward = graphs.run
+        compile_s = time.perf_counter() - t0
         torch.cuda.synchronize()
-        out = service.encoder(pixels8)
+        out = forward(pixels8).clone()
         row = {
             "changes": list(changes), "compiled": compiled, "compile_s": round(compile_s, 1),
-            "b8_ms_per_image": cuda_ms(lambda: service.encoder(pixels8), iters) / 8,
-            "b1_ms_per_image": cuda_ms(lambda: service.encoder(pixels8[:1]), iters),
-            "b8_cuda_ms_by_family": cuda_ms_by_family(lambda: service.encoder(pixels8)),
+            "b8_ms_per_image": cuda_ms(lambda: forward(pixels8), iters) / 8,
+            "b1_ms_per_image": cuda_ms(lambda: forward(pixels8[:1]), iters),
+            "b8_cuda_ms_by_family": cuda_ms_by_family(lambda: forward(pixels8)),
             "rel_error_vs_served": None if reference is None else relative_error(reference.float(), out.float()),
         }
+    forward = graphs = None
+    torch.cuda.empty_cache()
     return row, out
 
 
@@ -135,7 +147,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="vision-variants-"))
     ckpt = make_random_checkpoint(work / "random", tokenizer_from=make_tiny_checkpoint(work / "tiny"))
     t0 = time.perf_counter()
-    service = VisionService(ckpt, device="cuda", quantization="fp8", compile="false")
+    service = VisionService(ckpt, device="cuda", quantization="fp8", compile="false", cuda_graphs="false")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "load_s": round(time.perf_counter() - t0, 1), "iters": args.iters, "variants": {}}
     pixels8 = torch.randn(8, 3, 448, 448, generator=torch.Generator().manual_seed(0)).to("cuda", service.dtype)
