@@ -2,7 +2,7 @@
 service (random full-size V1-1 weights, `quantization: fp8`, blocks compiled as the vision model builds
 them), to choose what to build next against the issue's <= 17 ms per image at batch 8 (17.3 measured):
 
-- served: the compiled forward, as the vision model ran it before CUDA graphs;
+- served: the compiled forward, as the vision model runs it by default;
 - multi_kernel: inductor's multi-kernel mode (`triton.multi_kernel=1`), which also generates persistent
   reductions for rows of up to 16K elements and keeps the faster per shape at run time. The per-token
   quantization of fc2's input (12,800 wide) was a looped two-pass reduction: 58.6 us of 21.8 ms per
@@ -10,9 +10,9 @@ them), to choose what to build next against the issue's <= 17 ms per image at ba
 - fast_accum: `torch._scaled_mm(..., use_fast_accum=True)`, Hopper's FP8 accumulation without periodic
   promotion (faster, less exact: the table gives the embeddings' relative error against `served`);
 - cudnn_attention: scaled_dot_product_attention through cuDNN's kernel instead of flash-attention 2;
-- cuda_graphs: the forward replayed from a CUDA graph per batch size (serving/encoder_graphs.py; the
-  service's default since it was written, not yet measured: at one tile the compiled fp8 forward spent
-  32.8 ms of CPU on 21.8 ms of kernels);
+- cuda_graphs: the forward replayed from a CUDA graph per batch size (serving/encoder_graphs.py, the
+  vision model's opt-in `cuda_graphs`: at one tile the compiled fp8 forward spent 32.8 ms of CPU on 21.8
+  ms of kernels);
 - all: the four together.
 
 For each: ms per image at batch 8 and at batch 1 (median of --iters, CUDA events, pixels on the device),

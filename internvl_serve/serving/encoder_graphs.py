@@ -13,7 +13,8 @@ with those shapes. All graphs share one memory pool: the service runs one forwar
 and every graph's output stays alive, so no capture reuses another's output.
 
 Owns: capture and replay, the static input and output buffers. Does not own: the encoder, whether it is
-compiled or quantized, or when graphs are used (serving/vision.py's `cuda_graphs` parameter).
+compiled or quantized, or when graphs are used (serving/vision.py's `cuda_graphs` parameter, off by
+default until measured on a GPU).
 """
 from __future__ import annotations
 

@@ -197,7 +197,7 @@ class VisionOptions:
     max_images_per_forward: int = 32
     image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB  # 0 disables the embedding cache
     compile: str = "auto"  # torch.compile each ViT block: auto (on CUDA) | true | false
-    cuda_graphs: str = "auto"  # a CUDA graph of the forward per batch of 1-8 tiles: auto (on CUDA) | true | false
+    cuda_graphs: str = "false"  # a CUDA graph of the forward per batch of 1-8 tiles: false | auto (on CUDA) | true
     quantization: str = ""  # "fp8": the blocks' matmuls in e4m3 (kernels/fp8_linear.py); "": the model dtype
 
     @classmethod
@@ -248,7 +248,7 @@ class VisionService:
 
     def __init__(self, checkpoint: str | Path, *, device: str = "auto", dtype: torch.dtype | None = None,
                  max_images_per_forward: int = 32, image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
-                 image_cache_entries: int | None = None, compile: str = "auto", cuda_graphs: str = "auto",
+                 image_cache_entries: int | None = None, compile: str = "auto", cuda_graphs: str = "false",
                  quantization: str = "",
                  log: Callable[[str], None] | None = None, activity: EncoderActivity | None = None):
         """activity: the server's encoder-activity record (serving/encoder_activity.py); every forward is

@@ -1,6 +1,6 @@
 """The vision service on CUDA (skipped without a GPU): with its ViT blocks compiled (the default on CUDA)
 the embeddings match the eager encoder's, for one image and for a batch (the dynamic-batch graph); its CUDA
-graphs (the default on CUDA) give the forward's embeddings, compiled or eager, for 1 to 11 tiles; its host
+graphs (opt-in) give the forward's embeddings, compiled or eager, for 1 to 11 tiles; its host
 buffers (internvl_serve/hostbuf.py) are page-locked and reused, its cache's slots all made at load:
 results through them equal the plain path's, a cache hit equals the forward exactly, and with the
 adapter's malloc setting an embed() of a new tile faults in almost none of its host pages."""
@@ -37,10 +37,11 @@ def test_cuda_graphs_give_the_forward_embeddings(tiny_checkpoint, compile):
     of the service without graphs, compiled or eager alike."""
     plain = VisionService(tiny_checkpoint, device="cuda", dtype=torch.float32, compile=compile, cuda_graphs="false",
                           image_cache_mb=0)
-    graphed = VisionService(tiny_checkpoint, device="cuda", dtype=torch.float32, compile=compile, image_cache_mb=0)
+    graphed = VisionService(tiny_checkpoint, device="cuda", dtype=torch.float32, compile=compile, cuda_graphs="auto",
+                            image_cache_mb=0)
     assert plain.graphs is None and graphed.graphs is not None
     assert graphed.graphs.batch_sizes == list(range(1, 9))
-    assert VisionService(tiny_checkpoint, device="cuda", max_images_per_forward=2,
+    assert VisionService(tiny_checkpoint, device="cuda", max_images_per_forward=2, cuda_graphs="true",
                          image_cache_mb=0).graphs.batch_sizes == [1, 2]
     rng = np.random.default_rng(2)
     size = graphed.config.vision_config.image_size
