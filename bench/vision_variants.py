@@ -161,7 +161,8 @@ def main(argv=None) -> int:
             reference = out
         result["variants"][name] = row
         print(name, json.dumps(row), flush=True)
-    print(f"\n{'variant':16s} {'b8 ms/img':>9s} {'b1 ms':>7s} {'rel err':>8s}  CUDA ms of one batch-8 forward by family")
+    print(f"\n{'variant':16s} {'b8 ms/img':>9s} {'b1 ms':>7s} {'rel err':>8s}  "
+          "CUDA ms of one batch-8 forward by family")
     for name, row in result["variants"].items():
         if "error" in row:
             print(f"{name:16s} {row['error']}")
