@@ -5,8 +5,8 @@ them), to choose what to build next against the issue's <= 17 ms per image at ba
 - served: the compiled forward, as the vision model runs it by default;
 - multi_kernel: inductor's multi-kernel mode (`triton.multi_kernel=1`), which also generates persistent
   reductions for rows of up to 16K elements and keeps the faster per shape at run time. The per-token
-  quantization of fc2's input (12,800 wide) was a looped two-pass reduction: 58.6 us of 21.8 ms per
-  block at batch 1 (bench/results/h100-2026-12-06/vision-step-fp8-dab87f5.json);
+  quantization of fc2's input (12,800 wide) was a looped two-pass reduction: 58.6 us per block, 2.6 of
+  the 21.8 ms of kernels of a one-tile forward (bench/results/h100-2026-12-06/vision-step-fp8-dab87f5.json);
 - fast_accum: `torch._scaled_mm(..., use_fast_accum=True)`, Hopper's FP8 accumulation without periodic
   promotion (faster, less exact: the table gives the embeddings' relative error against `served`);
 - cudnn_attention: scaled_dot_product_attention through cuDNN's kernel instead of flash-attention 2;
