@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import functools
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -50,6 +49,7 @@ from internvl_serve.random_weights import make_random_checkpoint  # noqa: E402
 from internvl_serve.serving.encoder_graphs import EncoderGraphs  # noqa: E402
 from internvl_serve.serving.vision import VisionService  # noqa: E402
 from internvl_serve.tiny import make_tiny_checkpoint  # noqa: E402
+from fp8_matmul_probe import cuda_ms  # noqa: E402 - median CUDA-event time after 3 warm-up calls
 from vision_speed import family  # noqa: E402
 
 VARIANTS = {
@@ -77,19 +77,6 @@ def variant(changes: tuple[str, ...]):
             yield
         finally:
             torch._scaled_mm = scaled_mm
-
-
-def cuda_ms(fn, iters: int) -> float:
-    """Median CUDA-event time of fn()."""
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def cuda_ms_by_family(fn) -> dict[str, float]:
