@@ -292,6 +292,7 @@ class LLMService:
         the log). Raises the engine's InvalidRequest for a request it refuses. cancel(client_id,
         cancel_key) aborts it; without a key (or an id) it cannot be cancelled by name."""
         from internvl_serve.engine import Request
+        from internvl_serve.engine.host_copy import page_locked
 
         if self._broken:
             raise RuntimeError(self._broken)
@@ -303,7 +304,9 @@ class LLMService:
                                               exclude_input_in_output=gen.exclude_input_in_output),
                          client_id=client_id, cancel_key=cancel_key,
                          text=self.engine.new_answer_text(sampling))
-        embeds = None if request.image_embeds is None else torch.from_numpy(np.ascontiguousarray(request.image_embeds))
+        embeds = None
+        if request.image_embeds is not None:  # page-locked here, on the caller's thread, not the engine's
+            embeds = page_locked(torch.from_numpy(np.ascontiguousarray(request.image_embeds)), self.device)
         engine_request = Request(request_id=request_id, prompt_token_ids=request.input_ids.tolist(),
                                  image_embeds=embeds, sampling=sampling)
         with self._lock:

@@ -177,3 +177,17 @@ def test_overlap_scheduling_on_cuda_gives_the_synchronous_tokens(graphs):
     assert run(True, num_blocks=14) == run(False, num_blocks=14)
     s = dict(temperature=1.0, top_k=40, top_p=0.95, seed=77)
     assert run(True, sampling=s) == run(False, sampling=s)
+
+
+def test_page_locked_image_rows_reach_the_device_without_a_host_copy():
+    """LLMService pins a request's image rows on its caller's thread (host_copy.page_locked); the engine
+    thread's to_device then stages nothing for them, for any slice (a chunked prefill's rows)."""
+    from internvl_serve.engine.host_copy import page_locked, to_device
+
+    rows = torch.randn(256, 64)
+    locked = page_locked(rows, "cuda")
+    assert locked.is_pinned() and torch.equal(locked, rows) and page_locked(locked, "cuda") is locked
+    part = locked[10:20]
+    assert part.pin_memory().data_ptr() == part.data_ptr()  # what to_device does first: nothing to copy
+    assert torch.equal(to_device(part, "cuda").cpu(), rows[10:20])
+    assert page_locked(rows, "cpu") is rows
