@@ -10,10 +10,12 @@ them), to choose what to build next against the issue's <= 17 ms per image at ba
 - fast_accum: `torch._scaled_mm(..., use_fast_accum=True)`, Hopper's FP8 accumulation without periodic
   promotion (faster, less exact: the table gives the embeddings' relative error against `served`);
 - cudnn_attention: scaled_dot_product_attention through cuDNN's kernel instead of flash-attention 2;
+- fused_mlp: fc1's bias, the GELU and that quantization in one Triton kernel per row, a custom op that
+  inductor calls as it is (kernels/fp8_gelu_mlp.py), instead of inductor's fusion;
 - cuda_graphs: the forward replayed from a CUDA graph per batch size (serving/encoder_graphs.py, the
   vision model's opt-in `cuda_graphs`: at one tile the compiled fp8 forward spent 32.8 ms of CPU on 21.8
   ms of kernels);
-- all: the four together.
+- all: the five together.
 
 For each: ms per image at batch 8 and at batch 1 (median of --iters, CUDA events, pixels on the device),
 the CUDA time of one batch-8 forward by kernel family (torch.profiler), and the relative L2 error of the
@@ -44,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from internvl_serve.kernels.fp8_gelu_mlp import fuse_fp8_gelu_mlps_  # noqa: E402
 from internvl_serve.kernels.fp8_linear import relative_error  # noqa: E402
 from internvl_serve.random_weights import make_random_checkpoint  # noqa: E402
 from internvl_serve.serving.encoder_graphs import EncoderGraphs  # noqa: E402
@@ -57,8 +60,9 @@ VARIANTS = {
     "multi_kernel": ("multi_kernel",),
     "fast_accum": ("fast_accum",),
     "cudnn_attention": ("cudnn_attention",),
+    "fused_mlp": ("fused_mlp",),
     "cuda_graphs": ("cuda_graphs",),
-    "all": ("multi_kernel", "fast_accum", "cudnn_attention", "cuda_graphs"),
+    "all": ("multi_kernel", "fast_accum", "cudnn_attention", "fused_mlp", "cuda_graphs"),
 }
 
 
@@ -92,8 +96,19 @@ def cuda_ms_by_family(fn) -> dict[str, float]:
 
 
 def run_variant(service: VisionService, changes: tuple[str, ...], pixels8: torch.Tensor, iters: int,
-                reference: torch.Tensor | None) -> dict:
+                reference: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
     torch._dynamo.reset()  # compile again under this variant's settings
+    layers = service.encoder.vision_model.encoder.layers
+    originals = fuse_fp8_gelu_mlps_(layers) if "fused_mlp" in changes else None
+    try:
+        return measure_variant(service, changes, pixels8, iters, reference)
+    finally:
+        for layer, original in zip(layers, originals or ()):
+            layer.mlp = original
+
+
+def measure_variant(service: VisionService, changes: tuple[str, ...], pixels8: torch.Tensor, iters: int,
+                    reference: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
     with variant(changes), torch.inference_mode():
         t0 = time.perf_counter()
         compiled = service._compile_blocks(print)

@@ -97,6 +97,17 @@ def quantize_rows_fp8(x: torch.Tensor, use_triton: bool | None = None) -> tuple[
     return q, scale
 
 
+def scaled_product(xq: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """(xq * x_scale) @ (w_fp8 * w_scale[:, None]).T in out_dtype: xq (M, K) e4m3 with (M, 1) row scales,
+    w_fp8 (N, K) with (N,) channel scales. On CUDA the FP8 tensor cores with both scales in the epilogue;
+    elsewhere the same product in float32 (torch's CPU _scaled_mm takes per-row scales only in some
+    versions)."""
+    if xq.is_cuda:
+        return torch._scaled_mm(xq, w_fp8.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=out_dtype)
+    return ((xq.float() * x_scale) @ (w_fp8.float() * w_scale[:, None]).t()).to(out_dtype)
+
+
 def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ (w_fp8 * w_scale).T (+ bias) -> (..., N) in x's dtype.
@@ -110,11 +121,7 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
     if 0 < x2.shape[0] <= WEIGHT_ONLY_MAX_M:
         y = int8_linear(x2, w_fp8, w_scale)
     else:
-        xq, x_scale = quantize_rows_fp8(x2)
-        if xq.is_cuda:
-            y = torch._scaled_mm(xq, w_fp8.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=x.dtype)
-        else:  # the same product in float32: torch's CPU _scaled_mm takes per-row scales only in some versions
-            y = ((xq.float() * x_scale) @ (w_fp8.float() * w_scale[:, None]).t()).to(x.dtype)
+        y = scaled_product(*quantize_rows_fp8(x2), w_fp8, w_scale, x.dtype)
     if bias is not None:
         y = y + bias
     return y.reshape(*shape[:-1], w_fp8.shape[0])
