@@ -19,6 +19,8 @@ Measures, in one run and on one device:
   * at each level, server and engine alone, the llm engine's own counters over the level (the
     `internvl_engine_*` metrics; in-process for the engine alone): ms of engine-thread work per step and
     the share of it spent waiting for the GPU;
+  * with --py-spy-levels (e.g. 64), py-spy on the llm stub during those server levels
+    (stub_sampler.py): samples per thread and their heaviest frames in the level's row, raw stacks in --out;
   * peak GPU memory (nvidia-smi, whole device) and the server's KV-cache report;
   * after the last level, the llm's `internvl_kv_cache_blocks_used` gauge (Prometheus, the server's
     metrics port), polled until it reads 0 or --kv-free-timeout-s passes: every KV block must be free
@@ -81,6 +83,7 @@ import loadgen  # noqa: E402
 import openloop  # noqa: E402
 import report  # noqa: E402
 from servermetrics import ENGINE_COUNTERS, engine_step_figures, kv_blocks_after_run, read_values  # noqa: E402
+from stub_sampler import StubSampler  # noqa: E402
 
 
 QUESTION = ("Please describe this image in detail: the objects, their colours, where they are, "
@@ -227,14 +230,16 @@ def open_loop_images(k: int, n: int) -> list[bytes]:
 
 def run_server(ckpt: Path, results: dict, levels: list[int], requests_per_stream: int, log_dir: Path,
                *, key: str = "server", distinct_images: bool = True, warm_levels: list[int] = (),
-               kv_free_timeout_s: float = 30.0, layout=None, open_loop: dict | None = None) -> None:
+               kv_free_timeout_s: float = 30.0, layout=None, open_loop: dict | None = None,
+               py_spy_levels: tuple[int, ...] = ()) -> None:
     """open_loop: openloop.run_rates' keyword arguments (rates, num_requests or duration_s, seed,
-    max_in_flight), run after the closed-loop levels into results["open_loop"]."""
+    max_in_flight), run after the closed-loop levels into results["open_loop"]. py_spy_levels: the
+    closed-loop levels during which the llm stub is sampled (stub_sampler.py)."""
     from internvl_serve.serving.launcher import TritonServer
 
     image = png_bytes(test_image(0))
-    log_file = log_dir / ("tritonserver.log" if key == "server"
-                          else f"tritonserver-{re.sub(r'[^A-Za-z0-9_-]+', '-', key).strip('-')}.log")
+    file_tag = re.sub(r"[^A-Za-z0-9_-]+", "-", key).strip("-")
+    log_file = log_dir / ("tritonserver.log" if key == "server" else f"tritonserver-{file_tag}.log")
     if levels or key not in results:  # --levels "" with --merge keeps the closed-loop rows of before
         results[key] = []
     with GpuMemoryPoller() as mem:
@@ -249,10 +254,17 @@ def run_server(ckpt: Path, results: dict, levels: list[int], requests_per_stream
                 asyncio.run(loadgen.run_level(url, 1, 1, QUESTION, image, 16))  # warm-up
                 for level in levels_:
                     n = max(level * requests_per_stream, 2)
+                    sampler = None
+                    if level in py_spy_levels and not tag:
+                        llm = [pid for pid, name in server.stub_processes().items() if name.startswith("llm")]
+                        sampler = StubSampler(llm[0] if llm else -1, log_dir / f"pyspy-{file_tag}-{level}.txt")
+                        sampler.start()
                     before = read_values(server.metrics_url, ENGINE_COUNTERS)
                     row = asyncio.run(loadgen.run_level(url, level, n, QUESTION, images_for(level, n), NEW_TOKENS))
                     # the llm pushes its counters every 0.5 s: the level's last half second may be left out
                     row["engine_steps"] = engine_step_figures(before, read_values(server.metrics_url, ENGINE_COUNTERS))
+                    if sampler is not None:
+                        row["py_spy"] = sampler.stop() or {"error": sampler.error}
                     print(json.dumps({**tag, **row}), flush=True)
                     rows.append(row)
 
@@ -336,6 +348,9 @@ def main(argv=None) -> int:
                         help="also run the engine alone with these llm parameters (repeatable)")
     parser.add_argument("--profile-levels", default="1,32",
                         help="levels of the engine-alone per-step breakdown (empty: none)")
+    parser.add_argument("--py-spy-levels", default="",
+                        help="closed-loop levels during which py-spy samples the llm stub's threads (needs py-spy "
+                             "on PATH; stub_sampler.py): a summary per thread in the level's row, raw stacks in --out")
     parser.add_argument("--kv-free-timeout-s", type=float, default=30.0,
                         help="how long to wait for the KV-blocks-used gauge to read 0 after the last level")
     parser.add_argument("--layout", action="append", default=[], choices=sorted(report.LAYOUT_LABELS),
@@ -379,6 +394,7 @@ def main(argv=None) -> int:
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     levels = [int(x) for x in args.levels.split(",") if x]
     profile_levels = [int(x) for x in args.profile_levels.split(",") if x]
+    py_spy_levels = tuple(int(x) for x in args.py_spy_levels.split(",") if x)
     if not args.skip_engine_alone and levels:
         run_engine_alone(ckpt, results, levels, args.requests_per_stream, args.out, profile_levels=profile_levels)
         for compare in args.engine_alone_compare:
@@ -388,12 +404,13 @@ def main(argv=None) -> int:
     if not args.skip_server:
         run_server(ckpt, results, levels, args.requests_per_stream, args.out,
                    distinct_images=not args.same_image, kv_free_timeout_s=args.kv_free_timeout_s,
-                   warm_levels=[int(x) for x in args.warm_levels.split(",") if x], open_loop=open_loop)
+                   warm_levels=[int(x) for x in args.warm_levels.split(",") if x], open_loop=open_loop,
+                   py_spy_levels=py_spy_levels)
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
     for spec, layout in compare_layouts.items():
         run_server(ckpt, results, levels, args.requests_per_stream, args.out, key=f"server[{spec}]",
                    layout=layout, distinct_images=not args.same_image,
-                   kv_free_timeout_s=args.kv_free_timeout_s)
+                   kv_free_timeout_s=args.kv_free_timeout_s, py_spy_levels=py_spy_levels)
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
     if args.int8:
         from internvl_serve.serving.layout import Layout

@@ -287,3 +287,31 @@ def test_the_timeline_reads_every_part_of_a_trace(tmp_path):
     path.write_text('{"id":3,"model_name":"vision","parent_id":1}\n')
     assert timeline.read_traces(path)[3]["model"] == "vision"
     assert timeline.read_traces(tmp_path / "none.json") == {}
+
+
+# ---- bench/stub_sampler.py (benchmark.py --py-spy-levels) ------------------------------------------------
+
+RAW_PY_SPY = """\
+thread (11): llm-engine;Thread.run (threading.py:1010);LLMEngine.step (e.py:1);StepFuture.result (e.py:2);Event.synchronize (x.py:3) 151
+thread (11): llm-engine;Thread.run (threading.py:1010);LLMEngine.step (e.py:1);ModelRunner.launch (r.py:4) 20
+thread (12): llm-sender-0;Thread.run (threading.py:1010);LLMService._respond (l.py:5);TritonSink.send (m.py:6) 48
+thread (13): llm-sender-1;Thread.run (threading.py:1010);LLMService._respond (l.py:5);TritonSink.send (m.py:6) 30
+thread (13): llm-sender-1;Thread.run (threading.py:1010);IncrementalDetokenizer.update (d.py:7) 31
+not a stack line
+"""
+
+
+def test_py_spy_raw_output_is_summarized_per_thread():
+    summary = load_bench_module("stub_sampler").summarize(RAW_PY_SPY, rate_hz=50, top=1)
+    assert summary["rate_hz"] == 50
+    assert list(summary["threads"]) == ["llm-engine", "llm-sender-1", "llm-sender-0"]  # most samples first
+    assert summary["threads"]["llm-engine"] == {
+        "samples": 171, "top": [["LLMEngine.step;StepFuture.result;Event.synchronize", 151]]}
+    assert summary["threads"]["llm-sender-1"]["samples"] == 61
+
+
+def test_without_py_spy_a_level_says_why_it_has_no_profile(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # nowhere to find py-spy
+    sampler = load_bench_module("stub_sampler").StubSampler(12345, tmp_path / "raw.txt")
+    sampler.start()
+    assert sampler.stop() is None and "py-spy is not on PATH" in sampler.error

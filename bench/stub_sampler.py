@@ -1,0 +1,86 @@
+"""py-spy on a server's llm stub during one load level: where its Python threads spend their time.
+
+The engine's counters (servermetrics.engine_step_figures) say how much of the engine thread's work per
+step is host work; this says which host work, and on which thread (the engine thread, the response
+senders, the execute thread). `benchmark.py --py-spy-levels 64` samples the llm stub for the whole of
+each of those levels and keeps, per thread, its samples and its heaviest innermost frames in the level's
+row (`py_spy`), and the raw stacks beside the results.
+
+What a sample means: py-spy (`--nonblocking`, so the stub never pauses) records each thread that is not
+idle. A thread waiting for the GIL counts as idle; one in native code that released the GIL (a CUDA
+synchronize, Triton's response send) counts as active. So samples are time spent, not GIL held.
+
+Needs py-spy on PATH (`pip install py-spy`; scripts/dev/device_carry.sh carries it to a lent GPU machine)
+and ptrace rights over the stub (root, or kernel.yama.ptrace_scope 0). Without them the level runs as
+usual and its row says why there is no profile; so does a level that ends before py-spy has started
+(an interrupt that early ends it without output). Checked by hand on this project's CPU machine (a spinning
+thread sampled and summarized); the tests cover the summary and the missing py-spy.
+
+Owns: starting and stopping `py-spy record` on one process, and the summary of its raw output. Does not
+own: which process or level (benchmark.py), the server.
+"""
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+from collections import Counter, defaultdict
+from pathlib import Path
+
+RATE_HZ = 50
+TOP_FRAMES = 8
+
+
+class StubSampler:
+    """`py-spy record` on `pid` from start() until stop(), raw collapsed stacks into `out`."""
+
+    def __init__(self, pid: int, out: Path, rate_hz: int = RATE_HZ):
+        self.pid, self.out, self.rate_hz = pid, Path(out), rate_hz
+        self._proc: subprocess.Popen | None = None
+        self.error: str | None = None
+
+    def start(self) -> None:
+        exe = shutil.which("py-spy")
+        if exe is None:
+            self.error = "py-spy is not on PATH (pip install py-spy)"
+            return
+        self._proc = subprocess.Popen(
+            [exe, "record", "--pid", str(self.pid), "--rate", str(self.rate_hz), "--nonblocking", "--threads",
+             "--format", "raw", "--output", str(self.out)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def stop(self, timeout_s: float = 60.0) -> dict | None:
+        """Stop sampling (py-spy writes its output on SIGINT) -> the summary, or None (self.error says why)."""
+        if self._proc is None:
+            return None
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGINT)
+        try:
+            _, err = self._proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            _, err = self._proc.communicate()
+        if not self.out.exists():
+            self.error = f"py-spy exited {self._proc.returncode} without output: {(err or '').strip()[-300:]}"
+            return None
+        return summarize(self.out.read_text(), self.rate_hz)
+
+
+def summarize(raw: str, rate_hz: int = RATE_HZ, top: int = TOP_FRAMES) -> dict:
+    """py-spy's raw output ("thread (tid): name;frame (file:line);...;frame (file:line) count" per line)
+    -> {"rate_hz", "threads": {name: {"samples", "top": [[innermost frames, samples], ...]}}}, the
+    threads by samples, most first; frames by function name, their three innermost."""
+    samples: Counter = Counter()
+    leaves: dict[str, Counter] = defaultdict(Counter)
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        thread = frames[0].split(": ", 1)[-1] if frames[0].startswith("thread") else "?"
+        names = [f.split(" (")[0] for f in frames[1:]]
+        samples[thread] += int(count)
+        leaves[thread][";".join(names[-3:])] += int(count)
+    return {"rate_hz": rate_hz, "threads": {
+        thread: {"samples": n, "top": [[frames, k] for frames, k in leaves[thread].most_common(top)]}
+        for thread, n in samples.most_common()}}
