@@ -256,8 +256,8 @@ def run_server(ckpt: Path, results: dict, levels: list[int], requests_per_stream
                     n = max(level * requests_per_stream, 2)
                     sampler = None
                     if level in py_spy_levels and not tag:
-                        llm = [pid for pid, name in server.stub_processes().items() if name.startswith("llm")]
-                        sampler = StubSampler(llm[0] if llm else -1, log_dir / f"pyspy-{file_tag}-{level}.txt")
+                        llm = next(pid for pid, name in server.stub_processes().items() if name.startswith("llm"))
+                        sampler = StubSampler(llm, log_dir / f"pyspy-{file_tag}-{level}.txt")
                         sampler.start()
                     before = read_values(server.metrics_url, ENGINE_COUNTERS)
                     row = asyncio.run(loadgen.run_level(url, level, n, QUESTION, images_for(level, n), NEW_TOKENS))

@@ -315,7 +315,7 @@ class InternVLTokenizer:
         of them is at the start, and the prefix ends on a whole character."""
         if self.clean_up_tokenization_spaces:
             return None
-        tokens = self.convert_ids_to_tokens([int(i) for i in ids], skip_special_tokens=True)
+        tokens = self.convert_ids_to_tokens(ids, skip_special_tokens=True)
         if any(t in self._added_encoder or t in self._special_set for t in tokens):
             return None
         if not tokens:

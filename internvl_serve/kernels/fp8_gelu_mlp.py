@@ -22,6 +22,9 @@ from torch import nn
 from internvl_serve.kernels.fp8_linear import (FP8, FP8_MAX, Fp8Linear, fp8_linear, quantize_rows_fp8_torch,
                                                scaled_product, tl, triton)
 
+if triton is not None:
+    from internvl_serve.kernels.fp8_linear import quantize_row
+
 GELU_APPROXIMATIONS = ("none", "tanh")  # nn.GELU's `approximate`
 
 
@@ -46,10 +49,7 @@ if triton is not None:
             g = 0.5 * h * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
         else:
             g = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
-        g = tl.where(mask, g, 0.0)
-        amax = tl.max(tl.abs(g), axis=0)
-        scale = tl.where(amax > 0, amax * inv_fp8_max, 1.0)
-        q = tl.minimum(tl.maximum(tl.math.div_rn(g, scale), -fp8_max), fp8_max)
+        q, scale = quantize_row(tl.where(mask, g, 0.0), fp8_max, inv_fp8_max)
         tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_ptr + row, scale)
 

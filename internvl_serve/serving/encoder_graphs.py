@@ -7,9 +7,9 @@ vision-step-fp8-dab87f5.json), and a single image's request waits for all of it.
 
 A tile's embeddings depend on that tile alone (the ViT attends within an image), so any forward of n
 tiles is the replay of the graph of n, and the service splits larger forwards into graphs' sizes. Each
-graph is captured after two warm-up forwards of its size on a side stream (Triton and inductor compile,
-cuBLAS warms) and replays exactly the kernels of the forward it captured: the same numbers as that forward
-with those shapes. All graphs share one memory pool: the service runs one forward at a time (its lock),
+graph is captured as every graph here is (cuda_graph.capture_graph: two warm-up forwards of its size
+first) and replays exactly the kernels of the forward it captured: the same numbers as that forward with
+those shapes. All graphs share one memory pool: the service runs one forward at a time (its lock),
 and every graph's output stays alive, so no capture reuses another's output.
 
 Owns: capture and replay, the static input and output buffers. Does not own: the encoder, whether it is
@@ -21,6 +21,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+
+from internvl_serve.cuda_graph import capture_graph
 
 DEFAULT_MAX_BATCH = 8  # the vision model's max_batch_size: one tile per request, the usual case
 
@@ -43,25 +45,17 @@ class EncoderGraphs:
     def capture(self) -> None:
         """Capture every batch size, largest first, into one pool."""
         pool = None
-        current = torch.cuda.current_stream(self.device)
         for n in range(self.max_batch, 0, -1):
             static_in = torch.zeros((n, *self.input_shape), dtype=self.dtype, device=self.device)
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(current)
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self.forward(static_in)
-            current.wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                static_out = self.forward(static_in)
+            graph, static_out = capture_graph(lambda x=static_in: self.forward(x), self.device, pool)
             pool = graph.pool()
             self._graphs[n] = (graph, static_in, static_out)
         torch.cuda.synchronize(self.device)
 
     def run(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels (n, *input_shape) on the device, 1 <= n <= max_batch -> the forward's output: the graph's
-        output buffer, valid until the next run (copy it out first)."""
+        """pixels (n, *input_shape) on the device, in any dtype (converted on the device into the static
+        input), 1 <= n <= max_batch -> the forward's output: the graph's output buffer, valid until the next
+        run (copy it out first)."""
         graph, static_in, static_out = self._graphs[pixels.shape[0]]
         static_in.copy_(pixels)
         graph.replay()

@@ -272,13 +272,14 @@ class VisionService:
         self._buffers = HostBuffers(pin=self.device.type == "cuda")  # staging and output, reused (hostbuf.py)
         self._lock = threading.Lock()  # one embed() at a time uses the buffers
         self.compiled = False
+        log = log or (lambda message: None)
         if compile == "true" or (compile == "auto" and self.device.type == "cuda"):
-            self.compiled = self._compile_blocks(log or (lambda message: None))
+            self.compiled = self._compile_blocks(log)
         if cuda_graphs == "true" and self.device.type != "cuda":
             raise ValueError(f"vision parameter 'cuda_graphs': true needs a CUDA device, not {self.device}")
         self.graphs: EncoderGraphs | None = None
         if cuda_graphs in ("true", "auto") and self.device.type == "cuda":
-            self.graphs = self._capture_graphs(log or (lambda message: None))
+            self.graphs = self._capture_graphs(log)
         # claimed after the warm-up forwards above, so that only requests' forwards are flagged
         self.encoder_slot = None if activity is None else activity.claim(device_number(self.device))
 
@@ -413,8 +414,11 @@ class VisionService:
                     np.copyto(staged[j], tiles[indices[0]], casting="same_kind")
                 # float32 to the device, converted there: a copy that also changed the dtype would convert
                 # on the CPU first (ATen), into a fresh pageable buffer, and copy that synchronously
-                x = pixels.to(device=self.device, non_blocking=True).to(self.dtype)
-                encoded = self.encoder(x) if self.graphs is None else self.graphs.run(x)  # a graph: its buffer
+                x = pixels.to(device=self.device, non_blocking=True)
+                if self.graphs is None:
+                    encoded = self.encoder(x.to(self.dtype))
+                else:  # converted straight into the graph's input; the output is the graph's buffer
+                    encoded = self.graphs.run(x)
                 host = encoded
                 if cuda:
                     rows = encoded.float()
