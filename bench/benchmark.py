@@ -254,17 +254,20 @@ def run_server(ckpt: Path, results: dict, levels: list[int], requests_per_stream
                 asyncio.run(loadgen.run_level(url, 1, 1, QUESTION, image, 16))  # warm-up
                 for level in levels_:
                     n = max(level * requests_per_stream, 2)
-                    sampler = None
+                    samplers = {}
                     if level in py_spy_levels and not tag:
                         llm = next(pid for pid, name in server.stub_processes().items() if name.startswith("llm"))
-                        sampler = StubSampler(llm, log_dir / f"pyspy-{file_tag}-{level}.txt")
-                        sampler.start()
+                        samplers = {"py_spy": StubSampler(llm, log_dir / f"pyspy-{file_tag}-{level}.txt"),
+                                    "py_spy_gil": StubSampler(llm, log_dir / f"pyspy-gil-{file_tag}-{level}.txt",
+                                                              gil=True)}
+                        for sampler in samplers.values():
+                            sampler.start()
                     before = read_values(server.metrics_url, ENGINE_COUNTERS)
                     row = asyncio.run(loadgen.run_level(url, level, n, QUESTION, images_for(level, n), NEW_TOKENS))
                     # the llm pushes its counters every 0.5 s: the level's last half second may be left out
                     row["engine_steps"] = engine_step_figures(before, read_values(server.metrics_url, ENGINE_COUNTERS))
-                    if sampler is not None:
-                        row["py_spy"] = sampler.stop() or {"error": sampler.error}
+                    for name, sampler in samplers.items():
+                        row[name] = sampler.stop() or {"error": sampler.error}
                     print(json.dumps({**tag, **row}), flush=True)
                     rows.append(row)
 
@@ -350,7 +353,8 @@ def main(argv=None) -> int:
                         help="levels of the engine-alone per-step breakdown (empty: none)")
     parser.add_argument("--py-spy-levels", default="",
                         help="closed-loop levels during which py-spy samples the llm stub's threads (needs py-spy "
-                             "on PATH; stub_sampler.py): a summary per thread in the level's row, raw stacks in --out")
+                             "on PATH; stub_sampler.py), once for time spent and once for the GIL held: a summary "
+                             "per thread in the level's row (py_spy, py_spy_gil), raw stacks in --out")
     parser.add_argument("--kv-free-timeout-s", type=float, default=30.0,
                         help="how long to wait for the KV-blocks-used gauge to read 0 after the last level")
     parser.add_argument("--layout", action="append", default=[], choices=sorted(report.LAYOUT_LABELS),

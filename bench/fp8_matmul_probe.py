@@ -1,7 +1,9 @@
 """Why is the fp8 vision encoder slower than bf16 at one image? Times one InternViT-6B block's four
 linears (qkv, proj, fc1, fc2 over 1,025 tokens per image) at batch 1 and batch 8 in bf16 (nn.functional
 linear) and in fp8 (kernels/fp8_linear.fp8_linear), each eager and under torch.compile, and the parts of
-the fp8 path alone (activation quantization, torch._scaled_mm). CUDA with FP8 tensor cores only.
+the fp8 path alone (activation quantization, torch._scaled_mm, also with use_fast_accum: Hopper's FP8
+accumulation without periodic promotion). Each linear's relative error against the float32 product of
+the same bf16 inputs, for bf16, fp8 and fp8 with fast accumulation. CUDA with FP8 tensor cores only.
 
     python bench/fp8_matmul_probe.py [--iters 20] [--out fp8_probe.json]
 """
@@ -17,7 +19,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from internvl_serve.kernels.fp8_linear import fp8_linear, quantize_rows_fp8, quantize_weight_fp8  # noqa: E402
+from internvl_serve.kernels.fp8_linear import (fp8_linear, quantize_rows_fp8, quantize_weight_fp8,  # noqa: E402
+                                                relative_error)
 
 TOKENS_PER_IMAGE = 1025
 HIDDEN, MLP = 3200, 12800
@@ -53,19 +56,27 @@ def probe(images: int, iters: int) -> dict:
         compiled_fp8 = torch.compile(fp8_linear, dynamic=False)
         compiled_quant = torch.compile(quantize_rows_fp8, dynamic=False)
         tflop = 2 * x.shape[0] * k * n / 1e12
+
+        def scaled_mm(fast_accum: bool = False) -> torch.Tensor:
+            return torch._scaled_mm(xq, w_fp8.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1),
+                                    out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
+
+        exact = x.float() @ w.float().t()
         row = {
             "bf16_ms": cuda_ms(lambda: torch.nn.functional.linear(x, w, bias), iters),
             "fp8_eager_ms": cuda_ms(lambda: fp8_linear(x, w_fp8, w_scale, bias), iters),
             "fp8_compiled_ms": cuda_ms(lambda: compiled_fp8(x, w_fp8, w_scale, bias), iters),
             "quantize_eager_ms": cuda_ms(lambda: quantize_rows_fp8(x), iters),
             "quantize_compiled_ms": cuda_ms(lambda: compiled_quant(x), iters),
-            "scaled_mm_ms": cuda_ms(lambda: torch._scaled_mm(xq, w_fp8.t(), scale_a=x_scale,
-                                                            scale_b=w_scale.view(1, -1),
-                                                            out_dtype=torch.bfloat16), iters),
+            "scaled_mm_ms": cuda_ms(scaled_mm, iters),
+            "scaled_mm_fast_accum_ms": cuda_ms(lambda: scaled_mm(True), iters),
+            "bf16_rel_error": relative_error(exact, (x @ w.t()).float()),
+            "fp8_rel_error": relative_error(exact, scaled_mm().float()),
+            "fp8_fast_accum_rel_error": relative_error(exact, scaled_mm(True).float()),
         }
         row["bf16_tflops"] = tflop / (row["bf16_ms"] / 1e3)
         row["scaled_mm_tflops"] = tflop / (row["scaled_mm_ms"] / 1e3)
-        rows[name] = {key: round(value, 4) for key, value in row.items()}
+        rows[name] = {key: round(value, 6 if key.endswith("error") else 4) for key, value in row.items()}
     totals = {key: round(sum(r[key] for r in rows.values()), 4) for key in next(iter(rows.values()))
               if key.endswith("_ms")}
     return {"images": images, "tokens": images * TOKENS_PER_IMAGE, "linears": rows, "per_block_ms": totals}

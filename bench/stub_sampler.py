@@ -8,7 +8,10 @@ row (`py_spy`), and the raw stacks beside the results.
 
 What a sample means: py-spy (`--nonblocking`, so the stub never pauses) records each thread that is not
 idle. A thread waiting for the GIL counts as idle; one in native code that released the GIL (a CUDA
-synchronize, Triton's response send) counts as active. So samples are time spent, not GIL held.
+synchronize, Triton's response send) counts as active. So samples are time spent, not GIL held. A second
+sampler with `gil=True` (py-spy --gil) records only the thread holding the GIL at each sample: who keeps
+the engine thread waiting. Both summaries carry the seconds sampled, so samples / (seconds x rate) is a
+share of the wall time.
 
 Needs py-spy on PATH (`pip install py-spy`; scripts/dev/device_carry.sh carries it to a lent GPU machine)
 and ptrace rights over the stub (root, or kernel.yama.ptrace_scope 0). Without them the level runs as
@@ -24,6 +27,7 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -34,9 +38,10 @@ TOP_FRAMES = 8
 class StubSampler:
     """`py-spy record` on `pid` from start() until stop(), raw collapsed stacks into `out`."""
 
-    def __init__(self, pid: int, out: Path, rate_hz: int = RATE_HZ):
-        self.pid, self.out, self.rate_hz = pid, Path(out), rate_hz
+    def __init__(self, pid: int, out: Path, rate_hz: int = RATE_HZ, *, gil: bool = False):
+        self.pid, self.out, self.rate_hz, self.gil = pid, Path(out), rate_hz, gil
         self._proc: subprocess.Popen | None = None
+        self._started = 0.0
         self.error: str | None = None
 
     def start(self) -> None:
@@ -46,13 +51,15 @@ class StubSampler:
             return
         self._proc = subprocess.Popen(
             [exe, "record", "--pid", str(self.pid), "--rate", str(self.rate_hz), "--nonblocking", "--threads",
-             "--format", "raw", "--output", str(self.out)],
+             *(["--gil"] if self.gil else []), "--format", "raw", "--output", str(self.out)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self._started = time.monotonic()
 
     def stop(self, timeout_s: float = 60.0) -> dict | None:
         """Stop sampling (py-spy writes its output on SIGINT) -> the summary, or None (self.error says why)."""
         if self._proc is None:
             return None
+        seconds = time.monotonic() - self._started
         if self._proc.poll() is None:
             self._proc.send_signal(signal.SIGINT)
         try:
@@ -63,7 +70,7 @@ class StubSampler:
         if not self.out.exists():
             self.error = f"py-spy exited {self._proc.returncode} without output: {(err or '').strip()[-300:]}"
             return None
-        return summarize(self.out.read_text(), self.rate_hz)
+        return {**summarize(self.out.read_text(), self.rate_hz), "seconds": round(seconds, 1), "gil_only": self.gil}
 
 
 def summarize(raw: str, rate_hz: int = RATE_HZ, top: int = TOP_FRAMES) -> dict:
