@@ -3,7 +3,7 @@ cuBLAS and inductor warm up outside the capture), then the capture, into a memor
 replayed one at a time may share.
 
 Owns: `capture_graph`. Does not own: what is captured, its static buffers or when it replays (the
-engine's decode steps, engine/decode_graphs.py; the vision encoder's forward, serving/encoder_graphs.py).
+engine's decode steps, engine/decode_graphs.py).
 """
 from __future__ import annotations
 

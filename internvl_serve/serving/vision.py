@@ -36,7 +36,6 @@ from internvl_serve.config import InternVLChatConfig
 from internvl_serve.serving.contract import IMAGE_SIZE, VISION_INPUT_DIMS, InvalidInput, ServingLimits, TensorSpec
 from internvl_serve.serving.device import default_dtype, resolve_device
 from internvl_serve.serving.encoder_activity import EncoderActivity, device_number
-from internvl_serve.serving.encoder_graphs import DEFAULT_MAX_BATCH, EncoderGraphs
 from internvl_serve.hostbuf import HostBuffers, SlotPool, all_finite
 
 VISION_QUANTIZATIONS = ("fp8",)
@@ -202,7 +201,6 @@ class VisionOptions:
     max_images_per_forward: int = 32
     image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB  # 0 disables the embedding cache
     compile: str = "auto"  # torch.compile each ViT block: auto (on CUDA) | true | false
-    cuda_graphs: str = "false"  # a CUDA graph of the forward per batch of 1-8 tiles: false | auto (on CUDA) | true
     quantization: str = ""  # "fp8": the blocks' matmuls in e4m3 (kernels/fp8_linear.py); "": the model dtype
 
     @classmethod
@@ -211,11 +209,10 @@ class VisionOptions:
         values: dict = {}
         if "device" in raw:
             values["device"] = raw["device"]
-        for name in ("compile", "cuda_graphs"):
-            if name in raw:
-                if raw[name].lower() not in ("auto", "true", "false"):
-                    raise ValueError(f"vision parameter {name!r}: {raw[name]!r} is not auto, true or false")
-                values[name] = raw[name].lower()
+        if "compile" in raw:
+            if raw["compile"].lower() not in ("auto", "true", "false"):
+                raise ValueError(f"vision parameter 'compile': {raw['compile']!r} is not auto, true or false")
+            values["compile"] = raw["compile"].lower()
         if "quantization" in raw:
             try:
                 values["quantization"] = validate_quantization(raw["quantization"], VISION_QUANTIZATIONS)
@@ -253,8 +250,7 @@ class VisionService:
 
     def __init__(self, checkpoint: str | Path, *, device: str = "auto", dtype: torch.dtype | None = None,
                  max_images_per_forward: int = 32, image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
-                 image_cache_entries: int | None = None, compile: str = "auto", cuda_graphs: str = "false",
-                 quantization: str = "",
+                 image_cache_entries: int | None = None, compile: str = "auto", quantization: str = "",
                  log: Callable[[str], None] | None = None, activity: EncoderActivity | None = None):
         """activity: the server's encoder-activity record (serving/encoder_activity.py); every forward is
         flagged in a slot of it, so the llm engine on the same GPU holds its decode steps back meanwhile."""
@@ -277,14 +273,8 @@ class VisionService:
         self._buffers = HostBuffers(pin=self.device.type == "cuda")  # staging and output, reused (hostbuf.py)
         self._lock = threading.Lock()  # one embed() at a time uses the buffers
         self.compiled = False
-        log = log or (lambda message: None)
         if compile == "true" or (compile == "auto" and self.device.type == "cuda"):
-            self.compiled = self._compile_blocks(log)
-        if cuda_graphs == "true" and self.device.type != "cuda":
-            raise ValueError(f"vision parameter 'cuda_graphs': true needs a CUDA device, not {self.device}")
-        self.graphs: EncoderGraphs | None = None
-        if cuda_graphs in ("true", "auto") and self.device.type == "cuda":
-            self.graphs = self._capture_graphs(log)
+            self.compiled = self._compile_blocks(log or (lambda message: None))
         # claimed after the warm-up forwards above, so that only requests' forwards are flagged
         self.encoder_slot = None if activity is None else activity.claim(device_number(self.device))
 
@@ -294,8 +284,7 @@ class VisionService:
                         activity: EncoderActivity | None = None) -> "VisionService":
         o = VisionOptions.from_parameters(parameters)
         return cls(checkpoint, device=o.device, max_images_per_forward=o.max_images_per_forward,
-                   image_cache_mb=o.image_cache_mb, compile=o.compile, cuda_graphs=o.cuda_graphs,
-                   quantization=o.quantization, log=log,
+                   image_cache_mb=o.image_cache_mb, compile=o.compile, quantization=o.quantization, log=log,
                    activity=activity)
 
     @torch.inference_mode()
@@ -318,22 +307,6 @@ class VisionService:
                 layer._compiled_call_impl = None
             log(f"vision: torch.compile failed, running eagerly: {type(e).__name__}: {e}")
             return False
-
-    def _capture_graphs(self, log: Callable[[str], None]) -> EncoderGraphs | None:
-        """A CUDA graph of the encoder's forward (compiled or not) for each batch of 1 to
-        min(8, max_images_per_forward) tiles (encoder_graphs.py); None, with a log line, if capturing
-        fails. The warm-up forwards' memory outside the graphs' pool is given back."""
-        size = self.config.vision_config.image_size
-        graphs = EncoderGraphs(self.encoder, (3, size, size), self.dtype, self.device,
-                               max_batch=min(DEFAULT_MAX_BATCH, self.max_images_per_forward))
-        try:
-            graphs.capture()
-        except Exception as e:  # noqa: BLE001 - the forward without graphs is always there
-            log(f"vision: CUDA graph capture failed, running without: {type(e).__name__}: {e}")
-            return None
-        finally:
-            torch.cuda.empty_cache()
-        return graphs
 
     # the counters another module exports as metrics
     @property
@@ -410,20 +383,15 @@ class VisionService:
         cuda = self.device.type == "cuda"
         running = self.encoder_slot.running() if self.encoder_slot is not None else contextlib.nullcontext()
         with self._lock, running:
-            step = self.graphs.max_batch if self.graphs is not None else self.max_images_per_forward
-            for start in range(0, len(groups), step):
-                part = groups[start:start + step]
+            for start in range(0, len(groups), self.max_images_per_forward):
+                part = groups[start:start + self.max_images_per_forward]
                 pixels = self._buffers.get("pixels", (len(part), 3, size, size), torch.float32)
                 staged = pixels.numpy()
                 for j, (_, indices) in enumerate(part):
                     np.copyto(staged[j], tiles[indices[0]], casting="same_kind")
                 # float32 to the device, converted there: a copy that also changed the dtype would convert
                 # on the CPU first (ATen), into a fresh pageable buffer, and copy that synchronously
-                x = pixels.to(device=self.device, non_blocking=True)
-                if self.graphs is None:
-                    encoded = self.encoder(x.to(self.dtype))
-                else:  # converted straight into the graph's input; the output is the graph's buffer
-                    encoded = self.graphs.run(x)
+                encoded = self.encoder(pixels.to(device=self.device, non_blocking=True).to(self.dtype))
                 host = encoded
                 if cuda:
                     rows = encoded.float()

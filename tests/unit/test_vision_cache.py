@@ -182,21 +182,12 @@ def test_tile_key_is_content_dtype_and_shape():
 def test_vision_parameters_parse():
     config = text_format.Parse((REPO / "vision" / "config.pbtxt").read_text(), mc.ModelConfig())
     options = VisionOptions.from_parameters({k: v.string_value for k, v in config.parameters.items()})
-    assert options == VisionOptions(device="auto", max_images_per_forward=32, image_cache_mb=1024.0, compile="auto",
-                                    cuda_graphs="false")
+    assert options == VisionOptions(device="auto", max_images_per_forward=32, image_cache_mb=1024.0, compile="auto")
     assert VisionOptions.from_parameters({"compile": " False"}).compile == "false"
-    assert VisionOptions.from_parameters({"cuda_graphs": "TRUE"}).cuda_graphs == "true"
     assert VisionOptions.from_parameters({}).image_cache_mb == DEFAULT_IMAGE_CACHE_MB
     assert VisionOptions.from_parameters({"image_cache_mb": " 0 "}).image_cache_mb == 0.0
     for key, bad in (("image_cache_mb", "-1"), ("image_cache_mb", "lots"), ("image_cache_mb", "nan"),
                      ("image_cache_mb", "inf"), ("max_images_per_forward", "0"), ("max_images_per_forward", "2.5"),
-                     ("compile", "yes"), ("cuda_graphs", "on")):
+                     ("compile", "yes")):
         with pytest.raises(ValueError, match=f"vision parameter '{key}'"):
             VisionOptions.from_parameters({key: bad})
-
-
-def test_cuda_graphs_are_a_cuda_option(tiny_checkpoint):
-    """auto: graphs on CUDA only (the CPU service runs its encoder as is); true on the CPU is refused."""
-    assert VisionService(tiny_checkpoint, device="cpu", image_cache_mb=0, cuda_graphs="auto").graphs is None
-    with pytest.raises(ValueError, match="'cuda_graphs': true needs a CUDA device"):
-        VisionService(tiny_checkpoint, device="cpu", image_cache_mb=0, cuda_graphs="true")
