@@ -14,7 +14,7 @@ model builds them), to choose what to serve against the issue's <= 17 ms per ima
 Measured on an H100 (2026-12-06) and dropped since: cuDNN attention (no change), CUDA graphs of the
 forward per batch (batch 8 no change, batch 1 -0.6 ms, TTFT unchanged in the server), a fused
 bias + GELU + quantize kernel for fc1 (no change in the sum of kernel time); the results are in
-bench/results/h100-2026-12-06/vision-variants-7077baf/.
+bench/results/h100-2026-12-06/7077baf/.
 
 For each: ms per image at batch 8 and at batch 1 (median of --iters, CUDA events, pixels on the device),
 the CUDA time of one batch-8 forward by kernel family (torch.profiler), and the relative L2 error of the
