@@ -2,14 +2,15 @@
 (random full-size V1-1 weights, `quantization: fp8` or the model dtype, blocks compiled as the vision
 model builds them), to choose what to serve against the issue's <= 17 ms per image at batch 8:
 
-- served: the compiled forward, as the vision model runs it (serving/vision.py, BLOCK_COMPILE_OPTIONS:
-  inductor's multi-kernel mode);
-- single_kernel: the blocks compiled without those options (what was served before 2026-12-06: each
-  reduction one kernel; the fp8 path's per-token quantization of fc2's 12,800-wide input a looped two-pass
-  reduction);
-- fast_accum (fp8 only): `torch._scaled_mm(..., use_fast_accum=True)`, Hopper's FP8 accumulation without
-  periodic promotion (faster, less exact: bench/fp8_matmul_probe.py gives each linear's error with and
-  without it).
+- served: the compiled forward, as the vision model runs it (fp8: torch._scaled_mm with fast
+  accumulation, kernels/fp8_linear.scaled_product);
+- multi_kernel: the blocks compiled in inductor's multi-kernel mode (`triton.multi_kernel=1`), which also
+  generates a persistent (one-pass) version of each reduction up to 16K wide and keeps the faster per
+  shape at run time. Run it after `served`: as the first compile of a fresh process it raised inside
+  inductor (torch 2.11) and the blocks ran eagerly, which is why it is not served;
+- exact_accum (fp8 only): torch._scaled_mm without fast accumulation (Hopper's FP8 accumulation with
+  periodic promotion; what was served before 2026-12-06). bench/fp8_matmul_probe.py gives each linear's
+  error both ways.
 
 Measured on an H100 (2026-12-06) and dropped since: cuDNN attention (no change), CUDA graphs of the
 forward per batch (batch 8 no change, batch 1 -0.6 ms, TTFT unchanged in the server), a fused
@@ -17,10 +18,10 @@ bias + GELU + quantize kernel for fc1 (no change in the sum of kernel time); the
 bench/results/h100-2026-12-06/7077baf/.
 
 For each: ms per image at batch 8 and at batch 1 (median of --iters, CUDA events, pixels on the device),
-the CUDA time of one batch-8 forward by kernel family (torch.profiler), and the relative L2 error of the
-embeddings against `served` on the same pixels (with random weights, any change of summation order
-moves them by a few per cent after 45 blocks: compare variants with each other, not with zero). A variant
-that fails says why and the others go on.
+the CUDA time of one batch-8 forward by kernel family (torch.profiler), whether the blocks compiled, and
+the relative L2 error of the embeddings against `served` on the same pixels (with random weights, any
+change of summation order moves them by a few per cent after 45 blocks: compare variants with each
+other, not with zero). A variant that fails says why and the others go on.
 
     python bench/vision_variants.py --out vision_variants.json [--quantization fp8|none] [--iters 10]
 
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import sys
 import tempfile
@@ -56,8 +56,8 @@ from vision_speed import family  # noqa: E402
 
 VARIANTS = {
     "served": (),
-    "single_kernel": ("single_kernel",),
-    "fast_accum": ("fast_accum",),
+    "multi_kernel": ("multi_kernel",),
+    "exact_accum": ("exact_accum",),
 }
 
 
@@ -65,11 +65,12 @@ VARIANTS = {
 def variant(changes: tuple[str, ...]):
     """The changes in force while a variant is compiled and run; everything restored after."""
     with contextlib.ExitStack() as stack:
-        if "single_kernel" in changes:
-            stack.enter_context(mock.patch.dict(vision.BLOCK_COMPILE_OPTIONS, clear=True))
-        if "fast_accum" in changes:
+        if "multi_kernel" in changes:
+            stack.enter_context(mock.patch.dict(vision.BLOCK_COMPILE_OPTIONS, {"triton.multi_kernel": 1}))
+        if "exact_accum" in changes:
+            scaled_mm = torch._scaled_mm
             stack.enter_context(mock.patch.object(
-                torch, "_scaled_mm", functools.partial(torch._scaled_mm, use_fast_accum=True)))
+                torch, "_scaled_mm", lambda *args, **kw: scaled_mm(*args, **{**kw, "use_fast_accum": False})))
         yield
 
 
@@ -120,8 +121,8 @@ def main(argv=None) -> int:
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
-    if args.quantization != "fp8" and "fast_accum" in names:
-        parser.error("fast_accum is a variant of the fp8 encoder (--quantization fp8)")
+    if args.quantization != "fp8" and "exact_accum" in names:
+        parser.error("exact_accum is a variant of the fp8 encoder (--quantization fp8)")
     assert torch.cuda.is_available(), "the variants need a CUDA GPU (with FP8 tensor cores for fp8: H100)"
     work = Path(tempfile.mkdtemp(prefix="vision-variants-"))
     ckpt = make_random_checkpoint(work / "random", tokenizer_from=make_tiny_checkpoint(work / "tiny"))

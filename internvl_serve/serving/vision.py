@@ -43,11 +43,11 @@ VISION_QUANTIZATIONS = ("fp8",)
 # embedding, the norms, attention itself and the projector (mlp1) stay in the model dtype
 VISION_BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 DEFAULT_IMAGE_CACHE_MB = 1024.0  # ~400 tiles of V1-1 in bf16 (256 x 5120 x 2 bytes = 2.6 MB each)
-# Inductor options of the compiled blocks. Multi-kernel also generates a persistent (one-pass) version of
-# each reduction up to 16K wide and keeps the faster per shape at run time: the fp8 path's per-token
-# quantization of fc2's 12,800-wide input was a two-pass loop (H100, fp8, batch 8: 17.6 -> 16.5 ms per image,
-# bench/vision_variants.py).
-BLOCK_COMPILE_OPTIONS = {"triton.multi_kernel": 1}
+# Inductor options of the compiled blocks (none). Multi-kernel mode (triton.multi_kernel=1) made the fp8
+# encoder 1.1 ms per image faster at batch 8 where it compiled, but as the first compile of a fresh
+# process (H100, torch 2.11) it raised inside inductor and the blocks fell back to eager (28 ms per image):
+# bench/results/h100-2026-12-06/937e289/.
+BLOCK_COMPILE_OPTIONS: dict = {}
 
 
 def tile_key(tile: np.ndarray) -> bytes:
