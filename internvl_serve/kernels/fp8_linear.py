@@ -104,35 +104,32 @@ def quantize_rows_fp8(x: torch.Tensor, use_triton: bool | None = None) -> tuple[
 
 
 def scaled_product(xq: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
-                   out_dtype: torch.dtype) -> torch.Tensor:
+                   out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
     """(xq * x_scale) @ (w_fp8 * w_scale[:, None]).T in out_dtype: xq (M, K) e4m3 with (M, 1) row scales,
-    w_fp8 (N, K) with (N,) channel scales. On CUDA the FP8 tensor cores with both scales in the epilogue;
-    elsewhere the same product in float32 (torch's CPU _scaled_mm takes per-row scales only in some
-    versions)."""
-    # Fast accumulation (Hopper's FP8 accumulation without periodic promotion): on an H100, at the ViT's
-    # shapes, each linear's error against float32 was the same to 3 digits (0.0375, the e4m3 rounding),
-    # fc1 / fc2 17 % / 15 % faster, the fp8 encoder 17.6 -> 16.4 ms per image at batch 8
-    # (bench/fp8_matmul_probe.py, bench/vision_variants.py; bench/results/h100-2026-12-06/937e289/).
+    w_fp8 (N, K) with (N,) channel scales. On CUDA the FP8 tensor cores with both scales in the epilogue,
+    with fast_accum Hopper's FP8 accumulation without periodic promotion; elsewhere the same product in
+    float32 (torch's CPU _scaled_mm takes per-row scales only in some versions)."""
     if xq.is_cuda:
         return torch._scaled_mm(xq, w_fp8.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=out_dtype,
-                                use_fast_accum=True)
+                                use_fast_accum=fast_accum)
     return ((xq.float() * x_scale) @ (w_fp8.float() * w_scale[:, None]).t()).to(out_dtype)
 
 
 def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
+               bias: torch.Tensor | None = None, fast_accum: bool = False) -> torch.Tensor:
     """x (..., K) @ (w_fp8 * w_scale).T (+ bias) -> (..., N) in x's dtype.
 
     A single row (WEIGHT_ONLY_MAX_M: one sequence's decode, bound by the weight bytes) stays in its dtype:
     int8_linear's weight-only GEMV reads the e4m3 weight (half of bf16's bytes) and converts it in
     registers. More rows (decode batches, prefill, mixed steps, the vision encoder's tiles) are quantized
-    per token and multiplied on the FP8 tensor cores. The same rule on every device."""
+    per token and multiplied on the FP8 tensor cores (scaled_product; fast_accum there). The same rule on
+    every device."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if 0 < x2.shape[0] <= WEIGHT_ONLY_MAX_M:
         y = int8_linear(x2, w_fp8, w_scale)
     else:
-        y = scaled_product(*quantize_rows_fp8(x2), w_fp8, w_scale, x.dtype)
+        y = scaled_product(*quantize_rows_fp8(x2), w_fp8, w_scale, x.dtype, fast_accum)
     if bias is not None:
         y = y + bias
     return y.reshape(*shape[:-1], w_fp8.shape[0])
@@ -140,32 +137,36 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
 
 class Fp8Linear(nn.Module):
     """An nn.Linear whose weight is e4m3 with one float32 scale per output channel; the bias stays in
-    the model dtype."""
+    the model dtype. fast_accum: its products on the FP8 tensor cores accumulate without periodic
+    promotion (scaled_product)."""
 
-    def __init__(self, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                 fast_accum: bool = False):
         super().__init__()
         self.in_features, self.out_features = w_fp8.shape[1], w_fp8.shape[0]
+        self.fast_accum = fast_accum
         self.register_buffer("weight_fp8", w_fp8)
         self.register_buffer("weight_scale", w_scale)
         self.register_buffer("bias", bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Fp8Linear":
+    def from_linear(cls, linear: nn.Linear, fast_accum: bool = False) -> "Fp8Linear":
         w_fp8, w_scale = quantize_weight_fp8(linear.weight.detach())
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(w_fp8, w_scale, bias)
+        return cls(w_fp8, w_scale, bias, fast_accum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight_fp8, self.weight_scale, self.bias)
+        return fp8_linear(x, self.weight_fp8, self.weight_scale, self.bias, self.fast_accum)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, e4m3"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"e4m3{', fast accumulation' if self.fast_accum else ''}")
 
 
-def quantize_linears_fp8_(blocks: nn.ModuleList, names: tuple[str, ...]) -> int:
-    """In every block, replace the nn.Linear at each dotted name (e.g. "attn.qkv") with an Fp8Linear,
-    in place, freeing the float weight. Returns how many were replaced (a name that is not an
-    nn.Linear, e.g. already replaced, is skipped)."""
+def quantize_linears_fp8_(blocks: nn.ModuleList, names: tuple[str, ...], fast_accum: bool = False) -> int:
+    """In every block, replace the nn.Linear at each dotted name (e.g. "attn.qkv") with an Fp8Linear
+    (fast_accum: see Fp8Linear), in place, freeing the float weight. Returns how many were replaced (a
+    name that is not an nn.Linear, e.g. already replaced, is skipped)."""
     replaced = 0
     for block in blocks:
         for name in names:
@@ -173,7 +174,7 @@ def quantize_linears_fp8_(blocks: nn.ModuleList, names: tuple[str, ...]) -> int:
             parent = block.get_submodule(parent_name) if parent_name else block
             linear = getattr(parent, child)
             if type(linear) is nn.Linear:
-                setattr(parent, child, Fp8Linear.from_linear(linear))
+                setattr(parent, child, Fp8Linear.from_linear(linear, fast_accum))
                 replaced += 1
     return replaced
 

@@ -135,6 +135,7 @@ def test_quantize_swaps_the_four_projections_and_keeps_the_rest(tiny_checkpoint,
             parent = layer.self_attn if name in ("qkv_proj", "o_proj") else layer.mlp
             module = getattr(parent, name)
             assert isinstance(module, cls) and stored_quantized(module), name
+            assert not getattr(module, "fast_accum", False), name  # exact accumulation until measured here
     swapped = sum(isinstance(m, cls) for m in model.modules())
     assert swapped == 4 * config.llm_config.num_hidden_layers
     assert type(model.lm_head) is nn.Linear and model.lm_head.weight is lm_head

@@ -84,6 +84,7 @@ def test_fp8_service_swaps_every_block_matmul_and_stays_close(services):
     layers = fp8.encoder.vision_model.encoder.layers
     swapped = [m for m in fp8.encoder.modules() if isinstance(m, Fp8Linear)]
     assert len(swapped) == len(VISION_BLOCK_LINEARS) * len(layers)
+    assert all(m.fast_accum for m in swapped)  # VISION_FP8_FAST_ACCUM: measured on an H100 for the ViT's shapes
     assert not any(isinstance(m, Fp8Linear) for m in fp8.encoder.mlp1.modules())  # the projector stays
     pixels = np.random.default_rng(0).standard_normal((2, 3, 448, 448)).astype(np.float32)
     (a,), (b,) = plain.embed([pixels]), fp8.embed([pixels])
@@ -140,3 +141,21 @@ def test_one_row_on_cuda_is_the_weight_only_gemv_of_the_e4m3_weight():
         want = x.double() @ (w_fp8.double() * w_scale.double()[:, None]).t()
         got = fp8_linear(x, w_fp8, w_scale)
         assert got.dtype == torch.bfloat16 and relative_error(want, got) < 1e-2, (n, k)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs FP8 tensor cores (compute capability 8.9+)")
+def test_fast_accumulation_reaches_the_tensor_cores_and_keeps_the_error():
+    """An Fp8Linear with fast_accum runs torch._scaled_mm(use_fast_accum=True), bit for bit, and stays as
+    close to the float64 product as the exact accumulation (fc2's shape: the longest sum, K = 12,800)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(12800, 3200, device="cuda", dtype=torch.bfloat16)
+    exact, fast = Fp8Linear.from_linear(linear), Fp8Linear.from_linear(linear, fast_accum=True)
+    x = torch.randn(300, 12800, device="cuda", dtype=torch.bfloat16)
+    xq, x_scale = quantize_rows_fp8(x)
+    want = torch._scaled_mm(xq, fast.weight_fp8.t(), scale_a=x_scale, scale_b=fast.weight_scale.view(1, -1),
+                            out_dtype=torch.bfloat16, use_fast_accum=True) + fast.bias
+    assert torch.equal(fast(x), want)
+    reference = x.double() @ linear.weight.double().t() + linear.bias.double()
+    assert relative_error(reference, fast(x)) < 1.05 * relative_error(reference, exact(x))
