@@ -83,7 +83,7 @@ import loadgen  # noqa: E402
 import openloop  # noqa: E402
 import report  # noqa: E402
 from servermetrics import ENGINE_COUNTERS, engine_step_figures, kv_blocks_after_run, read_values  # noqa: E402
-from stub_sampler import StubSampler  # noqa: E402
+from stub_sampler import StubSampler, idle_where  # noqa: E402
 
 
 QUESTION = ("Please describe this image in detail: the objects, their colours, where they are, "
@@ -257,9 +257,9 @@ def run_server(ckpt: Path, results: dict, levels: list[int], requests_per_stream
                     samplers = {}
                     if level in py_spy_levels and not tag:
                         llm = next(pid for pid, name in server.stub_processes().items() if name.startswith("llm"))
-                        samplers = {"py_spy": StubSampler(llm, log_dir / f"pyspy-{file_tag}-{level}.txt"),
-                                    "py_spy_gil": StubSampler(llm, log_dir / f"pyspy-gil-{file_tag}-{level}.txt",
-                                                              gil=True)}
+                        samplers = {f"py_spy{suffix}": StubSampler(
+                                        llm, log_dir / f"pyspy{suffix.replace('_', '-')}-{file_tag}-{level}.txt", mode=mode)
+                                    for suffix, mode in (("", "active"), ("_gil", "gil"), ("_all", "all"))}
                         for sampler in samplers.values():
                             sampler.start()
                     before = read_values(server.metrics_url, ENGINE_COUNTERS)
@@ -268,6 +268,10 @@ def run_server(ckpt: Path, results: dict, levels: list[int], requests_per_stream
                     row["engine_steps"] = engine_step_figures(before, read_values(server.metrics_url, ENGINE_COUNTERS))
                     for name, sampler in samplers.items():
                         row[name] = sampler.stop() or {"error": sampler.error}
+                    if samplers and all(s.out.exists() for s in samplers.values()):
+                        row["py_spy_idle"] = idle_where(samplers["py_spy_all"].out.read_text(),
+                                                        samplers["py_spy"].out.read_text())
+                        samplers["py_spy_all"].out.unlink()  # the largest; the idle summary is kept in the row
                     print(json.dumps({**tag, **row}), flush=True)
                     rows.append(row)
 
@@ -353,8 +357,8 @@ def main(argv=None) -> int:
                         help="levels of the engine-alone per-step breakdown (empty: none)")
     parser.add_argument("--py-spy-levels", default="",
                         help="closed-loop levels during which py-spy samples the llm stub's threads (needs py-spy "
-                             "on PATH; stub_sampler.py), once for time spent and once for the GIL held: a summary "
-                             "per thread in the level's row (py_spy, py_spy_gil), raw stacks in --out")
+                             "on PATH; stub_sampler.py): time spent, the GIL held, and where each thread slept, a summary "
+                             "per thread in the level's row (py_spy, py_spy_gil, py_spy_idle), raw stacks in --out")
     parser.add_argument("--kv-free-timeout-s", type=float, default=30.0,
                         help="how long to wait for the KV-blocks-used gauge to read 0 after the last level")
     parser.add_argument("--layout", action="append", default=[], choices=sorted(report.LAYOUT_LABELS),

@@ -310,6 +310,22 @@ def test_py_spy_raw_output_is_summarized_per_thread():
     assert summary["threads"]["llm-sender-1"]["samples"] == 61
 
 
+def test_idle_frames_are_the_all_mode_samples_beyond_the_active_ones():
+    """py-spy --idle counts every thread at every sample; the excess over the plain sampler, by frame, is
+    where a thread slept (here: the engine thread 40 samples on a lock, none at its synchronize)."""
+    all_mode = RAW_PY_SPY + (
+        "thread (11): llm-engine;Thread.run (threading.py:1010);LLMEngine.step (e.py:1);"
+        "ResponsePath.post (p.py:9);Condition.__enter__ (threading.py:1) 40\n"
+        "thread (12): llm-sender-0;Thread.run (threading.py:1010);ResponsePath._run (p.py:3);Condition.wait (t.py:2) 9\n")
+    sampler = load_bench_module("stub_sampler")
+    idle = sampler.idle_where(all_mode, RAW_PY_SPY, top=2)
+    assert list(idle) == ["llm-engine", "llm-sender-0", "llm-sender-1"]  # most idle samples first
+    assert idle["llm-engine"] == {"samples": 40, "top": [["LLMEngine.step;ResponsePath.post;Condition.__enter__", 40]]}
+    assert idle["llm-sender-0"]["samples"] == 9 and idle["llm-sender-1"]["samples"] == 0
+    with pytest.raises(ValueError, match="mode 'idle'"):
+        sampler.StubSampler(1, "x.txt", mode="idle")
+
+
 def test_without_py_spy_a_level_says_why_it_has_no_profile(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # nowhere to find py-spy
     sampler = load_bench_module("stub_sampler").StubSampler(12345, tmp_path / "raw.txt")
