@@ -32,7 +32,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _python() -> str:
+def python_executable() -> str:
     """This environment's Python (inside a Triton stub sys.executable is the stub, not python)."""
     for candidate in (Path(sys.exec_prefix) / "bin" / "python3", Path(sys.executable)):
         if candidate.is_file() and candidate.name.startswith("python"):
@@ -107,7 +107,7 @@ def start_workers(checkpoint: str | Path, *, devices: list[str], dtype: str, run
     worker_options = {k: v for k, v in runner_options.items() if k != "reserved_bytes"}
     processes = []
     for rank in range(1, world_size):
-        cmd = [_python(), "-m", "internvl_serve.engine.tp_worker", "--checkpoint", str(checkpoint),
+        cmd = [python_executable(), "-m", "internvl_serve.engine.tp_worker", "--checkpoint", str(checkpoint),
                "--rank", str(rank), "--world-size", str(world_size), "--init-method", init_method,
                "--device", devices[rank], "--dtype", dtype, "--runner-options", json.dumps(worker_options)]
         processes.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL))

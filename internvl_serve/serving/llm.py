@@ -136,6 +136,9 @@ class EngineOptions:
     async_scheduling: bool | None = None
     # threads that detokenize and send responses (serving/response_path.py)
     response_senders: int = 4
+    # the engine in a process of its own (serving/engine_process.py): its own interpreter lock, not the
+    # stub's, which the response senders hold much of the time at many streams. Opt-in until measured on a GPU
+    engine_process: bool = False
     # encoder priority (engine.py EngineThread, serving/encoder_activity.py): while the vision model's
     # encoder runs on the engine's GPU, a step of decodes only waits for it, at most this many ms. 0: never
     # (the default: on an H100 it moved neither throughput nor TTFT beyond the run-to-run spread).
@@ -224,14 +227,92 @@ def vision_reserve_bytes(config, dtype: torch.dtype) -> int:
     return params * element + activations + 2**30
 
 
+@dataclass
+class BuiltEngine:
+    """What build_engine made: the engine, the thread that runs it, the tensor-parallel workers (or None),
+    and the encoder-activity record it reads (or None)."""
+
+    engine: object
+    thread: object
+    workers: object = None
+    encoder_activity: object = None
+
+    def info(self) -> dict:
+        """What the caller of an engine in another process needs: the limits a request is checked against
+        (Request.validate's arguments), and the load facts the adapter logs."""
+        engine, runner = self.engine, self.engine.runner
+        graphs = runner.decode_graphs
+        return {"limits": {"image_context_token_id": engine.image_context_token_id, "vocab_size": runner.vocab_size,
+                           "hidden_size": runner.hidden_size, "context_window": runner.context_window,
+                           "cache_capacity": runner.num_blocks * runner.block_size},
+                "cache_info": runner.cache_info(), "graph_buckets": list(graphs.buckets) if graphs else None,
+                "kv_sizing": dict(runner.kv_sizing)}
+
+    def close(self, *, broken: bool = False) -> None:
+        """After the thread stopped: the encoder record, the tensor-parallel workers."""
+        if self.encoder_activity is not None:
+            self.encoder_activity.close()
+        if self.workers is not None:
+            self.workers.close(None if broken else self.engine.runner)
+
+
+def build_engine(checkpoint: str | Path, *, device: str, dtype: str, engine_options: Mapping[str, str] | None,
+                 log: Callable[[str], None], on_worker_failure: Callable[[str], None]) -> BuiltEngine:
+    """The llm engine of `checkpoint` on `device` with the llm model's parameters, running in an
+    EngineThread: in the llm stub (LLMService) or in the engine process (serving/engine_process.py).
+    dtype: a torch dtype's name ("bfloat16")."""
+    from internvl_serve.checkpoint import load_state_dict
+    from internvl_serve.config import InternVLChatConfig
+    from internvl_serve.engine import EngineThread, LLMEngine, ModelRunner, SchedulerConfig
+    from internvl_serve.engine.parallel import load_device
+    from internvl_serve.tokenizer import load_tokenizer
+
+    torch_dtype = getattr(torch, dtype)
+    config = InternVLChatConfig.from_pretrained(checkpoint)
+    options = EngineOptions.from_parameters(engine_options or {})
+    runner_options = dict(block_size=options.block_size, num_blocks=options.num_blocks,
+                          gpu_memory_utilization=options.gpu_memory_utilization,
+                          max_num_batched_tokens=options.max_num_batched_tokens,
+                          max_num_seqs=options.max_num_seqs, quantization=options.quantization or None,
+                          kv_cache_dtype=options.kv_cache_dtype)
+    # Tensor parallelism: ranks 1..N-1 start first (they load their weights meanwhile); this process is
+    # rank 0 on devices[0] and drives the engine.
+    devices = tensor_parallel_devices(torch.device(device), options.tensor_parallel_size,
+                                      options.tensor_parallel_devices)
+    device0 = torch.device(devices[0])
+    workers = None
+    if len(devices) > 1:
+        from internvl_serve.engine.tp_worker import start_workers
+        workers = start_workers(checkpoint, devices=devices, dtype=dtype, runner_options=runner_options,
+                                on_failure=on_worker_failure)
+    state_dict = load_state_dict(checkpoint, prefixes=("language_model.",), dtype=torch_dtype,
+                                 device=load_device(checkpoint, str(device0), len(devices)), progress=False)
+    runner = ModelRunner(config, state_dict, device=device0, dtype=torch_dtype, **runner_options,
+                         reserved_bytes=vision_reserve_bytes(config, torch_dtype) if device0.type == "cuda" else 0,
+                         tp=workers.tp if workers else None)
+    del state_dict  # the runner holds the weights now
+    scheduler = SchedulerConfig(max_num_seqs=options.max_num_seqs,
+                                max_num_batched_tokens=options.max_num_batched_tokens,
+                                enable_prefix_caching=options.enable_prefix_caching,
+                                async_scheduling=options.async_scheduling).validate()
+    engine = LLMEngine(runner, tokenizer=load_tokenizer(checkpoint), scheduler_config=scheduler, detokenize=False)
+    # encoder priority (opt-in): the vision model's forwards, read from the launcher's record
+    encoder_activity = EncoderActivity.from_environment(log) if options.encoder_priority_ms > 0 else None
+    encoder_busy = None if encoder_activity is None else functools.partial(
+        encoder_activity.busy, [device_number(d) for d in devices])
+    thread = EngineThread(engine, max_pending=options.max_pending_requests,
+                          encoder_busy=encoder_busy, encoder_priority_s=options.encoder_priority_ms / 1000)
+    return BuiltEngine(engine, thread, workers, encoder_activity)
+
+
 class LLMService:
-    """submit(request_id, LLMRequest, sink) -> responses flow to sink from the engine thread."""
+    """submit(request_id, LLMRequest, sink) -> responses flow to sink from the engine thread (in this
+    process, or with engine_process in the engine process: serving/engine_process.py)."""
 
     def __init__(self, checkpoint: str | Path, *, device: str = "auto", dtype: torch.dtype | None = None,
                  engine_options: Mapping[str, str] | None = None, log: Callable[[str], None] | None = None):
-        from internvl_serve.checkpoint import load_state_dict
         from internvl_serve.config import InternVLChatConfig
-        from internvl_serve.engine import EngineThread, LLMEngine, ModelRunner, SchedulerConfig
+        from internvl_serve.engine.stopping import AnswerText
         from internvl_serve.prompt import get_template
         from internvl_serve.tokenizer import load_tokenizer
 
@@ -244,44 +325,28 @@ class LLMService:
             self.config.template, self.config.system_message).end_of_answer(self.tokenizer)
         self._log = log or (lambda message: None)
         options = EngineOptions.from_parameters(engine_options or {})
-        runner_options = dict(block_size=options.block_size, num_blocks=options.num_blocks,
-                              gpu_memory_utilization=options.gpu_memory_utilization,
-                              max_num_batched_tokens=options.max_num_batched_tokens,
-                              max_num_seqs=options.max_num_seqs, quantization=options.quantization or None,
-                              kv_cache_dtype=options.kv_cache_dtype)
-        # Tensor parallelism: ranks 1..N-1 start first (they load their weights meanwhile); this
-        # process is rank 0 on devices[0] and drives the engine.
         self.devices = tensor_parallel_devices(self.device, options.tensor_parallel_size,
                                                options.tensor_parallel_devices)
         self.device = torch.device(self.devices[0])
-        self.workers = None
         self._broken: str | None = None
-        if len(self.devices) > 1:
-            from internvl_serve.engine.tp_worker import start_workers
-            self.workers = start_workers(checkpoint, devices=self.devices, dtype=str(self.dtype).removeprefix("torch."),
-                                         runner_options=runner_options, on_failure=self._on_worker_failure)
-        from internvl_serve.engine.parallel import load_device
-
-        state_dict = load_state_dict(checkpoint, prefixes=("language_model.",), dtype=self.dtype,
-                                     device=load_device(checkpoint, str(self.device), len(self.devices)),
-                                     progress=False)
-        runner = ModelRunner(self.config, state_dict, device=self.device, dtype=self.dtype, **runner_options,
-                             reserved_bytes=vision_reserve_bytes(self.config, self.dtype) if self.device.type == "cuda" else 0,
-                             tp=self.workers.tp if self.workers else None)
-        del state_dict  # the runner holds the weights now
-        scheduler = SchedulerConfig(max_num_seqs=options.max_num_seqs,
-                                    max_num_batched_tokens=options.max_num_batched_tokens,
-                                    enable_prefix_caching=options.enable_prefix_caching,
-                                    async_scheduling=options.async_scheduling).validate()
-        self.engine = LLMEngine(runner, tokenizer=self.tokenizer, scheduler_config=scheduler, detokenize=False)
+        self._answer_text = functools.partial(AnswerText, self.tokenizer)
         self.responses = ResponsePath(num_senders=options.response_senders)
-        # encoder priority (opt-in): the vision model's forwards, read from the launcher's record
-        self.encoder_activity = (EncoderActivity.from_environment(self._log) if options.encoder_priority_ms > 0
-                                 else None)
-        encoder_busy = None if self.encoder_activity is None else functools.partial(
-            self.encoder_activity.busy, [device_number(d) for d in self.devices])
-        self.thread = EngineThread(self.engine, max_pending=options.max_pending_requests,
-                                   encoder_busy=encoder_busy, encoder_priority_s=options.encoder_priority_ms / 1000)
+        spec = dict(device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
+                    engine_options=dict(engine_options or {}))
+        self.built: BuiltEngine | None = None
+        if options.engine_process:
+            from internvl_serve.serving.engine_process import EngineProcess
+
+            self.thread = EngineProcess({"checkpoint": str(checkpoint), **spec},
+                                        max_pending=options.max_pending_requests, on_broken=self._on_worker_failure)
+            self.engine = self.thread.engine  # its state, as last reported (the metrics read it)
+            self.engine_info = {k: v for k, v in self.thread.info.items() if k != "limits"}
+            self.engine_where = f"its own process (pid {self.thread.process.pid})"
+        else:
+            self.built = build_engine(checkpoint, **spec, log=self._log, on_worker_failure=self._on_worker_failure)
+            self.engine, self.thread = self.built.engine, self.built.thread
+            self.engine_info = {k: v for k, v in self.built.info().items() if k != "limits"}
+            self.engine_where = "a thread of the llm stub"
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -303,10 +368,12 @@ class LLMService:
         active = _Active(sink, ResponseStream(request.text_input, stream=gen.stream,
                                               exclude_input_in_output=gen.exclude_input_in_output),
                          client_id=client_id, cancel_key=cancel_key,
-                         text=self.engine.new_answer_text(sampling))
+                         text=self._answer_text(sampling))
         embeds = None
         if request.image_embeds is not None:  # page-locked here, on the caller's thread, not the engine's
-            embeds = page_locked(torch.from_numpy(np.ascontiguousarray(request.image_embeds)), self.device)
+            embeds = torch.from_numpy(np.ascontiguousarray(request.image_embeds))
+            if self.built is not None:  # (an engine process pins its own copy: no CUDA in this one)
+                embeds = page_locked(embeds, self.device)
         engine_request = Request(request_id=request_id, prompt_token_ids=request.input_ids.tolist(),
                                  image_embeds=embeds, sampling=sampling)
         with self._lock:
@@ -421,7 +488,5 @@ class LLMService:
         produced is delivered first)."""
         self.thread.shutdown()
         self.responses.shutdown()
-        if self.encoder_activity is not None:
-            self.encoder_activity.close()
-        if self.workers is not None:
-            self.workers.close(None if self._broken else self.engine.runner)
+        if self.built is not None:
+            self.built.close(broken=bool(self._broken))

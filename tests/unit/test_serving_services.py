@@ -261,11 +261,14 @@ class RecordingSink:
         return [r["finish_reason"][0].decode() for r, _ in self.responses]
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_checkpoint):
+@pytest.fixture(scope="module", params=["engine thread", "engine process"])
+def llm(tiny_checkpoint, request):
+    """The service as the llm model runs it: its engine in a thread of this process (the default), or in
+    a process of its own (engine_process: serving/engine_process.py). Every llm test runs on both."""
     from internvl_serve.serving.llm import LLMService
 
-    service = LLMService(tiny_checkpoint, device="cpu", engine_options={"max_num_seqs": "8"})
+    options = {"max_num_seqs": "8", "engine_process": str(request.param == "engine process").lower()}
+    service = LLMService(tiny_checkpoint, device="cpu", engine_options=options)
     yield service
     service.shutdown()
 
@@ -387,6 +390,24 @@ def test_llm_refuses_what_the_engine_refuses(llm, preprocessor):
     assert llm.num_active == 0
 
 
+def test_llm_answers_an_image_question_as_the_card(llm, preprocessor, vision, full_model):
+    """Image rows from the vision service (float32) through the service, in the engine thread's process or
+    sent to the engine process: the card's answer to the same image and question, token for token."""
+    from internvl_serve import reference
+
+    question = "<image>\nWhat is in the picture?"
+    pre = preprocessor(ChatRequest(question=question, images=[png(7)]))
+    (rows,) = vision.embed([pre.pixel_values])
+    generation = llm_request(preprocessor, "x", max_tokens=10, stream=True).generation
+    sink = RecordingSink()
+    llm.submit(LLMRequest(pre.input_ids, rows, question, generation), sink)
+    sink.wait()
+    with torch.inference_mode():
+        want = reference.chat(full_model, preprocessor.tokenizer, torch.from_numpy(pre.pixel_values), question,
+                              dict(max_new_tokens=10, do_sample=False))
+    assert want and "".join(sink.texts) == want and not sink.errors
+
+
 def test_llm_requests_run_concurrently(llm, preprocessor, full_model):
     questions = [f"Question number {i}?" for i in range(5)]
     sinks = [RecordingSink() for _ in questions]
@@ -395,6 +416,41 @@ def test_llm_requests_run_concurrently(llm, preprocessor, full_model):
     for q, sink in zip(questions, sinks):
         sink.wait()
         assert "".join(sink.texts) == reference_answer(full_model, preprocessor.tokenizer, q, 8)
+
+
+def test_the_engine_process_ends_its_requests_and_reports_its_state_at_shutdown(tiny_checkpoint, preprocessor):
+    from internvl_serve.serving.llm import LLMService
+
+    service = LLMService(tiny_checkpoint, device="cpu", engine_options={"engine_process": "true"})
+    done, running = RecordingSink(), RecordingSink()
+    service.submit(llm_request(preprocessor, "Hi.", max_tokens=4), done)
+    done.wait()
+    service.submit(llm_request(preprocessor, "Talk.", max_tokens=3000, stream=True), running)
+    service.shutdown()
+    running.wait()
+    assert done.reasons[-1] in ("stop", "length") and not done.errors
+    assert len(running.errors) == 1 and "shut down" in running.errors[0] and not running.calls_after_final
+    assert service.thread.process.returncode == 0 and service.num_active == 0
+    state = service.engine  # the engine process's last report (what the metrics read)
+    assert state.num_steps >= 4 and state.allocator.num_free == state.allocator.num_blocks > 0
+    assert state.scheduler.num_running == state.scheduler.num_waiting == 0 and service.thread.busy_s > 0
+
+
+def test_when_the_engine_process_dies_its_requests_fail_and_new_ones_are_refused(tiny_checkpoint, preprocessor):
+    from internvl_serve.serving.llm import LLMService
+
+    service = LLMService(tiny_checkpoint, device="cpu", engine_options={"engine_process": "true"})
+    try:
+        running = RecordingSink()
+        service.submit(llm_request(preprocessor, "Talk.", max_tokens=3000, stream=True), running)
+        service.thread.process.kill()
+        running.wait()
+        assert len(running.errors) == 1 and "engine process exited" in running.errors[0]
+        assert not running.calls_after_final and service.num_active == 0
+        with pytest.raises(RuntimeError, match="cannot continue, restart the server"):
+            service.submit(llm_request(preprocessor, "Hi.", max_tokens=4), RecordingSink())
+    finally:
+        service.shutdown()
 
 
 def test_engine_options_from_parameters():
@@ -436,7 +492,7 @@ def test_the_engine_waits_for_the_vision_forwards_of_its_device(tiny_checkpoint,
     default = LLMService(tiny_checkpoint, device="cpu")
     held = LLMService(tiny_checkpoint, device="cpu", engine_options={"encoder_priority_ms": "20"})
     try:
-        assert default.encoder_activity is None and default.thread.encoder_priority_s == 0  # off by default
+        assert default.built.encoder_activity is None and default.thread.encoder_priority_s == 0  # off by default
         assert held.thread.encoder_priority_s == 0.02
         busy = held.thread._encoder_busy
         assert not busy()

@@ -54,14 +54,15 @@ class TritonPythonModel:
         self.client_errors = client_errors()
         if self.service.device.type == "cuda":  # image embeddings in; on the CPU the forward's temporaries suffer
             mmap_large_allocations()  # serving/heap.py
-        info = self.service.engine.runner.cache_info()
-        graphs = self.service.engine.runner.decode_graphs
-        sizing = kv_sizing_text(self.service.engine.runner.kv_sizing)  # how the pool was sized
+        info = self.service.engine_info["cache_info"]
+        graphs = self.service.engine_info["graph_buckets"]
+        sizing = kv_sizing_text(self.service.engine_info["kv_sizing"])  # how the pool was sized
         pb_utils.Logger.log_info(
             f"llm: {self.service.device} {self.service.dtype}; KV cache {info['num_blocks']} blocks x "
             f"{info['block_size']} tokens = {info['num_tokens']} tokens, {info['bytes'] / 2**30:.1f} GiB {info['dtype']}"
-            f"{'; ' + sizing if sizing else ''}; decode CUDA graphs: {list(graphs.buckets) if graphs else 'off'}; "
-            f"tensor parallel: {len(self.service.devices)} ranks on {','.join(self.service.devices)}")
+            f"{'; ' + sizing if sizing else ''}; decode CUDA graphs: {graphs or 'off'}; "
+            f"tensor parallel: {len(self.service.devices)} ranks on {','.join(self.service.devices)}; "
+            f"engine: {self.service.engine_where}")
         # internvl_* metrics on Triton's /metrics (docs/metrics.md): meters the engine thread
         self.metrics = LLMExporter(self.service, pb_utils, args, log=pb_utils.Logger.log_warn)
 
