@@ -151,7 +151,7 @@ class EngineProcess:
             with self._send_lock:  # the two messages of one submit stay together
                 self._conn.send(head)
                 if rows is not None:
-                    self._conn.send_bytes(memoryview(rows).cast("B"))
+                    self._conn.send_bytes(rows.reshape(-1).view(np.uint8))
         except OSError as e:  # the engine process is gone: the receiver fails the open requests
             with self._lock:
                 self._callbacks.pop(request.request_id, None)
@@ -297,10 +297,9 @@ def serve(conn: Connection, engine, thread, outbox: _Outbox) -> None:
     errors (EngineThread.shutdown), deliver everything, and return."""
     import torch
 
-    from internvl_serve.engine.host_copy import page_locked
     from internvl_serve.engine.request import RequestOutput
 
-    device = engine.runner.device
+    pin = torch.device(engine.runner.device).type == "cuda"
     while True:
         try:
             message = conn.recv()
@@ -310,10 +309,12 @@ def serve(conn: Connection, engine, thread, outbox: _Outbox) -> None:
         if kind == "submit":
             request, rows = message[1], message[2]
             try:
-                if rows is not None:
+                if rows is not None:  # straight from the socket into (page-locked on CUDA) memory
                     shape, dtype = rows
-                    data = np.frombuffer(conn.recv_bytes(), dtype=np.dtype(dtype)).reshape(shape)
-                    request.image_embeds = page_locked(torch.from_numpy(data.copy()), device)
+                    embeds = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, np.dtype(dtype))).dtype,
+                                         pin_memory=pin)
+                    conn.recv_bytes_into(embeds.numpy().reshape(-1).view(np.uint8))
+                    request.image_embeds = embeds
                 thread.submit(request, outbox.put)
             except (EOFError, OSError):
                 break

@@ -370,7 +370,8 @@ class LLMService:
                          client_id=client_id, cancel_key=cancel_key,
                          text=self._answer_text(sampling))
         embeds = None
-        if request.image_embeds is not None:  # page-locked here, on the caller's thread, not the engine's
+        if request.image_embeds is not None and len(request.image_embeds):  # (0 rows: no image)
+            # page-locked here, on the caller's thread, not the engine's
             embeds = torch.from_numpy(np.ascontiguousarray(request.image_embeds))
             if self.built is not None:  # (an engine process pins its own copy: no CUDA in this one)
                 embeds = page_locked(embeds, self.device)

@@ -408,6 +408,17 @@ def test_llm_answers_an_image_question_as_the_card(llm, preprocessor, vision, fu
     assert want and "".join(sink.texts) == want and not sink.errors
 
 
+def test_llm_takes_zero_image_rows_with_a_text_prompt(llm, preprocessor, full_model):
+    """No image, but an image_embeds tensor of 0 rows (a direct client may send one): the text answer."""
+    request = llm_request(preprocessor, "Hello, who are you?", max_tokens=6, stream=True)
+    empty = np.zeros((0, llm.config.llm_config.hidden_size), np.float32)
+    sink = RecordingSink()
+    llm.submit(LLMRequest(request.input_ids, empty, request.text_input, request.generation), sink)
+    sink.wait()
+    assert "".join(sink.texts) == reference_answer(full_model, preprocessor.tokenizer, "Hello, who are you?", 6)
+    assert not sink.errors
+
+
 def test_llm_requests_run_concurrently(llm, preprocessor, full_model):
     questions = [f"Question number {i}?" for i in range(5)]
     sinks = [RecordingSink() for _ in questions]
