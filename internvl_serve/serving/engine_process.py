@@ -69,6 +69,12 @@ class EngineState:
     num_steps: int = 0
     device_wait_s: float = 0.0
 
+    def stats(self) -> dict:
+        """LLMEngine.stats()'s figures that the engine process reports."""
+        return {"num_running": self.scheduler.num_running, "num_waiting": self.scheduler.num_waiting,
+                "num_free_blocks": self.allocator.num_free, "num_blocks": self.allocator.num_blocks,
+                "num_preemptions": self.scheduler.num_preemptions}
+
     def update(self, values: dict) -> None:
         self.scheduler = SimpleNamespace(**values["scheduler"])
         self.allocator = SimpleNamespace(**values["allocator"])
@@ -187,7 +193,6 @@ class EngineProcess:
             pass  # gone: the receiver has failed (or will fail) everything open
 
     def _receive(self) -> None:
-        reason = None
         while True:
             try:
                 message = self._conn.recv()
@@ -199,18 +204,21 @@ class EngineProcess:
             elif kind == "state":
                 self.engine.update(message[1])
                 self.busy_s, self.encoder_wait_s = message[1]["busy_s"], message[1]["encoder_wait_s"]
-            elif kind == "broken":
-                reason = message[1]
-                break
-        code = self.process.wait()
-        if reason is None and not self._stopping:
-            reason = f"the engine process exited with {code}"
-        self._fail_open(f"EngineError: {reason or 'the engine shut down'}")
-        if reason is not None:
-            with self._lock:
-                self._broken = reason
-            if self._on_broken is not None:
-                self._on_broken(reason)
+            elif kind == "broken":  # a tensor-parallel worker died; the process runs on until stopped
+                self._break(message[1])
+        code = self.process.wait()  # the connection ended: the engine process is ending
+        if self._stopping:
+            self._fail_open("EngineError: the engine shut down")
+        else:
+            self._break(f"the engine process exited with {code}")
+
+    def _break(self, reason: str) -> None:
+        """The engine cannot go on: fail what is open, refuse what comes, tell the owner (once)."""
+        with self._lock:
+            first, self._broken = self._broken is None, self._broken or reason
+        self._fail_open(f"EngineError: {reason}")
+        if first and self._on_broken is not None:
+            self._on_broken(reason)
 
     def _deliver(self, outputs: list) -> None:
         for out in outputs:

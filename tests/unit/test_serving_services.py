@@ -445,6 +445,7 @@ def test_the_engine_process_ends_its_requests_and_reports_its_state_at_shutdown(
     state = service.engine  # the engine process's last report (what the metrics read)
     assert state.num_steps >= 4 and state.allocator.num_free == state.allocator.num_blocks > 0
     assert state.scheduler.num_running == state.scheduler.num_waiting == 0 and service.thread.busy_s > 0
+    assert state.stats()["num_free_blocks"] == state.stats()["num_blocks"]  # (bench/engine_alone.py reads it)
 
 
 def test_when_the_engine_process_dies_its_requests_fail_and_new_ones_are_refused(tiny_checkpoint, preprocessor):
