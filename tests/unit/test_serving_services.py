@@ -528,3 +528,38 @@ def test_history_json_round_trip_matches_the_card_history(preprocessor):
                                   "images": np.array([png(1)], dtype=object)})
     out = preprocessor(request)
     assert count_context(preprocessor, out.input_ids) == preprocessor.config.num_image_token
+
+
+def test_the_engine_process_ends_when_the_stub_that_started_it_dies(tiny_checkpoint, tmp_path):
+    """A stub killed outright (SIGKILL: no finalize) must not leave its engine process holding the device:
+    the engine process reads the end of the connection and exits (waited for on a pidfd: no clock)."""
+    import os
+    import select
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import internvl_serve
+
+    script = tmp_path / "stub.py"
+    script.write_text(
+        "import sys\n"
+        "from internvl_serve.serving.llm import LLMService\n"
+        f"s = LLMService({str(tiny_checkpoint)!r}, device='cpu', engine_options={{'engine_process': 'true'}})\n"
+        "print(s.thread.process.pid, flush=True)\n"
+        "sys.stdin.read()\n")  # blocks until killed
+    root = Path(internvl_serve.__file__).resolve().parents[1]
+    stub = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    engine_pid = int(stub.stdout.readline())
+    engine = os.pidfd_open(engine_pid)
+    try:
+        assert engine_pid != stub.pid and not select.select([engine], [], [], 0)[0]  # it runs
+        stub.send_signal(signal.SIGKILL)
+        stub.wait()
+        assert select.select([engine], [], [])[0] == [engine]  # readable once the engine process has exited
+    finally:
+        os.close(engine)
+        stub.stdin.close()
+        stub.stdout.close()
