@@ -284,6 +284,57 @@ class LLMEngine:
 Callback = Callable[[RequestOutput], None]
 
 
+class RequestCallbacks:
+    """The output callbacks of accepted, unfinished requests (EngineThread's, and the engine process's
+    stub side: serving/engine_process.py). admit() refuses a request id that is running and one past
+    max_pending (EngineBusy: a burst far above capacity gets a clear error, not an unbounded queue);
+    deliver() hands each output to its callback and forgets a request at its finished output; fail_all()
+    ends every request still here with an error output. Thread-safe; callbacks run outside the lock."""
+
+    def __init__(self, max_pending: int | None = None):
+        self.max_pending = max_pending
+        self._lock = threading.Lock()
+        self._callbacks: dict[str, Callback] = {}
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._callbacks)
+
+    def admit(self, request_id: str, callback: Callback) -> None:
+        with self._lock:
+            if request_id in self._callbacks:
+                raise InvalidRequest(f"request_id {request_id!r} is already running")
+            if self.max_pending is not None and len(self._callbacks) >= self.max_pending:
+                raise EngineBusy(f"the server is busy: {len(self._callbacks)} requests are already running or "
+                                 f"queued (max_pending_requests {self.max_pending}); retry later")
+            self._callbacks[request_id] = callback
+
+    def forget(self, request_id: str) -> None:
+        with self._lock:
+            self._callbacks.pop(request_id, None)
+
+    def deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            with self._lock:
+                callback = (self._callbacks.pop(out.request_id, None) if out.finished
+                            else self._callbacks.get(out.request_id))
+            if callback is not None:
+                _call(callback, out)
+
+    def fail_all(self, error: str) -> None:
+        with self._lock:
+            leftover, self._callbacks = list(self._callbacks.items()), {}
+        for request_id, callback in leftover:
+            _call(callback, RequestOutput(request_id, [], "", True, "abort", 0, 0, 0, error))
+
+
+def _call(callback: Callback, output: RequestOutput) -> None:
+    try:
+        callback(output)
+    except Exception:
+        log.exception("callback of request %s raised", output.request_id)
+
+
 class EngineThread:
     """A background thread that owns `engine`. submit()/abort() may be called from any thread;
     callbacks run on the engine thread (keep them short: hand the output to a queue or a sender).
@@ -300,8 +351,7 @@ class EngineThread:
     def __init__(self, engine: LLMEngine, *, name: str = "llm-engine", start: bool = True,
                  max_pending: int | None = None, encoder_busy: Callable[[], bool] | None = None,
                  encoder_priority_s: float = 0.0):
-        # max_pending: unfinished requests (running + waiting) at most; one more is refused with
-        # EngineBusy at submit, so a burst far above capacity gets a clear error, not an unbounded queue.
+        # max_pending: unfinished requests (running + waiting) at most (RequestCallbacks.admit)
         self.engine = engine
         self.max_pending = max_pending
         self._encoder_busy = encoder_busy if encoder_priority_s > 0 else None
@@ -313,7 +363,7 @@ class EngineThread:
         self._cv = threading.Condition()
         self._inbox: list[tuple[Request, Callback]] = []
         self._aborts: list[tuple[str, FinishReason]] = []
-        self._callbacks: dict[str, Callback] = {}  # accepted and not yet finished (guarded by _cv)
+        self._callbacks = RequestCallbacks(max_pending)  # accepted and not yet finished
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         if start:
@@ -328,12 +378,7 @@ class EngineThread:
         with self._cv:
             if self._stopping:
                 raise EngineError("the engine is shut down")
-            if request.request_id in self._callbacks:
-                raise InvalidRequest(f"request_id {request.request_id!r} is already running")
-            if self.max_pending is not None and len(self._callbacks) >= self.max_pending:
-                raise EngineBusy(f"the server is busy: {len(self._callbacks)} requests are already running or "
-                                 f"queued (max_pending_requests {self.max_pending}); retry later")
-            self._callbacks[request.request_id] = callback
+            self._callbacks.admit(request.request_id, callback)
             self._inbox.append((request, callback))
             self._cv.notify()
 
@@ -352,20 +397,10 @@ class EngineThread:
 
     @property
     def num_unfinished(self) -> int:
-        with self._cv:
-            return len(self._callbacks)
+        return len(self._callbacks)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            with self._cv:
-                callback = self._callbacks.pop(out.request_id, None) if out.finished \
-                    else self._callbacks.get(out.request_id)
-            if callback is None:
-                continue
-            try:
-                callback(out)
-            except Exception:
-                log.exception("callback of request %s raised", out.request_id)
+        self._callbacks.deliver(outputs)
 
     def _outside_the_model(self, call: Callable[[], list[RequestOutput]]) -> list[RequestOutput]:
         """call() (a step, or finishing one); a bug outside the runner fails everyone, the thread goes on."""
@@ -423,11 +458,4 @@ class EngineThread:
         self._deliver(outputs)
         with self._cv:
             self._inbox = []
-            leftover = list(self._callbacks.items())
-            self._callbacks.clear()
-        for request_id, callback in leftover:
-            try:
-                callback(RequestOutput(request_id, [], "", True, "abort", 0, 0, 0,
-                                       "EngineError: the engine shut down"))
-            except Exception:
-                log.exception("callback of request %s raised", request_id)
+        self._callbacks.fail_all("EngineError: the engine shut down")

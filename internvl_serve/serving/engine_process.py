@@ -98,13 +98,14 @@ class EngineProcess:
         """spec: what serving/llm.build_engine takes (JSON-able). on_broken(message): the engine process
         cannot go on (it exited, or reported a dead tensor-parallel worker); called once, from the
         receiver thread, after every open request got its error output."""
+        from internvl_serve.engine.engine import RequestCallbacks
         from internvl_serve.engine.errors import EngineError
 
         self._EngineError = EngineError
         self.max_pending = max_pending
         self._on_broken = on_broken
-        self._lock = threading.Lock()
-        self._callbacks: dict[str, Callable] = {}
+        self._lock = threading.Lock()  # _broken, _stopping
+        self._callbacks = RequestCallbacks(max_pending)  # accepted and not yet finished
         self._broken: str | None = None
         self._stopping = False
         self.engine = EngineState()
@@ -136,8 +137,6 @@ class EngineProcess:
         request.validate(**self.limits)
 
     def submit(self, request, callback: Callable) -> None:
-        from internvl_serve.engine.errors import EngineBusy, InvalidRequest
-
         self.validate(request)
         rows = None
         if request.image_embeds is not None:
@@ -145,12 +144,7 @@ class EngineProcess:
         with self._lock:
             if self._broken or self._stopping:
                 raise self._EngineError(self._broken or "the engine is shut down")
-            if request.request_id in self._callbacks:
-                raise InvalidRequest(f"request_id {request.request_id!r} is already running")
-            if self.max_pending is not None and len(self._callbacks) >= self.max_pending:
-                raise EngineBusy(f"the server is busy: {len(self._callbacks)} requests are already running or "
-                                 f"queued (max_pending_requests {self.max_pending}); retry later")
-            self._callbacks[request.request_id] = callback
+        self._callbacks.admit(request.request_id, callback)
         head = ("submit", replace(request, image_embeds=None),
                 None if rows is None else (rows.shape, rows.dtype.str))
         try:
@@ -159,8 +153,7 @@ class EngineProcess:
                 if rows is not None:
                     self._conn.send_bytes(rows.reshape(-1).view(np.uint8))
         except OSError as e:  # the engine process is gone: the receiver fails the open requests
-            with self._lock:
-                self._callbacks.pop(request.request_id, None)
+            self._callbacks.forget(request.request_id)
             raise self._EngineError(f"the engine process is gone: {e}") from None
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
@@ -181,8 +174,7 @@ class EngineProcess:
 
     @property
     def num_unfinished(self) -> int:
-        with self._lock:
-            return len(self._callbacks)
+        return len(self._callbacks)
 
     # -- the receiver thread ------------------------------------------------------------------------
     def _post(self, message: tuple) -> None:
@@ -200,7 +192,7 @@ class EngineProcess:
                 break
             kind = message[0]
             if kind == "outputs":
-                self._deliver(message[1])
+                self._callbacks.deliver(message[1])
             elif kind == "state":
                 self.engine.update(message[1])
                 self.busy_s, self.encoder_wait_s = message[1]["busy_s"], message[1]["encoder_wait_s"]
@@ -208,7 +200,7 @@ class EngineProcess:
                 self._break(message[1])
         code = self.process.wait()  # the connection ended: the engine process is ending
         if self._stopping:
-            self._fail_open("EngineError: the engine shut down")
+            self._callbacks.fail_all("EngineError: the engine shut down")
         else:
             self._break(f"the engine process exited with {code}")
 
@@ -216,33 +208,9 @@ class EngineProcess:
         """The engine cannot go on: fail what is open, refuse what comes, tell the owner (once)."""
         with self._lock:
             first, self._broken = self._broken is None, self._broken or reason
-        self._fail_open(f"EngineError: {reason}")
+        self._callbacks.fail_all(f"EngineError: {reason}")
         if first and self._on_broken is not None:
             self._on_broken(reason)
-
-    def _deliver(self, outputs: list) -> None:
-        for out in outputs:
-            with self._lock:
-                callback = (self._callbacks.pop(out.request_id, None) if out.finished
-                            else self._callbacks.get(out.request_id))
-            if callback is None:
-                continue
-            try:
-                callback(out)
-            except Exception:
-                log.exception("callback of request %s raised", out.request_id)
-
-    def _fail_open(self, error: str) -> None:
-        from internvl_serve.engine.request import RequestOutput
-
-        with self._lock:
-            leftover = list(self._callbacks.items())
-            self._callbacks.clear()
-        for request_id, callback in leftover:
-            try:
-                callback(RequestOutput(request_id, [], "", True, "abort", 0, 0, 0, error))
-            except Exception:
-                log.exception("callback of request %s raised", request_id)
 
 
 # -- the engine process ---------------------------------------------------------------------------------

@@ -5,15 +5,13 @@ cancel on the side channel aborts the generation in the engine process; the engi
 from __future__ import annotations
 
 import re
-import threading
-
 import pytest
 
 from e2e_client import metric, wait_for
 from internvl_serve.serving.launcher import TritonServer
 from internvl_serve.serving.layout import Layout
-from test_ensemble import (ask, assert_answer, assert_text_and_image_answers, cancel_on_the_side_channel,  # noqa: F401
-                           oracle, start_and_cancel)  # (oracle is a fixture)
+from test_ensemble import (ask, assert_answer, assert_concurrent_answers, assert_text_and_image_answers,  # noqa: F401
+                           cancel_on_the_side_channel, oracle, start_and_cancel)  # (oracle is a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +33,7 @@ def test_text_and_image_answers_equal_the_card(server, oracle):  # noqa: F811
 
 
 def test_concurrent_streams_each_get_their_own_answer(server, oracle):  # noqa: F811
-    questions = [f"Tell me a fact number {i}." for i in range(6)]
-    answers = [None] * len(questions)
-
-    def one(i):
-        answers[i] = ask(server, questions[i])
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(questions))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    for question, answer in zip(questions, answers):
-        assert answer is not None
-        assert_answer(answer, oracle(question))
+    assert_concurrent_answers(server, oracle)
 
 
 def test_the_cancel_side_channel_aborts_a_generation_in_the_engine_process(server):

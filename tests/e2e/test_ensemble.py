@@ -85,6 +85,24 @@ def assert_text_and_image_answers(server, oracle, image_seed: int, *, model=ENSE
     return question, image
 
 
+def assert_concurrent_answers(server, oracle, n: int = 6):
+    """n streams at once, each with its own question: each gets the card's answer to its own."""
+    questions = [f"Tell me a fact number {i}." for i in range(n)]
+    answers = [None] * n
+
+    def one(i):
+        answers[i] = ask(server, questions[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    for question, answer in zip(questions, answers):
+        assert answer is not None
+        assert_answer(answer, oracle(question))
+
+
 # ---- the card's scenarios ----------------------------------------------------------------------------
 
 

@@ -3,13 +3,11 @@ tritonserver: the llm model's stub is rank 0 and starts rank 1 as its child proc
 exactly the model card's chat (the same oracle as test_ensemble.py), also for concurrent streams."""
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 from internvl_serve.serving.launcher import TritonServer
 from internvl_serve.serving.layout import Layout
-from test_ensemble import ask, assert_answer, assert_text_and_image_answers, oracle  # noqa: F401  (oracle is a fixture)
+from test_ensemble import assert_concurrent_answers, assert_text_and_image_answers, oracle  # noqa: F401  (oracle is a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -30,17 +28,4 @@ def test_text_and_image_answers_equal_the_card(server, oracle):  # noqa: F811
 
 
 def test_concurrent_streams_each_get_their_own_answer(server, oracle):  # noqa: F811
-    questions = [f"Tell me a fact number {i}." for i in range(6)]
-    answers = [None] * len(questions)
-
-    def one(i):
-        answers[i] = ask(server, questions[i])
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(questions))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    for question, answer in zip(questions, answers):
-        assert answer is not None
-        assert_answer(answer, oracle(question))
+    assert_concurrent_answers(server, oracle)
