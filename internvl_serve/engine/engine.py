@@ -62,7 +62,8 @@ def image_content_key(image_embeds: torch.Tensor) -> bytes:
     """The content key (internvl_serve/content_key.py) of image rows: their dtype, shape and bytes; for
     when the caller gives no image_hashes (on every image request's way in)."""
     rows = image_embeds.detach().to("cpu").contiguous()
-    return content_key(f"image rows {rows.dtype}{tuple(rows.shape)}", rows.view(torch.uint8).numpy())
+    # (flat first: a tensor of 0 rows has strides no byte view takes)
+    return content_key(f"image rows {rows.dtype}{tuple(rows.shape)}", rows.reshape(-1).view(torch.uint8).numpy())
 
 
 def _image_keys(request: Request) -> list[bytes]:
@@ -309,9 +310,10 @@ class RequestCallbacks:
                                  f"queued (max_pending_requests {self.max_pending}); retry later")
             self._callbacks[request_id] = callback
 
-    def forget(self, request_id: str) -> None:
+    def forget(self, request_id: str) -> bool:
+        """Drop a request's callback without calling it; False when it was no longer here (delivered)."""
         with self._lock:
-            self._callbacks.pop(request_id, None)
+            return self._callbacks.pop(request_id, None) is not None
 
     def deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

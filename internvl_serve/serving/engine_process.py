@@ -153,8 +153,9 @@ class EngineProcess:
                 if rows is not None:
                     self._conn.send_bytes(rows.reshape(-1).view(np.uint8))
         except OSError as e:  # the engine process is gone: the receiver fails the open requests
-            self._callbacks.forget(request.request_id)
-            raise self._EngineError(f"the engine process is gone: {e}") from None
+            if self._callbacks.forget(request.request_id):
+                raise self._EngineError(f"the engine process is gone: {e}") from None
+            # else the receiver already gave this request its final error output: one final, not two
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
         self._post(("abort", request_id, reason))

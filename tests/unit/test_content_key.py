@@ -58,3 +58,17 @@ def test_chunks_of_a_large_buffer_are_hashed_on_the_pool(monkeypatch):
 def test_a_non_contiguous_buffer_is_refused():
     with pytest.raises((TypeError, ValueError)):
         ck.content_key("h", np.zeros((4, 4), np.float32)[:, ::2])
+
+
+def test_image_rows_keys_take_any_row_count_and_tell_shapes_and_values_apart():
+    """The engine's key of image rows (engine.image_content_key): 0 rows included (a direct client may send
+    them), and rows of other shape, dtype or values get other keys."""
+    import torch
+
+    from internvl_serve.engine.engine import image_content_key
+
+    rows = torch.arange(24, dtype=torch.float32).reshape(3, 8)
+    keys = {image_content_key(x) for x in (torch.zeros(0, 8), torch.zeros(0, 4), rows, rows.clone().reshape(4, 6),
+                                           rows.to(torch.bfloat16), rows + 1)}
+    assert len(keys) == 6
+    assert image_content_key(rows) == image_content_key(rows.clone())
