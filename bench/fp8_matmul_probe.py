@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from internvl_serve.kernels.fp8_linear import (fp8_linear, quantize_rows_fp8, quantize_weight_fp8,  # noqa: E402
-                                                relative_error)
+                                                relative_error, scaled_product)
 
 TOKENS_PER_IMAGE = 1025
 HIDDEN, MLP = 3200, 12800
@@ -58,8 +58,7 @@ def probe(images: int, iters: int) -> dict:
         tflop = 2 * x.shape[0] * k * n / 1e12
 
         def scaled_mm(fast_accum: bool = False) -> torch.Tensor:
-            return torch._scaled_mm(xq, w_fp8.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1),
-                                    out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
+            return scaled_product(xq, x_scale, w_fp8, w_scale, torch.bfloat16, fast_accum)
 
         exact = x.float() @ w.float().t()
         row = {

@@ -3,11 +3,13 @@
 model builds them), to choose what to serve against the issue's <= 17 ms per image at batch 8:
 
 - served: the compiled forward, as the vision model runs it (fp8: torch._scaled_mm with fast
-  accumulation, kernels/fp8_linear.scaled_product);
+  accumulation, serving/vision.py VISION_FP8_FAST_ACCUM);
 - multi_kernel: the blocks compiled in inductor's multi-kernel mode (`triton.multi_kernel=1`), which also
   generates a persistent (one-pass) version of each reduction up to 16K wide and keeps the faster per
   shape at run time. Run it after `served`: as the first compile of a fresh process it raised inside
-  inductor (torch 2.11) and the blocks ran eagerly, which is why it is not served;
+  inductor (torch 2.11: "TypeError: 'NoneType' object does not support the context manager protocol") and
+  the blocks ran eagerly (28 ms per image against 16.4, H100, bench/results/h100-2026-12-06/937e289/),
+  which is why it is not served, though 1.1 ms per image faster at batch 8 where it compiled;
 - exact_accum (fp8 only): torch._scaled_mm without fast accumulation (Hopper's FP8 accumulation with
   periodic promotion; what was served before 2026-12-06). bench/fp8_matmul_probe.py gives each linear's
   error both ways.
@@ -38,9 +40,10 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from unittest import mock
 
 import torch
-from unittest import mock
+import torch._inductor.config  # noqa: F401 - torch._inductor.config.patch below
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -48,7 +51,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from internvl_serve.kernels.fp8_linear import relative_error  # noqa: E402
 from internvl_serve.random_weights import make_random_checkpoint  # noqa: E402
-from internvl_serve.serving import vision  # noqa: E402
 from internvl_serve.serving.vision import VisionService  # noqa: E402
 from internvl_serve.tiny import make_tiny_checkpoint  # noqa: E402
 from fp8_matmul_probe import cuda_ms  # noqa: E402 - median CUDA-event time after 3 warm-up calls
@@ -66,7 +68,7 @@ def variant(changes: tuple[str, ...]):
     """The changes in force while a variant is compiled and run; everything restored after."""
     with contextlib.ExitStack() as stack:
         if "multi_kernel" in changes:
-            stack.enter_context(mock.patch.dict(vision.BLOCK_COMPILE_OPTIONS, {"triton.multi_kernel": 1}))
+            stack.enter_context(torch._inductor.config.patch({"triton.multi_kernel": 1}))
         if "exact_accum" in changes:
             scaled_mm = torch._scaled_mm
             stack.enter_context(mock.patch.object(

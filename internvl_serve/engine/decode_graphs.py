@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from internvl_serve.cuda_graph import capture_graph
 from internvl_serve.engine.llama import DecodeMetadata
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
@@ -72,8 +71,17 @@ class DecodeGraphs:
             st = self._buffers(b)
             run = lambda st=st: decode_forward(self.model, st.token_ids, st.positions, st.slots,  # noqa: E731
                                                st.block_tables, st.context_lens, self.kv_caches)
-            st.graph, st.logits = capture_graph(run, self.device, self._pool)
-            self._pool = st.graph.pool()
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):        # compile the Triton kernels and warm cuBLAS outside the capture
+                    run()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                st.logits = run()
+            self._pool = graph.pool()
+            st.graph = graph
             self._static[b] = st
         torch.cuda.synchronize(self.device)
 

@@ -34,6 +34,7 @@ import threading
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 
 from internvl_serve.content_key import content_key
@@ -127,8 +128,11 @@ class LLMEngine:
             raise InvalidRequest("stop strings need a tokenizer; this engine has none")
         return positions
 
-    def add_request(self, request: Request) -> None:
-        positions = self.validate_request(request)
+    def add_request(self, request: Request, positions=None) -> None:
+        """positions: what validate_request(request) returned, when the caller already checked it (the
+        check of image rows reads all of them: EngineThread does it at submit, off the engine thread)."""
+        if positions is None:
+            positions = self.validate_request(request)
         if request.request_id in self._stops:
             raise InvalidRequest(f"request_id {request.request_id!r} is already running")
         keys = _image_keys(request) if self.scheduler_config.enable_prefix_caching else []
@@ -355,7 +359,6 @@ class EngineThread:
                  encoder_priority_s: float = 0.0):
         # max_pending: unfinished requests (running + waiting) at most (RequestCallbacks.admit)
         self.engine = engine
-        self.max_pending = max_pending
         self._encoder_busy = encoder_busy if encoder_priority_s > 0 else None
         self.encoder_priority_s = encoder_priority_s
         self.encoder_wait_s = 0.0  # steps held back for the encoder, in all (a counter for the metrics)
@@ -363,7 +366,7 @@ class EngineThread:
         # the share of it spent waiting for the device (near 1: the GPU sets the pace; low: the host does)
         self.busy_s = 0.0
         self._cv = threading.Condition()
-        self._inbox: list[tuple[Request, Callback]] = []
+        self._inbox: list[tuple[Request, np.ndarray]] = []  # with the prompt's image positions
         self._aborts: list[tuple[str, FinishReason]] = []
         self._callbacks = RequestCallbacks(max_pending)  # accepted and not yet finished
         self._stopping = False
@@ -371,9 +374,11 @@ class EngineThread:
         if start:
             self._thread.start()
 
-    def submit(self, request: Request, callback: Callback) -> None:
-        """Queue a request; raises InvalidRequest at once for one the engine refuses."""
-        self.engine.validate_request(request)
+    def submit(self, request: Request, callback: Callback, positions: np.ndarray | None = None) -> None:
+        """Queue a request; raises InvalidRequest at once for one the engine refuses. positions: what
+        validate_request(request) returned, when the caller checked it already (the engine process's stub)."""
+        if positions is None:
+            positions = self.engine.validate_request(request)
         if (request.image_embeds is not None and request.image_hashes is None
                 and self.engine.scheduler_config.enable_prefix_caching):
             request.image_hashes = (image_content_key(request.image_embeds),)  # hashed here, off the engine thread
@@ -381,7 +386,7 @@ class EngineThread:
             if self._stopping:
                 raise EngineError("the engine is shut down")
             self._callbacks.admit(request.request_id, callback)
-            self._inbox.append((request, callback))
+            self._inbox.append((request, positions))
             self._cv.notify()
 
     def abort(self, request_id: str, reason: FinishReason = "abort") -> None:
@@ -440,9 +445,9 @@ class EngineThread:
                 break
             started = time.perf_counter()
             failed = []
-            for request, _ in inbox:
+            for request, positions in inbox:
                 try:
-                    engine.add_request(request)
+                    engine.add_request(request, positions)
                 except Exception as e:
                     failed.append(RequestOutput(request.request_id, [], "", True, "abort",
                                                 len(request.prompt_token_ids), 0, 0, f"{type(e).__name__}: {e}"))

@@ -64,23 +64,17 @@ def quantize_rows_fp8_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 if triton is not None:
     @triton.jit
-    def quantize_row(x, fp8_max, inv_fp8_max):
-        """A float32 row held in registers (zeros past its end) -> (x / scale clamped to +-448, not yet
-        cast; scale = amax * (1 / 448), 1 for a row of zeros): quantize_rows_fp8_torch's rule, for every
-        kernel that quantizes rows."""
-        amax = tl.max(tl.abs(x), axis=0)
-        scale = tl.where(amax > 0, amax * inv_fp8_max, 1.0)
-        return tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -fp8_max), fp8_max), scale  # IEEE division
-
-    @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, fp8_max, inv_fp8_max,
                               BLOCK: tl.constexpr):
-        """One program per row: quantize_rows_fp8_torch's ops in one pass over the row."""
+        """One program per row: amax, scale = amax * (1 / 448) (1 for a row of zeros), x / scale clamped
+        and rounded to e4m3: quantize_rows_fp8_torch's ops in one pass over the row."""
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < K
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        q, scale = quantize_row(x, fp8_max, inv_fp8_max)
+        amax = tl.max(tl.abs(x), axis=0)
+        scale = tl.where(amax > 0, amax * inv_fp8_max, 1.0)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -fp8_max), fp8_max)  # IEEE division, as torch
         tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_ptr + row, scale)
 

@@ -18,8 +18,9 @@ The engine process (`python -m internvl_serve.serving.engine_process`, started b
 the engine as LLMService does in-process (serving/llm.build_engine), runs an EngineThread, and talks over
 a socket pair with multiprocessing.connection framing (pickled tuples):
 
-    stub -> engine: ("submit", Request without its rows, rows' shape and dtype or None) then, with rows,
-                    their bytes as one message; ("abort", request id, reason); ("stop",)
+    stub -> engine: ("submit", Request without its rows, its image positions (checked here), rows' shape
+                    and dtype or None) then, with rows, their bytes as one message; ("abort", request id,
+                    reason); ("stop",)
     engine -> stub: ("ready", limits and load facts) once; ("outputs", [RequestOutput, ...]) as steps
                     deliver them (one message for all that piled up); ("state", figures) every
                     STATE_INTERVAL_S; ("broken", message) when a tensor-parallel worker died
@@ -50,6 +51,9 @@ from typing import Callable
 
 import numpy as np
 
+from internvl_serve.engine.engine import RequestCallbacks
+from internvl_serve.engine.errors import EngineError
+from internvl_serve.engine.request import RequestOutput
 from internvl_serve.engine.tp_worker import python_executable
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -98,11 +102,6 @@ class EngineProcess:
         """spec: what serving/llm.build_engine takes (JSON-able). on_broken(message): the engine process
         cannot go on (it exited, or reported a dead tensor-parallel worker); called once, from the
         receiver thread, after every open request got its error output."""
-        from internvl_serve.engine.engine import RequestCallbacks
-        from internvl_serve.engine.errors import EngineError
-
-        self._EngineError = EngineError
-        self.max_pending = max_pending
         self._on_broken = on_broken
         self._lock = threading.Lock()  # _broken, _stopping
         self._callbacks = RequestCallbacks(max_pending)  # accepted and not yet finished
@@ -132,20 +131,21 @@ class EngineProcess:
         self._receiver.start()
 
     # -- EngineThread's interface -------------------------------------------------------------------
-    def validate(self, request) -> None:
-        """Request.validate against the engine's limits (raises InvalidRequest), as the engine would."""
-        request.validate(**self.limits)
+    def validate(self, request) -> np.ndarray:
+        """Request.validate against the engine's limits (raises InvalidRequest), as the engine would; the
+        prompt positions that take image rows."""
+        return request.validate(**self.limits)
 
     def submit(self, request, callback: Callable) -> None:
-        self.validate(request)
+        positions = self.validate(request)  # checked once, here: the engine process does not again
         rows = None
         if request.image_embeds is not None:
             rows = request.image_embeds.detach().cpu().contiguous().numpy()
         with self._lock:
             if self._broken or self._stopping:
-                raise self._EngineError(self._broken or "the engine is shut down")
+                raise EngineError(self._broken or "the engine is shut down")
         self._callbacks.admit(request.request_id, callback)
-        head = ("submit", replace(request, image_embeds=None),
+        head = ("submit", replace(request, image_embeds=None), positions,
                 None if rows is None else (rows.shape, rows.dtype.str))
         try:
             with self._send_lock:  # the two messages of one submit stay together
@@ -154,7 +154,7 @@ class EngineProcess:
                     self._conn.send_bytes(rows.reshape(-1).view(np.uint8))
         except OSError as e:  # the engine process is gone: the receiver fails the open requests
             if self._callbacks.forget(request.request_id):
-                raise self._EngineError(f"the engine process is gone: {e}") from None
+                raise EngineError(f"the engine process is gone: {e}") from None
             # else the receiver already gave this request its final error output: one final, not two
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
@@ -274,8 +274,6 @@ def serve(conn: Connection, engine, thread, outbox: _Outbox) -> None:
     errors (EngineThread.shutdown), deliver everything, and return."""
     import torch
 
-    from internvl_serve.engine.request import RequestOutput
-
     pin = torch.device(engine.runner.device).type == "cuda"
     while True:
         try:
@@ -284,7 +282,7 @@ def serve(conn: Connection, engine, thread, outbox: _Outbox) -> None:
             break
         kind = message[0]
         if kind == "submit":
-            request, rows = message[1], message[2]
+            request, positions, rows = message[1:]
             try:
                 if rows is not None:  # straight from the socket into (page-locked on CUDA) memory
                     shape, dtype = rows
@@ -292,7 +290,7 @@ def serve(conn: Connection, engine, thread, outbox: _Outbox) -> None:
                                          pin_memory=pin)
                     conn.recv_bytes_into(embeds.numpy().reshape(-1).view(np.uint8))
                     request.image_embeds = embeds
-                thread.submit(request, outbox.put)
+                thread.submit(request, outbox.put, positions)
             except (EOFError, OSError):
                 break
             except Exception as e:  # the stub checked it; anything left ends the request here

@@ -340,13 +340,12 @@ class LLMService:
             self.thread = EngineProcess({"checkpoint": str(checkpoint), **spec},
                                         max_pending=options.max_pending_requests, on_broken=self._on_worker_failure)
             self.engine = self.thread.engine  # its state, as last reported (the metrics read it)
-            self.engine_info = {k: v for k, v in self.thread.info.items() if k != "limits"}
-            self.engine_where = f"its own process (pid {self.thread.process.pid})"
+            info, self.engine_where = self.thread.info, f"its own process (pid {self.thread.process.pid})"
         else:
             self.built = build_engine(checkpoint, **spec, log=self._log, on_worker_failure=self._on_worker_failure)
             self.engine, self.thread = self.built.engine, self.built.thread
-            self.engine_info = {k: v for k, v in self.built.info().items() if k != "limits"}
-            self.engine_where = "a thread of the llm stub"
+            info, self.engine_where = self.built.info(), "a thread of the llm stub"
+        self.engine_info = {k: v for k, v in info.items() if k != "limits"}  # what the adapter's load log tells
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()

@@ -43,11 +43,6 @@ VISION_QUANTIZATIONS = ("fp8",)
 # embedding, the norms, attention itself and the projector (mlp1) stay in the model dtype
 VISION_BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 DEFAULT_IMAGE_CACHE_MB = 1024.0  # ~400 tiles of V1-1 in bf16 (256 x 5120 x 2 bytes = 2.6 MB each)
-# Inductor options of the compiled blocks (none). Multi-kernel mode (triton.multi_kernel=1) made the fp8
-# encoder 1.1 ms per image faster at batch 8 where it compiled, but as the first compile of a fresh
-# process (H100, torch 2.11) it raised inside inductor and the blocks fell back to eager (28 ms per image):
-# bench/results/h100-2026-12-06/937e289/.
-BLOCK_COMPILE_OPTIONS: dict = {}
 # fp8: the blocks' products accumulate on the FP8 tensor cores without periodic promotion (Fp8Linear's
 # fast_accum). H100: each ViT linear's error against float32 the same to 3 digits (0.0375, the e4m3
 # rounding), fc1 / fc2 17 % / 15 % faster, the encoder 17.6 -> 16.4 ms per image at batch 8
@@ -304,7 +299,7 @@ class VisionService:
         size = self.config.vision_config.image_size
         try:
             for layer in layers:
-                layer.compile(options=dict(BLOCK_COMPILE_OPTIONS))
+                layer.compile()
             for batch in (1, 3):
                 self.encoder(torch.zeros(batch, 3, size, size, device=self.device, dtype=self.dtype))
             return True
