@@ -374,6 +374,8 @@ def main(argv=None) -> int:
         print(report.write_markdown(json.loads((args.out / "results.json").read_text()), args.out))
         return 0
     open_loop = openloop.options(args, parser)  # bad values refused before any GPU work
+    if open_loop and args.skip_server:
+        parser.error("--arrival-rates runs the open loop on the default server, which --skip-server skips")
     try:  # likewise
         compare_layouts = {spec: compare_layout(spec) for spec in args.server_compare}
     except ValueError as e:

@@ -13,9 +13,11 @@ a torch.profiler trace), so the host's share of a step is a number.
     python bench/engine_alone.py --checkpoint DIR --levels 1,32 --out engine.json \
         [--engine-option async_scheduling=false] [--profile-levels 1,32] [--profile-first-token]
 
-With --engine-option engine_process=true the engine runs in its own process (serving/engine_process.py):
-the run then measures what the process boundary costs; its counters arrive every 0.25 s (a level's
-figures can miss its last quarter second) and the profiles cannot see that process (--profile-levels "").
+The engine runs on a thread of this process (the llm model's engine_process=false), also on CUDA where
+the server's default puts it in a process of its own, so that the profiles see it. With --engine-option
+engine_process=true it runs in its own process (serving/engine_process.py): the run then measures what the
+process boundary costs; its counters arrive every 0.25 s (a level's figures can miss its last quarter
+second) and the profiles cannot see that process (--profile-levels "").
 
 Owns: the in-process driver and the breakdown. Does not own: the server runs (benchmark.py, loadgen.py).
 benchmark.py runs this as a subprocess so that all its GPU memory is returned before the server starts.
@@ -219,7 +221,7 @@ def main(argv=None) -> int:
 
     from internvl_serve.serving.llm import LLMService
 
-    options = dict(kv.split("=", 1) for kv in args.engine_option)
+    options = {"engine_process": "false", **dict(kv.split("=", 1) for kv in args.engine_option)}
     service = LLMService(args.checkpoint, device=args.device, engine_options=options)
     result = {"engine_options": options, "levels": [], "profile": []}
     try:

@@ -188,6 +188,7 @@ def test_a_schedule_needs_one_count_or_duration(openloop, kwargs, message):
      "give --arrival-requests or --arrival-duration-s, not both"),
     (["--arrival-rates", "1", "--arrival-max-in-flight", "0"], "--arrival-max-in-flight must be >= 1, got 0"),
     (["--server-compare", "llm.quantization"], "expected MODEL.KEY=VALUE[,...] with MODEL llm or vision"),
+    (["--arrival-rates", "2", "--skip-server"], "runs the open loop on the default server, which --skip-server skips"),
 ])
 def test_the_benchmark_refuses_bad_arrival_options_before_any_gpu_work(bench, argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:

@@ -261,10 +261,24 @@ class RecordingSink:
         return [r["finish_reason"][0].decode() for r, _ in self.responses]
 
 
+def test_the_engine_gets_a_process_of_its_own_by_default_on_one_gpu_only():
+    from internvl_serve.serving.llm import EngineOptions, engine_in_own_process
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    default = EngineOptions.from_parameters({"engine_process": ""})
+    assert default.engine_process is None
+    assert engine_in_own_process(default, cuda) and not engine_in_own_process(default, cpu)
+    assert not engine_in_own_process(EngineOptions.from_parameters({"tensor_parallel_size": "2"}), cuda)
+    assert not engine_in_own_process(EngineOptions.from_parameters({"engine_process": "false"}), cuda)
+    assert engine_in_own_process(EngineOptions.from_parameters({"engine_process": "true"}), cpu)
+    with pytest.raises(ValueError, match="engine_process"):
+        EngineOptions.from_parameters({"engine_process": "yes"})
+
+
 @pytest.fixture(scope="module", params=["engine thread", "engine process"])
 def llm(tiny_checkpoint, request):
-    """The service as the llm model runs it: its engine in a thread of this process (the default), or in
-    a process of its own (engine_process: serving/engine_process.py). Every llm test runs on both."""
+    """The service as the llm model runs it: its engine in a thread of this process (the default on the
+    CPU), or in a process of its own (the default on one GPU) (engine_process: serving/engine_process.py). Every llm test runs on both."""
     from internvl_serve.serving.llm import LLMService
 
     options = {"max_num_seqs": "8", "engine_process": str(request.param == "engine process").lower()}
