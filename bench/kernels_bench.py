@@ -42,7 +42,8 @@ from internvl_serve.engine.attention import (  # noqa: E402
     paged_attention,
     sdpa_paged_attention,
 )
-from internvl_serve.kernels.fp8_linear import fp8_linear, quantize_rows_fp8, quantize_weight_fp8  # noqa: E402
+from internvl_serve.kernels.fp8_linear import (fp8_linear, quantize_rows_fp8, quantize_weight_fp8,  # noqa: E402
+                                               scaled_product)
 from internvl_serve.kernels.int8_linear import Int8MatmulConfig, default_config, int8_linear, quantize_weight  # noqa: E402
 from internvl_serve.kernels.paged_attention import (  # noqa: E402
     default_decode_tiles,
@@ -339,10 +340,12 @@ LLM_PROJECTIONS = [("qkv", 15360, 5120), ("o", 5120, 5120), ("gate_up", 27648, 5
 def quantized_projection_table(bw: float) -> list[str]:
     """The engine's four merged projections (N, K) of one LLaMA-2-13B layer at decode and prefill row
     counts: bf16 F.linear, weight-only int8 (dequantize + matmul above 64 rows), fp8 (fp8_linear: the
-    e4m3 weight times bf16 activations up to 64 rows, the Triton row quantizer + torch._scaled_mm above),
-    and the latter's two parts alone at every row count. The layer's sum (x 40: the step's GEMMs)."""
+    e4m3 weight times bf16 activations for one row, the Triton row quantizer + torch._scaled_mm above),
+    and the latter's two parts alone at every row count, the product also with fast accumulation ("fast
+    us": the llm's fp8_fast_accum), and both products' relative L2 error against float64. The layer's sum
+    (x 40: the step's GEMMs)."""
     rows = Rows([f"{'M':>5} {'proj':>8} | {'bf16 us':>8} | {'int8 us':>8} | {'fp8 us':>8} {'GB/s':>6} | "
-                 f"{'mm us':>7} {'quant us':>8} | fp8 vs bf16"])
+                 f"{'mm us':>7} {'fast us':>7} {'quant us':>8} | fp8 vs bf16 | {'err':>6} {'fast err':>8}"])
     for M in (1, 32, 64, 288, 2048):
         total = {"bf16": 0.0, "int8": 0.0, "fp8": 0.0}
         for name, N, K in LLM_PROJECTIONS:
@@ -353,22 +356,26 @@ def quantized_projection_table(bw: float) -> list[str]:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             xq, xs = quantize_rows_fp8(x)
             ref = x.double() @ ws[0].double().t()
+            err = check(f"fp8_linear M={M} {name}", scaled_product(xq, xs, *fs[0], torch.bfloat16), ref, 0.08)
+            fast_err = check(f"fast accumulation M={M} {name}",
+                             scaled_product(xq, xs, *fs[0], torch.bfloat16, True), ref, 0.08)
             check(f"fp8_linear M={M} {name}", fp8_linear(x, *fs[0]), ref, 0.08)
             check(f"int8_linear M={M} {name}", int8_linear(x, *qs[0]), ref, 1e-2)
             t = {"bf16": graph_us([lambda w=w: torch.nn.functional.linear(x, w) for w in ws]),
                  "int8": graph_us([lambda q=q: int8_linear(x, q[0], q[1]) for q in qs]),
                  "fp8": graph_us([lambda f=f: fp8_linear(x, f[0], f[1]) for f in fs])}
-            mm = graph_us([lambda f=f: torch._scaled_mm(xq, f[0].t(), scale_a=xs, scale_b=f[1].view(1, -1),
-                                                         out_dtype=torch.bfloat16) for f in fs])
+            mm = graph_us([lambda f=f: scaled_product(xq, xs, f[0], f[1], torch.bfloat16) for f in fs])
+            fast = graph_us([lambda f=f: scaled_product(xq, xs, f[0], f[1], torch.bfloat16, True) for f in fs])
             quant = graph_us([lambda: quantize_rows_fp8(x)])
             for key in total:
                 total[key] += t[key]
             fp8_bytes = N * K + N * 4 + M * K * 2 + M * N * 2
             rows.append(f"{M:>5} {name:>8} | {t['bf16']:>8.1f} | {t['int8']:>8.1f} | {t['fp8']:>8.1f} "
-                        f"{fp8_bytes / t['fp8'] / 1e3:>6.0f} | {mm:>7.1f} {quant:>8.1f} | {t['bf16'] / t['fp8']:.2f}x")
+                        f"{fp8_bytes / t['fp8'] / 1e3:>6.0f} | {mm:>7.1f} {fast:>7.1f} {quant:>8.1f} | "
+                        f"{t['bf16'] / t['fp8']:>10.2f}x | {err:>6.4f} {fast_err:>8.4f}")
             del ws, qs, fs
         rows.append(f"{M:>5} {'layer':>8} | {total['bf16']:>8.1f} | {total['int8']:>8.1f} | {total['fp8']:>8.1f} "
-                    f"{'':>6} | {'':>7} {'':>8} | {total['bf16'] / total['fp8']:.2f}x  (x40 layers: bf16 "
+                    f"{'':>6} | {'':>7} {'':>7} {'':>8} | {total['bf16'] / total['fp8']:.2f}x  (x40 layers: bf16 "
                     f"{total['bf16'] * 40 / 1e3:.2f} ms, int8 {total['int8'] * 40 / 1e3:.2f}, fp8 "
                     f"{total['fp8'] * 40 / 1e3:.2f})")
     return rows

@@ -64,17 +64,19 @@ def quantize_llama_int8_(model: nn.Module) -> nn.Module:
     return model
 
 
-def quantize_llama_fp8_(model: nn.Module) -> nn.Module:
+def quantize_llama_fp8_(model: nn.Module, fast_accum: bool = False) -> nn.Module:
     """The same projections as quantize_llama_int8_, as Fp8Linear (e4m3, per-output-channel weight scales,
-    per-token activation scales). Returns the model; each bf16 weight is freed as its module is replaced."""
+    per-token activation scales; fast_accum: Fp8Linear's). Returns the model; each bf16 weight is freed as
+    its module is replaced."""
     layers = model.model.layers
-    _check_replaced("fp8", quantize_linears_fp8_(layers, ENGINE_PROJECTION_PATHS), layers)
+    _check_replaced("fp8", quantize_linears_fp8_(layers, ENGINE_PROJECTION_PATHS, fast_accum), layers)
     return model
 
 
 def quantize_model_(model: nn.Module, quantization: str | None,
-                    state_dict: MutableMapping | None = None) -> nn.Module:
-    """Apply the engine option `quantization` ("int8", "fp8" or None) to a loaded Llama, in place.
+                    state_dict: MutableMapping | None = None, *, fp8_fast_accum: bool = False) -> nn.Module:
+    """Apply the engine option `quantization` ("int8", "fp8" or None) to a loaded Llama, in place
+    (fp8_fast_accum: the fp8 products accumulate without periodic promotion, the option of that name).
 
     state_dict: the dict the model was loaded from. load_llama uses its tensors without a copy when
     they already have the device and dtype, so while the caller's dict holds them the bf16 weights
@@ -84,7 +86,7 @@ def quantize_model_(model: nn.Module, quantization: str | None,
         return model
     if isinstance(state_dict, dict):
         state_dict.clear()
-    return quantize_llama_fp8_(model) if quantization == "fp8" else quantize_llama_int8_(model)
+    return quantize_llama_fp8_(model, fp8_fast_accum) if quantization == "fp8" else quantize_llama_int8_(model)
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -132,6 +132,11 @@ class EngineOptions:
     # "fp8": the KV cache in e4m3 (half the bytes a decode step's attention reads, twice the tokens in the
     # same memory; values saturate at +-448, no scale: engine/kv_cache.py); "" or "auto": the model dtype
     kv_cache_dtype: str = ""
+    # with quantization "fp8": its products on the FP8 tensor cores accumulate without periodic promotion
+    # (Hopper's fast accumulation, as the vision encoder's fp8 does). H100, one layer's four projections:
+    # -15 % of the matmul time at 32 rows, -25 % at 288 (bench/kernels_bench.py --only quantized); not yet
+    # measured through the engine, so off
+    fp8_fast_accum: bool = False
     # overlap scheduling (engine.py): "true"/"false"; empty: on when the device is CUDA
     async_scheduling: bool | None = None
     # threads that detokenize and send responses (serving/response_path.py)
@@ -151,6 +156,9 @@ class EngineOptions:
 
         object.__setattr__(self, "quantization", validate_quantization(self.quantization) or "")
         object.__setattr__(self, "kv_cache_dtype", validate_kv_cache_dtype(self.kv_cache_dtype))
+        if self.fp8_fast_accum and self.quantization != "fp8":
+            raise ValueError("parameter 'fp8_fast_accum': true needs quantization fp8 "
+                             f"(quantization is {self.quantization!r})")
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> "EngineOptions":
@@ -285,7 +293,7 @@ def build_engine(checkpoint: str | Path, *, device: str, dtype: str, engine_opti
                           gpu_memory_utilization=options.gpu_memory_utilization,
                           max_num_batched_tokens=options.max_num_batched_tokens,
                           max_num_seqs=options.max_num_seqs, quantization=options.quantization or None,
-                          kv_cache_dtype=options.kv_cache_dtype)
+                          kv_cache_dtype=options.kv_cache_dtype, fp8_fast_accum=options.fp8_fast_accum)
     # Tensor parallelism: ranks 1..N-1 start first (they load their weights meanwhile); this process is
     # rank 0 on devices[0] and drives the engine.
     devices = tensor_parallel_devices(torch.device(device), options.tensor_parallel_size,

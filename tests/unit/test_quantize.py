@@ -3,6 +3,7 @@ equals the same model with dequantized weights, the logit error and greedy agree
 tiny checkpoint (CPU), the option's parsing, and (GPU, marked) CUDA-graph decode with the quantized kernels."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import pytest
@@ -165,6 +166,23 @@ def test_engine_options_quantization_parameter():
         EngineOptions.from_parameters({"quantization": "int4"})
 
 
+def test_fp8_fast_accumulation_parameter_reaches_every_projection(tiny_checkpoint, config):
+    """fp8_fast_accum: every Fp8Linear the runner made accumulates fast (on the CPU the product is the same
+    float32 one, so the logits equal the exact fp8's); refused without quantization fp8."""
+    from internvl_serve.serving.llm import EngineOptions
+
+    assert EngineOptions().fp8_fast_accum is False
+    assert EngineOptions.from_parameters({"quantization": "fp8", "fp8_fast_accum": "true"}).fp8_fast_accum
+    for quantization in ("", "int8"):
+        with pytest.raises(ValueError, match="'fp8_fast_accum': true needs quantization fp8"):
+            EngineOptions.from_parameters({"quantization": quantization, "fp8_fast_accum": "true"})
+    fast = make_runner(tiny_checkpoint, config, "fp8", fp8_fast_accum=True)
+    exact = make_runner(tiny_checkpoint, config, "fp8")
+    flags = [[m.fast_accum for m in r.model.modules() if isinstance(m, Fp8Linear)] for r in (fast, exact)]
+    assert len(flags[0]) == 4 * config.llm_config.num_hidden_layers and all(flags[0]) and not any(flags[1])
+    torch.testing.assert_close(prefill_logits(fast, config), prefill_logits(exact, config), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("quantization", sorted(SWAPS))
 def test_llm_service_passes_the_parameter_to_the_runner(tiny_checkpoint, quantization):
     from internvl_serve.serving.llm import LLMService
@@ -281,14 +299,15 @@ def test_gpu_int8_cuda_graph_decode_equals_eager_and_is_close_to_bf16(tiny_check
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="needs FP8 tensor cores (compute capability 8.9+)")
 @torch.no_grad()
-def test_gpu_fp8_cuda_graph_decode_equals_eager_and_is_close_to_bf16(tiny_checkpoint, config):
+@pytest.mark.parametrize("fast_accum", [False, True], ids=["exact accumulation", "fast accumulation"])
+def test_gpu_fp8_cuda_graph_decode_equals_eager_and_is_close_to_bf16(tiny_checkpoint, config, fast_accum):
     """fp8 on FP8 tensor cores: a decode step replayed through the captured graph (the Triton activation
     quantizer and _scaled_mm in it) gives the logits of the same step run eagerly, up to the summation
-    order of a padded batch's GEMM; its prefill logits stay close to bf16's."""
+    order of a padded batch's GEMM; its prefill logits stay close to bf16's. With fp8_fast_accum too."""
+    fp8 = functools.partial(cuda_runner, tiny_checkpoint, config, "fp8", fp8_fast_accum=fast_accum)
     err = compare_logits(prefill_logits(cuda_runner(tiny_checkpoint, config, None, False, torch.bfloat16), config),
-                         prefill_logits(cuda_runner(tiny_checkpoint, config, "fp8", False, torch.bfloat16), config))
+                         prefill_logits(fp8(False, torch.bfloat16), config))
     assert err.rel_l2 < 0.06, err
-    decode = {graphs: decode_step_logits(cuda_runner(tiny_checkpoint, config, "fp8", graphs, torch.float32), config)
-              for graphs in (True, False)}
+    decode = {graphs: decode_step_logits(fp8(graphs, torch.float32), config) for graphs in (True, False)}
     err = compare_logits(decode[False], decode[True])
     assert err.rel_l2 < 1e-3 and err.top1_agreement == 1.0, err
