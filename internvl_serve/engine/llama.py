@@ -36,9 +36,9 @@ from torch.nn.attention import sdpa_kernel
 from internvl_serve.engine.attention import SDPA_BACKENDS, AttentionFn, AttentionMetadata, sdpa_paged_attention
 from internvl_serve import kernels
 from internvl_serve.engine.parallel import TensorParallel, local_args, shard_state_dict
-from internvl_serve.kernels.fused_ops import (add_rmsnorm, add_rmsnorm_torch, apply_rope, rms_norm_torch, rotary_,
+from internvl_serve.kernels.fused_ops import (add_rmsnorm, add_rmsnorm_fp8, add_rmsnorm_torch, apply_rope, rms_norm_torch, rotary_,
                                               silu_and_mul, triton)
-from internvl_serve.kernels.fp8_linear import Fp8Linear, fp8_linear
+from internvl_serve.kernels.fp8_linear import WEIGHT_ONLY_MAX_M, Fp8Linear, Fp8Rows, fp8_linear
 from internvl_serve.kernels.int8_linear import Int8Linear, int8_linear
 
 
@@ -153,8 +153,12 @@ class RMSNorm(nn.Module):
         return rms_norm_torch(x, self.weight, self.eps)
 
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
-                 fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(residual + x), residual + x); residual None: (norm(x), x). One kernel when fused."""
+                 fused: bool, fp8: bool = False) -> tuple[torch.Tensor | Fp8Rows, torch.Tensor]:
+        """(norm(residual + x), residual + x); residual None: (norm(x), x). One kernel when fused; with
+        fp8 too (the fused path only), the norm comes out quantized for the Fp8Linears it feeds."""
+        if fused and fp8:
+            q, scale, residual = add_rmsnorm_fp8(x, residual, self.weight, self.eps, use_triton=True)
+            return Fp8Rows(q, scale, x.dtype), residual
         if fused:
             return add_rmsnorm(x, residual, self.weight, self.eps, use_triton=True)
         return add_rmsnorm_torch(x, residual, self.weight, self.eps)
@@ -187,7 +191,8 @@ class Attention(nn.Module):
         self.attention = attention
 
     def forward(self, x, step: _Step, k_cache, v_cache, meta):
-        T, D = x.shape[0], self.head_dim
+        """x: the normed rows (T, hidden), or on the fused path Fp8Rows of them."""
+        T, D = step.positions.shape[0], self.head_dim
         if step.fused:  # one GEMM, RoPE in place on its q and k heads
             qkv = self.qkv_proj(x).view(T, self.n_heads + 2 * self.n_kv, D)
             rotary_(qkv, step.positions, step.cos_table, step.sin_table, self.n_heads + self.n_kv, use_triton=True)
@@ -239,11 +244,18 @@ class DecoderLayer(nn.Module):
     def forward(self, h, residual, step: _Step, k_cache, v_cache, meta):
         """h: the previous layer's output (its MLP's), residual: the running sum before it (None at the
         first layer, where h is the embeddings). Returns this layer's (MLP output, residual): the hidden
-        state is their sum, added by the next norm (fused with it)."""
-        x, residual = self.input_layernorm.add_norm(h, residual, step.fused)
+        state is their sum, added by the next norm (fused with it). On the fused path, where the norms feed
+        Fp8Linears that quantize their rows (more than WEIGHT_ONLY_MAX_M), the norms quantize them."""
+        fp8 = step.fused and h.shape[0] > WEIGHT_ONLY_MAX_M and self.takes_fp8_rows
+        x, residual = self.input_layernorm.add_norm(h, residual, step.fused, fp8)
         h = self.self_attn(x, step, k_cache, v_cache, meta)
-        x, residual = self.post_attention_layernorm.add_norm(h, residual, step.fused)
+        x, residual = self.post_attention_layernorm.add_norm(h, residual, step.fused, fp8)
         return self.mlp(x, step.fused), residual
+
+    @property
+    def takes_fp8_rows(self) -> bool:
+        """Both linears after a norm are Fp8Linears (quantization fp8)."""
+        return isinstance(self.self_attn.qkv_proj, Fp8Linear) and isinstance(self.mlp.gate_up_proj, Fp8Linear)
 
 
 class LlamaModel(nn.Module):

@@ -21,6 +21,8 @@ Does not own: deciding to quantize (the vision model's `quantization` parameter,
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -64,17 +66,24 @@ def quantize_rows_fp8_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 if triton is not None:
     @triton.jit
+    def quantize_row_e4m3(x, fp8_max, inv_fp8_max):
+        """A row's values x (float32; masked columns 0) -> (x / scale clamped to +-448, still float32 for
+        the caller's store to round to e4m3; scale = amax * (1 / 448), 1 for a row of zeros):
+        quantize_rows_fp8_torch's ops, for every kernel that writes rows for an fp8 linear."""
+        amax = tl.max(tl.abs(x), axis=0)
+        scale = tl.where(amax > 0, amax * inv_fp8_max, 1.0)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -fp8_max), fp8_max)  # IEEE division, as torch
+        return q, scale
+
+    @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, fp8_max, inv_fp8_max,
                               BLOCK: tl.constexpr):
-        """One program per row: amax, scale = amax * (1 / 448) (1 for a row of zeros), x / scale clamped
-        and rounded to e4m3: quantize_rows_fp8_torch's ops in one pass over the row."""
+        """One program per row: quantize_row_e4m3 in one pass over the row."""
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < K
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(x), axis=0)
-        scale = tl.where(amax > 0, amax * inv_fp8_max, 1.0)
-        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -fp8_max), fp8_max)  # IEEE division, as torch
+        q, scale = quantize_row_e4m3(x, fp8_max, inv_fp8_max)
         tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_ptr + row, scale)
 
@@ -129,6 +138,16 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
     return y.reshape(*shape[:-1], w_fp8.shape[0])
 
 
+class Fp8Rows(NamedTuple):
+    """Activation rows already quantized by the kernel that made them (fused_ops.add_rmsnorm_fp8): what
+    quantize_rows_fp8 would return for them, and the dtype the product comes out in. An Fp8Linear takes it
+    in place of the rows (several linears can share one)."""
+
+    q: torch.Tensor      # (M, K) e4m3
+    scale: torch.Tensor  # (M, 1) float32
+    dtype: torch.dtype
+
+
 class Fp8Linear(nn.Module):
     """An nn.Linear whose weight is e4m3 with one float32 scale per output channel; the bias stays in
     the model dtype. fast_accum: its products on the FP8 tensor cores accumulate without periodic
@@ -149,7 +168,11 @@ class Fp8Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(w_fp8, w_scale, bias, fast_accum)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        """x (..., K) rows, or Fp8Rows (M, K) quantized already (then always the FP8 tensor cores)."""
+        if isinstance(x, Fp8Rows):
+            y = scaled_product(x.q, x.scale, self.weight_fp8, self.weight_scale, x.dtype, self.fast_accum)
+            return y if self.bias is None else y + self.bias
         return fp8_linear(x, self.weight_fp8, self.weight_scale, self.bias, self.fast_accum)
 
     def extra_repr(self) -> str:

@@ -3,6 +3,9 @@
 Owns: three Triton kernels and their plain-torch versions (the CPU path and the test references):
 - `add_rmsnorm(x, residual, weight, eps)`: residual + x and the RMSNorm of that sum in one pass over the
   row; returns (normed, new_residual). residual None: the norm of x alone, (normed, x).
+  `add_rmsnorm_fp8` is the same kernel writing the normed rows as the fp8 linears' input instead:
+  e4m3 with one scale per row, the bits fp8_linear.quantize_rows_fp8 gives for `normed` (one launch and
+  one bf16 write and read fewer per fp8 projection that follows a norm).
 - `rotary_(qk, positions, cos, sin)`: rotate_half RoPE in place on the first heads of a (T, heads, D)
   view (the q and k heads of a merged qkv output), cos/sin gathered in-kernel from the per-position tables.
 - `silu_and_mul(gate_up)`: silu(gate) * up of a merged (T, 2 * I) gate/up output -> (T, I).
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from internvl_serve.kernels.fp8_linear import FP8, FP8_MAX, quantize_rows_fp8_torch
 
 try:
     import triton
@@ -84,18 +89,21 @@ def silu_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 if triton is not None:
+    from internvl_serve.kernels.fp8_linear import quantize_row_e4m3
 
     @triton.jit
     def _add_rmsnorm_kernel(
-        x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
-        N, eps,
-        stride_x, stride_r, stride_o, stride_ro,
-        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+        x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, q_ptr, scale_ptr,
+        N, eps, fp8_max, inv_fp8_max,
+        stride_x, stride_r, stride_o, stride_ro, stride_q,
+        HAS_RESIDUAL: tl.constexpr, QUANTIZE: tl.constexpr, BLOCK: tl.constexpr,
     ):
+        """QUANTIZE: the normed row goes out as e4m3 (q_ptr) with its scale (scale_ptr), by
+        fp8_linear._quantize_rows_kernel's ops on the rounded row, instead of to out_ptr."""
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < N
-        dtype = out_ptr.dtype.element_ty
+        dtype = res_out_ptr.dtype.element_ty
         x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
@@ -105,7 +113,13 @@ if triton is not None:
         var = tl.sum(x * x, axis=0) / N
         normed = (x * (1.0 / tl.sqrt(var + eps))).to(dtype)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * stride_o + offs, (w * normed.to(tl.float32)).to(dtype), mask=mask)
+        y = (w * normed.to(tl.float32)).to(dtype)
+        if QUANTIZE:  # masked columns are 0: they do not move the amax
+            q, scale = quantize_row_e4m3(y.to(tl.float32), fp8_max, inv_fp8_max)
+            tl.store(q_ptr + row * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+            tl.store(scale_ptr + row, scale)
+        else:
+            tl.store(out_ptr + row * stride_o + offs, y, mask=mask)
 
     @triton.jit
     def _rotary_kernel(
@@ -158,23 +172,44 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
     both new (T, N) tensors in x's dtype. residual None -> (rmsnorm(x) * weight, x)."""
     if not _use_triton(x, use_triton):
         return add_rmsnorm_torch(x, residual, weight, eps)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return out, _launch_add_rmsnorm(x, residual, weight, eps, out, None, None)
+
+
+def add_rmsnorm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                    use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """add_rmsnorm with its normed rows quantized for an fp8 linear: (q (T, N) e4m3, scale (T, 1) float32,
+    residual + x), q and scale the bits of fp8_linear.quantize_rows_fp8(add_rmsnorm(...)[0])."""
+    if not _use_triton(x, use_triton):
+        normed, res = add_rmsnorm_torch(x, residual, weight, eps)
+        return (*quantize_rows_fp8_torch(normed), res)
+    q = torch.empty(x.shape, dtype=FP8, device=x.device)
+    scale = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
+    return q, scale, _launch_add_rmsnorm(x, residual, weight, eps, None, q, scale)
+
+
+def _launch_add_rmsnorm(x, residual, weight, eps, out, q, scale) -> torch.Tensor:
+    """The kernel into out (the normed rows) or, given q and scale, into them; returns residual + x (x
+    itself when residual is None)."""
     T, N = x.shape
     assert x.stride(1) == 1 and weight.shape == (N,) and weight.is_contiguous(), (x.stride(), weight.shape)
-    out = torch.empty((T, N), dtype=x.dtype, device=x.device)
     if residual is not None:
         assert residual.shape == x.shape and residual.dtype == x.dtype and residual.stride(1) == 1
         res_out = torch.empty((T, N), dtype=x.dtype, device=x.device)
     else:
-        residual, res_out = x, out  # unused by the kernel
+        residual, res_out = x, x  # read by neither: HAS_RESIDUAL is off (res_out gives the dtype)
+    out_or_q = out if out is not None else q  # the pointer the other mode does not write
+    q_or_out = q if q is not None else out
     if T:
         block = triton.next_power_of_2(N)
         _add_rmsnorm_kernel[(T,)](
-            x, residual, weight, out, res_out, N, float(eps),
-            x.stride(0), residual.stride(0), out.stride(0), res_out.stride(0),
-            HAS_RESIDUAL=res_out is not out, BLOCK=block,
+            x, residual, weight, out_or_q, res_out, q_or_out, scale if scale is not None else x,
+            N, float(eps), FP8_MAX, 1.0 / FP8_MAX,
+            x.stride(0), residual.stride(0), out_or_q.stride(0), res_out.stride(0), q_or_out.stride(0),
+            HAS_RESIDUAL=res_out is not x, QUANTIZE=q is not None, BLOCK=block,
             num_warps=8 if block >= 4096 else (4 if block >= 1024 else 1),
         )
-    return out, (res_out if res_out is not out else x)
+    return res_out
 
 
 def rotary_(qk: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from kernel_helpers import gpu, needs_triton, run_interpreted
 
-from internvl_serve.kernels.fused_ops import (add_rmsnorm, add_rmsnorm_torch, apply_rope, rms_norm_torch, rotary_,
-                                              silu_and_mul)
+from internvl_serve.kernels.fp8_linear import quantize_rows_fp8
+from internvl_serve.kernels.fused_ops import (add_rmsnorm, add_rmsnorm_fp8, add_rmsnorm_torch, apply_rope,
+                                              rms_norm_torch, rotary_, silu_and_mul)
 
 
 def tiny_hf(seed=0, layers=2, heads=4, kv_heads=2, hidden=64, inter=112, vocab=97, positions=128):
@@ -83,6 +84,23 @@ def check_add_rmsnorm(T, N, dtype, device, residual=True, strided=False, use_tri
     return (out.float() - want_out.float()).abs().max().item()
 
 
+def check_add_rmsnorm_fp8(T, N, dtype, device, residual=True, strided=False, use_triton=True):
+    """add_rmsnorm_fp8 gives the bits of add_rmsnorm then quantize_rows_fp8 (each in the same mode), and
+    the same residual sum. Returns the largest scale, to report."""
+    eps = 1e-5
+    x = torch.randn(T, 2 * N if strided else N, dtype=dtype, device=device)[:, :N] * 3
+    r = torch.randn(T, N, dtype=dtype, device=device) if residual else None
+    w = (torch.rand(N, device=device) + 0.5).to(dtype)
+    q, scale, res = add_rmsnorm_fp8(x, r, w, eps, use_triton=use_triton)
+    normed, want_res = add_rmsnorm(x, r, w, eps, use_triton=use_triton)
+    want_q, want_scale = quantize_rows_fp8(normed, use_triton=use_triton)
+    assert q.dtype == want_q.dtype and q.shape == (T, N) and scale.shape == (T, 1) and scale.dtype == torch.float32
+    assert torch.equal(res, want_res) and (res is x) == (r is None)
+    assert torch.equal(scale, want_scale)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+    return scale.max().item() if T else 0.0
+
+
 def check_rotary(T, Hq, Hkv, D, dtype, device, use_triton=True):
     max_pos = 64
     inv = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
@@ -112,15 +130,19 @@ def check_silu(T, N, dtype, device, use_triton=True):
     return (out.float() - want.float()).abs().max().item()
 
 
-def fused_vs_torch_forward(device, dtype, seed=0):
+def fused_vs_torch_forward(device, dtype, seed=0, fp8=False):
     """The same tiny model run fused and unfused over a prefill step (two sequences of 13 and 6 tokens,
     AttentionMetadata) and then a pure-decode step (DecodeMetadata, a padding row with slot -1).
+    fp8: its projections quantized (engine/quantize.py), so the fused norms hand them e4m3 rows.
     Returns, per step, max |fused - unfused| / max |unfused| over the logits."""
     from internvl_serve.engine.attention import build_attention_metadata
     from internvl_serve.engine.llama import DecodeMetadata, load_llama
+    from internvl_serve.engine.quantize import quantize_llama_fp8_
 
     hf = tiny_hf(seed)
     model = load_llama(hf.config, hf.state_dict(), device=device, dtype=dtype, fused_kernels=False)
+    if fp8:
+        quantize_llama_fp8_(model)
     a = model.local_args
     bs, nb = 4, 40
     tables = torch.arange(2 * 16, dtype=torch.int32, device=device).view(2, 16)
@@ -163,6 +185,8 @@ def run_interpreted_checks(which: str) -> None:
                                           (4, 80, torch.float16, True, True), (1, 5120, torch.float32, True, False)]:
             err = check_add_rmsnorm(T, N, dtype, "cpu", res, strided)
             print(f"add_rmsnorm {(T, N, dtype, res, strided)} max err {err:.1e}")
+            top = check_add_rmsnorm_fp8(T, N, dtype, "cpu", res, strided)
+            print(f"add_rmsnorm_fp8 {(T, N, dtype, res, strided)} bit-equal, largest scale {top:.2e}")
     elif which == "rotary":
         for T, Hq, Hkv, D, dtype in [(3, 4, 2, 16, torch.float32), (5, 3, 3, 24, torch.float16),
                                      (2, 8, 1, 128, torch.float32)]:
@@ -176,6 +200,26 @@ def run_interpreted_checks(which: str) -> None:
         prefill, decode = fused_vs_torch_forward("cpu", torch.float32)
         assert prefill < 1e-5 and decode < 1e-5, (prefill, decode)
         print(f"fused forward max err prefill {prefill:.1e} decode {decode:.1e}")
+        # fp8: the fused norms hand the qkv and gate/up projections their rows as Fp8Rows. The interpreter
+        # rounds to e4m3 wrongly where rounding carries into the exponent (125.3 -> 64; the GPU tests
+        # check the kernel's bits), so here the fused norm's rows are quantized by the torch quantizer,
+        # as the linears do on the CPU: what is checked is the path, which must give the torch forward's
+        # logits as the fused forward without fp8 does.
+        from internvl_serve.engine import llama
+        from internvl_serve.kernels.fp8_linear import quantize_rows_fp8_torch
+
+        calls = []
+
+        def norm_then_torch_quantizer(x, residual, weight, eps, use_triton=None):
+            normed, res = add_rmsnorm(x, residual, weight, eps, use_triton=True)
+            calls.append(normed.shape[0])
+            return (*quantize_rows_fp8_torch(normed), res)
+
+        llama.add_rmsnorm_fp8 = norm_then_torch_quantizer
+        prefill, decode = fused_vs_torch_forward("cpu", torch.float32, fp8=True)
+        assert calls == [19] * 4 + [3] * 4, calls  # 2 layers x 2 norms, the prefill step then the decode
+        assert prefill < 1e-5 and decode < 1e-5, (prefill, decode)
+        print(f"fused fp8 forward max err prefill {prefill:.1e} decode {decode:.1e}")
     else:
         raise SystemExit(f"unknown check {which}")
 
@@ -183,6 +227,11 @@ def run_interpreted_checks(which: str) -> None:
 # --------------------------------------------------------------------------------------------------
 # tier 1: torch only
 # --------------------------------------------------------------------------------------------------
+
+
+def test_the_fp8_norm_is_the_norm_then_the_row_quantizer_on_the_cpu():
+    for T, residual in [(3, True), (2, False), (0, True)]:
+        check_add_rmsnorm_fp8(T, 80, torch.float32, "cpu", residual, use_triton=False)
 
 
 def test_torch_paths_are_the_eager_ops():
@@ -282,6 +331,8 @@ def test_triton_fused_interpreted(which):
 def test_gpu_kernels_bf16_13b_sizes(T):
     check_add_rmsnorm(T, 5120, torch.bfloat16, "cuda")
     check_add_rmsnorm(T, 5120, torch.bfloat16, "cuda", residual=False)
+    check_add_rmsnorm_fp8(T, 5120, torch.bfloat16, "cuda")
+    check_add_rmsnorm_fp8(T, 5120, torch.bfloat16, "cuda", residual=False)
     check_rotary(T, 40, 40, 128, torch.bfloat16, "cuda")
     check_silu(T, 13824, torch.bfloat16, "cuda")
     # the rotary emulates the eager roundings: expected bit-equal to the eager ops (reported, not gated)
@@ -295,6 +346,19 @@ def test_gpu_fused_forward_matches_torch_forward(dtype):
     prefill, decode = fused_vs_torch_forward("cuda", dtype)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     assert prefill < tol and decode < tol, (prefill, decode)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_fp8_norms_quantizing_change_no_logit(monkeypatch):
+    """An fp8 model's fused forward: the norms hand qkv and gate/up e4m3 rows (add_rmsnorm_fp8) with the
+    quantizer's bits, so the logits are those of each linear quantizing its input, to the last bit."""
+    from internvl_serve.engine.llama import DecoderLayer
+
+    with_norms = fused_vs_torch_forward("cuda", torch.bfloat16, fp8=True)
+    monkeypatch.setattr(DecoderLayer, "takes_fp8_rows", property(lambda self: False))
+    assert fused_vs_torch_forward("cuda", torch.bfloat16, fp8=True) == with_norms
+    assert max(with_norms) < 5e-2, with_norms  # fp8 against the torch path's own fp8, in bf16
 
 
 @pytest.mark.gpu

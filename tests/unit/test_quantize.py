@@ -239,6 +239,22 @@ def test_runner_fp8_logits_close_to_fp32(tiny_checkpoint, config, capsys):
     assert a.first_tokens_equal  # measured: 129/192 tokens, every first token equal
 
 
+def test_fp8_linear_takes_rows_quantized_already():
+    """Fp8Rows (what a fused norm hands over) give what the rows themselves give, above one row; one row
+    quantized already still takes the FP8 product (the weight-only GEMV needs the rows unquantized)."""
+    from internvl_serve.kernels.fp8_linear import Fp8Rows, quantize_rows_fp8_torch, scaled_product
+
+    torch.manual_seed(0)
+    linear = Fp8Linear.from_linear(nn.Linear(64, 48))
+    for rows in (2, 5):
+        x = torch.randn(rows, 64)
+        assert torch.equal(linear(Fp8Rows(*quantize_rows_fp8_torch(x), x.dtype)), linear(x))
+    x = torch.randn(1, 64)
+    q, scale = quantize_rows_fp8_torch(x)
+    want = scaled_product(q, scale, linear.weight_fp8, linear.weight_scale, x.dtype) + linear.bias
+    assert torch.equal(linear(Fp8Rows(q, scale, x.dtype)), want)
+
+
 def test_merged_fp8_projection_computed_by_parts_equals_the_whole():
     """The CPU path computes a merged projection part by part (llama.split_linear): with per-channel weight
     scales and one scale per activation row, the parts are the whole's columns."""
