@@ -36,8 +36,8 @@ from torch.nn.attention import sdpa_kernel
 from internvl_serve.engine.attention import SDPA_BACKENDS, AttentionFn, AttentionMetadata, sdpa_paged_attention
 from internvl_serve import kernels
 from internvl_serve.engine.parallel import TensorParallel, local_args, shard_state_dict
-from internvl_serve.kernels.fused_ops import (add_rmsnorm, add_rmsnorm_fp8, add_rmsnorm_torch, apply_rope, rms_norm_torch, rotary_,
-                                              silu_and_mul, triton)
+from internvl_serve.kernels.fused_ops import (add_rmsnorm, add_rmsnorm_fp8, add_rmsnorm_torch, apply_rope,
+                                              rms_norm_torch, rotary_, silu_and_mul, silu_and_mul_fp8, triton)
 from internvl_serve.kernels.fp8_linear import WEIGHT_ONLY_MAX_M, Fp8Linear, Fp8Rows, fp8_linear
 from internvl_serve.kernels.int8_linear import Int8Linear, int8_linear
 
@@ -224,9 +224,13 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
-    def forward(self, x, fused: bool = False):
+    def forward(self, x, fused: bool = False, fp8: bool = False):
+        """x: the normed rows, or on the fused path Fp8Rows of them. fp8 (the fused path only): down_proj
+        gets its input quantized by the SiLU-and-mul kernel."""
         if fused:
-            a = silu_and_mul(self.gate_up_proj(x), use_triton=True)
+            gate_up = self.gate_up_proj(x)
+            a = (Fp8Rows(*silu_and_mul_fp8(gate_up, use_triton=True), gate_up.dtype) if fp8
+                 else silu_and_mul(gate_up, use_triton=True))
         else:
             gate, up = split_linear(self.gate_up_proj, x, [self.intermediate_size] * 2)
             a = F.silu(gate) * up
@@ -244,18 +248,20 @@ class DecoderLayer(nn.Module):
     def forward(self, h, residual, step: _Step, k_cache, v_cache, meta):
         """h: the previous layer's output (its MLP's), residual: the running sum before it (None at the
         first layer, where h is the embeddings). Returns this layer's (MLP output, residual): the hidden
-        state is their sum, added by the next norm (fused with it). On the fused path, where the norms feed
-        Fp8Linears that quantize their rows (more than WEIGHT_ONLY_MAX_M), the norms quantize them."""
+        state is their sum, added by the next norm (fused with it). On the fused path, where Fp8Linears
+        quantize their rows (more than WEIGHT_ONLY_MAX_M), the kernels before qkv_proj, gate_up_proj and
+        down_proj (the norms, SiLU-and-mul) quantize them instead."""
         fp8 = step.fused and h.shape[0] > WEIGHT_ONLY_MAX_M and self.takes_fp8_rows
         x, residual = self.input_layernorm.add_norm(h, residual, step.fused, fp8)
         h = self.self_attn(x, step, k_cache, v_cache, meta)
         x, residual = self.post_attention_layernorm.add_norm(h, residual, step.fused, fp8)
-        return self.mlp(x, step.fused), residual
+        return self.mlp(x, step.fused, fp8), residual
 
     @property
     def takes_fp8_rows(self) -> bool:
-        """Both linears after a norm are Fp8Linears (quantization fp8)."""
-        return isinstance(self.self_attn.qkv_proj, Fp8Linear) and isinstance(self.mlp.gate_up_proj, Fp8Linear)
+        """The linears after the norms and SiLU-and-mul are Fp8Linears (quantization fp8)."""
+        return all(isinstance(m, Fp8Linear) for m in (self.self_attn.qkv_proj, self.mlp.gate_up_proj,
+                                                       self.mlp.down_proj))
 
 
 class LlamaModel(nn.Module):

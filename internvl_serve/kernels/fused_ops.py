@@ -9,6 +9,7 @@ Owns: three Triton kernels and their plain-torch versions (the CPU path and the 
 - `rotary_(qk, positions, cos, sin)`: rotate_half RoPE in place on the first heads of a (T, heads, D)
   view (the q and k heads of a merged qkv output), cos/sin gathered in-kernel from the per-position tables.
 - `silu_and_mul(gate_up)`: silu(gate) * up of a merged (T, 2 * I) gate/up output -> (T, I).
+  `silu_and_mul_fp8` writes it as down_proj's fp8 input instead (as add_rmsnorm_fp8 does).
 
 Numerics follow transformers' LLaMA in the model dtype, rounding where the eager torch ops round:
 RMSNorm as LlamaRMSNorm (sum of squares and rsqrt in fp32, `weight * normed.to(input_dtype)`); the
@@ -160,6 +161,24 @@ if triton is not None:
         s = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
         tl.store(out_ptr + row * stride_o + offs, (s * u).to(dtype), mask=mask)
 
+    @triton.jit
+    def _silu_and_mul_fp8_kernel(
+        gu_ptr, q_ptr, scale_ptr, N, stride_g, stride_q, fp8_max, inv_fp8_max,
+        BLOCK: tl.constexpr,
+    ):
+        """One program per whole row (the row's amax): _silu_and_mul_kernel's rounding, then
+        quantize_row_e4m3 of the rounded product."""
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < N
+        dtype = gu_ptr.dtype.element_ty
+        g = tl.load(gu_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + row * stride_g + N + offs, mask=mask, other=0.0).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+        q, scale = quantize_row_e4m3((s * u).to(dtype).to(tl.float32), fp8_max, inv_fp8_max)
+        tl.store(q_ptr + row * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(scale_ptr + row, scale)
+
 
 # --------------------------------------------------------------------------------------------------
 # public functions
@@ -251,3 +270,22 @@ def silu_and_mul(gate_up: torch.Tensor, use_triton: bool | None = None) -> torch
             BLOCK=block, num_warps=4,
         )
     return out
+
+
+def silu_and_mul_fp8(gate_up: torch.Tensor, use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """silu_and_mul quantized for down_proj's fp8 linear: (q (T, I) e4m3, scale (T, 1) float32), the bits
+    of fp8_linear.quantize_rows_fp8(silu_and_mul(gate_up))."""
+    if not _use_triton(gate_up, use_triton):
+        return quantize_rows_fp8_torch(silu_and_mul_torch(gate_up))
+    T, N2 = gate_up.shape
+    assert N2 % 2 == 0 and gate_up.stride(1) == 1
+    N = N2 // 2
+    q = torch.empty((T, N), dtype=FP8, device=gate_up.device)
+    scale = torch.empty((T, 1), dtype=torch.float32, device=gate_up.device)
+    if T:
+        block = triton.next_power_of_2(N)
+        _silu_and_mul_fp8_kernel[(T,)](
+            gate_up, q, scale, N, gate_up.stride(0), q.stride(0), FP8_MAX, 1.0 / FP8_MAX,
+            BLOCK=block, num_warps=16 if block >= 8192 else (8 if block >= 4096 else 4),
+        )
+    return q, scale

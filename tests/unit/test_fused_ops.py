@@ -23,7 +23,7 @@ from kernel_helpers import gpu, needs_triton, run_interpreted
 
 from internvl_serve.kernels.fp8_linear import quantize_rows_fp8
 from internvl_serve.kernels.fused_ops import (add_rmsnorm, add_rmsnorm_fp8, add_rmsnorm_torch, apply_rope,
-                                              rms_norm_torch, rotary_, silu_and_mul)
+                                              rms_norm_torch, rotary_, silu_and_mul, silu_and_mul_fp8)
 
 
 def tiny_hf(seed=0, layers=2, heads=4, kv_heads=2, hidden=64, inter=112, vocab=97, positions=128):
@@ -130,6 +130,17 @@ def check_silu(T, N, dtype, device, use_triton=True):
     return (out.float() - want.float()).abs().max().item()
 
 
+def check_silu_fp8(T, N, dtype, device, use_triton=True):
+    """silu_and_mul_fp8 gives the bits of silu_and_mul then quantize_rows_fp8 (each in the same mode)."""
+    gu = torch.randn(T, 2 * N, dtype=dtype, device=device) * 3
+    q, scale = silu_and_mul_fp8(gu, use_triton=use_triton)
+    want_q, want_scale = quantize_rows_fp8(silu_and_mul(gu, use_triton=use_triton), use_triton=use_triton)
+    assert q.shape == (T, N) and scale.shape == (T, 1) and scale.dtype == torch.float32
+    assert torch.equal(scale, want_scale)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+    return scale.max().item() if T else 0.0
+
+
 def fused_vs_torch_forward(device, dtype, seed=0, fp8=False):
     """The same tiny model run fused and unfused over a prefill step (two sequences of 13 and 6 tokens,
     AttentionMetadata) and then a pure-decode step (DecodeMetadata, a padding row with slot -1).
@@ -196,14 +207,16 @@ def run_interpreted_checks(which: str) -> None:
         for T, N, dtype in [(3, 112, torch.float32), (2, 1500, torch.float16), (1, 13824, torch.float32)]:
             err = check_silu(T, N, dtype, "cpu")
             print(f"silu_and_mul {(T, N, dtype)} max err {err:.1e}")
+            top = check_silu_fp8(T, N, dtype, "cpu")
+            print(f"silu_and_mul_fp8 {(T, N, dtype)} bit-equal, largest scale {top:.2e}")
     elif which == "forward":
         prefill, decode = fused_vs_torch_forward("cpu", torch.float32)
         assert prefill < 1e-5 and decode < 1e-5, (prefill, decode)
         print(f"fused forward max err prefill {prefill:.1e} decode {decode:.1e}")
-        # fp8: the fused norms hand the qkv and gate/up projections their rows as Fp8Rows. The interpreter
-        # rounds to e4m3 wrongly where rounding carries into the exponent (125.3 -> 64; the GPU tests
-        # check the kernel's bits), so here the fused norm's rows are quantized by the torch quantizer,
-        # as the linears do on the CPU: what is checked is the path, which must give the torch forward's
+        # fp8: the fused norms and SiLU-and-mul hand qkv, gate/up and down their rows as Fp8Rows. The
+        # interpreter rounds to e4m3 wrongly where rounding carries into the exponent (125.3 -> 64; the
+        # GPU tests check the kernels' bits), so here those rows are quantized by the torch quantizer, as
+        # the linears do on the CPU: what is checked is the path, which must give the torch forward's
         # logits as the fused forward without fp8 does.
         from internvl_serve.engine import llama
         from internvl_serve.kernels.fp8_linear import quantize_rows_fp8_torch
@@ -215,9 +228,15 @@ def run_interpreted_checks(which: str) -> None:
             calls.append(normed.shape[0])
             return (*quantize_rows_fp8_torch(normed), res)
 
+        def silu_then_torch_quantizer(gate_up, use_triton=None):
+            calls.append(-gate_up.shape[0])
+            return quantize_rows_fp8_torch(silu_and_mul(gate_up, use_triton=True))
+
         llama.add_rmsnorm_fp8 = norm_then_torch_quantizer
+        llama.silu_and_mul_fp8 = silu_then_torch_quantizer
         prefill, decode = fused_vs_torch_forward("cpu", torch.float32, fp8=True)
-        assert calls == [19] * 4 + [3] * 4, calls  # 2 layers x 2 norms, the prefill step then the decode
+        # per layer two norms and one SiLU-and-mul (negative), 2 layers; the prefill step then the decode
+        assert calls == [19, 19, -19] * 2 + [3, 3, -3] * 2, calls
         assert prefill < 1e-5 and decode < 1e-5, (prefill, decode)
         print(f"fused fp8 forward max err prefill {prefill:.1e} decode {decode:.1e}")
     else:
@@ -229,9 +248,10 @@ def run_interpreted_checks(which: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def test_the_fp8_norm_is_the_norm_then_the_row_quantizer_on_the_cpu():
+def test_the_fp8_norm_and_silu_are_the_ops_then_the_row_quantizer_on_the_cpu():
     for T, residual in [(3, True), (2, False), (0, True)]:
         check_add_rmsnorm_fp8(T, 80, torch.float32, "cpu", residual, use_triton=False)
+        check_silu_fp8(T, 112, torch.float32, "cpu", use_triton=False)
 
 
 def test_torch_paths_are_the_eager_ops():
@@ -335,6 +355,7 @@ def test_gpu_kernels_bf16_13b_sizes(T):
     check_add_rmsnorm_fp8(T, 5120, torch.bfloat16, "cuda", residual=False)
     check_rotary(T, 40, 40, 128, torch.bfloat16, "cuda")
     check_silu(T, 13824, torch.bfloat16, "cuda")
+    check_silu_fp8(T, 13824, torch.bfloat16, "cuda")
     # the rotary emulates the eager roundings: expected bit-equal to the eager ops (reported, not gated)
     print(f"rotary bf16 max abs diff to the eager ops: {check_rotary(T, 40, 40, 128, torch.bfloat16, 'cuda')}")
 
@@ -351,8 +372,9 @@ def test_gpu_fused_forward_matches_torch_forward(dtype):
 @pytest.mark.gpu
 @gpu
 def test_gpu_fp8_norms_quantizing_change_no_logit(monkeypatch):
-    """An fp8 model's fused forward: the norms hand qkv and gate/up e4m3 rows (add_rmsnorm_fp8) with the
-    quantizer's bits, so the logits are those of each linear quantizing its input, to the last bit."""
+    """An fp8 model's fused forward: the norms and SiLU-and-mul hand qkv, gate/up and down e4m3 rows
+    (add_rmsnorm_fp8, silu_and_mul_fp8) with the quantizer's bits, so the logits are those of each linear
+    quantizing its input, to the last bit."""
     from internvl_serve.engine.llama import DecoderLayer
 
     with_norms = fused_vs_torch_forward("cuda", torch.bfloat16, fp8=True)
