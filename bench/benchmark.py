@@ -33,10 +33,11 @@ Measures, in one run and on one device:
 Every request sends its own image (nothing cached, as real traffic); --warm-levels adds rows, on the
 same server after those, where every request sends the same image (the vision embedding cache and the
 KV prefix cache hit: the warm-cache case), as a second table. --arrival-rates adds the open loop on the
-same server after the closed-loop levels (openloop.py): requests arrive by a seeded Poisson process at
-each rate, each with its own new image, whatever the server is doing (--arrival-requests per rate, or
---arrival-duration-s; no cap on requests in flight unless --arrival-max-in-flight), in results.json's
-`open_loop` section and its own table. The speed issue's TTFT targets stay those of the closed loop.
+same server after the closed-loop levels, and on each --server-compare server (openloop.py): requests
+arrive by a seeded Poisson process at each rate, each with its own new image, whatever the server is
+doing (--arrival-requests per rate, or --arrival-duration-s; no cap on requests in flight unless
+--arrival-max-in-flight), in results.json's `open_loop` (`open_loop[...]`) section and its own table.
+The speed issue's TTFT targets stay those of the closed loop.
 With --merge and --levels "" (and --skip-baseline --skip-engine-alone) a run adds only the open loop.
 Writes results.json and results.md (the table, then the speed issue's targets beside the measured values)
 under --out and prints the tables last.
@@ -233,7 +234,8 @@ def run_server(ckpt: Path, results: dict, levels: list[int], requests_per_stream
                kv_free_timeout_s: float = 30.0, layout=None, open_loop: dict | None = None,
                py_spy_levels: tuple[int, ...] = ()) -> None:
     """open_loop: openloop.run_rates' keyword arguments (rates, num_requests or duration_s, seed,
-    max_in_flight), run after the closed-loop levels into results["open_loop"]. py_spy_levels: the
+    max_in_flight), run after the closed-loop levels into results["open_loop"] (key "server") or
+    results["open_loop[...]"] (key "server[...]"). py_spy_levels: the
     closed-loop levels during which the llm stub is sampled (stub_sampler.py)."""
     from internvl_serve.serving.launcher import TritonServer
 
@@ -277,8 +279,8 @@ def run_server(ckpt: Path, results: dict, levels: list[int], requests_per_stream
 
             closed_loop(levels, results[key], level_images if distinct_images else lambda level, n: image, {})
             if open_loop:
-                results["open_loop"] = openloop.run_rates(url, question=QUESTION, images_for=open_loop_images,
-                                                          max_tokens=NEW_TOKENS, **open_loop)
+                results["open_loop" + key.removeprefix("server")] = openloop.run_rates(
+                    url, question=QUESTION, images_for=open_loop_images, max_tokens=NEW_TOKENS, **open_loop)
             if warm_levels:  # the same image for every request: vision cache and KV prefix cache hit
                 results[f"{key}_warm"] = []
                 closed_loop(warm_levels, results[f"{key}_warm"], lambda level, n: image, {"warm": True})
@@ -374,8 +376,9 @@ def main(argv=None) -> int:
         print(report.write_markdown(json.loads((args.out / "results.json").read_text()), args.out))
         return 0
     open_loop = openloop.options(args, parser)  # bad values refused before any GPU work
-    if open_loop and args.skip_server:
-        parser.error("--arrival-rates runs the open loop on the default server, which --skip-server skips")
+    if open_loop and args.skip_server and not args.server_compare:
+        parser.error("--arrival-rates runs the open loop on each server: --skip-server without --server-compare "
+                     "starts none")
     try:  # likewise
         compare_layouts = {spec: compare_layout(spec) for spec in args.server_compare}
     except ValueError as e:
@@ -420,7 +423,7 @@ def main(argv=None) -> int:
     for spec, layout in compare_layouts.items():
         run_server(ckpt, results, levels, args.requests_per_stream, args.out, key=f"server[{spec}]",
                    layout=layout, distinct_images=not args.same_image,
-                   kv_free_timeout_s=args.kv_free_timeout_s, py_spy_levels=py_spy_levels)
+                   kv_free_timeout_s=args.kv_free_timeout_s, py_spy_levels=py_spy_levels, open_loop=open_loop)
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
     if args.int8:
         from internvl_serve.serving.layout import Layout

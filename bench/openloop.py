@@ -160,13 +160,14 @@ def options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict |
             "duration_s": args.arrival_duration_s, "max_in_flight": args.arrival_max_in_flight}
 
 
-def markdown_lines(section: dict) -> list[str]:
-    """The results.md table of an `open_loop` section."""
+def markdown_lines(section: dict, parameters: str = "") -> list[str]:
+    """The results.md table of an `open_loop` section (parameters: the server's, for a --server-compare run)."""
     per = (f"{section['requests_per_rate']} requests per rate" if section.get("requests_per_rate")
            else f"arrivals for {section.get('duration_s')} s per rate")
     cap = (f"at most {section['max_in_flight']} in flight (TTFT and latency include the wait for a slot)"
            if section.get("max_in_flight") else "no cap on requests in flight")
-    lines = ["", "Open loop (Poisson arrivals, new image per request): " + per + f", seed {section.get('seed')}, "
+    server = f", the server with {parameters}" if parameters else ""
+    lines = ["", f"Open loop{server} (Poisson arrivals, new image per request): " + per + f", seed {section.get('seed')}, "
              + cap + "; TTFT and latency from each request's arrival time.", "",
              "| offered req/s | scheduled / achieved req/s | requests (errors) | TTFT p50 / p95 / p99 ms | "
              "ITL p50 / p95 ms | latency p50 / p95 ms | output tok/s | in flight peak / mean | waited for a slot |",

@@ -190,8 +190,9 @@ def markdown(results: dict) -> str:
                           f"{cold['output_tok_per_s']:.0f} vs {warm['output_tok_per_s']:.0f}, ITL p50 "
                           f"{cold['itl_p50_ms']:.1f} vs {warm['itl_p50_ms']:.1f} ms "
                           f"({100 * (cold['itl_p50_ms'] / warm['itl_p50_ms'] - 1):+.0f} %)."]
-    if results.get("open_loop"):
-        lines += openloop.markdown_lines(results["open_loop"])
+    for key in [k for k in results if k == "open_loop" or k.startswith("open_loop[")]:
+        if results[key]:
+            lines += openloop.markdown_lines(results[key], key.removeprefix("open_loop")[1:-1])
     profiles = [(k, r) for k in _engine_alone_keys(results) for r in results[k].get("profile", [])]
     if profiles:
         lines += ["", "Per decode step, engine alone, steady decode (torch.profiler; GPU busy = union of kernel and "

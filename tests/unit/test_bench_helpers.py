@@ -188,7 +188,7 @@ def test_a_schedule_needs_one_count_or_duration(openloop, kwargs, message):
      "give --arrival-requests or --arrival-duration-s, not both"),
     (["--arrival-rates", "1", "--arrival-max-in-flight", "0"], "--arrival-max-in-flight must be >= 1, got 0"),
     (["--server-compare", "llm.quantization"], "expected MODEL.KEY=VALUE[,...] with MODEL llm or vision"),
-    (["--arrival-rates", "2", "--skip-server"], "runs the open loop on the default server, which --skip-server skips"),
+    (["--arrival-rates", "2", "--skip-server"], "--skip-server without --server-compare starts none"),
 ])
 def test_the_benchmark_refuses_bad_arrival_options_before_any_gpu_work(bench, argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:
@@ -266,6 +266,14 @@ def test_the_open_loop_table_and_markdown_only(bench, report, tmp_path):
     # the closed loop's table and targets are unchanged by the section
     assert "| Triton server (gRPC stream) | 32 | 1600.0 |" in md
     assert "| TTFT p50 at 32 streams | <= 300 ms | 250 ms | met |" in md
+    # a --server-compare server's open loop: its own table, named by its parameters
+    results["open_loop[llm.encoder_priority_ms=50]"] = {**results["open_loop"], "rows": [open_loop_row(4, 32)]}
+    md = report.markdown(results)
+    assert "Open loop (Poisson arrivals" in md and md.count("| 2 | 2.20 / 1.80 | 64 (0) |") == 1
+    assert ("Open loop, the server with llm.encoder_priority_ms=50 (Poisson arrivals, new image per request): 64 "
+            "requests per rate") in md
+    assert "| 4 | 4.40 / 3.60 | 32 (0) |" in md
+    del results["open_loop[llm.encoder_priority_ms=50]"]
     results["open_loop"].update(requests_per_rate=None, duration_s=30.0, max_in_flight=16)
     assert "arrivals for 30.0 s per rate, seed 0, at most 16 in flight (TTFT and latency include the wait for a " \
            "slot)" in report.markdown(results)
