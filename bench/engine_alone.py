@@ -215,6 +215,10 @@ def main(argv=None) -> int:
                         help="levels at which to add the per-step wall vs GPU-busy breakdown")
     parser.add_argument("--profile-first-token", action="store_true",
                         help="also profile single requests from submit to their first token")
+    parser.add_argument("--fp8-linears-quantize-their-rows", action="store_true",
+                        help="with quantization=fp8: each fp8 linear quantizes its own input, as before the norms "
+                             "and SiLU-and-mul wrote them quantized (an A/B of that; the engine on this process's "
+                             "thread only)")
     parser.add_argument("--out", type=Path, required=True, help="results JSON")
     parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a check of this script)")
     args = parser.parse_args(argv)
@@ -222,8 +226,15 @@ def main(argv=None) -> int:
     from internvl_serve.serving.llm import LLMService
 
     options = {"engine_process": "false", **dict(kv.split("=", 1) for kv in args.engine_option)}
+    if args.fp8_linears_quantize_their_rows:
+        from internvl_serve.engine.llama import DecoderLayer
+
+        if options["engine_process"] != "false":
+            parser.error("--fp8-linears-quantize-their-rows changes this process's model: not with engine_process")
+        DecoderLayer.takes_fp8_rows = property(lambda self: False)
     service = LLMService(args.checkpoint, device=args.device, engine_options=options)
-    result = {"engine_options": options, "levels": [], "profile": []}
+    result = {"engine_options": options, "levels": [], "profile": [],
+              "fp8_linears_quantize_their_rows": args.fp8_linears_quantize_their_rows}
     try:
         ids = prompt_ids(service, args.question)
         result["prompt_tokens"] = int(len(ids))

@@ -38,3 +38,16 @@ def test_the_first_token_profile_runs_on_the_cpu(tmp_path, tiny_checkpoint):
     repeats = json.loads(out.read_text())["first_token"]["repeats"]
     assert len(repeats) == 3
     assert all(r["ttft_ms"] > 0 and r["tokens_in_first_response"] >= 1 for r in repeats)
+
+
+def test_the_fp8_rows_a_b_switch_runs_and_refuses_the_engine_process(tmp_path, tiny_checkpoint):
+    out = tmp_path / "engine.json"
+    base = [sys.executable, str(ROOT / "bench/engine_alone.py"), "--checkpoint", str(tiny_checkpoint), "--device",
+            "cpu", "--levels", "2", "--requests-per-stream", "1", "--new-tokens", "4", "--out", str(out),
+            "--engine-option", "quantization=fp8", "--fp8-linears-quantize-their-rows"]
+    run = subprocess.run(base, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["fp8_linears_quantize_their_rows"] and result["levels"][0]["output_tokens"] == 2 * 4
+    run = subprocess.run([*base, "--engine-option", "engine_process=true"], capture_output=True, text=True)
+    assert run.returncode == 2 and "not with engine_process" in run.stderr
