@@ -15,7 +15,8 @@ chunk and for a mixed step of 32 decodes + one 512-token chunk; eager calls (as 
 metadata built once outside the timing (the engine builds it once per step for all 40 layers).
 Int8 linears: `int8_linear` against bf16 F.linear (cuBLAS) at the LLaMA-2-13B projection shapes.
 Quantized projections (`--only quantized`): the engine's merged projections in bf16, int8 and fp8 at
-decode and prefill row counts, and the step's GEMM time each gives.
+decode and prefill row counts, and the step's GEMM time each gives; then the fp8 inputs the fused kernels
+write (add_rmsnorm_fp8, silu_and_mul_fp8) against the kernel and the row quantizer one after the other.
 
 GB/s counts the fewest bytes each op must move (K/V read once; weight, input and output once).
 The copy row is a device-to-device copy, bytes read plus written: the ceiling for those numbers.
@@ -44,6 +45,7 @@ from internvl_serve.engine.attention import (  # noqa: E402
 )
 from internvl_serve.kernels.fp8_linear import (fp8_linear, quantize_rows_fp8, quantize_weight_fp8,  # noqa: E402
                                                scaled_product)
+from internvl_serve.kernels.fused_ops import add_rmsnorm, add_rmsnorm_fp8, silu_and_mul, silu_and_mul_fp8  # noqa: E402
 from internvl_serve.kernels.int8_linear import Int8MatmulConfig, default_config, int8_linear, quantize_weight  # noqa: E402
 from internvl_serve.kernels.paged_attention import (  # noqa: E402
     default_decode_tiles,
@@ -381,6 +383,39 @@ def quantized_projection_table(bw: float) -> list[str]:
     return rows
 
 
+def fp8_inputs_table() -> list[str]:
+    """The fp8 linears' inputs as the fused fp8 path writes them, against the unfused pair of launches:
+    add_rmsnorm + quantize_rows_fp8 (qkv_proj's and gate_up_proj's input, hidden 5,120) and silu_and_mul +
+    quantize_rows_fp8 (down_proj's, 13,824), µs per call; each pair's bits checked equal first. Per layer:
+    two norms and one SiLU-and-mul (x 40: a step)."""
+    rows = Rows([f"{'M':>5} | {'norm+quant us':>13} {'fused us':>8} | {'silu+quant us':>13} {'fused us':>8} | "
+                 f"per layer saved us (x40 ms)"])
+    for M in (2, 32, 64, 288, 2048):
+        n_sets = min(64, max(2, ROTATE_BYTES // (M * 2 * 13824 * 2)))  # small M: launch-bound, a few sets do
+        hs = [torch.randn(M, 5120, device="cuda", dtype=torch.bfloat16) for _ in range(n_sets)]
+        rs = [torch.randn(M, 5120, device="cuda", dtype=torch.bfloat16) for _ in range(n_sets)]
+        gus = [torch.randn(M, 2 * 13824, device="cuda", dtype=torch.bfloat16) for _ in range(n_sets)]
+        w = torch.rand(5120, device="cuda", dtype=torch.bfloat16) + 0.5
+        q, scale, _ = add_rmsnorm_fp8(hs[0], rs[0], w, 1e-5)
+        want_q, want_scale = quantize_rows_fp8(add_rmsnorm(hs[0], rs[0], w, 1e-5)[0])
+        if not (torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(scale, want_scale)):
+            raise WrongResult(f"WRONG RESULT add_rmsnorm_fp8 M={M}: not the row quantizer's bits")
+        q, scale = silu_and_mul_fp8(gus[0])
+        want_q, want_scale = quantize_rows_fp8(silu_and_mul(gus[0]))
+        if not (torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(scale, want_scale)):
+            raise WrongResult(f"WRONG RESULT silu_and_mul_fp8 M={M}: not the row quantizer's bits")
+        sets = list(zip(hs, rs, gus))
+        norm2 = graph_us([lambda h=h, r=r: quantize_rows_fp8(add_rmsnorm(h, r, w, 1e-5)[0]) for h, r, _ in sets])
+        norm1 = graph_us([lambda h=h, r=r: add_rmsnorm_fp8(h, r, w, 1e-5) for h, r, _ in sets])
+        silu2 = graph_us([lambda g=g: quantize_rows_fp8(silu_and_mul(g)) for _, _, g in sets])
+        silu1 = graph_us([lambda g=g: silu_and_mul_fp8(g) for _, _, g in sets])
+        saved = 2 * (norm2 - norm1) + (silu2 - silu1)
+        rows.append(f"{M:>5} | {norm2:>13.1f} {norm1:>8.1f} | {silu2:>13.1f} {silu1:>8.1f} | "
+                    f"{saved:.1f} ({saved * 40 / 1e3:.2f})")
+        del hs, rs, gus
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="also time other tile configs / partition sizes")
@@ -409,6 +444,8 @@ def main() -> None:
         lines += ["", "weight-only int8 linear vs bf16 F.linear"] + linear_table(bw, args.sweep)
     if args.only in (None, "quantized"):
         lines += ["", "the LLM's projections: bf16, int8, fp8 (engine quantization)"] + quantized_projection_table(bw)
+        lines += ["", "the fp8 linears' inputs: fused (the norm / SiLU-and-mul kernel writes them quantized) "
+                      "against the kernel then the row quantizer"] + fp8_inputs_table()
     print("\n".join(lines))
 
 
