@@ -4,6 +4,7 @@ sys.path from tests/conftest.py: its modules import each other as top-level modu
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,17 @@ LOADTEST = REPO_ROOT / "loadtest"
 
 
 def run_tool(args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
-    """Run a Python tool (Locust, soak.py) in the repository root to its end, output captured."""
-    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=timeout_s, stdin=subprocess.DEVNULL)
+    """Run a Python tool (Locust, soak.py) in the repository root to its end, output captured. timeout_s
+    guards against a hang only: a tool still running then gets SIGABRT, which makes Python's faulthandler
+    print every thread's stack, and the test fails with that (a Locust run once did not exit after its
+    run-time limit, not reproduced since: this says where it waits, if it happens again)."""
+    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        out, err = proc.communicate()
+        raise AssertionError(f"{args[:3]} still ran after {timeout_s} s; its threads then:\n{err[-6000:]}\n"
+                             f"stdout:\n{out[-2000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
