@@ -139,9 +139,9 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
 
 
 class Fp8Rows(NamedTuple):
-    """Activation rows already quantized by the kernel that made them (fused_ops.add_rmsnorm_fp8): what
-    quantize_rows_fp8 would return for them, and the dtype the product comes out in. An Fp8Linear takes it
-    in place of the rows (several linears can share one)."""
+    """Activation rows already quantized by the kernel that made them (fused_ops.add_rmsnorm_fp8,
+    silu_and_mul_fp8): what quantize_rows_fp8 would return for them, and the dtype the product comes out
+    in. An Fp8Linear takes it in place of the rows."""
 
     q: torch.Tensor      # (M, K) e4m3
     scale: torch.Tensor  # (M, 1) float32

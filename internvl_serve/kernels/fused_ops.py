@@ -1,6 +1,7 @@
 """Fused elementwise kernels of the LLaMA layer: residual add + RMSNorm, rotary embedding, SiLU-and-mul.
 
-Owns: three Triton kernels and their plain-torch versions (the CPU path and the test references):
+Owns: three Triton kernels (two of them also in an fp8 form) and their plain-torch versions (the CPU
+path and the test references):
 - `add_rmsnorm(x, residual, weight, eps)`: residual + x and the RMSNorm of that sum in one pass over the
   row; returns (normed, new_residual). residual None: the norm of x alone, (normed, x).
   `add_rmsnorm_fp8` is the same kernel writing the normed rows as the fp8 linears' input instead:
@@ -100,7 +101,7 @@ if triton is not None:
         HAS_RESIDUAL: tl.constexpr, QUANTIZE: tl.constexpr, BLOCK: tl.constexpr,
     ):
         """QUANTIZE: the normed row goes out as e4m3 (q_ptr) with its scale (scale_ptr), by
-        fp8_linear._quantize_rows_kernel's ops on the rounded row, instead of to out_ptr."""
+        quantize_row_e4m3 of the rounded row, instead of to out_ptr."""
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < N
