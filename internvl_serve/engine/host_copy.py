@@ -6,8 +6,8 @@ Owns: `to_device`, the one way the engine moves a host array or tensor to its de
 on CUDA; torch's caching host allocator keeps the pinned buffer until the copy ran), and `page_locked`,
 which does that first copy early, off the engine thread, for inputs that wait in the queue (a request's
 image rows: 5 MB of float32 per image, copied on the engine thread before every first prefill chunk
-otherwise). Does not own: copies into captured graphs' static buffers (decode_graphs.py copies into them
-in place).
+otherwise), within a bound on the page-locked memory those waiting inputs hold (`fits_page_locked`).
+Does not own: copies into captured graphs' static buffers (decode_graphs.py copies into them in place).
 """
 from __future__ import annotations
 
@@ -24,9 +24,27 @@ def to_device(a: np.ndarray | torch.Tensor, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+# Waiting requests' image rows are page-locked only while the process's page-locked memory in use stays
+# under this. Without a bound a flood of queued image requests (max_pending_requests, each with up to 12
+# images: 63 MB of float32 rows) would pin tens of GB, which torch's caching host allocator then keeps.
+# Rows past it stay pageable: to_device pins them at their first prefill (a host copy on the engine
+# thread then, ~1 ms per image).
+PAGE_LOCKED_WAITING_BYTES = 2 << 30
+
+
+def fits_page_locked(nbytes: int) -> bool:
+    """Whether nbytes more page-locked memory keep this process's in use (torch's pinned host allocator:
+    blocks handed out; where a torch reports only its pool, the pool) within PAGE_LOCKED_WAITING_BYTES.
+    True where torch reports neither."""
+    stats = torch.cuda.host_memory_stats()
+    in_use = stats.get("active_bytes.current", stats.get("allocated_bytes.current"))
+    return in_use is None or in_use + nbytes <= PAGE_LOCKED_WAITING_BYTES
+
+
 def page_locked(t: torch.Tensor, device) -> torch.Tensor:
-    """t in page-locked memory when `device` is CUDA (then to_device copies it, and any slice of it, with
-    no host copy first); t itself elsewhere, or when it already is."""
+    """t in page-locked memory when `device` is CUDA and it fits (fits_page_locked; then to_device copies
+    it, and any slice of it, with no host copy first); t itself elsewhere, past the bound, or when it
+    already is."""
     if torch.device(device).type != "cuda" or t.is_pinned():
         return t
-    return t.pin_memory()
+    return t.pin_memory() if fits_page_locked(t.nbytes) else t

@@ -274,6 +274,8 @@ def serve(conn: Connection, engine, thread, outbox: _Outbox) -> None:
     errors (EngineThread.shutdown), deliver everything, and return."""
     import torch
 
+    from internvl_serve.engine.host_copy import fits_page_locked
+
     pin = torch.device(engine.runner.device).type == "cuda"
     while True:
         try:
@@ -286,8 +288,9 @@ def serve(conn: Connection, engine, thread, outbox: _Outbox) -> None:
             try:
                 if rows is not None:  # straight from the socket into (page-locked on CUDA) memory
                     shape, dtype = rows
+                    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
                     embeds = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, np.dtype(dtype))).dtype,
-                                         pin_memory=pin)
+                                         pin_memory=pin and fits_page_locked(nbytes))
                     conn.recv_bytes_into(embeds.numpy().reshape(-1).view(np.uint8))
                     request.image_embeds = embeds
                 thread.submit(request, outbox.put, positions)
