@@ -35,8 +35,8 @@ PAGE_LOCKED_WAITING_BYTES = 2 << 30
 def fits_page_locked(nbytes: int) -> bool:
     """Whether nbytes more page-locked memory keep this process's in use (torch's pinned host allocator:
     blocks handed out; where a torch reports only its pool, the pool) within PAGE_LOCKED_WAITING_BYTES.
-    True where torch reports neither."""
-    stats = torch.cuda.host_memory_stats()
+    True where torch reports neither (or has no such stats)."""
+    stats = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
     in_use = stats.get("active_bytes.current", stats.get("allocated_bytes.current"))
     return in_use is None or in_use + nbytes <= PAGE_LOCKED_WAITING_BYTES
 

@@ -21,3 +21,8 @@ def test_rows_are_page_locked_only_within_the_bound(monkeypatch):
 def test_on_the_cpu_rows_stay_as_they_are():
     rows = torch.randn(4, 8)
     assert host_copy.page_locked(rows, "cpu") is rows
+
+
+def test_a_torch_without_host_memory_stats_pins_as_before(monkeypatch):
+    monkeypatch.delattr(torch.cuda, "host_memory_stats")
+    assert host_copy.fits_page_locked(host_copy.PAGE_LOCKED_WAITING_BYTES + 1)
