@@ -396,14 +396,12 @@ def fp8_inputs_table() -> list[str]:
         rs = [torch.randn(M, 5120, device="cuda", dtype=torch.bfloat16) for _ in range(n_sets)]
         gus = [torch.randn(M, 2 * 13824, device="cuda", dtype=torch.bfloat16) for _ in range(n_sets)]
         w = torch.rand(5120, device="cuda", dtype=torch.bfloat16) + 0.5
-        q, scale, _ = add_rmsnorm_fp8(hs[0], rs[0], w, 1e-5)
-        want_q, want_scale = quantize_rows_fp8(add_rmsnorm(hs[0], rs[0], w, 1e-5)[0])
-        if not (torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(scale, want_scale)):
-            raise WrongResult(f"WRONG RESULT add_rmsnorm_fp8 M={M}: not the row quantizer's bits")
-        q, scale = silu_and_mul_fp8(gus[0])
-        want_q, want_scale = quantize_rows_fp8(silu_and_mul(gus[0]))
-        if not (torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(scale, want_scale)):
-            raise WrongResult(f"WRONG RESULT silu_and_mul_fp8 M={M}: not the row quantizer's bits")
+        for name, (q, scale), (want_q, want_scale) in [
+                ("add_rmsnorm_fp8", add_rmsnorm_fp8(hs[0], rs[0], w, 1e-5)[:2],
+                 quantize_rows_fp8(add_rmsnorm(hs[0], rs[0], w, 1e-5)[0])),
+                ("silu_and_mul_fp8", silu_and_mul_fp8(gus[0]), quantize_rows_fp8(silu_and_mul(gus[0])))]:
+            if not (torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(scale, want_scale)):
+                raise WrongResult(f"WRONG RESULT {name} M={M}: not the row quantizer's bits")
         sets = list(zip(hs, rs, gus))
         norm2 = graph_us([lambda h=h, r=r: quantize_rows_fp8(add_rmsnorm(h, r, w, 1e-5)[0]) for h, r, _ in sets])
         norm1 = graph_us([lambda h=h, r=r: add_rmsnorm_fp8(h, r, w, 1e-5) for h, r, _ in sets])

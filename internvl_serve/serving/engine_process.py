@@ -1,4 +1,5 @@
-"""The llm engine in a process of its own (the llm model's `engine_process: true`, opt-in).
+"""The llm engine in a process of its own (the llm model's `engine_process`: the default when the engine is
+on one GPU, serving/llm.engine_in_own_process).
 
 Why: in the llm Triton stub the engine thread shares one interpreter lock with the response senders.
 On an H100 at 64 streams the senders held it 26 % of the time (two thirds of that inside Triton's Python
