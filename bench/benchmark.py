@@ -19,6 +19,10 @@ Measures, in one run and on one device:
   * at each level, server and engine alone, the llm engine's own counters over the level (the
     `internvl_engine_*` metrics; in-process for the engine alone): ms of engine-thread work per step and
     the share of it spent waiting for the GPU;
+  * at each server level, where the time to first token went, as means per request from the server's
+    metrics (servermetrics.ttft_stage_figures): preprocess and vision queue / compute (Triton's
+    counters), the llm's submit to first token, and the rest of the client's mean TTFT (gRPC, the
+    ensemble's hand-offs);
   * with --py-spy-levels (e.g. 64), py-spy on the llm stub during those server levels
     (stub_sampler.py): samples per thread and their heaviest frames in the level's row, raw stacks in --out;
   * peak GPU memory (nvidia-smi, whole device) and the server's KV-cache report;
@@ -83,7 +87,8 @@ from internvl_serve.serving.vision import quantize_vision_fp8_  # noqa: E402
 import loadgen  # noqa: E402
 import openloop  # noqa: E402
 import report  # noqa: E402
-from servermetrics import ENGINE_COUNTERS, engine_step_figures, kv_blocks_after_run, read_values  # noqa: E402
+from servermetrics import (  # noqa: E402
+    ENGINE_COUNTERS, engine_step_figures, kv_blocks_after_run, read_ttft_stages, read_values, ttft_stage_figures)
 from stub_sampler import StubSampler, idle_where  # noqa: E402
 
 
@@ -265,9 +270,11 @@ def run_server(ckpt: Path, results: dict, levels: list[int], requests_per_stream
                         for sampler in samplers.values():
                             sampler.start()
                     before = read_values(server.metrics_url, ENGINE_COUNTERS)
+                    stages_before = read_ttft_stages(server.metrics_url)
                     row = asyncio.run(loadgen.run_level(url, level, n, QUESTION, images_for(level, n), NEW_TOKENS))
                     # the llm pushes its counters every 0.5 s: the level's last half second may be left out
                     row["engine_steps"] = engine_step_figures(before, read_values(server.metrics_url, ENGINE_COUNTERS))
+                    row["ttft_stages"] = ttft_stage_figures(stages_before, read_ttft_stages(server.metrics_url))
                     for name, sampler in samplers.items():
                         row[name] = sampler.stop() or {"error": sampler.error}
                     if samplers and all(s.out.exists() for s in samplers.values()):

@@ -142,6 +142,7 @@ def summarize(concurrency: int, timings: list[RequestTiming], wall: float) -> di
         "output_tokens": tokens,
         "wall_s": wall,
         "output_tok_per_s": tokens / wall if wall > 0 else float("nan"),
+        "ttft_mean_ms": 1e3 * statistics.mean(ttft) if ttft else float("nan"),
         "ttft_p50_ms": 1e3 * pct(ttft, 50),
         "ttft_p95_ms": 1e3 * pct(ttft, 95),
         "ttft_p99_ms": 1e3 * pct(ttft, 99),

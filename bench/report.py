@@ -175,6 +175,25 @@ def markdown(results: dict) -> str:
             e = row["engine_steps"]
             lines.append(f"| {label} | {row['concurrency']} | {e['steps']} | {e['ms_per_step']:.2f} | "
                          f"{100 * e['device_wait_share']:.0f} % |")
+    stages = [(label, row) for label, row in speed_rows if row.get("ttft_stages") and "ttft_mean_ms" in row]
+    if stages:
+        lines += ["", "Where each server level's time to first token went (means per request, ms, from the server's "
+                  "metrics over the level; a batch's compute counts for each of its requests; the rest: gRPC and "
+                  "the ensemble's hand-offs):", "",
+                  "| path | streams | TTFT mean | preprocess queue / compute | vision queue / compute | "
+                  "llm submit -> first token | rest |", "|---|---|---|---|---|---|---|"]
+        for label, row in stages:
+            st = row["ttft_stages"]
+
+            def pair(model):
+                q, c = st.get(f"{model}_queue_ms"), st.get(f"{model}_compute_ms")
+                return " / ".join("" if v is None else f"{v:.1f}" for v in (q, c))
+            parts = [st.get(k) for k in ("preprocess_queue_ms", "preprocess_compute_ms", "vision_queue_ms",
+                                          "vision_compute_ms", "llm_first_token_ms")]
+            rest = "" if None in parts else f"{row['ttft_mean_ms'] - sum(parts):.1f}"
+            llm = st.get("llm_first_token_ms")
+            lines.append(f"| {label} | {row['concurrency']} | {row['ttft_mean_ms']:.1f} | {pair('preprocess')} | "
+                         f"{pair('vision')} | {'' if llm is None else f'{llm:.1f}'} | {rest} |")
     if results.get("server_warm"):
         lines += ["", "Warm caches (the same server after the rows above; every request sends the same image, so "
                   "the vision embedding cache and the KV prefix cache hit):", "",

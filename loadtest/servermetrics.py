@@ -20,6 +20,15 @@ ENGINE_STEPS = "internvl_engine_steps_total"
 ENGINE_BUSY = "internvl_engine_busy_seconds_total"
 ENGINE_DEVICE_WAIT = "internvl_engine_device_wait_seconds_total"
 ENGINE_COUNTERS = (ENGINE_STEPS, ENGINE_BUSY, ENGINE_DEVICE_WAIT)
+TTFT_SUM = "internvl_time_to_first_token_seconds_sum"  # the llm's: its submit to the first generated token
+TTFT_COUNT = "internvl_time_to_first_token_seconds_count"
+# Triton's per-model counters (cumulative microseconds over its successful requests; a batched execution's
+# compute counts in full for each request in the batch, which is what each request waited)
+TRITON_SUCCESS = "nv_inference_request_success"
+TRITON_QUEUE = "nv_inference_queue_duration_us"
+TRITON_COMPUTE = ("nv_inference_compute_input_duration_us", "nv_inference_compute_infer_duration_us",
+                  "nv_inference_compute_output_duration_us")
+STAGE_MODELS = ("preprocess", "vision")  # the ensemble's steps before the llm, in order
 
 
 def parse_metric(text: str, name: str) -> float | None:
@@ -40,6 +49,53 @@ def read_values(url: str, names: tuple[str, ...], read=read_metrics) -> dict[str
     except Exception:  # noqa: BLE001 - a scrape that fails is a blank, the caller goes on
         return dict.fromkeys(names)
     return {name: parse_metric(text, name) for name in names}
+
+
+def parse_model_metric(text: str, name: str, model: str) -> float | None:
+    """The sum over label sets with model="<model>" of metric `name`, or None if absent."""
+    pattern = r"^" + re.escape(name) + r"\{[^}]*\bmodel=\"" + re.escape(model) + r"\"[^}]*\}\s+(\S+)"
+    values = [float(m.group(1)) for m in re.finditer(pattern, text, re.M)]
+    return sum(values) if values else None
+
+
+def read_ttft_stages(url: str, read=read_metrics) -> dict:
+    """One scrape of the counters ttft_stage_figures subtracts: {(model, name): value or None} for the
+    STAGE_MODELS' Triton counters, and the llm's TTFT sum and count by name; {} when the endpoint does not
+    answer."""
+    try:
+        text = read(url)
+    except Exception:  # noqa: BLE001 - a scrape that fails is a blank, the caller goes on
+        return {}
+    out = {(model, name): parse_model_metric(text, name, model)
+           for model in STAGE_MODELS for name in (TRITON_SUCCESS, TRITON_QUEUE, *TRITON_COMPUTE)}
+    return {**out, TTFT_SUM: parse_metric(text, TTFT_SUM), TTFT_COUNT: parse_metric(text, TTFT_COUNT)}
+
+
+def ttft_stage_figures(before: dict, after: dict) -> dict:
+    """Where the requests between two read_ttft_stages readings spent their time before the first token,
+    as means per request in ms: "<model>_queue_ms" and "<model>_compute_ms" for each of STAGE_MODELS
+    (Triton's queue, and its compute: input + execute + output), and "llm_first_token_ms" (the llm's
+    submit to its first token: the engine's queue, the prefill, the first step). A figure whose counters
+    are missing or saw no request is left out; {} when nothing is left."""
+    out = {}
+
+    def delta(key):
+        a, b = before.get(key), after.get(key)
+        return None if a is None or b is None else b - a
+    for model in STAGE_MODELS:
+        n = delta((model, TRITON_SUCCESS))
+        if not n or n <= 0:
+            continue
+        queue = delta((model, TRITON_QUEUE))
+        compute = [delta((model, name)) for name in TRITON_COMPUTE]
+        if queue is not None:
+            out[f"{model}_queue_ms"] = queue / n / 1e3
+        if None not in compute:
+            out[f"{model}_compute_ms"] = sum(compute) / n / 1e3
+    n, total = delta(TTFT_COUNT), delta(TTFT_SUM)
+    if n and n > 0 and total is not None:
+        out["llm_first_token_ms"] = 1e3 * total / n
+    return out
 
 
 def engine_step_figures(before: dict, after: dict) -> dict:

@@ -200,6 +200,28 @@ def test_image_cache_counts_a_resent_image_as_a_hit(server, client):
     assert after[m.IMAGE_CACHE_MISSES] == after_first[m.IMAGE_CACHE_MISSES]
 
 
+def test_ttft_stage_figures_split_new_image_requests(server, client):
+    """The benchmark's TTFT breakdown (servermetrics.ttft_stage_figures) over two requests with new images:
+    Triton's counters see each stage once per request, and every figure is there."""
+    import servermetrics
+
+    before = servermetrics.read_ttft_stages(server.metrics_url)
+    count = scrape(server)[0][m.TTFT_COUNT]
+    for seed in (21, 22):
+        client.generate("What is it?", images=[png(seed)], generation_config=dict(max_new_tokens=2))
+    # the llm pushes its counters every 0.5 s: an earlier test's last request may land in the same push
+    wait_for(server, lambda v: v[m.TTFT_COUNT] >= count + 2, "two more first tokens")
+    after = servermetrics.read_ttft_stages(server.metrics_url)
+    for model in servermetrics.STAGE_MODELS:
+        key = (model, servermetrics.TRITON_SUCCESS)
+        assert after[key] - before[key] == 2, model
+    figures = servermetrics.ttft_stage_figures(before, after)
+    assert set(figures) == {"preprocess_queue_ms", "preprocess_compute_ms", "vision_queue_ms", "vision_compute_ms",
+                            "llm_first_token_ms"}
+    assert figures["preprocess_compute_ms"] > 0 and figures["vision_compute_ms"] > 0
+    assert figures["llm_first_token_ms"] > 0 and min(figures.values()) >= 0
+
+
 def deployment_metric_names() -> set[str]:
     """Metric names the prometheus-adapter rules' queries and the Grafana dashboard read (the HPA's own
     names are the rules' outputs: tests/deploy/test_k8s.py maps each to its rule)."""

@@ -107,6 +107,21 @@ def test_the_engine_steps_table_has_a_row_per_level_that_carries_them(report):
     assert "| Triton server (gRPC stream) | 32 |" not in md.split("ms of work per step")[1]
 
 
+def test_the_ttft_stages_table_splits_each_server_levels_mean(report):
+    server = row(32, 1800, 600, 16.0)
+    server.update(ttft_mean_ms=650.0, ttft_stages={
+        "preprocess_queue_ms": 2.0, "preprocess_compute_ms": 9.0, "vision_queue_ms": 250.0,
+        "vision_compute_ms": 140.0, "llm_first_token_ms": 220.0})
+    partial = row(1, 150, 80, 6.0)
+    partial.update(ttft_mean_ms=80.0, ttft_stages={"llm_first_token_ms": 30.0})  # no Triton counters read
+    results = {"device": "GPU", "date": "d", "commit": "c", "copy_bandwidth_gbs": 3000.0,
+               "llm_weight_bytes_per_step": 25.8e9, "hbm_floor_ms": 8.6, "server": [partial, server]}
+    md = report.markdown(results)
+    assert "| Triton server (gRPC stream) | 32 | 650.0 | 2.0 / 9.0 | 250.0 / 140.0 | 220.0 | 29.0 |" in md
+    assert "| Triton server (gRPC stream) | 1 | 80.0 |  /  |  /  | 30.0 |  |" in md
+    assert "TTFT mean" not in report.markdown(dict(results, server=[row(32, 1800, 600, 16.0)]))
+
+
 def test_server_compare_runs_get_their_rows_and_after_line(bench, report):
     layout = bench.compare_layout("llm.encoder_priority_ms=50, vision.quantization=fp8")
     assert layout.llm_parameters == {"encoder_priority_ms": "50"}
@@ -236,6 +251,7 @@ def test_summarize_counts_from_the_arrival_and_tracks_requests_in_flight(bench):
     assert row["output_tokens"] == 12 and row["output_tok_per_s"] == 6.0
     # TTFT 0.1, 0.6 (from the arrival at 0.2, not the send at 0.5), 0.2; latency 1.0, 1.3, 1.0
     assert row["ttft_p50_ms"] == pytest.approx(200.0) and row["ttft_p99_ms"] == pytest.approx(592.0)
+    assert row["ttft_mean_ms"] == pytest.approx(300.0)
     assert row["latency_p50_ms"] == pytest.approx(1000.0) and row["latency_p95_ms"] == pytest.approx(1270.0)
     assert row["itl_p50_ms"] == pytest.approx(250.0)
 

@@ -24,6 +24,7 @@ def test_the_names_are_the_servers():
                  "IMAGE_CACHE_MISSES", "PREEMPTIONS", "ENCODER_WAIT", "ENGINE_STEPS", "ENGINE_BUSY",
                  "ENGINE_DEVICE_WAIT"):
         assert getattr(metrics, name) == getattr(served, name) in served.METRIC_NAMES, name
+    assert (metrics.TTFT_SUM, metrics.TTFT_COUNT) == (served.TTFT_SUM, served.TTFT_COUNT)
 
 
 def test_parse_metric():
@@ -100,3 +101,42 @@ def test_engine_step_figures_between_two_readings():
     assert abs(figures["device_wait_share"] - 0.6) < 1e-9
     assert metrics.engine_step_figures(before, before) == {}  # no step between them
     assert metrics.engine_step_figures(before, dict(after, **{metrics.ENGINE_BUSY: None})) == {}  # a blank scrape
+
+
+STAGES = """nv_inference_request_success{model="preprocess",version="1"} 10
+nv_inference_queue_duration_us{model="preprocess",version="1"} 1000
+nv_inference_compute_input_duration_us{model="preprocess",version="1"} 100
+nv_inference_compute_infer_duration_us{model="preprocess",version="1"} 8000
+nv_inference_compute_output_duration_us{model="preprocess",version="1"} 200
+nv_inference_request_success{model="vision",version="1"} 10
+nv_inference_queue_duration_us{model="vision",version="1"} 50000
+nv_inference_compute_input_duration_us{model="vision",version="1"} 0
+nv_inference_compute_infer_duration_us{model="vision",version="1"} 200000
+nv_inference_compute_output_duration_us{model="vision",version="1"} 0
+nv_inference_queue_duration_us{model="internvl_chat",version="1"} 999999
+internvl_time_to_first_token_seconds_sum{model="llm",version="1"} 2.5
+internvl_time_to_first_token_seconds_count{model="llm",version="1"} 10
+"""
+
+
+def test_parse_model_metric_reads_one_models_label_set():
+    assert metrics.parse_model_metric(STAGES, metrics.TRITON_QUEUE, "vision") == 50000
+    assert metrics.parse_model_metric(STAGES, metrics.TRITON_QUEUE, "internvl_chat") == 999999
+    assert metrics.parse_model_metric(STAGES, metrics.TRITON_QUEUE, "llm") is None
+    assert metrics.parse_model_metric(STAGES, metrics.TRITON_QUEUE, "visio") is None  # a prefix is not a name
+
+
+def test_ttft_stage_figures_are_means_per_request_between_two_scrapes():
+    before = metrics.read_ttft_stages("u", read=lambda url: STAGES)
+    # 4 more requests: preprocess 4 ms queue + 36 ms compute, vision 100 ms queue + 80 ms compute, llm 1.5 s
+    later = (STAGES.replace("} 10\n", "} 14\n").replace("} 1000\n", "} 5000\n").replace("} 8000\n", "} 44000\n")
+             .replace("} 50000\n", "} 150000\n").replace("} 200000\n", "} 280000\n").replace("} 2.5\n", "} 4.0\n"))
+    after = metrics.read_ttft_stages("u", read=lambda url: later)
+    figures = metrics.ttft_stage_figures(before, after)
+    assert figures == {"preprocess_queue_ms": 1.0, "preprocess_compute_ms": 9.0, "vision_queue_ms": 25.0,
+                       "vision_compute_ms": 20.0, "llm_first_token_ms": 375.0}
+    assert metrics.ttft_stage_figures(before, before) == {}  # no request between them
+
+    def refused(url):
+        raise ConnectionRefusedError("no metrics port")
+    assert metrics.ttft_stage_figures(metrics.read_ttft_stages("u", read=refused), after) == {}  # a blank scrape
