@@ -112,7 +112,12 @@ if triton is not None:
             s = (r + x).to(dtype)  # rounded as the eager add rounds, then normalized
             tl.store(res_out_ptr + row * stride_ro + offs, s, mask=mask)
             x = s.to(tl.float32)
-        var = tl.sum(x * x, axis=0) / N
+        # The squares summed in float64 (each one exact, the sum's rounding far below float32's), so
+        # var does not depend on the summation order, which the compiler picks per variant: the fp8
+        # variant's byte stores give it 16 elements per thread, the bf16 one's 8 (the float32 sum gave
+        # rows one bf16 ulp apart in a few elements, then other e4m3 values: H100, 2026-12-06).
+        xd = x.to(tl.float64)
+        var = (tl.sum(xd * xd, axis=0) / N).to(tl.float32)
         normed = (x * (1.0 / tl.sqrt(var + eps))).to(dtype)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         y = (w * normed.to(tl.float32)).to(dtype)

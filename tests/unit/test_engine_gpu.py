@@ -196,13 +196,14 @@ def test_page_locked_image_rows_reach_the_device_without_a_host_copy():
 def test_rows_past_the_page_locked_bound_stay_pageable_and_still_reach_the_device(monkeypatch):
     from internvl_serve.engine import host_copy
 
+    def in_use() -> int:  # read again before each bound: to_device's staging copy holds pinned memory too
+        stats = host_copy.torch.cuda.host_memory_stats()
+        return stats.get("active_bytes.current", stats.get("allocated_bytes.current", 0))
+
     rows = torch.randn(256, 64)
-    in_use = host_copy.torch.cuda.host_memory_stats().get("active_bytes.current")
-    if in_use is None:
-        in_use = host_copy.torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
-    monkeypatch.setattr(host_copy, "PAGE_LOCKED_WAITING_BYTES", in_use + rows.nbytes - 1)
+    monkeypatch.setattr(host_copy, "PAGE_LOCKED_WAITING_BYTES", in_use() + rows.nbytes - 1)
     kept = host_copy.page_locked(rows, "cuda")
     assert kept is rows and not kept.is_pinned()
     assert torch.equal(host_copy.to_device(kept[10:20], "cuda").cpu(), rows[10:20])
-    monkeypatch.setattr(host_copy, "PAGE_LOCKED_WAITING_BYTES", in_use + rows.nbytes)
+    monkeypatch.setattr(host_copy, "PAGE_LOCKED_WAITING_BYTES", in_use() + rows.nbytes)
     assert host_copy.page_locked(rows, "cuda").is_pinned()

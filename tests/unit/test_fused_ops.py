@@ -380,7 +380,10 @@ def test_gpu_fp8_norms_quantizing_change_no_logit(monkeypatch):
     with_norms = fused_vs_torch_forward("cuda", torch.bfloat16, fp8=True)
     monkeypatch.setattr(DecoderLayer, "takes_fp8_rows", property(lambda self: False))
     assert fused_vs_torch_forward("cuda", torch.bfloat16, fp8=True) == with_norms
-    assert max(with_norms) < 5e-2, with_norms  # fp8 against the torch path's own fp8, in bf16
+    # fp8 against the torch path's own fp8, in bf16: their bf16 rows differ in last bits (3e-2 between
+    # the bf16 paths' logits), and a last bit can move a value to the next e4m3 step (1/16 to 1/8 of it);
+    # 0.074 on an H100 (2026-12-06). A wrong scale or row would be off by the logits' own size.
+    assert max(with_norms) < 0.15, with_norms
 
 
 @pytest.mark.gpu

@@ -136,7 +136,7 @@ def test_quantize_swaps_the_four_projections_and_keeps_the_rest(tiny_checkpoint,
             parent = layer.self_attn if name in ("qkv_proj", "o_proj") else layer.mlp
             module = getattr(parent, name)
             assert isinstance(module, cls) and stored_quantized(module), name
-            assert not getattr(module, "fast_accum", False), name  # exact accumulation until measured here
+            assert not getattr(module, "fast_accum", False), name  # the library's default; the server's: on
     swapped = sum(isinstance(m, cls) for m in model.modules())
     assert swapped == 4 * config.llm_config.num_hidden_layers
     assert type(model.lm_head) is nn.Linear and model.lm_head.weight is lm_head
@@ -168,11 +168,15 @@ def test_engine_options_quantization_parameter():
 
 def test_fp8_fast_accumulation_parameter_reaches_every_projection(tiny_checkpoint, config):
     """fp8_fast_accum: every Fp8Linear the runner made accumulates fast (on the CPU the product is the same
-    float32 one, so the logits equal the exact fp8's); refused without quantization fp8."""
+    float32 one, so the logits equal the exact fp8's); on by default with quantization fp8, "false" turns
+    it off; refused without quantization fp8."""
     from internvl_serve.serving.llm import EngineOptions
 
     assert EngineOptions().fp8_fast_accum is False
+    assert EngineOptions.from_parameters({"quantization": "int8"}).fp8_fast_accum is False
+    assert EngineOptions.from_parameters({"quantization": "fp8"}).fp8_fast_accum is True
     assert EngineOptions.from_parameters({"quantization": "fp8", "fp8_fast_accum": "true"}).fp8_fast_accum
+    assert EngineOptions.from_parameters({"quantization": "fp8", "fp8_fast_accum": "false"}).fp8_fast_accum is False
     for quantization in ("", "int8"):
         with pytest.raises(ValueError, match="'fp8_fast_accum': true needs quantization fp8"):
             EngineOptions.from_parameters({"quantization": quantization, "fp8_fast_accum": "true"})
