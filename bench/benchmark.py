@@ -21,8 +21,8 @@ Measures, in one run and on one device:
     the share of it spent waiting for the GPU;
   * at each server level, where the time to first token went, as means per request from the server's
     metrics (servermetrics.ttft_stage_figures): preprocess and vision queue / compute (Triton's
-    counters), the llm's submit to first token, and the rest of the client's mean TTFT (gRPC, the
-    ensemble's hand-offs);
+    counters), the llm's submit to first token (its engine queue + prefill), and the rest of the
+    client's mean TTFT (gRPC, the ensemble's hand-offs);
   * with --py-spy-levels (e.g. 64), py-spy on the llm stub during those server levels
     (stub_sampler.py): samples per thread and their heaviest frames in the level's row, raw stacks in --out;
   * peak GPU memory (nvidia-smi, whole device) and the server's KV-cache report;

@@ -181,7 +181,7 @@ def markdown(results: dict) -> str:
                   "metrics over the level; a batch's compute counts for each of its requests; the rest: gRPC and "
                   "the ensemble's hand-offs):", "",
                   "| path | streams | TTFT mean | preprocess queue / compute | vision queue / compute | "
-                  "llm submit -> first token | rest |", "|---|---|---|---|---|---|---|"]
+                  "llm submit -> first token (queue + prefill) | rest |", "|---|---|---|---|---|---|---|"]
         for label, row in stages:
             st = row["ttft_stages"]
 
@@ -191,9 +191,11 @@ def markdown(results: dict) -> str:
             parts = [st.get(k) for k in ("preprocess_queue_ms", "preprocess_compute_ms", "vision_queue_ms",
                                           "vision_compute_ms", "llm_first_token_ms")]
             rest = "" if None in parts else f"{row['ttft_mean_ms'] - sum(parts):.1f}"
-            llm = st.get("llm_first_token_ms")
+            llm, queue, prefill = (st.get(f"llm_{k}_ms") for k in ("first_token", "queue", "prefill"))
+            llm = "" if llm is None else f"{llm:.1f}" + (
+                "" if queue is None or prefill is None else f" ({queue:.1f} + {prefill:.1f})")
             lines.append(f"| {label} | {row['concurrency']} | {row['ttft_mean_ms']:.1f} | {pair('preprocess')} | "
-                         f"{pair('vision')} | {'' if llm is None else f'{llm:.1f}'} | {rest} |")
+                         f"{pair('vision')} | {llm} | {rest} |")
     if results.get("server_warm"):
         lines += ["", "Warm caches (the same server after the rows above; every request sends the same image, so "
                   "the vision embedding cache and the KV prefix cache hit):", "",

@@ -22,6 +22,12 @@ ENGINE_DEVICE_WAIT = "internvl_engine_device_wait_seconds_total"
 ENGINE_COUNTERS = (ENGINE_STEPS, ENGINE_BUSY, ENGINE_DEVICE_WAIT)
 TTFT_SUM = "internvl_time_to_first_token_seconds_sum"  # the llm's: its submit to the first generated token
 TTFT_COUNT = "internvl_time_to_first_token_seconds_count"
+QUEUE_SUM = "internvl_request_queue_time_seconds_sum"  # the llm's TTFT split: its submit to the engine's
+QUEUE_COUNT = "internvl_request_queue_time_seconds_count"  # first step with the request,
+PREFILL_SUM = "internvl_request_prefill_time_seconds_sum"  # and from there to the first token
+PREFILL_COUNT = "internvl_request_prefill_time_seconds_count"
+LLM_TTFT_PARTS = {"llm_first_token_ms": (TTFT_SUM, TTFT_COUNT), "llm_queue_ms": (QUEUE_SUM, QUEUE_COUNT),
+                  "llm_prefill_ms": (PREFILL_SUM, PREFILL_COUNT)}
 # Triton's per-model counters (cumulative microseconds over its successful requests; a batched execution's
 # compute counts in full for each request in the batch, which is what each request waited)
 TRITON_SUCCESS = "nv_inference_request_success"
@@ -68,15 +74,16 @@ def read_ttft_stages(url: str, read=read_metrics) -> dict:
         return {}
     out = {(model, name): parse_model_metric(text, name, model)
            for model in STAGE_MODELS for name in (TRITON_SUCCESS, TRITON_QUEUE, *TRITON_COMPUTE)}
-    return {**out, TTFT_SUM: parse_metric(text, TTFT_SUM), TTFT_COUNT: parse_metric(text, TTFT_COUNT)}
+    return {**out, **{name: parse_metric(text, name) for pair in LLM_TTFT_PARTS.values() for name in pair}}
 
 
 def ttft_stage_figures(before: dict, after: dict) -> dict:
     """Where the requests between two read_ttft_stages readings spent their time before the first token,
     as means per request in ms: "<model>_queue_ms" and "<model>_compute_ms" for each of STAGE_MODELS
-    (Triton's queue, and its compute: input + execute + output), and "llm_first_token_ms" (the llm's
-    submit to its first token: the engine's queue, the prefill, the first step). A figure whose counters
-    are missing or saw no request is left out; {} when nothing is left."""
+    (Triton's queue, and its compute: input + execute + output), "llm_first_token_ms" (the llm's submit
+    to its first token) and its two parts, "llm_queue_ms" (to the engine's first step with the request)
+    and "llm_prefill_ms" (from there). A figure whose counters are missing or saw no request is left
+    out; {} when nothing is left."""
     out = {}
 
     def delta(key):
@@ -92,9 +99,10 @@ def ttft_stage_figures(before: dict, after: dict) -> dict:
             out[f"{model}_queue_ms"] = queue / n / 1e3
         if None not in compute:
             out[f"{model}_compute_ms"] = sum(compute) / n / 1e3
-    n, total = delta(TTFT_COUNT), delta(TTFT_SUM)
-    if n and n > 0 and total is not None:
-        out["llm_first_token_ms"] = 1e3 * total / n
+    for figure, (sum_name, count_name) in LLM_TTFT_PARTS.items():
+        n, total = delta(count_name), delta(sum_name)
+        if n and n > 0 and total is not None:
+            out[figure] = 1e3 * total / n
     return out
 
 

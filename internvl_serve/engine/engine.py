@@ -243,7 +243,7 @@ class LLMEngine:
         if reason is not None:
             self._finish(seq, reason)
         return RequestOutput(seq.request_id, [token], delta, reason is not None, reason, seq.prompt_len,
-                             seq.num_output_tokens, seq.num_cached_tokens)
+                             seq.num_output_tokens, seq.num_cached_tokens, first_scheduled=seq.first_scheduled)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self.scheduler.finish(seq, reason)

@@ -110,3 +110,6 @@ class RequestOutput:
     num_output_tokens: int
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     error: str | None = None
+    # time.monotonic() when the engine first scheduled the request (CLOCK_MONOTONIC: comparable across
+    # the machine's processes); None before that
+    first_scheduled: float | None = None

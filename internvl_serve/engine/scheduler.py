@@ -20,6 +20,7 @@ Does not own: the model (runner.py), stop conditions and text (engine.py, detoke
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -268,6 +269,7 @@ class Scheduler:
             seq.num_registered_blocks = len(hits)
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = computed
+                seq.first_scheduled = time.monotonic()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled[seq.request_id] = ScheduledSeq(seq, computed, n)

@@ -52,6 +52,7 @@ class Sequence:
         self.num_registered_blocks = 0            # leading blocks already in the prefix cache
         self.num_cached_tokens = 0                # prompt tokens served by the prefix cache (first admission)
         self.num_preemptions = 0
+        self.first_scheduled: float | None = None  # time.monotonic() of its first admission
         self.finish_reason: FinishReason | None = None
         self.num_pending = 0                      # trailing placeholders in token_ids (see the docstring)
 

@@ -91,9 +91,13 @@ def histogram_specs(name: str, help: str, unit: str = "seconds") -> tuple[Metric
 TTFT = "internvl_time_to_first_token_seconds"
 ITL = "internvl_inter_token_latency_seconds"
 E2E = "internvl_e2e_request_latency_seconds"
+QUEUE = "internvl_request_queue_time_seconds"
+PREFILL = "internvl_request_prefill_time_seconds"
 TTFT_SUM, TTFT_COUNT, TTFT_BUCKET = f"{TTFT}_sum", f"{TTFT}_count", f"{TTFT}_bucket"
 ITL_SUM, ITL_COUNT, ITL_BUCKET = f"{ITL}_sum", f"{ITL}_count", f"{ITL}_bucket"
 E2E_SUM, E2E_COUNT, E2E_BUCKET = f"{E2E}_sum", f"{E2E}_count", f"{E2E}_bucket"
+QUEUE_SUM, QUEUE_COUNT = f"{QUEUE}_sum", f"{QUEUE}_count"
+PREFILL_SUM, PREFILL_COUNT = f"{PREFILL}_sum", f"{PREFILL}_count"
 GENERATED_TOKENS = "internvl_generated_tokens_total"
 PROMPT_TOKENS = "internvl_prompt_tokens_total"
 REQUESTS_FINISHED = "internvl_requests_finished_total"
@@ -124,6 +128,10 @@ LLM_METRICS = (
     *histogram_specs(TTFT, "Time to first token (llm submit to first generated token)"),
     *histogram_specs(ITL, "Time between consecutive generated tokens of a request"),
     *histogram_specs(E2E, "Request latency (llm submit to the final output)"),
+    *histogram_specs(QUEUE, "Time from the llm submit to the engine's first step with the request (the "
+                     "hand-off to the engine and its queue); the first token's other part is the prefill time"),
+    *histogram_specs(PREFILL, "Time from the engine's first step with the request to its first token (the "
+                     "prefill's steps and the token's way back)"),
     MetricSpec(GENERATED_TOKENS, COUNTER, "Tokens generated (the final </s> included)"),
     MetricSpec(PROMPT_TOKENS, COUNTER, "Prompt tokens (image tokens included) of finished requests"),
     MetricSpec(REQUESTS_FINISHED, COUNTER, "Requests the llm step finished, by reason (stop, length, "
@@ -163,13 +171,16 @@ class _Timing:
 
 class GenerationMetrics:
     """Per-request timing from engine outputs, accumulated into histograms and counters. Thread-safe:
-    start() runs on the submitting thread, observe() on the engine thread, counters() on the exporter's."""
+    start() runs on the submitting thread, observe() on the engine thread, counters() on the exporter's.
+    clock: the engine's outputs' first_scheduled must be on it (the default, time.monotonic, is the
+    engine's in any process of the machine)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
         self._lock = threading.Lock()
         self._requests: dict[str, _Timing] = {}
         self.ttft, self.itl, self.e2e = Histogram(TTFT, TTFT_BUCKETS), Histogram(ITL, ITL_BUCKETS), Histogram(E2E, E2E_BUCKETS)
+        self.queue, self.prefill = Histogram(QUEUE, TTFT_BUCKETS), Histogram(PREFILL, TTFT_BUCKETS)
         self._tokens = {GENERATED_TOKENS: 0, PROMPT_TOKENS: 0}
         self._finished = dict.fromkeys([*FINISH_REASON_LABELS.values(), ERROR_REASON], 0)
 
@@ -193,6 +204,13 @@ class GenerationMetrics:
                 if timing is not None:
                     if timing.last_token is None:
                         self.ttft.observe(now - timing.submitted)
+                        # the TTFT split in two where the engine first scheduled the request (its
+                        # time.monotonic(): this clock, by default, in any process of the machine)
+                        scheduled = getattr(output, "first_scheduled", None)
+                        if scheduled is not None:
+                            scheduled = min(max(scheduled, timing.submitted), now)
+                            self.queue.observe(scheduled - timing.submitted)
+                            self.prefill.observe(now - scheduled)
                     else:
                         self.itl.observe(now - timing.last_token)
                     timing.last_token = now
@@ -209,7 +227,8 @@ class GenerationMetrics:
 
     def counters(self) -> dict:
         with self._lock:
-            return {**self.ttft.values(), **self.itl.values(), **self.e2e.values(), **self._tokens,
+            return {**self.ttft.values(), **self.itl.values(), **self.e2e.values(), **self.queue.values(),
+                    **self.prefill.values(), **self._tokens,
                     **{series(REQUESTS_FINISHED, reason=r): n for r, n in self._finished.items()}}
 
 

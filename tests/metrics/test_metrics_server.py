@@ -217,9 +217,11 @@ def test_ttft_stage_figures_split_new_image_requests(server, client):
         assert after[key] - before[key] == 2, model
     figures = servermetrics.ttft_stage_figures(before, after)
     assert set(figures) == {"preprocess_queue_ms", "preprocess_compute_ms", "vision_queue_ms", "vision_compute_ms",
-                            "llm_first_token_ms"}
+                            "llm_first_token_ms", "llm_queue_ms", "llm_prefill_ms"}
     assert figures["preprocess_compute_ms"] > 0 and figures["vision_compute_ms"] > 0
     assert figures["llm_first_token_ms"] > 0 and min(figures.values()) >= 0
+    # the engine's timestamp splits the llm's TTFT in two (means over the same requests, one push)
+    assert figures["llm_queue_ms"] + figures["llm_prefill_ms"] == pytest.approx(figures["llm_first_token_ms"])
 
 
 def deployment_metric_names() -> set[str]:

@@ -20,9 +20,10 @@ class Clock:
         return self.now
 
 
-def out(rid, tokens=1, finished=False, reason=None, prompt=5, error=None):
+def out(rid, tokens=1, finished=False, reason=None, prompt=5, error=None, first_scheduled=None):
     return SimpleNamespace(request_id=rid, new_token_ids=[7] * tokens, finished=finished, error=error,
-                           finish_reason=reason or ("stop" if finished else None), num_prompt_tokens=prompt)
+                           finish_reason=reason or ("stop" if finished else None), num_prompt_tokens=prompt,
+                           first_scheduled=first_scheduled)
 
 
 def test_ttft_itl_and_tokens_from_outputs():
@@ -46,6 +47,21 @@ def test_ttft_itl_and_tokens_from_outputs():
     assert c[m.PROMPT_TOKENS] == 5 + 7
     assert finished(c) == {"stop": 1, "length": 0, "cancelled": 1, "error": 0}  # the abort is a cancellation
     assert g.num_tracked == 0                # nothing left behind
+
+
+def test_the_first_token_splits_into_queue_and_prefill_time_where_the_engine_first_scheduled_it():
+    clock = Clock()
+    g = m.GenerationMetrics(clock)
+    for rid in ("a", "b", "c"):
+        g.start(rid)
+    clock.now += 0.5
+    g.observe(out("a", first_scheduled=100.2))   # queued 0.2 s, prefill 0.3 s
+    g.observe(out("a", first_scheduled=100.2))   # later tokens add nothing
+    g.observe(out("b"))                          # no engine timestamp: the TTFT only
+    g.observe(out("c", first_scheduled=99.0))    # a timestamp before the submit counts as no queue
+    c = g.counters()
+    assert c[m.TTFT_COUNT] == 3 and c[m.QUEUE_COUNT] == c[m.PREFILL_COUNT] == 2
+    assert c[m.QUEUE_SUM] == pytest.approx(0.2) and c[m.PREFILL_SUM] == pytest.approx(0.3 + 0.5)
 
 
 def finished(values) -> dict:
@@ -118,7 +134,8 @@ def test_metered_thread_counts_every_token_and_request():
         assert done.wait(10), "the engine did not finish the requests"
         c = metered.metrics.counters()
         assert c[m.GENERATED_TOKENS] == sum(f.num_output_tokens for f in finals) == sum(3 + i for i in range(5))
-        assert c[m.TTFT_COUNT] == 5
+        assert c[m.TTFT_COUNT] == c[m.QUEUE_COUNT] == c[m.PREFILL_COUNT] == 5  # the engine's timestamps
+        assert c[m.QUEUE_SUM] + c[m.PREFILL_SUM] == pytest.approx(c[m.TTFT_SUM])
         assert c[m.ITL_COUNT] == sum(2 + i for i in range(5))  # tokens - 1 gaps per request
         assert metered.metrics.num_tracked == 0
         with pytest.raises(Exception):  # refused by the engine: not tracked
@@ -324,4 +341,6 @@ def test_names_are_the_documented_ones():
         "internvl_kv_cache_blocks_total", "internvl_image_cache_hits_total", "internvl_image_cache_misses_total",
         "internvl_generated_tokens_total", "internvl_preemptions_total",
         "internvl_encoder_priority_wait_seconds_total", "internvl_engine_steps_total",
-        "internvl_engine_busy_seconds_total", "internvl_engine_device_wait_seconds_total"}
+        "internvl_engine_busy_seconds_total", "internvl_engine_device_wait_seconds_total",
+        *(f"internvl_request_{part}_time_seconds_{suffix}" for part in ("queue", "prefill")
+          for suffix in ("bucket", "sum", "count"))}

@@ -4,6 +4,7 @@ Every test runs with the synchronous loop and with overlap scheduling (tokens on
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -183,8 +184,13 @@ def test_preemption_and_resume_give_the_same_tokens(prefix):
     # 8 blocks x 4: two 10-token prompts growing by 12 each need 12 blocks: the newest gets preempted
     engine = engine_with(num_blocks=8, budget=32, prefix=prefix)
     reqs = {0: [req("old", 10, 12, seed=7)], 1: [req("new", 10, 12, seed=8)]}
+    before = time.monotonic()
     results = run(engine, reqs)
+    after = time.monotonic()
     assert engine.scheduler.num_preemptions >= 1
+    for outputs in results.values():  # the first admission's time, kept through the preemption
+        stamps = {o.first_scheduled for o in outputs if o.new_token_ids}
+        assert len(stamps) == 1 and before <= stamps.pop() <= after
     for r in (reqs[0][0], reqs[1][0]):
         assert toks(results[r.request_id]) == expected(r.prompt_token_ids, 12)
         assert results[r.request_id][-1].finish_reason == "length"

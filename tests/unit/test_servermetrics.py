@@ -25,6 +25,8 @@ def test_the_names_are_the_servers():
                  "ENGINE_DEVICE_WAIT"):
         assert getattr(metrics, name) == getattr(served, name) in served.METRIC_NAMES, name
     assert (metrics.TTFT_SUM, metrics.TTFT_COUNT) == (served.TTFT_SUM, served.TTFT_COUNT)
+    assert (metrics.QUEUE_SUM, metrics.QUEUE_COUNT) == (served.QUEUE_SUM, served.QUEUE_COUNT)
+    assert (metrics.PREFILL_SUM, metrics.PREFILL_COUNT) == (served.PREFILL_SUM, served.PREFILL_COUNT)
 
 
 def test_parse_metric():
@@ -116,6 +118,10 @@ nv_inference_compute_output_duration_us{model="vision",version="1"} 0
 nv_inference_queue_duration_us{model="internvl_chat",version="1"} 999999
 internvl_time_to_first_token_seconds_sum{model="llm",version="1"} 2.5
 internvl_time_to_first_token_seconds_count{model="llm",version="1"} 10
+internvl_request_queue_time_seconds_sum{model="llm",version="1"} 0.5
+internvl_request_queue_time_seconds_count{model="llm",version="1"} 10
+internvl_request_prefill_time_seconds_sum{model="llm",version="1"} 2.0
+internvl_request_prefill_time_seconds_count{model="llm",version="1"} 10
 """
 
 
@@ -130,11 +136,13 @@ def test_ttft_stage_figures_are_means_per_request_between_two_scrapes():
     before = metrics.read_ttft_stages("u", read=lambda url: STAGES)
     # 4 more requests: preprocess 4 ms queue + 36 ms compute, vision 100 ms queue + 80 ms compute, llm 1.5 s
     later = (STAGES.replace("} 10\n", "} 14\n").replace("} 1000\n", "} 5000\n").replace("} 8000\n", "} 44000\n")
-             .replace("} 50000\n", "} 150000\n").replace("} 200000\n", "} 280000\n").replace("} 2.5\n", "} 4.0\n"))
+             .replace("} 50000\n", "} 150000\n").replace("} 200000\n", "} 280000\n").replace("} 2.5\n", "} 4.0\n")
+             .replace("} 0.5\n", "} 0.9\n").replace("} 2.0\n", "} 3.1\n"))  # queue 100 ms, prefill 275 ms
     after = metrics.read_ttft_stages("u", read=lambda url: later)
     figures = metrics.ttft_stage_figures(before, after)
     assert figures == {"preprocess_queue_ms": 1.0, "preprocess_compute_ms": 9.0, "vision_queue_ms": 25.0,
-                       "vision_compute_ms": 20.0, "llm_first_token_ms": 375.0}
+                       "vision_compute_ms": 20.0, "llm_first_token_ms": 375.0, "llm_queue_ms": 100.0,
+                       "llm_prefill_ms": 275.0}
     assert metrics.ttft_stage_figures(before, before) == {}  # no request between them
 
     def refused(url):
