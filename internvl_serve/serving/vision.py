@@ -47,7 +47,7 @@ DEFAULT_IMAGE_CACHE_MB = 1024.0  # ~400 tiles of V1-1 in bf16 (256 x 5120 x 2 by
 # fast_accum). H100: each ViT linear's error against float32 the same to 3 digits (0.0375, the e4m3
 # rounding), fc1 / fc2 17 % / 15 % faster, the encoder 17.6 -> 16.4 ms per image at batch 8
 # (bench/fp8_matmul_probe.py, bench/vision_variants.py; bench/results/h100-2026-12-06/937e289/). The llm's
-# fp8 linears keep the exact accumulation until measured there.
+# fp8 linears do the same by default (its fp8_fast_accum parameter, measured at 7c632a8).
 VISION_FP8_FAST_ACCUM = True
 
 
