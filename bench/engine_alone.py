@@ -5,6 +5,8 @@ process and drives it with the benchmark's request shape: the card's prompt for 
 `<IMG_CONTEXT>` rows) and the benchmark question, 256 new tokens with EOS ignored. Every request brings
 its own random image embeddings (as if each sent a distinct image: no prefix-cache hit). At each
 concurrency level `level` requests are kept in flight (closed loop, as the gRPC load generator does).
+Each level's row also has the engine's step counters and the llm's TTFT with its two parts, engine queue
+and prefill, as the server's metrics give them (`ttft_stages`; the benchmark's TTFT table).
 
 Also, with --profile-levels, a per-step breakdown at those levels: over a window of steady decode, wall
 time per engine step against the time the GPU was busy (the union of every kernel and copy interval in
@@ -42,10 +44,10 @@ sys.path.insert(0, str(ROOT / "loadtest"))
 from internvl_serve.prompt import build_prompt  # noqa: E402
 from internvl_serve.serving.contract import GenerationRequest, LLMRequest  # noqa: E402
 from internvl_serve.engine.sampling import SamplingParams  # noqa: E402
-from internvl_serve.serving.metrics import GenerationMetrics, llm_values  # noqa: E402
+from internvl_serve.serving.metrics import GenerationMetrics, MeteredEngineThread, llm_values  # noqa: E402
 
 import loadgen  # noqa: E402
-from servermetrics import ENGINE_COUNTERS, engine_step_figures  # noqa: E402
+from servermetrics import ENGINE_COUNTERS, engine_step_figures, ttft_stage_figures  # noqa: E402
 
 
 class TimedSink:
@@ -105,6 +107,7 @@ def run_level(service, ids: np.ndarray, level: int, num_requests: int, new_token
     slots = threading.Semaphore(level)  # each request's final response gives its slot back
     sinks: list[TimedSink] = []
     before = engine_counters(service)
+    generation_before = service.thread.metrics.counters()
     t0 = time.perf_counter()
     for i, request in enumerate(requests):
         slots.acquire()
@@ -116,6 +119,8 @@ def run_level(service, ids: np.ndarray, level: int, num_requests: int, new_token
     wall = time.perf_counter() - t0
     row = loadgen.summarize(level, [s.timing for s in sinks], wall)
     row["engine_steps"] = engine_step_figures(before, engine_counters(service))
+    # the llm's TTFT and its parts (engine queue, prefill) as the server's metrics give them
+    row["ttft_stages"] = ttft_stage_figures(generation_before, service.thread.metrics.counters())
     return row
 
 
@@ -233,6 +238,8 @@ def main(argv=None) -> int:
             parser.error("--fp8-linears-quantize-their-rows changes this process's model: not with engine_process")
         DecoderLayer.takes_fp8_rows = property(lambda self: False)
     service = LLMService(args.checkpoint, device=args.device, engine_options=options)
+    engine_thread = service.thread
+    service.thread = MeteredEngineThread(engine_thread, GenerationMetrics())  # as the llm model's exporter does
     result = {"engine_options": options, "levels": [], "profile": [],
               "fp8_linears_quantize_their_rows": args.fp8_linears_quantize_their_rows}
     try:

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -49,5 +51,8 @@ def test_the_fp8_rows_a_b_switch_runs_and_refuses_the_engine_process(tmp_path, t
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["fp8_linears_quantize_their_rows"] and result["levels"][0]["output_tokens"] == 2 * 4
+    stages = result["levels"][0]["ttft_stages"]  # the llm's TTFT in the server's metrics' two parts
+    assert set(stages) == {"llm_first_token_ms", "llm_queue_ms", "llm_prefill_ms"}
+    assert stages["llm_queue_ms"] + stages["llm_prefill_ms"] == pytest.approx(stages["llm_first_token_ms"])
     run = subprocess.run([*base, "--engine-option", "engine_process=true"], capture_output=True, text=True)
     assert run.returncode == 2 and "not with engine_process" in run.stderr
