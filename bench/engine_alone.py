@@ -47,7 +47,7 @@ from internvl_serve.engine.sampling import SamplingParams  # noqa: E402
 from internvl_serve.serving.metrics import GenerationMetrics, MeteredEngineThread, llm_values  # noqa: E402
 
 import loadgen  # noqa: E402
-from servermetrics import ENGINE_COUNTERS, engine_step_figures, ttft_stage_figures  # noqa: E402
+from servermetrics import engine_step_figures, ttft_stage_figures  # noqa: E402
 
 
 class TimedSink:
@@ -106,8 +106,7 @@ def run_level(service, ids: np.ndarray, level: int, num_requests: int, new_token
     requests = [make_request(ids, rows, hidden, seed0 + i, new_tokens) for i in range(num_requests)]
     slots = threading.Semaphore(level)  # each request's final response gives its slot back
     sinks: list[TimedSink] = []
-    before = engine_counters(service)
-    generation_before = service.thread.metrics.counters()
+    before = llm_counters(service)
     t0 = time.perf_counter()
     for i, request in enumerate(requests):
         slots.acquire()
@@ -118,16 +117,17 @@ def run_level(service, ids: np.ndarray, level: int, num_requests: int, new_token
         slots.acquire()
     wall = time.perf_counter() - t0
     row = loadgen.summarize(level, [s.timing for s in sinks], wall)
-    row["engine_steps"] = engine_step_figures(before, engine_counters(service))
+    after = llm_counters(service)
+    row["engine_steps"] = engine_step_figures(before, after)
     # the llm's TTFT and its parts (engine queue, prefill) as the server's metrics give them
-    row["ttft_stages"] = ttft_stage_figures(generation_before, service.thread.metrics.counters())
+    row["ttft_stages"] = ttft_stage_figures(before, after)
     return row
 
 
-def engine_counters(service) -> dict:
-    """The llm's step counters as its Triton model exports them (ENGINE_COUNTERS), read in-process."""
-    values = llm_values(service.engine, GenerationMetrics(), service.thread)
-    return {name: values[name] for name in ENGINE_COUNTERS}
+def llm_counters(service) -> dict:
+    """Every value the llm's Triton model exports (llm_values: its step counters, its TTFT and the TTFT's
+    parts from the metered thread), read in-process."""
+    return llm_values(service.engine, service.thread.metrics, service.thread)
 
 
 def gpu_busy_us(prof) -> float:
@@ -238,8 +238,7 @@ def main(argv=None) -> int:
             parser.error("--fp8-linears-quantize-their-rows changes this process's model: not with engine_process")
         DecoderLayer.takes_fp8_rows = property(lambda self: False)
     service = LLMService(args.checkpoint, device=args.device, engine_options=options)
-    engine_thread = service.thread
-    service.thread = MeteredEngineThread(engine_thread, GenerationMetrics())  # as the llm model's exporter does
+    service.thread = MeteredEngineThread(service.thread, GenerationMetrics())  # as the llm model's exporter does
     result = {"engine_options": options, "levels": [], "profile": [],
               "fp8_linears_quantize_their_rows": args.fp8_linears_quantize_their_rows}
     try:
