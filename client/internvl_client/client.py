@@ -34,6 +34,21 @@ from .request import ChatRequest, ChatResponse, Chunk, ResponseAssembler, to_inf
 _POLL_S = 0.5  # how often a waiting reader checks that tritonclient's reader thread is still alive
 
 
+class _Transport(grpcclient.InferenceServerClient):
+    """tritonclient's client, closed once. tritonclient's `__del__` closes its gRPC channel again after
+    an explicit `close()`, and under gevent (Locust) each close also lowers gRPC's count of open
+    channels (grpc/_channel.py `_close`): a second close lowers it for a channel still open elsewhere,
+    and one run by the garbage collector at the process's exit was seen to wait there forever (a CI
+    run's Locust never exited; tests/load/killed_gevent_users.py)."""
+
+    _closed = False
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            super().close()
+
+
 class ChatStream(StreamBase):
     """Iterator over one streamed answer.
 
@@ -158,7 +173,7 @@ class Client(ClientBase):
                 raise InternVLError("this Client is closed")
             if self._idle:
                 return self._idle.pop()
-        return grpcclient.InferenceServerClient(self.url, verbose=self._verbose, ssl=self._ssl)
+        return _Transport(self.url, verbose=self._verbose, ssl=self._ssl)
 
     def _release(self, tc: grpcclient.InferenceServerClient) -> None:
         with self._lock:
@@ -207,12 +222,31 @@ class Client(ClientBase):
                     continue
                 raise
             finally:
-                # Finished: half-close, the server has nothing left to send. Otherwise (break, close,
-                # exception, KeyboardInterrupt) cancel the RPC: Triton cancels the request.
-                tc.stop_stream(cancel_requests=not finished)
-                if not finished and not failed:  # left early: abort it in the running llm step too
-                    send_cancel(tc, request_id, cancel_key)
+                self._end_stream(tc, finished, failed, request_id, cancel_key)
+
+    def _end_stream(self, tc: grpcclient.InferenceServerClient, finished: bool, failed: bool, request_id: str,
+                    cancel_key: str) -> None:
+        """Finished: half-close, the server has nothing left to send. Otherwise (break, close, exception,
+        KeyboardInterrupt, a killed greenlet) cancel the RPC: Triton cancels the request; and when the
+        request did not fail, abort it in the running llm step too (cancel.py). The transport goes back
+        to the pool only when all of that completed: one interrupted on the way (a second interrupt, or
+        a greenlet killed while it waited here, as Locust does at its run-time limit) is closed here,
+        never left to the garbage collector with a stream open: gRPC under gevent can hang for good
+        closing such a channel from a collection at the process's exit."""
+        ended = False
+        try:
+            tc.stop_stream(cancel_requests=not finished)
+            if not finished and not failed:
+                send_cancel(tc, request_id, cancel_key)
+            ended = True
+        finally:
+            if ended:
                 self._release(tc)
+            else:
+                try:
+                    tc.stop_stream(cancel_requests=True)
+                finally:
+                    tc.close()
 
     @staticmethod
     def _next_response(responses: queue.SimpleQueue, tc: grpcclient.InferenceServerClient) -> tuple:

@@ -16,8 +16,8 @@ LOADTEST = REPO_ROOT / "loadtest"
 def run_tool(args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
     """Run a Python tool (Locust, soak.py) in the repository root to its end, output captured. timeout_s
     guards against a hang only: a tool still running then gets SIGABRT, which makes Python's faulthandler
-    print every thread's stack, and the test fails with that (a Locust run once did not exit after its
-    run-time limit, not reproduced since: this says where it waits, if it happens again)."""
+    print every thread's stack, and the test fails with that (how a Locust run that never exited was
+    found waiting in the garbage collector closing a gRPC channel: client.py `_Transport`)."""
     proc = subprocess.Popen([sys.executable, "-X", "faulthandler", *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     try:

@@ -96,6 +96,16 @@ def test_a_failed_request_fails_the_run(server, tmp_path):
     assert failures and all("InvalidInputError" in row["Error"] and "images[0]" in row["Error"] for row in failures)
 
 
+def test_users_killed_mid_request_leave_no_client_to_the_garbage_collector_and_the_run_exits(server):
+    # Locust kills its users wherever they wait at the run-time limit; a CI run once hung at exit in
+    # the garbage collector closing a gRPC channel (tests/load/killed_gevent_users.py says why)
+    run = run_tool([str(Path(__file__).with_name("killed_gevent_users.py")), server.grpc_url], timeout_s=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = re.search(r"requests failed: (\d+); clients left to the garbage collector: (\d+)", run.stdout)
+    assert summary, run.stdout + run.stderr[-3000:]
+    assert int(summary.group(1)) > 0 and int(summary.group(2)) == 0, run.stdout
+
+
 def test_a_mix_without_chats_is_refused(server, tmp_path):
     zero = [a if a.startswith("--") else "0" for a in ONLY_IMAGES]
     run = run_tool(locust(server, "--headless", "-u", "1", "-t", "5s", *zero), timeout_s=60)
