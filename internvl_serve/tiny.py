@@ -4,7 +4,7 @@ Owns: the tiny dimensions (image 448, patch 14, downsample 0.5: really 256 image
 ViT 64 wide x 6 blocks with select_layer -4; LLaMA 128 wide x 2 layers), a deterministic
 initialisation and the writing of the folder: config.json (the real format), pytorch_model-0000N-of-
 0000M.bin shards + index (or safetensors), preprocessor_config.json (V1-1's own) and the tokenizer
-files (internvl_serve.tokenizer.make_tiny_tokenizer; vocab_size is its length).
+files (internvl_serve.tiny_tokenizer.make_tiny_tokenizer; vocab_size is its length).
 
 The initialisation is chosen for testing, not realism: every weight is random (norm weights and
 layer scales too, so a forgotten weight shows), the LLM's logits are widely spread (the top-1 vs
@@ -125,7 +125,7 @@ def make_tiny_checkpoint(out: str | os.PathLike, *, fmt: str = "bin", seed: int 
 
     Refuses to overwrite a folder that holds a config or weights it did not make, unless force.
     """
-    from .tokenizer import make_tiny_tokenizer   # the tokenizer module owns the tiny tokenizer
+    from .tiny_tokenizer import make_tiny_tokenizer
 
     if fmt not in ("bin", "safetensors"):
         raise ValueError(f"fmt must be 'bin' or 'safetensors', got {fmt!r}")

@@ -14,21 +14,21 @@ made by scripts/dev/make_tokenizer_fixture.py):
   verbatim separated by spaces, `convert_tokens_to_string` for the rest).
 
 Every id comes from the checkpoint's files (tokenizer.model, tokenizer_config.json, special_tokens_map.json,
-added_tokens.json) as 4.37.2's `from_pretrained` reads them. This module also trains the tiny tokenizer the
-tests use (`make_tiny_tokenizer`). It does not build prompts (prompt.py) and does not batch or pad.
+added_tokens.json) as 4.37.2's `from_pretrained` reads them. It does not build prompts (prompt.py), does
+not batch or pad, and does not make the tests' tiny tokenizer (tiny_tokenizer.py).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import random
 import re
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import sentencepiece as spm
+
+from .sentencepiece_proto import without_dummy_prefix
 
 IMG_START_TOKEN = "<img>"
 IMG_END_TOKEN = "</img>"
@@ -110,7 +110,10 @@ class InternVLTokenizer:
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
         self.split_special_tokens = split_special_tokens
         # legacy=False: 4.37.2 turns sentencepiece's add_dummy_prefix off and adds the "▁" itself.
-        proto = sp_model_proto if legacy else _without_dummy_prefix(sp_model_proto)
+        try:
+            proto = sp_model_proto if legacy else without_dummy_prefix(sp_model_proto)
+        except ValueError as e:
+            raise TokenizerError(str(e)) from None
         self.sp_model = spm.SentencePieceProcessor()
         self.sp_model.LoadFromSerializedProto(proto)
 
@@ -377,66 +380,6 @@ def _clean_up_tokenization(text: str) -> str:
     return text
 
 
-# ---- the ModelProto edit legacy=False needs (sentencepiece's pb2 wants a newer protobuf) -------------
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        value |= (byte & 0x7F) << shift
-        pos += 1
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _fields(data: bytes) -> Iterator[tuple[int, int, bytes]]:
-    """(field number, wire type, raw bytes of the whole field) of a serialized protobuf message."""
-    pos = 0
-    while pos < len(data):
-        start = pos
-        key, pos = _varint(data, pos)
-        wire = key & 7
-        if wire == 0:
-            _, pos = _varint(data, pos)
-        elif wire == 1:
-            pos += 8
-        elif wire == 2:
-            length, pos = _varint(data, pos)
-            pos += length
-        elif wire == 5:
-            pos += 4
-        else:
-            raise TokenizerError(f"tokenizer.model: unsupported protobuf wire type {wire}")
-        yield key >> 3, wire, data[start:pos]
-
-
-def _without_dummy_prefix(model_proto: bytes) -> bytes:
-    """ModelProto with normalizer_spec.add_dummy_prefix = false (what 4.37.2 does for legacy=False)."""
-    out, found = bytearray(), False
-    for number, wire, raw in _fields(model_proto):
-        if number == 3 and wire == 2:  # ModelProto.normalizer_spec
-            found = True
-            _, pos = _varint(raw, 0)
-            _, pos = _varint(raw, pos)
-            spec = b"".join(r for n, _, r in _fields(raw[pos:]) if n != 3)  # drop add_dummy_prefix
-            spec += bytes([3 << 3 | 0, 0])  # add_dummy_prefix (field 3, varint) = false
-            raw = bytes([3 << 3 | 2]) + _encode_varint(len(spec)) + spec
-        out += raw
-    if not found:
-        out += bytes([3 << 3 | 2, 2, 3 << 3 | 0, 0])
-    return bytes(out)
-
-
 # ---- loading ---------------------------------------------------------------------------------------
 def _read_json(path: str):
     try:
@@ -547,114 +490,3 @@ def _token_id(content: str, added: dict[int, AddedToken], sp: spm.SentencePieceP
     if idx != sp.unk_id() or content == sp.id_to_piece(sp.unk_id()):
         return idx
     return None
-
-
-# ---- the tiny tokenizer the tests and the tiny checkpoint use -----------------------------------------
-_TINY_EN = (
-    "the a an image picture photo video frame shows describe what is in this please detail answer question "
-    "man woman child dog cat car tree house street city sky water river mountain red green blue white black "
-    "small large two three many people standing sitting walking running on under near with and of to from "
-    "there are it looks like color left right top bottom background foreground scene text number count "
-    "first second combined separate difference between similar both images frames happening"
-).split()
-_TINY_ZH_CHARS = (
-    "这是一张图片请描述中的内容详细回答问题男人女人孩子狗猫汽车树房子街道城市天空水河山红绿蓝白黑小大两三很多"
-    "人站坐走跑在上下旁边和从有看起来像颜色左右顶部底部背景前景场景文字数量视频帧什么哪里为谁你好我们他她它"
-)
-_TINY_ZH_PHRASES = ("这是一张图片", "请描述这张图片", "图片中有什么", "视频中发生了什么", "你好", "详细描述")
-
-
-def _tiny_corpus() -> Iterator[str]:
-    """A fixed corpus: English, Chinese and digits (random.Random(0): the same on every Python 3)."""
-    r = random.Random(0)
-    for i in range(3000):
-        kind = i % 4
-        if kind == 0:
-            words = [r.choice(_TINY_EN) for _ in range(r.randint(3, 14))]
-            yield " ".join(words).capitalize() + r.choice([".", "?", "!", ","])
-        elif kind == 1:
-            yield "".join(r.choice(_TINY_ZH_CHARS) for _ in range(r.randint(4, 20))) + r.choice("。？，！")
-        elif kind == 2:
-            yield r.choice(_TINY_ZH_PHRASES) + r.choice(["。", "？", ""]) + r.choice(_TINY_ZH_PHRASES)
-        else:
-            yield (f"{r.choice(_TINY_EN)} {r.randint(0, 99999)} {r.choice(_TINY_ZH_CHARS)}"
-                   f"{r.choice(_TINY_ZH_CHARS)} {r.randint(0, 9)}.{r.randint(0, 99)}")
-
-
-def train_tiny_sentencepiece(vocab_size: int = 1000) -> bytes:
-    """Train the tiny LLaMA-style BPE sentencepiece model; the same bytes on every call."""
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_tiny_corpus(), model_writer=buf,
-        model_type="bpe", vocab_size=vocab_size, character_coverage=1.0,
-        byte_fallback=True, split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", allow_whitespace_only_pieces=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        num_threads=1, shuffle_input_sentence=False, input_sentence_size=0, max_sentence_length=4192,
-        minloglevel=2,
-    )
-    return buf.getvalue()
-
-
-def _json_bytes(obj) -> bytes:
-    # the layout transformers' save_pretrained writes
-    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def make_tiny_tokenizer(out_folder: str | os.PathLike, vocab_size: int = 1000,
-                        extra_special_tokens: tuple[str, ...] = ()) -> int:
-    """Write a tiny LLaMA slow-tokenizer folder (with InternVL's 9 added tokens); return its length.
-
-    The files mirror what transformers 4.37.2 `LlamaTokenizer.save_pretrained` writes after InternVL's
-    `tokenizer.add_tokens(token_list, special_tokens=True)`. extra_special_tokens are added after them
-    the same way (e.g. ChatML's '<|im_start|>', '<|im_end|>' for a second conversation template's tests).
-    Deterministic bytes for the same arguments.
-    """
-    os.makedirs(out_folder, exist_ok=True)
-    proto = train_tiny_sentencepiece(vocab_size)
-    sp = spm.SentencePieceProcessor()
-    sp.LoadFromSerializedProto(proto)
-    base = sp.get_piece_size()
-    added_tokens = tuple(dict.fromkeys(tuple(INTERNVL_ADDED_TOKENS) + tuple(extra_special_tokens)))
-    added_ids = {tok: base + i for i, tok in enumerate(added_tokens)}
-
-    def entry(content: str) -> dict:
-        return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-
-    decoder = {str(sp.unk_id()): entry("<unk>"), str(sp.bos_id()): entry("<s>"), str(sp.eos_id()): entry("</s>")}
-    decoder.update({str(i): entry(t) for t, i in added_ids.items()})
-    for value in decoder.values():
-        value["special"] = True
-    config = {
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "added_tokens_decoder": decoder,
-        "additional_special_tokens": list(added_tokens),
-        "bos_token": "<s>",
-        "clean_up_tokenization_spaces": False,
-        "eos_token": "</s>",
-        "legacy": True,
-        "model_max_length": 4096,
-        "pad_token": None,
-        "sp_model_kwargs": {},
-        "spaces_between_special_tokens": False,
-        "tokenizer_class": "LlamaTokenizer",
-        "unk_token": "<unk>",
-        "use_default_system_prompt": False,
-    }
-    special_map = {
-        "additional_special_tokens": [entry(t) for t in added_tokens],
-        "bos_token": entry("<s>"),
-        "eos_token": entry("</s>"),
-        "unk_token": entry("<unk>"),
-    }
-    files = {
-        "tokenizer.model": proto,
-        "added_tokens.json": _json_bytes(added_ids),
-        "special_tokens_map.json": _json_bytes(special_map),
-        "tokenizer_config.json": _json_bytes(config),
-    }
-    for name, data in files.items():
-        with open(os.path.join(out_folder, name), "wb") as f:
-            f.write(data)
-    return base + len(added_tokens)

@@ -10,7 +10,7 @@ Run it with a throw-away venv OUTSIDE the repository (it needs no torch):
 
 The ids come from `LlamaTokenizer.from_pretrained(folder)` and are checked equal to
 `AutoTokenizer.from_pretrained(folder, use_fast=False)`; our tokenizer is not used here. Only the tiny
-tokenizer's files come from internvl_serve.tokenizer.make_tiny_tokenizer (it needs just sentencepiece).
+tokenizer's files come from internvl_serve.tiny_tokenizer.make_tiny_tokenizer (it needs just sentencepiece).
 Variants cover the layouts a real checkpoint folder may have (legacy true/false, added_tokens_decoder or
 the older added_tokens.json + special_tokens_map.json, the added tokens special or not, strip flags).
 """
@@ -31,7 +31,8 @@ sys.path.insert(0, ROOT)
 import transformers  # noqa: E402
 from transformers import AutoTokenizer, LlamaTokenizer  # noqa: E402
 
-from internvl_serve.tokenizer import INTERNVL_ADDED_TOKENS, make_tiny_tokenizer  # noqa: E402
+from internvl_serve.tokenizer import INTERNVL_ADDED_TOKENS  # noqa: E402
+from internvl_serve.tiny_tokenizer import make_tiny_tokenizer  # noqa: E402
 
 OUT = os.path.join(ROOT, "tests", "unit", "fixtures", "tokenizer_ids_transformers437.json")
 JSON_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")

@@ -63,7 +63,7 @@ def video_frame_color(i: int) -> tuple[int, int, int]:
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
     """A folder with make_tiny_tokenizer's files only (tokenizer.model, *.json)."""
-    from internvl_serve.tokenizer import make_tiny_tokenizer
+    from internvl_serve.tiny_tokenizer import make_tiny_tokenizer
     folder = tmp_path_factory.mktemp("tiny_tokenizer")
     make_tiny_tokenizer(folder)
     return folder

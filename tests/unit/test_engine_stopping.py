@@ -79,7 +79,8 @@ CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 @pytest.fixture(scope="module")
 def chatml_tokenizer(tmp_path_factory):
     """The tiny tokenizer with ChatML's two tokens added (as a later InternVL chat model's has them)."""
-    from internvl_serve.tokenizer import load_tokenizer, make_tiny_tokenizer
+    from internvl_serve.tiny_tokenizer import make_tiny_tokenizer
+    from internvl_serve.tokenizer import load_tokenizer
 
     folder = tmp_path_factory.mktemp("chatml_tokenizer")
     make_tiny_tokenizer(folder, extra_special_tokens=CHATML_TOKENS)

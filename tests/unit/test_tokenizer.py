@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from internvl_serve.tiny_tokenizer import make_tiny_tokenizer
 from internvl_serve.tokenizer import (
     IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, INTERNVL_ADDED_TOKENS, TokenizerError, load_tokenizer,
-    make_tiny_tokenizer,
 )
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tokenizer_ids_transformers437.json"
