@@ -5,8 +5,9 @@ would undo that.
 Owns: `to_device`, the one way the engine moves a host array or tensor to its device (page-locked first
 on CUDA; torch's caching host allocator keeps the pinned buffer until the copy ran), and `page_locked`,
 which does that first copy early, off the engine thread, for inputs that wait in the queue (a request's
-image rows: 5 MB of float32 per image, copied on the engine thread before every first prefill chunk
-otherwise), within a bound on the page-locked memory those waiting inputs hold (`fits_page_locked`).
+image rows: 5 MB of float32 per image, half that in a GPU engine's bfloat16, copied on the engine thread
+before every first prefill chunk otherwise), within a bound on the page-locked memory those waiting
+inputs hold (`fits_page_locked`); and `travel_dtype`, the dtype image rows go to the engine in.
 Does not own: copies into captured graphs' static buffers (decode_graphs.py copies into them in place).
 """
 from __future__ import annotations
@@ -41,10 +42,22 @@ def fits_page_locked(nbytes: int) -> bool:
     return in_use is None or in_use + nbytes <= PAGE_LOCKED_WAITING_BYTES
 
 
-def page_locked(t: torch.Tensor, device) -> torch.Tensor:
-    """t in page-locked memory when `device` is CUDA and it fits (fits_page_locked; then to_device copies
-    it, and any slice of it, with no host copy first); t itself elsewhere, past the bound, or when it
-    already is."""
-    if torch.device(device).type != "cuda" or t.is_pinned():
-        return t
-    return t.pin_memory() if fits_page_locked(t.nbytes) else t
+def travel_dtype(rows: torch.dtype, engine: torch.dtype) -> torch.dtype:
+    """The dtype a request's image rows go to the engine in: the engine's when it is narrower (bfloat16 on
+    a GPU: half of float32's bytes to send, hash, pin and copy, and the very values the engine computes
+    with: the runner would convert them on the device, with the same rounding); theirs otherwise."""
+    return engine if engine.is_floating_point and engine.itemsize < rows.itemsize else rows
+
+
+def page_locked(t: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """t, converted to `dtype` when given, in page-locked memory when `device` is CUDA and it fits
+    (fits_page_locked; then to_device copies it, and any slice of it, with no host copy first): one copy
+    into the pinned buffer, converting on the way. Elsewhere, past the bound, or when t already is both:
+    t in `dtype` (t itself when it is in it)."""
+    dtype = dtype or t.dtype
+    if (torch.device(device).type == "cuda" and not (t.is_pinned() and t.dtype == dtype)
+            and fits_page_locked(t.numel() * dtype.itemsize)):
+        pinned = torch.empty(t.shape, dtype=dtype, pin_memory=True)
+        pinned.copy_(t)
+        return pinned
+    return t.to(dtype)

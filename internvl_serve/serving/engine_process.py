@@ -20,8 +20,9 @@ the engine as LLMService does in-process (serving/llm.build_engine), runs an Eng
 a socket pair with multiprocessing.connection framing (pickled tuples):
 
     stub -> engine: ("submit", Request without its rows, its image positions (checked here), rows' shape
-                    and dtype or None) then, with rows, their bytes as one message; ("abort", request id,
-                    reason); ("stop",)
+                    and torch dtype name or None) then, with rows, their bytes as one message, in the
+                    engine's dtype where it is narrower (host_copy.travel_dtype: bfloat16 on a GPU, half
+                    of float32's bytes); ("abort", request id, reason); ("stop",)
     engine -> stub: ("ready", limits and load facts) once; ("outputs", [RequestOutput, ...]) as steps
                     deliver them (one message for all that piled up); ("state", figures) every
                     STATE_INTERVAL_S; ("broken", message) when a tensor-parallel worker died
@@ -51,11 +52,14 @@ from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
+import torch
 
 from internvl_serve.engine.engine import RequestCallbacks
 from internvl_serve.engine.errors import EngineError
+from internvl_serve.engine.host_copy import travel_dtype
 from internvl_serve.engine.request import RequestOutput
 from internvl_serve.engine.tp_worker import python_executable
+from internvl_serve.hostbuf import HostBuffers
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STATE_INTERVAL_S = 0.25
@@ -84,6 +88,25 @@ class EngineState:
         self.scheduler = SimpleNamespace(**values["scheduler"])
         self.allocator = SimpleNamespace(**values["allocator"])
         self.num_steps, self.device_wait_s = values["num_steps"], values["device_wait_s"]
+
+
+def rows_to_send(rows: torch.Tensor, engine_dtype: torch.dtype, staging: HostBuffers) -> torch.Tensor:
+    """A request's image rows as they go to the engine process: contiguous, in travel_dtype, converted
+    into the reused staging buffer when they are not already (no fresh host buffer per request: under the
+    stubs' malloc setting each would fault in anew, serving/heap.py). Valid until the next call."""
+    rows = rows.detach().cpu()
+    dtype = travel_dtype(rows.dtype, engine_dtype)
+    if rows.dtype == dtype and rows.is_contiguous():
+        return rows
+    staged = staging.get("rows", tuple(rows.shape), dtype)
+    staged.copy_(rows)
+    return staged
+
+
+def as_bytes(t: torch.Tensor) -> np.ndarray:
+    """The bytes of a contiguous CPU tensor of any dtype (bfloat16 included), as a uint8 array (no copy;
+    flat first: a tensor of 0 rows has strides no byte view takes)."""
+    return t.reshape(-1).view(torch.uint8).numpy()
 
 
 def state_of(engine, thread) -> dict:
@@ -120,6 +143,8 @@ class EngineProcess:
                                         env=child_env, pass_fds=(theirs.fileno(),))
         theirs.close()
         self._send_lock = threading.Lock()
+        self._rows_dtype = getattr(torch, spec["dtype"])  # the engine's: image rows travel in it where narrower
+        self._staging = HostBuffers()  # rows_to_send's buffer, used under _send_lock
         try:
             kind, self.info = self._conn.recv()  # ("ready", info): the weights are loaded, the engine runs
         except (EOFError, OSError):
@@ -139,20 +164,19 @@ class EngineProcess:
 
     def submit(self, request, callback: Callable) -> None:
         positions = self.validate(request)  # checked once, here: the engine process does not again
-        rows = None
-        if request.image_embeds is not None:
-            rows = request.image_embeds.detach().cpu().contiguous().numpy()
+        rows = request.image_embeds
         with self._lock:
             if self._broken or self._stopping:
                 raise EngineError(self._broken or "the engine is shut down")
         self._callbacks.admit(request.request_id, callback)
-        head = ("submit", replace(request, image_embeds=None), positions,
-                None if rows is None else (rows.shape, rows.dtype.str))
         try:
-            with self._send_lock:  # the two messages of one submit stay together
-                self._conn.send(head)
+            with self._send_lock:  # the two messages of one submit stay together (and the staging buffer)
                 if rows is not None:
-                    self._conn.send_bytes(rows.reshape(-1).view(np.uint8))
+                    rows = rows_to_send(rows, self._rows_dtype, self._staging)
+                self._conn.send(("submit", replace(request, image_embeds=None), positions,
+                                 None if rows is None else (tuple(rows.shape), str(rows.dtype).removeprefix("torch."))))
+                if rows is not None:
+                    self._conn.send_bytes(as_bytes(rows))
         except OSError as e:  # the engine process is gone: the receiver fails the open requests
             if self._callbacks.forget(request.request_id):
                 raise EngineError(f"the engine process is gone: {e}") from None
@@ -273,8 +297,6 @@ class _Outbox:
 def serve(conn: Connection, engine, thread, outbox: _Outbox) -> None:
     """Run commands from the stub until ("stop",) or the connection ends; then end what is open with
     errors (EngineThread.shutdown), deliver everything, and return."""
-    import torch
-
     from internvl_serve.engine.host_copy import fits_page_locked
 
     pin = torch.device(engine.runner.device).type == "cuda"
@@ -288,11 +310,10 @@ def serve(conn: Connection, engine, thread, outbox: _Outbox) -> None:
             request, positions, rows = message[1:]
             try:
                 if rows is not None:  # straight from the socket into (page-locked on CUDA) memory
-                    shape, dtype = rows
-                    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-                    embeds = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, np.dtype(dtype))).dtype,
-                                         pin_memory=pin and fits_page_locked(nbytes))
-                    conn.recv_bytes_into(embeds.numpy().reshape(-1).view(np.uint8))
+                    shape, dtype = rows[0], getattr(torch, rows[1])
+                    embeds = torch.empty(shape, dtype=dtype,
+                                         pin_memory=pin and fits_page_locked(int(np.prod(shape)) * dtype.itemsize))
+                    conn.recv_bytes_into(as_bytes(embeds))
                     request.image_embeds = embeds
                 thread.submit(request, outbox.put, positions)
             except (EOFError, OSError):

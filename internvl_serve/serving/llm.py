@@ -378,7 +378,7 @@ class LLMService:
         the log). Raises the engine's InvalidRequest for a request it refuses. cancel(client_id,
         cancel_key) aborts it; without a key (or an id) it cannot be cancelled by name."""
         from internvl_serve.engine import Request
-        from internvl_serve.engine.host_copy import page_locked
+        from internvl_serve.engine.host_copy import page_locked, travel_dtype
 
         if self._broken:
             raise RuntimeError(self._broken)
@@ -392,10 +392,10 @@ class LLMService:
                          text=self._answer_text(sampling))
         embeds = None
         if request.image_embeds is not None and len(request.image_embeds):  # (0 rows: no image)
-            # page-locked here, on the caller's thread, not the engine's
+            # in the engine's dtype and page-locked here, on the caller's thread, not the engine's
             embeds = torch.from_numpy(np.ascontiguousarray(request.image_embeds))
-            if self.built is not None:  # (an engine process pins its own copy: no CUDA in this one)
-                embeds = page_locked(embeds, self.device)
+            if self.built is not None:  # (an engine process gets them in its dtype and pins its own copy)
+                embeds = page_locked(embeds, self.device, travel_dtype(embeds.dtype, self.dtype))
         engine_request = Request(request_id=request_id, prompt_token_ids=request.input_ids.tolist(),
                                  image_embeds=embeds, sampling=sampling)
         with self._lock:

@@ -191,6 +191,8 @@ def test_page_locked_image_rows_reach_the_device_without_a_host_copy():
     assert part.pin_memory().data_ptr() == part.data_ptr()  # what to_device does first: nothing to copy
     assert torch.equal(to_device(part, "cuda").cpu(), rows[10:20])
     assert page_locked(rows, "cpu") is rows
+    half = page_locked(rows, "cuda", torch.bfloat16)  # the engine's dtype: converted on the way in
+    assert half.is_pinned() and half.dtype == torch.bfloat16 and torch.equal(half, rows.to(torch.bfloat16))
 
 
 def test_rows_past_the_page_locked_bound_stay_pageable_and_still_reach_the_device(monkeypatch):

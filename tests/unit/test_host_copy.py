@@ -1,5 +1,6 @@
-"""engine/host_copy.py's bound on the page-locked memory that waiting requests' image rows hold (the CPU
-part: the rule; test_engine_gpu.py checks the copies on a GPU)."""
+"""engine/host_copy.py's bound on the page-locked memory that waiting requests' image rows hold, and the
+dtype the rows go to the engine in (the CPU part: the rules; test_engine_gpu.py checks the copies on a
+GPU)."""
 from __future__ import annotations
 
 import torch
@@ -26,3 +27,14 @@ def test_on_the_cpu_rows_stay_as_they_are():
 def test_a_torch_without_host_memory_stats_pins_as_before(monkeypatch):
     monkeypatch.delattr(torch.cuda, "host_memory_stats")
     assert host_copy.fits_page_locked(host_copy.PAGE_LOCKED_WAITING_BYTES + 1)
+
+
+def test_rows_travel_in_the_engines_dtype_where_it_is_narrower():
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert host_copy.travel_dtype(f32, bf16) == bf16  # a GPU engine: half the bytes
+    assert host_copy.travel_dtype(f32, f32) == f32  # the CPU's float32 engine: as they are
+    assert host_copy.travel_dtype(bf16, f32) == bf16  # never widened: the engine converts them itself
+    rows = torch.randn(4, 8)
+    half = host_copy.page_locked(rows, "cpu", bf16)
+    assert half.dtype == bf16 and torch.equal(half, rows.to(bf16))
+    assert host_copy.page_locked(rows, "cpu", f32) is rows

@@ -422,6 +422,59 @@ def test_llm_answers_an_image_question_as_the_card(llm, preprocessor, vision, fu
     assert want and "".join(sink.texts) == want and not sink.errors
 
 
+def test_image_rows_go_to_the_engine_process_in_its_dtype_where_narrower():
+    """What EngineProcess.submit sends and the engine process receives, through a real pipe: float32 rows
+    for a bfloat16 engine (on a GPU) as bfloat16, half the bytes, through one reused staging buffer; for a
+    float32 engine (the CPU) the rows themselves."""
+    from multiprocessing import Pipe
+
+    from internvl_serve.hostbuf import HostBuffers
+    from internvl_serve.serving.engine_process import as_bytes, rows_to_send
+
+    rows, staging = torch.randn(512, 64), HostBuffers()
+    sent = rows_to_send(rows, torch.bfloat16, staging)
+    assert sent.dtype == torch.bfloat16 and torch.equal(sent, rows.to(torch.bfloat16))
+    assert as_bytes(sent).nbytes == rows.nbytes // 2
+    ours, theirs = Pipe()
+    ours.send_bytes(as_bytes(sent))
+    received = torch.empty(sent.shape, dtype=sent.dtype)
+    theirs.recv_bytes_into(as_bytes(received))
+    assert torch.equal(received, rows.to(torch.bfloat16))
+    again = rows_to_send(torch.randn(256, 64), torch.bfloat16, staging)  # (sent is only valid until then)
+    assert again.data_ptr() == sent.data_ptr()  # the staging buffer, reused
+    assert rows_to_send(rows, torch.float32, staging).data_ptr() == rows.data_ptr()  # no copy
+    assert as_bytes(torch.zeros(0, 64, dtype=torch.bfloat16)).nbytes == 0  # (0 rows)
+
+
+@pytest.mark.parametrize("engine_process", [False, True], ids=["engine thread", "engine process"])
+def test_a_bfloat16_engine_answers_as_if_it_converted_the_image_rows_itself(tiny_checkpoint, preprocessor, vision,
+                                                                          engine_process):
+    """The rows now travel to a bfloat16 engine (as on a GPU) in bfloat16 (LLMService in its thread,
+    EngineProcess to its process), which changes no answer: the answer to float32 rows is the one to the
+    same rows rounded to bfloat16 (which convert exactly), the values the engine computes with."""
+    from internvl_serve.serving.llm import LLMService
+
+    question = "<image>\nWhat is in the picture?"
+    pre = preprocessor(ChatRequest(question=question, images=[png(7)]))
+    (rows,) = vision.embed([pre.pixel_values])
+    exact = torch.from_numpy(rows).to(torch.bfloat16).float().numpy()
+    assert not np.array_equal(exact, rows)  # the conversion does round them
+    generation = llm_request(preprocessor, "x", max_tokens=10, stream=True).generation
+    service = LLMService(tiny_checkpoint, device="cpu", dtype=torch.bfloat16,
+                         engine_options={"engine_process": str(engine_process).lower()})
+    try:
+        texts = []
+        for image_rows in (rows, exact):
+            sink = RecordingSink()
+            service.submit(LLMRequest(pre.input_ids, image_rows, question, generation), sink)
+            sink.wait()
+            assert not sink.errors and sink.texts
+            texts.append("".join(sink.texts))
+        assert texts[0] == texts[1]
+    finally:
+        service.shutdown()
+
+
 def test_llm_takes_zero_image_rows_with_a_text_prompt(llm, preprocessor, full_model):
     """No image, but an image_embeds tensor of 0 rows (a direct client may send one): the text answer."""
     request = llm_request(preprocessor, "Hello, who are you?", max_tokens=6, stream=True)
