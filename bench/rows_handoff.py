@@ -1,0 +1,92 @@
+"""The llm stub's hand-off of one request's image rows to the engine process, host side only (no model, no
+GPU): what EngineProcess.submit does with them (serving/engine_process.rows_to_send: the engine's dtype
+where narrower, into a reused staging buffer) and what the engine process does on receipt (into a fresh
+buffer, then the prefix cache's content key, engine.image_content_key), over a real socket pair to a child
+process, as the server runs it. Rows of one V1-1 image (256 x 5120 float32, 5.2 MB) or --images of them,
+sent as float32 (a float32 engine's way, and every engine's before this hand-off took its dtype) and as
+bfloat16 (a GPU engine's). Median of --iters.
+
+    python bench/rows_handoff.py [--images 1] [--iters 50] [--out rows_handoff.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from internvl_serve.engine.engine import image_content_key  # noqa: E402
+from internvl_serve.hostbuf import HostBuffers  # noqa: E402
+from internvl_serve.serving.engine_process import as_bytes, rows_to_send  # noqa: E402
+
+ROWS_PER_IMAGE, HIDDEN = 256, 5120  # V1-1: 256 image tokens, LLaMA2-13B's hidden size
+
+
+def engine_side(conn) -> None:
+    """The engine process's part: receive (shape, dtype) and the bytes, key them, answer the times."""
+    while True:
+        head = conn.recv()
+        if head is None:
+            return
+        shape, dtype = head[0], getattr(torch, head[1])
+        t0 = time.perf_counter()
+        rows = torch.empty(shape, dtype=dtype)
+        conn.recv_bytes_into(as_bytes(rows))
+        t1 = time.perf_counter()
+        image_content_key(rows)
+        t2 = time.perf_counter()
+        conn.send((t1 - t0, t2 - t1))
+
+
+def measure(conn, rows: torch.Tensor, engine_dtype: torch.dtype, iters: int) -> dict:
+    staging = HostBuffers()
+    parts: dict[str, list[float]] = {"convert_ms": [], "send_ms": [], "receive_ms": [], "key_ms": [], "total_ms": []}
+    for _ in range(iters + 2):  # the first two warm the buffers and the pipe
+        t0 = time.perf_counter()
+        sent = rows_to_send(rows, engine_dtype, staging)
+        t1 = time.perf_counter()
+        conn.send((tuple(sent.shape), str(sent.dtype).removeprefix("torch.")))
+        conn.send_bytes(as_bytes(sent))
+        t2 = time.perf_counter()
+        receive_s, key_s = conn.recv()
+        t3 = time.perf_counter()
+        for name, seconds in (("convert_ms", t1 - t0), ("send_ms", t2 - t1), ("receive_ms", receive_s),
+                              ("key_ms", key_s), ("total_ms", t3 - t0)):
+            parts[name].append(1e3 * seconds)
+    return {name: round(statistics.median(values[2:]), 3) for name, values in parts.items()} | {
+        "bytes": int(sent.numel() * sent.element_size())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    rows = torch.randn(args.images * ROWS_PER_IMAGE, HIDDEN)
+    ours, theirs = mp.Pipe()
+    child = mp.get_context("spawn").Process(target=engine_side, args=(theirs,), daemon=True)
+    child.start()
+    try:
+        results = {name: measure(ours, rows, dtype, args.iters)
+                   for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+    finally:
+        ours.send(None)
+        child.join()
+    report = {"images": args.images, "iters": args.iters, "torch_threads": torch.get_num_threads(), **results}
+    print(json.dumps(report, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
