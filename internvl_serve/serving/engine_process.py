@@ -1,5 +1,5 @@
 """The llm engine in a process of its own (the llm model's `engine_process`: the default when the engine is
-on one GPU, serving/llm.engine_in_own_process).
+on one GPU, serving/llm_engine.engine_in_own_process).
 
 Why: in the llm Triton stub the engine thread shares one interpreter lock with the response senders.
 On an H100 at 64 streams the senders held it 26 % of the time (two thirds of that inside Triton's Python
@@ -16,7 +16,7 @@ when it was ready (Request.validate: the same checks, the same errors), and the 
 is kept here, so submit() never waits for the engine process.
 
 The engine process (`python -m internvl_serve.serving.engine_process`, started by EngineProcess) builds
-the engine as LLMService does in-process (serving/llm.build_engine), runs an EngineThread, and talks over
+the engine as LLMService does in-process (serving/llm_engine.build_engine), runs an EngineThread, and talks over
 a socket pair with multiprocessing.connection framing (pickled tuples):
 
     stub -> engine: ("submit", Request without its rows, its image positions (checked here), rows' shape
@@ -31,7 +31,7 @@ When the engine process exits, or the connection breaks, every request still ope
 output and further submits raise (LLMService then refuses them as after a worker's death). stop() lets the
 engine process end its requests with errors, as EngineThread.shutdown does, and waits for it.
 
-Owns: the protocol, both ends. Does not own: building the engine (serving/llm.py), the response path.
+Owns: the protocol, both ends. Does not own: building the engine (serving/llm_engine.py), the response path.
 """
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ class EngineProcess:
 
     def __init__(self, spec: dict, *, max_pending: int | None = None,
                  on_broken: Callable[[str], None] | None = None, env: dict | None = None):
-        """spec: what serving/llm.build_engine takes (JSON-able). on_broken(message): the engine process
+        """spec: what serving/llm_engine.build_engine takes (JSON-able). on_broken(message): the engine process
         cannot go on (it exited, or reported a dead tensor-parallel worker); called once, from the
         receiver thread, after every open request got its error output."""
         self._on_broken = on_broken
@@ -341,10 +341,10 @@ def serve(conn: Connection, engine, thread, outbox: _Outbox) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from internvl_serve.serving.llm import build_engine
+    from internvl_serve.serving.llm_engine import build_engine
 
     parser = argparse.ArgumentParser(description="the llm engine in a process of its own (started by EngineProcess)")
-    parser.add_argument("spec", help="JSON: serving/llm.build_engine's arguments")
+    parser.add_argument("spec", help="JSON: serving/llm_engine.build_engine's arguments")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="engine process: %(message)s")
     conn = Connection(int(os.environ.pop(FD_ENV)))

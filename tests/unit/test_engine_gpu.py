@@ -91,7 +91,7 @@ def test_cache_sized_from_free_memory():
     assert info["bytes"] == runner.kv_cache.numel() * 2
     assert info["bytes"] <= 0.3 * total - (total - free)
     assert info["bytes"] > 0.5 * (0.3 * total - (total - free))
-    sizing = runner.kv_sizing  # what the load log tells (serving/llm.py kv_sizing_text)
+    sizing = runner.kv_sizing  # what the load log tells (serving/llm_engine.py kv_sizing_text)
     assert sizing["total"] == total and sizing["reserved"] == 0 and 0 < sizing["activations"] < total
     assert sizing["own"] > 0 and sizing["device_in_use"] >= total - free  # the weights came in between
 

@@ -28,7 +28,7 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def test_option_values():
-    from internvl_serve.serving.llm import EngineOptions
+    from internvl_serve.serving.llm_engine import EngineOptions
 
     for value in (None, "", "auto", " AUTO ", "model"):
         assert validate_kv_cache_dtype(value) == "" and cache_dtype_of(value, torch.bfloat16) == torch.bfloat16

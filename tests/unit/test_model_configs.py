@@ -161,7 +161,7 @@ def test_client_package_uses_the_same_names_and_types():
 
 
 def test_llm_engine_parameters_parse():
-    from internvl_serve.serving.llm import EngineOptions
+    from internvl_serve.serving.llm_engine import EngineOptions
 
     params = {k: v.string_value for k, v in load(c.LLM).parameters.items()}
     options = EngineOptions.from_parameters(params)

@@ -155,7 +155,7 @@ def test_quantization_option_values():
 
 
 def test_engine_options_quantization_parameter():
-    from internvl_serve.serving.llm import EngineOptions
+    from internvl_serve.serving.llm_engine import EngineOptions
 
     assert EngineOptions().quantization == ""
     assert EngineOptions.from_parameters({"quantization": "int8"}).quantization == "int8"
@@ -170,7 +170,7 @@ def test_fp8_fast_accumulation_parameter_reaches_every_projection(tiny_checkpoin
     """fp8_fast_accum: every Fp8Linear the runner made accumulates fast (on the CPU the product is the same
     float32 one, so the logits equal the exact fp8's); on by default with quantization fp8, "false" turns
     it off; refused without quantization fp8."""
-    from internvl_serve.serving.llm import EngineOptions
+    from internvl_serve.serving.llm_engine import EngineOptions
 
     assert EngineOptions().fp8_fast_accum is False
     assert EngineOptions.from_parameters({"quantization": "int8"}).fp8_fast_accum is False

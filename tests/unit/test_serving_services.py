@@ -262,7 +262,7 @@ class RecordingSink:
 
 
 def test_the_engine_gets_a_process_of_its_own_by_default_on_one_gpu_only():
-    from internvl_serve.serving.llm import EngineOptions, engine_in_own_process
+    from internvl_serve.serving.llm_engine import EngineOptions, engine_in_own_process
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     default = EngineOptions.from_parameters({"engine_process": ""})
@@ -533,7 +533,7 @@ def test_when_the_engine_process_dies_its_requests_fail_and_new_ones_are_refused
 
 
 def test_engine_options_from_parameters():
-    from internvl_serve.serving.llm import EngineOptions
+    from internvl_serve.serving.llm_engine import EngineOptions
 
     options = EngineOptions.from_parameters({"max_num_seqs": "4", "num_blocks": "", "enable_prefix_caching": "False",
                                              "gpu_memory_utilization": "0.5", "device": "cpu"})
@@ -550,7 +550,7 @@ def test_engine_options_from_parameters():
 
 
 def test_the_kv_sizing_is_told_in_the_load_log():
-    from internvl_serve.serving.llm import kv_sizing_text
+    from internvl_serve.serving.llm_engine import kv_sizing_text
 
     assert kv_sizing_text({}) == ""  # the CPU, or num_blocks given
     gib = 2**30

@@ -21,7 +21,8 @@ from internvl_serve.serving.contract import LLM_INPUTS, response_arrays
 from internvl_serve.engine.errors import EngineBusy
 from internvl_serve.serving.device import instance_device
 from internvl_serve.serving.heap import mmap_large_allocations
-from internvl_serve.serving.llm import LLMService, kv_sizing_text
+from internvl_serve.serving.llm import LLMService
+from internvl_serve.serving.llm_engine import kv_sizing_text
 from internvl_serve.serving.metrics import LLMExporter
 from internvl_serve.serving.parsing import parse_cancel_key, parse_cancel_request, parse_llm_request
 from internvl_serve.serving.preprocess import client_errors
