@@ -5,7 +5,8 @@ makes (--mmap-large-allocations, serving/heap.py) turns into a fresh mapping per
 the service reuses its buffers (internvl_serve/hostbuf.py). Random full-size V1-1 weights, the service exactly
 as the `vision` model builds it (compiled blocks).
 
-    python bench/vision_step_profile.py [--iters 10] [--mmap-large-allocations] [--quantization fp8] [--out vision_step.json]
+    python bench/vision_step_profile.py [--iters 10] [--mmap-large-allocations] [--quantization fp8] [--host-threads 1]
+                                        [--out vision_step.json]
     python bench/vision_step_profile.py --tiny [--mmap-large-allocations]   # CPU, tiny checkpoint: faults only
 """
 from __future__ import annotations
@@ -67,6 +68,8 @@ def main() -> int:
                              "(serving/heap.py): every large host buffer a fresh mapping")
     parser.add_argument("--quantization", default="", choices=["", "fp8"],
                         help="the vision model's `quantization` parameter (fp8: the blocks' matmuls in e4m3)")
+    parser.add_argument("--host-threads", type=int, default=None,
+                        help="the vision model's `host_threads` parameter (torch's CPU threads; default: torch's)")
     parser.add_argument("--tiny", action="store_true",
                         help="the tiny checkpoint on the CPU (no GPU needed): the page faults of the service's "
                              "host buffers; its times say nothing about the GPU")
@@ -81,7 +84,7 @@ def main() -> int:
     ckpt = tiny if args.tiny else make_random_checkpoint(work / "random", tokenizer_from=tiny)
     np.core.multiarray._set_madvise_hugepage(False)  # numpy's big arrays in 4 KiB pages, as torch's: faults count pages
     t0 = time.perf_counter()
-    service = VisionService(ckpt, device=device, quantization=args.quantization)
+    service = VisionService(ckpt, device=device, quantization=args.quantization, host_threads=args.host_threads)
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     tiles = iter([rng.standard_normal((1, 3, 448, 448), dtype=np.float32) for _ in range(8 * args.iters + 8)])
@@ -94,6 +97,7 @@ def main() -> int:
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (tiny checkpoint)",
         "load_and_compile_s": load_s, "compiled": service.compiled,
         "mmap_large_allocations": args.mmap_large_allocations, "quantization": args.quantization or "none",
+        "host_threads": torch.get_num_threads(),
         "embed_new_tile_ms": wall_ms(new_tile, args.iters),
         "embed_new_tile_minor_faults": minor_faults(new_tile, args.iters),
         "embed_new_tile_owned_output_minor_faults": minor_faults(lambda: service.embed([next(tiles)]), args.iters),

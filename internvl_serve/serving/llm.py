@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from internvl_serve.serving.contract import FINISH_REASONS, LLMRequest, response_arrays
-from internvl_serve.serving.device import default_dtype, resolve_device
+from internvl_serve.serving.device import default_dtype, resolve_device, set_host_threads
 from internvl_serve.serving.llm_engine import (BuiltEngine, EngineOptions, build_engine, engine_in_own_process,
                                                tensor_parallel_devices)
 from internvl_serve.serving.response_path import ResponsePath
@@ -129,6 +129,7 @@ class LLMService:
             self.config.template, self.config.system_message).end_of_answer(self.tokenizer)
         self._log = log or (lambda message: None)
         options = EngineOptions.from_parameters(engine_options or {})
+        set_host_threads(options.host_threads)  # this process's (an engine process sets its own)
         self.devices = tensor_parallel_devices(self.device, options.tensor_parallel_size,
                                                options.tensor_parallel_devices)
         self.device = torch.device(self.devices[0])

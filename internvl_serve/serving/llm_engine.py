@@ -15,6 +15,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from internvl_serve.serving.device import set_host_threads
 from internvl_serve.serving.encoder_activity import EncoderActivity, device_number
 
 
@@ -60,6 +61,9 @@ class EngineOptions:
     # encoder runs on the engine's GPU, a step of decodes only waits for it, at most this many ms. 0: never
     # (the default: on an H100 it moved neither throughput nor TTFT beyond the run-to-run spread).
     encoder_priority_ms: float = 0.0
+    # torch's CPU threads in the llm's processes: the stub and the engine process (serving/device.py
+    # set_host_threads). Empty: torch's default, one per core
+    host_threads: int | None = None
 
     def __post_init__(self):
         from internvl_serve.engine.kv_cache import validate_kv_cache_dtype
@@ -178,7 +182,7 @@ class BuiltEngine:
                            "hidden_size": runner.hidden_size, "context_window": runner.context_window,
                            "cache_capacity": runner.num_blocks * runner.block_size},
                 "cache_info": runner.cache_info(), "graph_buckets": list(graphs.buckets) if graphs else None,
-                "kv_sizing": dict(runner.kv_sizing)}
+                "kv_sizing": dict(runner.kv_sizing), "host_threads": torch.get_num_threads()}
 
     def close(self, *, broken: bool = False) -> None:
         """After the thread stopped: the encoder record, the tensor-parallel workers."""
@@ -202,6 +206,7 @@ def build_engine(checkpoint: str | Path, *, device: str, dtype: str, engine_opti
     torch_dtype = getattr(torch, dtype)
     config = InternVLChatConfig.from_pretrained(checkpoint)
     options = EngineOptions.from_parameters(engine_options or {})
+    set_host_threads(options.host_threads)
     runner_options = dict(block_size=options.block_size, num_blocks=options.num_blocks,
                           gpu_memory_utilization=options.gpu_memory_utilization,
                           max_num_batched_tokens=options.max_num_batched_tokens,

@@ -34,7 +34,7 @@ from internvl_serve.engine.quantize import validate_quantization
 from internvl_serve.kernels.fp8_linear import quantize_linears_fp8_
 from internvl_serve.config import InternVLChatConfig
 from internvl_serve.serving.contract import IMAGE_SIZE, VISION_INPUT_DIMS, InvalidInput, ServingLimits, TensorSpec
-from internvl_serve.serving.device import default_dtype, resolve_device
+from internvl_serve.serving.device import default_dtype, resolve_device, set_host_threads
 from internvl_serve.serving.encoder_activity import EncoderActivity, device_number
 from internvl_serve.hostbuf import HostBuffers, SlotPool, all_finite
 
@@ -203,6 +203,7 @@ class VisionOptions:
     image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB  # 0 disables the embedding cache
     compile: str = "auto"  # torch.compile each ViT block: auto (on CUDA) | true | false
     quantization: str = ""  # "fp8": the blocks' matmuls in e4m3 (kernels/fp8_linear.py); "": the model dtype
+    host_threads: int | None = None  # torch's CPU threads in this process (device.set_host_threads); None: torch's
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> "VisionOptions":
@@ -220,6 +221,7 @@ class VisionOptions:
             except ValueError as e:
                 raise ValueError(f"vision parameter 'quantization': {raw['quantization']!r}: {e}") from None
         checks = {"max_images_per_forward": (int, lambda v: v >= 1, "an integer >= 1"),
+                  "host_threads": (int, lambda v: v >= 1, "an integer >= 1"),
                   "image_cache_mb": (float, lambda v: math.isfinite(v) and v >= 0, "a number of MiB >= 0")}
         for name, (kind, ok, what) in checks.items():
             if name not in raw:
@@ -252,9 +254,12 @@ class VisionService:
     def __init__(self, checkpoint: str | Path, *, device: str = "auto", dtype: torch.dtype | None = None,
                  max_images_per_forward: int = 32, image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
                  image_cache_entries: int | None = None, compile: str = "auto", quantization: str = "",
-                 log: Callable[[str], None] | None = None, activity: EncoderActivity | None = None):
+                 host_threads: int | None = None, log: Callable[[str], None] | None = None,
+                 activity: EncoderActivity | None = None):
         """activity: the server's encoder-activity record (serving/encoder_activity.py); every forward is
-        flagged in a slot of it, so the llm engine on the same GPU holds its decode steps back meanwhile."""
+        flagged in a slot of it, so the llm engine on the same GPU holds its decode steps back meanwhile.
+        host_threads: torch's CPU threads in this process (device.set_host_threads; None: torch's)."""
+        set_host_threads(host_threads)
         self.device = resolve_device(device)
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # compiled (Triton) kernels launch on the current device
@@ -285,8 +290,8 @@ class VisionService:
                         activity: EncoderActivity | None = None) -> "VisionService":
         o = VisionOptions.from_parameters(parameters)
         return cls(checkpoint, device=o.device, max_images_per_forward=o.max_images_per_forward,
-                   image_cache_mb=o.image_cache_mb, compile=o.compile, quantization=o.quantization, log=log,
-                   activity=activity)
+                   image_cache_mb=o.image_cache_mb, compile=o.compile, quantization=o.quantization,
+                   host_threads=o.host_threads, log=log, activity=activity)
 
     @torch.inference_mode()
     def _compile_blocks(self, log: Callable[[str], None]) -> bool:

@@ -542,8 +542,10 @@ def test_engine_options_from_parameters():
     assert options.encoder_priority_ms == 0  # off unless asked for
     assert EngineOptions.from_parameters({"encoder_priority_ms": "0"}).encoder_priority_ms == 0
     assert EngineOptions.from_parameters({"encoder_priority_ms": "12.5"}).encoder_priority_ms == 12.5
+    assert EngineOptions.from_parameters({"host_threads": "2"}).host_threads == 2
+    assert EngineOptions().host_threads is None  # torch's default
     for key, bad in (("max_num_seqs", "0"), ("block_size", "x"), ("enable_prefix_caching", "yes"),
-                     ("gpu_memory_utilization", "1.5"), ("encoder_priority_ms", "-1"),
+                     ("gpu_memory_utilization", "1.5"), ("encoder_priority_ms", "-1"), ("host_threads", "0"),
                      ("encoder_priority_ms", "soon")):
         with pytest.raises(ValueError, match=f"parameter '{key}'"):
             EngineOptions.from_parameters({key: bad})
@@ -630,3 +632,37 @@ def test_the_engine_process_ends_when_the_stub_that_started_it_dies(tiny_checkpo
         os.close(engine)
         stub.stdin.close()
         stub.stdout.close()
+
+
+def test_host_threads_set_torchs_threads_in_each_process_of_the_model(tiny_checkpoint, tmp_path):
+    """host_threads: torch's CPU threads in the vision model's process, the llm stub and its engine
+    process (in a child process here: the setting is per process). Empty: torch's default there."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import internvl_serve
+
+    script = tmp_path / "threads.py"
+    script.write_text(
+        "import torch\n"
+        "from internvl_serve.serving.llm import LLMService\n"
+        "from internvl_serve.serving.vision import VisionService\n"
+        "default = torch.get_num_threads()\n"
+        f"llm = LLMService({str(tiny_checkpoint)!r}, device='cpu', engine_options={{'engine_process': 'true'}})\n"
+        "print(default, torch.get_num_threads(), llm.engine_info['host_threads'], flush=True)\n"
+        "llm.shutdown()\n"
+        f"llm = LLMService({str(tiny_checkpoint)!r}, device='cpu', engine_options={{'engine_process': 'true', "
+        "'host_threads': '1'})\n"
+        "print(torch.get_num_threads(), llm.engine_info['host_threads'], flush=True)\n"
+        "llm.shutdown()\n"
+        "torch.set_num_threads(default)\n"
+        f"VisionService({str(tiny_checkpoint)!r}, device='cpu', host_threads=1)\n"
+        "print(torch.get_num_threads(), flush=True)\n")
+    root = Path(internvl_serve.__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "2"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [[int(n) for n in line.split()] for line in run.stdout.splitlines()]
+    assert lines == [[2, 2, 2], [1, 1], [1]], run.stdout

@@ -63,7 +63,7 @@ class TritonPythonModel:
             f"{info['block_size']} tokens = {info['num_tokens']} tokens, {info['bytes'] / 2**30:.1f} GiB {info['dtype']}"
             f"{'; ' + sizing if sizing else ''}; decode CUDA graphs: {graphs or 'off'}; "
             f"tensor parallel: {len(self.service.devices)} ranks on {','.join(self.service.devices)}; "
-            f"engine: {self.service.engine_where}")
+            f"engine: {self.service.engine_where}, host threads {self.service.engine_info['host_threads']}")
         # internvl_* metrics on Triton's /metrics (docs/metrics.md): meters the engine thread
         self.metrics = LLMExporter(self.service, pb_utils, args, log=pb_utils.Logger.log_warn)
 

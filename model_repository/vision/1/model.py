@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
 
 try:
@@ -33,7 +34,8 @@ class TritonPythonModel:
         self.service = VisionService.from_parameters(os.environ["INTERNVL_CHECKPOINT"], params,
                                                     log=pb_utils.Logger.log_warn,
                                                     activity=EncoderActivity.from_environment(pb_utils.Logger.log_warn))
-        pb_utils.Logger.log_info(f"vision: {self.service.device} {self.service.dtype}; compiled blocks: {self.service.compiled}")
+        pb_utils.Logger.log_info(f"vision: {self.service.device} {self.service.dtype}; compiled blocks: {self.service.compiled}; "
+                                 f"host threads {torch.get_num_threads()}")
         if self.service.device.type == "cuda":  # host buffers only; on the CPU the forward's temporaries suffer
             mmap_large_allocations()  # serving/heap.py
         # internvl_image_cache_* counters on Triton's /metrics (docs/metrics.md)
