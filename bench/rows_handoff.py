@@ -1,8 +1,8 @@
 """The llm stub's hand-off of one request's image rows to the engine process, host side only (no model, no
 GPU): what EngineProcess.submit does with them (serving/engine_process.rows_to_send: the engine's dtype
-where narrower, into a reused staging buffer) and what the engine process does on receipt (into a fresh
-buffer, then the prefix cache's content key, engine.image_content_key), over a real socket pair to a child
-process, as the server runs it. Rows of one V1-1 image (256 x 5120 float32, 5.2 MB) or --images of them,
+where narrower, into a reused staging buffer) and what the engine process does on receipt (receive_rows,
+into a fresh buffer, not page-locked here; then the prefix cache's content key, engine.image_content_key),
+over a real socket pair to a child process, as the server runs it. Rows of one V1-1 image (256 x 5120 float32, 5.2 MB) or --images of them,
 sent as float32 (a float32 engine's way, and every engine's before this hand-off took its dtype) and as
 bfloat16 (a GPU engine's). Median of --iters.
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from internvl_serve.engine.engine import image_content_key  # noqa: E402
 from internvl_serve.hostbuf import HostBuffers  # noqa: E402
-from internvl_serve.serving.engine_process import as_bytes, rows_to_send  # noqa: E402
+from internvl_serve.serving.engine_process import as_bytes, receive_rows, rows_header, rows_to_send  # noqa: E402
 
 ROWS_PER_IMAGE, HIDDEN = 256, 5120  # V1-1: 256 image tokens, LLaMA2-13B's hidden size
 
@@ -36,10 +36,8 @@ def engine_side(conn) -> None:
         head = conn.recv()
         if head is None:
             return
-        shape, dtype = head[0], getattr(torch, head[1])
         t0 = time.perf_counter()
-        rows = torch.empty(shape, dtype=dtype)
-        conn.recv_bytes_into(as_bytes(rows))
+        rows = receive_rows(conn, head, pin=False)
         t1 = time.perf_counter()
         image_content_key(rows)
         t2 = time.perf_counter()
@@ -53,7 +51,7 @@ def measure(conn, rows: torch.Tensor, engine_dtype: torch.dtype, iters: int) -> 
         t0 = time.perf_counter()
         sent = rows_to_send(rows, engine_dtype, staging)
         t1 = time.perf_counter()
-        conn.send((tuple(sent.shape), str(sent.dtype).removeprefix("torch.")))
+        conn.send(rows_header(sent))
         conn.send_bytes(as_bytes(sent))
         t2 = time.perf_counter()
         receive_s, key_s = conn.recv()

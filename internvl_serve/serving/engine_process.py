@@ -56,7 +56,7 @@ import torch
 
 from internvl_serve.engine.engine import RequestCallbacks
 from internvl_serve.engine.errors import EngineError
-from internvl_serve.engine.host_copy import travel_dtype
+from internvl_serve.engine.host_copy import fits_page_locked, travel_dtype
 from internvl_serve.engine.request import RequestOutput
 from internvl_serve.engine.tp_worker import python_executable
 from internvl_serve.hostbuf import HostBuffers
@@ -118,6 +118,20 @@ def as_bytes(t: torch.Tensor) -> np.ndarray:
     """The bytes of a contiguous CPU tensor of any dtype (bfloat16 included), as a uint8 array (no copy;
     flat first: a tensor of 0 rows has strides no byte view takes)."""
     return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def rows_header(rows: torch.Tensor) -> tuple:
+    """What a submit message says of its rows: their shape and torch dtype name (receive_rows reads it)."""
+    return tuple(rows.shape), str(rows.dtype).removeprefix("torch.")
+
+
+def receive_rows(conn: Connection, header: tuple, pin: bool) -> torch.Tensor:
+    """The rows rows_header described, straight from the socket into a fresh buffer: page-locked when `pin`
+    (the engine on CUDA) and within the bound on waiting rows (host_copy.fits_page_locked)."""
+    shape, dtype = header[0], getattr(torch, header[1])
+    rows = torch.empty(shape, dtype=dtype, pin_memory=pin and fits_page_locked(int(np.prod(shape)) * dtype.itemsize))
+    conn.recv_bytes_into(as_bytes(rows))
+    return rows
 
 
 def state_of(engine, thread) -> dict:
@@ -185,7 +199,7 @@ class EngineProcess:
                 if rows is not None:
                     rows = rows_to_send(rows, self._rows_dtype, self._staging)
                 self._conn.send(("submit", replace(request, image_embeds=None), positions,
-                                 None if rows is None else (tuple(rows.shape), str(rows.dtype).removeprefix("torch."))))
+                                 None if rows is None else rows_header(rows)))
                 if rows is not None:
                     self._conn.send_bytes(as_bytes(rows))
         except OSError as e:  # the engine process is gone: the receiver fails the open requests
@@ -308,8 +322,6 @@ class _Outbox:
 def serve(conn: Connection, engine, thread, outbox: _Outbox) -> None:
     """Run commands from the stub until ("stop",) or the connection ends; then end what is open with
     errors (EngineThread.shutdown), deliver everything, and return."""
-    from internvl_serve.engine.host_copy import fits_page_locked
-
     pin = torch.device(engine.runner.device).type == "cuda"
     while True:
         try:
@@ -320,12 +332,8 @@ def serve(conn: Connection, engine, thread, outbox: _Outbox) -> None:
         if kind == "submit":
             request, positions, rows = message[1:]
             try:
-                if rows is not None:  # straight from the socket into (page-locked on CUDA) memory
-                    shape, dtype = rows[0], getattr(torch, rows[1])
-                    embeds = torch.empty(shape, dtype=dtype,
-                                         pin_memory=pin and fits_page_locked(int(np.prod(shape)) * dtype.itemsize))
-                    conn.recv_bytes_into(as_bytes(embeds))
-                    request.image_embeds = embeds
+                if rows is not None:
+                    request.image_embeds = receive_rows(conn, rows, pin)
                 thread.submit(request, outbox.put, positions)
             except (EOFError, OSError):
                 break
