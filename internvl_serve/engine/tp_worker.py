@@ -94,10 +94,12 @@ class WorkerGroup:
 
 
 def start_workers(checkpoint: str | Path, *, devices: list[str], dtype: str, runner_options: dict,
-                  timeout_s: float = 900.0, on_failure: Callable[[str], None] | None = None) -> WorkerGroup:
+                  host_threads: int | None = None, timeout_s: float = 900.0,
+                  on_failure: Callable[[str], None] | None = None) -> WorkerGroup:
     """Start ranks 1..len(devices)-1 on devices[1:], join as rank 0; returns once the group is formed.
     runner_options: ModelRunner keywords as JSON-able values (the same on every rank; `reserved_bytes`
-    only on rank 0, whose device also holds the vision model)."""
+    only on rank 0, whose device also holds the vision model). host_threads: torch's CPU threads in each
+    worker (serving/device.set_host_threads; None: torch's default)."""
     from internvl_serve.engine.parallel import TensorParallel
 
     world_size = len(devices)
@@ -110,6 +112,8 @@ def start_workers(checkpoint: str | Path, *, devices: list[str], dtype: str, run
         cmd = [python_executable(), "-m", "internvl_serve.engine.tp_worker", "--checkpoint", str(checkpoint),
                "--rank", str(rank), "--world-size", str(world_size), "--init-method", init_method,
                "--device", devices[rank], "--dtype", dtype, "--runner-options", json.dumps(worker_options)]
+        if host_threads is not None:
+            cmd += ["--host-threads", str(host_threads)]
         processes.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL))
     try:
         tp = TensorParallel.initialize(rank=0, world_size=world_size, init_method=init_method,
@@ -132,6 +136,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", required=True)
     p.add_argument("--dtype", required=True)
     p.add_argument("--runner-options", default="{}")
+    p.add_argument("--host-threads", type=int, default=None)
     args = p.parse_args(argv)
 
     import torch
@@ -140,7 +145,10 @@ def main(argv=None) -> int:
     from internvl_serve.config import InternVLChatConfig
     from internvl_serve.engine.parallel import TensorParallel, load_device
     from internvl_serve.engine.runner import ModelRunner
+    from internvl_serve.serving.device import set_host_threads
 
+    set_host_threads(args.host_threads)
+    print(f"tp_worker rank {args.rank}: {torch.get_num_threads()} host threads", file=sys.stderr, flush=True)
     if args.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(args.device))
     dtype = getattr(torch, args.dtype)

@@ -221,7 +221,7 @@ def build_engine(checkpoint: str | Path, *, device: str, dtype: str, engine_opti
     if len(devices) > 1:
         from internvl_serve.engine.tp_worker import start_workers
         workers = start_workers(checkpoint, devices=devices, dtype=dtype, runner_options=runner_options,
-                                on_failure=on_worker_failure)
+                                host_threads=options.host_threads, on_failure=on_worker_failure)
     state_dict = load_state_dict(checkpoint, prefixes=("language_model.",), dtype=torch_dtype,
                                  device=load_device(checkpoint, str(device0), len(devices)), progress=False)
     runner = ModelRunner(config, state_dict, device=device0, dtype=torch_dtype, **runner_options,

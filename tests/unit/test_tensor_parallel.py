@@ -58,7 +58,7 @@ def generate(runner, reqs, overlap=False) -> dict[str, list[int]]:
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["", "fp8"])
-def test_two_ranks_give_the_tokens_of_one_process(checkpoint, kv_cache_dtype):
+def test_two_ranks_give_the_tokens_of_one_process(checkpoint, kv_cache_dtype, capfd):
     # fp8: every rank stores its heads' K/V in e4m3, as the one process does (the workers get the option)
     config = InternVLChatConfig.from_pretrained(checkpoint)
     state_dict = load_state_dict(checkpoint, prefixes=("language_model.",), dtype=torch.float32, progress=False)
@@ -69,7 +69,7 @@ def test_two_ranks_give_the_tokens_of_one_process(checkpoint, kv_cache_dtype):
     assert all(len(t) == 14 for t in single.values())
 
     group = start_workers(checkpoint, devices=["cpu", "cpu"], dtype="float32", runner_options=options,
-                          timeout_s=120)
+                          host_threads=1, timeout_s=120)
     runner = None
     try:
         runner = ModelRunner(config, state_dict, device="cpu", dtype=torch.float32, tp=group.tp, **options)
@@ -85,6 +85,7 @@ def test_two_ranks_give_the_tokens_of_one_process(checkpoint, kv_cache_dtype):
         group.close(runner, timeout_s=60)
     assert [p.returncode for p in group.processes] == [0]
     assert parallel == single
+    assert "tp_worker rank 1: 1 host threads" in capfd.readouterr().err  # the llm's host_threads reach it
 
 
 def test_shards_split_heads_and_mlp_and_rejoin():
