@@ -72,7 +72,8 @@ def main() -> int:
     parser.add_argument("--host-threads", type=int, default=None,
                         help="the vision model's `host_threads` parameter (torch's CPU threads; default: torch's)")
     parser.add_argument("--cuda-graphs", default="auto", choices=["auto", "false"],
-                        help="the vision model's `cuda_graphs` parameter (embed() with or without them)")
+                        help="the vision model's `cuda_graphs` parameter (embed() with or without them; "
+                             "here on by default, to time them)")
     parser.add_argument("--tiny", action="store_true",
                         help="the tiny checkpoint on the CPU (no GPU needed): the page faults of the service's "
                              "host buffers; its times say nothing about the GPU")

@@ -203,7 +203,7 @@ class VisionOptions:
     max_images_per_forward: int = 32
     image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB  # 0 disables the embedding cache
     compile: str = "auto"  # torch.compile each ViT block: auto (on CUDA) | true | false
-    cuda_graphs: str = "auto"  # CUDA graphs of the forward per batch size (vision_graphs.py): auto (on CUDA) | false
+    cuda_graphs: str = "false"  # CUDA graphs of the forward per batch size (vision_graphs.py): auto (on CUDA) | false
     quantization: str = ""  # "fp8": the blocks' matmuls in e4m3 (kernels/fp8_linear.py); "": the model dtype
     host_threads: int | None = None  # torch's CPU threads in this process (device.set_host_threads); None: torch's
 
@@ -257,12 +257,13 @@ class VisionService:
 
     def __init__(self, checkpoint: str | Path, *, device: str = "auto", dtype: torch.dtype | None = None,
                  max_images_per_forward: int = 32, image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
-                 image_cache_entries: int | None = None, compile: str = "auto", cuda_graphs: str = "auto",
+                 image_cache_entries: int | None = None, compile: str = "auto", cuda_graphs: str = "false",
                  quantization: str = "", host_threads: int | None = None,
                  log: Callable[[str], None] | None = None, activity: EncoderActivity | None = None):
         """activity: the server's encoder-activity record (serving/encoder_activity.py); every forward is
         flagged in a slot of it, so the llm engine on the same GPU holds its decode steps back meanwhile.
-        cuda_graphs: "auto" captures the forward per batch size on CUDA (vision_graphs.py), "false" not.
+        cuda_graphs: "auto" captures the forward per batch size on CUDA (vision_graphs.py), "false" (the
+        default until a GPU has measured it) not.
         host_threads: torch's CPU threads in this process (device.set_host_threads; None: torch's)."""
         set_host_threads(host_threads)
         self.device = resolve_device(device)

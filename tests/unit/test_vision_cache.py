@@ -184,7 +184,7 @@ def test_vision_parameters_parse():
     options = VisionOptions.from_parameters({k: v.string_value for k, v in config.parameters.items()})
     assert options == VisionOptions(device="auto", max_images_per_forward=32, image_cache_mb=1024.0, compile="auto")
     assert VisionOptions.from_parameters({"compile": " False"}).compile == "false"
-    assert VisionOptions.from_parameters({"cuda_graphs": "False"}).cuda_graphs == "false"
+    assert options.cuda_graphs == "false" and VisionOptions.from_parameters({"cuda_graphs": "Auto"}).cuda_graphs == "auto"
     assert VisionOptions.from_parameters({}).image_cache_mb == DEFAULT_IMAGE_CACHE_MB
     assert VisionOptions.from_parameters({"image_cache_mb": " 0 "}).image_cache_mb == 0.0
     assert VisionOptions.from_parameters({"host_threads": "1"}).host_threads == 1

@@ -37,7 +37,7 @@ def test_cuda_graphs_give_the_ungraphed_embeddings_at_every_batch_size(tiny_chec
     chunks; its graphs took a memory pool of their own."""
     options = dict(device="cuda", image_cache_mb=0, max_images_per_forward=8, quantization=quantization)
     plain = VisionService(tiny_checkpoint, cuda_graphs="false", **options)
-    graphed = VisionService(tiny_checkpoint, **options)
+    graphed = VisionService(tiny_checkpoint, cuda_graphs="auto", **options)
     assert plain.graphs is None and plain.forward_size == 8
     assert graphed.graphs is not None and graphed.forward_size == graphed.graphs.max_batch == 8
     assert graphed.graphs.pool_bytes > 0
