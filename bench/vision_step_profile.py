@@ -3,11 +3,10 @@ embed() (as the adapter calls it: reuse_output) against its parts: the tile key,
 the GPU; and the minor page faults per embed() (median; getrusage), which the malloc setting the adapter
 makes (--mmap-large-allocations, serving/heap.py) turns into a fresh mapping per large host buffer unless
 the service reuses its buffers (internvl_serve/hostbuf.py). Random full-size V1-1 weights, the service exactly
-as the `vision` model builds it (compiled blocks, CUDA graphs per batch size: the forward is timed with and
-without them).
+as the `vision` model builds it (compiled blocks).
 
     python bench/vision_step_profile.py [--iters 10] [--mmap-large-allocations] [--quantization fp8] [--host-threads 1]
-                                        [--cuda-graphs false] [--out vision_step.json]
+                                        [--out vision_step.json]
     python bench/vision_step_profile.py --tiny [--mmap-large-allocations]   # CPU, tiny checkpoint: faults only
 """
 from __future__ import annotations
@@ -71,9 +70,6 @@ def main() -> int:
                         help="the vision model's `quantization` parameter (fp8: the blocks' matmuls in e4m3)")
     parser.add_argument("--host-threads", type=int, default=None,
                         help="the vision model's `host_threads` parameter (torch's CPU threads; default: torch's)")
-    parser.add_argument("--cuda-graphs", default="auto", choices=["auto", "false"],
-                        help="the vision model's `cuda_graphs` parameter (embed() with or without them; "
-                             "here on by default, to time them)")
     parser.add_argument("--tiny", action="store_true",
                         help="the tiny checkpoint on the CPU (no GPU needed): the page faults of the service's "
                              "host buffers; its times say nothing about the GPU")
@@ -88,8 +84,7 @@ def main() -> int:
     ckpt = tiny if args.tiny else make_random_checkpoint(work / "random", tokenizer_from=tiny)
     np.core.multiarray._set_madvise_hugepage(False)  # numpy's big arrays in 4 KiB pages, as torch's: faults count pages
     t0 = time.perf_counter()
-    service = VisionService(ckpt, device=device, quantization=args.quantization, host_threads=args.host_threads,
-                            cuda_graphs=args.cuda_graphs)
+    service = VisionService(ckpt, device=device, quantization=args.quantization, host_threads=args.host_threads)
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     tiles = iter([rng.standard_normal((1, 3, 448, 448), dtype=np.float32) for _ in range(8 * args.iters + 8)])
@@ -108,10 +103,6 @@ def main() -> int:
         "embed_new_tile_owned_output_minor_faults": minor_faults(lambda: service.embed([next(tiles)]), args.iters),
         "encoder_forward_ms (device in, device out)": wall_ms(lambda: service.encoder(gpu_pixels), args.iters),
         "encoder_forward_b8_ms_per_image": wall_ms(lambda: service.encoder(gpu_pixels8), args.iters) / 8,
-        "cuda_graphs": None if service.graphs is None else {
-            "pool_mib": service.graphs.pool_bytes / 2**20,
-            "forward_ms": wall_ms(lambda: service.graphs(gpu_pixels), args.iters),
-            "forward_b8_ms_per_image": wall_ms(lambda: service.graphs(gpu_pixels8), args.iters) / 8},
         "encoder_forward_minor_faults": minor_faults(lambda: service.encoder(gpu_pixels), args.iters),
         "host_buffer_pages (pixels in + float32 out)": (3 * 448 * 448 + service.num_image_token *
                                                        service.hidden_size) * 4 // 4096,

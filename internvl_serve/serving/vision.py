@@ -36,7 +36,6 @@ from internvl_serve.config import InternVLChatConfig
 from internvl_serve.serving.contract import IMAGE_SIZE, VISION_INPUT_DIMS, InvalidInput, ServingLimits, TensorSpec
 from internvl_serve.serving.device import default_dtype, resolve_device, set_host_threads
 from internvl_serve.serving.encoder_activity import EncoderActivity, device_number
-from internvl_serve.serving.vision_graphs import DEFAULT_MAX_BATCH as GRAPH_MAX_BATCH, EncoderGraphs
 from internvl_serve.hostbuf import HostBuffers, SlotPool, all_finite
 
 VISION_QUANTIZATIONS = ("fp8",)
@@ -203,7 +202,6 @@ class VisionOptions:
     max_images_per_forward: int = 32
     image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB  # 0 disables the embedding cache
     compile: str = "auto"  # torch.compile each ViT block: auto (on CUDA) | true | false
-    cuda_graphs: str = "false"  # CUDA graphs of the forward per batch size (vision_graphs.py): auto (on CUDA) | false
     quantization: str = ""  # "fp8": the blocks' matmuls in e4m3 (kernels/fp8_linear.py); "": the model dtype
     host_threads: int | None = None  # torch's CPU threads in this process (device.set_host_threads); None: torch's
 
@@ -213,12 +211,10 @@ class VisionOptions:
         values: dict = {}
         if "device" in raw:
             values["device"] = raw["device"]
-        for name, allowed in (("compile", ("auto", "true", "false")), ("cuda_graphs", ("auto", "false"))):
-            if name in raw:
-                if raw[name].lower() not in allowed:
-                    raise ValueError(f"vision parameter {name!r}: {raw[name]!r} is not {', '.join(allowed[:-1])} "
-                                     f"or {allowed[-1]}")
-                values[name] = raw[name].lower()
+        if "compile" in raw:
+            if raw["compile"].lower() not in ("auto", "true", "false"):
+                raise ValueError(f"vision parameter 'compile': {raw['compile']!r} is not auto, true or false")
+            values["compile"] = raw["compile"].lower()
         if "quantization" in raw:
             try:
                 values["quantization"] = validate_quantization(raw["quantization"], VISION_QUANTIZATIONS)
@@ -257,13 +253,11 @@ class VisionService:
 
     def __init__(self, checkpoint: str | Path, *, device: str = "auto", dtype: torch.dtype | None = None,
                  max_images_per_forward: int = 32, image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
-                 image_cache_entries: int | None = None, compile: str = "auto", cuda_graphs: str = "false",
-                 quantization: str = "", host_threads: int | None = None,
-                 log: Callable[[str], None] | None = None, activity: EncoderActivity | None = None):
+                 image_cache_entries: int | None = None, compile: str = "auto", quantization: str = "",
+                 host_threads: int | None = None, log: Callable[[str], None] | None = None,
+                 activity: EncoderActivity | None = None):
         """activity: the server's encoder-activity record (serving/encoder_activity.py); every forward is
         flagged in a slot of it, so the llm engine on the same GPU holds its decode steps back meanwhile.
-        cuda_graphs: "auto" captures the forward per batch size on CUDA (vision_graphs.py), "false" (the
-        default until a GPU has measured it) not.
         host_threads: torch's CPU threads in this process (device.set_host_threads; None: torch's)."""
         set_host_threads(host_threads)
         self.device = resolve_device(device)
@@ -284,13 +278,9 @@ class VisionService:
             quantize_vision_fp8_(self.encoder)
         self._buffers = HostBuffers(pin=self.device.type == "cuda")  # staging and output, reused (hostbuf.py)
         self._lock = threading.Lock()  # one embed() at a time uses the buffers
-        log = log or (lambda message: None)
         self.compiled = False
         if compile == "true" or (compile == "auto" and self.device.type == "cuda"):
-            self.compiled = self._compile_blocks(log)
-        self.graphs = None
-        if cuda_graphs == "auto" and self.device.type == "cuda":
-            self.graphs = self._capture_graphs(log)
+            self.compiled = self._compile_blocks(log or (lambda message: None))
         # claimed after the warm-up forwards above, so that only requests' forwards are flagged
         self.encoder_slot = None if activity is None else activity.claim(device_number(self.device))
 
@@ -300,8 +290,7 @@ class VisionService:
                         activity: EncoderActivity | None = None) -> "VisionService":
         o = VisionOptions.from_parameters(parameters)
         return cls(checkpoint, device=o.device, max_images_per_forward=o.max_images_per_forward,
-                   image_cache_mb=o.image_cache_mb, compile=o.compile, cuda_graphs=o.cuda_graphs,
-                   quantization=o.quantization,
+                   image_cache_mb=o.image_cache_mb, compile=o.compile, quantization=o.quantization,
                    host_threads=o.host_threads, log=log, activity=activity)
 
     @torch.inference_mode()
@@ -324,23 +313,6 @@ class VisionService:
                 layer._compiled_call_impl = None
             log(f"vision: torch.compile failed, running eagerly: {type(e).__name__}: {e}")
             return False
-
-    def _capture_graphs(self, log: Callable[[str], None]) -> EncoderGraphs | None:
-        """The forward captured per batch size (vision_graphs.py), after the blocks are compiled. Falls
-        back to ungraphed forwards, with a log line, if capturing fails."""
-        graphs = EncoderGraphs(self.encoder, image_size=self.config.vision_config.image_size, dtype=self.dtype,
-                               device=self.device, max_batch=min(self.max_images_per_forward, GRAPH_MAX_BATCH))
-        try:
-            graphs.capture()
-        except Exception as e:  # noqa: BLE001 - the ungraphed forward is always correct
-            log(f"vision: CUDA graph capture failed, running without: {type(e).__name__}: {e}")
-            return None
-        return graphs
-
-    @property
-    def forward_size(self) -> int:
-        """Tiles per forward at most: max_images_per_forward, or with graphs their largest batch."""
-        return self.max_images_per_forward if self.graphs is None else self.graphs.max_batch
 
     # the counters another module exports as metrics
     @property
@@ -408,7 +380,7 @@ class VisionService:
 
     def _encode(self, tiles: list[np.ndarray], groups: list[tuple[bytes | None, list[int]]],
                 out: torch.Tensor) -> None:
-        """Encode tiles[indices[0]] of each group, in forwards of at most forward_size tiles, into
+        """Encode tiles[indices[0]] of each group, in forwards of at most max_images_per_forward, into
         out[i] (float32) for every i of its indices, and into the cache under its key (when not None).
         Host side through reused buffers: the pixels copied into a staging buffer (pinned on CUDA: async
         H2D), the embeddings made float32 on the device and copied straight into `out`, the cache's copy
@@ -417,17 +389,15 @@ class VisionService:
         cuda = self.device.type == "cuda"
         running = self.encoder_slot.running() if self.encoder_slot is not None else contextlib.nullcontext()
         with self._lock, running:
-            for start in range(0, len(groups), self.forward_size):
-                part = groups[start:start + self.forward_size]
+            for start in range(0, len(groups), self.max_images_per_forward):
+                part = groups[start:start + self.max_images_per_forward]
                 pixels = self._buffers.get("pixels", (len(part), 3, size, size), torch.float32)
                 staged = pixels.numpy()
                 for j, (_, indices) in enumerate(part):
                     np.copyto(staged[j], tiles[indices[0]], casting="same_kind")
                 # float32 to the device, converted there: a copy that also changed the dtype would convert
-                # on the CPU first (ATen), into a fresh pageable buffer, and copy that synchronously (the
-                # graphs convert it into their static input)
-                on_device = pixels.to(device=self.device, non_blocking=True)
-                encoded = self.encoder(on_device.to(self.dtype)) if self.graphs is None else self.graphs(on_device)
+                # on the CPU first (ATen), into a fresh pageable buffer, and copy that synchronously
+                encoded = self.encoder(pixels.to(device=self.device, non_blocking=True).to(self.dtype))
                 host = encoded
                 if cuda:
                     rows = encoded.float()

@@ -184,13 +184,12 @@ def test_vision_parameters_parse():
     options = VisionOptions.from_parameters({k: v.string_value for k, v in config.parameters.items()})
     assert options == VisionOptions(device="auto", max_images_per_forward=32, image_cache_mb=1024.0, compile="auto")
     assert VisionOptions.from_parameters({"compile": " False"}).compile == "false"
-    assert options.cuda_graphs == "false" and VisionOptions.from_parameters({"cuda_graphs": "Auto"}).cuda_graphs == "auto"
     assert VisionOptions.from_parameters({}).image_cache_mb == DEFAULT_IMAGE_CACHE_MB
     assert VisionOptions.from_parameters({"image_cache_mb": " 0 "}).image_cache_mb == 0.0
     assert VisionOptions.from_parameters({"host_threads": "1"}).host_threads == 1
     assert VisionOptions.from_parameters({"host_threads": ""}).host_threads is None  # torch's default
     for key, bad in (("image_cache_mb", "-1"), ("image_cache_mb", "lots"), ("image_cache_mb", "nan"),
                      ("image_cache_mb", "inf"), ("max_images_per_forward", "0"), ("max_images_per_forward", "2.5"),
-                     ("compile", "yes"), ("cuda_graphs", "true"), ("host_threads", "0"), ("host_threads", "two")):
+                     ("compile", "yes"), ("host_threads", "0"), ("host_threads", "two")):
         with pytest.raises(ValueError, match=f"vision parameter '{key}'"):
             VisionOptions.from_parameters({key: bad})

@@ -34,9 +34,7 @@ class TritonPythonModel:
         self.service = VisionService.from_parameters(os.environ["INTERNVL_CHECKPOINT"], params,
                                                     log=pb_utils.Logger.log_warn,
                                                     activity=EncoderActivity.from_environment(pb_utils.Logger.log_warn))
-        graphs = self.service.graphs
         pb_utils.Logger.log_info(f"vision: {self.service.device} {self.service.dtype}; compiled blocks: {self.service.compiled}; "
-                                 f"CUDA graphs: {f'batches 1-{graphs.max_batch}, {graphs.pool_bytes / 2**20:.0f} MiB' if graphs else 'none'}; "
                                  f"host threads {torch.get_num_threads()}")
         if self.service.device.type == "cuda":  # host buffers only; on the CPU the forward's temporaries suffer
             mmap_large_allocations()  # serving/heap.py
