@@ -154,6 +154,17 @@ if triton is not None:
         tl.store(base + HALF + offs, o2.to(dtype), mask=mask)
 
     @triton.jit
+    def _silu_times_up(gu_ptr, row, stride_g, N, offs, mask):
+        """Columns offs of one row of a merged gate/up output: silu(gate) * up in float32, silu rounded to
+        the input's dtype before the multiply and the product rounded to it (silu_and_mul_torch's bits);
+        for both SiLU kernels."""
+        dtype = gu_ptr.dtype.element_ty
+        g = tl.load(gu_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + row * stride_g + N + offs, mask=mask, other=0.0).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+        return (s * u).to(dtype)
+
+    @triton.jit
     def _silu_and_mul_kernel(
         gu_ptr, out_ptr, N, stride_g, stride_o,
         BLOCK: tl.constexpr,
@@ -161,11 +172,7 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
-        dtype = out_ptr.dtype.element_ty
-        g = tl.load(gu_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(gu_ptr + row * stride_g + N + offs, mask=mask, other=0.0).to(tl.float32)
-        s = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
-        tl.store(out_ptr + row * stride_o + offs, (s * u).to(dtype), mask=mask)
+        tl.store(out_ptr + row * stride_o + offs, _silu_times_up(gu_ptr, row, stride_g, N, offs, mask), mask=mask)
 
     @triton.jit
     def _silu_and_mul_fp8_kernel(
@@ -177,11 +184,8 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < N
-        dtype = gu_ptr.dtype.element_ty
-        g = tl.load(gu_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(gu_ptr + row * stride_g + N + offs, mask=mask, other=0.0).to(tl.float32)
-        s = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
-        q, scale = quantize_row_e4m3((s * u).to(dtype).to(tl.float32), fp8_max, inv_fp8_max)
+        product = _silu_times_up(gu_ptr, row, stride_g, N, offs, mask).to(tl.float32)
+        q, scale = quantize_row_e4m3(product, fp8_max, inv_fp8_max)
         tl.store(q_ptr + row * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_ptr + row, scale)
 
