@@ -56,7 +56,7 @@ import torch
 
 from internvl_serve.engine.engine import RequestCallbacks
 from internvl_serve.engine.errors import EngineError
-from internvl_serve.engine.host_copy import fits_page_locked, travel_dtype
+from internvl_serve.engine.host_copy import fits_page_locked, serial_copy_, travel_dtype
 from internvl_serve.engine.request import RequestOutput
 from internvl_serve.engine.tp_worker import python_executable
 from internvl_serve.hostbuf import HostBuffers
@@ -90,28 +90,16 @@ class EngineState:
         self.num_steps, self.device_wait_s = values["num_steps"], values["device_wait_s"]
 
 
-# ATen runs a copy of more elements than this on its OpenMP threads. In a server the stubs' threads compete
-# for the cores with its other processes, and a copy that waits for all of its threads can take far longer
-# than one thread alone: one image's rows to bfloat16 took 8.0 ms with 2 threads against 0.34 ms with one
-# on a 2-core machine busy with the test suite (0.13 ms either way when idle). So rows_to_send copies in
-# chunks that ATen runs on the calling thread.
-_SERIAL_COPY_ELEMENTS = 32768
-
-
 def rows_to_send(rows: torch.Tensor, engine_dtype: torch.dtype, staging: HostBuffers) -> torch.Tensor:
     """A request's image rows as they go to the engine process: contiguous, in travel_dtype, converted
     into the reused staging buffer when they are not already (no fresh host buffer per request: under the
-    stubs' malloc setting each would fault in anew, serving/heap.py), on this thread alone. Valid until the
-    next call."""
+    stubs' malloc setting each would fault in anew, serving/heap.py), on this thread alone (serial_copy_).
+    Valid until the next call."""
     rows = rows.detach().cpu()
     dtype = travel_dtype(rows.dtype, engine_dtype)
     if rows.dtype == dtype and rows.is_contiguous():
         return rows
-    staged = staging.get("rows", tuple(rows.shape), dtype)
-    into, source = staged.view(-1), rows.reshape(-1)
-    for i in range(0, source.numel(), _SERIAL_COPY_ELEMENTS):
-        into[i:i + _SERIAL_COPY_ELEMENTS].copy_(source[i:i + _SERIAL_COPY_ELEMENTS])
-    return staged
+    return serial_copy_(staging.get("rows", tuple(rows.shape), dtype), rows)
 
 
 def as_bytes(t: torch.Tensor) -> np.ndarray:
