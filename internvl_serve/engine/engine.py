@@ -123,7 +123,8 @@ class LLMEngine:
         positions = request.validate(
             image_context_token_id=self.image_context_token_id, vocab_size=self.runner.vocab_size,
             hidden_size=self.runner.hidden_size, context_window=self.runner.context_window,
-            cache_capacity=self.runner.num_blocks * self.runner.block_size)
+            cache_capacity=self.runner.num_blocks * self.runner.block_size,
+            max_abs_embed=torch.finfo(self.runner.dtype).max)
         if request.sampling.stop and self.tokenizer is None:
             raise InvalidRequest("stop strings need a tokenizer; this engine has none")
         return positions

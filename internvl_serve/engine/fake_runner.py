@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+
 from internvl_serve.engine.scheduler import ScheduledBatch
 
 
@@ -36,6 +38,7 @@ class DoneStep:
 
 class FakeRunner:
     supports_overlap = True
+    dtype = torch.float32  # of the image rows it would take
 
     def __init__(self, *, num_blocks: int = 64, block_size: int = 4, vocab_size: int = 1000,
                  hidden_size: int = 8, context_window: int = 4096, eos_token_id: int | None = 2,

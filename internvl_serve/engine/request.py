@@ -36,9 +36,11 @@ class Request:
     image_hashes: tuple[str | bytes, ...] | None = None
 
     def validate(self, *, image_context_token_id: int | None, vocab_size: int, hidden_size: int,
-                 context_window: int, cache_capacity: int | None = None) -> np.ndarray:
+                 context_window: int, cache_capacity: int | None = None,
+                 max_abs_embed: float | None = None) -> np.ndarray:
         """Raise InvalidRequest for anything the engine cannot run; return the prompt positions
-        (sorted, int64) that take image rows."""
+        (sorted, int64) that take image rows. max_abs_embed: the largest magnitude of the engine's dtype
+        (image rows beyond it would become infinite there)."""
         if not isinstance(self.request_id, str) or not self.request_id:
             raise InvalidRequest(f"request_id must be a non-empty string, got {self.request_id!r}")
         if not isinstance(self.sampling, SamplingParams):
@@ -74,8 +76,10 @@ class Request:
                                      f"got {shape}")
             if not e.is_floating_point():
                 raise InvalidRequest(f"image_embeds must be floating point, got {e.dtype}")
-            if not all_finite(e):  # NaN/inf would spread through attention to its KV (no temporaries: hostbuf.py)
-                raise InvalidRequest("image_embeds must be finite: it holds NaN or infinity")
+            if not all_finite(e, max_abs_embed):  # NaN/inf would spread through attention to its KV
+                beyond = "" if max_abs_embed is None else (f" or a value beyond ±{max_abs_embed:.4g}, the range "
+                                                            "of the engine's dtype")
+                raise InvalidRequest(f"image_embeds must be finite: it holds NaN or infinity{beyond}")
             if image_context_token_id is None:
                 raise InvalidRequest("image_embeds given but the engine has no image_context_token_id")
             rows = e.shape[0]

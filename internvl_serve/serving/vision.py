@@ -85,6 +85,17 @@ def request_tiles(pixel_values: np.ndarray, limits: ServingLimits) -> np.ndarray
     return tiles
 
 
+class NonFiniteEmbeddings(InvalidInput):
+    """Raised by VisionService.embed when some requests' tiles gave NaN or infinity (finite pixel values
+    that overflow the encoder, e.g. 1e30): `requests` are their indices in embed's batches, `embeds` every
+    request's result (the others' are valid). Such tiles are never cached."""
+
+    def __init__(self, requests: list[int], embeds: list[np.ndarray]):
+        super().__init__("input 'pixel_values' gives image embeddings that are not finite (NaN or infinity): its "
+                         "values lie beyond what the encoder can take (normalized pixels lie within about ±3)")
+        self.requests, self.embeds = requests, embeds
+
+
 class EmbeddingCache:
     """Bounded LRU map tile_key -> embedding (num_image_token, hidden), on the CPU, in the encoder's dtype
     (so a hit returns exactly the values the forward produced). Bounded by bytes (and, if given, by
@@ -357,16 +368,20 @@ class VisionService:
             out = torch.empty(shape, dtype=torch.float32, pin_memory=self._buffers.pin)
         tiles = [tile for b in batches for tile in b]  # views of the callers' arrays: no copy
         if self.cache.enabled:
-            self._embed_cached(tiles, out)
+            bad = self._embed_cached(tiles, out)
         else:
-            self._encode(tiles, [(None, [i]) for i in range(total)], out)
-        embeds, start = [], 0
-        for n in counts:  # (n, tokens, H) -> (n * tokens, H), in image order
+            bad = self._encode(tiles, [(None, [i]) for i in range(total)], out)
+        embeds, refused, start = [], [], 0
+        for r, n in enumerate(counts):  # (n, tokens, H) -> (n * tokens, H), in image order
             embeds.append(out[start:start + n].reshape(n * self.num_image_token, self.hidden_size).numpy())
+            if any(start <= i < start + n for i in bad):
+                refused.append(r)
             start += n
+        if refused:
+            raise NonFiniteEmbeddings(refused, embeds)
         return embeds
 
-    def _embed_cached(self, tiles: list[np.ndarray], out: torch.Tensor) -> None:
+    def _embed_cached(self, tiles: list[np.ndarray], out: torch.Tensor) -> set[int]:
         missing: dict[bytes, list[int]] = {}  # key -> the tiles (indices) that need it, first-seen order
         for i, tile in enumerate(tiles):
             key = tile_key(tile)
@@ -375,19 +390,20 @@ class VisionService:
             elif not self.cache.copy_to(key, out[i]):
                 missing[key] = [i]
         self.cache.count(hits=len(tiles) - len(missing), misses=len(missing))  # a repeat in the call hits
-        if missing:
-            self._encode(tiles, list(missing.items()), out)
+        return self._encode(tiles, list(missing.items()), out) if missing else set()
 
     def _encode(self, tiles: list[np.ndarray], groups: list[tuple[bytes | None, list[int]]],
-                out: torch.Tensor) -> None:
+                out: torch.Tensor) -> set[int]:
         """Encode tiles[indices[0]] of each group, in forwards of at most max_images_per_forward, into
-        out[i] (float32) for every i of its indices, and into the cache under its key (when not None).
+        out[i] (float32) for every i of its indices, and into the cache under its key (when not None) if
+        finite; return the indices of the tiles whose embeddings are not (NaN or infinity).
         Host side through reused buffers: the pixels copied into a staging buffer (pinned on CUDA: async
         H2D), the embeddings made float32 on the device and copied straight into `out`, the cache's copy
         through a pinned staging buffer."""
         size = self.config.vision_config.image_size
         cuda = self.device.type == "cuda"
         running = self.encoder_slot.running() if self.encoder_slot is not None else contextlib.nullcontext()
+        bad: set[int] = set()
         with self._lock, running:
             for start in range(0, len(groups), self.max_images_per_forward):
                 part = groups[start:start + self.max_images_per_forward]
@@ -398,8 +414,11 @@ class VisionService:
                 # float32 to the device, converted there: a copy that also changed the dtype would convert
                 # on the CPU first (ATen), into a fresh pageable buffer, and copy that synchronously
                 encoded = self.encoder(pixels.to(device=self.device, non_blocking=True).to(self.dtype))
+                lo, hi = torch.aminmax(encoded.flatten(1), dim=1)  # NaN -> NaN; no temporary of encoded's size
+                finite = torch.isfinite(lo) & torch.isfinite(hi)
                 host = encoded
                 if cuda:
+                    finite = self._buffers.get("finite", (len(part),), torch.bool).copy_(finite, non_blocking=True)
                     rows = encoded.float()
                     for j, (_, indices) in enumerate(part):
                         out[indices[0]].copy_(rows[j], non_blocking=True)
@@ -410,8 +429,12 @@ class VisionService:
                 else:
                     for j, (_, indices) in enumerate(part):
                         out[indices[0]].copy_(host[j])
-                for j, (key, indices) in enumerate(part):
-                    if key is not None:
+                for j, finite_j in enumerate(finite.tolist()):
+                    key, indices = part[j]
+                    if not finite_j:
+                        bad.update(indices)
+                    elif key is not None:
                         self.cache.put(key, host[j])
                     for i in indices[1:]:
                         out[i].copy_(out[indices[0]])
+        return bad

@@ -269,6 +269,9 @@ DIRECT_CASES = [
      ["pixel_values", "13 tiles", "at most 12"]),
     ("vision-nan-pixels", "vision", lambda: [raw_input("pixel_values", np.full((1, 1, 3, 448, 448), np.nan, np.float32),
                                                        "FP32")], ["pixel_values", "finite"]),
+    ("vision-pixels-that-overflow-the-encoder", "vision",
+     lambda: [raw_input("pixel_values", np.full((1, 1, 3, 448, 448), 1e30, np.float32), "FP32")],
+     ["pixel_values", "embeddings that are not finite"]),
     ("preprocess-not-an-image", "preprocess", lambda: q(images=[marked(b"xx" + MARKER)]), ["images[0]", "not a supported image"]),
 ]
 

@@ -16,8 +16,8 @@ from internvl_serve.engine import InvalidRequest, LLMEngine, ModelRunner, Reques
 from test_engine_generate import IMG, EOS, hf, make_request, run_staggered, tokens_of  # noqa: F401  (fixture)
 
 
-def engine(hf, device="cpu"):
-    runner = ModelRunner(hf.config, hf.state_dict(), device=device, dtype=torch.float32, block_size=4,
+def engine(hf, device="cpu", dtype=torch.float32):
+    runner = ModelRunner(hf.config, hf.state_dict(), device=device, dtype=dtype, block_size=4,
                          num_blocks=64)
     return LLMEngine(runner, None, eos_token_id=EOS, image_context_token_id=IMG,
                      scheduler_config=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16,
@@ -63,3 +63,12 @@ def test_non_finite_image_rows_are_refused(hf, value):
     with pytest.raises(InvalidRequest, match="image_embeds must be finite"):
         engine(hf).add_request(r)
 
+
+
+def test_float32_image_rows_beyond_a_bfloat16_engine_s_range_are_refused(hf):
+    """3.4e38 is a float32 value but infinite in bfloat16: the engine would make it infinity and NaN."""
+    r = make_request("big", 6, n_img=4, data=5)
+    r.image_embeds[2, 7] = 3.4e38
+    engine(hf).validate_request(r)                            # a float32 engine takes it
+    with pytest.raises(InvalidRequest, match=r"image_embeds must be finite: .* beyond ±3\.39e\+38"):
+        engine(hf, dtype=torch.bfloat16).add_request(r)

@@ -13,8 +13,8 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from internvl_serve.serving.vision import DEFAULT_IMAGE_CACHE_MB, EmbeddingCache, VisionOptions, VisionService, \
-    tile_key
+from internvl_serve.serving.vision import DEFAULT_IMAGE_CACHE_MB, EmbeddingCache, NonFiniteEmbeddings, VisionOptions, \
+    VisionService, tile_key
 
 REPO = Path(__file__).resolve().parents[2] / "model_repository"
 TILE_BYTES = 256 * 128 * 4  # tiny checkpoint: 256 image tokens x LLaMA hidden 128, float32 on the CPU
@@ -193,3 +193,23 @@ def test_vision_parameters_parse():
                      ("compile", "yes"), ("host_threads", "0"), ("host_threads", "two")):
         with pytest.raises(ValueError, match=f"vision parameter '{key}'"):
             VisionOptions.from_parameters({key: bad})
+
+
+@pytest.mark.parametrize("image_cache_mb", [0, 64])
+def test_pixels_that_overflow_the_encoder_refuse_their_request_alone_and_are_not_cached(tiny_checkpoint, plain,
+                                                                                       image_cache_mb):
+    """1e30 is a finite pixel value (request_tiles lets it through) but the encoder's norms overflow on it:
+    that request's embeddings would be NaN. It is refused, naming pixel_values; the batch's other
+    requests get exactly their own embeddings; its tile is not cached (sent again, it is refused again)."""
+    service = cached_service(tiny_checkpoint, image_cache_mb=image_cache_mb)
+    overflowing = tiles(9)
+    overflowing[0, 0, 0, 0] = 1e30
+    batches = [tiles(1), np.concatenate([tiles(2), overflowing]), tiles(3)]
+    for _ in range(2):
+        with pytest.raises(NonFiniteEmbeddings, match="input 'pixel_values' gives image embeddings that are not finite") \
+                as refused:
+            service.embed(batches)
+        assert refused.value.requests == [1]
+        for i in (0, 2):
+            assert torch.equal(torch.from_numpy(refused.value.embeds[i]), torch.from_numpy(plain.embed([batches[i]])[0]))
+        assert tile_key(overflowing[0]) not in service.cache and len(service.cache) == (3 if image_cache_mb else 0)

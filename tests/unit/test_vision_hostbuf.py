@@ -102,6 +102,20 @@ def test_all_finite_on_bfloat16():
     assert not all_finite(t) and not all_finite(t.t())
 
 
+def test_all_finite_with_a_bound_refuses_what_a_narrower_dtype_makes_infinite():
+    bf16_max = torch.finfo(torch.bfloat16).max
+    rows = torch.zeros(4, 5120)
+    rows[1, 2] = 3.4e38                                       # finite in float32, infinite as bfloat16
+    assert all_finite(rows) and torch.isinf(rows.to(torch.bfloat16)).any()
+    assert not all_finite(rows, bf16_max) and not all_finite(rows.numpy(), bf16_max)
+    rows[1, 2] = -3.4e38
+    assert not all_finite(rows, bf16_max) and not all_finite(rows.t(), bf16_max)
+    rows[1, 2] = bf16_max                                     # the largest value that stays finite
+    assert all_finite(rows, bf16_max) and all_finite(rows.numpy(), bf16_max)
+    rows[3, 0] = float("nan")
+    assert not all_finite(rows, bf16_max) and not all_finite(rows.numpy(), bf16_max)
+
+
 def tiles(*seeds: int) -> np.ndarray:
     return np.stack([np.random.default_rng(s).standard_normal((3, 448, 448), dtype=np.float32) for s in seeds])
 

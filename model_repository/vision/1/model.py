@@ -1,7 +1,8 @@
 """Triton adapter for internvl_serve.serving.vision.VisionService (dynamic batching: one forward for
 all the requests Triton hands over). Each request's pixel_values is (1, N, 3, 448, 448); its answer
 is image_embeds (1, N * num_image_token, llm_hidden). A request above the ensemble's tile limit
-(config.pbtxt max_images / max_frames) or with non-finite pixels gets INVALID_ARG alone."""
+(config.pbtxt max_images / max_frames), with non-finite pixels or with pixels that give non-finite
+embeddings gets INVALID_ARG alone."""
 import json
 import os
 import sys
@@ -22,7 +23,7 @@ from internvl_serve.serving.device import instance_device
 from internvl_serve.serving.encoder_activity import EncoderActivity
 from internvl_serve.serving.heap import mmap_large_allocations
 from internvl_serve.serving.tensors import read_inputs
-from internvl_serve.serving.vision import VISION_PIXEL_VALUES, VisionService, request_tiles
+from internvl_serve.serving.vision import VISION_PIXEL_VALUES, NonFiniteEmbeddings, VisionService, request_tiles
 
 
 class TritonPythonModel:
@@ -55,13 +56,20 @@ class TritonPythonModel:
             # views of the service's reused output buffer (no fresh host buffer per request, internvl_serve/hostbuf.py):
             # valid until the next embed; the python backend copies them to shm right after execute returns,
             # before its next execute (python_backend's Stub::ProcessReturnedResponses)
-            embeds = self.service.embed(tiles, reuse_output=True)
+            embeds, refused = self.service.embed(tiles, reuse_output=True), ()
+        except NonFiniteEmbeddings as e:  # those requests alone
+            embeds, refused = e.embeds, e.requests
+            not_finite = pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)
         except Exception as e:  # one failed forward fails every request of the batch
             error = pb_utils.TritonError(f"vision: {type(e).__name__}: {e}", pb_utils.TritonError.INTERNAL)
             embeds = None
         for j, i in enumerate(good):
-            responses[i] = (pb_utils.InferenceResponse(error=error) if embeds is None else
-                            pb_utils.InferenceResponse([pb_utils.Tensor("image_embeds", embeds[j][np.newaxis])]))
+            if embeds is None:
+                responses[i] = pb_utils.InferenceResponse(error=error)
+            elif j in refused:
+                responses[i] = pb_utils.InferenceResponse(error=not_finite)
+            else:
+                responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor("image_embeds", embeds[j][np.newaxis])])
         self.metrics.update()  # never raises
         return responses
 
