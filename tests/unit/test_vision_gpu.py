@@ -81,3 +81,22 @@ def test_an_embed_of_new_tiles_on_cuda_faults_in_almost_none_of_its_host_buffers
     assert run.returncode == 0, run.stderr
     host_faults, pages = map(int, run.stdout.split())
     assert pages > 4000 and host_faults < pages / 10, (host_faults, pages)   # the original: ~2 a page
+
+
+def test_pixels_that_overflow_the_encoder_are_refused_alone_on_cuda(tiny_checkpoint):
+    """The finiteness flags come back through a page-locked buffer with the embeddings (one sync): the
+    overflowing request alone is refused, across forwards (max_images_per_forward 2), and not cached."""
+    from internvl_serve.serving.vision import NonFiniteEmbeddings, tile_key
+
+    service = VisionService(tiny_checkpoint, device="cuda", max_images_per_forward=2)   # bf16, cache on
+    rng = np.random.default_rng(2)
+    size = service.config.vision_config.image_size
+    pixels = rng.standard_normal((4, 3, size, size)).astype(np.float32)
+    pixels[2, 1, 5, 5] = 1e30
+    batches = [pixels[:2], pixels[2:3], pixels[3:]]
+    with pytest.raises(NonFiniteEmbeddings) as refused:
+        service.embed(batches)
+    assert refused.value.requests == [1]
+    assert np.isfinite(refused.value.embeds[0]).all() and np.isfinite(refused.value.embeds[2]).all()
+    assert tile_key(pixels[2]) not in service.cache and len(service.cache) == 3
+    np.testing.assert_array_equal(service.embed([pixels[3:]])[0], refused.value.embeds[2])   # a hit: the same rows
