@@ -31,6 +31,8 @@ def all_finite(x: np.ndarray | torch.Tensor, max_abs: float | None = None) -> bo
     float32 embeddings); a NaN makes them NaN, which fails the comparison."""
     torch = sys.modules.get("torch")  # x is no tensor where torch was never imported
     if torch is not None and isinstance(x, torch.Tensor):
+        if x.is_complex():  # (no order; no Triton datatype is complex)
+            return bool(torch.isfinite(x).all())
         if not x.is_floating_point() or x.numel() == 0:
             return True
         lo, hi = torch.aminmax(x.detach())

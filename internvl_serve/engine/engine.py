@@ -116,15 +116,20 @@ class LLMEngine:
         self.device_wait_s = 0.0
 
     # -- requests ----------------------------------------------------------------------------------
+    def request_limits(self) -> dict:
+        """Request.validate's arguments for this engine (also what an engine in another process reports,
+        so that its caller checks requests as the engine would)."""
+        runner = self.runner
+        return {"image_context_token_id": self.image_context_token_id, "vocab_size": runner.vocab_size,
+                "hidden_size": runner.hidden_size, "context_window": runner.context_window,
+                "cache_capacity": runner.num_blocks * runner.block_size,
+                "max_abs_embed": torch.finfo(runner.dtype).max}
+
     def validate_request(self, request: Request):
         """Raise InvalidRequest if the engine cannot run `request` (no state changes; thread-safe)."""
         if not isinstance(request, Request):
             raise InvalidRequest(f"expected a Request, got {type(request).__name__}")
-        positions = request.validate(
-            image_context_token_id=self.image_context_token_id, vocab_size=self.runner.vocab_size,
-            hidden_size=self.runner.hidden_size, context_window=self.runner.context_window,
-            cache_capacity=self.runner.num_blocks * self.runner.block_size,
-            max_abs_embed=torch.finfo(self.runner.dtype).max)
+        positions = request.validate(**self.request_limits())
         if request.sampling.stop and self.tokenizer is None:
             raise InvalidRequest("stop strings need a tokenizer; this engine has none")
         return positions

@@ -178,10 +178,7 @@ class BuiltEngine:
         (Request.validate's arguments), and the load facts the adapter logs."""
         engine, runner = self.engine, self.engine.runner
         graphs = runner.decode_graphs
-        return {"limits": {"image_context_token_id": engine.image_context_token_id, "vocab_size": runner.vocab_size,
-                           "hidden_size": runner.hidden_size, "context_window": runner.context_window,
-                           "cache_capacity": runner.num_blocks * runner.block_size,
-                           "max_abs_embed": torch.finfo(runner.dtype).max},
+        return {"limits": engine.request_limits(),
                 "cache_info": runner.cache_info(), "graph_buckets": list(graphs.buckets) if graphs else None,
                 "kv_sizing": dict(runner.kv_sizing), "host_threads": torch.get_num_threads()}
 

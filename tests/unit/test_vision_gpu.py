@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from internvl_serve.serving.vision import VisionService
+from internvl_serve.serving.vision import NonFiniteEmbeddings, VisionService, tile_key
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -86,8 +86,6 @@ def test_an_embed_of_new_tiles_on_cuda_faults_in_almost_none_of_its_host_buffers
 def test_pixels_that_overflow_the_encoder_are_refused_alone_on_cuda(tiny_checkpoint):
     """The finiteness flags come back through a page-locked buffer with the embeddings (one sync): the
     overflowing request alone is refused, across forwards (max_images_per_forward 2), and not cached."""
-    from internvl_serve.serving.vision import NonFiniteEmbeddings, tile_key
-
     service = VisionService(tiny_checkpoint, device="cuda", max_images_per_forward=2)   # bf16, cache on
     rng = np.random.default_rng(2)
     size = service.config.vision_config.image_size
