@@ -178,10 +178,13 @@ def markdown(results: dict) -> str:
     stages = [(label, row) for label, row in speed_rows if row.get("ttft_stages") and "ttft_mean_ms" in row]
     if stages:
         lines += ["", "Where each server level's time to first token went (means per request, ms, from the server's "
-                  "metrics over the level; a batch's compute counts for each of its requests; the rest: gRPC and "
-                  "the ensemble's hand-offs):", "",
+                  "metrics over the level; a batch's compute counts for each of its requests; the llm stub: "
+                  "Triton's queue in front of it and its execute, which hands the image rows to the engine and "
+                  "submits; the rest: gRPC and the ensemble's hand-offs, and the llm stub's part where a row "
+                  "lacks it):", "",
                   "| path | streams | TTFT mean | preprocess queue / compute | vision queue / compute | "
-                  "llm submit -> first token (queue + prefill) | rest |", "|---|---|---|---|---|---|---|"]
+                  "llm stub queue / execute | llm submit -> first token (queue + prefill) | rest |",
+                  "|---|---|---|---|---|---|---|---|"]
         for label, row in stages:
             st = row["ttft_stages"]
 
@@ -190,12 +193,13 @@ def markdown(results: dict) -> str:
                 return " / ".join("" if v is None else f"{v:.1f}" for v in (q, c))
             parts = [st.get(k) for k in ("preprocess_queue_ms", "preprocess_compute_ms", "vision_queue_ms",
                                           "vision_compute_ms", "llm_first_token_ms")]
-            rest = "" if None in parts else f"{row['ttft_mean_ms'] - sum(parts):.1f}"
+            stub = [st.get(k, 0.0) for k in ("llm_stub_queue_ms", "llm_stub_compute_ms")]  # not in older rows
+            rest = "" if None in parts else f"{row['ttft_mean_ms'] - sum(parts) - sum(stub):.1f}"
             llm, queue, prefill = (st.get(f"llm_{k}_ms") for k in ("first_token", "queue", "prefill"))
             llm = "" if llm is None else f"{llm:.1f}" + (
                 "" if queue is None or prefill is None else f" ({queue:.1f} + {prefill:.1f})")
             lines.append(f"| {label} | {row['concurrency']} | {row['ttft_mean_ms']:.1f} | {pair('preprocess')} | "
-                         f"{pair('vision')} | {llm} | {rest} |")
+                         f"{pair('vision')} | {pair('llm_stub')} | {llm} | {rest} |")
     if results.get("server_warm"):
         lines += ["", "Warm caches (the same server after the rows above; every request sends the same image, so "
                   "the vision embedding cache and the KV prefix cache hit):", "",

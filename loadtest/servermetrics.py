@@ -34,7 +34,10 @@ TRITON_SUCCESS = "nv_inference_request_success"
 TRITON_QUEUE = "nv_inference_queue_duration_us"
 TRITON_COMPUTE = ("nv_inference_compute_input_duration_us", "nv_inference_compute_infer_duration_us",
                   "nv_inference_compute_output_duration_us")
-STAGE_MODELS = ("preprocess", "vision")  # the ensemble's steps before the llm, in order
+# The ensemble's models in the order a request meets them, each with the prefix of its figures: the llm's are
+# its stub's (Triton's queue in front of the one llm instance, and its execute(): reading the inputs, the image
+# rows' conversion and hand-off to the engine, the submit), named apart from the engine's own llm_queue_ms
+STAGE_MODELS = {"preprocess": "preprocess", "vision": "vision", "llm": "llm_stub"}
 
 
 def parse_metric(text: str, name: str) -> float | None:
@@ -79,26 +82,26 @@ def read_ttft_stages(url: str, read=read_metrics) -> dict:
 
 def ttft_stage_figures(before: dict, after: dict) -> dict:
     """Where the requests between two read_ttft_stages readings spent their time before the first token,
-    as means per request in ms: "<model>_queue_ms" and "<model>_compute_ms" for each of STAGE_MODELS
-    (Triton's queue, and its compute: input + execute + output), "llm_first_token_ms" (the llm's submit
-    to its first token) and its two parts, "llm_queue_ms" (to the engine's first step with the request)
-    and "llm_prefill_ms" (from there). A figure whose counters are missing or saw no request is left
-    out; {} when nothing is left."""
+    as means per request in ms: "<prefix>_queue_ms" and "<prefix>_compute_ms" for each of STAGE_MODELS
+    (Triton's queue, and its compute: input + execute + output; the llm stub's execute returns just
+    after its submit), "llm_first_token_ms" (the llm's submit to its first token) and its two parts,
+    "llm_queue_ms" (to the engine's first step with the request) and "llm_prefill_ms" (from there). A
+    figure whose counters are missing or saw no request is left out; {} when nothing is left."""
     out = {}
 
     def delta(key):
         a, b = before.get(key), after.get(key)
         return None if a is None or b is None else b - a
-    for model in STAGE_MODELS:
+    for model, prefix in STAGE_MODELS.items():
         n = delta((model, TRITON_SUCCESS))
         if not n or n <= 0:
             continue
         queue = delta((model, TRITON_QUEUE))
         compute = [delta((model, name)) for name in TRITON_COMPUTE]
         if queue is not None:
-            out[f"{model}_queue_ms"] = queue / n / 1e3
+            out[f"{prefix}_queue_ms"] = queue / n / 1e3
         if None not in compute:
-            out[f"{model}_compute_ms"] = sum(compute) / n / 1e3
+            out[f"{prefix}_compute_ms"] = sum(compute) / n / 1e3
     for figure, (sum_name, count_name) in LLM_TTFT_PARTS.items():
         n, total = delta(count_name), delta(sum_name)
         if n and n > 0 and total is not None:

@@ -202,7 +202,8 @@ def test_image_cache_counts_a_resent_image_as_a_hit(server, client):
 
 def test_ttft_stage_figures_split_new_image_requests(server, client):
     """The benchmark's TTFT breakdown (servermetrics.ttft_stage_figures) over two requests with new images:
-    Triton's counters see each stage once per request, and every figure is there."""
+    Triton's counters see each stage once per request (the llm's decoupled stub too: its execute returns
+    after the submit), and every figure is there."""
     import servermetrics
 
     before = servermetrics.read_ttft_stages(server.metrics_url)
@@ -217,8 +218,10 @@ def test_ttft_stage_figures_split_new_image_requests(server, client):
         assert after[key] - before[key] == 2, model
     figures = servermetrics.ttft_stage_figures(before, after)
     assert set(figures) == {"preprocess_queue_ms", "preprocess_compute_ms", "vision_queue_ms", "vision_compute_ms",
-                            "llm_first_token_ms", "llm_queue_ms", "llm_prefill_ms"}
+                            "llm_stub_queue_ms", "llm_stub_compute_ms", "llm_first_token_ms", "llm_queue_ms",
+                            "llm_prefill_ms"}
     assert figures["preprocess_compute_ms"] > 0 and figures["vision_compute_ms"] > 0
+    assert figures["llm_stub_compute_ms"] > 0  # the stub's execute: the rows' hand-off and the submit
     assert figures["llm_first_token_ms"] > 0 and min(figures.values()) >= 0
     # the engine's timestamp splits the llm's TTFT in two (means over the same requests, one push)
     assert figures["llm_queue_ms"] + figures["llm_prefill_ms"] == pytest.approx(figures["llm_first_token_ms"])

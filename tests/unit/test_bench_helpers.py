@@ -111,14 +111,21 @@ def test_the_ttft_stages_table_splits_each_server_levels_mean(report):
     server = row(32, 1800, 600, 16.0)
     server.update(ttft_mean_ms=650.0, ttft_stages={
         "preprocess_queue_ms": 2.0, "preprocess_compute_ms": 9.0, "vision_queue_ms": 250.0,
-        "vision_compute_ms": 140.0, "llm_first_token_ms": 220.0, "llm_queue_ms": 20.0, "llm_prefill_ms": 200.0})
+        "vision_compute_ms": 140.0, "llm_stub_queue_ms": 12.0, "llm_stub_compute_ms": 4.0,
+        "llm_first_token_ms": 220.0, "llm_queue_ms": 20.0, "llm_prefill_ms": 200.0})
+    older = row(64, 2500, 700, 20.0)  # a results.json from before the llm stub's figures
+    older.update(ttft_mean_ms=700.0, ttft_stages={
+        "preprocess_queue_ms": 2.0, "preprocess_compute_ms": 9.0, "vision_queue_ms": 250.0,
+        "vision_compute_ms": 140.0, "llm_first_token_ms": 220.0})
     partial = row(1, 150, 80, 6.0)
     partial.update(ttft_mean_ms=80.0, ttft_stages={"llm_first_token_ms": 30.0})  # no Triton counters read
     results = {"device": "GPU", "date": "d", "commit": "c", "copy_bandwidth_gbs": 3000.0,
-               "llm_weight_bytes_per_step": 25.8e9, "hbm_floor_ms": 8.6, "server": [partial, server]}
+               "llm_weight_bytes_per_step": 25.8e9, "hbm_floor_ms": 8.6, "server": [partial, server, older]}
     md = report.markdown(results)
-    assert "| Triton server (gRPC stream) | 32 | 650.0 | 2.0 / 9.0 | 250.0 / 140.0 | 220.0 (20.0 + 200.0) | 29.0 |" in md
-    assert "| Triton server (gRPC stream) | 1 | 80.0 |  /  |  /  | 30.0 |  |" in md
+    assert ("| Triton server (gRPC stream) | 32 | 650.0 | 2.0 / 9.0 | 250.0 / 140.0 | 12.0 / 4.0 | 220.0 (20.0 + 200.0) "
+            "| 13.0 |") in md
+    assert "| Triton server (gRPC stream) | 1 | 80.0 |  /  |  /  |  /  | 30.0 |  |" in md
+    assert "| Triton server (gRPC stream) | 64 | 700.0 | 2.0 / 9.0 | 250.0 / 140.0 |  /  | 220.0 | 79.0 |" in md
     assert "TTFT mean" not in report.markdown(dict(results, server=[row(32, 1800, 600, 16.0)]))
 
 

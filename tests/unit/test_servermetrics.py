@@ -115,6 +115,11 @@ nv_inference_queue_duration_us{model="vision",version="1"} 50000
 nv_inference_compute_input_duration_us{model="vision",version="1"} 0
 nv_inference_compute_infer_duration_us{model="vision",version="1"} 200000
 nv_inference_compute_output_duration_us{model="vision",version="1"} 0
+nv_inference_request_success{model="llm",version="1"} 10
+nv_inference_queue_duration_us{model="llm",version="1"} 30000
+nv_inference_compute_input_duration_us{model="llm",version="1"} 400
+nv_inference_compute_infer_duration_us{model="llm",version="1"} 40000
+nv_inference_compute_output_duration_us{model="llm",version="1"} 50
 nv_inference_queue_duration_us{model="internvl_chat",version="1"} 999999
 internvl_time_to_first_token_seconds_sum{model="llm",version="1"} 2.5
 internvl_time_to_first_token_seconds_count{model="llm",version="1"} 10
@@ -128,21 +133,24 @@ internvl_request_prefill_time_seconds_count{model="llm",version="1"} 10
 def test_parse_model_metric_reads_one_models_label_set():
     assert metrics.parse_model_metric(STAGES, metrics.TRITON_QUEUE, "vision") == 50000
     assert metrics.parse_model_metric(STAGES, metrics.TRITON_QUEUE, "internvl_chat") == 999999
-    assert metrics.parse_model_metric(STAGES, metrics.TRITON_QUEUE, "llm") is None
+    assert metrics.parse_model_metric(STAGES, metrics.TRITON_QUEUE, "llm") == 30000
+    assert metrics.parse_model_metric(STAGES, metrics.TRITON_QUEUE, "tokenizer") is None  # a model it lacks
     assert metrics.parse_model_metric(STAGES, metrics.TRITON_QUEUE, "visio") is None  # a prefix is not a name
 
 
 def test_ttft_stage_figures_are_means_per_request_between_two_scrapes():
     before = metrics.read_ttft_stages("u", read=lambda url: STAGES)
-    # 4 more requests: preprocess 4 ms queue + 36 ms compute, vision 100 ms queue + 80 ms compute, llm 1.5 s
+    # 4 more requests: preprocess 4 ms queue + 36 ms compute, vision 100 ms queue + 80 ms compute, the llm
+    # stub 80 ms queue + 16 ms execute, the llm's submit to first token 1.5 s
     later = (STAGES.replace("} 10\n", "} 14\n").replace("} 1000\n", "} 5000\n").replace("} 8000\n", "} 44000\n")
              .replace("} 50000\n", "} 150000\n").replace("} 200000\n", "} 280000\n").replace("} 2.5\n", "} 4.0\n")
+             .replace("} 30000\n", "} 110000\n").replace("} 40000\n", "} 56000\n")
              .replace("} 0.5\n", "} 0.9\n").replace("} 2.0\n", "} 3.1\n"))  # queue 100 ms, prefill 275 ms
     after = metrics.read_ttft_stages("u", read=lambda url: later)
     figures = metrics.ttft_stage_figures(before, after)
     assert figures == {"preprocess_queue_ms": 1.0, "preprocess_compute_ms": 9.0, "vision_queue_ms": 25.0,
-                       "vision_compute_ms": 20.0, "llm_first_token_ms": 375.0, "llm_queue_ms": 100.0,
-                       "llm_prefill_ms": 275.0}
+                       "vision_compute_ms": 20.0, "llm_stub_queue_ms": 20.0, "llm_stub_compute_ms": 4.0,
+                       "llm_first_token_ms": 375.0, "llm_queue_ms": 100.0, "llm_prefill_ms": 275.0}
     assert metrics.ttft_stage_figures(before, before) == {}  # no request between them
 
     def refused(url):
