@@ -20,8 +20,8 @@ Measures, in one run and on one device:
     `internvl_engine_*` metrics; in-process for the engine alone): ms of engine-thread work per step and
     the share of it spent waiting for the GPU;
   * at each server level, where the time to first token went, as means per request from the server's
-    metrics (servermetrics.ttft_stage_figures): preprocess and vision queue / compute (Triton's
-    counters), the llm's submit to first token (its engine queue + prefill), and the rest of the
+    metrics (servermetrics.ttft_stage_figures): preprocess, vision and llm stub queue / compute (Triton's
+    counters; the stub's compute is its execute, up to the submit), the llm's submit to first token (its engine queue + prefill), and the rest of the
     client's mean TTFT (gRPC, the ensemble's hand-offs);
   * with --py-spy-levels (e.g. 64), py-spy on the llm stub during those server levels
     (stub_sampler.py): samples per thread and their heaviest frames in the level's row, raw stacks in --out;
