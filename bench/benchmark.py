@@ -25,6 +25,9 @@ Measures, in one run and on one device:
     client's mean TTFT (gRPC, the ensemble's hand-offs);
   * with --py-spy-levels (e.g. 64), py-spy on the llm stub during those server levels
     (stub_sampler.py): samples per thread and their heaviest frames in the level's row, raw stacks in --out;
+  * at each server level, the cores each process kept busy (proc_cpu.py, /proc): this load generator,
+    the gRPC guard, tritonserver, each model's stubs and the llm's engine process; --direct-levels runs
+    those levels again on the same server at tritonserver's own port, past the gRPC guard (its cost);
   * peak GPU memory (nvidia-smi, whole device) and the server's KV-cache report;
   * after the last level, the llm's `internvl_kv_cache_blocks_used` gauge (Prometheus, the server's
     metrics port), polled until it reads 0 or --kv-free-timeout-s passes: every KV block must be free
@@ -87,6 +90,7 @@ from internvl_serve.serving.vision import quantize_vision_fp8_  # noqa: E402
 import loadgen  # noqa: E402
 import openloop  # noqa: E402
 import report  # noqa: E402
+from proc_cpu import CpuMeter, server_groups  # noqa: E402
 from servermetrics import (  # noqa: E402
     ENGINE_COUNTERS, engine_step_figures, kv_blocks_after_run, read_ttft_stages, read_values, ttft_stage_figures)
 from stub_sampler import StubSampler, idle_where  # noqa: E402
@@ -237,8 +241,9 @@ def open_loop_images(k: int, n: int) -> list[bytes]:
 def run_server(ckpt: Path, results: dict, levels: list[int], requests_per_stream: int, log_dir: Path,
                *, key: str = "server", distinct_images: bool = True, warm_levels: list[int] = (),
                kv_free_timeout_s: float = 30.0, layout=None, open_loop: dict | None = None,
-               py_spy_levels: tuple[int, ...] = ()) -> None:
-    """open_loop: openloop.run_rates' keyword arguments (rates, num_requests or duration_s, seed,
+               py_spy_levels: tuple[int, ...] = (), direct_levels: list[int] = ()) -> None:
+    """direct_levels: closed-loop levels run again after the others at tritonserver's own gRPC port, past
+    the gRPC guard, into results[f"{key}_direct"]: the guard's cost on the same server. open_loop: openloop.run_rates' keyword arguments (rates, num_requests or duration_s, seed,
     max_in_flight), run after the closed-loop levels into results["open_loop"] (key "server") or
     results["open_loop[...]"] (key "server[...]"). py_spy_levels: the
     closed-loop levels during which the llm stub is sampled (stub_sampler.py)."""
@@ -257,7 +262,7 @@ def run_server(ckpt: Path, results: dict, levels: list[int], requests_per_stream
             results[f"{key}_start_s"] = time.perf_counter() - t0
             url = server.grpc_url
 
-            def closed_loop(levels_: list[int], rows: list, images_for, tag: dict) -> None:
+            def closed_loop(levels_: list[int], rows: list, images_for, tag: dict, url: str = url) -> None:
                 asyncio.run(loadgen.run_level(url, 1, 1, QUESTION, image, 16))  # warm-up
                 for level in levels_:
                     n = max(level * requests_per_stream, 2)
@@ -271,7 +276,10 @@ def run_server(ckpt: Path, results: dict, levels: list[int], requests_per_stream
                             sampler.start()
                     before = read_values(server.metrics_url, ENGINE_COUNTERS)
                     stages_before = read_ttft_stages(server.metrics_url)
+                    cpu = CpuMeter(server_groups(server))
+                    cpu.start()
                     row = asyncio.run(loadgen.run_level(url, level, n, QUESTION, images_for(level, n), NEW_TOKENS))
+                    row["cpu_cores"] = cpu.stop(row["wall_s"])  # cores each process kept busy over the level
                     # the llm pushes its counters every 0.5 s: the level's last half second may be left out
                     row["engine_steps"] = engine_step_figures(before, read_values(server.metrics_url, ENGINE_COUNTERS))
                     row["ttft_stages"] = ttft_stage_figures(stages_before, read_ttft_stages(server.metrics_url))
@@ -285,6 +293,10 @@ def run_server(ckpt: Path, results: dict, levels: list[int], requests_per_stream
                     rows.append(row)
 
             closed_loop(levels, results[key], level_images if distinct_images else lambda level, n: image, {})
+            if direct_levels:
+                results[f"{key}_direct"] = []
+                closed_loop(direct_levels, results[f"{key}_direct"], level_images if distinct_images else
+                            lambda level, n: image, {"direct": True}, url=server.triton_grpc_url)
             if open_loop:
                 results["open_loop" + key.removeprefix("server")] = openloop.run_rates(
                     url, question=QUESTION, images_for=open_loop_images, max_tokens=NEW_TOKENS, **open_loop)
@@ -368,6 +380,9 @@ def main(argv=None) -> int:
                         help="closed-loop levels during which py-spy samples the llm stub's threads (needs py-spy "
                              "on PATH; stub_sampler.py): time spent, the GIL held, and where each thread slept, a summary "
                              "per thread in the level's row (py_spy, py_spy_gil, py_spy_idle), raw stacks in --out")
+    parser.add_argument("--direct-levels", default="",
+                        help="closed-loop levels each server runs again after --levels at tritonserver's own "
+                             "gRPC port, past the gRPC guard (rows 'past the guard'): the guard's cost")
     parser.add_argument("--kv-free-timeout-s", type=float, default=30.0,
                         help="how long to wait for the KV-blocks-used gauge to read 0 after the last level")
     parser.add_argument("--layout", action="append", default=[], choices=sorted(report.LAYOUT_LABELS),
@@ -415,6 +430,7 @@ def main(argv=None) -> int:
     levels = [int(x) for x in args.levels.split(",") if x]
     profile_levels = [int(x) for x in args.profile_levels.split(",") if x]
     py_spy_levels = tuple(int(x) for x in args.py_spy_levels.split(",") if x)
+    direct_levels = [int(x) for x in args.direct_levels.split(",") if x]
     if not args.skip_engine_alone and levels:
         run_engine_alone(ckpt, results, levels, args.requests_per_stream, args.out, profile_levels=profile_levels)
         for compare in args.engine_alone_compare:
@@ -425,12 +441,13 @@ def main(argv=None) -> int:
         run_server(ckpt, results, levels, args.requests_per_stream, args.out,
                    distinct_images=not args.same_image, kv_free_timeout_s=args.kv_free_timeout_s,
                    warm_levels=[int(x) for x in args.warm_levels.split(",") if x], open_loop=open_loop,
-                   py_spy_levels=py_spy_levels)
+                   py_spy_levels=py_spy_levels, direct_levels=direct_levels)
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
     for spec, layout in compare_layouts.items():
         run_server(ckpt, results, levels, args.requests_per_stream, args.out, key=f"server[{spec}]",
                    layout=layout, distinct_images=not args.same_image,
-                   kv_free_timeout_s=args.kv_free_timeout_s, py_spy_levels=py_spy_levels, open_loop=open_loop)
+                   kv_free_timeout_s=args.kv_free_timeout_s, py_spy_levels=py_spy_levels, open_loop=open_loop,
+                   direct_levels=direct_levels)
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
     if args.int8:
         from internvl_serve.serving.layout import Layout

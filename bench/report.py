@@ -39,6 +39,22 @@ def _compare_runs(results: dict) -> list[tuple[str, str]]:
             if k.startswith("server[") and k.endswith("]") and isinstance(results[k], list)]
 
 
+def _cpu_lines(rows: list[tuple[str, dict]]) -> list[str]:
+    """The table of cores each process kept busy during each server level (proc_cpu.py): a process near
+    1.0 is a single thread's ceiling (the load generator, the gRPC guard: one asyncio loop each)."""
+    if not rows:
+        return []
+    names = list(dict.fromkeys(name for _, row in rows for name in row["cpu_cores"]))
+    lines = ["", "CPU cores each process kept busy during each server level (CPU seconds / the level's wall "
+             "time, from /proc; '<model> children': the processes a model's stubs started, the llm's engine "
+             "process):", "", "| path | streams | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for label, row in rows:
+        cells = [row["cpu_cores"].get(name) for name in names]
+        lines.append(f"| {label} | {row['concurrency']} | "
+                     + " | ".join("" if c is None else f"{c:.2f}" for c in cells) + " |")
+    return lines
+
+
 def _server_row(results: dict, key: str, streams: int) -> dict | None:
     return next((r for r in results.get(key, []) if r["concurrency"] == streams), None)
 
@@ -158,6 +174,9 @@ def markdown(results: dict) -> str:
         for row in results.get(key, []) if isinstance(results.get(key), list) else []:
             lines.append(_level_line(label, row))
             speed_rows.append((label, row))
+        for row in results.get(f"{key}_direct", []):  # --direct-levels: the same server, past the gRPC guard
+            lines.append(_level_line(f"{label}, past the gRPC guard", row))
+            speed_rows.append((f"{label}, past the gRPC guard", row))
     for key in _engine_alone_keys(results):
         label = "llm engine alone (in-process, no Triton" + (f"; {key[len('engine_alone['):-1]}" if "[" in key else "") + ")"
         if "error" in results[key]:
@@ -200,6 +219,7 @@ def markdown(results: dict) -> str:
                 "" if queue is None or prefill is None else f" ({queue:.1f} + {prefill:.1f})")
             lines.append(f"| {label} | {row['concurrency']} | {row['ttft_mean_ms']:.1f} | {pair('preprocess')} | "
                          f"{pair('vision')} | {pair('llm_stub')} | {llm} | {rest} |")
+    lines += _cpu_lines([(label, row) for label, row in speed_rows if row.get("cpu_cores")])
     if results.get("server_warm"):
         lines += ["", "Warm caches (the same server after the rows above; every request sends the same image, so "
                   "the vision embedding cache and the KV prefix cache hit):", "",

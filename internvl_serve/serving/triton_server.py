@@ -161,6 +161,11 @@ class TritonServer:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    def guard_pid(self, kind: str) -> int | None:
+        """The process of the guard serving the public `kind` port ("grpc" or "http"); None if not running."""
+        guard = self._guards.get(kind)
+        return guard.pid if guard is not None and guard.poll() is None else None
+
     def command(self, install: TritonInstall) -> list[str]:
         p = self.ports
         return [
