@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import sys
 
 import pytest
@@ -17,6 +18,7 @@ sys.path.insert(0, str(REPO_ROOT / "bench"))
 import benchmark  # noqa: E402  (bench/: its question and its distinct images)
 import loadgen  # noqa: E402
 import openloop  # noqa: E402
+import proc_cpu  # noqa: E402
 
 MAX_TOKENS = 8  # with ignore_eos: every answer exactly this long
 
@@ -71,3 +73,29 @@ def test_open_loop_refuses_a_bad_call(server):
         asyncio.run(openloop.run_rate(server.grpc_url, 1.0, [0.0, 0.5], "q", [b"x"], MAX_TOKENS))
     with pytest.raises(ValueError, match="max_in_flight must be >= 1 or None"):
         asyncio.run(openloop.run_rate(server.grpc_url, 1.0, [0.0], "q", [b"x"], MAX_TOKENS, max_in_flight=0))
+
+
+def test_cpu_meter_names_every_process_and_counts_the_level_past_the_guard_too(server):
+    """bench/proc_cpu.py over one closed-loop level through the gRPC guard and one at tritonserver's own
+    port (benchmark.py --direct-levels): every process of the server named by role, each with the CPU
+    it spent; the llm stub works in both levels, the guard only in the first."""
+    groups = proc_cpu.server_groups(server)
+    assert groups["load generator"] == [os.getpid()] and groups["tritonserver"] == [server.pid]
+    assert groups["gRPC guard"] == [server.guard_pid("grpc")] and server.guard_pid("grpc") not in (None, server.pid)
+    stubs = server.stub_processes()
+    for model in ("preprocess", "vision", "llm"):  # every stub in its model's group, none twice
+        assert sorted(groups[model]) == sorted(p for p, name in stubs.items() if name.startswith(model + "_"))
+    every = [pid for pids in groups.values() for pid in pids]
+    assert len(every) == len(set(every))
+
+    rows = {}
+    for path, url in (("guard", server.grpc_url), ("direct", server.triton_grpc_url)):
+        meter = proc_cpu.CpuMeter(groups)
+        meter.start()
+        row = asyncio.run(loadgen.run_level(url, 4, 16, benchmark.QUESTION, benchmark.level_images(4, 16), 32))
+        rows[path] = cores = meter.stop(row["wall_s"])
+        assert row["errors"] == 0, row["first_error"]
+        assert set(cores) == set(groups) and all(c >= 0 for c in cores.values())
+        assert cores["llm"] > 0 and cores["load generator"] > 0  # 16 requests of 32 tokens each
+    assert rows["guard"]["gRPC guard"] > 0  # 16 x 32 responses through it
+    assert rows["direct"]["gRPC guard"] < rows["guard"]["gRPC guard"]
