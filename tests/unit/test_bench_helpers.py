@@ -129,6 +129,28 @@ def test_the_ttft_stages_table_splits_each_server_levels_mean(report):
     assert "TTFT mean" not in report.markdown(dict(results, server=[row(32, 1800, 600, 16.0)]))
 
 
+def test_rows_past_the_guard_and_the_cores_table(report):
+    spec = "llm.host_threads=1"
+    guarded = row(64, 2700, 700, 21.0)
+    guarded["cpu_cores"] = {"load generator": 0.82, "gRPC guard": 0.61, "tritonserver": 0.4, "llm": 1.1,
+                            "llm children": 1.9}
+    direct = row(64, 2800, 650, 20.5)
+    direct["cpu_cores"] = {"load generator": 0.8, "gRPC guard": 0.0, "tritonserver": 0.45, "llm": 1.2,
+                           "llm children": 2.0, "vision": 0.3}  # a group the first row lacks
+    results = {"device": "GPU", "date": "d", "commit": "c", "copy_bandwidth_gbs": 3000.0,
+               "llm_weight_bytes_per_step": 25.8e9, "hbm_floor_ms": 8.6,
+               f"server[{spec}]": [guarded], f"server[{spec}]_direct": [direct]}
+    md = report.markdown(results)
+    label = f"Triton server (gRPC stream; {spec})"
+    assert f"| {label} | 64 | 2700.0 | 700 / 700 |" in md
+    assert f"| {label}, past the gRPC guard | 64 | 2800.0 | 650 / 650 |" in md
+    assert "| path | streams | load generator | gRPC guard | tritonserver | llm | llm children | vision |" in md
+    assert f"| {label} | 64 | 0.82 | 0.61 | 0.40 | 1.10 | 1.90 |  |" in md
+    assert f"| {label}, past the gRPC guard | 64 | 0.80 | 0.00 | 0.45 | 1.20 | 2.00 | 0.30 |" in md
+    assert "CPU cores" not in report.markdown(dict(results, **{f"server[{spec}]": [row(64, 2700, 700, 21.0)],
+                                                           f"server[{spec}]_direct": []}))
+
+
 def test_server_compare_runs_get_their_rows_and_after_line(bench, report):
     layout = bench.compare_layout("llm.encoder_priority_ms=50, vision.quantization=fp8")
     assert layout.llm_parameters == {"encoder_priority_ms": "50"}
