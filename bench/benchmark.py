@@ -233,6 +233,12 @@ def level_images(level: int, n: int) -> list[bytes]:
     return [png_bytes(test_image(1_000_000 + 10_000 * level + i)) for i in range(n)]
 
 
+def direct_level_images(level: int, n: int) -> list[bytes]:
+    """n distinct PNGs for a --direct-levels level, apart from level_images' (the same images would hit
+    the vision embedding cache and the KV prefix cache that the guarded level filled)."""
+    return [png_bytes(test_image(3_000_000 + 10_000 * level + i)) for i in range(n)]
+
+
 def open_loop_images(k: int, n: int) -> list[bytes]:
     """n distinct PNGs for the k-th open-loop rate (seeds apart from level_images' and each other's)."""
     return [png_bytes(test_image(5_000_000 + 100_000 * k + i)) for i in range(n)]
@@ -295,7 +301,7 @@ def run_server(ckpt: Path, results: dict, levels: list[int], requests_per_stream
             closed_loop(levels, results[key], level_images if distinct_images else lambda level, n: image, {})
             if direct_levels:
                 results[f"{key}_direct"] = []
-                closed_loop(direct_levels, results[f"{key}_direct"], level_images if distinct_images else
+                closed_loop(direct_levels, results[f"{key}_direct"], direct_level_images if distinct_images else
                             lambda level, n: image, {"direct": True}, url=server.triton_grpc_url)
             if open_loop:
                 results["open_loop" + key.removeprefix("server")] = openloop.run_rates(

@@ -385,3 +385,12 @@ def test_without_py_spy_a_level_says_why_it_has_no_profile(tmp_path, monkeypatch
     sampler = load_bench_module("stub_sampler").StubSampler(12345, tmp_path / "raw.txt")
     sampler.start()
     assert sampler.stop() is None and "py-spy is not on PATH" in sampler.error
+
+
+def test_each_kind_of_level_sends_images_no_other_sent(bench):
+    """A level past the guard after the guarded one, or an open-loop rate, must not find its images in
+    the vision embedding cache (the 2026-12-07 H100 run's first --direct-levels rows did: 257 hits)."""
+    sent = [bench.level_images(64, 2), bench.level_images(32, 2), bench.direct_level_images(64, 2),
+            bench.open_loop_images(0, 2), [bench.png_bytes(bench.test_image(0))]]  # the last: the warm-up's
+    every = [image for images in sent for image in images]
+    assert len(set(every)) == len(every)
