@@ -99,7 +99,7 @@ def start_workers(checkpoint: str | Path, *, devices: list[str], dtype: str, run
     """Start ranks 1..len(devices)-1 on devices[1:], join as rank 0; returns once the group is formed.
     runner_options: ModelRunner keywords as JSON-able values (the same on every rank; `reserved_bytes`
     only on rank 0, whose device also holds the vision model). host_threads: torch's CPU threads in each
-    worker (serving/device.set_host_threads; None: torch's default)."""
+    worker (serving/device.host_threads_for; None: one on a GPU, torch's default on the CPU)."""
     from internvl_serve.engine.parallel import TensorParallel
 
     world_size = len(devices)
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     from internvl_serve.engine.runner import ModelRunner
     from internvl_serve.serving.device import set_host_threads
 
-    set_host_threads(args.host_threads)
+    set_host_threads(args.host_threads, args.device)
     print(f"tp_worker rank {args.rank}: {torch.get_num_threads()} host threads", file=sys.stderr, flush=True)
     if args.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(args.device))

@@ -129,7 +129,7 @@ class LLMService:
             self.config.template, self.config.system_message).end_of_answer(self.tokenizer)
         self._log = log or (lambda message: None)
         options = EngineOptions.from_parameters(engine_options or {})
-        set_host_threads(options.host_threads)  # this process's (an engine process sets its own)
+        set_host_threads(options.host_threads, self.device)  # this process's (an engine process sets its own)
         self.devices = tensor_parallel_devices(self.device, options.tensor_parallel_size,
                                                options.tensor_parallel_devices)
         self.device = torch.device(self.devices[0])

@@ -61,8 +61,8 @@ class EngineOptions:
     # encoder runs on the engine's GPU, a step of decodes only waits for it, at most this many ms. 0: never
     # (the default: on an H100 it moved neither throughput nor TTFT beyond the run-to-run spread).
     encoder_priority_ms: float = 0.0
-    # torch's CPU threads in the llm's processes: the stub and the engine process (serving/device.py
-    # set_host_threads). Empty: torch's default, one per core
+    # torch's CPU threads in the llm's processes: the stub, the engine process, tensor-parallel workers
+    # (serving/device.py host_threads_for). Empty: one on a GPU, torch's default (one per core) on the CPU
     host_threads: int | None = None
 
     def __post_init__(self):
@@ -204,7 +204,7 @@ def build_engine(checkpoint: str | Path, *, device: str, dtype: str, engine_opti
     torch_dtype = getattr(torch, dtype)
     config = InternVLChatConfig.from_pretrained(checkpoint)
     options = EngineOptions.from_parameters(engine_options or {})
-    set_host_threads(options.host_threads)
+    set_host_threads(options.host_threads, device)
     runner_options = dict(block_size=options.block_size, num_blocks=options.num_blocks,
                           gpu_memory_utilization=options.gpu_memory_utilization,
                           max_num_batched_tokens=options.max_num_batched_tokens,

@@ -214,7 +214,7 @@ class VisionOptions:
     image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB  # 0 disables the embedding cache
     compile: str = "auto"  # torch.compile each ViT block: auto (on CUDA) | true | false
     quantization: str = ""  # "fp8": the blocks' matmuls in e4m3 (kernels/fp8_linear.py); "": the model dtype
-    host_threads: int | None = None  # torch's CPU threads in this process (device.set_host_threads); None: torch's
+    host_threads: int | None = None  # torch's CPU threads in this process (device.host_threads_for); None: auto
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> "VisionOptions":
@@ -269,9 +269,10 @@ class VisionService:
                  activity: EncoderActivity | None = None):
         """activity: the server's encoder-activity record (serving/encoder_activity.py); every forward is
         flagged in a slot of it, so the llm engine on the same GPU holds its decode steps back meanwhile.
-        host_threads: torch's CPU threads in this process (device.set_host_threads; None: torch's)."""
-        set_host_threads(host_threads)
+        host_threads: torch's CPU threads in this process (device.host_threads_for; None: one on a GPU,
+        torch's default on the CPU)."""
         self.device = resolve_device(device)
+        set_host_threads(host_threads, self.device)
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # compiled (Triton) kernels launch on the current device
         self.dtype = dtype or default_dtype(self.device)

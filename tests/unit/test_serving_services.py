@@ -634,6 +634,16 @@ def test_the_engine_process_ends_when_the_stub_that_started_it_dies(tiny_checkpo
         stub.stdout.close()
 
 
+def test_host_threads_empty_is_one_on_a_gpu_and_torchs_default_on_the_cpu():
+    from internvl_serve.serving.device import host_threads_for
+
+    assert host_threads_for(None, "cuda:1") == 1 and host_threads_for(None, torch.device("cuda")) == 1
+    assert host_threads_for(None, "cpu") is None  # the CPU forwards use every core
+    assert host_threads_for(3, "cuda") == 3 and host_threads_for(3, "cpu") == 3
+    with pytest.raises(ValueError, match="host_threads must be >= 1, got 0"):
+        host_threads_for(0, "cpu")
+
+
 def test_host_threads_set_torchs_threads_in_each_process_of_the_model(tiny_checkpoint, tmp_path):
     """host_threads: torch's CPU threads in the vision model's process, the llm stub and its engine
     process (in a child process here: the setting is per process). Empty: torch's default there."""
