@@ -16,7 +16,9 @@ metadata built once outside the timing (the engine builds it once per step for a
 Int8 linears: `int8_linear` against bf16 F.linear (cuBLAS) at the LLaMA-2-13B projection shapes.
 Quantized projections (`--only quantized`): the engine's merged projections in bf16, int8 and fp8 at
 decode and prefill row counts, and the step's GEMM time each gives; then the fp8 inputs the fused kernels
-write (add_rmsnorm_fp8, silu_and_mul_fp8) against the kernel and the row quantizer one after the other.
+write (add_rmsnorm_fp8, silu_and_mul_fp8) against the kernel and the row quantizer one after the other;
+then (also `--only w8a8`) decode batches' fp8 products in torch._scaled_mm against the Triton W8A8 kernel
+(fp8_linear.scaled_product_triton; `--sweep`: its tile configs).
 
 GB/s counts the fewest bytes each op must move (K/V read once; weight, input and output once).
 The copy row is a device-to-device copy, bytes read plus written: the ceiling for those numbers.
@@ -44,7 +46,7 @@ from internvl_serve.engine.attention import (  # noqa: E402
     sdpa_paged_attention,
 )
 from internvl_serve.kernels.fp8_linear import (fp8_linear, quantize_rows_fp8, quantize_weight_fp8,  # noqa: E402
-                                               scaled_product)
+                                               scaled_product, scaled_product_triton)
 from internvl_serve.kernels.fused_ops import add_rmsnorm, add_rmsnorm_fp8, silu_and_mul, silu_and_mul_fp8  # noqa: E402
 from internvl_serve.kernels.int8_linear import Int8MatmulConfig, default_config, int8_linear, quantize_weight  # noqa: E402
 from internvl_serve.kernels.paged_attention import (  # noqa: E402
@@ -383,6 +385,51 @@ def quantized_projection_table(bw: float) -> list[str]:
     return rows
 
 
+def w8a8_table(bw: float, sweep: bool) -> list[str]:
+    """The fp8 products of decode batches, e4m3 rows times the engine's merged e4m3 projections: torch's
+    _scaled_mm with fast accumulation (the llm's default path) against the Triton matrix kernel's fp8 dot
+    (scaled_product_triton: swap-AB, split-K), µs per call and the share of the copy bandwidth the weight
+    bytes reach; with --sweep the Triton kernel's best tile configs too. Per layer (x 40: a step's GEMMs)."""
+    rows = Rows([f"{'M':>3} {'proj':>8} | {'cublas us':>9} {'%copy':>5} | {'triton us':>9} {'%copy':>5} | "
+                 f"{'speedup':>7} | {'err':>6} | default config"])
+    for M in (2, 16, 32, 64):
+        total = {"cublas": 0.0, "triton": 0.0}
+        for name, N, K in LLM_PROJECTIONS:
+            n_sets = max(2, ROTATE_BYTES // (N * K))
+            fs = [quantize_weight_fp8(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02)
+                  for _ in range(n_sets)]
+            xq, xs = quantize_rows_fp8(torch.randn(M, K, device="cuda", dtype=torch.bfloat16))
+            ref = (xq.double() * xs.double()) @ (fs[0][0].double() * fs[0][1].double()[:, None]).t()
+            check(f"_scaled_mm M={M} {name}", scaled_product(xq, xs, *fs[0], torch.bfloat16, True), ref, 2e-2)
+            err = check(f"w8a8 triton M={M} {name}", scaled_product_triton(xq, xs, *fs[0], torch.bfloat16), ref, 2e-2)
+            t = {"cublas": graph_us([lambda f=f: scaled_product(xq, xs, f[0], f[1], torch.bfloat16, True) for f in fs]),
+                 "triton": graph_us([lambda f=f: scaled_product_triton(xq, xs, f[0], f[1], torch.bfloat16) for f in fs])}
+            for key in total:
+                total[key] += t[key]
+            gbs = {k: (N * K + N * 4 + M * K + M * N * 2) / v / 1e3 for k, v in t.items()}
+            rows.append(f"{M:>3} {name:>8} | {t['cublas']:>9.1f} {100 * gbs['cublas'] / bw:>5.0f} | "
+                        f"{t['triton']:>9.1f} {100 * gbs['triton'] / bw:>5.0f} | {t['cublas'] / t['triton']:>6.2f}x | "
+                        f"{err:>6.4f} | " + config_name(default_config(M, N, K)))
+            if sweep:
+                res = []
+                for c in [c for c in sweep_configs(M) if not c.gemv]:
+                    try:
+                        out = scaled_product_triton(xq, xs, *fs[0], torch.bfloat16, config=c)
+                    except Exception as e:  # e.g. out of shared memory: a config, not a result, fails
+                        res.append((float("inf"), f"{config_name(c).replace(' ', '')}:{type(e).__name__}"))
+                        continue
+                    check(f"w8a8 triton {c}", out, ref, 2e-2)
+                    res.append((graph_us([lambda f=f: scaled_product_triton(xq, xs, f[0], f[1], torch.bfloat16, c)
+                                          for f in fs]), config_name(c).replace(" ", "")))
+                res.sort(key=lambda r: r[0])
+                rows.append("      sweep " + " ".join(f"{n}:{t:.1f}" for t, n in res[:8]))
+            del fs
+        rows.append(f"{M:>3} {'layer':>8} | {total['cublas']:>9.1f} {'':>5} | {total['triton']:>9.1f} {'':>5} | "
+                    f"{total['cublas'] / total['triton']:>6.2f}x | (x40 layers: cublas {total['cublas'] * 40 / 1e3:.2f} "
+                    f"ms, triton {total['triton'] * 40 / 1e3:.2f})")
+    return rows
+
+
 def fp8_inputs_table() -> list[str]:
     """The fp8 linears' inputs as the fused fp8 path writes them, against the unfused pair of launches:
     add_rmsnorm + quantize_rows_fp8 (qkv_proj's and gate_up_proj's input, hidden 5,120) and silu_and_mul +
@@ -417,7 +464,7 @@ def fp8_inputs_table() -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="also time other tile configs / partition sizes")
-    ap.add_argument("--only", choices=["attention", "prefill", "linear", "quantized"], default=None)
+    ap.add_argument("--only", choices=["attention", "prefill", "linear", "quantized", "w8a8"], default=None)
     ap.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="bf16",
                     help="the KV cache of the attention tables (q stays bf16)")
     args = ap.parse_args()
@@ -444,6 +491,9 @@ def main() -> None:
         lines += ["", "the LLM's projections: bf16, int8, fp8 (engine quantization)"] + quantized_projection_table(bw)
         lines += ["", "the fp8 linears' inputs: fused (the norm / SiLU-and-mul kernel writes them quantized) "
                       "against the kernel then the row quantizer"] + fp8_inputs_table()
+    if args.only in (None, "quantized", "w8a8"):
+        lines += ["", "fp8 products of decode batches: torch._scaled_mm (fast accumulation) against the Triton "
+                      "W8A8 kernel"] + w8a8_table(bw, args.sweep)
     print("\n".join(lines))
 
 

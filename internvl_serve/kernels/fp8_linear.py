@@ -118,6 +118,18 @@ def scaled_product(xq: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor,
     return ((xq.float() * x_scale) @ (w_fp8.float() * w_scale[:, None]).t()).to(out_dtype)
 
 
+def scaled_product_triton(xq: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
+                          out_dtype: torch.dtype, config=None) -> torch.Tensor:
+    """scaled_product's product in int8_linear's Triton matrix kernel instead of torch._scaled_mm: the e4m3
+    weight tile and the e4m3 rows meet on the FP8 tensor cores (the weight as the dot's left operand, the
+    few rows on its right: swap-AB, with split-K while the tiles leave SMs idle), both scales in the
+    epilogue, up to int8_linear.TRITON_MAX_M rows. For decode batches, where _scaled_mm reads the weight
+    at ~60 % of the copy bandwidth (~178 us against ~106 for one layer's four projections at 32 rows, H100).
+    Not on the engine's path yet: bench/kernels_bench.py --only quantized times it beside _scaled_mm
+    first. config: an int8_linear.Int8MatmulConfig (None: its default for the shape)."""
+    return int8_linear(xq, w_fp8, w_scale, use_triton=True, config=config, x_scale=x_scale, out_dtype=out_dtype)
+
+
 def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
                bias: torch.Tensor | None = None, fast_accum: bool = False) -> torch.Tensor:
     """x (..., K) @ (w_fp8 * w_scale).T (+ bias) -> (..., N) in x's dtype.

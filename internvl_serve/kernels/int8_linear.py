@@ -50,8 +50,12 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return w_int8.contiguous(), scale.contiguous()
 
 
-def int8_linear_torch(x: torch.Tensor, w_int8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Fallback: (x @ dequantized w.T) in x's dtype, the scale applied to the product's columns."""
+def int8_linear_torch(x: torch.Tensor, w_int8: torch.Tensor, scale: torch.Tensor,
+                      x_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Fallback: (x @ dequantized w.T) in x's dtype, the scale applied to the product's columns. With
+    x_scale (e4m3 x): (x * x_scale) @ (w * scale).T in float32, then out_dtype."""
+    if x_scale is not None:
+        return ((x.float() * x_scale.float().view(-1, 1)) @ (w_int8.float() * scale.float()[:, None]).t()).to(out_dtype)
     y = x @ w_int8.to(x.dtype).t()
     return (y.float() * scale.float()).to(x.dtype)
 
@@ -60,7 +64,7 @@ if triton is not None:
 
     @triton.jit
     def _int8_matmul_kernel(
-        x_ptr, w_ptr, scale_ptr, out_ptr,
+        x_ptr, w_ptr, scale_ptr, out_ptr, x_scale_ptr,
         M, N, K,
         stride_xm, stride_xk,
         stride_wn, stride_wk,
@@ -71,6 +75,7 @@ if triton is not None:
         SPLIT_K: tl.constexpr,  # programs along K; each writes its own partial output (fp32)
         EVEN_K: tl.constexpr,  # K % (BLOCK_K * SPLIT_K) == 0: no mask along K
         FP32_IEEE: tl.constexpr,  # fp32 activations: full-precision dot instead of tf32
+        X_SCALED: tl.constexpr,  # x is e4m3 rows with a float32 scale each (x_scale_ptr): an fp8 x fp8 dot
     ):
         # The weight tile is the dot's left operand: acc^T (BLOCK_N, BLOCK_M) = W (BLOCK_N, BLOCK_K)
         # @ x^T (BLOCK_K, BLOCK_M). W rows are contiguous along K, the layout the matrix units want for
@@ -97,12 +102,14 @@ if triton is not None:
                 x = tl.load(x_ptrs, mask=mask_m[None, :] & mask_k[:, None], other=0.0)
             if FP32_IEEE:
                 acc = tl.dot(w.to(tl.float32), x, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(w.to(x.dtype), x, acc)  # int8 values are exact in bf16 and fp16
+            else:  # int8 values are exact in bf16 and fp16; e4m3 with e4m3 x: the FP8 tensor cores
+                acc = tl.dot(w.to(x.dtype), x, acc)
             w_ptrs += BLOCK_K * SPLIT_K * stride_wk
             x_ptrs += BLOCK_K * SPLIT_K * stride_xk
         scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         acc = acc * scale[:, None]
+        if X_SCALED:
+            acc = acc * tl.load(x_scale_ptr + offs_m, mask=mask_m, other=0.0)[None, :]
         out_ptrs = out_ptr + pid_k * stride_os + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
 
@@ -190,11 +197,16 @@ def int8_linear(
     use_triton: bool | None = None,
     config: Int8MatmulConfig | None = None,
     num_sms: int | None = None,
+    x_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """x (M, K) @ (w_int8 (N, K) * scale (N,)[:, None]).T -> (M, N) in x's dtype.
+    """x (M, K) @ (w_int8 (N, K) * scale (N,)[:, None]).T -> (M, N) in out_dtype (None: x's dtype).
 
     The weight may also be e4m3 (float8_e4m3fn: a single row of the llm's fp8 decode, fp8_linear.py): the kernels convert
     a weight tile to the activations' dtype (exact for both) before the product, whatever its type.
+    x_scale (M,) or (M, 1) float32, with x e4m3 rows and an e4m3 weight: the product (x * x_scale) @ (w *
+    scale).T in out_dtype, on the FP8 tensor cores in the matrix kernel (fp8_linear.scaled_product's
+    Triton path: W8A8 with split-K for decode batches); never the elementwise (gemv) kernel.
 
     use_triton: None runs the Triton kernel for CUDA tensors with M <= TRITON_MAX_M, the torch
     fallback otherwise. The kernel's launch depends only on shapes (CUDA-graph safe); with
@@ -203,17 +215,25 @@ def int8_linear(
     M, K = x.shape
     N, K2 = w_int8.shape
     assert K == K2 and scale.shape == (N,) and w_int8.dtype in WEIGHT_DTYPES, (x.shape, w_int8.shape, scale.shape)
+    if x_scale is not None:
+        assert x.dtype == w_int8.dtype == torch.float8_e4m3fn and x_scale.numel() == M and out_dtype is not None, (
+            x.dtype, w_int8.dtype, x_scale.shape, out_dtype)
+        x_scale = x_scale.reshape(M).float()
+    out_dtype = out_dtype or x.dtype
     if use_triton is None:
         use_triton = triton is not None and x.is_cuda and M <= TRITON_MAX_M
     if not use_triton:
-        return int8_linear_torch(x, w_int8, scale)
+        return int8_linear_torch(x, w_int8, scale, x_scale, out_dtype)
     if config is None:
         if num_sms is None:
             num_sms = num_sms_of(x.device)
         config = default_config(M, N, K, num_sms)
+        if x_scale is not None and config.gemv:  # one row: the matrix kernel's smallest tile
+            config = Int8MatmulConfig(block_m=16, block_n=32, block_k=128, split_k=config.split_k)
     c = config
+    assert not (c.gemv and x_scale is not None), "e4m3 rows with scales take the matrix kernel, not gemv"
     if c.split_k == 1:
-        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        out = torch.empty(M, N, dtype=out_dtype, device=x.device)
         stride_os = 0
     else:
         out = torch.empty(c.split_k, M, N, dtype=torch.float32, device=x.device)
@@ -231,15 +251,15 @@ def int8_linear(
         )
     else:
         _int8_matmul_kernel[(triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n), c.split_k)](
-            x, w_int8, scale, out,
+            x, w_int8, scale, out, scale if x_scale is None else x_scale,
             M, N, K,
             *x.stride(), *w_int8.stride(), stride_os, out.stride(-2), out.stride(-1),
             BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k,
-            EVEN_K=even_k, FP32_IEEE=x.dtype == torch.float32,
+            EVEN_K=even_k, FP32_IEEE=x.dtype == torch.float32, X_SCALED=x_scale is not None,
             num_warps=c.num_warps, num_stages=c.num_stages,
         )
     if c.split_k > 1:
-        out = out.sum(dim=0).to(x.dtype)
+        out = out.sum(dim=0).to(out_dtype)
     return out
 
 

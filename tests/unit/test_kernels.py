@@ -15,6 +15,7 @@ reference by ||out - ref|| / ||ref||.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -26,6 +27,8 @@ from torch import nn
 from internvl_serve.kernels import (Int8Linear, compare_logits, int8_linear, logit_error, paged_decode_attention,
                                     paged_decode_attention_ref, paged_decode_attention_torch, quantize_llama_linears,
                                     quantize_weight, write_kv)
+from internvl_serve.kernels.fp8_linear import (quantize_rows_fp8_torch, quantize_weight_fp8, scaled_product,
+                                               scaled_product_triton)
 from internvl_serve.kernels.int8_linear import Int8MatmulConfig, int8_linear_torch
 from internvl_serve.kernels.paged_attention import put_cache_rows, write_kv_ref
 
@@ -127,6 +130,20 @@ def check_int8(M, N, K, dtype, device, config=None, tol=1e-5, use_triton=True, x
     return err
 
 
+def check_w8a8(M, N, K, device, config=None, tol=1e-5):
+    """fp8_linear.scaled_product_triton: e4m3 rows with a scale each times an e4m3 weight with a scale per
+    output channel, against the float64 product of the same e4m3 values and scales."""
+    xq, x_scale = quantize_rows_fp8_torch(torch.randn(M, K, device=device) * 3)
+    w_fp8, w_scale = quantize_weight_fp8(torch.randn(N, K, device=device) * 0.02)
+    ref = (xq.double() * x_scale.double()) @ (w_fp8.double() * w_scale.double()[:, None]).t()
+    out = scaled_product_triton(xq, x_scale, w_fp8, w_scale, torch.float32 if device == "cpu" else torch.bfloat16,
+                                config=config)
+    assert out.shape == (M, N)
+    err = rel_err(out, ref)
+    assert err < tol, f"rel err {err:.2e} >= {tol} for M={M} N={N} K={K} {config}"
+    return err
+
+
 # The interpreted cases, run by the subprocess (see the bottom of the file).
 ATTENTION_CASES = [
     # B, Hq, Hkv, D, block_size, max_blocks, lens, dtype, layout, partition_size
@@ -156,6 +173,13 @@ INT8_CASES = [
     (3, 64, 512, torch.float32, Int8MatmulConfig(1, 32, 64, 3, gemv=True), False),  # gemv rows, split-K
     (2, 48, 256, torch.float16, Int8MatmulConfig(1, 16, 128, 2, gemv=True), False),
 ]
+W8A8_CASES = [
+    # M, N, K, config: e4m3 rows and weight on the matrix kernel's fp8 dot, both scales in the epilogue
+    (2, 64, 256, Int8MatmulConfig(16, 32, 64, 1)),
+    (20, 80, 200, Int8MatmulConfig(16, 32, 64, 2)),  # two M tiles, ragged N and K, split-K
+    (33, 70, 2048, None),  # the default config (split-K), M tile of 64
+    (1, 48, 256, None),  # one row: the matrix kernel, not the gemv
+]
 
 
 def run_interpreted_checks(which: str) -> None:
@@ -179,6 +203,9 @@ def run_interpreted_checks(which: str) -> None:
             tol = 1e-5 if dtype == torch.float32 else 2e-3
             err = check_int8(M, N, K, dtype, "cpu", cfg, tol, x_strided=strided)
             print(f"int8 {(M, N, K, dtype, cfg)} rel err {err:.1e}")
+        for M, N, K, cfg in W8A8_CASES:
+            err = check_w8a8(M, N, K, "cpu", cfg)
+            print(f"w8a8 {(M, N, K, cfg)} rel err {err:.1e}")
     else:
         raise SystemExit(f"unknown check {which}")
 
@@ -296,6 +323,8 @@ def test_triton_kernel_interpreted(which):
     out = run_interpreted(__file__, which, timeout=300)
     if which == "attention":
         assert out.count("rel err") == len(ATTENTION_CASES) + len(E4M3_CACHE_CASES), out
+    if which == "int8":
+        assert out.count("w8a8") == len(W8A8_CASES), out
     assert "rel err" in out or "ok" in out
 
 
@@ -322,6 +351,27 @@ def test_e4m3_cache_kernels_compile_for_the_h100(kernel):
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
     assert compiled.asm["cubin"]
+
+
+@needs_triton
+@pytest.mark.parametrize("block_m,block_n,split_k", [(16, 32, 1), (32, 32, 4), (64, 64, 2)])
+def test_w8a8_matrix_kernel_compiles_for_the_h100(block_m, block_n, split_k):
+    # the matrix kernel with e4m3 rows and weight (scaled_product_triton), Triton's real compiler down to
+    # an sm_90 cubin without a GPU: the fp8 x fp8 dot must lower to Hopper's FP8 tensor cores
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    il = importlib.import_module("internvl_serve.kernels.int8_linear")  # the package exports a function of that name
+    fn = il._int8_matmul_kernel
+    consts = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split_k, EVEN_K=True, FP32_IEEE=False,
+                  X_SCALED=True)
+    out = "*bf16" if split_k == 1 else "*fp32"
+    ptrs = {"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "x_scale_ptr": "*fp32", "out_ptr": out}
+    sig = {n: ptrs.get(n, "constexpr" if n in consts else "i32") for n in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=4))
+    assert compiled.asm["cubin"]
+    assert "e4m3" in compiled.asm["ptx"]  # the dot takes the e4m3 operands as they are
 
 
 # --------------------------------------------------------------------------------------------------
@@ -416,6 +466,28 @@ def test_gpu_int8_linear_cuda_graph_and_fallback():
     ref = x.double() @ (w_int8.double() * scale.double()[:, None]).t()
     assert rel_err(int8_linear(x, w_int8, scale), ref) < 1e-2
     assert rel_err(int8_linear_torch(x, w_int8, scale), ref) < 1e-2
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("M", [2, 17, 32, 64])
+@pytest.mark.parametrize("N,K", [(15360, 5120), (5120, 5120), (27648, 5120), (5120, 13824)])
+def test_gpu_w8a8_triton_matches_scaled_mm(M, N, K):
+    # the engine's merged fp8 projections: the Triton W8A8 product against torch._scaled_mm's (the same
+    # e4m3 inputs and scales), each against float64, in a CUDA graph too (the decode step is captured)
+    for cfg in (None, Int8MatmulConfig(16 if M <= 16 else 64, 32, 128, 4)):
+        err = check_w8a8(M, N, K, "cuda", cfg, tol=2e-2)
+        xq, x_scale = quantize_rows_fp8_torch(torch.randn(M, K, device="cuda") * 3)
+        w_fp8, w_scale = quantize_weight_fp8(torch.randn(N, K, device="cuda") * 0.02)
+        cublas = scaled_product(xq, x_scale, w_fp8, w_scale, torch.bfloat16)
+        assert rel_err(scaled_product_triton(xq, x_scale, w_fp8, w_scale, torch.bfloat16, cfg), cublas) < 2e-2, err
+    scaled_product_triton(xq, x_scale, w_fp8, w_scale, torch.bfloat16)  # compiled outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = scaled_product_triton(xq, x_scale, w_fp8, w_scale, torch.bfloat16)
+    xq.copy_(quantize_rows_fp8_torch(torch.randn(M, K, device="cuda"))[0])
+    g.replay()
+    assert rel_err(y, scaled_product(xq, x_scale, w_fp8, w_scale, torch.bfloat16)) < 2e-2
 
 
 if __name__ == "__main__":
