@@ -170,7 +170,7 @@ def split_linear(linear: nn.Module, x: torch.Tensor, sizes: list[int]) -> list[t
     if isinstance(linear, Int8Linear):
         return [int8_linear(x, w, s) for w, s in zip(linear.weight.split(sizes), linear.scale.split(sizes))]
     if isinstance(linear, Fp8Linear):
-        return [fp8_linear(x, w, s, fast_accum=linear.fast_accum)
+        return [fp8_linear(x, w, s, fast_accum=linear.fast_accum, triton_max_rows=linear.triton_max_rows)
                 for w, s in zip(linear.weight_fp8.split(sizes), linear.weight_scale.split(sizes))]
     return [F.linear(x, w) for w in linear.weight.split(sizes)]
 

@@ -64,19 +64,22 @@ def quantize_llama_int8_(model: nn.Module) -> nn.Module:
     return model
 
 
-def quantize_llama_fp8_(model: nn.Module, fast_accum: bool = False) -> nn.Module:
+def quantize_llama_fp8_(model: nn.Module, fast_accum: bool = False, triton_max_rows: int = 0) -> nn.Module:
     """The same projections as quantize_llama_int8_, as Fp8Linear (e4m3, per-output-channel weight scales,
-    per-token activation scales; fast_accum: Fp8Linear's). Returns the model; each bf16 weight is freed as
-    its module is replaced."""
+    per-token activation scales; fast_accum, triton_max_rows: Fp8Linear's). Returns the model; each bf16
+    weight is freed as its module is replaced."""
     layers = model.model.layers
-    _check_replaced("fp8", quantize_linears_fp8_(layers, ENGINE_PROJECTION_PATHS, fast_accum), layers)
+    _check_replaced("fp8", quantize_linears_fp8_(layers, ENGINE_PROJECTION_PATHS, fast_accum, triton_max_rows),
+                    layers)
     return model
 
 
 def quantize_model_(model: nn.Module, quantization: str | None,
-                    state_dict: MutableMapping | None = None, *, fp8_fast_accum: bool = False) -> nn.Module:
+                    state_dict: MutableMapping | None = None, *, fp8_fast_accum: bool = False,
+                    fp8_triton_max_rows: int = 0) -> nn.Module:
     """Apply the engine option `quantization` ("int8", "fp8" or None) to a loaded Llama, in place
-    (fp8_fast_accum: the fp8 products accumulate without periodic promotion, the option of that name).
+    (fp8_fast_accum: the fp8 products accumulate without periodic promotion; fp8_triton_max_rows: products
+    of up to that many rows in the Triton W8A8 kernel on CUDA; the options of those names).
 
     state_dict: the dict the model was loaded from. load_llama uses its tensors without a copy when
     they already have the device and dtype, so while the caller's dict holds them the bf16 weights
@@ -86,7 +89,9 @@ def quantize_model_(model: nn.Module, quantization: str | None,
         return model
     if isinstance(state_dict, dict):
         state_dict.clear()
-    return quantize_llama_fp8_(model, fp8_fast_accum) if quantization == "fp8" else quantize_llama_int8_(model)
+    if quantization == "fp8":
+        return quantize_llama_fp8_(model, fp8_fast_accum, fp8_triton_max_rows)
+    return quantize_llama_int8_(model)
 
 
 def is_quantized(model: nn.Module) -> bool:

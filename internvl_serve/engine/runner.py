@@ -124,7 +124,7 @@ class ModelRunner:
                  reserved_bytes: int = 0, cuda_graphs: bool | None = None,
                  tp: TensorParallel | None = None, quantization: str | None = None,
                  fused_kernels: bool | None = None, kv_cache_dtype: str | None = None,
-                 fp8_fast_accum: bool = False):
+                 fp8_fast_accum: bool = False, fp8_triton_max_rows: int = 0):
         # reserved_bytes: device memory that other processes (the vision model's Triton instance) will
         # hold, whether or not they have loaded yet: Triton loads models in parallel, in no fixed order.
         self.reserved_bytes = int(reserved_bytes)
@@ -150,7 +150,8 @@ class ModelRunner:
         # quantization "int8" / "fp8": quantized projections (quantize.py), before the KV cache is sized
         # and the decode graphs are captured; it empties state_dict so the bf16 weights can be freed.
         self.quantization = validate_quantization(quantization)
-        quantize_model_(self.model, self.quantization, state_dict, fp8_fast_accum=fp8_fast_accum)
+        quantize_model_(self.model, self.quantization, state_dict, fp8_fast_accum=fp8_fast_accum,
+                        fp8_triton_max_rows=fp8_triton_max_rows)
         self.channel = (StepChannel(self.tp, self.device, self.args.hidden_size, self.dtype)
                         if self.tp.enabled else None)
         a = self.model.local_args  # this rank's heads

@@ -107,11 +107,14 @@ def quantize_rows_fp8(x: torch.Tensor, use_triton: bool | None = None) -> tuple[
 
 
 def scaled_product(xq: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
-                   out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
+                   out_dtype: torch.dtype, fast_accum: bool = False, triton_max_rows: int = 0) -> torch.Tensor:
     """(xq * x_scale) @ (w_fp8 * w_scale[:, None]).T in out_dtype: xq (M, K) e4m3 with (M, 1) row scales,
-    w_fp8 (N, K) with (N,) channel scales. On CUDA the FP8 tensor cores with both scales in the epilogue,
+    w_fp8 (N, K) with (N,) channel scales. On CUDA the FP8 tensor cores with both scales in the epilogue:
+    up to triton_max_rows rows in the Triton W8A8 kernel (scaled_product_triton), more in torch._scaled_mm,
     with fast_accum Hopper's FP8 accumulation without periodic promotion; elsewhere the same product in
     float32 (torch's CPU _scaled_mm takes per-row scales only in some versions)."""
+    if xq.is_cuda and 0 < xq.shape[0] <= triton_max_rows:
+        return scaled_product_triton(xq, x_scale, w_fp8, w_scale, out_dtype)
     if xq.is_cuda:
         return torch._scaled_mm(xq, w_fp8.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=out_dtype,
                                 use_fast_accum=fast_accum)
@@ -131,7 +134,7 @@ def scaled_product_triton(xq: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.
 
 
 def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
-               bias: torch.Tensor | None = None, fast_accum: bool = False) -> torch.Tensor:
+               bias: torch.Tensor | None = None, fast_accum: bool = False, triton_max_rows: int = 0) -> torch.Tensor:
     """x (..., K) @ (w_fp8 * w_scale).T (+ bias) -> (..., N) in x's dtype.
 
     A single row (WEIGHT_ONLY_MAX_M: one sequence's decode, bound by the weight bytes) stays in its dtype:
@@ -144,7 +147,7 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
     if 0 < x2.shape[0] <= WEIGHT_ONLY_MAX_M:
         y = int8_linear(x2, w_fp8, w_scale)
     else:
-        y = scaled_product(*quantize_rows_fp8(x2), w_fp8, w_scale, x.dtype, fast_accum)
+        y = scaled_product(*quantize_rows_fp8(x2), w_fp8, w_scale, x.dtype, fast_accum, triton_max_rows)
     if bias is not None:
         y = y + bias
     return y.reshape(*shape[:-1], w_fp8.shape[0])
@@ -163,38 +166,43 @@ class Fp8Rows(NamedTuple):
 class Fp8Linear(nn.Module):
     """An nn.Linear whose weight is e4m3 with one float32 scale per output channel; the bias stays in
     the model dtype. fast_accum: its products on the FP8 tensor cores accumulate without periodic
-    promotion (scaled_product)."""
+    promotion; triton_max_rows: products of up to that many rows in the Triton W8A8 kernel (both:
+    scaled_product's)."""
 
     def __init__(self, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                 fast_accum: bool = False):
+                 fast_accum: bool = False, triton_max_rows: int = 0):
         super().__init__()
         self.in_features, self.out_features = w_fp8.shape[1], w_fp8.shape[0]
         self.fast_accum = fast_accum
+        self.triton_max_rows = triton_max_rows
         self.register_buffer("weight_fp8", w_fp8)
         self.register_buffer("weight_scale", w_scale)
         self.register_buffer("bias", bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, fast_accum: bool = False) -> "Fp8Linear":
+    def from_linear(cls, linear: nn.Linear, fast_accum: bool = False, triton_max_rows: int = 0) -> "Fp8Linear":
         w_fp8, w_scale = quantize_weight_fp8(linear.weight.detach())
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(w_fp8, w_scale, bias, fast_accum)
+        return cls(w_fp8, w_scale, bias, fast_accum, triton_max_rows)
 
     def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         """x (..., K) rows, or Fp8Rows (M, K) quantized already (then always the FP8 tensor cores)."""
         if isinstance(x, Fp8Rows):
-            y = scaled_product(x.q, x.scale, self.weight_fp8, self.weight_scale, x.dtype, self.fast_accum)
+            y = scaled_product(x.q, x.scale, self.weight_fp8, self.weight_scale, x.dtype, self.fast_accum,
+                               self.triton_max_rows)
             return y if self.bias is None else y + self.bias
-        return fp8_linear(x, self.weight_fp8, self.weight_scale, self.bias, self.fast_accum)
+        return fp8_linear(x, self.weight_fp8, self.weight_scale, self.bias, self.fast_accum, self.triton_max_rows)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"e4m3{', fast accumulation' if self.fast_accum else ''}")
+                f"e4m3{', fast accumulation' if self.fast_accum else ''}"
+                f"{f', Triton W8A8 up to {self.triton_max_rows} rows' if self.triton_max_rows else ''}")
 
 
-def quantize_linears_fp8_(blocks: nn.ModuleList, names: tuple[str, ...], fast_accum: bool = False) -> int:
+def quantize_linears_fp8_(blocks: nn.ModuleList, names: tuple[str, ...], fast_accum: bool = False,
+                          triton_max_rows: int = 0) -> int:
     """In every block, replace the nn.Linear at each dotted name (e.g. "attn.qkv") with an Fp8Linear
-    (fast_accum: see Fp8Linear), in place, freeing the float weight. Returns how many were replaced (a
+    (fast_accum, triton_max_rows: see Fp8Linear), in place, freeing the float weight. Returns how many were replaced (a
     name that is not an nn.Linear, e.g. already replaced, is skipped)."""
     replaced = 0
     for block in blocks:
@@ -203,7 +211,7 @@ def quantize_linears_fp8_(blocks: nn.ModuleList, names: tuple[str, ...], fast_ac
             parent = block.get_submodule(parent_name) if parent_name else block
             linear = getattr(parent, child)
             if type(linear) is nn.Linear:
-                setattr(parent, child, Fp8Linear.from_linear(linear, fast_accum))
+                setattr(parent, child, Fp8Linear.from_linear(linear, fast_accum, triton_max_rows))
                 replaced += 1
     return replaced
 

@@ -49,6 +49,11 @@ class EngineOptions:
     # against float64 the same (0.0375; bench/kernels_bench.py --only quantized); +2.5 % tok/s at 32
     # streams for the engine alone, +3.0 / +2.0 % through the server at 32 / 64 (2026-12-06)
     fp8_fast_accum: bool | None = None
+    # with quantization "fp8": products of up to this many rows (decode batches) in the Triton W8A8 kernel
+    # (kernels/fp8_linear.py scaled_product_triton: swap-AB, split-K) instead of torch._scaled_mm, which
+    # reads the weights at ~60 % of the copy bandwidth at 32 rows on an H100. 0 (the default): never; at
+    # most 64. Opt-in until measured (bench/kernels_bench.py --only w8a8, then the engine and the server)
+    fp8_triton_max_rows: int = 0
     # overlap scheduling (engine.py): "true"/"false"; empty: on when the device is CUDA
     async_scheduling: bool | None = None
     # threads that detokenize and send responses (serving/response_path.py)
@@ -76,6 +81,9 @@ class EngineOptions:
                              f"(quantization is {self.quantization!r})")
         if self.fp8_fast_accum is None:
             object.__setattr__(self, "fp8_fast_accum", self.quantization == "fp8")
+        if self.fp8_triton_max_rows and self.quantization != "fp8":
+            raise ValueError("parameter 'fp8_triton_max_rows' needs quantization fp8 "
+                             f"(quantization is {self.quantization!r})")
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> "EngineOptions":
@@ -94,6 +102,11 @@ class EngineOptions:
                 elif f.name == "gpu_memory_utilization":
                     values[f.name] = float(raw)
                     if not 0 < values[f.name] <= 1:
+                        raise ValueError
+                elif f.name == "fp8_triton_max_rows":
+                    from internvl_serve.kernels.int8_linear import TRITON_MAX_M
+                    values[f.name] = int(raw)
+                    if not 0 <= values[f.name] <= TRITON_MAX_M:
                         raise ValueError
                 elif f.name == "encoder_priority_ms":
                     values[f.name] = float(raw)
@@ -209,7 +222,8 @@ def build_engine(checkpoint: str | Path, *, device: str, dtype: str, engine_opti
                           gpu_memory_utilization=options.gpu_memory_utilization,
                           max_num_batched_tokens=options.max_num_batched_tokens,
                           max_num_seqs=options.max_num_seqs, quantization=options.quantization or None,
-                          kv_cache_dtype=options.kv_cache_dtype, fp8_fast_accum=options.fp8_fast_accum)
+                          kv_cache_dtype=options.kv_cache_dtype, fp8_fast_accum=options.fp8_fast_accum,
+                          fp8_triton_max_rows=options.fp8_triton_max_rows)
     # Tensor parallelism: ranks 1..N-1 start first (they load their weights meanwhile); this process is
     # rank 0 on devices[0] and drives the engine.
     devices = tensor_parallel_devices(torch.device(device), options.tensor_parallel_size,

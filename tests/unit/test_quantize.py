@@ -187,6 +187,27 @@ def test_fp8_fast_accumulation_parameter_reaches_every_projection(tiny_checkpoin
     torch.testing.assert_close(prefill_logits(fast, config), prefill_logits(exact, config), rtol=0, atol=0)
 
 
+def test_fp8_triton_max_rows_parameter_reaches_every_projection(tiny_checkpoint, config):
+    """fp8_triton_max_rows: every Fp8Linear the runner made sends products of up to that many rows to the
+    Triton W8A8 kernel on CUDA (on the CPU the product is the same float32 one: the logits do not move);
+    0 by default, at most 64, refused without quantization fp8."""
+    from internvl_serve.serving.llm_engine import EngineOptions
+
+    assert EngineOptions().fp8_triton_max_rows == 0
+    assert EngineOptions.from_parameters({"quantization": "fp8", "fp8_triton_max_rows": "64"}).fp8_triton_max_rows == 64
+    for bad in ("65", "-1", "x"):
+        with pytest.raises(ValueError, match=f"parameter 'fp8_triton_max_rows': '{bad}' is not a valid int"):
+            EngineOptions.from_parameters({"quantization": "fp8", "fp8_triton_max_rows": bad})
+    with pytest.raises(ValueError, match="'fp8_triton_max_rows' needs quantization fp8"):
+        EngineOptions.from_parameters({"quantization": "int8", "fp8_triton_max_rows": "32"})
+    triton_rows = make_runner(tiny_checkpoint, config, "fp8", fp8_triton_max_rows=64)
+    cublas = make_runner(tiny_checkpoint, config, "fp8")
+    rows = [[m.triton_max_rows for m in r.model.modules() if isinstance(m, Fp8Linear)] for r in (triton_rows, cublas)]
+    assert rows[0] == [64] * 4 * config.llm_config.num_hidden_layers and set(rows[1]) == {0}
+    assert "Triton W8A8 up to 64 rows" in repr(triton_rows.model.model.layers[0].mlp.down_proj)
+    torch.testing.assert_close(prefill_logits(triton_rows, config), prefill_logits(cublas, config), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("quantization", sorted(SWAPS))
 def test_llm_service_passes_the_parameter_to_the_runner(tiny_checkpoint, quantization):
     from internvl_serve.serving.llm import LLMService
@@ -331,3 +352,18 @@ def test_gpu_fp8_cuda_graph_decode_equals_eager_and_is_close_to_bf16(tiny_checkp
     decode = {graphs: decode_step_logits(fp8(graphs, torch.float32), config) for graphs in (True, False)}
     err = compare_logits(decode[False], decode[True])
     assert err.rel_l2 < 1e-3 and err.top1_agreement == 1.0, err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs FP8 tensor cores (compute capability 8.9+)")
+@torch.no_grad()
+def test_gpu_fp8_triton_w8a8_decode_equals_scaled_mm(tiny_checkpoint, config):
+    """fp8_triton_max_rows=64: a decode step replayed through the captured graph with the Triton W8A8
+    kernel gives the logits of the same step with torch._scaled_mm (the same e4m3 products, summed in
+    another order), and the same greedy tokens."""
+    fp8 = functools.partial(cuda_runner, tiny_checkpoint, config, "fp8", True, torch.float32)
+    decode = {rows: decode_step_logits(fp8(fp8_triton_max_rows=rows), config) for rows in (0, 64)}
+    err = compare_logits(decode[0], decode[64])
+    assert err.rel_l2 < 1e-3 and err.top1_agreement == 1.0, err
+    assert greedy_tokens(fp8(fp8_triton_max_rows=64), config) == greedy_tokens(fp8(fp8_triton_max_rows=0), config)
