@@ -249,7 +249,8 @@ def run_server(ckpt: Path, results: dict, levels: list[int], requests_per_stream
                kv_free_timeout_s: float = 30.0, layout=None, open_loop: dict | None = None,
                py_spy_levels: tuple[int, ...] = (), direct_levels: list[int] = ()) -> None:
     """direct_levels: closed-loop levels run again after the others at tritonserver's own gRPC port, past
-    the gRPC guard, into results[f"{key}_direct"]: the guard's cost on the same server. open_loop: openloop.run_rates' keyword arguments (rates, num_requests or duration_s, seed,
+    the gRPC guard, with images of their own, into results[f"{key}_direct"]: the guard's cost on the same
+    server. open_loop: openloop.run_rates' keyword arguments (rates, num_requests or duration_s, seed,
     max_in_flight), run after the closed-loop levels into results["open_loop"] (key "server") or
     results["open_loop[...]"] (key "server[...]"). py_spy_levels: the
     closed-loop levels during which the llm stub is sampled (stub_sampler.py)."""
