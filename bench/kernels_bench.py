@@ -297,6 +297,24 @@ def config_name(c: Int8MatmulConfig) -> str:
     return f"{'gemv' if c.gemv else f'm{c.block_m}'} n{c.block_n} k{c.block_k} s{c.split_k} w{c.num_warps} st{c.num_stages}"
 
 
+def sweep_row(name: str, configs: list[Int8MatmulConfig], product, weight_sets: list, ref: torch.Tensor,
+              tol: float, top: int) -> str:
+    """One "sweep" line: product(weights, config) for each config, checked against ref on weight_sets[0]
+    and timed over every set; the `top` fastest, a config that fails to launch (e.g. out of shared
+    memory) listed as infinitely slow."""
+    res = []
+    for c in configs:
+        try:
+            out = product(weight_sets[0], c)
+        except Exception as e:  # a config, not a result, fails
+            res.append((float("inf"), f"{c} {type(e).__name__}"))
+            continue
+        check(f"{name} {c}", out, ref, tol)
+        res.append((graph_us([lambda w=w: product(w, c) for w in weight_sets]), config_name(c).replace(" ", "")))
+    res.sort(key=lambda r: r[0])
+    return "      sweep " + " ".join(f"{n}:{t:.1f}" for t, n in res[:top])
+
+
 def linear_table(bw: float, sweep: bool) -> list[str]:
     rows = Rows([f"{'M':>3} {'N':>6} {'K':>6} | {'int8 us':>8} {'GB/s':>6} {'%copy':>5} | {'bf16 us':>8} {'GB/s':>6} "
                  f"{'%copy':>5} | {'speedup':>7} | config"])
@@ -322,18 +340,9 @@ def linear_table(bw: float, sweep: bool) -> list[str]:
                 + config_name(cfg)
             )
             if sweep:
-                res = []
-                for c in sweep_configs(M):
-                    try:
-                        out = int8_linear(x, w_int8, scale, use_triton=True, config=c)
-                    except Exception as e:  # e.g. out of shared memory: a config, not a result, fails
-                        res.append((float("inf"), f"{c} {type(e).__name__}"))
-                        continue
-                    check(f"int8_linear {c}", out, ref, 1e-2)
-                    t = graph_us([lambda q=q: int8_linear(x, q[0], q[1], use_triton=True, config=c) for q in qs])
-                    res.append((t, config_name(c).replace(" ", "")))
-                res.sort(key=lambda r: r[0])
-                rows.append("      sweep " + " ".join(f"{n}:{t:.1f}" for t, n in res[:12]))
+                rows.append(sweep_row("int8_linear", sweep_configs(M),
+                                      lambda q, c: int8_linear(x, q[0], q[1], use_triton=True, config=c),
+                                      qs, ref, 1e-2, top=12))
         del ws, qs
     return rows
 
@@ -409,20 +418,11 @@ def w8a8_table(bw: float, sweep: bool) -> list[str]:
             gbs = {k: (N * K + N * 4 + M * K + M * N * 2) / v / 1e3 for k, v in t.items()}
             rows.append(f"{M:>3} {name:>8} | {t['cublas']:>9.1f} {100 * gbs['cublas'] / bw:>5.0f} | "
                         f"{t['triton']:>9.1f} {100 * gbs['triton'] / bw:>5.0f} | {t['cublas'] / t['triton']:>6.2f}x | "
-                        f"{err:>6.4f} | " + config_name(default_config(M, N, K)))
+                        f"{err:>6.4f} | " + config_name(default_config(M, N, K, gemv=False)))
             if sweep:
-                res = []
-                for c in [c for c in sweep_configs(M) if not c.gemv]:
-                    try:
-                        out = scaled_product_triton(xq, xs, *fs[0], torch.bfloat16, config=c)
-                    except Exception as e:  # e.g. out of shared memory: a config, not a result, fails
-                        res.append((float("inf"), f"{config_name(c).replace(' ', '')}:{type(e).__name__}"))
-                        continue
-                    check(f"w8a8 triton {c}", out, ref, 2e-2)
-                    res.append((graph_us([lambda f=f: scaled_product_triton(xq, xs, f[0], f[1], torch.bfloat16, c)
-                                          for f in fs]), config_name(c).replace(" ", "")))
-                res.sort(key=lambda r: r[0])
-                rows.append("      sweep " + " ".join(f"{n}:{t:.1f}" for t, n in res[:8]))
+                rows.append(sweep_row("w8a8 triton", [c for c in sweep_configs(M) if not c.gemv],
+                                      lambda f, c: scaled_product_triton(xq, xs, f[0], f[1], torch.bfloat16, c),
+                                      fs, ref, 2e-2, top=8))
             del fs
         rows.append(f"{M:>3} {'layer':>8} | {total['cublas']:>9.1f} {'':>5} | {total['triton']:>9.1f} {'':>5} | "
                     f"{total['cublas'] / total['triton']:>6.2f}x | (x40 layers: cublas {total['cublas'] * 40 / 1e3:.2f} "

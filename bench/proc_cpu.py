@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import os
 
+from internvl_serve.serving.processes import stat_fields
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of one process (all its threads); None once it is gone."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()  # fields[0] is the state, /proc's field 3
+        fields = stat_fields(pid)
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime: /proc's fields 14, 15
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def children_of(pids: set[int]) -> dict[int, int]:
@@ -29,8 +30,7 @@ def children_of(pids: set[int]) -> dict[int, int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    parent[int(entry)] = int(f.read().rsplit(b")", 1)[1].split()[1])
+                parent[int(entry)] = int(stat_fields(entry)[1])
             except (OSError, ValueError, IndexError):
                 continue  # gone meanwhile
     found: dict[int, int] = {}

@@ -172,13 +172,15 @@ class Int8MatmulConfig:
     gemv: bool = False  # the elementwise kernel (one program per row, no matrix units; block_m unused)
 
 
-def default_config(M: int, N: int, K: int, num_sms: int = 132) -> Int8MatmulConfig:
+def default_config(M: int, N: int, K: int, num_sms: int = 132, gemv: bool = True) -> Int8MatmulConfig:
     """Tiles for decode batch sizes, picked from an H100 sweep (bench/kernels_bench.py --sweep) at the
     LLaMA-2-13B shapes (N, K) = (5120, 5120), (13824, 5120), (5120, 13824):
     M = 1 the elementwise kernel (no matrix units) with 8 x 512 tiles; M <= 32 the matrix kernel with
     32-row weight tiles; larger M 64-row tiles. Split-K only while the (M, N) tiles alone leave SMs idle.
+    gemv False: the matrix kernel for one row too (e4m3 rows with scales, which the elementwise kernel does
+    not take).
     """
-    if M == 1:
+    if M == 1 and gemv:
         return Int8MatmulConfig(block_m=1, block_n=8, block_k=512, split_k=1, num_warps=4, num_stages=1, gemv=True)
     block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
     block_n = 32 if M <= 32 else 64
@@ -227,9 +229,7 @@ def int8_linear(
     if config is None:
         if num_sms is None:
             num_sms = num_sms_of(x.device)
-        config = default_config(M, N, K, num_sms)
-        if x_scale is not None and config.gemv:  # one row: the matrix kernel's smallest tile
-            config = Int8MatmulConfig(block_m=16, block_n=32, block_k=128, split_k=config.split_k)
+        config = default_config(M, N, K, num_sms, gemv=x_scale is None)
     c = config
     assert not (c.gemv and x_scale is not None), "e4m3 rows with scales take the matrix kernel, not gemv"
     if c.split_k == 1:

@@ -46,6 +46,13 @@ def free_ports(hosts: dict[str, str]) -> dict[str, int]:
             s.close()
 
 
+def stat_fields(pid: int | str) -> list[bytes]:
+    """/proc/PID/stat after the command name: [0] the state, [1] the parent pid, ... [11] and [12] the
+    user and system CPU time in clock ticks (proc(5)'s fields 3, 4, 14, 15). OSError once it is gone."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return f.read().rsplit(b")", 1)[1].split()
+
+
 def python_stubs(server_pid: int) -> dict[int, str]:
     """The live Python backend stubs tritonserver `server_pid` started: pid -> model instance name
     ('preprocess_0_1'). Read from /proc; zombies (dead, not reaped yet) are left out."""
@@ -54,8 +61,7 @@ def python_stubs(server_pid: int) -> dict[int, str]:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                state, ppid = f.read().rsplit(b")", 1)[1].split()[:2]
+            state, ppid = stat_fields(entry)[:2]
             if int(ppid) != server_pid or state == b"Z":
                 continue
             with open(f"/proc/{entry}/cmdline", "rb") as f:
