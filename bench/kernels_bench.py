@@ -48,7 +48,7 @@ from internvl_serve.engine.attention import (  # noqa: E402
 from internvl_serve.kernels.fp8_linear import (fp8_linear, quantize_rows_fp8, quantize_weight_fp8,  # noqa: E402
                                                scaled_product, scaled_product_triton)
 from internvl_serve.kernels.fused_ops import add_rmsnorm, add_rmsnorm_fp8, silu_and_mul, silu_and_mul_fp8  # noqa: E402
-from internvl_serve.kernels.int8_linear import Int8MatmulConfig, default_config, int8_linear, quantize_weight  # noqa: E402
+from internvl_serve.kernels.int8_linear import Int8MatmulConfig, default_config, int8_linear, quantize_weight, scaled_config  # noqa: E402
 from internvl_serve.kernels.paged_attention import (  # noqa: E402
     default_decode_tiles,
     paged_decode_attention,
@@ -418,7 +418,7 @@ def w8a8_table(bw: float, sweep: bool) -> list[str]:
             gbs = {k: (N * K + N * 4 + M * K + M * N * 2) / v / 1e3 for k, v in t.items()}
             rows.append(f"{M:>3} {name:>8} | {t['cublas']:>9.1f} {100 * gbs['cublas'] / bw:>5.0f} | "
                         f"{t['triton']:>9.1f} {100 * gbs['triton'] / bw:>5.0f} | {t['cublas'] / t['triton']:>6.2f}x | "
-                        f"{err:>6.4f} | " + config_name(default_config(M, N, K, gemv=False)))
+                        f"{err:>6.4f} | " + config_name(scaled_config(M, N, K)))
             if sweep:
                 rows.append(sweep_row("w8a8 triton", [c for c in sweep_configs(M) if not c.gemv],
                                       lambda f, c: scaled_product_triton(xq, xs, f[0], f[1], torch.bfloat16, c),

@@ -172,15 +172,13 @@ class Int8MatmulConfig:
     gemv: bool = False  # the elementwise kernel (one program per row, no matrix units; block_m unused)
 
 
-def default_config(M: int, N: int, K: int, num_sms: int = 132, gemv: bool = True) -> Int8MatmulConfig:
+def default_config(M: int, N: int, K: int, num_sms: int = 132) -> Int8MatmulConfig:
     """Tiles for decode batch sizes, picked from an H100 sweep (bench/kernels_bench.py --sweep) at the
     LLaMA-2-13B shapes (N, K) = (5120, 5120), (13824, 5120), (5120, 13824):
     M = 1 the elementwise kernel (no matrix units) with 8 x 512 tiles; M <= 32 the matrix kernel with
     32-row weight tiles; larger M 64-row tiles. Split-K only while the (M, N) tiles alone leave SMs idle.
-    gemv False: the matrix kernel for one row too (e4m3 rows with scales, which the elementwise kernel does
-    not take).
     """
-    if M == 1 and gemv:
+    if M == 1:
         return Int8MatmulConfig(block_m=1, block_n=8, block_k=512, split_k=1, num_warps=4, num_stages=1, gemv=True)
     block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
     block_n = 32 if M <= 32 else 64
@@ -190,6 +188,20 @@ def default_config(M: int, N: int, K: int, num_sms: int = 132, gemv: bool = True
     while tiles * split_k < want and split_k < 4 and K // (2 * split_k) >= 1024:
         split_k *= 2
     return Int8MatmulConfig(block_m=block_m, block_n=block_n, block_k=128, split_k=split_k)
+
+
+def scaled_config(M: int, N: int, K: int) -> Int8MatmulConfig:
+    """Tiles for e4m3 rows with scales (W8A8, fp8_linear's Triton path), picked from an H100 sweep
+    (bench/kernels_bench.py --only w8a8 --sweep, 2026-12-07) at the engine's shapes (N, K) = (15360, 5120),
+    (5120, 5120), (27648, 5120), (5120, 13824) and M = 2 to 64: 64-wide weight tiles (wgmma) and no split-K
+    at every M (split-K lost to one pass over K even where the tiles leave SMs idle); K in 256-byte steps,
+    except at M > 32 for the wide products (N > 2K: qkv, gate_up), where 128 with 5 stages was faster.
+    The matrix kernel for one row too: the elementwise kernel does not take scaled rows.
+    """
+    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
+    if block_m == 64 and N > 2 * K:
+        return Int8MatmulConfig(block_m=64, block_n=64, block_k=128, split_k=1, num_stages=5)
+    return Int8MatmulConfig(block_m=block_m, block_n=64, block_k=256, split_k=1, num_stages=4)
 
 
 def int8_linear(
@@ -229,7 +241,7 @@ def int8_linear(
     if config is None:
         if num_sms is None:
             num_sms = num_sms_of(x.device)
-        config = default_config(M, N, K, num_sms, gemv=x_scale is None)
+        config = default_config(M, N, K, num_sms) if x_scale is None else scaled_config(M, N, K)
     c = config
     assert not (c.gemv and x_scale is not None), "e4m3 rows with scales take the matrix kernel, not gemv"
     if c.split_k == 1:

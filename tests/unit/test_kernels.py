@@ -25,11 +25,11 @@ from kernel_helpers import HAS_TRITON, gpu, nan_paged_cache, needs_triton, rel_e
 from torch import nn
 
 from internvl_serve.kernels import (Int8Linear, compare_logits, int8_linear, logit_error, paged_decode_attention,
-                                    paged_decode_attention_ref, paged_decode_attention_torch, quantize_llama_linears,
+                                    paged_decode_attention_ref, quantize_llama_linears,
                                     quantize_weight, write_kv)
 from internvl_serve.kernels.fp8_linear import (quantize_rows_fp8_torch, quantize_weight_fp8, scaled_product,
                                                scaled_product_triton)
-from internvl_serve.kernels.int8_linear import Int8MatmulConfig, int8_linear_torch
+from internvl_serve.kernels.int8_linear import Int8MatmulConfig, int8_linear_torch, scaled_config
 from internvl_serve.kernels.paged_attention import put_cache_rows, write_kv_ref
 
 if HAS_TRITON:
@@ -177,7 +177,8 @@ W8A8_CASES = [
     # M, N, K, config: e4m3 rows and weight on the matrix kernel's fp8 dot, both scales in the epilogue
     (2, 64, 256, Int8MatmulConfig(16, 32, 64, 1)),
     (20, 80, 200, Int8MatmulConfig(16, 32, 64, 2)),  # two M tiles, ragged N and K, split-K
-    (33, 70, 2048, None),  # the default config (split-K), M tile of 64
+    (33, 70, 2048, None),  # the default config: M tile of 64, K in steps of 256
+    (40, 300, 128, None),  # the default config of wide products at M > 32: K in steps of 128
     (1, 48, 256, None),  # one row: the matrix kernel, not the gemv
 ]
 
@@ -353,24 +354,31 @@ def test_e4m3_cache_kernels_compile_for_the_h100(kernel):
     assert compiled.asm["cubin"]
 
 
+ENGINE_FP8_SHAPES = [(15360, 5120), (5120, 5120), (27648, 5120), (5120, 13824)]  # (N, K): qkv, o, gate_up, down
+
+
 @needs_triton
-@pytest.mark.parametrize("block_m,block_n,split_k", [(16, 32, 1), (32, 32, 4), (64, 64, 2)])
-def test_w8a8_matrix_kernel_compiles_for_the_h100(block_m, block_n, split_k):
-    # the matrix kernel with e4m3 rows and weight (scaled_product_triton), Triton's real compiler down to
-    # an sm_90 cubin without a GPU: the fp8 x fp8 dot must lower to Hopper's FP8 tensor cores
+@pytest.mark.parametrize("cfg", sorted({scaled_config(M, N, K) for M in (1, 16, 32, 64) for N, K in ENGINE_FP8_SHAPES}
+                                       | {Int8MatmulConfig(32, 32, 128, 4)}, key=repr), ids=repr)
+def test_w8a8_matrix_kernel_compiles_for_the_h100(cfg):
+    # the matrix kernel with e4m3 rows and weight (scaled_product_triton) in the tiles the engine's decode
+    # takes (and a split-K one), Triton's real compiler down to an sm_90 cubin without a GPU: the fp8 x fp8
+    # dot must lower to Hopper's FP8 tensor cores, the 64-wide weight tiles to its warpgroup MMA (wgmma)
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     il = importlib.import_module("internvl_serve.kernels.int8_linear")  # the package exports a function of that name
     fn = il._int8_matmul_kernel
-    consts = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split_k, EVEN_K=True, FP32_IEEE=False,
-                  X_SCALED=True)
-    out = "*bf16" if split_k == 1 else "*fp32"
+    consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, EVEN_K=True,
+                  FP32_IEEE=False, X_SCALED=True)
+    out = "*bf16" if cfg.split_k == 1 else "*fp32"
     ptrs = {"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "x_scale_ptr": "*fp32", "out_ptr": out}
     sig = {n: ptrs.get(n, "constexpr" if n in consts else "i32") for n in fn.arg_names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=4))
+    options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     assert compiled.asm["cubin"]
+    assert ("wgmma" in compiled.asm["ptx"]) == (cfg.block_n >= 64), cfg
     assert "e4m3" in compiled.asm["ptx"]  # the dot takes the e4m3 operands as they are
 
 

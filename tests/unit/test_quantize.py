@@ -360,10 +360,13 @@ def test_gpu_fp8_cuda_graph_decode_equals_eager_and_is_close_to_bf16(tiny_checkp
 @torch.no_grad()
 def test_gpu_fp8_triton_w8a8_decode_equals_scaled_mm(tiny_checkpoint, config):
     """fp8_triton_max_rows=64: a decode step replayed through the captured graph with the Triton W8A8
-    kernel gives the logits of the same step with torch._scaled_mm (the same e4m3 products, summed in
-    another order), and the same greedy tokens."""
+    kernel gives the logits of the same step with torch._scaled_mm up to the summation order of the same
+    e4m3 products, and the same greedy tokens. Not bit-close: each layer quantizes its input rows to e4m3
+    again, so an order difference that moves a value across a rounding boundary becomes a whole e4m3 step
+    (1/16) in that element of the next product (measured on the H100: 0.84 % of the logits' norm; the
+    products alone are within 0.16-0.23 % of float64 in bf16, bench/kernels_bench.py --only w8a8)."""
     fp8 = functools.partial(cuda_runner, tiny_checkpoint, config, "fp8", True, torch.float32)
     decode = {rows: decode_step_logits(fp8(fp8_triton_max_rows=rows), config) for rows in (0, 64)}
     err = compare_logits(decode[0], decode[64])
-    assert err.rel_l2 < 1e-3 and err.top1_agreement == 1.0, err
+    assert err.rel_l2 < 0.02 and err.top1_agreement == 1.0, err
     assert greedy_tokens(fp8(fp8_triton_max_rows=64), config) == greedy_tokens(fp8(fp8_triton_max_rows=0), config)
