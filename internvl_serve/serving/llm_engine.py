@@ -50,10 +50,12 @@ class EngineOptions:
     # streams for the engine alone, +3.0 / +2.0 % through the server at 32 / 64 (2026-12-06)
     fp8_fast_accum: bool | None = None
     # with quantization "fp8": products of up to this many rows (decode batches) in the Triton W8A8 kernel
-    # (kernels/fp8_linear.py scaled_product_triton: swap-AB, split-K) instead of torch._scaled_mm, which
-    # reads the weights at ~60 % of the copy bandwidth at 32 rows on an H100. 0 (the default): never; at
-    # most 64. Opt-in until measured (bench/kernels_bench.py --only w8a8, then the engine and the server)
-    fp8_triton_max_rows: int = 0
+    # (kernels/fp8_linear.py scaled_product_triton) instead of torch._scaled_mm; 0: never; at most 64.
+    # Empty: 64 with quantization fp8. H100 (2026-12-07): one layer's four projections 1.16-1.24x faster
+    # than _scaled_mm at 2-64 rows (bench/kernels_bench.py --only w8a8); through the server +7.1 / +7.2 %
+    # output tok/s at 32 streams and +3.0 / +3.4 % at 64 in two runs in opposite order
+    # (bench/results/h100-2026-12-07b). Tiles tuned on the H100 only (int8_linear.scaled_config)
+    fp8_triton_max_rows: int | None = None
     # overlap scheduling (engine.py): "true"/"false"; empty: on when the device is CUDA
     async_scheduling: bool | None = None
     # threads that detokenize and send responses (serving/response_path.py)
@@ -84,6 +86,9 @@ class EngineOptions:
         if self.fp8_triton_max_rows and self.quantization != "fp8":
             raise ValueError("parameter 'fp8_triton_max_rows' needs quantization fp8 "
                              f"(quantization is {self.quantization!r})")
+        if self.fp8_triton_max_rows is None:
+            from internvl_serve.kernels.int8_linear import TRITON_MAX_M
+            object.__setattr__(self, "fp8_triton_max_rows", TRITON_MAX_M if self.quantization == "fp8" else 0)
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> "EngineOptions":

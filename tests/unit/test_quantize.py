@@ -190,10 +190,12 @@ def test_fp8_fast_accumulation_parameter_reaches_every_projection(tiny_checkpoin
 def test_fp8_triton_max_rows_parameter_reaches_every_projection(tiny_checkpoint, config):
     """fp8_triton_max_rows: every Fp8Linear the runner made sends products of up to that many rows to the
     Triton W8A8 kernel on CUDA (on the CPU the product is the same float32 one: the logits do not move);
-    0 by default, at most 64, refused without quantization fp8."""
+    by default 64 with quantization fp8 and 0 without, at most 64, refused without quantization fp8."""
     from internvl_serve.serving.llm_engine import EngineOptions
 
-    assert EngineOptions().fp8_triton_max_rows == 0
+    assert EngineOptions().fp8_triton_max_rows == 0 and EngineOptions(quantization="int8").fp8_triton_max_rows == 0
+    assert EngineOptions(quantization="fp8").fp8_triton_max_rows == 64  # the default with fp8
+    assert EngineOptions.from_parameters({"quantization": "fp8", "fp8_triton_max_rows": "0"}).fp8_triton_max_rows == 0
     assert EngineOptions.from_parameters({"quantization": "fp8", "fp8_triton_max_rows": "64"}).fp8_triton_max_rows == 64
     for bad in ("65", "-1", "x"):
         with pytest.raises(ValueError, match=f"parameter 'fp8_triton_max_rows': '{bad}' is not a valid int"):
@@ -361,12 +363,13 @@ def test_gpu_fp8_cuda_graph_decode_equals_eager_and_is_close_to_bf16(tiny_checkp
 def test_gpu_fp8_triton_w8a8_decode_equals_scaled_mm(tiny_checkpoint, config):
     """fp8_triton_max_rows=64: a decode step replayed through the captured graph with the Triton W8A8
     kernel gives the logits of the same step with torch._scaled_mm up to the summation order of the same
-    e4m3 products, and the same greedy tokens. Not bit-close: each layer quantizes its input rows to e4m3
-    again, so an order difference that moves a value across a rounding boundary becomes a whole e4m3 step
-    (1/16) in that element of the next product (measured on the H100: 0.84 % of the logits' norm; the
-    products alone are within 0.16-0.23 % of float64 in bf16, bench/kernels_bench.py --only w8a8)."""
+    e4m3 products: close, and the same top token for every sequence. Not bit-close: each layer quantizes
+    its input rows to e4m3 again, so an order difference that moves a value across a rounding boundary
+    becomes a whole e4m3 step (1/16) in that element of the next product (measured on the H100: 0.84 % of
+    the logits' norm; the products alone are within 0.16-0.23 % of float64 in bf16, bench/kernels_bench.py
+    --only w8a8). Whole greedy generations are not compared: the tiny random model's near-ties let such
+    differences pick another token some steps in (seen on the H100), and the texts part from there."""
     fp8 = functools.partial(cuda_runner, tiny_checkpoint, config, "fp8", True, torch.float32)
     decode = {rows: decode_step_logits(fp8(fp8_triton_max_rows=rows), config) for rows in (0, 64)}
     err = compare_logits(decode[0], decode[64])
     assert err.rel_l2 < 0.02 and err.top1_agreement == 1.0, err
-    assert greedy_tokens(fp8(fp8_triton_max_rows=64), config) == greedy_tokens(fp8(fp8_triton_max_rows=0), config)
