@@ -16,11 +16,15 @@ without calibrated scales): `to_cache_dtype` saturates at +-448 and rounds to ne
 read any cache dtype into float32 (or q's dtype for the prefill kernel's dots).
 
 Flash-decoding: the context of each (sequence, query head) is cut into partitions of
-`partition_size` tokens; one program per (sequence, query head, partition) runs an online softmax
-over its tokens and writes a partial output with its running max and sum; a second kernel merges
-the partitions. The grid depends only on B, Hq and block_tables.shape[1], never on data
-(context_lens is read inside the kernels), so a launch can be captured in a CUDA graph and replayed
-with other context lengths and block tables.
+`partition_size` tokens; `splits` programs per (sequence, query head) take its partitions in turn
+(program s the partitions s, s + splits, ...), each running an online softmax over one partition's
+tokens and writing a partial output with its running max and sum; a second kernel merges the
+partitions. Only partitions inside the context are visited, so a block table much wider than the
+contexts (the engine's CUDA graphs take one as wide as the model's maximum length) costs no programs
+that find nothing to do. With one split a program runs the online softmax over its whole context and
+writes the output itself (no partials, no second kernel). The grid depends only on B, Hq and
+block_tables.shape[1], never on data (context_lens is read inside the kernels), so a launch can be
+captured in a CUDA graph and replayed with other context lengths and block tables.
 """
 
 from __future__ import annotations
@@ -156,42 +160,17 @@ def write_kv_ref(
 if triton is not None:
 
     @triton.jit
-    def _decode_partition_kernel(
-        q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr,
-        out_ptr, part_o_ptr, part_m_ptr, part_l_ptr,
-        qk_scale,  # softmax scale * log2(e): the kernel works in base 2
-        stride_qb, stride_qh, stride_qd,
-        stride_kn, stride_kt, stride_kh, stride_kd,
-        stride_vn, stride_vt, stride_vh, stride_vd,
-        stride_btb, stride_btn,
-        stride_ob, stride_oh, stride_od,
-        block_size,
-        max_tokens,  # block_tables.shape[1] * block_size: longer contexts are cut there
-        NUM_PARTS,  # partitions per (sequence, head): a run-time value, so table widths share a compile
-        GROUP: tl.constexpr,  # query heads per KV head
-        PART_TOKENS: tl.constexpr,  # tokens per partition, a multiple of BLOCK_N
-        BLOCK_N: tl.constexpr,  # tokens per loop step
-        HEAD_DIM: tl.constexpr,
-        BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of 2
-        SINGLE: tl.constexpr,  # NUM_PARTS == 1: normalise and write the output directly
-    ):
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        part = tl.program_id(2)
-        kvh = h // GROUP
-        ctx = tl.minimum(tl.load(lens_ptr + b), max_tokens)  # never read past the table's row
-        start = part * PART_TOKENS
-        end = tl.minimum(start + PART_TOKENS, ctx)
-
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_d = offs_d < HEAD_DIM
-        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d * stride_qd, mask=mask_d, other=0.0)
-        q = q.to(tl.float32) * qk_scale  # (BLOCK_D,)
-
+    def _attend(q, k_ptr, v_ptr, bt_ptr, b, kvh, start, end,
+                stride_kn, stride_kt, stride_kh, stride_kd,
+                stride_vn, stride_vt, stride_vh, stride_vd,
+                stride_btb, stride_btn, block_size,
+                offs_d, mask_d,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Online softmax of q (scaled, log2 units) over the tokens [start, end) of sequence b's context:
+        (running max, sum, unnormalised output). An empty range leaves m=-inf, l=0, acc=0."""
         m_i = tl.full((), -float("inf"), tl.float32)
         l_i = tl.full((), 0.0, tl.float32)
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        # An empty partition (start >= ctx) runs no iteration and leaves m=-inf, l=0.
         for t0 in range(start, end, BLOCK_N):
             offs_t = t0 + tl.arange(0, BLOCK_N)
             mask_t = offs_t < end
@@ -217,19 +196,63 @@ if triton is not None:
             acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
             l_i = l_i * alpha + tl.sum(p, axis=0)
             m_i = m_new
+        return m_i, l_i, acc
+
+    @triton.jit
+    def _decode_partition_kernel(
+        q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr,
+        out_ptr, part_o_ptr, part_m_ptr, part_l_ptr,
+        qk_scale,  # softmax scale * log2(e): the kernel works in base 2
+        stride_qb, stride_qh, stride_qd,
+        stride_kn, stride_kt, stride_kh, stride_kd,
+        stride_vn, stride_vt, stride_vh, stride_vd,
+        stride_btb, stride_btn,
+        stride_ob, stride_oh, stride_od,
+        block_size,
+        max_tokens,  # block_tables.shape[1] * block_size: longer contexts are cut there
+        NUM_PARTS,  # partitions per (sequence, head): a run-time value, so table widths share a compile
+        SPLITS,  # programs per (sequence, head), taking its partitions in turn (grid axis 2)
+        GROUP: tl.constexpr,  # query heads per KV head
+        PART_TOKENS: tl.constexpr,  # tokens per partition, a multiple of BLOCK_N
+        BLOCK_N: tl.constexpr,  # tokens per loop step
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of 2
+        SINGLE: tl.constexpr,  # SPLITS == 1: the whole context in one program, which writes the output
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        split = tl.program_id(2)
+        kvh = h // GROUP
+        ctx = tl.minimum(tl.load(lens_ptr + b), max_tokens)  # never read past the table's row
+
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < HEAD_DIM
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d * stride_qd, mask=mask_d, other=0.0)
+        q = q.to(tl.float32) * qk_scale  # (BLOCK_D,)
 
         if SINGLE:
+            m_i, l_i, acc = _attend(q, k_ptr, v_ptr, bt_ptr, b, kvh, 0, ctx,
+                                    stride_kn, stride_kt, stride_kh, stride_kd,
+                                    stride_vn, stride_vt, stride_vh, stride_vd,
+                                    stride_btb, stride_btn, block_size, offs_d, mask_d, BLOCK_N, BLOCK_D)
             o = acc / tl.where(l_i > 0, l_i, 1.0)  # context length 0: acc = 0 gives zeros, not NaN
             tl.store(
                 out_ptr + b * stride_ob + h * stride_oh + offs_d * stride_od,
                 o.to(out_ptr.dtype.element_ty), mask=mask_d,
             )
         else:
-            row = (b * tl.num_programs(1) + h) * NUM_PARTS + part
-            o = acc / tl.where(l_i > 0, l_i, 1.0)
-            tl.store(part_o_ptr + row * BLOCK_D + offs_d, o)
-            tl.store(part_m_ptr + row, m_i)
-            tl.store(part_l_ptr + row, l_i)
+            # only the partitions inside the context: the reduce kernel reads no others
+            for part in range(split, tl.cdiv(ctx, PART_TOKENS), SPLITS):
+                start = part * PART_TOKENS
+                m_i, l_i, acc = _attend(q, k_ptr, v_ptr, bt_ptr, b, kvh, start,
+                                        tl.minimum(start + PART_TOKENS, ctx),
+                                        stride_kn, stride_kt, stride_kh, stride_kd,
+                                        stride_vn, stride_vt, stride_vh, stride_vd,
+                                        stride_btb, stride_btn, block_size, offs_d, mask_d, BLOCK_N, BLOCK_D)
+                row = (b * tl.num_programs(1) + h) * NUM_PARTS + part
+                tl.store(part_o_ptr + row * BLOCK_D + offs_d, acc / l_i)  # l_i > 0: the partition has tokens
+                tl.store(part_m_ptr + row, m_i)
+                tl.store(part_l_ptr + row, l_i)
 
     @triton.jit
     def _decode_reduce_kernel(
@@ -245,7 +268,7 @@ if triton is not None:
         b = tl.program_id(0)
         h = tl.program_id(1)
         ctx = tl.minimum(tl.load(lens_ptr + b), max_tokens)
-        n_parts = tl.cdiv(ctx, PART_TOKENS)  # partitions past the context wrote nothing useful
+        n_parts = tl.cdiv(ctx, PART_TOKENS)  # partitions past the context were not written
         offs_p = tl.arange(0, BLOCK_P)
         mask_p = offs_p < n_parts
         row0 = (b * tl.num_programs(1) + h) * NUM_PARTS
@@ -317,9 +340,20 @@ def num_sms_of(device: torch.device) -> int:
 
 @dataclass(frozen=True)
 class DecodeTiles:
-    partition_size: int  # tokens per program (split-K partition)
+    partition_size: int  # tokens per split-K partition
     block_n: int  # tokens per loop step
     num_warps: int
+
+
+SPLIT_PROGRAMS_PER_SM = 16  # decode_splits: programs wanted per multiprocessor
+
+
+def decode_splits(batch: int, num_heads: int, num_parts: int, num_sms: int = 132) -> int:
+    """Programs per (sequence, head): enough for SPLIT_PROGRAMS_PER_SM programs per multiprocessor, at
+    most one per partition of the table's width; 1 (each program over its whole context, no second
+    kernel) once the (sequence, head) pairs alone give that many. From the grid's static size only."""
+    pairs = batch * num_heads
+    return max(1, min(num_parts, -(-SPLIT_PROGRAMS_PER_SM * num_sms // pairs)))
 
 
 def default_decode_tiles(batch: int, num_heads: int, num_sms: int = 132, kv_bytes: int = 2) -> DecodeTiles:
@@ -353,6 +387,7 @@ def paged_decode_attention(
     use_triton: bool | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context.
 
@@ -363,8 +398,9 @@ def paged_decode_attention(
     the kernels cut a length past max_blocks * block_size there instead of reading out of bounds).
     Returns (B, Hq, D) in q's dtype (written into `out` when given). Hq must be a multiple of Hkv.
     use_triton: None runs the Triton kernels on CUDA tensors and the torch version elsewhere.
-    partition_size (tokens per split, a power of 2 >= 16), block_n (tokens per loop step) and
-    num_warps: tuning knobs; None takes default_decode_tiles(B, Hq, ..., the cache's element size).
+    partition_size (tokens per split-K partition, a power of 2 >= 16), block_n (tokens per loop step),
+    num_warps and splits (programs per (sequence, head); 1: no partitions): tuning knobs; None takes
+    default_decode_tiles(B, Hq, ..., the cache's element size) and decode_splits.
     """
     B, Hq, D = q.shape
     num_blocks, block_size, Hkv, Dk = k_cache.shape
@@ -388,20 +424,21 @@ def paged_decode_attention(
     assert partition_size >= 16 and partition_size & (partition_size - 1) == 0, partition_size
     block_n = min(block_n or tiles.block_n, partition_size)
     num_parts = triton.cdiv(max_tokens, partition_size)
+    splits = min(splits or decode_splits(B, Hq, num_parts, num_sms_of(q.device)), num_parts)
     block_d = triton.next_power_of_2(D)
-    single = num_parts == 1
+    single = splits == 1
     if single:
         part_o = part_m = part_l = out  # unused
     else:
         part_o = torch.empty(B * Hq * num_parts, block_d, dtype=torch.float32, device=q.device)
         part_m = torch.empty(B * Hq * num_parts, dtype=torch.float32, device=q.device)
         part_l = torch.empty(B * Hq * num_parts, dtype=torch.float32, device=q.device)
-    _decode_partition_kernel[(B, Hq, num_parts)](
+    _decode_partition_kernel[(B, Hq, splits)](
         q, k_cache, v_cache, block_tables, context_lens,
         out, part_o, part_m, part_l,
         scale * _LOG2E,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
-        block_size, max_tokens, num_parts,
+        block_size, max_tokens, num_parts, splits,
         GROUP=Hq // Hkv, PART_TOKENS=partition_size, BLOCK_N=block_n,
         HEAD_DIM=D, BLOCK_D=block_d, SINGLE=single,
         num_warps=num_warps,
