@@ -15,16 +15,18 @@ each decode step reads). An e4m3 cache holds the values themselves, with no scal
 without calibrated scales): `to_cache_dtype` saturates at +-448 and rounds to nearest even; the kernels
 read any cache dtype into float32 (or q's dtype for the prefill kernel's dots).
 
-Flash-decoding: the context of each (sequence, query head) is cut into partitions of
-`partition_size` tokens; `splits` programs per (sequence, query head) take its partitions in turn
-(program s the partitions s, s + splits, ...), each running an online softmax over one partition's
-tokens and writing a partial output with its running max and sum; a second kernel merges the
-partitions. Only partitions inside the context are visited, so a block table much wider than the
-contexts (the engine's CUDA graphs take one as wide as the model's maximum length) costs no programs
-that find nothing to do. With one split a program runs the online softmax over its whole context and
-writes the output itself (no partials, no second kernel). The grid depends only on B, Hq and
-block_tables.shape[1], never on data (context_lens is read inside the kernels), so a launch can be
-captured in a CUDA graph and replayed with other context lengths and block tables.
+Two ways, chosen from the grid's static size (decode_single):
+- Flash-decoding (few sequences): the context of each (sequence, query head) is cut into partitions of
+  `partition_size` tokens; one program per (sequence, query head, partition of the table's width)
+  runs an online softmax over its tokens and writes a partial output with its running max and sum; a
+  second kernel merges the partitions inside the context. Programs past the context write nothing.
+- Single (once the (sequence, head) pairs alone fill the GPU): one program per (sequence, query head)
+  runs the online softmax over its whole context and writes the output; no partials, no second kernel,
+  and no programs for the empty part of a table much wider than the contexts (the engine's CUDA graphs
+  take one as wide as the model's maximum length).
+The grid depends only on B, Hq and block_tables.shape[1], never on data (context_lens is read inside
+the kernels), so a launch can be captured in a CUDA graph and replayed with other context lengths and
+block tables.
 """
 
 from __future__ import annotations
@@ -211,17 +213,16 @@ if triton is not None:
         block_size,
         max_tokens,  # block_tables.shape[1] * block_size: longer contexts are cut there
         NUM_PARTS,  # partitions per (sequence, head): a run-time value, so table widths share a compile
-        SPLITS,  # programs per (sequence, head), taking its partitions in turn (grid axis 2)
         GROUP: tl.constexpr,  # query heads per KV head
         PART_TOKENS: tl.constexpr,  # tokens per partition, a multiple of BLOCK_N
         BLOCK_N: tl.constexpr,  # tokens per loop step
         HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of 2
-        SINGLE: tl.constexpr,  # SPLITS == 1: the whole context in one program, which writes the output
+        SINGLE: tl.constexpr,  # one program per (sequence, head): the whole context, then the output
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
-        split = tl.program_id(2)
+        part = tl.program_id(2)
         kvh = h // GROUP
         ctx = tl.minimum(tl.load(lens_ptr + b), max_tokens)  # never read past the table's row
 
@@ -241,14 +242,12 @@ if triton is not None:
                 o.to(out_ptr.dtype.element_ty), mask=mask_d,
             )
         else:
-            # only the partitions inside the context: the reduce kernel reads no others
-            for part in range(split, tl.cdiv(ctx, PART_TOKENS), SPLITS):
-                start = part * PART_TOKENS
-                m_i, l_i, acc = _attend(q, k_ptr, v_ptr, bt_ptr, b, kvh, start,
-                                        tl.minimum(start + PART_TOKENS, ctx),
-                                        stride_kn, stride_kt, stride_kh, stride_kd,
-                                        stride_vn, stride_vt, stride_vh, stride_vd,
-                                        stride_btb, stride_btn, block_size, offs_d, mask_d, BLOCK_N, BLOCK_D)
+            start = part * PART_TOKENS
+            m_i, l_i, acc = _attend(q, k_ptr, v_ptr, bt_ptr, b, kvh, start, tl.minimum(start + PART_TOKENS, ctx),
+                                    stride_kn, stride_kt, stride_kh, stride_kd,
+                                    stride_vn, stride_vt, stride_vh, stride_vd,
+                                    stride_btb, stride_btn, block_size, offs_d, mask_d, BLOCK_N, BLOCK_D)
+            if start < ctx:  # a partition past the context: the reduce kernel reads nothing of it
                 row = (b * tl.num_programs(1) + h) * NUM_PARTS + part
                 tl.store(part_o_ptr + row * BLOCK_D + offs_d, acc / l_i)  # l_i > 0: the partition has tokens
                 tl.store(part_m_ptr + row, m_i)
@@ -345,15 +344,13 @@ class DecodeTiles:
     num_warps: int
 
 
-SPLIT_PROGRAMS_PER_SM = 16  # decode_splits: programs wanted per multiprocessor
+SINGLE_MIN_PAIRS_PER_SM = 4  # decode_single: (sequence, head) pairs per multiprocessor
 
 
-def decode_splits(batch: int, num_heads: int, num_parts: int, num_sms: int = 132) -> int:
-    """Programs per (sequence, head): enough for SPLIT_PROGRAMS_PER_SM programs per multiprocessor, at
-    most one per partition of the table's width; 1 (each program over its whole context, no second
-    kernel) once the (sequence, head) pairs alone give that many. From the grid's static size only."""
-    pairs = batch * num_heads
-    return max(1, min(num_parts, -(-SPLIT_PROGRAMS_PER_SM * num_sms // pairs)))
+def decode_single(batch: int, num_heads: int, num_sms: int = 132) -> bool:
+    """One program per (sequence, head) over its whole context, once the pairs give at least
+    SINGLE_MIN_PAIRS_PER_SM per multiprocessor; flash-decoding's partitions below that."""
+    return batch * num_heads >= SINGLE_MIN_PAIRS_PER_SM * num_sms
 
 
 def default_decode_tiles(batch: int, num_heads: int, num_sms: int = 132, kv_bytes: int = 2) -> DecodeTiles:
@@ -387,7 +384,7 @@ def paged_decode_attention(
     use_triton: bool | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
-    splits: int | None = None,
+    single: bool | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context.
 
@@ -399,8 +396,8 @@ def paged_decode_attention(
     Returns (B, Hq, D) in q's dtype (written into `out` when given). Hq must be a multiple of Hkv.
     use_triton: None runs the Triton kernels on CUDA tensors and the torch version elsewhere.
     partition_size (tokens per split-K partition, a power of 2 >= 16), block_n (tokens per loop step),
-    num_warps and splits (programs per (sequence, head); 1: no partitions): tuning knobs; None takes
-    default_decode_tiles(B, Hq, ..., the cache's element size) and decode_splits.
+    num_warps and single (one program per (sequence, head), no partitions): tuning knobs; None takes
+    default_decode_tiles(B, Hq, ..., the cache's element size) and decode_single.
     """
     B, Hq, D = q.shape
     num_blocks, block_size, Hkv, Dk = k_cache.shape
@@ -424,21 +421,22 @@ def paged_decode_attention(
     assert partition_size >= 16 and partition_size & (partition_size - 1) == 0, partition_size
     block_n = min(block_n or tiles.block_n, partition_size)
     num_parts = triton.cdiv(max_tokens, partition_size)
-    splits = min(splits or decode_splits(B, Hq, num_parts, num_sms_of(q.device)), num_parts)
+    if single is None:
+        single = decode_single(B, Hq, num_sms_of(q.device))
+    single = single or num_parts == 1
     block_d = triton.next_power_of_2(D)
-    single = splits == 1
     if single:
         part_o = part_m = part_l = out  # unused
     else:
         part_o = torch.empty(B * Hq * num_parts, block_d, dtype=torch.float32, device=q.device)
         part_m = torch.empty(B * Hq * num_parts, dtype=torch.float32, device=q.device)
         part_l = torch.empty(B * Hq * num_parts, dtype=torch.float32, device=q.device)
-    _decode_partition_kernel[(B, Hq, splits)](
+    _decode_partition_kernel[(B, Hq, 1 if single else num_parts)](
         q, k_cache, v_cache, block_tables, context_lens,
         out, part_o, part_m, part_l,
         scale * _LOG2E,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
-        block_size, max_tokens, num_parts, splits,
+        block_size, max_tokens, num_parts,
         GROUP=Hq // Hkv, PART_TOKENS=partition_size, BLOCK_N=block_n,
         HEAD_DIM=D, BLOCK_D=block_d, SINGLE=single,
         num_warps=num_warps,

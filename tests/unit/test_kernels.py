@@ -72,19 +72,19 @@ def make_paged_case(
     return q, k_cache, v_cache, tables, ctx
 
 
-def check_attention(case, partition_size=None, tol=1e-5, use_triton=True, splits=None):
+def check_attention(case, partition_size=None, tol=1e-5, use_triton=True, single=None):
     q, k, v, bt, ctx = case
     D = q.shape[-1]
     scale = D**-0.5
     ref = paged_decode_attention_ref(q, k, v, bt, ctx, scale, out_dtype=torch.float64)
     out = torch.full_like(q, float("nan"))
     res = paged_decode_attention(q, k, v, bt, ctx, scale, out=out, partition_size=partition_size,
-                                 use_triton=use_triton, splits=splits)
+                                 use_triton=use_triton, single=single)
     assert res.data_ptr() == out.data_ptr()
     zero = ctx == 0  # a zero-length context must give zeros, not NaN
     assert torch.equal(out[zero].float(), torch.zeros_like(out[zero].float())), "ctx 0 must give 0"
     err = rel_err(out, ref)
-    shapes = (tuple(q.shape), tuple(k.shape), tuple(k.stride()), ctx.tolist()[:8], q.dtype, partition_size, splits)
+    shapes = (tuple(q.shape), tuple(k.shape), tuple(k.stride()), ctx.tolist()[:8], q.dtype, partition_size, single)
     assert err < tol, f"rel err {err:.2e} >= {tol} for {shapes}"
     return err
 
@@ -155,13 +155,14 @@ ATTENTION_CASES = [
     (2, 2, 2, 32, 16, 16, [256, 130], torch.float32, "bthd", 256),  # one partition, 4 loop steps
     (2, 2, 1, 32, 16, 16, [200, 129], torch.float32, "bhtd", 128),  # 2 partitions of 2 steps
 ]
-# Fewer programs per (sequence, head) than the table has partitions (the default at the engine's batch
-# sizes), over tables much wider than the contexts (the engine's CUDA graphs take the model's maximum)
-SPLIT_CASES = [
-    # B, Hq, Hkv, D, block_size, max_blocks, lens, dtype, layout, partition_size, splits, cache dtype
-    (3, 4, 2, 32, 16, 32, [1, 200, 0], torch.float32, "bthd", 32, 3, None),  # 7 partitions over 3 programs
-    (3, 4, 2, 32, 16, 32, [300, 17, 0], torch.float32, "bhtd", 64, 1, None),  # one program: 5 loop steps
-    (2, 4, 4, 32, 16, 16, [250, 3], torch.float32, "bthd", 32, 2, E4M3),
+# Tables much wider than the contexts (the engine's CUDA graphs take the model's maximum length): one
+# program per (sequence, head) over its whole context (the default at the engine's larger batches), and
+# partitions whose programs past the context write nothing
+WIDE_TABLE_CASES = [
+    # B, Hq, Hkv, D, block_size, max_blocks, lens, dtype, layout, partition_size, single, cache dtype
+    (3, 4, 2, 32, 16, 32, [300, 17, 0], torch.float32, "bhtd", 64, True, None),  # one program: 5 loop steps
+    (3, 4, 2, 32, 16, 32, [1, 200, 0], torch.float32, "bthd", 32, False, None),  # 7 of 16 partitions
+    (2, 4, 4, 32, 16, 16, [250, 3], torch.float32, "bthd", 32, True, E4M3),
 ]
 # float32 queries over an e4m3 cache (the reference reads the same e4m3 values): the kernel's fp8 loads
 E4M3_CACHE_CASES = [
@@ -203,10 +204,10 @@ def run_interpreted_checks(which: str) -> None:
             case = make_paged_case(B, Hq, Hkv, D, bs, mb, lens, torch.float32, "cpu", layout, cache_dtype=E4M3)
             err = check_attention(case, part, 1e-5)
             print(f"attention e4m3 cache {(B, Hq, Hkv, D, bs, lens, layout, part)} rel err {err:.1e}")
-        for B, Hq, Hkv, D, bs, mb, lens, dtype, layout, part, splits, cache_dtype in SPLIT_CASES:
+        for B, Hq, Hkv, D, bs, mb, lens, dtype, layout, part, single, cache_dtype in WIDE_TABLE_CASES:
             case = make_paged_case(B, Hq, Hkv, D, bs, mb, lens, dtype, "cpu", layout, cache_dtype)
-            err = check_attention(case, part, 1e-5, splits=splits)
-            print(f"attention splits {(B, Hq, Hkv, D, bs, mb, lens, layout, part, splits, cache_dtype)} rel err {err:.1e}")
+            err = check_attention(case, part, 1e-5, single=single)
+            print(f"attention wide table {(B, Hq, Hkv, D, bs, mb, lens, layout, part, single, cache_dtype)} rel err {err:.1e}")
     elif which == "write_kv":
         check_write_kv(20, 2, 32, 16, 6, torch.float32, "cpu", "bthd")
         check_write_kv(20, 3, 24, 8, 5, torch.float16, "cpu", "bhtd")
@@ -335,7 +336,7 @@ def test_logit_error_reports_quantization_cost():
 def test_triton_kernel_interpreted(which):
     out = run_interpreted(__file__, which, timeout=300)
     if which == "attention":
-        assert out.count("rel err") == len(ATTENTION_CASES) + len(E4M3_CACHE_CASES) + len(SPLIT_CASES), out
+        assert out.count("rel err") == len(ATTENTION_CASES) + len(E4M3_CACHE_CASES) + len(WIDE_TABLE_CASES), out
     if which == "int8":
         assert out.count("w8a8") == len(W8A8_CASES), out
     assert "rel err" in out or "ok" in out
