@@ -32,6 +32,7 @@ block tables.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -345,11 +346,22 @@ class DecodeTiles:
 
 
 SINGLE_MIN_PAIRS_PER_SM = 4  # decode_single: (sequence, head) pairs per multiprocessor
+PARTITIONS_ENV = "INTERNVL_SERVE_DECODE_PARTITIONS"  # "1": flash-decoding's partitions at every batch size
 
 
 def decode_single(batch: int, num_heads: int, num_sms: int = 132) -> bool:
     """One program per (sequence, head) over its whole context, once the pairs give at least
-    SINGLE_MIN_PAIRS_PER_SM per multiprocessor; flash-decoding's partitions below that."""
+    SINGLE_MIN_PAIRS_PER_SM per multiprocessor; flash-decoding's partitions below that, or at every size
+    with INTERNVL_SERVE_DECODE_PARTITIONS=1 (the way before 2026-12-07, to compare or to fall back to).
+
+    H100, 40 heads, an e4m3 cache, the engine's table of 256 blocks (bench/results/h100-2026-12-07b):
+    one program per pair took 28.0 / 53.9 / 88.1 / 154.7 us at 8 / 16 / 32 / 64 sequences of 512
+    tokens, the partitions before 31.1 / - / 110.1 / 210.7 (their programs past the context cost most of
+    that: 28.2 / 81.8 / 151.5 with a table as wide as the context); at 2,048 tokens 99.7 / 198.9 / 318.7
+    / 567.8 against 80.4 / - / 299.8 / 598.9. The engine's contexts at 32-64 streams are ~300-540
+    tokens."""
+    if os.environ.get(PARTITIONS_ENV, "0").strip().lower() in ("1", "true", "yes", "on"):
+        return False
     return batch * num_heads >= SINGLE_MIN_PAIRS_PER_SM * num_sms
 
 

@@ -237,6 +237,19 @@ def test_torch_attention_matches_reference(layout, cache_dtype):
     check_attention(case, use_triton=False)
 
 
+def test_decode_single_from_the_grid_size(monkeypatch):
+    # one program per (sequence, head) from 4 pairs per SM on (the engine's larger decode batches), the
+    # partitions below it or everywhere with the switch back
+    from internvl_serve.kernels.paged_attention import PARTITIONS_ENV, decode_single
+
+    monkeypatch.delenv(PARTITIONS_ENV, raising=False)
+    assert decode_single(64, 40) and decode_single(14, 40, num_sms=132)
+    assert not decode_single(13, 40) and not decode_single(8, 40) and not decode_single(1, 40)
+    assert decode_single(8, 40, num_sms=80)
+    monkeypatch.setenv(PARTITIONS_ENV, "1")
+    assert not decode_single(64, 40)
+
+
 def test_reference_matches_dense_attention():
     # the paged reference itself against plain attention on a contiguous copy
     q, k, v, bt, ctx = make_paged_case(2, 4, 2, 8, 4, 3, [5, 9], torch.float64)
