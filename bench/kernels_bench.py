@@ -5,10 +5,11 @@
     python bench/kernels_bench.py --only prefill   # just the prefill / mixed-step attention table
     python bench/kernels_bench.py --only attention --kv-dtype fp8   # the attention tables over an e4m3 cache
 
-Decode attention (Hq = Hkv = 40, D = 128, block size 16, bf16): the flash-decoding kernel with a
-block table as wide as the context, and with the engine-wide table of 256 blocks (4096 tokens: the
-grid is fixed by the table, so shorter contexts pay for empty partitions), against the batched SDPA
-gather (`paged_decode_attention_torch`, tight table).
+Decode attention (Hq = Hkv = 40, D = 128, block size 16, bf16): the decode kernel with a block table as
+wide as the context, and with the engine-wide table of 256 blocks (4096 tokens: flash-decoding's grid is
+fixed by the table, so shorter contexts pay for programs past them; one program per (sequence, head), the
+default from 14 sequences on, does not), against the batched SDPA gather (`paged_decode_attention_torch`,
+tight table). The tiles column says which (`single` or the partition size).
 Prefill attention (same shape, one layer's call): the varlen paged kernel (kernels/prefill_attention.py)
 against the engine's reference (`sdpa_paged_attention`: gather + SDPA per group), for one 2,048-token
 chunk and for a mixed step of 32 decodes + one 512-token chunk; eager calls (as the engine runs them),
@@ -50,6 +51,7 @@ from internvl_serve.kernels.fp8_linear import (fp8_linear, quantize_rows_fp8, qu
 from internvl_serve.kernels.fused_ops import add_rmsnorm, add_rmsnorm_fp8, silu_and_mul, silu_and_mul_fp8  # noqa: E402
 from internvl_serve.kernels.int8_linear import Int8MatmulConfig, default_config, int8_linear, quantize_weight, scaled_config  # noqa: E402
 from internvl_serve.kernels.paged_attention import (  # noqa: E402
+    decode_single,
     default_decode_tiles,
     paged_decode_attention,
     paged_decode_attention_ref,
@@ -204,17 +206,19 @@ def attention_table(bw: float, sweep: bool) -> list[str]:
             rows.append(
                 f"{B:>3} {ctx:>5} | {t_tri:>9.1f} {gb(t_tri):>6.0f} {100 * gb(t_tri) / bw:>5.0f} | "
                 f"{t_256:>9.1f} {100 * gb(t_256) / bw:>5.0f} | {t_sdpa:>8.1f} {gb(t_sdpa):>6.0f} | "
-                f"{t_sdpa / t_tri:>6.1f}x | p{tiles.partition_size}/n{tiles.block_n}/w{tiles.num_warps}"
+                f"{t_sdpa / t_tri:>6.1f}x | {'single' if decode_single(B, H) else f'p{tiles.partition_size}'}"
+                f"/n{tiles.block_n}/w{tiles.num_warps}"
             )
-            if sweep:  # the engine-wide table, other partition sizes / tiles / warps
+            if sweep:  # the engine-wide table: partition sizes / tiles / warps, and one program per pair
                 res = []
-                for part, bn in ((32, 32), (64, 32), (64, 64), (128, 64), (128, 128), (256, 64), (256, 128)):
+                for part, bn in ((32, 32), (64, 32), (64, 64), (128, 64), (128, 128), (256, 64), (256, 128),
+                                 (None, 64), (None, 128)):
                     for nw in (4, 8):
-                        out = paged_decode_attention(q, k, v, table, lens, scale, partition_size=part, block_n=bn,
-                                                     num_warps=nw)
-                        check(f"attention part={part} bn={bn} nw={nw}", out, ref, sub=sub)
-                        t = timed(False, partition_size=part, block_n=bn, num_warps=nw)
-                        res.append((t, f"p{part}/n{bn}/w{nw}"))
+                        kw = dict(single=True) if part is None else dict(single=False, partition_size=part)
+                        out = paged_decode_attention(q, k, v, table, lens, scale, block_n=bn, num_warps=nw, **kw)
+                        check(f"attention {kw} bn={bn} nw={nw}", out, ref, sub=sub)
+                        t = timed(False, block_n=bn, num_warps=nw, **kw)
+                        res.append((t, f"{'single' if part is None else f'p{part}'}/n{bn}/w{nw}"))
                 res.sort()
                 rows.append("      sweep tbl256 " + " ".join(f"{n}:{t:.1f}" for t, n in res))
             del sets, q, k, v, table, tight
