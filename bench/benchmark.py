@@ -378,7 +378,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warm-levels", default="",
                         help="after the distinct-image levels, these levels with one image for all (warm caches)")
     openloop.add_arguments(parser)
-    parser.add_argument("--skip-engine-alone", action="store_true")
+    parser.add_argument("--skip-engine-alone", action="store_true",
+                        help="no engine-alone run with the default llm parameters (--engine-alone-compare runs still)")
     parser.add_argument("--engine-alone-compare", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                         help="also run the engine alone with these llm parameters (repeatable)")
     parser.add_argument("--profile-levels", default="1,32",
@@ -438,8 +439,9 @@ def main(argv=None) -> int:
     profile_levels = [int(x) for x in args.profile_levels.split(",") if x]
     py_spy_levels = tuple(int(x) for x in args.py_spy_levels.split(",") if x)
     direct_levels = [int(x) for x in args.direct_levels.split(",") if x]
-    if not args.skip_engine_alone and levels:
-        run_engine_alone(ckpt, results, levels, args.requests_per_stream, args.out, profile_levels=profile_levels)
+    if levels:  # --skip-engine-alone skips the default llm parameters' run, not the compares (as --skip-server)
+        if not args.skip_engine_alone:
+            run_engine_alone(ckpt, results, levels, args.requests_per_stream, args.out, profile_levels=profile_levels)
         for compare in args.engine_alone_compare:
             run_engine_alone(ckpt, results, levels, args.requests_per_stream, args.out,
                              options=tuple(compare.split(",")), profile_levels=profile_levels)
