@@ -356,17 +356,18 @@ def test_triton_kernel_interpreted(which):
 
 
 @needs_triton
-@pytest.mark.parametrize("kernel", ["decode", "write"])
+@pytest.mark.parametrize("kernel", ["decode partitions", "decode single", "write"])
 def test_e4m3_cache_kernels_compile_for_the_h100(kernel):
     # Triton's real compiler down to an sm_90 cubin, without a GPU: the decode attention reading an e4m3
-    # cache and the K/V write storing into one, at the engine's shapes
+    # cache (flash-decoding's partitions, and one program per (sequence, head)) and the K/V write storing
+    # into one, at the engine's shapes
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from internvl_serve.kernels import paged_attention as pa
-    if kernel == "decode":
+    if kernel.startswith("decode"):
         fn, cache_ptrs = pa._decode_partition_kernel, ("k_ptr", "v_ptr")
-        consts = dict(GROUP=1, PART_TOKENS=256, BLOCK_N=128, HEAD_DIM=128, BLOCK_D=128, SINGLE=False)
+        consts = dict(GROUP=1, PART_TOKENS=128, BLOCK_N=128, HEAD_DIM=128, BLOCK_D=128, SINGLE=kernel.endswith("single"))
     else:
         fn, cache_ptrs = pa._write_kv_kernel, ("k_ptr", "v_ptr")
         consts = dict(HEAD_DIM=128, BLOCK_D=128, SATURATE=True, FP8_MAX=448.0)
