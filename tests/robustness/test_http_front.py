@@ -130,15 +130,16 @@ def test_only_the_chat_models_take_inference_over_http(server, oracle):
 
 
 def test_streams_pass_through_the_guard_unchanged(server, oracle):
-    """generate_stream through the guard gives the same events as tritonserver's own port, one per delta."""
+    """generate_stream through the guard streams as tritonserver's own port does: several events, which
+    join to the card's answer. Not compared event for event: the llm coalesces the deltas of a stream
+    whose sender is behind into one response (serving/response_path.py), so two requests' event
+    boundaries can differ on a busy machine (seen in CI: 'mountain street' in one event against two)."""
     body = json.dumps({"text_input": QUESTION, "max_tokens": MAX_TOKENS, "stream": True})
-    streams = []
     for base in (server.http_url, server.triton_http_url):
         with requests.post(f"{base}/v2/models/internvl_chat/generate_stream", data=body, stream=True, timeout=120) as r:
             assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-            streams.append(sse_texts(r))
-    assert streams[0] == streams[1] and len(streams[0]) > 1
-    assert "".join(streams[0]) == oracle(QUESTION)
+            texts = sse_texts(r)
+        assert len(texts) > 1 and "".join(texts) == oracle(QUESTION), (base, texts)
 
 
 def test_tritonserver_own_http_listens_on_loopback_only(server):
