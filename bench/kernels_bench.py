@@ -401,7 +401,7 @@ def quantized_projection_table(bw: float) -> list[str]:
 def w8a8_table(bw: float, sweep: bool) -> list[str]:
     """The fp8 products of decode batches, e4m3 rows times the engine's merged e4m3 projections: torch's
     _scaled_mm with fast accumulation (the llm's default path) against the Triton matrix kernel's fp8 dot
-    (scaled_product_triton: swap-AB, split-K), µs per call and the share of the copy bandwidth the weight
+    (scaled_product_triton: swap-AB, scaled_config's tiles), µs per call and the share of the copy bandwidth the weight
     bytes reach; with --sweep the Triton kernel's best tile configs too. Per layer (x 40: a step's GEMMs)."""
     rows = Rows([f"{'M':>3} {'proj':>8} | {'cublas us':>9} {'%copy':>5} | {'triton us':>9} {'%copy':>5} | "
                  f"{'speedup':>7} | {'err':>6} | default config"])

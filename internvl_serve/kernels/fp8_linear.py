@@ -33,7 +33,7 @@ except ImportError:  # the CPU-only install has no triton: the torch path below 
     triton = None
     tl = None
 
-from internvl_serve.kernels.int8_linear import int8_linear  # noqa: E402
+from internvl_serve.kernels.int8_linear import int8_linear, int8_linear_torch  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -112,24 +112,23 @@ def scaled_product(xq: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor,
     w_fp8 (N, K) with (N,) channel scales. On CUDA the FP8 tensor cores with both scales in the epilogue:
     up to triton_max_rows rows in the Triton W8A8 kernel (scaled_product_triton), more in torch._scaled_mm,
     with fast_accum Hopper's FP8 accumulation without periodic promotion; elsewhere the same product in
-    float32 (torch's CPU _scaled_mm takes per-row scales only in some versions)."""
+    float32 (int8_linear_torch's; torch's CPU _scaled_mm takes per-row scales only in some versions)."""
     if xq.is_cuda and 0 < xq.shape[0] <= triton_max_rows:
         return scaled_product_triton(xq, x_scale, w_fp8, w_scale, out_dtype)
     if xq.is_cuda:
         return torch._scaled_mm(xq, w_fp8.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=out_dtype,
                                 use_fast_accum=fast_accum)
-    return ((xq.float() * x_scale) @ (w_fp8.float() * w_scale[:, None]).t()).to(out_dtype)
+    return int8_linear_torch(xq, w_fp8, w_scale, x_scale, out_dtype)
 
 
 def scaled_product_triton(xq: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
                           out_dtype: torch.dtype, config=None) -> torch.Tensor:
     """scaled_product's product in int8_linear's Triton matrix kernel instead of torch._scaled_mm: the e4m3
     weight tile and the e4m3 rows meet on the FP8 tensor cores (the weight as the dot's left operand, the
-    few rows on its right: swap-AB, with split-K while the tiles leave SMs idle), both scales in the
-    epilogue, up to int8_linear.TRITON_MAX_M rows. For decode batches, where _scaled_mm reads the weight
-    at ~60 % of the copy bandwidth (~178 us against ~106 for one layer's four projections at 32 rows, H100).
-    Not on the engine's path yet: bench/kernels_bench.py --only quantized times it beside _scaled_mm
-    first. config: an int8_linear.Int8MatmulConfig (None: its default for the shape)."""
+    few rows on its right: swap-AB), both scales in the epilogue, up to int8_linear.TRITON_MAX_M rows. The
+    llm's decode batches with fp8 (fp8_triton_max_rows): on an H100 one layer's four projections 1.16-1.24x
+    as fast as _scaled_mm at 2-64 rows (bench/kernels_bench.py --only w8a8). config: an
+    int8_linear.Int8MatmulConfig (None: int8_linear.scaled_config for the shape)."""
     return int8_linear(xq, w_fp8, w_scale, use_triton=True, config=config, x_scale=x_scale, out_dtype=out_dtype)
 
 
@@ -202,8 +201,8 @@ class Fp8Linear(nn.Module):
 def quantize_linears_fp8_(blocks: nn.ModuleList, names: tuple[str, ...], fast_accum: bool = False,
                           triton_max_rows: int = 0) -> int:
     """In every block, replace the nn.Linear at each dotted name (e.g. "attn.qkv") with an Fp8Linear
-    (fast_accum, triton_max_rows: see Fp8Linear), in place, freeing the float weight. Returns how many were replaced (a
-    name that is not an nn.Linear, e.g. already replaced, is skipped)."""
+    (fast_accum, triton_max_rows: see Fp8Linear), in place, freeing the float weight. Returns how many were
+    replaced (a name that is not an nn.Linear, e.g. already replaced, is skipped)."""
     replaced = 0
     for block in blocks:
         for name in names:

@@ -220,7 +220,7 @@ def int8_linear(
     a weight tile to the activations' dtype (exact for both) before the product, whatever its type.
     x_scale (M,) or (M, 1) float32, with x e4m3 rows and an e4m3 weight: the product (x * x_scale) @ (w *
     scale).T in out_dtype, on the FP8 tensor cores in the matrix kernel (fp8_linear.scaled_product's
-    Triton path: W8A8 with split-K for decode batches); never the elementwise (gemv) kernel.
+    Triton path: W8A8 for decode batches, scaled_config's tiles); never the elementwise (gemv) kernel.
 
     use_triton: None runs the Triton kernel for CUDA tensors with M <= TRITON_MAX_M, the torch
     fallback otherwise. The kernel's launch depends only on shapes (CUDA-graph safe); with
