@@ -26,7 +26,6 @@ s // block_size, offset s % block_size. Does not own the cache tensors (runner.p
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
 from internvl_serve.engine.host_copy import to_device
+from internvl_serve.env_switch import env_switch
 from internvl_serve.kernels import prefill_attention
 from internvl_serve.kernels.paged_attention import cache_rows
 
@@ -91,10 +91,8 @@ PREFILL_KERNEL_ENV = "INTERNVL_PREFILL_KERNEL"  # "0" off (the reference, the GP
 def prefill_kernel_default(device: torch.device) -> bool:
     """Whether steps on `device` run the varlen kernel: INTERNVL_PREFILL_KERNEL=0 turns it off, =1 on
     (on CUDA, or on the CPU under TRITON_INTERPRET=1: the tests); unset, on for CUDA when triton imports."""
-    flag = os.environ.get(PREFILL_KERNEL_ENV, "")
-    if flag not in ("", "0", "1"):
-        raise ValueError(f"{PREFILL_KERNEL_ENV} must be 0 or 1, got {flag!r}")
-    if flag == "0" or (flag == "" and device.type != "cuda"):
+    flag = env_switch(PREFILL_KERNEL_ENV)
+    if flag is False or (flag is None and device.type != "cuda"):
         return False
     return prefill_attention.triton is not None
 

@@ -24,7 +24,6 @@ sampling (runner.py, sampler.py), the CUDA graphs (decode_graphs.py).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Mapping, MutableMapping
 
@@ -35,6 +34,7 @@ from torch.nn.attention import sdpa_kernel
 
 from internvl_serve.engine.attention import SDPA_BACKENDS, AttentionFn, AttentionMetadata, sdpa_paged_attention
 from internvl_serve import kernels
+from internvl_serve.env_switch import env_switch
 from internvl_serve.engine.parallel import TensorParallel, local_args, shard_state_dict
 from internvl_serve.kernels.fused_ops import (add_rmsnorm, add_rmsnorm_fp8, add_rmsnorm_torch, apply_rope,
                                               rms_norm_torch, rotary_, silu_and_mul, silu_and_mul_fp8, triton)
@@ -118,8 +118,7 @@ def fused_kernels_default(device) -> bool:
     """The fused Triton path: on for CUDA devices unless INTERNVL_SERVE_FUSED_KERNELS=0 (the switch to
     turn it off if it misbehaves on a card), never on the CPU (no Triton there; the torch path keeps the
     CPU tokens bit-identical to the reference)."""
-    off = os.environ.get(FUSED_ENV, "1").strip().lower() in ("0", "false", "no", "off")
-    return torch.device(device).type == "cuda" and triton is not None and not off
+    return torch.device(device).type == "cuda" and triton is not None and env_switch(FUSED_ENV) is not False
 
 
 @dataclass

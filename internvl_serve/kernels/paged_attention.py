@@ -32,10 +32,11 @@ block tables.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
+
+from internvl_serve.env_switch import env_switch
 
 try:
     import triton
@@ -360,7 +361,7 @@ def decode_single(batch: int, num_heads: int, num_sms: int = 132) -> bool:
     that: 28.2 / 81.8 / 151.5 with a table as wide as the context); at 2,048 tokens 99.7 / 198.9 / 318.7
     / 567.8 against 80.4 / - / 299.8 / 598.9. The engine's contexts at 32-64 streams are ~300-540
     tokens."""
-    if os.environ.get(PARTITIONS_ENV, "0").strip().lower() in ("1", "true", "yes", "on"):
+    if env_switch(PARTITIONS_ENV):
         return False
     return batch * num_heads >= SINGLE_MIN_PAIRS_PER_SM * num_sms
 

@@ -327,6 +327,9 @@ def test_fused_switch_env(monkeypatch):
     assert fused_kernels_default("cpu") is False
     monkeypatch.setenv(FUSED_ENV, "0")
     assert fused_kernels_default("cuda") is False
+    monkeypatch.setenv(FUSED_ENV, "o")  # misspelt: refused, not read as on
+    with pytest.raises(ValueError, match="INTERNVL_SERVE_FUSED_KERNELS must be one of"):
+        fused_kernels_default("cuda")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -248,6 +248,9 @@ def test_decode_single_from_the_grid_size(monkeypatch):
     assert decode_single(8, 40, num_sms=80)
     monkeypatch.setenv(PARTITIONS_ENV, "1")
     assert not decode_single(64, 40)
+    monkeypatch.setenv(PARTITIONS_ENV, "partitions")  # a misspelt switch is refused, not read as off
+    with pytest.raises(ValueError, match="INTERNVL_SERVE_DECODE_PARTITIONS must be one of"):
+        decode_single(64, 40)
 
 
 def test_reference_matches_dense_attention():

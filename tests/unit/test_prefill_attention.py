@@ -199,8 +199,10 @@ def test_env_switches_the_kernel(monkeypatch):
     assert not prefill_kernel_default(torch.device("cuda"))
     monkeypatch.setenv(PREFILL_KERNEL_ENV, "1")  # the CPU too (under TRITON_INTERPRET=1)
     assert prefill_kernel_default(torch.device("cpu")) == HAS_TRITON
-    monkeypatch.setenv(PREFILL_KERNEL_ENV, "yes")
-    with pytest.raises(ValueError, match="INTERNVL_PREFILL_KERNEL must be 0 or 1, got 'yes'"):
+    monkeypatch.setenv(PREFILL_KERNEL_ENV, "Off")
+    assert not prefill_kernel_default(torch.device("cuda"))
+    monkeypatch.setenv(PREFILL_KERNEL_ENV, "2")
+    with pytest.raises(ValueError, match="INTERNVL_PREFILL_KERNEL must be one of 1, true.*got '2'"):
         prefill_kernel_default(torch.device("cuda"))
     monkeypatch.delenv(PREFILL_KERNEL_ENV)
     assert prefill_kernel_default(torch.device("cuda")) == HAS_TRITON
