@@ -4,18 +4,22 @@ where narrower, into a reused staging buffer) and what the engine process does o
 into a fresh buffer, not page-locked here; then the prefix cache's content key, engine.image_content_key),
 over a real socket pair to a child process, as the server runs it. Rows of one V1-1 image (256 x 5120 float32, 5.2 MB) or --images of them,
 sent as float32 (a float32 engine's way, and every engine's before this hand-off took its dtype) and as
-bfloat16 (a GPU engine's). Median of --iters.
+bfloat16 (a GPU engine's). Median of --iters. The stub's end of the socket pair gets the send buffer the
+server gives it (engine_process.widen_send_buffer; --socket-buffer 0: the kernel's default); --hogs N
+keeps N more processes spinning on the CPU meanwhile (a loaded host).
 
-    python bench/rows_handoff.py [--images 1] [--iters 50] [--out rows_handoff.json]
+    python bench/rows_handoff.py [--images 1] [--iters 50] [--socket-buffer 0] [--hogs 2] [--out rows_handoff.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import multiprocessing as mp
+import socket
 import statistics
 import sys
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
@@ -25,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from internvl_serve.engine.engine import image_content_key  # noqa: E402
 from internvl_serve.hostbuf import HostBuffers  # noqa: E402
-from internvl_serve.serving.engine_process import as_bytes, receive_rows, rows_header, rows_to_send  # noqa: E402
+from internvl_serve.serving.engine_process import (SEND_BUFFER_BYTES, as_bytes, receive_rows, rows_header,  # noqa: E402
+                                                   rows_to_send, widen_send_buffer)
 
 ROWS_PER_IMAGE, HIDDEN = 256, 5120  # V1-1: 256 image tokens, LLaMA2-13B's hidden size
 
@@ -42,6 +47,14 @@ def engine_side(conn) -> None:
         image_content_key(rows)
         t2 = time.perf_counter()
         conn.send((t1 - t0, t2 - t1))
+
+
+def spin(stop) -> None:
+    """A process that keeps a core busy until `stop` is set (--hogs)."""
+    x = 0
+    while not stop.is_set():
+        for _ in range(10_000):
+            x += 1
 
 
 def measure(conn, rows: torch.Tensor, engine_dtype: torch.dtype, iters: int) -> dict:
@@ -67,19 +80,33 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=1)
     parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--socket-buffer", type=int, default=SEND_BUFFER_BYTES,
+                        help="the stub's send buffer in bytes, as the server asks for it (0: the kernel's default)")
+    parser.add_argument("--hogs", type=int, default=0, help="processes spinning on the CPU meanwhile")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     rows = torch.randn(args.images * ROWS_PER_IMAGE, HIDDEN)
-    ours, theirs = mp.Pipe()
-    child = mp.get_context("spawn").Process(target=engine_side, args=(theirs,), daemon=True)
-    child.start()
+    stub_end, engine_end = socket.socketpair()
+    send_buffer = widen_send_buffer(stub_end, args.socket_buffer) if args.socket_buffer else \
+        stub_end.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    ours, theirs = Connection(stub_end.detach()), Connection(engine_end.detach())
+    spawn = mp.get_context("spawn")
+    stop = spawn.Event()
+    hogs = [spawn.Process(target=spin, args=(stop,), daemon=True) for _ in range(args.hogs)]
+    child = spawn.Process(target=engine_side, args=(theirs,), daemon=True)
+    for p in [child, *hogs]:
+        p.start()
     try:
         results = {name: measure(ours, rows, dtype, args.iters)
                    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
     finally:
         ours.send(None)
         child.join()
-    report = {"images": args.images, "iters": args.iters, "torch_threads": torch.get_num_threads(), **results}
+        stop.set()
+        for p in hogs:
+            p.join()
+    report = {"images": args.images, "iters": args.iters, "torch_threads": torch.get_num_threads(),
+              "send_buffer_bytes": send_buffer, "hogs": args.hogs, **results}
     print(json.dumps(report, indent=2))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -27,6 +27,9 @@ a socket pair with multiprocessing.connection framing (pickled tuples):
                     deliver them (one message for all that piled up); ("state", figures) every
                     STATE_INTERVAL_S; ("broken", message) when a tensor-parallel worker died
 
+The stub's end of the pair asks for a send buffer of SEND_BUFFER_BYTES (widen_send_buffer), so that a
+submit writes one image's rows in one go rather than in buffer-fulls that each wait for the engine process.
+
 When the engine process exits, or the connection breaks, every request still open gets a final error
 output and further submits raise (LLMService then refuses them as after a worker's death). stop() lets the
 engine process end its requests with errors, as EngineThread.shutdown does, and waits for it.
@@ -64,6 +67,12 @@ from internvl_serve.hostbuf import HostBuffers
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STATE_INTERVAL_S = 0.25
 FD_ENV = "INTERNVL_ENGINE_FD"  # the engine process's end of the socket pair
+# The stub's send buffer on the socket pair: room for a request's image rows (one V1-1 image is 2.6 MB in
+# bfloat16) so that submit() writes them in one go. With the kernel's default (~208 KB) the rows cross in a
+# dozen buffer-fulls, each waiting for the engine process to be scheduled and to take its interpreter lock
+# (bench/rows_handoff.py --socket-buffer 0 against the default, on a loaded host).
+SEND_BUFFER_BYTES = 8 << 20
+SO_SNDBUFFORCE = 32  # Linux: SO_SNDBUF past net.core.wmem_max, for a process with CAP_NET_ADMIN (socket lacks the name)
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +109,20 @@ def rows_to_send(rows: torch.Tensor, engine_dtype: torch.dtype, staging: HostBuf
     if rows.dtype == dtype and rows.is_contiguous():
         return rows
     return serial_copy_(staging.get("rows", tuple(rows.shape), dtype), rows)
+
+
+def widen_send_buffer(sock: socket.socket, nbytes: int = SEND_BUFFER_BYTES) -> int:
+    """Ask for a send buffer of `nbytes` on `sock`: past the system's cap (net.core.wmem_max) where the
+    process may (SO_SNDBUFFORCE), else up to it (SO_SNDBUF). Returns the size the kernel granted (it
+    doubles the request for its bookkeeping); a refusal leaves the buffer as it was."""
+    options = ((SO_SNDBUFFORCE,) if sys.platform == "linux" else ()) + (socket.SO_SNDBUF,)
+    for option in options:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, nbytes)
+            break
+        except OSError:
+            continue
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
 
 
 def as_bytes(t: torch.Tensor) -> np.ndarray:
@@ -148,6 +171,7 @@ class EngineProcess:
         self.busy_s = 0.0
         self.encoder_wait_s = 0.0
         ours, theirs = socket.socketpair()
+        self.send_buffer_bytes = widen_send_buffer(ours)  # the rows of a submit in one write
         self._conn = Connection(ours.detach())
         child_env = dict(os.environ if env is None else env)
         child_env[FD_ENV] = str(theirs.fileno())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -444,6 +445,32 @@ def test_image_rows_go_to_the_engine_process_in_its_dtype_where_narrower():
     assert again.data_ptr() == sent.data_ptr()  # the staging buffer, reused
     assert rows_to_send(rows, torch.float32, staging).data_ptr() == rows.data_ptr()  # no copy
     assert as_bytes(torch.zeros(0, 64, dtype=torch.bfloat16)).nbytes == 0  # (0 rows)
+
+
+def test_the_stub_writes_one_v1_1_image_s_rows_in_one_go():
+    """The stub's end of the socket pair to the engine process gets a send buffer that holds one V1-1 image's
+    rows in bfloat16 (256 x 5120, 2.6 MB) whole: its write completes with nothing read yet on the other end
+    (the kernel's default, ~208 KB, would make it wait for the engine process a dozen times)."""
+    import socket
+    from multiprocessing.connection import Connection
+
+    from internvl_serve.serving.engine_process import SEND_BUFFER_BYTES, as_bytes, widen_send_buffer
+
+    stub_end, engine_end = socket.socketpair()
+    granted = widen_send_buffer(stub_end)
+    cap = 2 * int(Path("/proc/sys/net/core/wmem_max").read_text())  # the kernel doubles what it grants
+    assert granted >= min(2 * SEND_BUFFER_BYTES, cap)  # past the system's cap where the process may, else up to it
+    rows = torch.randn(256, 5120).to(torch.bfloat16)
+    if granted < 2 * rows.nbytes:
+        pytest.skip(f"this system caps send buffers at {cap} bytes, below one image's rows with the kernel's overhead")
+    stub_end.setblocking(False)  # a write the buffer cannot take fails here instead of waiting for a reader
+    stub, engine = Connection(stub_end.detach()), Connection(engine_end.detach())
+    stub.send_bytes(as_bytes(rows))
+    received = torch.empty_like(rows)
+    engine.recv_bytes_into(as_bytes(received))
+    assert torch.equal(received, rows)
+    stub.close()
+    engine.close()
 
 
 @pytest.mark.parametrize("engine_process", [False, True], ids=["engine thread", "engine process"])
