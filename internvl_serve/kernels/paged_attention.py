@@ -233,22 +233,23 @@ if triton is not None:
         q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d * stride_qd, mask=mask_d, other=0.0)
         q = q.to(tl.float32) * qk_scale  # (BLOCK_D,)
 
+        if SINGLE:  # the whole context
+            start = 0
+            end = ctx
+        else:  # this program's partition
+            start = part * PART_TOKENS
+            end = tl.minimum(start + PART_TOKENS, ctx)
+        m_i, l_i, acc = _attend(q, k_ptr, v_ptr, bt_ptr, b, kvh, start, end,
+                                stride_kn, stride_kt, stride_kh, stride_kd,
+                                stride_vn, stride_vt, stride_vh, stride_vd,
+                                stride_btb, stride_btn, block_size, offs_d, mask_d, BLOCK_N, BLOCK_D)
         if SINGLE:
-            m_i, l_i, acc = _attend(q, k_ptr, v_ptr, bt_ptr, b, kvh, 0, ctx,
-                                    stride_kn, stride_kt, stride_kh, stride_kd,
-                                    stride_vn, stride_vt, stride_vh, stride_vd,
-                                    stride_btb, stride_btn, block_size, offs_d, mask_d, BLOCK_N, BLOCK_D)
             o = acc / tl.where(l_i > 0, l_i, 1.0)  # context length 0: acc = 0 gives zeros, not NaN
             tl.store(
                 out_ptr + b * stride_ob + h * stride_oh + offs_d * stride_od,
                 o.to(out_ptr.dtype.element_ty), mask=mask_d,
             )
         else:
-            start = part * PART_TOKENS
-            m_i, l_i, acc = _attend(q, k_ptr, v_ptr, bt_ptr, b, kvh, start, tl.minimum(start + PART_TOKENS, ctx),
-                                    stride_kn, stride_kt, stride_kh, stride_kd,
-                                    stride_vn, stride_vt, stride_vh, stride_vd,
-                                    stride_btb, stride_btn, block_size, offs_d, mask_d, BLOCK_N, BLOCK_D)
             if start < ctx:  # a partition past the context: the reduce kernel reads nothing of it
                 row = (b * tl.num_programs(1) + h) * NUM_PARTS + part
                 tl.store(part_o_ptr + row * BLOCK_D + offs_d, acc / l_i)  # l_i > 0: the partition has tokens
@@ -428,14 +429,15 @@ def paged_decode_attention(
     if out is None:
         out = torch.empty_like(q)
     max_tokens = block_tables.shape[1] * block_size
-    tiles = default_decode_tiles(B, Hq, num_sms_of(q.device), k_cache.element_size())
+    num_sms = num_sms_of(q.device)
+    tiles = default_decode_tiles(B, Hq, num_sms, k_cache.element_size())
     partition_size = partition_size or tiles.partition_size
     num_warps = num_warps or tiles.num_warps
     assert partition_size >= 16 and partition_size & (partition_size - 1) == 0, partition_size
     block_n = min(block_n or tiles.block_n, partition_size)
     num_parts = triton.cdiv(max_tokens, partition_size)
     if single is None:
-        single = decode_single(B, Hq, num_sms_of(q.device))
+        single = decode_single(B, Hq, num_sms)
     single = single or num_parts == 1
     block_d = triton.next_power_of_2(D)
     if single:
