@@ -84,17 +84,24 @@ def test_malformed_or_wrongly_typed_bodies_get_400_naming_the_input(server, orac
 
 def test_one_value_in_a_batch_of_one_gets_the_same_answer(server, oracle):
     """TensorRT-LLM's clients send each value with a leading batch dimension of 1 (`[[4]]`), or as a list
-    of one; tritonserver reads both as the value. The guard let only the bare value through."""
-    events = []
+    of one; tritonserver reads both as the value. The guard let only the bare value through.
+    The two answers are compared as a whole (text, the last event's fields), not event for event: the llm
+    coalesces the deltas of a stream whose sender is behind (serving/response_path.py), so the event
+    boundaries of two requests can differ on a busy machine (seen in CI: 'ground' + 'ountain' against
+    'groundountain')."""
+    answers = []
     for body in ({"text_input": QUESTION, "max_tokens": MAX_TOKENS, "stream": True},
                  {"text_input": [[QUESTION]], "max_tokens": [[MAX_TOKENS]], "stream": [[True]], "temperature": [0.0]}):
         with requests.post(f"{server.http_url}/v2/models/internvl_chat/generate_stream", json=body, stream=True,
                            timeout=120) as r:
             assert r.status_code == 200, r.text
-            events.append([json.loads(line[len("data: "):]) for line in r.iter_lines(decode_unicode=True)
-                           if line.startswith("data: ")])
-    assert events[1] == events[0]
-    assert "".join(e["text_output"] for e in events[1]) == oracle(QUESTION)
+            events = [json.loads(line[len("data: "):]) for line in r.iter_lines(decode_unicode=True)
+                      if line.startswith("data: ")]
+        last = {k: v for k, v in events[-1].items() if k != "text_output"}
+        answers.append(("".join(e["text_output"] for e in events), last))
+    assert answers[1] == answers[0]
+    assert answers[1][0] == oracle(QUESTION)
+    assert answers[1][1]["finish_reason"] == "length" and answers[1][1]["num_output_tokens"] == MAX_TOKENS
 
 
 def test_a_shape_that_overflows_is_refused_and_the_server_stays_up(server, oracle):
