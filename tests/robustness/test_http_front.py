@@ -87,8 +87,8 @@ def test_one_value_in_a_batch_of_one_gets_the_same_answer(server, oracle):
     of one; tritonserver reads both as the value. The guard let only the bare value through.
     The two answers are compared as a whole (text, the last event's fields), not event for event: the llm
     coalesces the deltas of a stream whose sender is behind (serving/response_path.py), so the event
-    boundaries of two requests can differ on a busy machine (seen in CI: 'ground' + 'ountain' against
-    'groundountain')."""
+    boundaries of two requests can differ on a busy machine (seen in CI: the answer's last deltas in one
+    event in one stream, in three in the other)."""
     answers = []
     for body in ({"text_input": QUESTION, "max_tokens": MAX_TOKENS, "stream": True},
                  {"text_input": [[QUESTION]], "max_tokens": [[MAX_TOKENS]], "stream": [[True]], "temperature": [0.0]}):
