@@ -36,9 +36,13 @@ def assert_still_serving(server, oracle):
     assert r.json()["text_output"] == oracle(QUESTION)
 
 
-def sse_texts(response) -> list[str]:
-    return [json.loads(line[len("data: "):])["text_output"] for line in response.iter_lines(decode_unicode=True)
+def sse_events(response) -> list[dict]:
+    return [json.loads(line[len("data: "):]) for line in response.iter_lines(decode_unicode=True)
             if line.startswith("data: ")]
+
+
+def sse_texts(response) -> list[str]:
+    return [event["text_output"] for event in sse_events(response)]
 
 
 @pytest.mark.parametrize("endpoint", ["generate", "generate_stream", "infer"])
@@ -95,13 +99,13 @@ def test_one_value_in_a_batch_of_one_gets_the_same_answer(server, oracle):
         with requests.post(f"{server.http_url}/v2/models/internvl_chat/generate_stream", json=body, stream=True,
                            timeout=120) as r:
             assert r.status_code == 200, r.text
-            events = [json.loads(line[len("data: "):]) for line in r.iter_lines(decode_unicode=True)
-                      if line.startswith("data: ")]
+            events = sse_events(r)
         last = {k: v for k, v in events[-1].items() if k != "text_output"}
         answers.append(("".join(e["text_output"] for e in events), last))
     assert answers[1] == answers[0]
-    assert answers[1][0] == oracle(QUESTION)
-    assert answers[1][1]["finish_reason"] == "length" and answers[1][1]["num_output_tokens"] == MAX_TOKENS
+    text, last = answers[1]
+    assert text == oracle(QUESTION)
+    assert last["finish_reason"] == "length" and last["num_output_tokens"] == MAX_TOKENS
 
 
 def test_a_shape_that_overflows_is_refused_and_the_server_stays_up(server, oracle):
