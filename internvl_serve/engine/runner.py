@@ -35,7 +35,7 @@ from internvl_serve.engine.llama import LlamaArgs, load_llama
 from internvl_serve.engine.parallel import DecodeStep, EagerStep, StepChannel, TensorParallel
 from internvl_serve.engine.quantize import quantize_model_, validate_quantization
 from internvl_serve.engine.sampler import SamplingBatch, sample_tokens
-from internvl_serve.engine.scheduler import ScheduledBatch
+from internvl_serve.engine.scheduler import ScheduledBatch, SchedulerConfig
 from internvl_serve.engine.sequence import Sequence
 
 
@@ -119,7 +119,8 @@ class ModelRunner:
 
     def __init__(self, config, state_dict: Mapping[str, torch.Tensor], *, device="cpu",
                  dtype: torch.dtype | None = None, block_size: int = 16, num_blocks: int | None = None,
-                 gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int = 2048,
+                 gpu_memory_utilization: float = 0.9,
+                 max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens,
                  max_num_seqs: int = 256, attention: AttentionFn = paged_attention,
                  reserved_bytes: int = 0, cuda_graphs: bool | None = None,
                  tp: TensorParallel | None = None, quantization: str | None = None,

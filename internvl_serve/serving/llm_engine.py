@@ -15,6 +15,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from internvl_serve.engine.scheduler import SchedulerConfig
 from internvl_serve.serving.device import set_host_threads
 from internvl_serve.serving.encoder_activity import EncoderActivity, device_number
 
@@ -28,7 +29,7 @@ class EngineOptions:
     num_blocks: int | None = None
     gpu_memory_utilization: float = 0.9
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens  # (why 512: there)
     enable_prefix_caching: bool = True
     # tensor parallelism: the LLM split over this many ranks (processes), one device each; devices as
     # a comma list (empty: cuda:0..N-1 on CUDA, N CPU ranks on the CPU)
