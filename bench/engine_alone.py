@@ -13,7 +13,10 @@ time per engine step against the time the GPU was busy (the union of every kerne
 a torch.profiler trace), so the host's share of a step is a number.
 
     python bench/engine_alone.py --checkpoint DIR --levels 1,32 --out engine.json \
-        [--engine-option async_scheduling=false] [--profile-levels 1,32] [--profile-first-token]
+        [--engine-option async_scheduling=false] [--profile-levels 1,32] [--profile-first-token] [--tiles 12]
+
+--tiles N gives every request an image of N tiles (N x 256 rows, a prompt of ~N x 256 + 30 tokens), the
+long prompt whose prefill the token budget per step (max_num_batched_tokens) splits into more steps.
 
 The engine runs on a thread of this process (the llm model's engine_process=false), also on CUDA where
 the server's default puts it in a process of its own, so that the profiles see it. With --engine-option
@@ -42,6 +45,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "loadtest"))
 
 from internvl_serve.prompt import build_prompt  # noqa: E402
+from internvl_serve.tokenizer import IMG_CONTEXT_TOKEN  # noqa: E402
 from internvl_serve.serving.contract import GenerationRequest, LLMRequest  # noqa: E402
 from internvl_serve.engine.sampling import SamplingParams  # noqa: E402
 from internvl_serve.serving.metrics import GenerationMetrics, MeteredEngineThread, llm_values  # noqa: E402
@@ -85,11 +89,17 @@ class TimedSink:
         return self.timing.output_tokens
 
 
-def prompt_ids(service, question: str) -> np.ndarray:
+def prompt_ids(service, question: str, tiles: int = 1) -> np.ndarray:
+    """The card's prompt for one image of `tiles` 448 tiles (num_image_token `<IMG_CONTEXT>` each)."""
     cfg = service.config
-    prompt = build_prompt("<image>\n" + question, None, [1], cfg.num_image_token, cfg.template,
+    prompt = build_prompt("<image>\n" + question, None, [tiles], cfg.num_image_token, cfg.template,
                           system_message=cfg.system_message)
     return np.asarray(service.tokenizer.encode(prompt), dtype=np.int32)
+
+
+def image_rows(service, ids: np.ndarray) -> int:
+    """How many image rows a request with prompt `ids` brings: one per `<IMG_CONTEXT>` position."""
+    return int(np.count_nonzero(ids == service.tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)))
 
 
 def make_request(ids: np.ndarray, rows: int, hidden: int, seed: int, new_tokens: int) -> LLMRequest:
@@ -102,7 +112,7 @@ def make_request(ids: np.ndarray, rows: int, hidden: int, seed: int, new_tokens:
 
 def run_level(service, ids: np.ndarray, level: int, num_requests: int, new_tokens: int, seed0: int) -> dict:
     """num_requests requests, `level` in flight at a time; loadgen.summarize's row."""
-    rows, hidden = service.config.num_image_token, service.config.llm_config.hidden_size
+    rows, hidden = image_rows(service, ids), service.config.llm_config.hidden_size
     requests = [make_request(ids, rows, hidden, seed0 + i, new_tokens) for i in range(num_requests)]
     slots = threading.Semaphore(level)  # each request's final response gives its slot back
     sinks: list[TimedSink] = []
@@ -157,7 +167,7 @@ def profile_level(service, ids: np.ndarray, level: int, new_tokens: int, seed0: 
 
     if warm_tokens + window_tokens >= new_tokens:
         raise ValueError(f"the profile window needs more than {warm_tokens + window_tokens} new tokens")
-    rows, hidden = service.config.num_image_token, service.config.llm_config.hidden_size
+    rows, hidden = image_rows(service, ids), service.config.llm_config.hidden_size
     finished = threading.Semaphore(0)
     sinks = [TimedSink(finished.release) for _ in range(level)]
     for i, sink in enumerate(sinks):
@@ -188,7 +198,7 @@ def profile_first_token(service, ids: np.ndarray, seed0: int, repeats: int = 3) 
     engine's own ~29 ms of TTFT at 1 stream go."""
     from torch.profiler import ProfilerActivity, profile
 
-    rows, hidden = service.config.num_image_token, service.config.llm_config.hidden_size
+    rows, hidden = image_rows(service, ids), service.config.llm_config.hidden_size
     out = {"repeats": []}
     for r in range(repeats):
         first, finished = threading.Event(), threading.Semaphore(0)
@@ -214,6 +224,8 @@ def main(argv=None) -> int:
     parser.add_argument("--requests-per-stream", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--question", default="Please describe this image in detail.")
+    parser.add_argument("--tiles", type=int, default=1,
+                        help="448 tiles in each request's image (256 rows each for V1-1): a long prompt, e.g. 12")
     parser.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
                         help="an llm model parameter (config.pbtxt `parameters`), e.g. quantization=int8")
     parser.add_argument("--profile-levels", default="",
@@ -242,8 +254,9 @@ def main(argv=None) -> int:
     result = {"engine_options": options, "levels": [], "profile": [],
               "fp8_linears_quantize_their_rows": args.fp8_linears_quantize_their_rows}
     try:
-        ids = prompt_ids(service, args.question)
+        ids = prompt_ids(service, args.question, args.tiles)
         result["prompt_tokens"] = int(len(ids))
+        result["tiles"] = args.tiles
         run_level(service, ids, 1, 1, 16, seed0=999_999)  # warm-up
         for level in [int(x) for x in args.levels.split(",") if x]:
             row = run_level(service, ids, level, max(2, level * args.requests_per_stream), args.new_tokens,
