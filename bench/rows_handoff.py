@@ -1,14 +1,17 @@
 """The llm stub's hand-off of one request's image rows to the engine process, host side only (no model, no
 GPU): what EngineProcess.submit does with them (serving/engine_process.rows_to_send: the engine's dtype
 where narrower, into a reused staging buffer) and what the engine process does on receipt (receive_rows,
-into a fresh buffer, not page-locked here; then the prefix cache's content key, engine.image_content_key),
+into a fresh buffer, not page-locked unless --pin; then the prefix cache's content key, engine.image_content_key),
 over a real socket pair to a child process, as the server runs it. Rows of one V1-1 image (256 x 5120 float32, 5.2 MB) or --images of them,
 sent as float32 (a float32 engine's way, and every engine's before this hand-off took its dtype) and as
 bfloat16 (a GPU engine's). Median of --iters. The stub's end of the socket pair gets the send buffer the
 server gives it (engine_process.widen_send_buffer; --socket-buffer 0: the kernel's default); --hogs N
 keeps N more processes spinning on the CPU meanwhile (a loaded host).
 
-    python bench/rows_handoff.py [--images 1] [--iters 50] [--socket-buffer 0] [--hogs 2] [--out rows_handoff.json]
+    python bench/rows_handoff.py [--images 1] [--iters 50] [--socket-buffer 0] [--hogs 2] [--pin] [--out rows_handoff.json]
+
+--pin (on a GPU host): the engine side receives into page-locked memory, as the engine process on CUDA does;
+against a run without it, what that allocation costs per request.
 """
 from __future__ import annotations
 
@@ -35,14 +38,15 @@ from internvl_serve.serving.engine_process import (SEND_BUFFER_BYTES, as_bytes, 
 ROWS_PER_IMAGE, HIDDEN = 256, 5120  # V1-1: 256 image tokens, LLaMA2-13B's hidden size
 
 
-def engine_side(conn) -> None:
-    """The engine process's part: receive (shape, dtype) and the bytes, key them, answer the times."""
+def engine_side(conn, pin: bool) -> None:
+    """The engine process's part: receive (shape, dtype) and the bytes (into page-locked memory with
+    `pin`, as an engine on CUDA does), key them, answer the times."""
     while True:
         head = conn.recv()
         if head is None:
             return
         t0 = time.perf_counter()
-        rows = receive_rows(conn, head, pin=False)
+        rows = receive_rows(conn, head, pin=pin)
         t1 = time.perf_counter()
         image_content_key(rows)
         t2 = time.perf_counter()
@@ -83,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket-buffer", type=int, default=SEND_BUFFER_BYTES,
                         help="the stub's send buffer in bytes, as the server asks for it (0: the kernel's default)")
     parser.add_argument("--hogs", type=int, default=0, help="processes spinning on the CPU meanwhile")
+    parser.add_argument("--pin", action="store_true",
+                        help="receive into page-locked memory, as the engine process on a GPU does (needs CUDA)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     rows = torch.randn(args.images * ROWS_PER_IMAGE, HIDDEN)
@@ -93,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     spawn = mp.get_context("spawn")
     stop = spawn.Event()
     hogs = [spawn.Process(target=spin, args=(stop,), daemon=True) for _ in range(args.hogs)]
-    child = spawn.Process(target=engine_side, args=(theirs,), daemon=True)
+    child = spawn.Process(target=engine_side, args=(theirs, args.pin), daemon=True)
     for p in [child, *hogs]:
         p.start()
     try:
@@ -106,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in hogs:
             p.join()
     report = {"images": args.images, "iters": args.iters, "torch_threads": torch.get_num_threads(),
-              "send_buffer_bytes": send_buffer, "hogs": args.hogs, **results}
+              "send_buffer_bytes": send_buffer, "hogs": args.hogs, "pin": args.pin, **results}
     print(json.dumps(report, indent=2))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
