@@ -361,7 +361,9 @@ def decode_single(batch: int, num_heads: int, num_sms: int = 132) -> bool:
     tokens, the partitions before 31.1 / - / 110.1 / 210.7 (their programs past the context cost most of
     that: 28.2 / 81.8 / 151.5 with a table as wide as the context); at 2,048 tokens 99.7 / 198.9 / 318.7
     / 567.8 against 80.4 / - / 299.8 / 598.9. The engine's contexts at 32-64 streams are ~300-540
-    tokens."""
+    tokens. Over a bfloat16 cache (bench/results/h100-2026-12-07d) 149.0 / 264.9 us against 151.7 /
+    293.5 at 32 / 64 x 512 tokens, and through the server +0.6-2.0 % / +3.4 % output tok/s at 32 / 64
+    streams in two pairs: one rule for both cache dtypes."""
     if env_switch(PARTITIONS_ENV):
         return False
     return batch * num_heads >= SINGLE_MIN_PAIRS_PER_SM * num_sms
