@@ -90,6 +90,12 @@ class EngineOptions:
         if self.fp8_triton_max_rows is None:
             from internvl_serve.kernels.int8_linear import TRITON_MAX_M
             object.__setattr__(self, "fp8_triton_max_rows", TRITON_MAX_M if self.quantization == "fp8" else 0)
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            # the scheduler gives each running sequence's decode a token of the step's budget before it
+            # admits another, so no more than max_num_batched_tokens ever run: a larger max_num_seqs would
+            # be a silent cap
+            raise ValueError(f"parameter 'max_num_batched_tokens' ({self.max_num_batched_tokens}) must be at least "
+                             f"'max_num_seqs' ({self.max_num_seqs}): every running sequence's token fits in one step")
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> "EngineOptions":

@@ -169,6 +169,18 @@ def test_llm_engine_parameters_parse():
     assert options == EngineOptions()  # the checked-in values are the documented defaults
 
 
+def test_llm_refuses_more_sequences_than_tokens_per_step():
+    """The scheduler never runs more sequences than a step has tokens (each decode takes one before
+    another is admitted), so max_num_seqs above max_num_batched_tokens is refused at load, naming both,
+    rather than capped in silence."""
+    from internvl_serve.serving.llm_engine import EngineOptions
+
+    with pytest.raises(ValueError, match=r"'max_num_batched_tokens' \(512\) must be at least 'max_num_seqs' \(1024\)"):
+        EngineOptions.from_parameters({"max_num_seqs": "1024"})
+    options = EngineOptions.from_parameters({"max_num_seqs": "1024", "max_num_batched_tokens": "1024"})
+    assert (options.max_num_seqs, options.max_num_batched_tokens) == (1024, 1024)
+
+
 def test_preprocess_warms_every_instance_up_with_requests_it_accepts(tiny_checkpoint):
     """model_warmup: Triton runs these samples on each preprocess instance at load (warmup_samples.py).
     Each names files in warmup/ that hold one serialized string for an input of that name and type, and
