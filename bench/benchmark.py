@@ -36,7 +36,8 @@ Measures, in one run and on one device:
     repository with that one value changed) at --int8-levels (default 1 stream);
   * with --server-compare MODEL.KEY=VALUE[,...] (repeatable), the server again at --levels with those
     model parameters changed (MODEL: llm or vision), right after the default one on the same machine:
-    an A/B in one run, e.g. llm.encoder_priority_ms=50, or llm.quantization=int8,vision.quantization=fp8.
+    an A/B in one run, e.g. llm.encoder_priority_ms=50, or llm.quantization=int8,vision.quantization=fp8;
+    vision.max_batch_size=N sets the vision model's max_batch_size (the launcher's --vision-max-batch-size).
 Every request sends its own image (nothing cached, as real traffic); --warm-levels adds rows, on the
 same server after those, where every request sends the same image (the vision embedding cache and the
 KV prefix cache hit: the warm-cache case), as a second table. --arrival-rates adds the open loop on the
@@ -318,7 +319,8 @@ def run_server(ckpt: Path, results: dict, levels: list[int], requests_per_stream
 
 def compare_layout(spec: str):
     """--server-compare's 'llm.encoder_priority_ms=50,vision.quantization=fp8' -> a Layout with those
-    model parameters."""
+    model parameters; 'vision.max_batch_size=N' sets the vision model's max_batch_size (the Layout's
+    vision_max_batch_size), not a parameter."""
     from internvl_serve.serving.layout import Layout
 
     parameters: dict[str, dict[str, str]] = {"llm": {}, "vision": {}}
@@ -328,7 +330,9 @@ def compare_layout(spec: str):
         if not (equals and dot and key) or model not in parameters:
             raise ValueError(f"--server-compare {spec!r}: expected MODEL.KEY=VALUE[,...] with MODEL llm or vision")
         parameters[model][key] = value.strip()
-    return Layout(llm_parameters=parameters["llm"], vision_parameters=parameters["vision"])
+    vision_batch = parameters["vision"].pop("max_batch_size", None)
+    return Layout(llm_parameters=parameters["llm"], vision_parameters=parameters["vision"],
+                  vision_max_batch_size=None if vision_batch is None else int(vision_batch)).validate()
 
 
 def run_engine_alone(ckpt: Path, results: dict, levels: list[int], requests_per_stream: int, out_dir: Path,

@@ -50,7 +50,8 @@ def layout_from_args(args: argparse.Namespace):
         return Layout(gpus=gpus, tensor_parallel_size=args.tensor_parallel_size,
                       llm_parameters=parse_key_values(args.llm_param),
                       vision_parameters=parse_key_values(args.vision_param),
-                      preprocess_instances=args.preprocess_instances).validate()
+                      preprocess_instances=args.preprocess_instances,
+                      vision_max_batch_size=args.vision_max_batch_size).validate()
     except ValueError as e:
         raise LaunchError(f"layout: {e}") from None
 
@@ -76,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preprocess-instances", type=int, default=None, metavar="N",
                    help="processes decoding images (default: one per 4 available CPU cores, a container's limit "
                         "included, at most 8, and at least the repository's 2: serving/layout.py)")
+    p.add_argument("--vision-max-batch-size", type=int, default=None, metavar="N",
+                   help="images the vision model encodes in one call at most (default: the repository's 8; "
+                        "fewer: the first images of a burst come out sooner, at some cost per image with fp8)")
     p.add_argument("--llm-param", action="append", default=[], metavar="KEY=VALUE",
                    help="override a parameter of model_repository/llm/config.pbtxt (repeatable)")
     p.add_argument("--vision-param", action="append", default=[], metavar="KEY=VALUE",

@@ -154,7 +154,11 @@ def test_rows_past_the_guard_and_the_cores_table(report):
 def test_server_compare_runs_get_their_rows_and_after_line(bench, report):
     layout = bench.compare_layout("llm.encoder_priority_ms=50, vision.quantization=fp8")
     assert layout.llm_parameters == {"encoder_priority_ms": "50"}
-    assert layout.vision_parameters == {"quantization": "fp8"}
+    assert layout.vision_parameters == {"quantization": "fp8"} and layout.vision_max_batch_size is None
+    layout = bench.compare_layout("vision.max_batch_size=2,vision.quantization=fp8")
+    assert (layout.vision_max_batch_size, layout.vision_parameters) == (2, {"quantization": "fp8"})
+    with pytest.raises(ValueError, match="vision_max_batch_size must be >= 1"):
+        bench.compare_layout("vision.max_batch_size=0")
     for bad in ("encoder_priority_ms=50", "preprocess.x=1", "llm.quantization"):
         with pytest.raises(ValueError, match="MODEL.KEY=VALUE"):
             bench.compare_layout(bad)

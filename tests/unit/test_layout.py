@@ -50,6 +50,7 @@ def test_tensor_parallel_keeps_one_llm_instance_and_names_its_gpus(tmp_path):
     (Layout(tensor_parallel_size=0), ">= 1"),
     (Layout(preprocess_instances=0), "preprocess_instances must be >= 1"),
     (Layout(llm_parameters={"max_num_seq": "8"}), "no parameter 'max_num_seq'"),
+    (Layout(vision_max_batch_size=0), "vision_max_batch_size must be >= 1"),
 ])
 def test_bad_layouts_are_refused(tmp_path, layout, words):
     with pytest.raises(ValueError, match=words):
@@ -75,6 +76,20 @@ def test_preprocess_instances_follow_the_cpus_unless_given(tmp_path):
     assert Layout().preprocess_count == auto_preprocess_instances()  # this machine's
     assert layout_from_args(parse_args(["--preprocess-instances", "6"])).preprocess_instances == 6
     assert layout_from_args(parse_args([])).preprocess_instances is None
+
+
+def test_vision_max_batch_size_sets_only_the_vision_models_batch(tmp_path):
+    configs, _ = written(tmp_path, Layout(vision_max_batch_size=2))
+    vision = read_config(REPO / "vision" / "config.pbtxt")
+    assert vision.max_batch_size == 8 and configs["vision"].max_batch_size == 2
+    configs["vision"].max_batch_size = vision.max_batch_size
+    assert configs["vision"] == vision  # nothing else of it changes
+    assert configs["llm"] == read_config(REPO / "llm" / "config.pbtxt")
+    assert not Layout(vision_max_batch_size=2).is_default
+    assert layout_from_args(parse_args(["--vision-max-batch-size", "2"])).vision_max_batch_size == 2
+    assert layout_from_args(parse_args([])).vision_max_batch_size is None
+    with pytest.raises(LaunchError, match="vision_max_batch_size must be >= 1"):
+        layout_from_args(parse_args(["--vision-max-batch-size", "0"]))
 
 
 def test_a_server_without_a_layout_sizes_preprocess_to_the_machine(monkeypatch, tiny_checkpoint):
