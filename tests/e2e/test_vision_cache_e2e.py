@@ -1,5 +1,6 @@
 """The vision model's embedding cache through a real tritonserver: a server whose vision cache holds only two
-tiles (a copy of model_repository with `image_cache_mb` changed), requests that hit, miss and evict; every
+tiles (a copy of model_repository with `image_cache_mb` changed, and the vision model's dynamic batches capped
+at two requests: the layout's vision_max_batch_size), requests that hit, miss and evict; every
 answer must equal the model card's chat (internvl_serve.reference, fresh encodes) on the tiny checkpoint, and
 a repeated request its first answer. Where the server exports the cache counters as Prometheus metrics,
 they must count the hits and misses this sequence makes. The llm of this server holds its decode steps for
@@ -17,13 +18,14 @@ from internvl_serve.serving.launcher import TritonServer
 from internvl_serve.serving.layout import Layout
 
 TILE_MIB = 256 * 128 * 4 / 2**20  # tiny checkpoint: 256 image tokens x hidden 128, float32 on the CPU
+VISION_BATCH = 2  # requests per vision call at most on this server (the repository's 8)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory):
     work = tmp_path_factory.mktemp("vision-cache")
     layout = Layout(vision_parameters={"image_cache_mb": f"{2.4 * TILE_MIB:.4f}"},
-                    llm_parameters={"encoder_priority_ms": "20"})
+                    llm_parameters={"encoder_priority_ms": "20"}, vision_max_batch_size=VISION_BATCH)
     with TritonServer(tiny_checkpoint, layout=layout, log_file=work / "server.log", exit_timeout_s=5,
                       ready_timeout_s=300) as s:
         record = s.encoder_activity
@@ -62,8 +64,11 @@ def test_hits_misses_and_evictions_give_the_cards_answers(server, oracle):
 def test_concurrent_direct_calls_each_get_their_own_tiles_embeddings(server, tiny_checkpoint):
     """The adapter answers with views of the service's reused output buffer (internvl_serve/hostbuf.py): requests
     sent at once (dynamic batching: several executes in a row, new tiles, the two-tile cache evicting)
-    must each get the embeddings of their own tiles, not a later batch's."""
+    must each get the embeddings of their own tiles, not a later batch's. Triton's statistics show every
+    call took at most VISION_BATCH requests, as the layout set (with the repository's 8 the same calls
+    ran batches of 8 here)."""
     import numpy as np
+    import requests as http
     import tritonclient.grpc as grpcclient
 
     from internvl_serve.serving.vision import VisionService
@@ -80,10 +85,17 @@ def test_concurrent_direct_calls_each_get_their_own_tiles_embeddings(server, tin
         tensor.set_data_from_numpy(pixels)
         return client.infer("vision", [tensor]).as_numpy("image_embeds")[0]
 
+    stats_url = f"{server.http_url}/v2/models/vision/stats"
+    before = http.get(stats_url, timeout=10).json()["model_stats"][0]
     answers = in_parallel([lambda p=p: call(p) for p in requests])
     for pixels, got in zip(requests, answers):
         want = fresh.embed([pixels[0]])[0]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    after = http.get(stats_url, timeout=10).json()["model_stats"][0]
+    assert after["inference_count"] - before["inference_count"] == len(requests)
+    calls = {b["batch_size"]: int(b["compute_infer"]["count"]) for b in after["batch_stats"]}
+    assert calls and max(calls) <= VISION_BATCH, calls
+    assert sum(size * n for size, n in calls.items()) == after["inference_count"]
 
 
 def test_the_vision_model_flags_its_forwards_in_the_servers_record(server):
