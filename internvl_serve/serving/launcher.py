@@ -78,7 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="processes decoding images (default: one per 4 available CPU cores, a container's limit "
                         "included, at most 8, and at least the repository's 2: serving/layout.py)")
     p.add_argument("--vision-max-batch-size", type=int, default=None, metavar="N",
-                   help="images the vision model encodes in one call at most (default: the repository's 8; "
+                   help="requests (each with its image's tiles) the vision model encodes in one call at most "
+                        "(default: the repository's 8; "
                         "fewer: the first images of a burst come out sooner, at some cost per image with fp8)")
     p.add_argument("--llm-param", action="append", default=[], metavar="KEY=VALUE",
                    help="override a parameter of model_repository/llm/config.pbtxt (repeatable)")

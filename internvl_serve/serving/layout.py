@@ -62,10 +62,10 @@ class Layout:
     llm_parameters: dict[str, str] = field(default_factory=dict)      # overrides of llm's parameters
     vision_parameters: dict[str, str] = field(default_factory=dict)
     preprocess_instances: int | None = None  # None: auto_preprocess_instances()
-    # images the vision model's dynamic batcher gathers into one call at most (its max_batch_size); None:
-    # the repository's 8. Fewer: in a burst of new images the first come out sooner (every image of a call
-    # waits for the whole call), at the cost per image of smaller forwards (the fp8 encoder's: 22.0 ms at
-    # 1 image against 16.3 at 8 on an H100; bf16 ~22 either way)
+    # requests (each with its image's tiles) the vision model's dynamic batcher gathers into one call at
+    # most (its max_batch_size); None: the repository's 8. Fewer: in a burst of new images the first come
+    # out sooner (every image of a call waits for the whole call), at the cost per image of smaller
+    # forwards (the fp8 encoder's: 22.0 ms at 1 image against 16.3 at 8 on an H100; bf16 ~22 either way)
     vision_max_batch_size: int | None = None
 
     def validate(self) -> "Layout":
