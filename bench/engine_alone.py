@@ -121,6 +121,7 @@ def run_level(service, ids: np.ndarray, level: int, num_requests: int, new_token
     for i, request in enumerate(requests):
         slots.acquire()
         sink = TimedSink(slots.release)
+        sink.timing.opening = i < level  # submitted at once, before any answer (loadgen.ttft_rounds)
         sinks.append(sink)
         service.submit(request, sink, client_id=f"alone-{level}-{i}")
     for _ in range(level):  # every slot back: every request answered

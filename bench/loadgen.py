@@ -1,9 +1,10 @@
 """Concurrent streaming load against the `internvl_chat` ensemble over gRPC, with per-token timing.
 
 Owns: sending N streaming chat requests at a fixed concurrency (the closed loop) through tritonclient's
-asyncio gRPC client, and turning response arrival times into one row: time-to-first-token, inter-token
-latency, end-to-end latency, output tokens/s, requests in flight (`summarize`, the one place for
-percentiles and token accounting; engine_alone.py and openloop.py use it too). Does not own: starting
+asyncio gRPC client, and turning response arrival times into one row: time-to-first-token (also split
+into the opening burst and the later rounds), inter-token latency, end-to-end latency, output tokens/s,
+requests in flight (`summarize`, the one place for percentiles and token accounting; engine_alone.py and
+openloop.py use it too). Does not own: starting
 the server (the launcher does), the open loop's Poisson arrivals (openloop.py) or printing tables
 (benchmark.py).
 
@@ -33,6 +34,9 @@ class RequestTiming:
     # open loop: when the request was due (before any wait for a slot): TTFT and latency count from it
     arrival: float | None = None
     last_token: float | None = None  # when the last response that carried tokens arrived
+    # closed loop: one of the level's opening burst (each stream's first request, all sent at once);
+    # summarize splits TTFT into that burst and the later rounds, whose sends follow the answers
+    opening: bool = False
 
     def record(self, now: float, count: int) -> None:
         """A response at `now` whose cumulative token count is `count`: a delta of k new tokens gives k
@@ -60,8 +64,8 @@ def build_inputs(question: str, image: bytes | None, max_tokens: int, ignore_eos
 
 
 async def one_request(client, model: str, inputs: list, request_id: str,
-                      arrival: float | None = None) -> RequestTiming:
-    timing = RequestTiming(start=time.perf_counter(), arrival=arrival)
+                      arrival: float | None = None, opening: bool = False) -> RequestTiming:
+    timing = RequestTiming(start=time.perf_counter(), arrival=arrival, opening=opening)
 
     async def requests():
         yield {"model_name": model, "inputs": inputs, "request_id": request_id}
@@ -99,7 +103,8 @@ async def run_level(url: str, concurrency: int, num_requests: int, question: str
                 return
             inputs = build_inputs(question, image[i % len(image)] if isinstance(image, list) else image,
                                   max_tokens, ignore_eos)
-            timings.append(await one_request(client, model, inputs, f"c{concurrency}-{i}"))
+            # the first `concurrency` indices are the workers' first requests: taken before any await
+            timings.append(await one_request(client, model, inputs, f"c{concurrency}-{i}", opening=i < concurrency))
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -125,6 +130,19 @@ def in_flight(timings: list[RequestTiming], wall: float) -> tuple[int, float]:
         current += step
         peak = max(peak, current)
     return peak, (sum(e - s for s, e in spans) / wall if wall > 0 else float("nan"))
+
+
+def ttft_rounds(ok: list[RequestTiming]) -> dict:
+    """A closed loop's TTFT split into its opening burst (every stream's first request, sent at once)
+    and the later rounds (each sent as its stream's last answer ended): the burst's first tokens wait
+    for all of its images at once, so with few requests per stream it sets the level's p50. Empty when
+    no request is marked as the opening (the open loop) or none came after it."""
+    split = {name: [1e3 * (t.first_token - t.origin) for t in ok if t.first_token is not None and t.opening == opening]
+             for name, opening in (("opening", True), ("later", False))}
+    if not split["opening"] or not split["later"]:
+        return {}
+    return {f"ttft_{name}_{key}": value for name, values in split.items() for key, value in
+            (("requests", len(values)), ("p50_ms", pct(values, 50)), ("p95_ms", pct(values, 95)))}
 
 
 def summarize(concurrency: int, timings: list[RequestTiming], wall: float) -> dict:
@@ -153,4 +171,5 @@ def summarize(concurrency: int, timings: list[RequestTiming], wall: float) -> di
         "peak_in_flight": peak,
         "mean_in_flight": mean_in_flight,
         "mean_tokens_per_request": statistics.mean([t.output_tokens for t in ok]) if ok else 0,
+        **ttft_rounds(ok),
     }

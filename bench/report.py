@@ -219,6 +219,17 @@ def markdown(results: dict) -> str:
                 "" if queue is None or prefill is None else f" ({queue:.1f} + {prefill:.1f})")
             lines.append(f"| {label} | {row['concurrency']} | {row['ttft_mean_ms']:.1f} | {pair('preprocess')} | "
                          f"{pair('vision')} | {pair('llm_stub')} | {llm} | {rest} |")
+    rounds = [(label, row) for label, row in speed_rows if "ttft_later_p50_ms" in row]
+    if rounds:
+        lines += ["", "Time to first token of each level's opening burst (every stream's first request, all sent "
+                  "at once) and of its later rounds (each sent as its stream's last answer ended):", "",
+                  "| path | streams | opening burst: requests, TTFT p50 / p95 ms | later rounds: requests, "
+                  "TTFT p50 / p95 ms |", "|---|---|---|---|"]
+        for label, row in rounds:
+            lines.append(f"| {label} | {row['concurrency']} | {row['ttft_opening_requests']}: "
+                         f"{row['ttft_opening_p50_ms']:.0f} / {row['ttft_opening_p95_ms']:.0f} | "
+                         f"{row['ttft_later_requests']}: {row['ttft_later_p50_ms']:.0f} / "
+                         f"{row['ttft_later_p95_ms']:.0f} |")
     lines += _cpu_lines([(label, row) for label, row in speed_rows if row.get("cpu_cores")])
     if results.get("server_warm"):
         lines += ["", "Warm caches (the same server after the rows above; every request sends the same image, so "

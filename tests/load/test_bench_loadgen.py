@@ -38,6 +38,9 @@ def test_closed_loop_row(server):
     check_answered(row, 4)
     assert row["concurrency"] == 2 and row["peak_in_flight"] == 2  # both streams start at once
     assert 0 < row["mean_in_flight"] <= 2
+    # each stream's first request is the opening burst; the two after them are the later round
+    assert row["ttft_opening_requests"] == 2 and row["ttft_later_requests"] == 2
+    assert 0 < row["ttft_later_p50_ms"] <= row["ttft_later_p95_ms"]
 
 
 def test_open_loop_answers_every_arrival_at_each_rate(server):

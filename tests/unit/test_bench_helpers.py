@@ -289,6 +289,37 @@ def test_summarize_counts_from_the_arrival_and_tracks_requests_in_flight(bench):
     assert row["itl_p50_ms"] == pytest.approx(250.0)
 
 
+def test_summarize_splits_ttft_into_the_opening_burst_and_the_later_rounds(bench):
+    import loadgen
+
+    T = loadgen.RequestTiming
+    opening = [T(start=0.0, first_token=f, end=2.0, output_tokens=2, gaps=[0.1], opening=True)
+               for f in (0.2, 0.4, 0.6, 0.8)]  # four streams' first requests, sent at once
+    later = [T(start=s, first_token=s + 0.1, end=s + 1.0, output_tokens=2, gaps=[0.1]) for s in (2.0, 2.1, 2.2)]
+    failed = T(start=2.3, first_token=2.35, end=2.4, error="boom", opening=False)
+    row = loadgen.summarize(4, opening + later + [failed], wall=3.5)
+    assert row["ttft_opening_requests"] == 4 and row["ttft_later_requests"] == 3  # the failed one not counted
+    assert row["ttft_opening_p50_ms"] == pytest.approx(500.0) and row["ttft_opening_p95_ms"] == pytest.approx(770.0)
+    assert row["ttft_later_p50_ms"] == pytest.approx(100.0) and row["ttft_later_p95_ms"] == pytest.approx(100.0)
+    assert row["ttft_p50_ms"] == pytest.approx(200.0)  # the level's own figures are unchanged: all seven
+    # no request marked (the open loop), or only the burst (one request per stream): no split
+    unmarked = [T(start=0.0, first_token=0.1, end=1.0, output_tokens=2, gaps=[0.1]) for _ in range(3)]
+    assert "ttft_opening_p50_ms" not in loadgen.summarize(3, unmarked, wall=1.0)
+    assert "ttft_later_p50_ms" not in loadgen.summarize(4, opening, wall=2.0)
+
+
+def test_the_rounds_table_shows_each_level_that_has_both(report):
+    split = row(32, 1500, 700, 15.7)
+    split.update(ttft_opening_requests=32, ttft_opening_p50_ms=900.4, ttft_opening_p95_ms=1800.0,
+                 ttft_later_requests=96, ttft_later_p50_ms=350.6, ttft_later_p95_ms=1200.0)
+    results = {"device": "GPU", "date": "d", "commit": "c", "copy_bandwidth_gbs": 3000.0,
+               "llm_weight_bytes_per_step": 25.8e9, "hbm_floor_ms": 8.6, "server": [row(1, 90, 70, 10.3), split]}
+    md = report.markdown(results)
+    assert "| Triton server (gRPC stream) | 32 | 32: 900 / 1800 | 96: 351 / 1200 |" in md
+    assert "| Triton server (gRPC stream) | 1 |" not in md.split("opening burst")[1]
+    assert "opening burst" not in report.markdown(dict(results, server=[row(32, 1500, 700, 15.7)]))
+
+
 def open_loop_row(rate, requests, errors=0):
     return {"offered_req_per_s": rate, "scheduled_req_per_s": rate * 1.1, "achieved_req_per_s": rate * 0.9,
             "answered": requests - errors, "requests": requests, "errors": errors, "first_error": None,
