@@ -4,9 +4,8 @@ Owns: sending N streaming chat requests at a fixed concurrency (the closed loop)
 asyncio gRPC client, and turning response arrival times into one row: time-to-first-token (also split
 into the opening burst and the later rounds), inter-token latency, end-to-end latency, output tokens/s,
 requests in flight (`summarize`, the one place for percentiles and token accounting; engine_alone.py and
-openloop.py use it too). Does not own: starting
-the server (the launcher does), the open loop's Poisson arrivals (openloop.py) or printing tables
-(benchmark.py).
+openloop.py use it too). Does not own: starting the server (the launcher does), the open loop's Poisson
+arrivals (openloop.py) or printing tables (benchmark.py).
 
 Token accounting: a streamed response carries a text delta and the cumulative `num_output_tokens`, so
 a delta that holds k tokens contributes k inter-token gaps of (its gap / k).
