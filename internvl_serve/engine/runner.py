@@ -121,7 +121,7 @@ class ModelRunner:
                  dtype: torch.dtype | None = None, block_size: int = 16, num_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.9,
                  max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens,
-                 max_num_seqs: int = 256, attention: AttentionFn = paged_attention,
+                 max_num_seqs: int = SchedulerConfig.max_num_seqs, attention: AttentionFn = paged_attention,
                  reserved_bytes: int = 0, cuda_graphs: bool | None = None,
                  tp: TensorParallel | None = None, quantization: str | None = None,
                  fused_kernels: bool | None = None, kv_cache_dtype: str | None = None,

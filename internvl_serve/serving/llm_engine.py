@@ -28,7 +28,7 @@ class EngineOptions:
     block_size: int = 16
     num_blocks: int | None = None
     gpu_memory_utilization: float = 0.9
-    max_num_seqs: int = 256
+    max_num_seqs: int = SchedulerConfig.max_num_seqs
     max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens  # (why 512: there)
     enable_prefix_caching: bool = True
     # tensor parallelism: the LLM split over this many ranks (processes), one device each; devices as
