@@ -3,6 +3,8 @@
     python bench/decode_step_bench.py                       # 13B sizes, bf16, batch 1 and 32, ctx 512
     python bench/decode_step_bench.py --fused on --int8     # only the fused path, weight-only int8
     python bench/decode_step_bench.py --layers 4            # a quick smoke run
+    python bench/decode_step_bench.py --fused on --batches 32 --ctx 416 --profile   # where a step goes
+    python bench/decode_step_bench.py --batches 32,64 --attention-variants default,heads-first,dot,heads-first+dot
 
 Random weights (drawn on the GPU in the checkpoint's layout, so load_llama merges q/k/v and gate/up
 as in serving), every sequence at the same context length. For each path (`--fused off`: the torch
@@ -10,7 +12,12 @@ ops with separate projections, as before the fusion; `on`: merged projections, a
 SiLU-and-mul kernels) the decode graphs (engine/decode_graphs.py) are captured for the batch sizes and
 replayed; ms/step is the median over --repeats of --steps back-to-back graph replays timed with CUDA
 events (the GPU's time for the step; the engine's host work per step is not in it). Before timing, the fused logits are
-checked against the unfused ones (max abs difference and greedy agreement are printed).
+checked against the unfused ones (max abs difference and greedy agreement are printed). `--profile`
+adds, per path and batch, the kernels of --steps replays under torch.profiler, grouped by name: µs per
+step and share of the step (the kernels' own time; the gaps between them are the rest of ms/step).
+`--attention-variants` times the fused step with the decode attention's launch variants instead
+(kernels/paged_attention.py: the grid's order, the products on the tensor cores; each set through its
+environment switch before the graphs are captured), and compares each one's logits with the first's.
 """
 from __future__ import annotations
 
@@ -92,6 +99,83 @@ def time_steps(graph, steps: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+ATTENTION_VARIANTS = {  # name: the environment switches of kernels/paged_attention.py it sets
+    "default": {},
+    "heads-first": {"INTERNVL_SERVE_DECODE_HEADS_FIRST": "1"},
+    "dot": {"INTERNVL_SERVE_DECODE_DOT": "1"},
+    "heads-first+dot": {"INTERNVL_SERVE_DECODE_HEADS_FIRST": "1", "INTERNVL_SERVE_DECODE_DOT": "1"},
+}
+
+
+def compare_attention_variants(model, kv, variants: list[str], batches: list[int], args, max_blocks: int,
+                               block_size: int, device) -> None:
+    """The fused step captured once per decode-attention variant; a table of ms/step, then each variant's
+    logits against the first variant's."""
+    model.fused = True
+    results, logits = {}, {}
+    switches = {name for v in variants for name in ATTENTION_VARIANTS[v]}
+    for variant in variants:
+        for name in switches:
+            os.environ[name] = ATTENTION_VARIANTS[variant].get(name, "0")
+        time_buckets(model, kv, batches, args, max_blocks, block_size, device, variant, results, logits)
+    print("\n| batch | " + " | ".join(f"{v} ms/step" for v in variants) + " |")
+    print("|---" * (len(variants) + 1) + "|")
+    for b in batches:
+        print(f"| {b} | " + " | ".join(f"{results[v, b]:.3f}" for v in variants) + " |")
+    first = variants[0]
+    for v in variants[1:]:
+        for b in batches:
+            ref, got = logits[first, b], logits[v, b]
+            agree = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
+            print(f"batch {b}: {v} against {first}: logits rel L2 {((got - ref).norm() / ref.norm()).item():.2e}, "
+                  f"greedy agreement {agree:.2f}")
+
+
+def time_buckets(model, kv, batches: list[int], args, max_blocks: int, block_size: int, device, key,
+                 results: dict, logits: dict) -> None:
+    """Capture the decode graphs of `model` as it is now set, replay each batch's bucket: its ms/step into
+    results[key, batch], its logits into logits[key, batch] (and its kernels printed with --profile)."""
+    graphs = DecodeGraphs(model, kv, max_blocks=max_blocks, device=device, buckets=tuple(batches),
+                          max_batch=max(batches))
+    graphs.capture()
+    for b in batches:
+        graph, out = load_bucket(graphs, step_inputs(b, args.ctx, block_size, max_blocks))
+        graph.replay()  # writes the same K/V slots every replay: the inputs stay valid
+        logits[key, b] = out.clone()
+        results[key, b] = time_steps(graph, args.steps, args.repeats)
+        label = key if isinstance(key, str) else f"fused {'on ' if key else 'off'}"
+        print(f"{label} batch {b:3d}: {results[key, b]:7.3f} ms/step", flush=True)
+        if args.profile:
+            print(kernel_table(graph, args.steps), flush=True)
+    del graphs
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+def kernel_table(graph, steps: int, top: int = 25) -> str:
+    """The kernels of `steps` replays of `graph`, grouped by name, as a markdown table: µs per step,
+    launches per step, share of the kernels' time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            graph.replay()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None)
+        us = e.cuda_time_total if us is None else us
+        if us > 0:
+            rows.append((us / steps, e.count / steps, e.key))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    lines = [f"kernels' time per step {total / 1000:.3f} ms ({sum(r[1] for r in rows):.0f} launches)",
+             "| µs per step | launches per step | share | kernel |", "|---|---|---|---|"]
+    for us, count, name in rows[:top]:
+        lines.append(f"| {us:.1f} | {count:.0f} | {100 * us / total:.1f} % | {name[:110]} |")
+    return "\n".join(lines)
+
+
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,7 +186,14 @@ def main() -> None:
     ap.add_argument("--int8", action="store_true", help="weight-only int8 projections")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--profile", action="store_true", help="also print each step's kernels (torch.profiler)")
+    ap.add_argument("--attention-variants", default="",
+                    help=f"comma-separated, of {', '.join(ATTENTION_VARIANTS)}: the fused step with each instead")
     args = ap.parse_args()
+    variants = [v for v in args.attention_variants.split(",") if v]
+    unknown = set(variants) - set(ATTENTION_VARIANTS)
+    if unknown:
+        ap.error(f"--attention-variants: unknown {sorted(unknown)}; known: {', '.join(ATTENTION_VARIANTS)}")
 
     device, dtype, bs = torch.device("cuda", 0), torch.bfloat16, 16
     torch.cuda.set_device(device)
@@ -122,23 +213,15 @@ def main() -> None:
           f"{'int8' if args.int8 else 'bf16'} weights, ctx {args.ctx}, "
           f"weights {torch.cuda.memory_allocated(device) / 2**30 - cache.numel() * 2 / 2**30:.1f} GiB", flush=True)
 
+    if variants:
+        compare_attention_variants(model, kv, variants, batches, args, max_blocks, bs, device)
+        return
     paths = {"both": (False, True), "on": (True,), "off": (False,)}[args.fused]
     results: dict[tuple[bool, int], float] = {}
     logits: dict[tuple[bool, int], torch.Tensor] = {}
     for fused in paths:
         model.fused = fused
-        graphs = DecodeGraphs(model, kv, max_blocks=max_blocks, device=device, buckets=tuple(batches),
-                              max_batch=max(batches))
-        graphs.capture()
-        for b in batches:
-            graph, out = load_bucket(graphs, step_inputs(b, args.ctx, bs, max_blocks))
-            graph.replay()  # writes the same K/V slots every replay: the inputs stay valid
-            logits[fused, b] = out.clone()
-            results[fused, b] = time_steps(graph, args.steps, args.repeats)
-            print(f"fused {'on ' if fused else 'off'} batch {b:3d}: {results[fused, b]:7.3f} ms/step", flush=True)
-        del graphs
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+        time_buckets(model, kv, batches, args, max_blocks, bs, device, fused, results, logits)
     print("\n| batch | " + " | ".join(f"fused {'on' if f else 'off'} ms/step" for f in paths)
           + (" | speed-up |" if len(paths) == 2 else " |"))
     print("|---" * (len(paths) + 1 + (len(paths) == 2)) + "|")

@@ -4,12 +4,17 @@
     python bench/kernels_bench.py --sweep    # also try other tile configs / partition sizes
     python bench/kernels_bench.py --only prefill   # just the prefill / mixed-step attention table
     python bench/kernels_bench.py --only attention --kv-dtype fp8   # the attention tables over an e4m3 cache
+    python bench/kernels_bench.py --only attention --grid-sweep     # decode attention: grid order, stages
 
 Decode attention (Hq = Hkv = 40, D = 128, block size 16, bf16): the decode kernel with a block table as
 wide as the context, and with the engine-wide table of 256 blocks (4096 tokens: flash-decoding's grid is
 fixed by the table, so shorter contexts pay for programs past them; one program per (sequence, head), the
 default from 14 sequences on, does not), against the batched SDPA gather (`paged_decode_attention_torch`,
-tight table). The tiles column says which (`single` or the partition size).
+tight table). The tiles column says which (`single` or the partition size). `--grid-sweep` times the
+default way (single or its partitions) with the grid in both orders (`hf`: heads first, consecutive programs
+take one sequence's heads; `sf`: sequences first, the default) and with the products on the tensor cores
+(`dot`, at 2-4 pipeline stages: only loads that feed tl.dot go through Triton's pipelined cp.async path),
+and for one program per pair also other loop steps and warps; `*` marks today's default.
 Prefill attention (same shape, one layer's call): the varlen paged kernel (kernels/prefill_attention.py)
 against the engine's reference (`sdpa_paged_attention`: gather + SDPA per group), for one 2,048-token
 chunk and for a mixed step of 32 decodes + one 512-token chunk; eager calls (as the engine runs them),
@@ -173,7 +178,36 @@ def paged_inputs(B: int, ctx: int, table_blocks: int):
     return q, k, v, table, lens
 
 
-def attention_table(bw: float, sweep: bool) -> list[str]:
+def grid_sweep_row(B: int, H: int, check_out, timed) -> str:
+    """One "grid sweep" line: the default way at this grid size in both grid orders, with the products
+    elementwise (today) or on the tensor cores at 2-4 pipeline stages (and, for one program per pair,
+    other loop steps / warps), fastest first; a variant that does not launch (shared memory) is listed
+    as failed."""
+    tiles = default_decode_tiles(B, H, kv_bytes=torch.empty((), dtype=cache_dtype).element_size())
+    single = decode_single(B, H)
+    shapes = [(tiles.block_n, tiles.num_warps)]
+    if single:
+        shapes += [(bn, nw) for bn in (64, 128) for nw in (2, 4, 8) if (bn, nw) != shapes[0]]
+    res, failed = [], []
+    for bn, nw in shapes:
+        for heads_first in (False, True):
+            for dot, stages in ((False, None), (True, 2), (True, 3), (True, 4)):
+                kw = dict(single=single, block_n=bn, num_warps=nw, heads_first=heads_first, dot=dot,
+                          num_stages=stages)
+                default = (bn, nw) == shapes[0] and not heads_first and not dot
+                name = (f"{'*' if default else ''}n{bn}/w{nw}/{'hf' if heads_first else 'sf'}"
+                        + (f"/dot{stages}" if dot else ""))
+                try:
+                    check_out(kw)
+                    res.append((timed(False, **kw), name))
+                except (RuntimeError, triton.runtime.errors.OutOfResources) as e:  # not a wrong result
+                    failed.append(f"{name} ({type(e).__name__})")
+    res.sort()
+    return (f"      grid sweep tbl256 ({'single' if single else f'p{tiles.partition_size}'}) "
+            + " ".join(f"{n}:{t:.1f}" for t, n in res) + (f"; failed: {', '.join(failed)}" if failed else ""))
+
+
+def attention_table(bw: float, sweep: bool, grid_sweep: bool = False) -> list[str]:
     rows = Rows([f"{'B':>3} {'ctx':>5} | {'triton us':>9} {'GB/s':>6} {'%copy':>5} | {'tbl256 us':>9} {'%copy':>5} | "
                  f"{'sdpa us':>8} {'GB/s':>6} | {'speedup':>7} | tiles"])
     scale = D**-0.5
@@ -221,6 +255,11 @@ def attention_table(bw: float, sweep: bool) -> list[str]:
                         res.append((t, f"{'single' if part is None else f'p{part}'}/n{bn}/w{nw}"))
                 res.sort()
                 rows.append("      sweep tbl256 " + " ".join(f"{n}:{t:.1f}" for t, n in res))
+            if grid_sweep:
+                def check_out(kw):
+                    out = paged_decode_attention(q, k, v, table, lens, scale, **kw)
+                    check(f"attention {kw}", out, ref, sub=sub)
+                rows.append(grid_sweep_row(B, H, check_out, timed))
             del sets, q, k, v, table, tight
     return rows
 
@@ -468,6 +507,8 @@ def fp8_inputs_table() -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="also time other tile configs / partition sizes")
+    ap.add_argument("--grid-sweep", action="store_true",
+                    help="decode attention: both grid orders and 1-4 pipeline stages of the default way")
     ap.add_argument("--only", choices=["attention", "prefill", "linear", "quantized", "w8a8"], default=None)
     ap.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="bf16",
                     help="the KV cache of the attention tables (q stays bf16)")
@@ -484,7 +525,7 @@ def main() -> None:
              f"against it); read-only (sum) {read_bw:.0f} GB/s"]
     if args.only in (None, "attention"):
         lines += ["", f"decode attention, Hq=Hkv=40, D=128, q bf16, KV cache {args.kv_dtype}; every sequence at ctx"]
-        lines += attention_table(bw, args.sweep)
+        lines += attention_table(bw, args.sweep, args.grid_sweep)
     if args.only in (None, "prefill"):
         lines += ["", f"prefill / mixed-step attention, one layer, Hq=Hkv=40, D=128, block 16, bf16, KV cache "
                       f"{args.kv_dtype}, eager"]

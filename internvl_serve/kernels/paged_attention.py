@@ -24,6 +24,15 @@ Two ways, chosen from the grid's static size (decode_single):
   runs the online softmax over its whole context and writes the output; no partials, no second kernel,
   and no programs for the empty part of a table much wider than the contexts (the engine's CUDA graphs
   take one as wide as the model's maximum length).
+The grid's order: by default consecutive programs take one head of consecutive sequences (sequence
+fastest); with heads_first (INTERNVL_SERVE_DECODE_HEADS_FIRST=1) they take consecutive heads of one
+sequence, so the programs resident at once read neighbouring bytes of the same cache blocks (the cache
+keeps a token's heads side by side: 40 heads' rows of 256 bytes, bf16) instead of one 256-byte row in each
+of many blocks; unmeasured on a GPU so far, hence off.
+The products: by default elementwise in float32 (q times each K row, p times each V row, summed); with dot
+(INTERNVL_SERVE_DECODE_DOT=1) on the tensor cores, the query as row 0 of a 16-row tile. Compiled for an
+H100, only the second gets Triton's pipelined loads (the next tokens' K/V copied into shared memory while
+these are used); unmeasured on a GPU so far, hence off.
 The grid depends only on B, Hq and block_tables.shape[1], never on data (context_lens is read inside
 the kernels), so a launch can be captured in a CUDA graph and replayed with other context lengths and
 block tables.
@@ -168,10 +177,14 @@ if triton is not None:
                 stride_kn, stride_kt, stride_kh, stride_kd,
                 stride_vn, stride_vt, stride_vh, stride_vd,
                 stride_btb, stride_btn, block_size,
-                offs_d, mask_d,
-                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Online softmax of q (scaled, log2 units) over the tokens [start, end) of sequence b's context:
-        (running max, sum, unnormalised output). An empty range leaves m=-inf, l=0, acc=0."""
+                offs_d, mask_d, qk_scale,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+        """Online softmax of q over the tokens [start, end) of sequence b's context: (running max, sum,
+        unnormalised output). An empty range leaves m=-inf, l=0, acc=0. q: (BLOCK_D,) float32, already
+        scaled (log2 units); with DOT, (16, BLOCK_D) in q's dtype, the query in row 0 and zeros below,
+        unscaled: both products then run on the tensor cores (tl.dot; the other 15 rows are wasted work,
+        the loads go through Triton's pipelined shared-memory path), the weights p rounded to q's dtype
+        for the second, as flash attention does."""
         m_i = tl.full((), -float("inf"), tl.float32)
         l_i = tl.full((), 0.0, tl.float32)
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -192,12 +205,20 @@ if triton is not None:
                 + offs_d[None, :] * stride_vd,
                 mask=mask_td, other=0.0,
             )
-            s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # (BLOCK_N,) in log2 units
+            if DOT:
+                s = tl.sum(tl.dot(q, tl.trans(k.to(q.dtype))), axis=0) * qk_scale  # rows past 0 give 0
+            else:
+                s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # (BLOCK_N,) in log2 units
             s = tl.where(mask_t, s, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=0))  # finite: the first step has a valid token
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new)
-            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+            if DOT:
+                rows = tl.arange(0, 16)
+                p_rows = tl.where(rows[:, None] == 0, p[None, :], 0.0).to(q.dtype)  # (16, BLOCK_N)
+                acc = acc * alpha + tl.sum(tl.dot(p_rows, v.to(q.dtype)), axis=0)
+            else:
+                acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
             l_i = l_i * alpha + tl.sum(p, axis=0)
             m_i = m_new
         return m_i, l_i, acc
@@ -221,9 +242,17 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of 2
         SINGLE: tl.constexpr,  # one program per (sequence, head): the whole context, then the output
+        HEADS_FIRST: tl.constexpr,  # the grid is (Hq, B, parts), not (B, Hq, parts)
+        DOT: tl.constexpr,  # the products on the tensor cores (_attend)
     ):
-        b = tl.program_id(0)
-        h = tl.program_id(1)
+        if HEADS_FIRST:
+            h = tl.program_id(0)
+            b = tl.program_id(1)
+            num_heads = tl.num_programs(0)
+        else:
+            b = tl.program_id(0)
+            h = tl.program_id(1)
+            num_heads = tl.num_programs(1)
         part = tl.program_id(2)
         kvh = h // GROUP
         ctx = tl.minimum(tl.load(lens_ptr + b), max_tokens)  # never read past the table's row
@@ -231,7 +260,10 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < HEAD_DIM
         q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d * stride_qd, mask=mask_d, other=0.0)
-        q = q.to(tl.float32) * qk_scale  # (BLOCK_D,)
+        if DOT:  # (16, BLOCK_D): the query in row 0
+            q = tl.where(tl.arange(0, 16)[:, None] == 0, q[None, :], 0.0).to(q_ptr.dtype.element_ty)
+        else:
+            q = q.to(tl.float32) * qk_scale  # (BLOCK_D,)
 
         if SINGLE:  # the whole context
             start = 0
@@ -242,7 +274,8 @@ if triton is not None:
         m_i, l_i, acc = _attend(q, k_ptr, v_ptr, bt_ptr, b, kvh, start, end,
                                 stride_kn, stride_kt, stride_kh, stride_kd,
                                 stride_vn, stride_vt, stride_vh, stride_vd,
-                                stride_btb, stride_btn, block_size, offs_d, mask_d, BLOCK_N, BLOCK_D)
+                                stride_btb, stride_btn, block_size, offs_d, mask_d, qk_scale,
+                                BLOCK_N, BLOCK_D, DOT)
         if SINGLE:
             o = acc / tl.where(l_i > 0, l_i, 1.0)  # context length 0: acc = 0 gives zeros, not NaN
             tl.store(
@@ -251,7 +284,7 @@ if triton is not None:
             )
         else:
             if start < ctx:  # a partition past the context: the reduce kernel reads nothing of it
-                row = (b * tl.num_programs(1) + h) * NUM_PARTS + part
+                row = (b * num_heads + h) * NUM_PARTS + part
                 tl.store(part_o_ptr + row * BLOCK_D + offs_d, acc / l_i)  # l_i > 0: the partition has tokens
                 tl.store(part_m_ptr + row, m_i)
                 tl.store(part_l_ptr + row, l_i)
@@ -349,6 +382,8 @@ class DecodeTiles:
 
 SINGLE_MIN_PAIRS_PER_SM = 4  # decode_single: (sequence, head) pairs per multiprocessor
 PARTITIONS_ENV = "INTERNVL_SERVE_DECODE_PARTITIONS"  # "1": flash-decoding's partitions at every batch size
+HEADS_FIRST_ENV = "INTERNVL_SERVE_DECODE_HEADS_FIRST"  # "1": consecutive programs take one sequence's heads
+DOT_ENV = "INTERNVL_SERVE_DECODE_DOT"  # "1": the products on the tensor cores, the loads pipelined
 
 
 def decode_single(batch: int, num_heads: int, num_sms: int = 132) -> bool:
@@ -367,6 +402,20 @@ def decode_single(batch: int, num_heads: int, num_sms: int = 132) -> bool:
     if env_switch(PARTITIONS_ENV):
         return False
     return batch * num_heads >= SINGLE_MIN_PAIRS_PER_SM * num_sms
+
+
+def decode_heads_first() -> bool:
+    """Whether the decode attention's consecutive programs take consecutive heads of one sequence
+    (INTERNVL_SERVE_DECODE_HEADS_FIRST=1) rather than one head of consecutive sequences (the default)."""
+    return bool(env_switch(HEADS_FIRST_ENV))
+
+
+def decode_dot() -> bool:
+    """Whether the decode attention runs its two products on the tensor cores (INTERNVL_SERVE_DECODE_DOT=1;
+    _attend's DOT). Compiled for an H100 (sm_90), only that form gets Triton's pipelined loads (cp.async
+    into shared memory from 2 stages on); the elementwise form, the default, loads into registers whatever
+    num_stages says."""
+    return bool(env_switch(DOT_ENV))
 
 
 def default_decode_tiles(batch: int, num_heads: int, num_sms: int = 132, kv_bytes: int = 2) -> DecodeTiles:
@@ -401,6 +450,9 @@ def paged_decode_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     single: bool | None = None,
+    heads_first: bool | None = None,
+    num_stages: int | None = None,
+    dot: bool | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context.
 
@@ -413,7 +465,10 @@ def paged_decode_attention(
     use_triton: None runs the Triton kernels on CUDA tensors and the torch version elsewhere.
     partition_size (tokens per split-K partition, a power of 2 >= 16), block_n (tokens per loop step),
     num_warps and single (one program per (sequence, head), no partitions): tuning knobs; None takes
-    default_decode_tiles(B, Hq, ..., the cache's element size) and decode_single.
+    default_decode_tiles(B, Hq, ..., the cache's element size) and decode_single. heads_first (the grid's
+    order, None: decode_heads_first()), num_stages (Triton's software pipelining of the token loop,
+    None: Triton's default) and dot (both products on the tensor cores; needs block_n >= 16; None:
+    decode_dot()) too: the last three unmeasured on a GPU so far, hence not defaults.
     """
     B, Hq, D = q.shape
     num_blocks, block_size, Hkv, Dk = k_cache.shape
@@ -437,26 +492,33 @@ def paged_decode_attention(
     num_warps = num_warps or tiles.num_warps
     assert partition_size >= 16 and partition_size & (partition_size - 1) == 0, partition_size
     block_n = min(block_n or tiles.block_n, partition_size)
+    if dot is None:
+        dot = decode_dot()
+    assert not dot or (block_n >= 16 and D >= 16), "dot: tl.dot needs tiles of >= 16 tokens and dims"
     num_parts = triton.cdiv(max_tokens, partition_size)
     if single is None:
         single = decode_single(B, Hq, num_sms)
     single = single or num_parts == 1
     block_d = triton.next_power_of_2(D)
+    if heads_first is None:
+        heads_first = decode_heads_first()
     if single:
         part_o = part_m = part_l = out  # unused
     else:
         part_o = torch.empty(B * Hq * num_parts, block_d, dtype=torch.float32, device=q.device)
         part_m = torch.empty(B * Hq * num_parts, dtype=torch.float32, device=q.device)
         part_l = torch.empty(B * Hq * num_parts, dtype=torch.float32, device=q.device)
-    _decode_partition_kernel[(B, Hq, 1 if single else num_parts)](
+    grid_parts = 1 if single else num_parts
+    launch = {} if num_stages is None else {"num_stages": num_stages}
+    _decode_partition_kernel[(Hq, B, grid_parts) if heads_first else (B, Hq, grid_parts)](
         q, k_cache, v_cache, block_tables, context_lens,
         out, part_o, part_m, part_l,
         scale * _LOG2E,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         block_size, max_tokens, num_parts,
         GROUP=Hq // Hkv, PART_TOKENS=partition_size, BLOCK_N=block_n,
-        HEAD_DIM=D, BLOCK_D=block_d, SINGLE=single,
-        num_warps=num_warps,
+        HEAD_DIM=D, BLOCK_D=block_d, SINGLE=single, HEADS_FIRST=heads_first, DOT=dot,
+        num_warps=num_warps, **launch,
     )
     if not single:
         _decode_reduce_kernel[(B, Hq)](

@@ -72,19 +72,20 @@ def make_paged_case(
     return q, k_cache, v_cache, tables, ctx
 
 
-def check_attention(case, partition_size=None, tol=1e-5, use_triton=True, single=None):
+def check_attention(case, partition_size=None, tol=1e-5, use_triton=True, single=None, heads_first=None, dot=False):
     q, k, v, bt, ctx = case
     D = q.shape[-1]
     scale = D**-0.5
     ref = paged_decode_attention_ref(q, k, v, bt, ctx, scale, out_dtype=torch.float64)
     out = torch.full_like(q, float("nan"))
     res = paged_decode_attention(q, k, v, bt, ctx, scale, out=out, partition_size=partition_size,
-                                 use_triton=use_triton, single=single)
+                                 use_triton=use_triton, single=single, heads_first=heads_first, dot=dot)
     assert res.data_ptr() == out.data_ptr()
     zero = ctx == 0  # a zero-length context must give zeros, not NaN
     assert torch.equal(out[zero].float(), torch.zeros_like(out[zero].float())), "ctx 0 must give 0"
     err = rel_err(out, ref)
-    shapes = (tuple(q.shape), tuple(k.shape), tuple(k.stride()), ctx.tolist()[:8], q.dtype, partition_size, single)
+    shapes = (tuple(q.shape), tuple(k.shape), tuple(k.stride()), ctx.tolist()[:8], q.dtype, partition_size, single,
+              heads_first, dot)
     assert err < tol, f"rel err {err:.2e} >= {tol} for {shapes}"
     return err
 
@@ -164,6 +165,20 @@ WIDE_TABLE_CASES = [
     (3, 4, 2, 32, 16, 32, [1, 200, 0], torch.float32, "bthd", 32, False, None),  # 7 of 16 partitions
     (2, 4, 4, 32, 16, 16, [250, 3], torch.float32, "bthd", 32, True, E4M3),
 ]
+# The launch's variants: the grid in the other order (heads_first, INTERNVL_SERVE_DECODE_HEADS_FIRST:
+# programs by (head, sequence); partitions keep their partial rows by (sequence, head)) and the products on
+# the tensor cores (dot); one program per pair and partitions, GQA, ctx 0, D not a power of 2, an e4m3 cache
+VARIANT_CASES = [
+    # B, Hq, Hkv, D, block_size, max_blocks, lens, dtype, layout, partition_size, single, heads_first, dot, cache
+    (3, 4, 2, 32, 16, 32, [300, 17, 0], torch.float32, "bhtd", 64, True, True, False, None),
+    (4, 8, 2, 32, 16, 8, [17, 128, 33, 0], torch.float32, "bthd", 16, False, True, False, None),
+    (3, 6, 6, 32, 16, 12, [1, 190, 64], torch.float16, "bthd", 32, False, True, False, None),
+    (3, 4, 2, 32, 16, 32, [300, 17, 0], torch.float32, "bhtd", 64, True, False, True, None),
+    (4, 8, 2, 32, 16, 8, [17, 128, 33, 0], torch.float32, "bthd", 16, False, True, True, None),
+    (2, 6, 3, 24, 12, 5, [60, 13], torch.float32, "bhtd", 32, False, False, True, None),
+    (3, 6, 6, 32, 16, 12, [1, 190, 64], torch.float16, "bthd", 32, True, True, True, None),
+    (2, 4, 4, 32, 16, 16, [250, 3], torch.float32, "bthd", 32, True, False, True, E4M3),
+]
 # float32 queries over an e4m3 cache (the reference reads the same e4m3 values): the kernel's fp8 loads
 E4M3_CACHE_CASES = [
     # B, Hq, Hkv, D, block_size, max_blocks, lens, layout, partition_size
@@ -208,6 +223,11 @@ def run_interpreted_checks(which: str) -> None:
             case = make_paged_case(B, Hq, Hkv, D, bs, mb, lens, dtype, "cpu", layout, cache_dtype)
             err = check_attention(case, part, 1e-5, single=single)
             print(f"attention wide table {(B, Hq, Hkv, D, bs, mb, lens, layout, part, single, cache_dtype)} rel err {err:.1e}")
+        for B, Hq, Hkv, D, bs, mb, lens, dtype, layout, part, single, heads_first, dot, cache_dtype in VARIANT_CASES:
+            case = make_paged_case(B, Hq, Hkv, D, bs, mb, lens, dtype, "cpu", layout, cache_dtype)
+            err = check_attention(case, part, 1e-5 if dtype == torch.float32 else 2e-3, single=single,
+                                  heads_first=heads_first, dot=dot)
+            print(f"attention variant {(B, Hq, Hkv, D, bs, mb, lens, dtype, layout, part, single, heads_first, dot, cache_dtype)} rel err {err:.1e}")
     elif which == "write_kv":
         check_write_kv(20, 2, 32, 16, 6, torch.float32, "cpu", "bthd")
         check_write_kv(20, 3, 24, 8, 5, torch.float16, "cpu", "bhtd")
@@ -251,6 +271,22 @@ def test_decode_single_from_the_grid_size(monkeypatch):
     monkeypatch.setenv(PARTITIONS_ENV, "partitions")  # a misspelt switch is refused, not read as off
     with pytest.raises(ValueError, match="INTERNVL_SERVE_DECODE_PARTITIONS must be one of"):
         decode_single(64, 40)
+
+
+@pytest.mark.parametrize("name,switch", [("HEADS_FIRST_ENV", "decode_heads_first"), ("DOT_ENV", "decode_dot")])
+def test_decode_variant_switches(monkeypatch, name, switch):
+    # the grid in sequence order and the elementwise products unless INTERNVL_SERVE_DECODE_HEADS_FIRST /
+    # INTERNVL_SERVE_DECODE_DOT say otherwise; a misspelt value is refused
+    from internvl_serve.kernels import paged_attention as pa
+
+    env, read = getattr(pa, name), getattr(pa, switch)
+    monkeypatch.delenv(env, raising=False)
+    assert read() is False
+    monkeypatch.setenv(env, "1")
+    assert read() is True
+    monkeypatch.setenv(env, "fast")
+    with pytest.raises(ValueError, match=f"{env} must be one of"):
+        read()
 
 
 def test_reference_matches_dense_attention():
@@ -352,14 +388,16 @@ def test_logit_error_reports_quantization_cost():
 def test_triton_kernel_interpreted(which):
     out = run_interpreted(__file__, which, timeout=300)
     if which == "attention":
-        assert out.count("rel err") == len(ATTENTION_CASES) + len(E4M3_CACHE_CASES) + len(WIDE_TABLE_CASES), out
+        assert out.count("rel err") == (len(ATTENTION_CASES) + len(E4M3_CACHE_CASES) + len(WIDE_TABLE_CASES)
+                                        + len(VARIANT_CASES)), out
     if which == "int8":
         assert out.count("w8a8") == len(W8A8_CASES), out
     assert "rel err" in out or "ok" in out
 
 
 @needs_triton
-@pytest.mark.parametrize("kernel", ["decode partitions", "decode single", "write"])
+@pytest.mark.parametrize("kernel", ["decode partitions", "decode single", "decode single heads first",
+                                    "decode single dot", "decode partitions dot", "write"])
 def test_e4m3_cache_kernels_compile_for_the_h100(kernel):
     # Triton's real compiler down to an sm_90 cubin, without a GPU: the decode attention reading an e4m3
     # cache (flash-decoding's partitions, and one program per (sequence, head)) and the K/V write storing
@@ -370,7 +408,8 @@ def test_e4m3_cache_kernels_compile_for_the_h100(kernel):
     from internvl_serve.kernels import paged_attention as pa
     if kernel.startswith("decode"):
         fn, cache_ptrs = pa._decode_partition_kernel, ("k_ptr", "v_ptr")
-        consts = dict(GROUP=1, PART_TOKENS=128, BLOCK_N=128, HEAD_DIM=128, BLOCK_D=128, SINGLE=kernel.endswith("single"))
+        consts = dict(GROUP=1, PART_TOKENS=128, BLOCK_N=128, HEAD_DIM=128, BLOCK_D=128, SINGLE="single" in kernel,
+                      HEADS_FIRST=kernel.endswith("heads first"), DOT=kernel.endswith("dot"))
     else:
         fn, cache_ptrs = pa._write_kv_kernel, ("k_ptr", "v_ptr")
         consts = dict(HEAD_DIM=128, BLOCK_D=128, SATURATE=True, FP8_MAX=448.0)
@@ -431,7 +470,8 @@ def test_gpu_attention_bf16(B, Hq, Hkv, lens, layout):
         lens = torch.randint(1, 4097, (B,)).tolist()
     case = make_paged_case(B, Hq, Hkv, 128, 16, 256, lens, torch.bfloat16, "cuda", layout)
     for part in (None, 64, 512):
-        check_attention(case, part, tol=1e-2)
+        for heads_first, dot in ((False, False), (True, False), (False, True), (True, True)):
+            check_attention(case, part, tol=1e-2, heads_first=heads_first, dot=dot)
 
 
 @pytest.mark.gpu
@@ -473,7 +513,8 @@ def test_gpu_attention_over_an_e4m3_cache(B, Hq, Hkv, lens):
         lens = torch.randint(1, 4097, (B,)).tolist()
     case = make_paged_case(B, Hq, Hkv, 128, 16, 256, lens, torch.bfloat16, "cuda", "bthd", cache_dtype=E4M3)
     for part in (None, 64, 512):
-        check_attention(case, part, tol=1e-2)
+        for dot in (False, True):
+            check_attention(case, part, tol=1e-2, dot=dot)
 
 
 @pytest.mark.gpu
