@@ -207,11 +207,13 @@ def test_ttft_stage_figures_split_new_image_requests(server, client):
     import servermetrics
 
     before = servermetrics.read_ttft_stages(server.metrics_url)
-    count = scrape(server)[0][m.TTFT_COUNT]
+    counts = scrape(server)[0]
     for seed in (21, 22):
         client.generate("What is it?", images=[png(seed)], generation_config=dict(max_new_tokens=2))
-    # the llm pushes its counters every 0.5 s: an earlier test's last request may land in the same push
-    wait_for(server, lambda v: v[m.TTFT_COUNT] >= count + 2, "two more first tokens")
+    # the llm pushes its counters every 0.5 s (an earlier test's last request may land in the same push),
+    # one metric after another: the prefill part's count comes after the TTFT's, its queue part's and its sum
+    wait_for(server, lambda v: v[m.TTFT_COUNT] >= counts[m.TTFT_COUNT] + 2
+             and v[m.PREFILL_COUNT] >= counts[m.PREFILL_COUNT] + 2, "two more first tokens, split")
     after = servermetrics.read_ttft_stages(server.metrics_url)
     for model in servermetrics.STAGE_MODELS:
         key = (model, servermetrics.TRITON_SUCCESS)
