@@ -140,10 +140,11 @@ def test_metrics_follow_a_short_load(server, client):
     assert all(r.num_output_tokens == max_tokens for r in results)
     tokens = sum(r.num_output_tokens for r in results)
 
-    def settled(values):
+    def settled(values):  # the finish reasons are the last series of the llm's push: the rest is in too
         return (values[m.GENERATED_TOKENS] - before[m.GENERATED_TOKENS] == tokens
                 and values[m.TTFT_COUNT] - before[m.TTFT_COUNT] == n
-                and values[m.E2E_COUNT] - before[m.E2E_COUNT] == n and idle(values))
+                and values[m.E2E_COUNT] - before[m.E2E_COUNT] == n
+                and values[m.REQUESTS_FINISHED] - before[m.REQUESTS_FINISHED] == n and idle(values))
 
     after = wait_for(server, settled, f"{tokens} more tokens, {n} more first tokens, an idle engine")
     assert seen_busy, "never saw running requests holding KV blocks during the load"
@@ -180,7 +181,8 @@ def test_a_cancelled_stream_counts_as_cancelled(server, client):
     stream = client.stream("Talk for a long time.", generation_config=dict(max_new_tokens=2000, ignore_eos=True))
     assert next(stream)  # generating
     stream.close()  # the SDK cancels the request on the server (docs/contract.md#cancellation)
-    wait_for(server, lambda v: idle(v) and v[m.E2E_COUNT] == before[m.E2E_COUNT] + 1, "the cancelled request's end")
+    wait_for(server, lambda v: idle(v) and v[m.E2E_COUNT] == before[m.E2E_COUNT] + 1
+             and v[m.REQUESTS_FINISHED] == before[m.REQUESTS_FINISHED] + 1, "the cancelled request's end")
     reasons = finished(server)
     assert reasons["cancelled"] - finished_before["cancelled"] == 1
     assert all(reasons[r] == finished_before[r] for r in ("stop", "length", "error"))
