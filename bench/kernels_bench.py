@@ -5,6 +5,7 @@
     python bench/kernels_bench.py --only prefill   # just the prefill / mixed-step attention table
     python bench/kernels_bench.py --only attention --kv-dtype fp8   # the attention tables over an e4m3 cache
     python bench/kernels_bench.py --only attention --grid-sweep     # decode attention: grid order, stages
+    python bench/kernels_bench.py --only rope     # RoPE + K/V write: two launches against one
 
 Decode attention (Hq = Hkv = 40, D = 128, block size 16, bf16): the decode kernel with a block table as
 wide as the context, and with the engine-wide table of 256 blocks (4096 tokens: flash-decoding's grid is
@@ -53,7 +54,8 @@ from internvl_serve.engine.attention import (  # noqa: E402
 )
 from internvl_serve.kernels.fp8_linear import (fp8_linear, quantize_rows_fp8, quantize_weight_fp8,  # noqa: E402
                                                scaled_product, scaled_product_triton)
-from internvl_serve.kernels.fused_ops import add_rmsnorm, add_rmsnorm_fp8, silu_and_mul, silu_and_mul_fp8  # noqa: E402
+from internvl_serve.kernels.fused_ops import (add_rmsnorm, add_rmsnorm_fp8, rotary_, rotary_write_kv_,  # noqa: E402
+                                              silu_and_mul, silu_and_mul_fp8)
 from internvl_serve.kernels.int8_linear import Int8MatmulConfig, default_config, int8_linear, quantize_weight, scaled_config  # noqa: E402
 from internvl_serve.kernels.paged_attention import (  # noqa: E402
     decode_single,
@@ -62,6 +64,7 @@ from internvl_serve.kernels.paged_attention import (  # noqa: E402
     paged_decode_attention_ref,
     paged_decode_attention_torch,
     to_cache_dtype,
+    write_kv,
 )
 
 H, D, BS, ENGINE_BLOCKS = 40, 128, 16, 256
@@ -504,12 +507,39 @@ def fp8_inputs_table() -> list[str]:
     return rows
 
 
+def rope_kv_table() -> list[str]:
+    """RoPE and the K/V write, one layer of the fused path: rotary_ then write_kv (two launches, before
+    rotary_write_kv_) against rotary_write_kv_ (one), µs per call at 1-512 tokens over a cache in the
+    --kv-dtype; the one launch's cache bytes checked equal to the two launches' first."""
+    rows = Rows([f"{'T':>5} | {'rotary_ + write_kv us':>21} {'rotary_write_kv_ us':>19} | per step saved (x40) ms"])
+    cos = torch.randn(4096, D, device="cuda", dtype=torch.bfloat16)
+    sin = torch.randn(4096, D, device="cuda", dtype=torch.bfloat16)
+    for T in (1, 32, 64, 512):
+        k_cache, v_cache = random_cache(ENGINE_BLOCKS * 4), random_cache(ENGINE_BLOCKS * 4)
+        positions = torch.randint(0, 4096, (T,), device="cuda")
+        slots = torch.randperm(ENGINE_BLOCKS * 4 * BS, device="cuda")[:T]
+        qkv = torch.randn(T, 3 * H, D, device="cuda", dtype=torch.bfloat16)
+        two, one = qkv.clone(), qkv.clone()
+        rotary_(two, positions, cos, sin, 2 * H)
+        write_kv(two[:, H:2 * H], two[:, 2 * H:], k_cache, v_cache, slots)
+        want = [c.clone() for c in (k_cache, v_cache)]
+        rotary_write_kv_(one, positions, cos, sin, H, H, k_cache, v_cache, slots)
+        if not (torch.equal(one, two) and all(torch.equal(c.view(torch.uint8), w.view(torch.uint8))
+                                              for c, w in zip((k_cache, v_cache), want))):
+            raise WrongResult(f"WRONG RESULT rotary_write_kv_ T={T}: not rotary_ then write_kv")
+        t2 = graph_us([lambda: (rotary_(qkv, positions, cos, sin, 2 * H),
+                                write_kv(qkv[:, H:2 * H], qkv[:, 2 * H:], k_cache, v_cache, slots))])
+        t1 = graph_us([lambda: rotary_write_kv_(qkv, positions, cos, sin, H, H, k_cache, v_cache, slots)])
+        rows.append(f"{T:>5} | {t2:>21.1f} {t1:>19.1f} | {(t2 - t1) * 40 / 1e3:.3f}")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="also time other tile configs / partition sizes")
     ap.add_argument("--grid-sweep", action="store_true",
-                    help="decode attention: both grid orders and 1-4 pipeline stages of the default way")
-    ap.add_argument("--only", choices=["attention", "prefill", "linear", "quantized", "w8a8"], default=None)
+                    help="decode attention: both grid orders, elementwise or on the tensor cores at 2-4 stages")
+    ap.add_argument("--only", choices=["attention", "prefill", "linear", "quantized", "w8a8", "rope"], default=None)
     ap.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="bf16",
                     help="the KV cache of the attention tables (q stays bf16)")
     args = ap.parse_args()
@@ -539,6 +569,9 @@ def main() -> None:
     if args.only in (None, "quantized", "w8a8"):
         lines += ["", "fp8 products of decode batches: torch._scaled_mm (fast accumulation) against the Triton "
                       "W8A8 kernel"] + w8a8_table(bw, args.sweep)
+    if args.only in (None, "rope"):
+        lines += ["", f"RoPE + K/V write (40 q, k and v heads of 128, bf16; KV cache {args.kv_dtype}): two "
+                      "launches against one"] + rope_kv_table()
     print("\n".join(lines))
 
 

@@ -1,5 +1,5 @@
-"""Paged attention for our LLaMA: per-step metadata and the attention of a step (the K/V write before it is
-`kernels.write_kv`, one for every step).
+"""Paged attention for our LLaMA: per-step metadata and the attention of a step (the K/V write before it,
+one for every layer of every step, is the model's: engine/llama.py).
 
 A step's tokens are flattened (T of them, all sequences); `build_attention_metadata` says where each
 token's K/V go (slot_mapping) and how the sequences attend: decodes (one query each) and prefill chunks

@@ -6,8 +6,8 @@ given batch size, so its whole 40-layer forward is captured once per bucket (1, 
 HBM floor. What is captured is the model's own forward (Llama.forward, the only layer loop; with the
 fused norm/rotary/SiLU kernels and merged projections when model.fused) called with a DecodeMetadata,
 which selects the decode attention: `kernels.paged_decode_attention` (split-K flash decoding over the
-block tables; grids depend on shapes only) and the K/V write `kernels.write_kv` (padding rows carry
-slot -1 and are skipped). Block tables and context lengths are static (bucket, max_blocks) buffers
+block tables; grids depend on shapes only); the K/V write (fused_ops.rotary_write_kv_ on the fused
+path, `kernels.write_kv` on the plain one: padding rows carry slot -1 and are skipped). Block tables and context lengths are static (bucket, max_blocks) buffers
 refreshed before each replay.
 
 Owns: the static buffers, capture and replay. Does not own: the layer loop and the kernels' selection

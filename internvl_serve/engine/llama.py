@@ -8,15 +8,16 @@ split; merge_projections).
 
 `Llama.forward` is the one layer loop, for prefill, decode and mixed steps, eager or captured in a CUDA
 graph (decode_graphs.py). The batch is ragged and flattened: T tokens of all sequences of one step,
-(T, hidden) embeddings and (T,) positions. Every step first writes its K/V with kernels.write_kv (the
-Triton kernel on a GPU; slots < 0 skipped). The metadata then selects the attention: an AttentionMetadata
+(T, hidden) embeddings and (T,) positions. Every layer first writes its K/V into the cache (slots < 0
+skipped): on the fused path in the rotary's kernel (fused_ops.rotary_write_kv_), on the plain path with
+kernels.write_kv. The metadata then selects the attention: an AttentionMetadata
 (attention.py) runs the attention function given at construction (the reference SDPA one by default); a
 DecodeMetadata (one token per sequence, padding rows with slot -1) runs kernels.paged_decode_attention.
 Logits are computed only at `logits_indices`.
 
 Two paths, chosen by `Llama.fused` (load_llama's fused_kernels; default on for CUDA, off on the CPU,
 INTERNVL_SERVE_FUSED_KERNELS=0 turns the default off): fused, one GEMM per merged projection and the
-kernels of kernels/fused_ops.py (add+RMSNorm, rotary in place, SiLU-and-mul); plain, the torch ops
+kernels of kernels/fused_ops.py (add+RMSNorm, rotary in place with the K/V write, SiLU-and-mul); plain, the torch ops
 with each merged projection computed part by part (split_linear), bit-identical to separate linears.
 
 Does not own: attention metadata (attention.py), the kernels (kernels/), the KV tensors, block tables,
@@ -37,7 +38,8 @@ from internvl_serve import kernels
 from internvl_serve.env_switch import env_switch
 from internvl_serve.engine.parallel import TensorParallel, local_args, shard_state_dict
 from internvl_serve.kernels.fused_ops import (add_rmsnorm, add_rmsnorm_fp8, add_rmsnorm_torch, apply_rope,
-                                              rms_norm_torch, rotary_, silu_and_mul, silu_and_mul_fp8, triton)
+                                              rms_norm_torch, rotary_write_kv_, silu_and_mul, silu_and_mul_fp8,
+                                              triton)
 from internvl_serve.kernels.fp8_linear import WEIGHT_ONLY_MAX_M, Fp8Linear, Fp8Rows, fp8_linear
 from internvl_serve.kernels.int8_linear import Int8Linear, int8_linear
 
@@ -124,7 +126,7 @@ def fused_kernels_default(device) -> bool:
 @dataclass
 class DecodeMetadata:
     """A pure-decode step (one new token per sequence, padded rows allowed) for the Triton kernels:
-    `kernels.write_kv` (slots < 0 skipped) and `kernels.paged_decode_attention`. decode_graphs.py keeps
+    the K/V write (slots < 0 skipped) and `kernels.paged_decode_attention`. decode_graphs.py keeps
     these tensors as a captured bucket's static buffers; Llama.forward selects the kernels by this type."""
     slot_mapping: torch.Tensor   # (B,) int64; -1 for padding rows
     block_tables: torch.Tensor   # (B, max_blocks) int32
@@ -192,16 +194,17 @@ class Attention(nn.Module):
     def forward(self, x, step: _Step, k_cache, v_cache, meta):
         """x: the normed rows (T, hidden), or on the fused path Fp8Rows of them."""
         T, D = step.positions.shape[0], self.head_dim
-        if step.fused:  # one GEMM, RoPE in place on its q and k heads
+        if step.fused:  # one GEMM; one kernel: RoPE in place on its q and k heads, K/V into the cache
             qkv = self.qkv_proj(x).view(T, self.n_heads + 2 * self.n_kv, D)
-            rotary_(qkv, step.positions, step.cos_table, step.sin_table, self.n_heads + self.n_kv, use_triton=True)
-            q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)
+            rotary_write_kv_(qkv, step.positions, step.cos_table, step.sin_table, self.n_heads, self.n_kv,
+                             k_cache, v_cache, meta.slot_mapping, use_triton=True)
+            q = qkv[:, :self.n_heads]
         else:
             q, k, v = split_linear(self.qkv_proj, x, [self.q_size, self.kv_size, self.kv_size])
             q = apply_rope(q.view(T, self.n_heads, D), step.cos, step.sin)
             k = apply_rope(k.view(T, self.n_kv, D), step.cos, step.sin)
-            v = v.view(T, self.n_kv, D)
-        kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)  # first: attention reads them back
+            kernels.write_kv(k, v.view(T, self.n_kv, D), k_cache, v_cache, meta.slot_mapping)
+        # K/V are in the cache before the attention, which reads them back from there
         if isinstance(meta, DecodeMetadata):
             o = kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale)
         else:

@@ -9,6 +9,8 @@ path and the test references):
   one bf16 write and read fewer per fp8 projection that follows a norm).
 - `rotary_(qk, positions, cos, sin)`: rotate_half RoPE in place on the first heads of a (T, heads, D)
   view (the q and k heads of a merged qkv output), cos/sin gathered in-kernel from the per-position tables.
+  `rotary_write_kv_` is the same kernel also writing the rotated k and the v heads into the paged KV
+  cache (paged_attention.write_kv's bits; one launch fewer per layer).
 - `silu_and_mul(gate_up)`: silu(gate) * up of a merged (T, 2 * I) gate/up output -> (T, I).
   `silu_and_mul_fp8` writes it as down_proj's fp8 input instead (as add_rmsnorm_fp8 does).
 
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from internvl_serve.kernels.fp8_linear import FP8, FP8_MAX, quantize_rows_fp8_torch
+from internvl_serve.kernels.paged_attention import FP8_CACHE_DTYPES, FP8_E4M3_MAX, write_kv_ref
 
 try:
     import triton
@@ -92,6 +95,7 @@ def silu_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
 
 if triton is not None:
     from internvl_serve.kernels.fp8_linear import quantize_row_e4m3
+    from internvl_serve.kernels.paged_attention import store_cache_row
 
     @triton.jit
     def _add_rmsnorm_kernel(
@@ -129,18 +133,11 @@ if triton is not None:
             tl.store(out_ptr + row * stride_o + offs, y, mask=mask)
 
     @triton.jit
-    def _rotary_kernel(
-        qk_ptr, pos_ptr, cos_ptr, sin_ptr,
-        stride_t, stride_h, stride_c, stride_s,
-        HALF: tl.constexpr, BLOCK: tl.constexpr,
-    ):
-        t = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1).to(tl.int64)
-        offs = tl.arange(0, BLOCK)
-        mask = offs < HALF
-        dtype = qk_ptr.dtype.element_ty
+    def _rope_row(base, pos_ptr, cos_ptr, sin_ptr, t, stride_c, stride_s, offs, mask, HALF: tl.constexpr):
+        """In place: RoPE of the head row at `base` of token t; returns its two rotated halves (in the
+        row's dtype, as stored)."""
+        dtype = base.dtype.element_ty
         pos = tl.load(pos_ptr + t).to(tl.int64)
-        base = qk_ptr + t * stride_t + h * stride_h
         x1 = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(base + HALF + offs, mask=mask, other=0.0).to(tl.float32)
         c1 = tl.load(cos_ptr + pos * stride_c + offs, mask=mask, other=0.0).to(tl.float32)
@@ -150,8 +147,56 @@ if triton is not None:
         # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1); each product rounded to the dtype
         o1 = (x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)
         o2 = (x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)
-        tl.store(base + offs, o1.to(dtype), mask=mask)
-        tl.store(base + HALF + offs, o2.to(dtype), mask=mask)
+        o1, o2 = o1.to(dtype), o2.to(dtype)
+        tl.store(base + offs, o1, mask=mask)
+        tl.store(base + HALF + offs, o2, mask=mask)
+        return o1, o2
+
+    @triton.jit
+    def _rotary_kernel(
+        qk_ptr, pos_ptr, cos_ptr, sin_ptr,
+        stride_t, stride_h, stride_c, stride_s,
+        HALF: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        _rope_row(qk_ptr + t * stride_t + h * stride_h, pos_ptr, cos_ptr, sin_ptr, t, stride_c, stride_s,
+                  offs, offs < HALF, HALF)
+
+    @triton.jit
+    def _rotary_write_kv_kernel(
+        qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slot_ptr,
+        stride_t, stride_h, stride_c, stride_s,
+        stride_kn, stride_kt, stride_kh, stride_kd,
+        stride_vn, stride_vt, stride_vh, stride_vd,
+        block_size,
+        NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr,  # q heads, then k heads, then v heads
+        HALF: tl.constexpr, BLOCK: tl.constexpr,
+        SATURATE: tl.constexpr, FP8_MAX: tl.constexpr,  # the cache's dtype, as in paged_attention.write_kv
+    ):
+        """One program per (token, head of q, k and v): q and k heads rotated in place, k and v heads then
+        written into the cache at the token's slot (< 0: a padded row, not written)."""
+        t = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < HALF
+        base = qkv_ptr + t * stride_t + h.to(tl.int64) * stride_h
+        slot = tl.load(slot_ptr + t)
+        if h < NUM_HEADS + NUM_KV:
+            o1, o2 = _rope_row(base, pos_ptr, cos_ptr, sin_ptr, t, stride_c, stride_s, offs, mask, HALF)
+            if h >= NUM_HEADS and slot >= 0:
+                kvh = h - NUM_HEADS
+                store_cache_row(k_ptr, o1, slot, kvh, stride_kn, stride_kt, stride_kh, stride_kd, block_size,
+                                offs, mask, SATURATE, FP8_MAX)
+                store_cache_row(k_ptr, o2, slot, kvh, stride_kn, stride_kt, stride_kh, stride_kd, block_size,
+                                HALF + offs, mask, SATURATE, FP8_MAX)
+        elif slot >= 0:
+            kvh = h - NUM_HEADS - NUM_KV
+            for half in tl.static_range(2):
+                x = tl.load(base + half * HALF + offs, mask=mask)
+                store_cache_row(v_ptr, x, slot, kvh, stride_vn, stride_vt, stride_vh, stride_vd, block_size,
+                                half * HALF + offs, mask, SATURATE, FP8_MAX)
 
     @triton.jit
     def _silu_times_up(gu_ptr, row, stride_g, N, offs, mask):
@@ -260,6 +305,34 @@ def rotary_(qk: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: t
             num_warps=1,
         )
     return qk
+
+
+def rotary_write_kv_(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     num_heads: int, num_kv_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     slot_mapping: torch.Tensor, use_triton: bool | None = None) -> torch.Tensor:
+    """rotary_ of the q and k heads of qkv (T, num_heads + 2 * num_kv_heads, D), then the rotated k and
+    the v heads written into the caches at slot_mapping as paged_attention.write_kv writes them (slots < 0
+    skipped; caches of any strides, the model's dtype or e4m3): the same bits in one launch instead of
+    two. Returns qkv."""
+    if not _use_triton(qkv, use_triton):
+        rotary_torch_(qkv, positions, cos, sin, num_heads + num_kv_heads)
+        k, v = qkv[:, num_heads:num_heads + num_kv_heads], qkv[:, num_heads + num_kv_heads:]
+        write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+        return qkv
+    T, H, D = qkv.shape
+    assert H == num_heads + 2 * num_kv_heads and k_cache.shape[2:] == (num_kv_heads, D) == v_cache.shape[2:]
+    assert D % 2 == 0 and qkv.stride(2) == 1 and cos.stride(1) == 1 and sin.stride(1) == 1
+    assert positions.shape == (T,) and slot_mapping.shape == (T,) and cos.shape[1] == D and sin.shape[1] == D
+    if T:
+        _rotary_write_kv_kernel[(T, H)](
+            qkv, positions, cos, sin, k_cache, v_cache, slot_mapping,
+            qkv.stride(0), qkv.stride(1), cos.stride(0), sin.stride(0),
+            *k_cache.stride(), *v_cache.stride(), k_cache.shape[1],
+            NUM_HEADS=num_heads, NUM_KV=num_kv_heads, HALF=D // 2, BLOCK=triton.next_power_of_2(D // 2),
+            SATURATE=k_cache.dtype in FP8_CACHE_DTYPES, FP8_MAX=FP8_E4M3_MAX,
+            num_warps=1,
+        )
+    return qkv
 
 
 _SILU_BLOCK = 1024

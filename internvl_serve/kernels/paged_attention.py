@@ -326,6 +326,21 @@ if triton is not None:
         )
 
     @triton.jit
+    def store_cache_row(cache_ptr, x, slot, h, stride_n, stride_t, stride_h, stride_d, block_size, offs_d, mask_d,
+                        SATURATE: tl.constexpr, FP8_MAX: tl.constexpr):
+        """x (the columns offs_d of one token's head h) into the cache row of `slot` (>= 0), as
+        to_cache_dtype gives it: an e4m3 cache (SATURATE) clamps to +-FP8_MAX before the cast. For the
+        K/V write here and fused_ops' rotary with the write."""
+        if SATURATE:
+            x = tl.clamp(x.to(tl.float32), -FP8_MAX, FP8_MAX)
+        slot = slot.to(tl.int64)
+        tl.store(
+            cache_ptr + (slot // block_size) * stride_n + (slot % block_size) * stride_t + h * stride_h
+            + offs_d * stride_d,
+            x.to(cache_ptr.dtype.element_ty), mask=mask_d,
+        )
+
+    @triton.jit
     def _write_kv_kernel(
         k_new_ptr, v_new_ptr, k_ptr, v_ptr, slot_ptr,
         stride_knt, stride_knh, stride_knd,
@@ -342,23 +357,14 @@ if triton is not None:
         h = tl.program_id(1)
         slot = tl.load(slot_ptr + t).to(tl.int64)
         if slot >= 0:  # a padded row of a captured batch carries slot -1
-            blk = slot // block_size
-            off = slot % block_size
             offs_d = tl.arange(0, BLOCK_D)
             mask_d = offs_d < HEAD_DIM
             k = tl.load(k_new_ptr + t * stride_knt + h * stride_knh + offs_d * stride_knd, mask=mask_d)
             v = tl.load(v_new_ptr + t * stride_vnt + h * stride_vnh + offs_d * stride_vnd, mask=mask_d)
-            if SATURATE:
-                k = tl.clamp(k.to(tl.float32), -FP8_MAX, FP8_MAX)
-                v = tl.clamp(v.to(tl.float32), -FP8_MAX, FP8_MAX)
-            tl.store(
-                k_ptr + blk * stride_kn + off * stride_kt + h * stride_kh + offs_d * stride_kd,
-                k.to(k_ptr.dtype.element_ty), mask=mask_d,
-            )
-            tl.store(
-                v_ptr + blk * stride_vn + off * stride_vt + h * stride_vh + offs_d * stride_vd,
-                v.to(v_ptr.dtype.element_ty), mask=mask_d,
-            )
+            store_cache_row(k_ptr, k, slot, h, stride_kn, stride_kt, stride_kh, stride_kd, block_size,
+                            offs_d, mask_d, SATURATE, FP8_MAX)
+            store_cache_row(v_ptr, v, slot, h, stride_vn, stride_vt, stride_vh, stride_vd, block_size,
+                            offs_d, mask_d, SATURATE, FP8_MAX)
 
 
 # --------------------------------------------------------------------------------------------------

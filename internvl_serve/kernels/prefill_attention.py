@@ -2,10 +2,10 @@
 
 Owns: the Triton kernel that runs the attention of a whole step (any mix of prefill chunks and single
 decode tokens) straight from the block-paged cache, and `prefill_tiles`, the host-side split of the
-step's queries into tiles. Does not own: the KV write (paged_attention.write_kv, which must run first:
-a chunk's own K/V are read back from the cache), the cache, the block
-tables or the per-step metadata (engine/attention.py builds those once per step), nor the reference
-(engine/attention.py `sdpa_paged_attention`, the tests' oracle).
+step's queries into tiles. Does not own: the KV write (paged_attention.write_kv or
+fused_ops.rotary_write_kv_, which must run first: a chunk's own K/V are read back from the cache), the
+cache, the block tables or the per-step metadata (engine/attention.py builds those once per step), nor
+the reference (engine/attention.py `sdpa_paged_attention`, the tests' oracle).
 
 What one program does: one tile of BLOCK_M consecutive queries of one sequence, one query head.
 Query i of a sequence with ctx cached tokens and q new ones sits at absolute position ctx + i and sees
