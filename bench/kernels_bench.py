@@ -520,13 +520,14 @@ def rope_kv_table() -> list[str]:
         slots = torch.randperm(ENGINE_BLOCKS * 4 * BS, device="cuda")[:T]
         qkv = torch.randn(T, 3 * H, D, device="cuda", dtype=torch.bfloat16)
         two, one = qkv.clone(), qkv.clone()
+        caches_two, caches_one = [c.clone() for c in (k_cache, v_cache)], [c.clone() for c in (k_cache, v_cache)]
         rotary_(two, positions, cos, sin, 2 * H)
-        write_kv(two[:, H:2 * H], two[:, 2 * H:], k_cache, v_cache, slots)
-        want = [c.clone() for c in (k_cache, v_cache)]
-        rotary_write_kv_(one, positions, cos, sin, H, H, k_cache, v_cache, slots)
+        write_kv(two[:, H:2 * H], two[:, 2 * H:], *caches_two, slots)
+        rotary_write_kv_(one, positions, cos, sin, H, H, *caches_one, slots)
         if not (torch.equal(one, two) and all(torch.equal(c.view(torch.uint8), w.view(torch.uint8))
-                                              for c, w in zip((k_cache, v_cache), want))):
+                                              for c, w in zip(caches_one, caches_two))):
             raise WrongResult(f"WRONG RESULT rotary_write_kv_ T={T}: not rotary_ then write_kv")
+        del caches_two, caches_one
         t2 = graph_us([lambda: (rotary_(qkv, positions, cos, sin, 2 * H),
                                 write_kv(qkv[:, H:2 * H], qkv[:, 2 * H:], k_cache, v_cache, slots))])
         t1 = graph_us([lambda: rotary_write_kv_(qkv, positions, cos, sin, H, H, k_cache, v_cache, slots)])
