@@ -11,7 +11,10 @@ step), so an image is encoded at full speed and the decode loses that time in on
 The record: a small file the launcher makes and names in $INTERNVL_ENCODER_ACTIVITY (unset: no record,
 no priority), mapped by every process that uses it. One slot per encoder process: its pid, its device
 (the CUDA index, -1 on the CPU), since when it runs a forward (CLOCK_MONOTONIC ns, the same clock in
-every process of the machine; 0: idle) and how many forwards it ran. An encoder claims a free slot, or a
+every process of the machine; 0: idle), how many forwards it ran and when its last one ended. The last
+lets a reader count an encoder as busy for a while after a forward (`busy(..., linger_ns)`): with one
+image per forward (a vision batch cap of 1), Triton hands the next queued image to the stub a few ms after
+the last one ends, and in that gap a reader that only sees running forwards would let a step in. An encoder claims a free slot, or a
 dead process's, under an flock and then writes only its own slot; a forward flagged longer than
 STALE_NS ago (its process died in the middle of it) counts as idle.
 
@@ -32,8 +35,9 @@ import numpy as np
 
 ENCODER_ACTIVITY_ENV = "INTERNVL_ENCODER_ACTIVITY"
 SLOTS = 64
-PID, DEVICE, SINCE_NS, FORWARDS = range(4)  # the fields of a slot, int64 each
-RECORD_BYTES = SLOTS * 4 * 8
+PID, DEVICE, SINCE_NS, FORWARDS, ENDED_NS = range(5)  # the fields of a slot, int64 each
+FIELDS = 5
+RECORD_BYTES = SLOTS * FIELDS * 8
 STALE_NS = 10 * 10**9  # a forward of the most tiles a request may send takes ~1 s on an H100
 
 
@@ -72,7 +76,7 @@ class EncoderActivity:
             self._file.close()
             raise ValueError(f"{self.path} is not an encoder-activity record ({RECORD_BYTES} bytes)")
         self._map = mmap.mmap(self._file.fileno(), RECORD_BYTES)
-        self.slots = np.ndarray((SLOTS, 4), dtype=np.int64, buffer=self._map)
+        self.slots = np.ndarray((SLOTS, FIELDS), dtype=np.int64, buffer=self._map)
 
     @classmethod
     def from_environment(cls, log: Callable[[str], None] | None = None) -> "EncoderActivity | None":
@@ -88,14 +92,18 @@ class EncoderActivity:
                 log(f"encoder activity: {ENCODER_ACTIVITY_ENV}={path} cannot be used ({e}); running without it")
             return None
 
-    def busy(self, devices: Iterable[int]) -> bool:
+    def busy(self, devices: Iterable[int], linger_ns: int = 0) -> bool:
         """Whether an encoder on one of `devices` runs a forward now (one that started more than STALE_NS
-        ago counts as idle)."""
+        ago counts as idle), or, with linger_ns, ended one less than linger_ns ago."""
         since = self.slots[:, SINCE_NS]
-        if not since.any():  # the usual answer, read after every engine step: keep it cheap
+        if not since.any() and not linger_ns:  # the usual answer, read after every engine step: keep it cheap
             return False
-        running = (since > 0) & np.isin(self.slots[:, DEVICE], list(devices))
-        return bool(running.any()) and bool((since[running] > time.monotonic_ns() - STALE_NS).any())
+        now = time.monotonic_ns()
+        mine = np.isin(self.slots[:, DEVICE], list(devices)) & (self.slots[:, PID] != 0)
+        running = mine & (since > 0)
+        if running.any() and (since[running] > now - STALE_NS).any():
+            return True
+        return bool(linger_ns) and bool((self.slots[mine, ENDED_NS] > now - linger_ns).any())
 
     def claim(self, device: int) -> "EncoderSlot":
         """A slot for this process's encoder on `device`: a free one, or one whose process is gone."""
@@ -103,7 +111,7 @@ class EncoderActivity:
             for index in range(SLOTS):
                 pid = int(self.slots[index, PID])
                 if pid == 0 or pid == os.getpid() or not _alive(pid):
-                    self.slots[index] = (os.getpid(), device, 0, 0)
+                    self.slots[index] = (os.getpid(), device, 0, 0, 0)
                     return EncoderSlot(self, index)
         raise RuntimeError(f"{self.path}: all {SLOTS} encoder slots are taken")
 
@@ -135,6 +143,7 @@ class EncoderSlot:
         try:
             yield
         finally:
+            row[ENDED_NS] = time.monotonic_ns()  # before the flag clears: a reader never sees neither
             row[SINCE_NS] = 0
             row[FORWARDS] += 1
 

@@ -69,6 +69,10 @@ class EngineOptions:
     # encoder runs on the engine's GPU, a step of decodes only waits for it, at most this many ms. 0: never
     # (the default: on an H100 it moved neither throughput nor TTFT beyond the run-to-run spread).
     encoder_priority_ms: float = 0.0
+    # with encoder priority: the encoder counts as running for this many ms after each forward, so that a
+    # queue of single-image forwards (vision max_batch_size 1) holds the decode through the gaps between
+    # them (serving/encoder_activity.py). 0: only while a forward runs (the default; not yet measured)
+    encoder_priority_linger_ms: float = 0.0
     # torch's CPU threads in the llm's processes: the stub, the engine process, tensor-parallel workers
     # (serving/device.py host_threads_for). Empty: one on a GPU, torch's default (one per core) on the CPU
     host_threads: int | None = None
@@ -120,7 +124,7 @@ class EngineOptions:
                     values[f.name] = int(raw)
                     if not 0 <= values[f.name] <= TRITON_MAX_M:
                         raise ValueError
-                elif f.name == "encoder_priority_ms":
+                elif f.name in ("encoder_priority_ms", "encoder_priority_linger_ms"):
                     values[f.name] = float(raw)
                     if not 0 <= values[f.name] <= 10_000:
                         raise ValueError
@@ -260,7 +264,8 @@ def build_engine(checkpoint: str | Path, *, device: str, dtype: str, engine_opti
     # encoder priority (opt-in): the vision model's forwards, read from the launcher's record
     encoder_activity = EncoderActivity.from_environment(log) if options.encoder_priority_ms > 0 else None
     encoder_busy = None if encoder_activity is None else functools.partial(
-        encoder_activity.busy, [device_number(d) for d in devices])
+        encoder_activity.busy, [device_number(d) for d in devices],
+        linger_ns=int(options.encoder_priority_linger_ms * 1e6))
     thread = EngineThread(engine, max_pending=options.max_pending_requests,
                           encoder_busy=encoder_busy, encoder_priority_s=options.encoder_priority_ms / 1000)
     return BuiltEngine(engine, thread, workers, encoder_activity)

@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from internvl_serve.serving.encoder_activity import (DEVICE, FORWARDS, PID, SINCE_NS, SLOTS, STALE_NS, EncoderActivity,
-                                                     create_record, device_number)
+from internvl_serve.serving.encoder_activity import (DEVICE, ENDED_NS, FORWARDS, PID, SINCE_NS, SLOTS, STALE_NS,
+                                                     EncoderActivity, create_record, device_number)
 
 
 def _encoder(path, device, started, finish, exit_mid_forward):
@@ -68,6 +68,25 @@ def test_forwards_are_counted_and_a_raising_forward_clears_its_flag(tmp_path):
     with pytest.raises(RuntimeError), slot.running():
         raise RuntimeError("the forward failed")
     assert not record.busy([3]) and slot.forwards == 2 == record.slots[slot.index, FORWARDS]
+
+
+def test_a_forward_lingers_as_busy_for_a_reader_that_asks(tmp_path):
+    # with linger_ns the encoder counts as busy that long after its last forward ended (the gap before the
+    # next image of a queue), on its own device only; a released slot's end does not count
+    record = EncoderActivity(create_record(tmp_path / "activity"))
+    slot = record.claim(0)
+    before = time.monotonic_ns()
+    with slot.running():
+        pass
+    ended = int(record.slots[slot.index, ENDED_NS])
+    assert before <= ended <= time.monotonic_ns() and record.slots[slot.index, SINCE_NS] == 0
+    assert not record.busy([0])  # no linger asked: idle at once
+    hour = 3600 * 10**9
+    assert record.busy([0], linger_ns=hour) and not record.busy([1], linger_ns=hour)
+    record.slots[slot.index, ENDED_NS] = time.monotonic_ns() - 2 * 10**6  # ended 2 ms ago
+    assert not record.busy([0], linger_ns=10**6) and record.busy([0], linger_ns=hour)
+    slot.release()
+    assert not record.busy([0], linger_ns=hour)
 
 
 def test_every_slot_taken_is_an_error_and_a_wrong_file_is_refused(tmp_path):

@@ -569,11 +569,13 @@ def test_engine_options_from_parameters():
     assert options.encoder_priority_ms == 0  # off unless asked for
     assert EngineOptions.from_parameters({"encoder_priority_ms": "0"}).encoder_priority_ms == 0
     assert EngineOptions.from_parameters({"encoder_priority_ms": "12.5"}).encoder_priority_ms == 12.5
+    assert options.encoder_priority_linger_ms == 0
+    assert EngineOptions.from_parameters({"encoder_priority_linger_ms": "5"}).encoder_priority_linger_ms == 5
     assert EngineOptions.from_parameters({"host_threads": "2"}).host_threads == 2
     assert EngineOptions().host_threads is None  # torch's default
     for key, bad in (("max_num_seqs", "0"), ("block_size", "x"), ("enable_prefix_caching", "yes"),
                      ("gpu_memory_utilization", "1.5"), ("encoder_priority_ms", "-1"), ("host_threads", "0"),
-                     ("encoder_priority_ms", "soon")):
+                     ("encoder_priority_ms", "soon"), ("encoder_priority_linger_ms", "-2")):
         with pytest.raises(ValueError, match=f"parameter '{key}'"):
             EngineOptions.from_parameters({key: bad})
 
@@ -599,18 +601,22 @@ def test_the_engine_waits_for_the_vision_forwards_of_its_device(tiny_checkpoint,
                            activity=EncoderActivity.from_environment())
     default = LLMService(tiny_checkpoint, device="cpu")
     held = LLMService(tiny_checkpoint, device="cpu", engine_options={"encoder_priority_ms": "20"})
+    lingering = LLMService(tiny_checkpoint, device="cpu",  # busy for 10 s after each forward
+                           engine_options={"encoder_priority_ms": "20", "encoder_priority_linger_ms": "10000"})
     try:
         assert default.built.encoder_activity is None and default.thread.encoder_priority_s == 0  # off by default
         assert held.thread.encoder_priority_s == 0.02
-        busy = held.thread._encoder_busy
-        assert not busy()
+        busy, busy_after = held.thread._encoder_busy, lingering.thread._encoder_busy
+        assert not busy() and not busy_after()
         seen = []
         vision.encoder.register_forward_hook(lambda *_: seen.append(busy()))
         vision.embed([np.zeros((2, 3, 448, 448), np.float32)])
         assert seen == [True] and not busy() and vision.encoder_slot.forwards == 1
+        assert busy_after()  # the forward ended less than 10 s ago
     finally:
         default.shutdown()
         held.shutdown()
+        lingering.shutdown()
         vision.encoder_slot.release()
 
 
