@@ -7,8 +7,8 @@ HBM floor. What is captured is the model's own forward (Llama.forward, the only 
 fused norm/rotary/SiLU kernels and merged projections when model.fused) called with a DecodeMetadata,
 which selects the decode attention: `kernels.paged_decode_attention` (split-K flash decoding over the
 block tables; grids depend on shapes only); the K/V write (fused_ops.rotary_write_kv_ on the fused
-path, `kernels.write_kv` on the plain one: padding rows carry slot -1 and are skipped). Block tables and context lengths are static (bucket, max_blocks) buffers
-refreshed before each replay.
+path, `kernels.write_kv` on the plain one: padding rows carry slot -1 and are skipped). Block tables
+and context lengths are static (bucket, max_blocks) buffers refreshed before each replay.
 
 Owns: the static buffers, capture and replay. Does not own: the layer loop and the kernels' selection
 (llama.py), scheduling, sampling (done on the graph's logits by the runner), prefill (eager, reference

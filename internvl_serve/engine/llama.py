@@ -17,8 +17,9 @@ Logits are computed only at `logits_indices`.
 
 Two paths, chosen by `Llama.fused` (load_llama's fused_kernels; default on for CUDA, off on the CPU,
 INTERNVL_SERVE_FUSED_KERNELS=0 turns the default off): fused, one GEMM per merged projection and the
-kernels of kernels/fused_ops.py (add+RMSNorm, rotary in place with the K/V write, SiLU-and-mul); plain, the torch ops
-with each merged projection computed part by part (split_linear), bit-identical to separate linears.
+kernels of kernels/fused_ops.py (add+RMSNorm, rotary in place with the K/V write, SiLU-and-mul);
+plain, the torch ops with each merged projection computed part by part (split_linear), bit-identical to
+separate linears.
 
 Does not own: attention metadata (attention.py), the kernels (kernels/), the KV tensors, block tables,
 sampling (runner.py, sampler.py), the CUDA graphs (decode_graphs.py).

@@ -14,9 +14,9 @@ no priority), mapped by every process that uses it. One slot per encoder process
 every process of the machine; 0: idle), how many forwards it ran and when its last one ended. The last
 lets a reader count an encoder as busy for a while after a forward (`busy(..., linger_ns)`): with one
 image per forward (a vision batch cap of 1), Triton hands the next queued image to the stub a few ms after
-the last one ends, and in that gap a reader that only sees running forwards would let a step in. An encoder claims a free slot, or a
-dead process's, under an flock and then writes only its own slot; a forward flagged longer than
-STALE_NS ago (its process died in the middle of it) counts as idle.
+the last one ends, and in that gap a reader that only sees running forwards would let a step in. An
+encoder claims a free slot, or a dead process's, under an flock and then writes only its own slot; a
+forward flagged longer than STALE_NS ago (its process died in the middle of it) counts as idle.
 
 Owns: the file's layout, claiming a slot, reading it. Does not own: when the engine holds a step
 (engine/engine.py), the forward (serving/vision.py), making and removing the file (serving/triton_server.py).

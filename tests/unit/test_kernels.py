@@ -227,7 +227,8 @@ def run_interpreted_checks(which: str) -> None:
             case = make_paged_case(B, Hq, Hkv, D, bs, mb, lens, dtype, "cpu", layout, cache_dtype)
             err = check_attention(case, part, 1e-5 if dtype == torch.float32 else 2e-3, single=single,
                                   heads_first=heads_first, dot=dot)
-            print(f"attention variant {(B, Hq, Hkv, D, bs, mb, lens, dtype, layout, part, single, heads_first, dot, cache_dtype)} rel err {err:.1e}")
+            shape = (B, Hq, Hkv, D, bs, mb, lens, dtype, layout, part, single, heads_first, dot, cache_dtype)
+            print(f"attention variant {shape} rel err {err:.1e}")
     elif which == "write_kv":
         check_write_kv(20, 2, 32, 16, 6, torch.float32, "cpu", "bthd")
         check_write_kv(20, 3, 24, 8, 5, torch.float16, "cpu", "bhtd")
