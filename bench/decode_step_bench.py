@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from internvl_serve.engine.decode_graphs import DecodeGraphs  # noqa: E402
 from internvl_serve.engine.llama import load_llama  # noqa: E402
 from internvl_serve.engine.quantize import quantize_model_  # noqa: E402
+from internvl_serve.kernels.paged_attention import DOT_ENV, HEADS_FIRST_ENV  # noqa: E402
 
 LLAMA2_13B = dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                   num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096,
@@ -101,9 +102,9 @@ def time_steps(graph, steps: int, repeats: int) -> float:
 
 ATTENTION_VARIANTS = {  # name: the environment switches of kernels/paged_attention.py it sets
     "default": {},
-    "heads-first": {"INTERNVL_SERVE_DECODE_HEADS_FIRST": "1"},
-    "dot": {"INTERNVL_SERVE_DECODE_DOT": "1"},
-    "heads-first+dot": {"INTERNVL_SERVE_DECODE_HEADS_FIRST": "1", "INTERNVL_SERVE_DECODE_DOT": "1"},
+    "heads-first": {HEADS_FIRST_ENV: "1"},
+    "dot": {DOT_ENV: "1"},
+    "heads-first+dot": {HEADS_FIRST_ENV: "1", DOT_ENV: "1"},
 }
 
 

@@ -500,14 +500,14 @@ def paged_decode_attention(
     block_n = min(block_n or tiles.block_n, partition_size)
     if dot is None:
         dot = decode_dot()
+    if heads_first is None:
+        heads_first = decode_heads_first()
     assert not dot or (block_n >= 16 and D >= 16), "dot: tl.dot needs tiles of >= 16 tokens and dims"
     num_parts = triton.cdiv(max_tokens, partition_size)
     if single is None:
         single = decode_single(B, Hq, num_sms)
     single = single or num_parts == 1
     block_d = triton.next_power_of_2(D)
-    if heads_first is None:
-        heads_first = decode_heads_first()
     if single:
         part_o = part_m = part_l = out  # unused
     else:

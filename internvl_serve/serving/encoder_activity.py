@@ -36,7 +36,7 @@ import numpy as np
 ENCODER_ACTIVITY_ENV = "INTERNVL_ENCODER_ACTIVITY"
 SLOTS = 64
 PID, DEVICE, SINCE_NS, FORWARDS, ENDED_NS = range(5)  # the fields of a slot, int64 each
-FIELDS = 5
+FIELDS = ENDED_NS + 1
 RECORD_BYTES = SLOTS * FIELDS * 8
 STALE_NS = 10 * 10**9  # a forward of the most tiles a request may send takes ~1 s on an H100
 
@@ -99,11 +99,12 @@ class EncoderActivity:
         if not since.any() and not linger_ns:  # the usual answer, read after every engine step: keep it cheap
             return False
         now = time.monotonic_ns()
-        mine = np.isin(self.slots[:, DEVICE], list(devices)) & (self.slots[:, PID] != 0)
-        running = mine & (since > 0)
-        if running.any() and (since[running] > now - STALE_NS).any():
-            return True
-        return bool(linger_ns) and bool((self.slots[mine, ENDED_NS] > now - linger_ns).any())
+        live = (since > 0) & (since > now - STALE_NS)
+        if linger_ns:
+            live |= self.slots[:, ENDED_NS] > now - linger_ns
+        if not live.any():
+            return False
+        return bool((live & (self.slots[:, PID] != 0) & np.isin(self.slots[:, DEVICE], list(devices))).any())
 
     def claim(self, device: int) -> "EncoderSlot":
         """A slot for this process's encoder on `device`: a free one, or one whose process is gone."""
