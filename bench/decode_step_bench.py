@@ -4,7 +4,7 @@
     python bench/decode_step_bench.py --fused on --int8     # only the fused path, weight-only int8
     python bench/decode_step_bench.py --layers 4            # a quick smoke run
     python bench/decode_step_bench.py --fused on --batches 32 --ctx 416 --profile   # where a step goes
-    python bench/decode_step_bench.py --batches 32,64 --attention-variants default,heads-first,dot,heads-first+dot
+    python bench/decode_step_bench.py --batches 32,64 --attention-variants elementwise,default,dot,heads-first+dot
 
 Random weights (drawn on the GPU in the checkpoint's layout, so load_llama merges q/k/v and gate/up
 as in serving), every sequence at the same context length. For each path (`--fused off`: the torch
@@ -17,7 +17,8 @@ adds, per path and batch, the kernels of --steps replays under torch.profiler, g
 step and share of the step (the kernels' own time; the gaps between them are the rest of ms/step).
 `--attention-variants` times the fused step with the decode attention's launch variants instead
 (kernels/paged_attention.py: the grid's order, the products on the tensor cores; each set through its
-environment switch before the graphs are captured), and compares each one's logits with the first's.
+environment switches before the graphs are captured, `default` with both unset, `elementwise` the
+default before 2026-12-07f), and compares each one's logits with the first's.
 """
 from __future__ import annotations
 
@@ -100,10 +101,11 @@ def time_steps(graph, steps: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-ATTENTION_VARIANTS = {  # name: the environment switches of kernels/paged_attention.py it sets
+ATTENTION_VARIANTS = {  # name: the environment switches of kernels/paged_attention.py it sets (unset: the default)
     "default": {},
-    "heads-first": {HEADS_FIRST_ENV: "1"},
-    "dot": {DOT_ENV: "1"},
+    "elementwise": {HEADS_FIRST_ENV: "0", DOT_ENV: "0"},  # the default before 2026-12-07f
+    "heads-first": {HEADS_FIRST_ENV: "1", DOT_ENV: "0"},
+    "dot": {HEADS_FIRST_ENV: "0", DOT_ENV: "1"},
     "heads-first+dot": {HEADS_FIRST_ENV: "1", DOT_ENV: "1"},
 }
 
@@ -114,10 +116,10 @@ def compare_attention_variants(model, kv, variants: list[str], batches: list[int
     logits against the first variant's."""
     model.fused = True
     results, logits = {}, {}
-    switches = {name for v in variants for name in ATTENTION_VARIANTS[v]}
     for variant in variants:
-        for name in switches:
-            os.environ[name] = ATTENTION_VARIANTS[variant].get(name, "0")
+        for name in (HEADS_FIRST_ENV, DOT_ENV):
+            os.environ.pop(name, None)
+        os.environ.update(ATTENTION_VARIANTS[variant])
         time_buckets(model, kv, batches, args, max_blocks, block_size, device, variant, results, logits)
     print("\n| batch | " + " | ".join(f"{v} ms/step" for v in variants) + " |")
     print("|---" * (len(variants) + 1) + "|")

@@ -58,6 +58,8 @@ from internvl_serve.kernels.fused_ops import (add_rmsnorm, add_rmsnorm_fp8, rota
                                               silu_and_mul, silu_and_mul_fp8)
 from internvl_serve.kernels.int8_linear import Int8MatmulConfig, default_config, int8_linear, quantize_weight, scaled_config  # noqa: E402
 from internvl_serve.kernels.paged_attention import (  # noqa: E402
+    decode_dot,
+    decode_heads_first,
     decode_single,
     default_decode_tiles,
     paged_decode_attention,
@@ -182,22 +184,26 @@ def paged_inputs(B: int, ctx: int, table_blocks: int):
 
 
 def grid_sweep_row(B: int, H: int, check_out, timed) -> str:
-    """One "grid sweep" line: the default way at this grid size in both grid orders, with the products
-    elementwise (today) or on the tensor cores at 2-4 pipeline stages (and, for one program per pair,
-    other loop steps / warps), fastest first; a variant that does not launch (shared memory) is listed
-    as failed."""
-    tiles = default_decode_tiles(B, H, kv_bytes=torch.empty((), dtype=cache_dtype).element_size())
+    """One "grid sweep" line: the elementwise tiles at this grid size in both grid orders, with the
+    products elementwise or on the tensor cores at 2-4 pipeline stages (and, for one program per pair,
+    other loop steps / warps), fastest first, the launcher's default marked *; a variant that does not
+    launch (shared memory) is listed as failed."""
+    kv_bytes = torch.empty((), dtype=cache_dtype).element_size()
+    tiles = default_decode_tiles(B, H, kv_bytes=kv_bytes)
     single = decode_single(B, H)
     shapes = [(tiles.block_n, tiles.num_warps)]
     if single:
         shapes += [(bn, nw) for bn in (64, 128) for nw in (2, 4, 8) if (bn, nw) != shapes[0]]
+    default_dot = decode_dot(B, H, kv_bytes=kv_bytes)
+    chosen = default_decode_tiles(B, H, kv_bytes=kv_bytes, dot=default_dot)
+    default_kw = (chosen.block_n, chosen.num_warps, decode_heads_first(default_dot), default_dot, chosen.num_stages)
     res, failed = [], []
     for bn, nw in shapes:
         for heads_first in (False, True):
             for dot, stages in ((False, None), (True, 2), (True, 3), (True, 4)):
                 kw = dict(single=single, block_n=bn, num_warps=nw, heads_first=heads_first, dot=dot,
                           num_stages=stages)
-                default = (bn, nw) == shapes[0] and not heads_first and not dot
+                default = (bn, nw, heads_first, dot, stages) == default_kw
                 name = (f"{'*' if default else ''}n{bn}/w{nw}/{'hf' if heads_first else 'sf'}"
                         + (f"/dot{stages}" if dot else ""))
                 try:
@@ -238,13 +244,15 @@ def attention_table(bw: float, sweep: bool, grid_sweep: bool = False) -> list[st
                 ])
 
             t_tri, t_256, t_sdpa = timed(True), timed(False), timed(True, paged_decode_attention_torch)
-            tiles = default_decode_tiles(B, H, kv_bytes=k.element_size())
+            dot = decode_dot(B, H, kv_bytes=k.element_size())
+            tiles = default_decode_tiles(B, H, kv_bytes=k.element_size(), dot=dot)
             gb = lambda t: nbytes / t / 1e3
             rows.append(
                 f"{B:>3} {ctx:>5} | {t_tri:>9.1f} {gb(t_tri):>6.0f} {100 * gb(t_tri) / bw:>5.0f} | "
                 f"{t_256:>9.1f} {100 * gb(t_256) / bw:>5.0f} | {t_sdpa:>8.1f} {gb(t_sdpa):>6.0f} | "
                 f"{t_sdpa / t_tri:>6.1f}x | {'single' if decode_single(B, H) else f'p{tiles.partition_size}'}"
-                f"/n{tiles.block_n}/w{tiles.num_warps}"
+                f"/n{tiles.block_n}/w{tiles.num_warps}/{'hf' if decode_heads_first(dot) else 'sf'}"
+                + (f"/dot{tiles.num_stages}" if dot else "")
             )
             if sweep:  # the engine-wide table: partition sizes / tiles / warps, and one program per pair
                 res = []

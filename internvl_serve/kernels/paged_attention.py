@@ -384,12 +384,13 @@ class DecodeTiles:
     partition_size: int  # tokens per split-K partition
     block_n: int  # tokens per loop step
     num_warps: int
+    num_stages: int | None = None  # Triton's software pipelining of the token loop; None: Triton's default
 
 
 SINGLE_MIN_PAIRS_PER_SM = 4  # decode_single: (sequence, head) pairs per multiprocessor
 PARTITIONS_ENV = "INTERNVL_SERVE_DECODE_PARTITIONS"  # "1": flash-decoding's partitions at every batch size
-HEADS_FIRST_ENV = "INTERNVL_SERVE_DECODE_HEADS_FIRST"  # "1": consecutive programs take one sequence's heads
-DOT_ENV = "INTERNVL_SERVE_DECODE_DOT"  # "1": the products on the tensor cores, the loads pipelined
+HEADS_FIRST_ENV = "INTERNVL_SERVE_DECODE_HEADS_FIRST"  # 1 / 0: the grid by one sequence's heads or not
+DOT_ENV = "INTERNVL_SERVE_DECODE_DOT"  # 1 / 0: the products on the tensor cores (loads pipelined) or not
 
 
 def decode_single(batch: int, num_heads: int, num_sms: int = 132) -> bool:
@@ -410,23 +411,45 @@ def decode_single(batch: int, num_heads: int, num_sms: int = 132) -> bool:
     return batch * num_heads >= SINGLE_MIN_PAIRS_PER_SM * num_sms
 
 
-def decode_heads_first() -> bool:
-    """Whether the decode attention's consecutive programs take consecutive heads of one sequence
-    (INTERNVL_SERVE_DECODE_HEADS_FIRST=1) rather than one head of consecutive sequences (the default)."""
-    return bool(env_switch(HEADS_FIRST_ENV))
+def decode_dot(batch: int, num_heads: int, num_sms: int = 132, kv_bytes: int = 2) -> bool:
+    """Whether the decode attention runs its two products on the tensor cores (_attend's DOT): by default
+    where one program takes each (sequence, head) (decode_single) over a bfloat16 cache;
+    INTERNVL_SERVE_DECODE_DOT=1 / 0 turns it on / off everywhere. Compiled for an H100 (sm_90), only that
+    form gets Triton's pipelined loads (cp.async into shared memory from 2 stages on); the elementwise
+    form loads into registers whatever num_stages says.
+
+    H100, 40 heads, bf16 cache, the engine's table of 256 blocks (bench/results/h100-2026-12-07f,
+    kernels_bench --grid-sweep): one program per pair, 64 tokens per step, 4 warps, 2 stages, heads
+    first took 114.3 / 220.3 us at 32 / 64 sequences of 512 tokens and 434.3 / 854.1 at 2,048, against
+    the elementwise kernel's 145.3 / 257.4 / 541.7 / 960.6 (-21 / -14 / -20 / -11 %); the 40-layer decode
+    step at ctx 416, 14.90 -> 13.97 ms at 32 sequences and 18.87 -> 17.52 at 64 (heads first and dot,
+    Triton's default tiles); the server +3.9 % output tok/s at 32 streams (one run, dot alone). With
+    flash-decoding's partitions (fewer sequences) it lost: 80.0 against 44.4 us at 8 x 512. Numerics:
+    the weights p are rounded to bfloat16 for the second product, as flash attention (and HF Llama's
+    eager attention, which casts its softmax to the model dtype before the product with V) do; the step's
+    logits moved 4.4-4.8 % relative L2 from the elementwise kernel's with random 13B weights, the size of
+    the difference between the fused and the plain (torch) forward measured at those weights
+    (bench/results/h100-2026-12-05: 4.7-5.0 %). Over an e4m3 cache not measured yet: off there."""
+    forced = env_switch(DOT_ENV)
+    if forced is not None:
+        return forced
+    return kv_bytes == 2 and decode_single(batch, num_heads, num_sms)
 
 
-def decode_dot() -> bool:
-    """Whether the decode attention runs its two products on the tensor cores (INTERNVL_SERVE_DECODE_DOT=1;
-    _attend's DOT). Compiled for an H100 (sm_90), only that form gets Triton's pipelined loads (cp.async
-    into shared memory from 2 stages on); the elementwise form, the default, loads into registers whatever
-    num_stages says."""
-    return bool(env_switch(DOT_ENV))
+def decode_heads_first(dot: bool) -> bool:
+    """Whether the decode attention's consecutive programs take consecutive heads of one sequence (grid
+    (Hq, B, parts)) rather than one head of consecutive sequences: by default with the tensor-core form
+    (`dot`), where it measured 0.5-1.5 % faster (114.3 against 115.6 us at 32 x 512; the step 13.97
+    against 14.04 ms at 32 sequences), and not with the elementwise one, where it gained nothing;
+    INTERNVL_SERVE_DECODE_HEADS_FIRST=1 / 0 turns it on / off everywhere."""
+    forced = env_switch(HEADS_FIRST_ENV)
+    return dot if forced is None else forced
 
 
-def default_decode_tiles(batch: int, num_heads: int, num_sms: int = 132, kv_bytes: int = 2) -> DecodeTiles:
-    """Split-K tiles from the grid's static size and the cache's element size only (never from context
-    lengths).
+def default_decode_tiles(batch: int, num_heads: int, num_sms: int = 132, kv_bytes: int = 2,
+                         dot: bool = False) -> DecodeTiles:
+    """Split-K tiles from the grid's static size, the cache's element size and the products' form only
+    (never from context lengths).
 
     Measured on an H100 (bench/kernels_bench.py --sweep, Hq=40, D=128, ctx 512..2048, table of 256
     blocks): bf16 (kv_bytes 2): with few (sequence, head) pairs, 128-token partitions in one loop step of
@@ -434,8 +457,12 @@ def default_decode_tiles(batch: int, num_heads: int, num_sms: int = 132, kv_byte
     B=64, ctx 2048). Each was within ~10% of the best of 14 tilings on every measured shape. e4m3
     (kv_bytes 1): 128-token partitions of 4 warps everywhere, within 2% of the best tiling on every
     measured shape (B 1..64): 17-27% less time than the bf16 choice at B=8, 5-7% at B=32 and 64
-    (ctx 2048).
+    (ctx 2048). The tensor-core form (`dot`) with one program per pair: 64-token steps of 4 warps in 2
+    stages, the best or within 1 % of it of 48 launches at 32 and 64 x 512 and 2,048 tokens
+    (decode_dot; --grid-sweep, bench/results/h100-2026-12-07f).
     """
+    if dot and decode_single(batch, num_heads, num_sms):
+        return DecodeTiles(partition_size=256, block_n=64, num_warps=4, num_stages=2)
     if kv_bytes == 1:
         return DecodeTiles(partition_size=128, block_n=128, num_warps=4)
     if batch * num_heads >= 8 * num_sms:
@@ -470,11 +497,10 @@ def paged_decode_attention(
     Returns (B, Hq, D) in q's dtype (written into `out` when given). Hq must be a multiple of Hkv.
     use_triton: None runs the Triton kernels on CUDA tensors and the torch version elsewhere.
     partition_size (tokens per split-K partition, a power of 2 >= 16), block_n (tokens per loop step),
-    num_warps and single (one program per (sequence, head), no partitions): tuning knobs; None takes
-    default_decode_tiles(B, Hq, ..., the cache's element size) and decode_single. heads_first (the grid's
-    order, None: decode_heads_first()), num_stages (Triton's software pipelining of the token loop,
-    None: Triton's default) and dot (both products on the tensor cores; needs block_n >= 16; None:
-    decode_dot()) too: the last three unmeasured on a GPU so far, hence not defaults.
+    num_warps, num_stages (Triton's software pipelining of the token loop), single (one program per
+    (sequence, head), no partitions), dot (both products on the tensor cores; needs block_n >= 16) and
+    heads_first (the grid's order): tuning knobs; None takes decode_dot(B, Hq, ..., the cache's element
+    size), then default_decode_tiles(..., dot), decode_single and decode_heads_first(dot).
     """
     B, Hq, D = q.shape
     num_blocks, block_size, Hkv, Dk = k_cache.shape
@@ -493,15 +519,16 @@ def paged_decode_attention(
         out = torch.empty_like(q)
     max_tokens = block_tables.shape[1] * block_size
     num_sms = num_sms_of(q.device)
-    tiles = default_decode_tiles(B, Hq, num_sms, k_cache.element_size())
+    if dot is None:
+        dot = decode_dot(B, Hq, num_sms, k_cache.element_size())
+    tiles = default_decode_tiles(B, Hq, num_sms, k_cache.element_size(), dot)
     partition_size = partition_size or tiles.partition_size
     num_warps = num_warps or tiles.num_warps
+    num_stages = num_stages or tiles.num_stages
     assert partition_size >= 16 and partition_size & (partition_size - 1) == 0, partition_size
     block_n = min(block_n or tiles.block_n, partition_size)
-    if dot is None:
-        dot = decode_dot()
     if heads_first is None:
-        heads_first = decode_heads_first()
+        heads_first = decode_heads_first(dot)
     assert not dot or (block_n >= 16 and D >= 16), "dot: tl.dot needs tiles of >= 16 tokens and dims"
     num_parts = triton.cdiv(max_tokens, partition_size)
     if single is None:

@@ -274,20 +274,37 @@ def test_decode_single_from_the_grid_size(monkeypatch):
         decode_single(64, 40)
 
 
-@pytest.mark.parametrize("name,switch", [("HEADS_FIRST_ENV", "decode_heads_first"), ("DOT_ENV", "decode_dot")])
-def test_decode_variant_switches(monkeypatch, name, switch):
-    # the grid in sequence order and the elementwise products unless INTERNVL_SERVE_DECODE_HEADS_FIRST /
-    # INTERNVL_SERVE_DECODE_DOT say otherwise; a misspelt value is refused
+def test_decode_dot_from_the_grid_and_the_cache_unless_switched(monkeypatch):
+    # the tensor-core form where one program takes each (sequence, head) over a bf16 cache, with its own
+    # tiles and the grid by heads; elementwise with the partitions (few sequences) and over e4m3 caches;
+    # INTERNVL_SERVE_DECODE_DOT / _HEADS_FIRST force either way; a misspelt value is refused
     from internvl_serve.kernels import paged_attention as pa
 
-    env, read = getattr(pa, name), getattr(pa, switch)
-    monkeypatch.delenv(env, raising=False)
-    assert read() is False
-    monkeypatch.setenv(env, "1")
-    assert read() is True
-    monkeypatch.setenv(env, "fast")
-    with pytest.raises(ValueError, match=f"{env} must be one of"):
-        read()
+    for env in (pa.DOT_ENV, pa.HEADS_FIRST_ENV, pa.PARTITIONS_ENV):
+        monkeypatch.delenv(env, raising=False)
+    assert pa.decode_dot(32, 40) and pa.decode_dot(64, 40, kv_bytes=2)
+    assert not pa.decode_dot(8, 40) and not pa.decode_dot(64, 40, kv_bytes=1)
+    assert pa.default_decode_tiles(32, 40, dot=True) == pa.DecodeTiles(256, 64, 4, num_stages=2)
+    assert pa.default_decode_tiles(32, 40) == pa.DecodeTiles(256, 128, 4)  # elementwise: as before
+    assert pa.default_decode_tiles(8, 40, dot=True) == pa.DecodeTiles(128, 128, 8)  # partitions: theirs
+    assert pa.decode_heads_first(True) and not pa.decode_heads_first(False)
+    monkeypatch.setenv(pa.PARTITIONS_ENV, "1")
+    assert not pa.decode_dot(64, 40)
+    monkeypatch.delenv(pa.PARTITIONS_ENV)
+    monkeypatch.setenv(pa.DOT_ENV, "0")
+    assert not pa.decode_dot(64, 40)
+    monkeypatch.setenv(pa.DOT_ENV, "1")
+    assert pa.decode_dot(8, 40) and pa.decode_dot(64, 40, kv_bytes=1)
+    monkeypatch.setenv(pa.HEADS_FIRST_ENV, "0")
+    assert not pa.decode_heads_first(True)
+    monkeypatch.setenv(pa.HEADS_FIRST_ENV, "1")
+    assert pa.decode_heads_first(False)
+    reads = ((pa.DOT_ENV, lambda: pa.decode_dot(64, 40)), (pa.HEADS_FIRST_ENV, lambda: pa.decode_heads_first(True)))
+    for env, read in reads:
+        monkeypatch.setenv(env, "fast")
+        with pytest.raises(ValueError, match=f"{env} must be one of"):
+            read()
+        monkeypatch.delenv(env)
 
 
 def test_reference_matches_dense_attention():
