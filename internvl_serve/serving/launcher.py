@@ -79,8 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "included, at most 8, and at least the repository's 2: serving/layout.py)")
     p.add_argument("--vision-max-batch-size", type=int, default=None, metavar="N",
                    help="requests (each with its image's tiles) the vision model encodes in one call at most "
-                        "(default: the repository's 8; "
-                        "fewer: the first images of a burst come out sooner, at some cost per image with fp8)")
+                        "(default: 1 where it runs on a GPU in bf16, else the repository's 8: "
+                        "serving/layout.py; fewer: the first images of a burst come out sooner, at some cost "
+                        "per image with fp8)")
     p.add_argument("--llm-param", action="append", default=[], metavar="KEY=VALUE",
                    help="override a parameter of model_repository/llm/config.pbtxt (repeatable)")
     p.add_argument("--vision-param", action="append", default=[], metavar="KEY=VALUE",

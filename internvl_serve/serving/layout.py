@@ -13,7 +13,8 @@ launcher (`--gpus`, `--tensor-parallel-size`, `--llm-param`) writes a derived re
   tensor parallel on the CPU (--tensor-parallel-size 2, no --gpus): N CPU ranks (tests)
   preprocess instances (--preprocess-instances N; default auto_preprocess_instances(): the repository's 2
                        below 12 CPU cores, one per 4 cores above, at most 8)
-  vision batch         (--vision-max-batch-size N): the vision model's max_batch_size (the repository's 8)
+  vision batch         (--vision-max-batch-size N; default auto_vision_max_batch_size(): 1 where the
+                       vision model runs on a GPU in bf16, else the repository's 8)
 
 The model folders (`1/`) are symlinked, so the code is the checked-in code; only the configs differ.
 Data and tensor parallelism together (several TP groups) is not supported.
@@ -55,6 +56,31 @@ def auto_preprocess_instances(cpus: int | None = None) -> int | None:
     return n if n > REPOSITORY_PREPROCESS_INSTANCES else None
 
 
+def auto_vision_max_batch_size(vision_parameters: dict[str, str], gpus: tuple[int, ...] = ()) -> int | None:
+    """The vision model's max_batch_size where the layout does not set it: 1 where it runs on a GPU
+    (`gpus`, or its `device` parameter: cuda, or auto with a GPU torch sees) in the model dtype; None
+    (the repository's 8) on the CPU, where a forward over several images costs less per image, and with
+    `quantization=fp8`, whose encoder gains from batches (16.5 against 21.6 ms per image at 8 and 1 on an
+    H100).
+
+    Why 1 on a GPU in bf16: every image of a call waits for the whole call, and a bf16 image costs ~22 ms
+    at 1 or 8 images. H100, 32 streams with a new image per request, two runs each against the 8 on the
+    same machine (bench/results/h100-2026-12-07e and -07f): TTFT p50 / mean 361 / 529 and 309 / 472 ms
+    against 706-709 / 745-773 and 530 / 733, output tok/s +0.3 to +1.1 % and +0.5 %; at 64 streams (one
+    run) 322 / 744 against 490-574 / 885-938 ms, tok/s -1.5 %; ITL p95 at 32 streams 57 against 36 ms
+    (decode steps wait behind more, smaller forwards)."""
+    if vision_parameters.get("quantization", "") == "fp8":
+        return None
+    if gpus:
+        return 1
+    from internvl_serve.serving.device import resolve_device
+
+    device = vision_parameters.get("device", "auto")
+    if device.startswith("cuda"):
+        return 1
+    return 1 if device == "auto" and resolve_device("auto").type == "cuda" else None
+
+
 @dataclass(frozen=True)
 class Layout:
     gpus: tuple[int, ...] = ()
@@ -63,9 +89,10 @@ class Layout:
     vision_parameters: dict[str, str] = field(default_factory=dict)
     preprocess_instances: int | None = None  # None: auto_preprocess_instances()
     # requests (each with its image's tiles) the vision model's dynamic batcher gathers into one call at
-    # most (its max_batch_size); None: the repository's 8. Fewer: in a burst of new images the first come
-    # out sooner (every image of a call waits for the whole call), at the cost per image of smaller
-    # forwards (the fp8 encoder's: 22.0 ms at 1 image against 16.3 at 8 on an H100; bf16 ~22 either way)
+    # most (its max_batch_size); None: auto_vision_max_batch_size() (vision_batch_cap). Fewer: in a burst
+    # of new images the first come out sooner (every image of a call waits for the whole call), at the
+    # cost per image of smaller forwards (the fp8 encoder's: 22.0 ms at 1 image against 16.3 at 8 on an
+    # H100; bf16 ~22 either way)
     vision_max_batch_size: int | None = None
 
     def validate(self) -> "Layout":
@@ -85,12 +112,19 @@ class Layout:
     @property
     def is_default(self) -> bool:
         return not (self.gpus or self.tensor_parallel_size > 1 or self.llm_parameters or self.vision_parameters
-                    or self.preprocess_count is not None or self.vision_max_batch_size is not None)
+                    or self.preprocess_count is not None or self.vision_batch_cap is not None)
 
     @property
     def preprocess_count(self) -> int | None:
         """The preprocess model's instances under this layout; None: the repository's own."""
         return self.preprocess_instances if self.preprocess_instances is not None else auto_preprocess_instances()
+
+    @property
+    def vision_batch_cap(self) -> int | None:
+        """The vision model's max_batch_size under this layout; None: the repository's own."""
+        if self.vision_max_batch_size is not None:
+            return self.vision_max_batch_size
+        return auto_vision_max_batch_size(self.vision_parameters, self.gpus)
 
 
 def read_config(path: Path) -> mc.ModelConfig:
@@ -132,8 +166,8 @@ def apply_layout(name: str, config: mc.ModelConfig, layout: Layout) -> mc.ModelC
         if layout.gpus:
             _on_gpus(out, layout.gpus[:1] if tp > 1 else layout.gpus)
         _set_parameters(out, layout.vision_parameters)
-        if layout.vision_max_batch_size is not None:
-            out.max_batch_size = layout.vision_max_batch_size
+        if layout.vision_batch_cap is not None:
+            out.max_batch_size = layout.vision_batch_cap
     return out
 
 

@@ -92,6 +92,23 @@ def test_vision_max_batch_size_sets_only_the_vision_models_batch(tmp_path):
         layout_from_args(parse_args(["--vision-max-batch-size", "0"]))
 
 
+def test_vision_batch_cap_is_one_on_a_gpu_in_the_model_dtype(monkeypatch, tmp_path):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert Layout().vision_batch_cap is None  # the CPU: the repository's 8
+    assert Layout(vision_parameters={"device": "cuda"}).vision_batch_cap == 1
+    assert Layout(gpus=(0,)).vision_batch_cap == 1  # instances on GPUs
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert Layout().vision_batch_cap == 1 and not Layout().is_default
+    configs, _ = written(tmp_path, Layout())
+    assert configs["vision"].max_batch_size == 1
+    assert Layout(vision_parameters={"quantization": "fp8"}).vision_batch_cap is None  # batches help fp8
+    assert Layout(vision_parameters={"device": "cpu"}).vision_batch_cap is None
+    assert Layout(vision_max_batch_size=4).vision_batch_cap == 4  # as asked, anywhere
+    assert Layout(vision_max_batch_size=8, vision_parameters={"device": "cpu"}).vision_batch_cap == 8
+
+
 def test_a_server_without_a_layout_sizes_preprocess_to_the_machine(monkeypatch, tiny_checkpoint):
     from internvl_serve.serving.triton_server import TritonServer
     monkeypatch.setattr("internvl_serve.serving.layout.available_cpus", lambda: 16)
