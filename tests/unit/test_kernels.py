@@ -487,16 +487,17 @@ def test_gpu_attention_bf16(B, Hq, Hkv, lens, layout):
     if lens is None:
         lens = torch.randint(1, 4097, (B,)).tolist()
     case = make_paged_case(B, Hq, Hkv, 128, 16, 256, lens, torch.bfloat16, "cuda", layout)
-    for part in (None, 64, 512):
-        for heads_first, dot in ((False, False), (True, False), (False, True), (True, True)):
+    for part in (None, 64, 512):  # (None, None): the launcher's default (decode_dot and its tiles)
+        for heads_first, dot in ((False, False), (True, False), (False, True), (True, True), (None, None)):
             check_attention(case, part, tol=1e-2, heads_first=heads_first, dot=dot)
 
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_attention_cuda_graph_replay():
+@pytest.mark.parametrize("B", [8, 32])  # flash-decoding's partitions; one program per pair on the tensor cores
+def test_gpu_attention_cuda_graph_replay(B):
     # Captured once, replayed with other lengths and tables copied into the same buffers.
-    B, H, D, bs, mb = 8, 40, 128, 16, 128
+    H, D, bs, mb = 40, 128, 16, 128
     lens_a = torch.randint(1, mb * bs + 1, (B,)).tolist()
     q, k, v, bt, ctx = make_paged_case(B, H, H, D, bs, mb, [mb * bs] * B, torch.bfloat16, "cuda")
     out = torch.full_like(q, float("nan"))
