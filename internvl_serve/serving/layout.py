@@ -69,16 +69,11 @@ def auto_vision_max_batch_size(vision_parameters: dict[str, str], gpus: tuple[in
     against 706-709 / 745-773 and 530 / 733, output tok/s +0.3 to +1.1 % and +0.5 %; at 64 streams (one
     run) 322 / 744 against 490-574 / 885-938 ms, tok/s -1.5 %; ITL p95 at 32 streams 57 against 36 ms
     (decode steps wait behind more, smaller forwards)."""
-    if vision_parameters.get("quantization", "") == "fp8":
-        return None
-    if gpus:
-        return 1
     from internvl_serve.serving.device import resolve_device
 
     device = vision_parameters.get("device", "auto")
-    if device.startswith("cuda"):
-        return 1
-    return 1 if device == "auto" and resolve_device("auto").type == "cuda" else None
+    on_gpu = bool(gpus) or device.startswith("cuda") or (device == "auto" and resolve_device().type == "cuda")
+    return 1 if on_gpu and vision_parameters.get("quantization", "") != "fp8" else None
 
 
 @dataclass(frozen=True)
@@ -166,8 +161,9 @@ def apply_layout(name: str, config: mc.ModelConfig, layout: Layout) -> mc.ModelC
         if layout.gpus:
             _on_gpus(out, layout.gpus[:1] if tp > 1 else layout.gpus)
         _set_parameters(out, layout.vision_parameters)
-        if layout.vision_batch_cap is not None:
-            out.max_batch_size = layout.vision_batch_cap
+        cap = layout.vision_batch_cap
+        if cap is not None:
+            out.max_batch_size = cap
     return out
 
 
