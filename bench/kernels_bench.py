@@ -6,6 +6,7 @@
     python bench/kernels_bench.py --only attention --kv-dtype fp8   # the attention tables over an e4m3 cache
     python bench/kernels_bench.py --only attention --grid-sweep     # decode attention: grid order, stages
     python bench/kernels_bench.py --only rope     # RoPE + K/V write: two launches against one
+    python bench/kernels_bench.py --only bf16     # bf16 decode products: cuBLAS, cuBLASLt, a Triton kernel
 
 Decode attention (Hq = Hkv = 40, D = 128, block size 16, bf16): the decode kernel with a block table as
 wide as the context, and with the engine-wide table of 256 blocks (4096 tokens: flash-decoding's grid is
@@ -57,6 +58,7 @@ from internvl_serve.kernels.fp8_linear import (fp8_linear, quantize_rows_fp8, qu
 from internvl_serve.kernels.fused_ops import (add_rmsnorm, add_rmsnorm_fp8, rotary_, rotary_write_kv_,  # noqa: E402
                                               silu_and_mul, silu_and_mul_fp8)
 from internvl_serve.kernels.int8_linear import Int8MatmulConfig, default_config, int8_linear, quantize_weight, scaled_config  # noqa: E402
+from internvl_serve.kernels.int8_linear import _int8_matmul_kernel  # noqa: E402  (bf16_table's probe)
 from internvl_serve.kernels.paged_attention import (  # noqa: E402
     decode_dot,
     decode_heads_first,
@@ -484,6 +486,85 @@ def w8a8_table(bw: float, sweep: bool) -> list[str]:
     return rows
 
 
+def bf16_skinny_configs(M: int) -> list[Int8MatmulConfig]:
+    """The tiles bf16_table tries for the matrix kernel at M rows (K steps in bf16 elements)."""
+    bm = max(16, triton.next_power_of_2(M))
+    return ([Int8MatmulConfig(bm, bn, bk, 1, 4, st) for bn in (64, 128) for bk in (64, 128) for st in (4, 5)]
+            + [Int8MatmulConfig(bm, 32, 128, 1, 4, 4), Int8MatmulConfig(bm, 64, 256, 1, 4, 3),
+               Int8MatmulConfig(bm, 64, 128, 2, 4, 4)])
+
+
+def triton_bf16_product(x: torch.Tensor, w: torch.Tensor, ones: torch.Tensor, c: Int8MatmulConfig) -> torch.Tensor:
+    """x (M, K) @ w (N, K).T in bf16 by the int8/fp8 matrix kernel (swap-AB, fp32 accumulation) with bf16
+    weights and a scale of ones: a probe of whether that kernel beats cuBLAS on the bf16 decode products."""
+    M, K = x.shape
+    N = w.shape[0]
+    if c.split_k == 1:
+        out, stride_os = torch.empty(M, N, dtype=x.dtype, device=x.device), 0
+    else:
+        out = torch.empty(c.split_k, M, N, dtype=torch.float32, device=x.device)
+        stride_os = out.stride(0)
+    _int8_matmul_kernel[(triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n), c.split_k)](
+        x, w, ones, out, ones, M, N, K, *x.stride(), *w.stride(), stride_os, out.stride(-2), out.stride(-1),
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k,
+        EVEN_K=K % (c.block_k * c.split_k) == 0, FP32_IEEE=False, X_SCALED=False,
+        num_warps=c.num_warps, num_stages=c.num_stages)
+    return out if c.split_k == 1 else out.sum(dim=0).to(x.dtype)
+
+
+def bf16_table(bw: float) -> list[str]:
+    """The bf16 decode products (the engine's merged projections of one LLaMA-2-13B layer, M = 1-64 rows):
+    F.linear through cuBLAS (torch's default) and through cuBLASLt (preferred_blas_library), against the
+    Triton matrix kernel of the int8 / fp8 products run on bf16 weights (triton_bf16_product), its best of
+    bf16_skinny_configs per shape; µs per call and the share of the copy bandwidth the weight bytes reach.
+    Per layer (x 40: a step's GEMMs): cuBLAS, cuBLASLt and the best Triton launch of each shape."""
+    rows = Rows([f"{'M':>3} {'proj':>8} | {'cublas us':>9} {'%copy':>5} | {'lt us':>7} {'%copy':>5} | "
+                 f"{'triton us':>9} {'%copy':>5} | {'speedup':>7} | best triton config"])
+    for M in (1, 16, 32, 64):
+        total = {"cublas": 0.0, "lt": 0.0, "triton": 0.0}
+        for name, N, K in LLM_PROJECTIONS:
+            n_sets = max(2, ROTATE_BYTES // (N * K * 2))
+            ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(n_sets)]
+            ones = torch.ones(N, device="cuda", dtype=torch.float32)
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            ref = x.double() @ ws[0].double().t()
+            check(f"bf16 F.linear M={M} {name}", torch.nn.functional.linear(x, ws[0]), ref, 1e-2)
+            t = {"cublas": graph_us([lambda w=w: torch.nn.functional.linear(x, w) for w in ws])}
+            torch.backends.cuda.preferred_blas_library("cublaslt")
+            try:
+                check(f"bf16 F.linear (cuBLASLt) M={M} {name}", torch.nn.functional.linear(x, ws[0]), ref, 1e-2)
+                t["lt"] = graph_us([lambda w=w: torch.nn.functional.linear(x, w) for w in ws])
+            finally:
+                torch.backends.cuda.preferred_blas_library("cublas")
+            best = (float("inf"), "none")
+            for c in bf16_skinny_configs(M):
+                try:
+                    out = triton_bf16_product(x, ws[0], ones, c)
+                except Exception as e:  # a config, not a result, fails (e.g. shared memory)
+                    print(f"bf16 triton M={M} {name} {config_name(c)}: {type(e).__name__}", file=sys.stderr)
+                    continue
+                try:
+                    check(f"bf16 triton M={M} {name} {config_name(c)}", out, ref, 1e-2)
+                except WrongResult as e:  # the probe's own kernel use; F.linear above must be right
+                    print(e, file=sys.stderr)
+                    continue
+                us = graph_us([lambda w=w, c=c: triton_bf16_product(x, w, ones, c) for w in ws])
+                best = min(best, (us, config_name(c).replace(" ", "")))
+            t["triton"] = best[0]
+            for key in total:
+                total[key] += t[key]
+            pct = {k: 100 * (N * K * 2 + M * K * 2 + M * N * 2) / v / 1e3 / bw for k, v in t.items()}
+            rows.append(f"{M:>3} {name:>8} | {t['cublas']:>9.1f} {pct['cublas']:>5.0f} | {t['lt']:>7.1f} "
+                        f"{pct['lt']:>5.0f} | {t['triton']:>9.1f} {pct['triton']:>5.0f} | "
+                        f"{t['cublas'] / t['triton']:>6.2f}x | {best[1]}")
+            del ws
+        rows.append(f"{M:>3} {'layer':>8} | {total['cublas']:>9.1f} {'':>5} | {total['lt']:>7.1f} {'':>5} | "
+                    f"{total['triton']:>9.1f} {'':>5} | {total['cublas'] / total['triton']:>6.2f}x | (x40 layers: "
+                    f"cublas {total['cublas'] * 40 / 1e3:.2f} ms, cublasLt {total['lt'] * 40 / 1e3:.2f}, best triton "
+                    f"{total['triton'] * 40 / 1e3:.2f})")
+    return rows
+
+
 def fp8_inputs_table() -> list[str]:
     """The fp8 linears' inputs as the fused fp8 path writes them, against the unfused pair of launches:
     add_rmsnorm + quantize_rows_fp8 (qkv_proj's and gate_up_proj's input, hidden 5,120) and silu_and_mul +
@@ -548,7 +629,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time other tile configs / partition sizes")
     ap.add_argument("--grid-sweep", action="store_true",
                     help="decode attention: both grid orders, elementwise or on the tensor cores at 2-4 stages")
-    ap.add_argument("--only", choices=["attention", "prefill", "linear", "quantized", "w8a8", "rope"], default=None)
+    ap.add_argument("--only", choices=["attention", "prefill", "linear", "quantized", "w8a8", "rope", "bf16"], default=None)
     ap.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="bf16",
                     help="the KV cache of the attention tables (q stays bf16)")
     args = ap.parse_args()
@@ -578,6 +659,9 @@ def main() -> None:
     if args.only in (None, "quantized", "w8a8"):
         lines += ["", "fp8 products of decode batches: torch._scaled_mm (fast accumulation) against the Triton "
                       "W8A8 kernel"] + w8a8_table(bw, args.sweep)
+    if args.only in (None, "bf16"):
+        lines += ["", "bf16 products of decode batches: F.linear (cuBLAS, cuBLASLt) against the Triton matrix "
+                      "kernel on bf16 weights (its best tiles per shape)"] + bf16_table(bw)
     if args.only in (None, "rope"):
         lines += ["", f"RoPE + K/V write (40 q, k and v heads of 128, bf16; KV cache {args.kv_dtype}): two "
                       "launches against one"] + rope_kv_table()
