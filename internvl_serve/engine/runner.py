@@ -33,10 +33,11 @@ from internvl_serve.engine.attention import (AttentionFn, build_attention_metada
 from internvl_serve.engine.host_copy import to_device
 from internvl_serve.engine.llama import LlamaArgs, load_llama
 from internvl_serve.engine.parallel import DecodeStep, EagerStep, StepChannel, TensorParallel
-from internvl_serve.engine.quantize import quantize_model_, validate_quantization
+from internvl_serve.engine.quantize import ENGINE_PROJECTION_PATHS, quantize_model_, validate_quantization
 from internvl_serve.engine.sampler import SamplingBatch, sample_tokens
 from internvl_serve.engine.scheduler import ScheduledBatch, SchedulerConfig
 from internvl_serve.engine.sequence import Sequence
+from internvl_serve.kernels.decode_linear import triton_rows_from_environment, use_triton_decode_linears_
 
 
 class BlockTableBuffer:
@@ -153,6 +154,13 @@ class ModelRunner:
         self.quantization = validate_quantization(quantization)
         quantize_model_(self.model, self.quantization, state_dict, fp8_fast_accum=fp8_fast_accum,
                         fp8_triton_max_rows=fp8_triton_max_rows)
+        # an experiment, off unless INTERNVL_SERVE_BF16_TRITON_ROWS is set: bf16 decode products in Triton
+        # instead of cuBLAS (kernels/decode_linear.py), before the decode graphs are captured
+        self.bf16_triton_rows = 0
+        if self.quantization is None and self.device.type == "cuda" and self.dtype == torch.bfloat16:
+            self.bf16_triton_rows = triton_rows_from_environment()
+            if self.bf16_triton_rows:
+                use_triton_decode_linears_(self.model.model.layers, ENGINE_PROJECTION_PATHS, self.bf16_triton_rows)
         self.channel = (StepChannel(self.tp, self.device, self.args.hidden_size, self.dtype)
                         if self.tp.enabled else None)
         a = self.model.local_args  # this rank's heads

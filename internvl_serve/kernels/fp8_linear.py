@@ -34,6 +34,7 @@ except ImportError:  # the CPU-only install has no triton: the torch path below 
     tl = None
 
 from internvl_serve.kernels.int8_linear import int8_linear, int8_linear_torch  # noqa: E402
+from internvl_serve.kernels.module_paths import modules_at  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -204,14 +205,10 @@ def quantize_linears_fp8_(blocks: nn.ModuleList, names: tuple[str, ...], fast_ac
     (fast_accum, triton_max_rows: see Fp8Linear), in place, freeing the float weight. Returns how many were
     replaced (a name that is not an nn.Linear, e.g. already replaced, is skipped)."""
     replaced = 0
-    for block in blocks:
-        for name in names:
-            parent_name, _, child = name.rpartition(".")
-            parent = block.get_submodule(parent_name) if parent_name else block
-            linear = getattr(parent, child)
-            if type(linear) is nn.Linear:
-                setattr(parent, child, Fp8Linear.from_linear(linear, fast_accum, triton_max_rows))
-                replaced += 1
+    for _, parent, child, linear in modules_at(blocks, names):
+        if type(linear) is nn.Linear:
+            setattr(parent, child, Fp8Linear.from_linear(linear, fast_accum, triton_max_rows))
+            replaced += 1
     return replaced
 
 

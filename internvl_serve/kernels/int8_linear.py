@@ -76,6 +76,7 @@ if triton is not None:
         EVEN_K: tl.constexpr,  # K % (BLOCK_K * SPLIT_K) == 0: no mask along K
         FP32_IEEE: tl.constexpr,  # fp32 activations: full-precision dot instead of tf32
         X_SCALED: tl.constexpr,  # x is e4m3 rows with a float32 scale each (x_scale_ptr): an fp8 x fp8 dot
+        HAS_SCALE: tl.constexpr,  # False: no per-output-channel scale (bf16 weights, decode_linear.py)
     ):
         # The weight tile is the dot's left operand: acc^T (BLOCK_N, BLOCK_M) = W (BLOCK_N, BLOCK_K)
         # @ x^T (BLOCK_K, BLOCK_M). W rows are contiguous along K, the layout the matrix units want for
@@ -106,8 +107,9 @@ if triton is not None:
                 acc = tl.dot(w.to(x.dtype), x, acc)
             w_ptrs += BLOCK_K * SPLIT_K * stride_wk
             x_ptrs += BLOCK_K * SPLIT_K * stride_xk
-        scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        acc = acc * scale[:, None]
+        if HAS_SCALE:
+            scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc = acc * scale[:, None]
         if X_SCALED:
             acc = acc * tl.load(x_scale_ptr + offs_m, mask=mask_m, other=0.0)[None, :]
         out_ptrs = out_ptr + pid_k * stride_os + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
@@ -267,7 +269,7 @@ def int8_linear(
             M, N, K,
             *x.stride(), *w_int8.stride(), stride_os, out.stride(-2), out.stride(-1),
             BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k,
-            EVEN_K=even_k, FP32_IEEE=x.dtype == torch.float32, X_SCALED=x_scale is not None,
+            EVEN_K=even_k, FP32_IEEE=x.dtype == torch.float32, X_SCALED=x_scale is not None, HAS_SCALE=True,
             num_warps=c.num_warps, num_stages=c.num_stages,
         )
     if c.split_k > 1:

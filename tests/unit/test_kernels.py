@@ -29,6 +29,7 @@ from internvl_serve.kernels import (Int8Linear, compare_logits, int8_linear, log
                                     quantize_weight, write_kv)
 from internvl_serve.kernels.fp8_linear import (quantize_rows_fp8_torch, quantize_weight_fp8, scaled_product,
                                                scaled_product_triton)
+from internvl_serve.kernels.decode_linear import bf16_config
 from internvl_serve.kernels.int8_linear import Int8MatmulConfig, int8_linear_torch, scaled_config
 from internvl_serve.kernels.paged_attention import put_cache_rows, write_kv_ref
 
@@ -206,6 +207,14 @@ W8A8_CASES = [
     (1, 48, 256, None),  # one row: the matrix kernel, not the gemv
 ]
 
+# kernels/decode_linear.py: float rows and weights (no bf16 under the interpreter), no scales
+DECODE_LINEAR_CASES = [
+    # M, N, K, dtype, config
+    (1, 96, 256, torch.float32, None),
+    (20, 80, 200, torch.float16, Int8MatmulConfig(16, 32, 64, 2)),  # ragged N and K, split-K
+    (40, 70, 384, torch.float16, None),  # the default tiles: M tile of 64
+]
+
 
 def run_interpreted_checks(which: str) -> None:
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
@@ -241,6 +250,10 @@ def run_interpreted_checks(which: str) -> None:
         for M, N, K, cfg in W8A8_CASES:
             err = check_w8a8(M, N, K, "cpu", cfg)
             print(f"w8a8 {(M, N, K, cfg)} rel err {err:.1e}")
+        from test_decode_linear import check_decode_linear
+        for M, N, K, dtype, cfg in DECODE_LINEAR_CASES:
+            err = check_decode_linear(M, N, K, dtype, "cpu", cfg, 1e-5 if dtype == torch.float32 else 2e-3)
+            print(f"decode_linear {(M, N, K, dtype, cfg)} rel err {err:.1e}")
     else:
         raise SystemExit(f"unknown check {which}")
 
@@ -410,6 +423,7 @@ def test_triton_kernel_interpreted(which):
                                         + len(VARIANT_CASES)), out
     if which == "int8":
         assert out.count("w8a8") == len(W8A8_CASES), out
+        assert out.count("decode_linear") == len(DECODE_LINEAR_CASES), out
     assert "rel err" in out or "ok" in out
 
 
@@ -457,7 +471,7 @@ def test_w8a8_matrix_kernel_compiles_for_the_h100(cfg):
     il = importlib.import_module("internvl_serve.kernels.int8_linear")  # the package exports a function of that name
     fn = il._int8_matmul_kernel
     consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, EVEN_K=True,
-                  FP32_IEEE=False, X_SCALED=True)
+                  FP32_IEEE=False, X_SCALED=True, HAS_SCALE=True)
     out = "*bf16" if cfg.split_k == 1 else "*fp32"
     ptrs = {"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "x_scale_ptr": "*fp32", "out_ptr": out}
     sig = {n: ptrs.get(n, "constexpr" if n in consts else "i32") for n in fn.arg_names}
@@ -467,6 +481,27 @@ def test_w8a8_matrix_kernel_compiles_for_the_h100(cfg):
     assert compiled.asm["cubin"]
     assert ("wgmma" in compiled.asm["ptx"]) == (cfg.block_n >= 64), cfg
     assert "e4m3" in compiled.asm["ptx"]  # the dot takes the e4m3 operands as they are
+
+
+@needs_triton
+@pytest.mark.parametrize("cfg", sorted({bf16_config(M, N, K) for M in (1, 16, 32, 64) for N, K in ENGINE_FP8_SHAPES},
+                                       key=repr), ids=repr)
+def test_bf16_decode_linear_compiles_for_the_h100(cfg):
+    # kernels/decode_linear.py's launch of the matrix kernel, bf16 rows and weights, no scales, in its
+    # default tiles: Triton's real compiler down to an sm_90 cubin without a GPU (the interpreter cannot
+    # check bf16), the 64-wide weight tiles on the warpgroup MMA (wgmma) with bf16 operands
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = importlib.import_module("internvl_serve.kernels.int8_linear")._int8_matmul_kernel
+    consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, EVEN_K=True,
+                  FP32_IEEE=False, X_SCALED=False, HAS_SCALE=False)
+    sig = {n: "*bf16" if n.endswith("_ptr") else "constexpr" if n in consts else "i32" for n in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    assert compiled.asm["cubin"]
+    assert "wgmma" in compiled.asm["ptx"] and ".bf16" in compiled.asm["ptx"], cfg
 
 
 # --------------------------------------------------------------------------------------------------
