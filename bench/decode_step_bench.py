@@ -5,6 +5,7 @@
     python bench/decode_step_bench.py --layers 4            # a quick smoke run
     python bench/decode_step_bench.py --fused on --batches 32 --ctx 416 --profile   # where a step goes
     python bench/decode_step_bench.py --batches 32,64 --attention-variants elementwise,default,dot,heads-first+dot
+    python bench/decode_step_bench.py --batches 1,32,64 --ctx 416 --linear-variants cublas,triton
 
 Random weights (drawn on the GPU in the checkpoint's layout, so load_llama merges q/k/v and gate/up
 as in serving), every sequence at the same context length. For each path (`--fused off`: the torch
@@ -18,7 +19,9 @@ step and share of the step (the kernels' own time; the gaps between them are the
 `--attention-variants` times the fused step with the decode attention's launch variants instead
 (kernels/paged_attention.py: the grid's order, the products on the tensor cores; each set through its
 environment switches before the graphs are captured, `default` with both unset, `elementwise` the
-default before 2026-12-07f), and compares each one's logits with the first's.
+default before 2026-12-07f), and compares each one's logits with the first's; `--linear-variants` the
+same with the bf16 projections through cuBLAS (the default) or, up to 64 rows, the Triton matrix kernel
+(kernels/decode_linear.py, the engine's INTERNVL_SERVE_BF16_TRITON_ROWS).
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from internvl_serve.engine.decode_graphs import DecodeGraphs  # noqa: E402
 from internvl_serve.engine.llama import load_llama  # noqa: E402
-from internvl_serve.engine.quantize import quantize_model_  # noqa: E402
+from internvl_serve.engine.quantize import ENGINE_PROJECTION_PATHS, quantize_model_  # noqa: E402
+from internvl_serve.kernels.decode_linear import use_triton_decode_linears_  # noqa: E402
 from internvl_serve.kernels.paged_attention import DOT_ENV, HEADS_FIRST_ENV  # noqa: E402
 
 LLAMA2_13B = dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
@@ -110,16 +114,30 @@ ATTENTION_VARIANTS = {  # name: the environment switches of kernels/paged_attent
 }
 
 
-def compare_attention_variants(model, kv, variants: list[str], batches: list[int], args, max_blocks: int,
-                               block_size: int, device) -> None:
-    """The fused step captured once per decode-attention variant; a table of ms/step, then each variant's
-    logits against the first variant's."""
+LINEAR_VARIANTS = {  # name: the rows up to which the bf16 projections run in Triton (kernels/decode_linear.py)
+    "cublas": 0,  # F.linear: the default
+    "triton": 64,
+}
+
+
+def set_attention_variant(model, variant: str) -> None:
+    for name in (HEADS_FIRST_ENV, DOT_ENV):
+        os.environ.pop(name, None)
+    os.environ.update(ATTENTION_VARIANTS[variant])
+
+
+def set_linear_variant(model, variant: str) -> None:
+    use_triton_decode_linears_(model.model.layers, ENGINE_PROJECTION_PATHS, LINEAR_VARIANTS[variant])
+
+
+def compare_variants(model, kv, variants: list[str], setup, batches: list[int], args, max_blocks: int,
+                     block_size: int, device) -> None:
+    """The fused step captured once per variant (after setup(model, variant)); a table of ms/step, then
+    each variant's logits against the first variant's."""
     model.fused = True
     results, logits = {}, {}
     for variant in variants:
-        for name in (HEADS_FIRST_ENV, DOT_ENV):
-            os.environ.pop(name, None)
-        os.environ.update(ATTENTION_VARIANTS[variant])
+        setup(model, variant)
         time_buckets(model, kv, batches, args, max_blocks, block_size, device, variant, results, logits)
     print("\n| batch | " + " | ".join(f"{v} ms/step" for v in variants) + " |")
     print("|---" * (len(variants) + 1) + "|")
@@ -192,11 +210,17 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also print each step's kernels (torch.profiler)")
     ap.add_argument("--attention-variants", default="",
                     help=f"comma-separated, of {', '.join(ATTENTION_VARIANTS)}: the fused step with each instead")
+    ap.add_argument("--linear-variants", default="",
+                    help=f"comma-separated, of {', '.join(LINEAR_VARIANTS)}: the fused step with each instead")
     args = ap.parse_args()
-    variants = [v for v in args.attention_variants.split(",") if v]
-    unknown = set(variants) - set(ATTENTION_VARIANTS)
+    if args.attention_variants and args.linear_variants:
+        ap.error("--attention-variants or --linear-variants, not both")
+    option, known, setup = (("--linear-variants", LINEAR_VARIANTS, set_linear_variant) if args.linear_variants
+                            else ("--attention-variants", ATTENTION_VARIANTS, set_attention_variant))
+    variants = [v for v in (args.linear_variants or args.attention_variants).split(",") if v]
+    unknown = set(variants) - set(known)
     if unknown:
-        ap.error(f"--attention-variants: unknown {sorted(unknown)}; known: {', '.join(ATTENTION_VARIANTS)}")
+        ap.error(f"{option}: unknown {sorted(unknown)}; known: {', '.join(known)}")
 
     device, dtype, bs = torch.device("cuda", 0), torch.bfloat16, 16
     torch.cuda.set_device(device)
@@ -217,7 +241,7 @@ def main() -> None:
           f"weights {torch.cuda.memory_allocated(device) / 2**30 - cache.numel() * 2 / 2**30:.1f} GiB", flush=True)
 
     if variants:
-        compare_attention_variants(model, kv, variants, batches, args, max_blocks, bs, device)
+        compare_variants(model, kv, variants, setup, batches, args, max_blocks, bs, device)
         return
     paths = {"both": (False, True), "on": (True,), "off": (False,)}[args.fused]
     results: dict[tuple[bool, int], float] = {}

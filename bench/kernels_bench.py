@@ -58,7 +58,7 @@ from internvl_serve.kernels.fp8_linear import (fp8_linear, quantize_rows_fp8, qu
 from internvl_serve.kernels.fused_ops import (add_rmsnorm, add_rmsnorm_fp8, rotary_, rotary_write_kv_,  # noqa: E402
                                               silu_and_mul, silu_and_mul_fp8)
 from internvl_serve.kernels.int8_linear import Int8MatmulConfig, default_config, int8_linear, quantize_weight, scaled_config  # noqa: E402
-from internvl_serve.kernels.int8_linear import _int8_matmul_kernel  # noqa: E402  (bf16_table's probe)
+from internvl_serve.kernels.decode_linear import bf16_config, decode_linear  # noqa: E402
 from internvl_serve.kernels.paged_attention import (  # noqa: E402
     decode_dot,
     decode_heads_first,
@@ -486,46 +486,29 @@ def w8a8_table(bw: float, sweep: bool) -> list[str]:
     return rows
 
 
-def bf16_skinny_configs(M: int) -> list[Int8MatmulConfig]:
-    """The tiles bf16_table tries for the matrix kernel at M rows (K steps in bf16 elements)."""
+def bf16_skinny_configs(M: int, N: int, K: int) -> list[Int8MatmulConfig]:
+    """The tiles bf16_table tries for decode_linear at M rows (K steps in bf16 elements), its default first."""
     bm = max(16, triton.next_power_of_2(M))
-    return ([Int8MatmulConfig(bm, bn, bk, 1, 4, st) for bn in (64, 128) for bk in (64, 128) for st in (4, 5)]
-            + [Int8MatmulConfig(bm, 32, 128, 1, 4, 4), Int8MatmulConfig(bm, 64, 256, 1, 4, 3),
-               Int8MatmulConfig(bm, 64, 128, 2, 4, 4)])
-
-
-def triton_bf16_product(x: torch.Tensor, w: torch.Tensor, ones: torch.Tensor, c: Int8MatmulConfig) -> torch.Tensor:
-    """x (M, K) @ w (N, K).T in bf16 by the int8/fp8 matrix kernel (swap-AB, fp32 accumulation) with bf16
-    weights and a scale of ones: a probe of whether that kernel beats cuBLAS on the bf16 decode products."""
-    M, K = x.shape
-    N = w.shape[0]
-    if c.split_k == 1:
-        out, stride_os = torch.empty(M, N, dtype=x.dtype, device=x.device), 0
-    else:
-        out = torch.empty(c.split_k, M, N, dtype=torch.float32, device=x.device)
-        stride_os = out.stride(0)
-    _int8_matmul_kernel[(triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n), c.split_k)](
-        x, w, ones, out, ones, M, N, K, *x.stride(), *w.stride(), stride_os, out.stride(-2), out.stride(-1),
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k,
-        EVEN_K=K % (c.block_k * c.split_k) == 0, FP32_IEEE=False, X_SCALED=False,
-        num_warps=c.num_warps, num_stages=c.num_stages)
-    return out if c.split_k == 1 else out.sum(dim=0).to(x.dtype)
+    default = bf16_config(M, N, K)
+    tried = [Int8MatmulConfig(bm, bn, bk, 1, 4, st) for bn in (64, 128) for bk in (64, 128) for st in (4, 5)]
+    tried += [Int8MatmulConfig(bm, 32, 128, 1, 4, 4), Int8MatmulConfig(bm, 64, 256, 1, 4, 3),
+              Int8MatmulConfig(bm, 64, 128, 2, 4, 4)]
+    return [default] + [c for c in tried if c != default]
 
 
 def bf16_table(bw: float) -> list[str]:
     """The bf16 decode products (the engine's merged projections of one LLaMA-2-13B layer, M = 1-64 rows):
-    F.linear through cuBLAS (torch's default) and through cuBLASLt (preferred_blas_library), against the
-    Triton matrix kernel of the int8 / fp8 products run on bf16 weights (triton_bf16_product), its best of
-    bf16_skinny_configs per shape; µs per call and the share of the copy bandwidth the weight bytes reach.
-    Per layer (x 40: a step's GEMMs): cuBLAS, cuBLASLt and the best Triton launch of each shape."""
+    F.linear through cuBLAS (torch's default) and through cuBLASLt (preferred_blas_library), against
+    kernels/decode_linear.py (the int8 / fp8 products' Triton matrix kernel on bf16 weights): its default
+    tiles (bf16_config) and its best of bf16_skinny_configs per shape; µs per call and the share of the
+    copy bandwidth the weight bytes reach. Per layer (x 40: a step's GEMMs)."""
     rows = Rows([f"{'M':>3} {'proj':>8} | {'cublas us':>9} {'%copy':>5} | {'lt us':>7} {'%copy':>5} | "
-                 f"{'triton us':>9} {'%copy':>5} | {'speedup':>7} | best triton config"])
+                 f"{'default us':>10} | {'best us':>8} {'%copy':>5} | {'speedup':>7} | best config"])
     for M in (1, 16, 32, 64):
-        total = {"cublas": 0.0, "lt": 0.0, "triton": 0.0}
+        total = {"cublas": 0.0, "lt": 0.0, "default": 0.0, "triton": 0.0}
         for name, N, K in LLM_PROJECTIONS:
             n_sets = max(2, ROTATE_BYTES // (N * K * 2))
             ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(n_sets)]
-            ones = torch.ones(N, device="cuda", dtype=torch.float32)
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             ref = x.double() @ ws[0].double().t()
             check(f"bf16 F.linear M={M} {name}", torch.nn.functional.linear(x, ws[0]), ref, 1e-2)
@@ -537,9 +520,9 @@ def bf16_table(bw: float) -> list[str]:
             finally:
                 torch.backends.cuda.preferred_blas_library("cublas")
             best = (float("inf"), "none")
-            for c in bf16_skinny_configs(M):
+            for c in bf16_skinny_configs(M, N, K):
                 try:
-                    out = triton_bf16_product(x, ws[0], ones, c)
+                    out = decode_linear(x, ws[0], c)
                 except Exception as e:  # a config, not a result, fails (e.g. shared memory)
                     print(f"bf16 triton M={M} {name} {config_name(c)}: {type(e).__name__}", file=sys.stderr)
                     continue
@@ -548,20 +531,24 @@ def bf16_table(bw: float) -> list[str]:
                 except WrongResult as e:  # the probe's own kernel use; F.linear above must be right
                     print(e, file=sys.stderr)
                     continue
-                us = graph_us([lambda w=w, c=c: triton_bf16_product(x, w, ones, c) for w in ws])
+                us = graph_us([lambda w=w, c=c: decode_linear(x, w, c) for w in ws])
+                if c == bf16_config(M, N, K):
+                    t["default"] = us
                 best = min(best, (us, config_name(c).replace(" ", "")))
             t["triton"] = best[0]
+            t.setdefault("default", float("nan"))
             for key in total:
                 total[key] += t[key]
             pct = {k: 100 * (N * K * 2 + M * K * 2 + M * N * 2) / v / 1e3 / bw for k, v in t.items()}
             rows.append(f"{M:>3} {name:>8} | {t['cublas']:>9.1f} {pct['cublas']:>5.0f} | {t['lt']:>7.1f} "
-                        f"{pct['lt']:>5.0f} | {t['triton']:>9.1f} {pct['triton']:>5.0f} | "
+                        f"{pct['lt']:>5.0f} | {t['default']:>10.1f} | {t['triton']:>8.1f} {pct['triton']:>5.0f} | "
                         f"{t['cublas'] / t['triton']:>6.2f}x | {best[1]}")
             del ws
         rows.append(f"{M:>3} {'layer':>8} | {total['cublas']:>9.1f} {'':>5} | {total['lt']:>7.1f} {'':>5} | "
-                    f"{total['triton']:>9.1f} {'':>5} | {total['cublas'] / total['triton']:>6.2f}x | (x40 layers: "
-                    f"cublas {total['cublas'] * 40 / 1e3:.2f} ms, cublasLt {total['lt'] * 40 / 1e3:.2f}, best triton "
-                    f"{total['triton'] * 40 / 1e3:.2f})")
+                    f"{total['default']:>10.1f} | {total['triton']:>8.1f} {'':>5} | "
+                    f"{total['cublas'] / total['triton']:>6.2f}x | (x40 layers: cublas {total['cublas'] * 40 / 1e3:.2f} "
+                    f"ms, cublasLt {total['lt'] * 40 / 1e3:.2f}, triton default {total['default'] * 40 / 1e3:.2f}, "
+                    f"best {total['triton'] * 40 / 1e3:.2f})")
     return rows
 
 
@@ -660,8 +647,8 @@ def main() -> None:
         lines += ["", "fp8 products of decode batches: torch._scaled_mm (fast accumulation) against the Triton "
                       "W8A8 kernel"] + w8a8_table(bw, args.sweep)
     if args.only in (None, "bf16"):
-        lines += ["", "bf16 products of decode batches: F.linear (cuBLAS, cuBLASLt) against the Triton matrix "
-                      "kernel on bf16 weights (its best tiles per shape)"] + bf16_table(bw)
+        lines += ["", "bf16 products of decode batches: F.linear (cuBLAS, cuBLASLt) against decode_linear (the "
+                      "Triton matrix kernel on bf16 weights: default tiles, best tiles per shape)"] + bf16_table(bw)
     if args.only in (None, "rope"):
         lines += ["", f"RoPE + K/V write (40 q, k and v heads of 128, bf16; KV cache {args.kv_dtype}): two "
                       "launches against one"] + rope_kv_table()
