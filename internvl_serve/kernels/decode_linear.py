@@ -23,11 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from internvl_serve.kernels.int8_linear import TRITON_MAX_M, Int8MatmulConfig, triton
+from internvl_serve.kernels.int8_linear import TRITON_MAX_M, Int8MatmulConfig, launch_product, triton
 from internvl_serve.kernels.module_paths import modules_at
-
-if triton is not None:
-    from internvl_serve.kernels.int8_linear import _int8_matmul_kernel
 
 BF16_TRITON_ROWS_ENV = "INTERNVL_SERVE_BF16_TRITON_ROWS"
 
@@ -58,19 +55,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, config: Int8MatmulConfi
     M, K = x.shape
     N, K2 = weight.shape
     assert K == K2 and x.dtype == weight.dtype, (x.shape, x.dtype, weight.shape, weight.dtype)
-    c = config or bf16_config(M, N, K)
-    if c.split_k == 1:
-        out, stride_os = torch.empty(M, N, dtype=x.dtype, device=x.device), 0
-    else:
-        out = torch.empty(c.split_k, M, N, dtype=torch.float32, device=x.device)
-        stride_os = out.stride(0)
-    _int8_matmul_kernel[(triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n), c.split_k)](
-        x, weight, weight, out, weight,  # no scales: HAS_SCALE and X_SCALED off, the pointers unused
-        M, N, K, *x.stride(), *weight.stride(), stride_os, out.stride(-2), out.stride(-1),
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k,
-        EVEN_K=K % (c.block_k * c.split_k) == 0, FP32_IEEE=x.dtype == torch.float32, X_SCALED=False,
-        HAS_SCALE=False, num_warps=c.num_warps, num_stages=c.num_stages)
-    return out if c.split_k == 1 else out.sum(dim=0).to(x.dtype)
+    return launch_product(x, weight, None, None, x.dtype, config or bf16_config(M, N, K))
 
 
 class TritonDecodeLinear(nn.Linear):

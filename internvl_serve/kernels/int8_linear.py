@@ -244,8 +244,19 @@ def int8_linear(
         if num_sms is None:
             num_sms = num_sms_of(x.device)
         config = default_config(M, N, K, num_sms) if x_scale is None else scaled_config(M, N, K)
-    c = config
-    assert not (c.gemv and x_scale is not None), "e4m3 rows with scales take the matrix kernel, not gemv"
+    return launch_product(x, w_int8, scale, x_scale, out_dtype, config)
+
+
+def launch_product(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, x_scale: torch.Tensor | None,
+                   out_dtype: torch.dtype, c: Int8MatmulConfig) -> torch.Tensor:
+    """x (M, K) @ (w (N, K) * scale[:, None]).T in out_dtype by the kernel `c` names (the matrix kernel, or
+    the elementwise one with c.gemv), launched on x's device: int8_linear's Triton path once it has chosen
+    the tiles. scale None: no per-output-channel scale (bf16 weights, decode_linear.py; the matrix kernel
+    only); x_scale (M,) float32: e4m3 rows with scales. With c.split_k > 1 the partial products go through
+    a (split_k, M, N) float32 buffer."""
+    M, K = x.shape
+    N = w.shape[0]
+    assert not (c.gemv and (x_scale is not None or scale is None)), "the gemv kernel takes a weight scale only"
     if c.split_k == 1:
         out = torch.empty(M, N, dtype=out_dtype, device=x.device)
         stride_os = 0
@@ -255,22 +266,23 @@ def int8_linear(
     even_k = K % (c.block_k * c.split_k) == 0
     if c.gemv:
         _int8_gemv_kernel[(M, triton.cdiv(N, c.block_n), c.split_k)](
-            x, w_int8, scale, out,
+            x, w, scale, out,
             M, N, K,
-            *x.stride(), *w_int8.stride(), stride_os, out.stride(-2), out.stride(-1),
+            *x.stride(), *w.stride(), stride_os, out.stride(-2), out.stride(-1),
             BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k, EVEN_K=even_k,
             # the CPU interpreter turns int8 -> bf16 into NaN; the GPU path is checked on the GPU
-            CVT_VIA_BF16=x.is_cuda and w_int8.dtype == torch.int8,
+            CVT_VIA_BF16=x.is_cuda and w.dtype == torch.int8,
             num_warps=c.num_warps, num_stages=c.num_stages,
         )
     else:
+        unused = w  # a pointer for the scales a launch does not read (HAS_SCALE / X_SCALED off)
         _int8_matmul_kernel[(triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n), c.split_k)](
-            x, w_int8, scale, out, scale if x_scale is None else x_scale,
+            x, w, unused if scale is None else scale, out, unused if x_scale is None else x_scale,
             M, N, K,
-            *x.stride(), *w_int8.stride(), stride_os, out.stride(-2), out.stride(-1),
+            *x.stride(), *w.stride(), stride_os, out.stride(-2), out.stride(-1),
             BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k,
-            EVEN_K=even_k, FP32_IEEE=x.dtype == torch.float32, X_SCALED=x_scale is not None, HAS_SCALE=True,
-            num_warps=c.num_warps, num_stages=c.num_stages,
+            EVEN_K=even_k, FP32_IEEE=x.dtype == torch.float32, X_SCALED=x_scale is not None,
+            HAS_SCALE=scale is not None, num_warps=c.num_warps, num_stages=c.num_stages,
         )
     if c.split_k > 1:
         out = out.sum(dim=0).to(out_dtype)
